@@ -1,0 +1,100 @@
+//! Layered configuration: defaults, then a TOML file, then `CRM_` environment variables.
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use secrecy::SecretString;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// The host's configuration.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    /// Address to listen on (`CRM_BIND`).
+    #[serde(default = "default_bind")]
+    pub bind: String,
+    /// `sqlite://...` or `postgres://...` (`CRM_DATABASE_URL`).
+    #[serde(default = "default_database_url")]
+    pub database_url: String,
+    /// Connections in the database pool (`CRM_DATABASE_MAX_CONNECTIONS`).
+    #[serde(default = "default_max_connections")]
+    pub database_max_connections: u32,
+    /// The URL people and Microsoft reach the CRM at (`CRM_PUBLIC_BASE_URL`); never guessed.
+    #[serde(default)]
+    pub public_base_url: Option<String>,
+    /// The sealing key, base64 of 32 bytes (`CRM_SEALING_KEY`).
+    #[serde(default)]
+    pub sealing_key: Option<SecretString>,
+    /// A file holding the sealing key (`CRM_SEALING_KEY_FILE`).
+    #[serde(default)]
+    pub sealing_key_file: Option<PathBuf>,
+    /// Log filter, e.g. `info` or `crm_host=debug` (`CRM_LOG`).
+    #[serde(default = "default_log")]
+    pub log: String,
+    /// Worker threads of the HTTP server (`CRM_HTTP_WORKERS`); 0 = one per core.
+    #[serde(default)]
+    pub http_workers: usize,
+    /// Seconds between checks of which modules are enabled, for several processes on one database.
+    #[serde(default = "default_module_sync_secs")]
+    pub module_sync_secs: u64,
+}
+
+fn default_bind() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_database_url() -> String {
+    "sqlite://data/crm.db?mode=rwc".into()
+}
+fn default_max_connections() -> u32 {
+    8
+}
+fn default_log() -> String {
+    "info".into()
+}
+fn default_module_sync_secs() -> u64 {
+    10
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            bind: default_bind(),
+            database_url: default_database_url(),
+            database_max_connections: default_max_connections(),
+            public_base_url: None,
+            sealing_key: None,
+            sealing_key_file: None,
+            log: default_log(),
+            http_workers: 0,
+            module_sync_secs: default_module_sync_secs(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads defaults, then `file` (if given and present), then `CRM_*` variables.
+    pub fn load(file: Option<&Path>) -> Result<Self, figment::Error> {
+        let mut figment = Figment::new();
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        } else {
+            figment = figment.merge(Toml::file("crm.toml"));
+        }
+        figment.merge(Env::prefixed("CRM_").split("__")).extract()
+    }
+
+    /// The public base URL, defaulting to `http://` + the bind address.
+    pub fn public_base_url(&self) -> Result<url::Url, String> {
+        let raw = self
+            .public_base_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.bind));
+        let url = url::Url::parse(&raw)
+            .map_err(|e| format!("CRM_PUBLIC_BASE_URL `{raw}` is not a URL: {e}"))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+            return Err(format!(
+                "CRM_PUBLIC_BASE_URL `{raw}` must be an http(s) URL with a host"
+            ));
+        }
+        Ok(url)
+    }
+}

@@ -1,0 +1,155 @@
+//! The database: connecting (SQLite in WAL mode, or PostgreSQL) and the host's own schema.
+
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr};
+use sea_orm_migration::{prelude::*, schema::*};
+use std::time::Duration;
+
+/// Opens the database at `url`; SQLite files get WAL, a busy timeout and foreign keys.
+pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnection, DbErr> {
+    let mut url = url.to_string();
+    if url.starts_with("sqlite:") && !url.contains(":memory:") {
+        if let Some(path) = url
+            .strip_prefix("sqlite://")
+            .map(|p| p.split('?').next().unwrap_or(p))
+            && let Some(dir) = std::path::Path::new(path).parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| DbErr::Custom(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        if !url.contains("mode=") {
+            url.push_str(if url.contains('?') {
+                "&mode=rwc"
+            } else {
+                "?mode=rwc"
+            });
+        }
+    }
+    let mut options = ConnectOptions::new(url.clone());
+    options
+        .max_connections(Ord::max(max_connections, 1))
+        .min_connections(1)
+        .connect_timeout(Duration::from_secs(10))
+        .acquire_timeout(Duration::from_secs(30))
+        .sqlx_logging(false);
+    let db = Database::connect(options).await?;
+    if db.get_database_backend() == DbBackend::Sqlite {
+        for pragma in [
+            "PRAGMA journal_mode=WAL",
+            "PRAGMA synchronous=NORMAL",
+            "PRAGMA busy_timeout=10000",
+            "PRAGMA foreign_keys=ON",
+        ] {
+            db.execute_unprepared(pragma).await?;
+        }
+    }
+    Ok(db)
+}
+
+/// The host's migrator (users, sessions, contacts, settings, modules, notifications).
+pub struct HostMigrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for HostMigrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(M0001HostTables)]
+    }
+
+    fn migration_table_name() -> DynIden {
+        "crm_host_migrations".into_iden()
+    }
+}
+
+struct M0001HostTables;
+
+impl MigrationName for M0001HostTables {
+    fn name(&self) -> &str {
+        "m0001_host_tables"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M0001HostTables {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let tables = [
+            Table::create()
+                .table("crm_users")
+                .if_not_exists()
+                .col(big_pk_auto("id"))
+                .col(string_uniq("email"))
+                .col(string("name"))
+                .col(string("password_hash"))
+                .col(boolean("is_admin"))
+                .col(timestamp_with_time_zone("created_at"))
+                .to_owned(),
+            Table::create()
+                .table("crm_sessions")
+                .if_not_exists()
+                .col(string("token_hash").primary_key())
+                .col(big_integer("user_id"))
+                .col(string("csrf_token"))
+                .col(timestamp_with_time_zone("expires_at"))
+                .col(timestamp_with_time_zone("created_at"))
+                .to_owned(),
+            Table::create()
+                .table("crm_contacts")
+                .if_not_exists()
+                .col(big_pk_auto("id"))
+                .col(string("name"))
+                .col(string_null("email"))
+                .col(string_null("company"))
+                .col(big_integer("owner_user_id"))
+                .col(boolean("private"))
+                .col(timestamp_with_time_zone("created_at"))
+                .to_owned(),
+            Table::create()
+                .table("crm_settings")
+                .if_not_exists()
+                .col(string("module"))
+                .col(string("key"))
+                .col(text("value"))
+                .col(boolean("sealed"))
+                .col(timestamp_with_time_zone("updated_at"))
+                .primary_key(Index::create().col("module").col("key"))
+                .to_owned(),
+            Table::create()
+                .table("crm_modules")
+                .if_not_exists()
+                .col(string("id").primary_key())
+                .col(boolean("enabled"))
+                .col(timestamp_with_time_zone("changed_at"))
+                .to_owned(),
+            Table::create()
+                .table("crm_notifications")
+                .if_not_exists()
+                .col(big_pk_auto("id"))
+                .col(big_integer_null("user_id"))
+                .col(boolean("for_operators"))
+                .col(string("subject"))
+                .col(text("body"))
+                .col(string_null("link"))
+                .col(timestamp_with_time_zone("created_at"))
+                .to_owned(),
+        ];
+        for table in tables {
+            manager.create_table(table).await?;
+        }
+        Ok(())
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        for table in [
+            "crm_notifications",
+            "crm_modules",
+            "crm_settings",
+            "crm_contacts",
+            "crm_sessions",
+            "crm_users",
+        ] {
+            manager
+                .drop_table(Table::drop().table(table).if_exists().to_owned())
+                .await?;
+        }
+        Ok(())
+    }
+}

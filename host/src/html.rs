@@ -1,0 +1,116 @@
+//! The host's page frame and small HTML helpers.
+
+use actix_web::HttpResponse;
+use crm_sdk::{Chrome, CurrentUser, MenuItem};
+use maud::{DOCTYPE, Markup, PreEscaped, html};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+const STYLE: &str = r#"
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;color:#1f2328;background:#f6f8fa}
+header{background:#24292f;color:#fff;padding:.6rem 1.2rem;display:flex;gap:1.2rem;align-items:center;flex-wrap:wrap}
+header a{color:#fff;text-decoration:none}header .brand{font-weight:600;margin-right:1rem}
+header .me{margin-left:auto;display:flex;gap:.8rem;align-items:center}
+main{max-width:960px;margin:1.5rem auto;padding:0 1rem}
+section.card{background:#fff;border:1px solid #d0d7de;border-radius:6px;padding:1rem 1.2rem;margin-bottom:1rem}
+h1{font-size:1.5rem}h2{font-size:1.15rem;margin-top:0}
+label{display:block;font-weight:600;margin-top:.8rem}
+input[type=text],input[type=email],input[type=password],input[type=date],input[type=number],input:not([type]),select,textarea{width:100%;box-sizing:border-box;padding:.4rem;border:1px solid #d0d7de;border-radius:4px;font:inherit}
+textarea{min-height:6rem}
+.help{color:#57606a;font-size:.85rem;margin:.2rem 0}
+.error{color:#cf222e;font-size:.9rem}
+button,.button{background:#1f883d;color:#fff;border:0;border-radius:4px;padding:.45rem .9rem;font:inherit;cursor:pointer;text-decoration:none;display:inline-block}
+button.secondary,.button.secondary{background:#6e7781}button.danger{background:#cf222e}
+.flash{padding:.7rem 1rem;border-radius:6px;margin-bottom:1rem}
+.flash.ok{background:#dafbe1;border:1px solid #4ac26b}.flash.bad{background:#ffebe9;border:1px solid #ff8182}
+.flash.warn{background:#fff8c5;border:1px solid #d4a72c}
+.badge{display:inline-block;padding:.1rem .5rem;border-radius:1rem;font-size:.85rem;font-weight:600}
+.badge.ok{background:#dafbe1;color:#116329}.badge.bad{background:#ffebe9;color:#a40e26}.badge.muted{background:#eaeef2;color:#57606a}.badge.warn{background:#fff8c5;color:#7d4e00}
+table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.4rem;border-bottom:1px solid #d0d7de;vertical-align:top}
+code,.copy{background:#eaeef2;padding:.1rem .3rem;border-radius:3px;word-break:break-all}
+form.inline{display:inline}
+"#;
+
+/// The menu entries of one module, shown while it is enabled.
+pub struct ModuleMenu {
+    /// Whether the module is enabled now.
+    pub enabled: Arc<AtomicBool>,
+    /// Its entries.
+    pub items: Vec<MenuItem>,
+}
+
+/// The host's frame, shared by its own pages and module pages.
+pub struct HostChrome {
+    menus: Vec<ModuleMenu>,
+}
+
+impl HostChrome {
+    /// A frame that shows these module menus.
+    pub fn new(menus: Vec<ModuleMenu>) -> Self {
+        Self { menus }
+    }
+
+    /// The full page as markup.
+    pub fn render(&self, title: &str, user: Option<&CurrentUser>, body: Markup) -> Markup {
+        html! {
+            (DOCTYPE)
+            html lang="en" {
+                head {
+                    meta charset="utf-8";
+                    meta name="viewport" content="width=device-width, initial-scale=1";
+                    title { (title) " · CRM" }
+                    style { (PreEscaped(STYLE)) }
+                }
+                body {
+                    header {
+                        a.brand href="/" { "CRM" }
+                        @if let Some(user) = user {
+                            a href="/contacts" { "Contacts" }
+                            @for menu in &self.menus {
+                                @if menu.enabled.load(Ordering::Relaxed) {
+                                    @for item in &menu.items {
+                                        @if !item.operators_only || user.is_admin {
+                                            a href=(item.path) { (item.label) }
+                                        }
+                                    }
+                                }
+                            }
+                            @if user.is_admin {
+                                a href="/settings" { "Settings" }
+                                a href="/modules" { "Modules" }
+                            }
+                            a href="/notifications" { "Notifications" }
+                            span.me {
+                                span { (user.name) @if user.is_admin { " (operator)" } }
+                                form.inline method="post" action="/logout" {
+                                    input type="hidden" name=(crm_sdk::CSRF_FIELD) value=(user.csrf_token);
+                                    button.secondary type="submit" { "Sign out" }
+                                }
+                            }
+                        }
+                    }
+                    main { (body) }
+                }
+            }
+        }
+    }
+}
+
+impl Chrome for HostChrome {
+    fn page(&self, title: &str, user: Option<&CurrentUser>, body: &str) -> String {
+        self.render(title, user, PreEscaped(body.to_string()))
+            .into_string()
+    }
+}
+
+/// A 200 HTML response.
+pub fn ok(markup: Markup) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .body(markup.into_string())
+}
+
+/// The hidden CSRF field for a form.
+pub fn csrf(user: &CurrentUser) -> Markup {
+    html! { input type="hidden" name=(crm_sdk::CSRF_FIELD) value=(user.csrf_token); }
+}

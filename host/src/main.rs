@@ -1,0 +1,145 @@
+//! `crm-host`: the reference CRM with the `microsoft_outlook` module linked.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use crm_host::{Application, Config, HostOptions, linked_modules};
+use crm_sdk::{SealingKey, SystemClock};
+use secrecy::ExposeSecret;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(
+    name = "crm-host",
+    version,
+    about = "The reference CRM host with the microsoft_outlook module"
+)]
+struct Cli {
+    /// A TOML configuration file (default: ./crm.toml when present).
+    #[arg(long, global = true, env = "CRM_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Sets up ./data (SQLite, sealing key, demo users and contacts), enables the module and serves.
+    Demo {
+        /// Address to listen on.
+        #[arg(long, env = "CRM_BIND", default_value = "127.0.0.1:8080")]
+        bind: String,
+    },
+    /// Serves with the layered configuration (defaults, file, CRM_ environment).
+    Serve,
+    /// Applies the host's and every linked module's migrations, then exits.
+    Migrate,
+}
+
+fn init_logs(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+}
+
+fn sealing_key(config: &Config) -> anyhow::Result<SealingKey> {
+    if let Some(key) = &config.sealing_key {
+        return SealingKey::from_base64(key.expose_secret()).context("CRM_SEALING_KEY");
+    }
+    if let Some(file) = &config.sealing_key_file {
+        return SealingKey::from_file(file).context("CRM_SEALING_KEY_FILE");
+    }
+    anyhow::bail!(
+        "no sealing key: secrets (client secret, tokens) are sealed with a key that is never stored \
+         in the database. Set CRM_SEALING_KEY to 32 random bytes in base64 (e.g. `openssl rand -base64 32`) \
+         or CRM_SEALING_KEY_FILE to a file holding it"
+    )
+}
+
+fn demo_key(dir: &Path) -> anyhow::Result<SealingKey> {
+    let path = dir.join("sealing.key");
+    if path.exists() {
+        return Ok(SealingKey::from_file(&path)?);
+    }
+    let key = SealingKey::generate();
+    std::fs::write(&path, key.to_base64().expose_secret())
+        .with_context(|| format!("writing {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(key)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut config = Config::load(cli.config.as_deref()).context("reading the configuration")?;
+    init_logs(&config.log);
+    match cli.command {
+        Command::Migrate => {
+            let db = crm_host::app::open_database(&config).await?;
+            for module in linked_modules() {
+                module
+                    .migrate(&db)
+                    .await
+                    .with_context(|| format!("migrating module {}", module.manifest().id))?;
+            }
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Serve => {
+            let key = sealing_key(&config)?;
+            let app = Application::build(
+                config,
+                HostOptions {
+                    modules: linked_modules(),
+                    clock: Arc::new(SystemClock),
+                    sealing_key: key,
+                },
+            )
+            .await?;
+            app.run_until_stopped().await?;
+            Ok(())
+        }
+        Command::Demo { bind } => {
+            let dir = PathBuf::from("data");
+            std::fs::create_dir_all(&dir).context("creating ./data")?;
+            config.bind = bind;
+            if std::env::var_os("CRM_DATABASE_URL").is_none() {
+                config.database_url = "sqlite://data/crm.db?mode=rwc".into();
+            }
+            let key = demo_key(&dir)?;
+            let db = crm_host::app::open_database(&config).await?;
+            let seeded = crm_host::seed::seed_demo(&db).await?;
+            drop(db);
+            let app = Application::build(
+                config.clone(),
+                HostOptions {
+                    modules: linked_modules(),
+                    clock: Arc::new(SystemClock),
+                    sealing_key: key,
+                },
+            )
+            .await?;
+            if seeded {
+                app.state().registry.enable("microsoft_outlook").await?;
+            }
+            let url = format!("http://127.0.0.1:{}", app.port());
+            println!("\nCRM demo running at {url}  (health: {url}/health)");
+            println!("Sign in as:");
+            for login in crm_host::seed::DEMO_LOGINS.iter() {
+                println!(
+                    "  {:<24} password {:<14} {}",
+                    login.email,
+                    login.password,
+                    if login.is_admin { "(operator)" } else { "" }
+                );
+            }
+            println!("Data lives in ./data (SQLite + sealing key). Ctrl-C stops.\n");
+            app.run_until_stopped().await?;
+            Ok(())
+        }
+    }
+}

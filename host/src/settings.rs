@@ -1,0 +1,287 @@
+//! Module settings: the sealed store and the operators' settings page.
+
+use actix_web::{HttpResponse, web};
+use async_trait::async_trait;
+use chrono::Utc;
+use crm_sdk::{
+    CurrentUser, FieldKind, Manifest, Sealer, SettingsError, SettingsStore, SettingsValues,
+};
+use maud::{Markup, html};
+use sea_orm::sea_query::OnConflict;
+use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, Set, TransactionTrait};
+use std::collections::BTreeMap;
+
+use crate::auth::require_admin;
+use crate::entities::setting;
+use crate::html::{csrf, ok};
+use crate::state::AppState;
+
+fn seal_context(module: &str, key: &str) -> String {
+    format!("settings/{module}/{key}")
+}
+
+/// Settings in the host's `crm_settings` table; secret fields sealed with the host's key.
+pub struct DbSettingsStore {
+    db: DatabaseConnection,
+    sealer: Sealer,
+}
+
+impl DbSettingsStore {
+    /// A store over `db`.
+    pub fn new(db: DatabaseConnection, sealer: Sealer) -> Self {
+        Self { db, sealer }
+    }
+}
+
+#[async_trait]
+impl SettingsStore for DbSettingsStore {
+    async fn load(&self, module: &str) -> Result<SettingsValues, SettingsError> {
+        let rows = setting::Entity::find()
+            .filter(setting::Column::Module.eq(module))
+            .all(&self.db)
+            .await
+            .map_err(|e| SettingsError::Storage(e.to_string()))?;
+        let mut plain = BTreeMap::new();
+        let mut secrets = BTreeMap::new();
+        for row in rows {
+            if row.sealed {
+                let value = self
+                    .sealer
+                    .unseal(&row.value, &seal_context(module, &row.key))
+                    .map_err(|source| SettingsError::Unseal {
+                        field: row.key.clone(),
+                        source,
+                    })?;
+                secrets.insert(row.key, value);
+            } else {
+                plain.insert(row.key, row.value);
+            }
+        }
+        Ok(SettingsValues::new(plain, secrets))
+    }
+}
+
+/// Stored plain values of a module, with the manifest's defaults for fields never saved.
+pub fn with_defaults(manifest: &Manifest, values: &SettingsValues) -> BTreeMap<String, String> {
+    manifest
+        .settings
+        .iter()
+        .filter(|f| !f.secret)
+        .filter_map(|f| {
+            values
+                .get(&f.id)
+                .map(str::to_string)
+                .or_else(|| f.default.clone())
+                .map(|v| (f.id.clone(), v))
+        })
+        .collect()
+}
+
+async fn render(
+    state: &AppState,
+    user: &CurrentUser,
+    flash: Option<Markup>,
+    submitted: Option<(&str, &BTreeMap<String, String>, &BTreeMap<String, String>)>,
+) -> Markup {
+    let mut sections = Vec::new();
+    for entry in state.registry.entries() {
+        let manifest = entry.module.manifest();
+        let stored = entry.ctx.settings().load(&manifest.id).await;
+        let (values, load_error) = match &stored {
+            Ok(v) => (v.clone(), None),
+            Err(e) => (SettingsValues::default(), Some(e.to_string())),
+        };
+        let mut shown = with_defaults(manifest, &values);
+        let mut errors = BTreeMap::new();
+        if let Some((module, input, errs)) = submitted
+            && module == manifest.id
+        {
+            shown.extend(input.iter().map(|(k, v)| (k.clone(), v.clone())));
+            errors = errs.clone();
+        }
+        let hints = entry.module.settings_hints(&entry.ctx).await;
+        sections.push(html! {
+            section.card id=(format!("settings-{}", manifest.id)) {
+                h2 { (manifest.settings_section) }
+                @if !entry.is_enabled() {
+                    p.flash.warn { "This module is disabled: its settings are kept but not used. " a href="/modules" { "Enable it" } "." }
+                }
+                @if let Some(e) = load_error {
+                    p.flash.bad { "Stored settings cannot be read: " (e) ". If the sealing key changed, restore the old key or enter the secret again." }
+                }
+                @for hint in &hints {
+                    p { strong { (hint.label) ": " } code.copy { (hint.value) } }
+                }
+                form method="post" action=(format!("/settings/{}", manifest.id)) {
+                    (csrf(user))
+                    @for field in &manifest.settings {
+                        label for=(field.id) { (field.label) @if field.required { " *" } }
+                        @if field.secret {
+                            input id=(field.id) type="password" name=(field.id) autocomplete="new-password"
+                                placeholder=(if values.has_secret(&field.id) { "stored — leave empty to keep it" } else { "not set" });
+                            @if values.has_secret(&field.id) { p.help { span.badge.ok { "stored" } " The value is write-only and sealed; it is never shown again." } }
+                        } @else {
+                            input id=(field.id) type=(if field.kind == FieldKind::Date { "date" } else { "text" }) name=(field.id)
+                                value=(shown.get(&field.id).map(String::as_str).unwrap_or(""));
+                        }
+                        @if !field.help.is_empty() { p.help { (field.help) } }
+                        @if let Some(e) = errors.get(&field.id) { p.error role="alert" { (field.label) " " (e) } }
+                    }
+                    p { button type="submit" { "Save" } }
+                }
+            }
+        });
+    }
+    html! {
+        h1 { "General settings" }
+        @if let Some(flash) = flash { (flash) }
+        @for s in sections { (s) }
+    }
+}
+
+async fn page(state: web::Data<AppState>, user: CurrentUser) -> HttpResponse {
+    if let Err(refused) = require_admin(&user, &state.chrome) {
+        return refused;
+    }
+    let body = render(&state, &user, None, None).await;
+    ok(state.chrome.render("Settings", Some(&user), body))
+}
+
+async fn save(
+    state: web::Data<AppState>,
+    user: CurrentUser,
+    module_id: web::Path<String>,
+    form: web::Form<BTreeMap<String, String>>,
+) -> HttpResponse {
+    if let Err(refused) = require_admin(&user, &state.chrome) {
+        return refused;
+    }
+    let Some(entry) = state.registry.get(&module_id) else {
+        return HttpResponse::NotFound().body("No such module.");
+    };
+    let manifest = entry.module.manifest();
+    let stored = entry
+        .ctx
+        .settings()
+        .load(&manifest.id)
+        .await
+        .unwrap_or_default();
+    let mut errors = BTreeMap::new();
+    let mut plain = BTreeMap::new();
+    let mut secrets = BTreeMap::new();
+    for field in &manifest.settings {
+        let raw = form.get(&field.id).map(|v| v.trim()).unwrap_or("");
+        if raw.is_empty() {
+            let kept = if field.secret {
+                stored.has_secret(&field.id)
+            } else {
+                false
+            };
+            if field.required && !kept {
+                errors.insert(field.id.clone(), "is required".to_string());
+            }
+            if !field.secret {
+                plain.insert(field.id.clone(), String::new());
+            }
+            continue;
+        }
+        match field.kind.normalize(raw) {
+            Ok(value) if field.secret => {
+                secrets.insert(field.id.clone(), value);
+            }
+            Ok(value) => {
+                plain.insert(field.id.clone(), value);
+            }
+            Err(message) => {
+                errors.insert(field.id.clone(), message);
+            }
+        }
+    }
+    if errors.is_empty() {
+        for e in entry.module.validate_settings(&plain) {
+            errors.insert(e.field, e.message);
+        }
+    }
+    if !errors.is_empty() {
+        tracing::info!(module = %manifest.id, fields = ?errors.keys().collect::<Vec<_>>(), "settings refused");
+        let echo: BTreeMap<String, String> = manifest
+            .settings
+            .iter()
+            .filter(|f| !f.secret)
+            .filter_map(|f| form.get(&f.id).map(|v| (f.id.clone(), v.clone())))
+            .collect();
+        let flash = html! { p.flash.bad role="alert" { "Nothing was saved: correct the fields marked below." } };
+        let body = render(
+            &state,
+            &user,
+            Some(flash),
+            Some((&manifest.id, &echo, &errors)),
+        )
+        .await;
+        return HttpResponse::UnprocessableEntity()
+            .content_type("text/html; charset=utf-8")
+            .body(
+                state
+                    .chrome
+                    .render("Settings", Some(&user), body)
+                    .into_string(),
+            );
+    }
+    let now = Utc::now();
+    let rows: Vec<setting::ActiveModel> = plain
+        .into_iter()
+        .map(|(key, value)| (key, value, false))
+        .chain(secrets.into_iter().map(|(key, value)| {
+            let sealed = state.sealer.seal(&value, &seal_context(&manifest.id, &key));
+            (key, sealed, true)
+        }))
+        .map(|(key, value, sealed)| setting::ActiveModel {
+            module: Set(manifest.id.clone()),
+            key: Set(key),
+            value: Set(value),
+            sealed: Set(sealed),
+            updated_at: Set(now),
+        })
+        .collect();
+    let saved = state
+        .db
+        .transaction::<_, (), sea_orm::DbErr>(|txn| {
+            Box::pin(async move {
+                for row in rows {
+                    setting::Entity::insert(row)
+                        .on_conflict(
+                            OnConflict::columns([setting::Column::Module, setting::Column::Key])
+                                .update_columns([
+                                    setting::Column::Value,
+                                    setting::Column::Sealed,
+                                    setting::Column::UpdatedAt,
+                                ])
+                                .to_owned(),
+                        )
+                        .exec(txn)
+                        .await?;
+                }
+                Ok(())
+            })
+        })
+        .await;
+    match saved {
+        Ok(()) => {
+            tracing::info!(module = %manifest.id, user_id = user.id, "settings saved");
+            let flash = html! { p.flash.ok role="status" { "Settings saved." } };
+            let body = render(&state, &user, Some(flash), None).await;
+            ok(state.chrome.render("Settings", Some(&user), body))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "saving settings failed");
+            HttpResponse::ServiceUnavailable()
+                .body("The database did not answer; nothing was saved. Try again.")
+        }
+    }
+}
+
+/// The settings routes.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/settings", web::get().to(page))
+        .route("/settings/{module}", web::post().to(save));
+}

@@ -1,0 +1,19 @@
+//! The `microsoft_outlook` module's schema, for SQLite and PostgreSQL.
+
+use sea_orm_migration::prelude::*;
+
+mod m0001_mail_servers_and_tokens;
+
+/// The module's migrator; it keeps its own history table beside the host's.
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m0001_mail_servers_and_tokens::Migration)]
+    }
+
+    fn migration_table_name() -> DynIden {
+        "microsoft_outlook_migrations".into_iden()
+    }
+}

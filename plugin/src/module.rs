@@ -1,0 +1,93 @@
+//! `impl Module`: what the host sees of the module.
+
+use async_trait::async_trait;
+use crm_sdk::{FieldError, Manifest, Module, ModuleContext, SettingsHint};
+use microsoft_outlook_migrations::Migrator;
+use sea_orm::{DatabaseConnection, DbErr};
+use sea_orm_migration::MigratorTrait;
+use std::collections::BTreeMap;
+
+/// The manifest as shipped with the module.
+pub const MANIFEST_TOML: &str = include_str!("../../manifest.toml");
+
+/// The path of the OAuth2 redirect (callback) under the public base URL.
+pub const CONFIRM_PATH: &str = "/microsoft_outlook/confirm";
+
+/// The module.
+pub struct OutlookModule {
+    manifest: Manifest,
+}
+
+impl OutlookModule {
+    /// The module with its shipped manifest; panics at start-up if that manifest is invalid.
+    pub fn new() -> Self {
+        match Self::from_manifest(MANIFEST_TOML) {
+            Ok(m) => m,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// The module with another manifest (checked), for hosts that override it and for tests.
+    pub fn from_manifest(text: &str) -> Result<Self, crm_sdk::ManifestError> {
+        Ok(Self {
+            manifest: Manifest::parse(text)?,
+        })
+    }
+}
+
+impl Default for OutlookModule {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[async_trait]
+impl Module for OutlookModule {
+    fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    fn migration_names(&self) -> Vec<String> {
+        Migrator::migrations()
+            .iter()
+            .map(|m| m.name().to_string())
+            .collect()
+    }
+
+    async fn migrate(&self, db: &DatabaseConnection) -> Result<(), DbErr> {
+        Migrator::up(db, None).await
+    }
+
+    fn validate_settings(&self, values: &BTreeMap<String, String>) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        if let Some(url) = values.get("authority_url").filter(|u| !u.is_empty())
+            && url.starts_with("http://")
+            && !is_loopback_url(url)
+        {
+            errors.push(FieldError {
+                field: "authority_url".into(),
+                message:
+                    "must use https (plain http is only accepted for a loopback test authority)"
+                        .into(),
+            });
+        }
+        errors
+    }
+
+    async fn settings_hints(&self, ctx: &ModuleContext) -> Vec<SettingsHint> {
+        vec![SettingsHint {
+            label: "Redirect URI to register in Azure (type Web)".into(),
+            value: ctx.public_url(CONFIRM_PATH),
+        }]
+    }
+}
+
+/// Whether `url` points at this machine (127.0.0.0/8, ::1 or localhost).
+pub fn is_loopback_url(url: &str) -> bool {
+    url::Url::parse(url).is_ok_and(|u| match u.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        None => false,
+    })
+}

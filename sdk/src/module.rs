@@ -1,0 +1,120 @@
+use actix_web::web::ServiceConfig;
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use sea_orm::{DatabaseConnection, DbErr};
+use std::collections::BTreeMap;
+
+use crate::{CurrentUser, Manifest, ModuleContext, RecordRef};
+
+/// Any error, boxed, for contract methods whose errors the host only reports.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A settings value refused by a module, for the form to show beside the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// The field's id.
+    pub field: String,
+    /// What is wrong, for the operator.
+    pub message: String,
+}
+
+/// A line the settings page shows under a module's section (e.g. the redirect URI to register).
+#[derive(Debug, Clone)]
+pub struct SettingsHint {
+    /// What the value is.
+    pub label: String,
+    /// The value itself, shown verbatim for copying.
+    pub value: String,
+}
+
+/// The running jobs of an enabled module; the host stops them on disable or shutdown.
+pub struct JobsHandle {
+    names: Vec<String>,
+    stop: Option<Box<dyn FnOnce() -> BoxFuture<'static, ()> + Send>>,
+}
+
+impl std::fmt::Debug for JobsHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobsHandle")
+            .field("names", &self.names)
+            .finish()
+    }
+}
+
+impl JobsHandle {
+    /// A handle for jobs named `names`, stopped by running `stop` to completion.
+    pub fn new(
+        names: Vec<String>,
+        stop: impl FnOnce() -> BoxFuture<'static, ()> + Send + 'static,
+    ) -> Self {
+        Self {
+            names,
+            stop: Some(Box::new(stop)),
+        }
+    }
+
+    /// A handle for a module without jobs.
+    pub fn none() -> Self {
+        Self {
+            names: Vec::new(),
+            stop: None,
+        }
+    }
+
+    /// The names of the running jobs.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// Stops the jobs gracefully: in-flight work finishes or is released.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop().await;
+        }
+    }
+}
+
+/// A CRM module, linked into the host and enabled or disabled by an operator at run time.
+#[async_trait]
+pub trait Module: Send + Sync + 'static {
+    /// The module's validated manifest.
+    fn manifest(&self) -> &Manifest;
+
+    /// The names of the module's migrations, in order (for the modules page).
+    fn migration_names(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Applies the module's pending migrations; must be idempotent.
+    async fn migrate(&self, _db: &DatabaseConnection) -> Result<(), DbErr> {
+        Ok(())
+    }
+
+    /// Cross-field checks of settings the host has already validated field by field.
+    fn validate_settings(&self, _values: &BTreeMap<String, String>) -> Vec<FieldError> {
+        Vec::new()
+    }
+
+    /// Lines the settings page shows under the module's section.
+    async fn settings_hints(&self, _ctx: &ModuleContext) -> Vec<SettingsHint> {
+        Vec::new()
+    }
+
+    /// An HTML fragment the host shows on a record's page (e.g. "send a mail"), if any.
+    async fn record_panel(
+        &self,
+        _ctx: &ModuleContext,
+        _record: &RecordRef,
+        _user: &CurrentUser,
+    ) -> Option<String> {
+        None
+    }
+
+    /// Registers the module's routes; the host mounts them under the manifest's prefix.
+    fn configure(&self, _cfg: &mut ServiceConfig, _ctx: &ModuleContext) {}
+
+    /// Starts the module's workers and schedules.
+    async fn start(&self, _ctx: &ModuleContext) -> Result<JobsHandle, BoxError> {
+        Ok(JobsHandle::none())
+    }
+}

@@ -1,0 +1,41 @@
+use async_trait::async_trait;
+
+/// Who a notification is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Audience {
+    /// One user of the CRM, by id.
+    User(i64),
+    /// Every operator (administrator) of the CRM.
+    Operators,
+}
+
+/// Something a person must know or act on.
+#[derive(Debug, Clone)]
+pub struct Notification {
+    /// Who should see it.
+    pub audience: Audience,
+    /// One line saying what happened.
+    pub subject: String,
+    /// What it means and what to do.
+    pub body: String,
+    /// A page of the CRM where it can be fixed.
+    pub link: Option<String>,
+}
+
+/// The host's way to tell people things (inbox, mail, chat: the host decides).
+#[async_trait]
+pub trait Notifier: Send + Sync + 'static {
+    /// Delivers a notification; an error means it was not recorded.
+    async fn notify(&self, notification: Notification) -> Result<(), crate::BoxError>;
+}
+
+/// A notifier that drops everything (for hosts without one).
+#[derive(Debug, Default)]
+pub struct NullNotifier;
+
+#[async_trait]
+impl Notifier for NullNotifier {
+    async fn notify(&self, _notification: Notification) -> Result<(), crate::BoxError> {
+        Ok(())
+    }
+}

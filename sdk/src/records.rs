@@ -1,0 +1,46 @@
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::CurrentUser;
+
+/// A reference to a record of the CRM (a contact, a deal, ...).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RecordRef {
+    /// The record's model, e.g. `contact`.
+    pub model: String,
+    /// The record's id within its model.
+    pub id: i64,
+}
+
+/// What a module may show of a record.
+#[derive(Debug, Clone)]
+pub struct RecordSummary {
+    /// A human title, e.g. the contact's name.
+    pub title: String,
+    /// The record's e-mail address, when it has one.
+    pub email: Option<String>,
+    /// The record's page in the host.
+    pub url: String,
+}
+
+/// The answer to "may this user see this record?".
+#[derive(Debug, Clone)]
+pub enum RecordAccess {
+    /// No such record.
+    Missing,
+    /// The record exists but this user may not see it.
+    Hidden,
+    /// The user may see it.
+    Visible(RecordSummary),
+}
+
+/// The host's records, as modules may look them up.
+#[async_trait]
+pub trait RecordDirectory: Send + Sync + 'static {
+    /// Looks a record up on behalf of `viewer`.
+    async fn find(
+        &self,
+        record: &RecordRef,
+        viewer: &CurrentUser,
+    ) -> Result<RecordAccess, crate::BoxError>;
+}
