@@ -1,7 +1,7 @@
 //! `impl Module`: what the host sees of the module.
 
 use async_trait::async_trait;
-use crm_sdk::{FieldError, Manifest, Module, ModuleContext, SettingsHint};
+use crm_sdk::{BoxError, FieldError, JobsHandle, Manifest, Module, ModuleContext, SettingsHint};
 use microsoft_outlook_migrations::Migrator;
 use sea_orm::{DatabaseConnection, DbErr};
 use sea_orm_migration::MigratorTrait;
@@ -74,11 +74,48 @@ impl Module for OutlookModule {
         errors
     }
 
+    fn configure(&self, cfg: &mut actix_web::web::ServiceConfig, ctx: &ModuleContext) {
+        cfg.app_data(actix_web::web::Data::new(ctx.clone()))
+            .configure(crate::pages::routes);
+    }
+
+    async fn start(&self, ctx: &ModuleContext) -> Result<JobsHandle, BoxError> {
+        let settings = ctx.settings().load(ctx.module_id()).await.ok();
+        let schedule_of = |job: &str| {
+            let spec = self.manifest.jobs.iter().find(|j| j.id == job);
+            spec.and_then(|j| j.schedule_setting.as_deref())
+                .and_then(|field| settings.as_ref().and_then(|s| s.get(field)))
+                .map(str::to_string)
+                .or_else(|| spec.and_then(|j| j.schedule.clone()))
+                .unwrap_or_else(|| crate::settings::DEFAULT_REFRESH_SCHEDULE.to_string())
+        };
+        let schedules = microsoft_outlook_jobs::Schedules {
+            refresh_tokens: schedule_of("refresh_tokens"),
+            check_client_secret: schedule_of("check_client_secret"),
+        };
+        let running = microsoft_outlook_jobs::start(crate::jobs::JobServices { ctx: ctx.clone() }, &schedules)?;
+        Ok(JobsHandle::new(running.names(), move || running.stop()))
+    }
+
     async fn settings_hints(&self, ctx: &ModuleContext) -> Vec<SettingsHint> {
-        vec![SettingsHint {
+        let mut hints = vec![SettingsHint {
             label: "Redirect URI to register in Azure (type Web)".into(),
             value: ctx.public_url(CONFIRM_PATH),
-        }]
+        }];
+        if let Ok(settings) = crate::settings::OutlookSettings::load(ctx).await
+            && let Some(expires_on) = settings.secret_expires_on
+        {
+            let left = crate::jobs::days_left(expires_on, ctx.clock().now().date_naive());
+            hints.push(SettingsHint {
+                label: "Client secret".into(),
+                value: if left < 0 {
+                    format!("expired on {expires_on}: create a new one in Azure and paste it here")
+                } else {
+                    format!("{left} day(s) left (expires {expires_on})")
+                },
+            });
+        }
+        hints
     }
 }
 

@@ -1,1 +1,4 @@
-pub fn _x() {}
+//! Simulated Microsoft services (identity platform, SMTP submission, Graph) for the tests and
+//! the demo, plus test support shared by the end-to-end suites.
+
+pub mod testdb;

@@ -1,0 +1,6 @@
+//! The module's tables as sea-orm entities.
+
+pub mod alert;
+pub mod mail_server;
+pub mod oauth_state;
+pub mod token;

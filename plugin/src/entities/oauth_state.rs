@@ -1,0 +1,20 @@
+//! Pending OAuth `state` values: stored hashed, single use, ten minutes.
+
+use sea_orm::entity::prelude::*;
+
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+#[sea_orm(table_name = "microsoft_outlook_oauth_states")]
+pub struct Model {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub state_hash: String,
+    pub user_id: i64,
+    pub server_id: i32,
+    pub pkce_verifier_sealed: String,
+    pub expires_at: ChronoDateTimeUtc,
+    pub created_at: ChronoDateTimeUtc,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}

@@ -1,0 +1,457 @@
+//! The module's pages: shared servers (operators), a user's own mailbox, and a server's page
+//! with its connection status.
+
+use actix_web::{HttpResponse, web};
+use crm_sdk::{CSRF_FIELD, CurrentUser, FieldError, ModuleContext};
+use maud::{Markup, html};
+use sea_orm::EntityTrait;
+use serde::Deserialize;
+
+use crate::entities::{mail_server, token};
+use crate::servers::{self, ServerForm, ServerInput, ServerKind, may_manage};
+use crate::settings::OutlookSettings;
+
+/// A full page in the host's frame.
+pub fn page(ctx: &ModuleContext, user: &CurrentUser, title: &str, body: Markup) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .body(ctx.page(title, Some(user), &body.into_string()))
+}
+
+/// A page with another status (refusals, errors).
+pub fn page_with(
+    status: actix_web::http::StatusCode,
+    ctx: &ModuleContext,
+    user: &CurrentUser,
+    title: &str,
+    body: Markup,
+) -> HttpResponse {
+    HttpResponse::build(status)
+        .content_type("text/html; charset=utf-8")
+        .body(ctx.page(title, Some(user), &body.into_string()))
+}
+
+/// The hidden CSRF field.
+pub fn csrf(user: &CurrentUser) -> Markup {
+    html! { input type="hidden" name=(CSRF_FIELD) value=(user.csrf_token); }
+}
+
+fn forbidden(ctx: &ModuleContext, user: &CurrentUser) -> HttpResponse {
+    page_with(
+        actix_web::http::StatusCode::FORBIDDEN,
+        ctx,
+        user,
+        "Not yours",
+        html! {
+            h1 { "You cannot manage this mail server" }
+            p { "Shared servers are managed by operators; a personal mailbox only by its owner." }
+        },
+    )
+}
+
+fn not_found(ctx: &ModuleContext, user: &CurrentUser) -> HttpResponse {
+    page_with(
+        actix_web::http::StatusCode::NOT_FOUND,
+        ctx,
+        user,
+        "Not found",
+        html! { h1 { "No such mail server" } p { a href="/microsoft_outlook/servers" { "Back to mail servers" } } },
+    )
+}
+
+fn server_url(server: &mail_server::Model) -> String {
+    format!("/microsoft_outlook/servers/{}", server.id)
+}
+
+/// The connection status block of a server.
+pub fn status_block(server: &mail_server::Model, token: Option<&token::Model>) -> Markup {
+    html! {
+        div.status {
+            @match token {
+                None => {
+                    p { span.badge.muted { "Not connected" } }
+                    p { "No Outlook token is stored. Click Connect and sign in as " strong { (server.mailbox) } " at Microsoft." }
+                }
+                Some(t) if t.status == "valid" => {
+                    p { span.badge.ok { "Outlook token validated" } }
+                    p { "Mailbox: " strong { (t.signed_in_as) } }
+                    p.help { "Access token expires " (t.access_expires_at.format("%Y-%m-%d %H:%M UTC")) "; it is renewed automatically."
+                        @if let Some(at) = t.last_refresh_at { " Last refresh " (at.format("%Y-%m-%d %H:%M UTC")) "." } }
+                }
+                Some(t) => {
+                    p { span.badge.bad { "Needs reconnect" } }
+                    @if let Some(e) = &t.last_error { p { (e) } }
+                    p { "Mail from this server waits until it is connected again: click Reconnect." }
+                }
+            }
+        }
+    }
+}
+
+fn field_error(errors: &[FieldError], field: &str) -> Markup {
+    html! {
+        @for e in errors.iter().filter(|e| e.field == field) {
+            p.error role="alert" { (e.message) }
+        }
+    }
+}
+
+fn server_form(
+    user: &CurrentUser,
+    action: &str,
+    form: &ServerForm,
+    kind: ServerKind,
+    errors: &[FieldError],
+) -> Markup {
+    html! {
+        form method="post" action=(action) {
+            (csrf(user))
+            @if !errors.is_empty() { p.flash.bad role="alert" { "Nothing was saved: correct the fields marked below." } }
+            label for="name" { "Name" }
+            input #name name="name" value=(form.name);
+            (field_error(errors, "name"))
+            label for="mailbox" { "Mailbox address (username)" }
+            input #mailbox type="email" name="mailbox" value=(form.mailbox);
+            p.help { "The Office 365 mailbox that signs in, e.g. crm@contoso.com." }
+            (field_error(errors, "mailbox"))
+            label for="password" { "Password" }
+            input #password type="password" name="password" value="" placeholder="leave empty — not used" autocomplete="off";
+            p.help { "Not used: authentication is Outlook OAuth. Save, then click Connect." }
+            (field_error(errors, "password"))
+            label for="smtp_host" { "SMTP host" }
+            input #smtp_host name="smtp_host" value=(form.smtp_host);
+            (field_error(errors, "smtp_host"))
+            label for="smtp_port" { "Port" }
+            input #smtp_port name="smtp_port" value=(form.smtp_port);
+            (field_error(errors, "smtp_port"))
+            label for="security" { "Security" }
+            select #security name="security" {
+                option value="starttls" selected[form.security == "starttls"] { "STARTTLS (port 587)" }
+                option value="tls" selected[form.security == "tls"] { "TLS from the start (port 465)" }
+                option value="none" selected[form.security == "none"] { "None (local relay on this machine only)" }
+            }
+            (field_error(errors, "security"))
+            label for="extra_ca_pem" { "Extra trusted CA certificate (PEM, optional)" }
+            textarea #extra_ca_pem name="extra_ca_pem" { (form.extra_ca_pem) }
+            p.help { "Only for a relay behind a private certificate authority." }
+            (field_error(errors, "extra_ca_pem"))
+            @if kind == ServerKind::Shared {
+                label for="auth" { "Authentication" }
+                select #auth name="auth" {
+                    option value="delegated" selected[form.auth != "app_only"] { "Outlook OAuth — the mailbox signs in (delegated)" }
+                    option value="app_only" selected[form.auth == "app_only"] { "App-only — client credentials (SMTP.SendAsApp)" }
+                }
+                (field_error(errors, "auth"))
+            }
+            label for="transport" { "Transport" }
+            select #transport name="transport" {
+                option value="smtp" selected[form.transport != "graph"] { "SMTP submission (XOAUTH2)" }
+                option value="graph" selected[form.transport == "graph"] { "Microsoft Graph (when SMTP AUTH is off)" }
+            }
+            (field_error(errors, "transport"))
+            label for="send_as" { "Send as" }
+            select #send_as name="send_as" {
+                option value="author" selected[form.send_as != "mailbox"] { "The CRM user who writes the mail (needs Exchange Send As)" }
+                option value="mailbox" selected[form.send_as == "mailbox"] { "The mailbox itself" }
+            }
+            (field_error(errors, "send_as"))
+            label for="from_allow_list" { "May send as (one address or @domain per line)" }
+            textarea #from_allow_list name="from_allow_list" { (form.from_allow_list) }
+            p.help { "Empty: any author when sending as the author. Otherwise only these addresses may appear in From." }
+            (field_error(errors, "from_allow_list"))
+            @if kind == ServerKind::Shared {
+                label { input type="checkbox" name="is_default" checked[form.is_default.is_some()]; " Default outgoing server" }
+            }
+            p { button type="submit" { "Save" } }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Flash {
+    connected: Option<String>,
+    disconnected: Option<String>,
+    saved: Option<String>,
+}
+
+async fn server_page_body(
+    ctx: &ModuleContext,
+    user: &CurrentUser,
+    server: &mail_server::Model,
+    form: &ServerForm,
+    errors: &[FieldError],
+    flash: Option<Markup>,
+) -> Markup {
+    let token = token::Entity::find_by_id(server.id).one(ctx.db()).await.ok().flatten();
+    let configured = OutlookSettings::load(ctx).await;
+    let kind = if server.kind == "shared" { ServerKind::Shared } else { ServerKind::Personal };
+    html! {
+        h1 { (server.name) }
+        @if let Some(flash) = flash { (flash) }
+        section.card id="connection" {
+            h2 { "Connection" }
+            (status_block(server, token.as_ref()))
+            @match &configured {
+                Err(problem) => {
+                    p.flash.warn { (problem.to_string()) @if user.is_admin { " " a href="/settings" { "Open settings" } } }
+                }
+                Ok(_) if server.auth == "app_only" => {
+                    p.help { "App-only servers need no sign-in: the module uses the client-credentials grant. An Exchange administrator must have registered the app's service principal in Exchange Online (New-ServicePrincipal) and granted it SendAs / FullAccess on " (server.mailbox) "." }
+                }
+                Ok(_) => {
+                    a.button href=(format!("/microsoft_outlook/connect?server={}", server.id)) {
+                        @if token.is_some() { "Reconnect" } @else { "Connect" }
+                    }
+                }
+            }
+            @if token.is_some() {
+                form.inline method="post" action=(format!("{}/disconnect", server_url(server))) {
+                    (csrf(user))
+                    " " button.secondary type="submit" { "Disconnect" }
+                }
+            }
+        }
+        section.card {
+            h2 { "Server" }
+            (server_form(user, &server_url(server), form, kind, errors))
+        }
+        @if kind == ServerKind::Shared {
+            section.card {
+                form method="post" action=(format!("{}/delete", server_url(server))) {
+                    (csrf(user))
+                    button.danger type="submit" { "Delete this server" }
+                    span.help { " Its tokens are forgotten." }
+                }
+            }
+        }
+    }
+}
+
+async fn load_server(ctx: &ModuleContext, id: i32) -> Option<mail_server::Model> {
+    mail_server::Entity::find_by_id(id).one(ctx.db()).await.ok().flatten()
+}
+
+async fn list(ctx: web::Data<ModuleContext>, user: CurrentUser) -> HttpResponse {
+    if !user.is_admin {
+        return forbidden(&ctx, &user);
+    }
+    let servers = servers::shared(ctx.db()).await.unwrap_or_default();
+    let mut rows = Vec::new();
+    for s in &servers {
+        let token = token::Entity::find_by_id(s.id).one(ctx.db()).await.ok().flatten();
+        rows.push(html! {
+            tr {
+                td { a href=(server_url(s)) { (s.name) } @if s.is_default { " " span.badge.muted { "default" } } }
+                td { (s.mailbox) }
+                td { (s.smtp_host) ":" (s.smtp_port) }
+                td { @match &token {
+                    None => span.badge.muted { "Not connected" },
+                    Some(t) if t.status == "valid" => span.badge.ok { "Outlook token validated" },
+                    Some(_) => span.badge.bad { "Needs reconnect" },
+                } }
+            }
+        });
+    }
+    let configured = OutlookSettings::load(&ctx).await;
+    let body = html! {
+        h1 { "Outgoing mail servers" }
+        @if let Err(problem) = &configured {
+            p.flash.warn { (problem.to_string()) " " a href="/settings" { "Open settings" } }
+        }
+        section.card {
+            @if servers.is_empty() {
+                p { "No shared server yet. Add the Office 365 mailbox the CRM sends from." }
+            } @else {
+                table {
+                    thead { tr { th { "Name" } th { "Mailbox" } th { "SMTP" } th { "Status" } } }
+                    tbody { @for r in rows { (r) } }
+                }
+            }
+            p { a.button href="/microsoft_outlook/servers/new" { "Add a server" } }
+        }
+    };
+    page(&ctx, &user, "Outgoing mail servers", body)
+}
+
+async fn new_page(ctx: web::Data<ModuleContext>, user: CurrentUser) -> HttpResponse {
+    if !user.is_admin {
+        return forbidden(&ctx, &user);
+    }
+    let form = ServerForm::new_defaults(ServerKind::Shared, &user);
+    let body = html! {
+        h1 { "New outgoing mail server" }
+        section.card { (server_form(&user, "/microsoft_outlook/servers", &form, ServerKind::Shared, &[])) }
+    };
+    page(&ctx, &user, "New mail server", body)
+}
+
+async fn create(ctx: web::Data<ModuleContext>, user: CurrentUser, form: web::Form<ServerForm>) -> HttpResponse {
+    if !user.is_admin {
+        return forbidden(&ctx, &user);
+    }
+    match ServerInput::parse(&form, ServerKind::Shared) {
+        Err(errors) => {
+            let body = html! {
+                h1 { "New outgoing mail server" }
+                section.card { (server_form(&user, "/microsoft_outlook/servers", &form, ServerKind::Shared, &errors)) }
+            };
+            page_with(actix_web::http::StatusCode::UNPROCESSABLE_ENTITY, &ctx, &user, "New mail server", body)
+        }
+        Ok(input) => match servers::save(ctx.db(), None, input, ServerKind::Shared, None).await {
+            Ok(server) => {
+                tracing::info!(server_id = server.id, user_id = user.id, "mail server created");
+                see_other(&format!("{}?saved=1", server_url(&server)))
+            }
+            Err(e) => db_down(&ctx, &user, e),
+        },
+    }
+}
+
+fn see_other(to: &str) -> HttpResponse {
+    HttpResponse::SeeOther().insert_header(("Location", to)).finish()
+}
+
+fn db_down(ctx: &ModuleContext, user: &CurrentUser, e: sea_orm::DbErr) -> HttpResponse {
+    tracing::error!(error = %e, "mail server storage failed");
+    page_with(
+        actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
+        ctx,
+        user,
+        "Try again",
+        html! { h1 { "The database did not answer" } p { "Nothing was saved. Try again in a moment." } },
+    )
+}
+
+async fn show(
+    ctx: web::Data<ModuleContext>,
+    user: CurrentUser,
+    id: web::Path<i32>,
+    flash: web::Query<Flash>,
+) -> HttpResponse {
+    let Some(server) = load_server(&ctx, id.into_inner()).await else {
+        return not_found(&ctx, &user);
+    };
+    if !may_manage(&user, &server) {
+        return forbidden(&ctx, &user);
+    }
+    let flash = if flash.connected.is_some() {
+        Some(html! { p.flash.ok role="status" { "Connected: the Outlook token was validated and stored." } })
+    } else if flash.disconnected.is_some() {
+        Some(html! { p.flash.ok role="status" { "Disconnected: the tokens of this server were forgotten." } })
+    } else if flash.saved.is_some() {
+        Some(html! { p.flash.ok role="status" { "Saved." } })
+    } else {
+        None
+    };
+    let form = ServerForm::from_model(&server);
+    let body = server_page_body(&ctx, &user, &server, &form, &[], flash).await;
+    page(&ctx, &user, &server.name, body)
+}
+
+async fn update(
+    ctx: web::Data<ModuleContext>,
+    user: CurrentUser,
+    id: web::Path<i32>,
+    form: web::Form<ServerForm>,
+) -> HttpResponse {
+    let Some(server) = load_server(&ctx, id.into_inner()).await else {
+        return not_found(&ctx, &user);
+    };
+    if !may_manage(&user, &server) {
+        return forbidden(&ctx, &user);
+    }
+    let kind = if server.kind == "shared" { ServerKind::Shared } else { ServerKind::Personal };
+    match ServerInput::parse(&form, kind) {
+        Err(errors) => {
+            let body = server_page_body(&ctx, &user, &server, &form, &errors, None).await;
+            page_with(actix_web::http::StatusCode::UNPROCESSABLE_ENTITY, &ctx, &user, &server.name, body)
+        }
+        Ok(input) => {
+            let owner = server.owner_user_id;
+            match servers::save(ctx.db(), Some(server), input, kind, owner).await {
+                Ok(saved) => see_other(&format!("{}?saved=1", server_url(&saved))),
+                Err(e) => db_down(&ctx, &user, e),
+            }
+        }
+    }
+}
+
+async fn delete(ctx: web::Data<ModuleContext>, user: CurrentUser, id: web::Path<i32>) -> HttpResponse {
+    let Some(server) = load_server(&ctx, id.into_inner()).await else {
+        return not_found(&ctx, &user);
+    };
+    if !may_manage(&user, &server) {
+        return forbidden(&ctx, &user);
+    }
+    let _ = token::Entity::delete_by_id(server.id).exec(ctx.db()).await;
+    match mail_server::Entity::delete_by_id(server.id).exec(ctx.db()).await {
+        Ok(_) => see_other(if server.kind == "shared" { "/microsoft_outlook/servers" } else { "/microsoft_outlook/my-mailbox" }),
+        Err(e) => db_down(&ctx, &user, e),
+    }
+}
+
+async fn disconnect(ctx: web::Data<ModuleContext>, user: CurrentUser, id: web::Path<i32>) -> HttpResponse {
+    let Some(server) = load_server(&ctx, id.into_inner()).await else {
+        return not_found(&ctx, &user);
+    };
+    if !may_manage(&user, &server) {
+        return forbidden(&ctx, &user);
+    }
+    match token::Entity::delete_by_id(server.id).exec(ctx.db()).await {
+        Ok(_) => {
+            tracing::info!(server_id = server.id, user_id = user.id, "mail server disconnected");
+            see_other(&format!("{}?disconnected=1", server_url(&server)))
+        }
+        Err(e) => db_down(&ctx, &user, e),
+    }
+}
+
+async fn my_mailbox(ctx: web::Data<ModuleContext>, user: CurrentUser) -> HttpResponse {
+    match servers::personal_of(ctx.db(), user.id).await {
+        Ok(Some(server)) => see_other(&server_url(&server)),
+        Ok(None) => {
+            let form = ServerForm::new_defaults(ServerKind::Personal, &user);
+            let body = html! {
+                h1 { "My mailbox" }
+                section.card {
+                    p { "Connect your own Office 365 mailbox to send CRM mail from it. Without one, mail goes out through the shared server." }
+                    (server_form(&user, "/microsoft_outlook/my-mailbox", &form, ServerKind::Personal, &[]))
+                }
+            };
+            page(&ctx, &user, "My mailbox", body)
+        }
+        Err(e) => db_down(&ctx, &user, e),
+    }
+}
+
+async fn create_mine(ctx: web::Data<ModuleContext>, user: CurrentUser, form: web::Form<ServerForm>) -> HttpResponse {
+    if let Ok(Some(server)) = servers::personal_of(ctx.db(), user.id).await {
+        return see_other(&server_url(&server));
+    }
+    match ServerInput::parse(&form, ServerKind::Personal) {
+        Err(errors) => {
+            let body = html! {
+                h1 { "My mailbox" }
+                section.card { (server_form(&user, "/microsoft_outlook/my-mailbox", &form, ServerKind::Personal, &errors)) }
+            };
+            page_with(actix_web::http::StatusCode::UNPROCESSABLE_ENTITY, &ctx, &user, "My mailbox", body)
+        }
+        Ok(input) => match servers::save(ctx.db(), None, input, ServerKind::Personal, Some(user.id)).await {
+            Ok(server) => see_other(&format!("{}?saved=1", server_url(&server))),
+            Err(e) => db_down(&ctx, &user, e),
+        },
+    }
+}
+
+/// The page routes.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/servers", web::get().to(list))
+        .route("/servers", web::post().to(create))
+        .route("/servers/new", web::get().to(new_page))
+        .route("/servers/{id}", web::get().to(show))
+        .route("/servers/{id}", web::post().to(update))
+        .route("/servers/{id}/delete", web::post().to(delete))
+        .route("/servers/{id}/disconnect", web::post().to(disconnect))
+        .route("/my-mailbox", web::get().to(my_mailbox))
+        .route("/my-mailbox", web::post().to(create_mine));
+}

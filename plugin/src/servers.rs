@@ -1,0 +1,338 @@
+//! Mail servers: the input an operator or user gives, validated into a server to store.
+
+use chrono::Utc;
+use crm_sdk::{CurrentUser, FieldError};
+use lettre::Address;
+use sea_orm::{ActiveModelTrait, ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder, Set};
+use serde::Deserialize;
+
+use crate::entities::mail_server;
+
+/// Who a server belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerKind {
+    /// A shared outgoing server, managed by operators.
+    Shared,
+    /// A user's own mailbox.
+    Personal,
+}
+
+impl ServerKind {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServerKind::Shared => "shared",
+            ServerKind::Personal => "personal",
+        }
+    }
+}
+
+/// The server form as posted.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ServerForm {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub smtp_host: String,
+    #[serde(default)]
+    pub smtp_port: String,
+    #[serde(default)]
+    pub security: String,
+    #[serde(default)]
+    pub extra_ca_pem: String,
+    #[serde(default)]
+    pub mailbox: String,
+    #[serde(default)]
+    pub password: String,
+    #[serde(default)]
+    pub auth: String,
+    #[serde(default)]
+    pub transport: String,
+    #[serde(default)]
+    pub send_as: String,
+    #[serde(default)]
+    pub from_allow_list: String,
+    #[serde(default)]
+    pub is_default: Option<String>,
+}
+
+impl ServerForm {
+    /// The form pre-filled for a new server.
+    pub fn new_defaults(kind: ServerKind, user: &CurrentUser) -> Self {
+        Self {
+            name: match kind {
+                ServerKind::Shared => "Office 365".into(),
+                ServerKind::Personal => format!("{}'s mailbox", user.name),
+            },
+            smtp_host: "smtp.office365.com".into(),
+            smtp_port: "587".into(),
+            security: "starttls".into(),
+            mailbox: match kind {
+                ServerKind::Shared => String::new(),
+                ServerKind::Personal => user.email.clone(),
+            },
+            auth: "delegated".into(),
+            transport: "smtp".into(),
+            send_as: match kind {
+                ServerKind::Shared => "author".into(),
+                ServerKind::Personal => "mailbox".into(),
+            },
+            ..Self::default()
+        }
+    }
+
+    /// The form showing a stored server.
+    pub fn from_model(m: &mail_server::Model) -> Self {
+        Self {
+            name: m.name.clone(),
+            smtp_host: m.smtp_host.clone(),
+            smtp_port: m.smtp_port.to_string(),
+            security: m.security.clone(),
+            extra_ca_pem: m.extra_ca_pem.clone().unwrap_or_default(),
+            mailbox: m.mailbox.clone(),
+            password: String::new(),
+            auth: m.auth.clone(),
+            transport: m.transport.clone(),
+            send_as: m.send_as.clone(),
+            from_allow_list: m.from_allow_list.clone(),
+            is_default: m.is_default.then(|| "on".to_string()),
+        }
+    }
+}
+
+/// A validated server.
+#[derive(Debug, Clone)]
+pub struct ServerInput {
+    pub name: String,
+    pub smtp_host: String,
+    pub smtp_port: u16,
+    pub security: String,
+    pub extra_ca_pem: Option<String>,
+    pub mailbox: Address,
+    pub auth: String,
+    pub transport: String,
+    pub send_as: String,
+    pub from_allow_list: Vec<String>,
+    pub is_default: bool,
+}
+
+fn err(field: &str, message: impl Into<String>) -> FieldError {
+    FieldError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn valid_host(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && (host.parse::<std::net::IpAddr>().is_ok()
+            || host
+                .split('.')
+                .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')))
+}
+
+/// Parses an allow-list entry: an address or `@domain`.
+fn allow_entry(entry: &str) -> Option<String> {
+    let entry = entry.trim().to_ascii_lowercase();
+    if let Some(domain) = entry.strip_prefix('@') {
+        return (valid_host(domain) && domain.contains('.')).then_some(entry);
+    }
+    entry.parse::<Address>().ok().map(|a| a.to_string().to_ascii_lowercase())
+}
+
+impl ServerInput {
+    /// Validates a posted form; every problem is reported against its field.
+    pub fn parse(form: &ServerForm, kind: ServerKind) -> Result<Self, Vec<FieldError>> {
+        let mut errors = Vec::new();
+        let name = form.name.trim().to_string();
+        if name.is_empty() || name.len() > 120 || name.chars().any(char::is_control) {
+            errors.push(err("name", "Name is required (at most 120 characters)."));
+        }
+        let smtp_host = form.smtp_host.trim().to_ascii_lowercase();
+        if !valid_host(&smtp_host) {
+            errors.push(err("smtp_host", "SMTP host must be a host name such as smtp.office365.com."));
+        }
+        let smtp_port = match form.smtp_port.trim().parse::<u16>() {
+            Ok(p) if p > 0 => p,
+            _ => {
+                errors.push(err("smtp_port", "Port must be a number from 1 to 65535 (587 for Office 365)."));
+                587
+            }
+        };
+        let security = form.security.trim().to_string();
+        match security.as_str() {
+            "starttls" | "tls" => {}
+            "none" if is_loopback_host(&smtp_host) => {}
+            "none" => errors.push(err(
+                "security",
+                "Security \"none\" sends tokens in clear text; it is only allowed for a relay on this machine (localhost, 127.0.0.1). Use STARTTLS for Office 365.",
+            )),
+            _ => errors.push(err("security", "Security must be STARTTLS, TLS or none.")),
+        }
+        let pem = form.extra_ca_pem.trim();
+        let extra_ca_pem = if pem.is_empty() {
+            None
+        } else if pem.starts_with("-----BEGIN CERTIFICATE-----") && pem.ends_with("-----END CERTIFICATE-----") {
+            Some(pem.to_string())
+        } else {
+            errors.push(err("extra_ca_pem", "The extra CA certificate must be PEM text, from -----BEGIN CERTIFICATE----- to -----END CERTIFICATE-----."));
+            None
+        };
+        let mailbox = match form.mailbox.trim().parse::<Address>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                errors.push(err("mailbox", "Mailbox must be an e-mail address, e.g. crm@contoso.com (it is the SMTP username)."));
+                None
+            }
+        };
+        if !form.password.is_empty() {
+            errors.push(err(
+                "password",
+                "Leave the password empty: Office 365 no longer accepts passwords; this server signs in with Outlook OAuth (Connect).",
+            ));
+        }
+        let auth = match form.auth.trim() {
+            "" | "delegated" => "delegated",
+            "app_only" if kind == ServerKind::Shared => "app_only",
+            "app_only" => {
+                errors.push(err("auth", "App-only sign-in is for shared servers configured by an operator."));
+                "delegated"
+            }
+            _ => {
+                errors.push(err("auth", "Authentication must be Outlook OAuth (delegated) or app-only."));
+                "delegated"
+            }
+        }
+        .to_string();
+        let transport = match form.transport.trim() {
+            "" | "smtp" => "smtp",
+            "graph" => "graph",
+            _ => {
+                errors.push(err("transport", "Transport must be SMTP or Microsoft Graph."));
+                "smtp"
+            }
+        }
+        .to_string();
+        let send_as = match form.send_as.trim() {
+            "" | "author" => "author",
+            "mailbox" => "mailbox",
+            _ => {
+                errors.push(err("send_as", "Send as must be the author or the mailbox."));
+                "author"
+            }
+        }
+        .to_string();
+        let mut from_allow_list = Vec::new();
+        for line in form.from_allow_list.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            match allow_entry(line) {
+                Some(entry) => from_allow_list.push(entry),
+                None => errors.push(err(
+                    "from_allow_list",
+                    format!("\"{line}\" is neither an e-mail address nor @domain."),
+                )),
+            }
+        }
+        match (errors.is_empty(), mailbox) {
+            (true, Some(mailbox)) => Ok(Self {
+                name,
+                smtp_host,
+                smtp_port,
+                security,
+                extra_ca_pem,
+                mailbox,
+                auth,
+                transport,
+                send_as,
+                from_allow_list,
+                is_default: kind == ServerKind::Shared && form.is_default.is_some(),
+            }),
+            _ => Err(errors),
+        }
+    }
+}
+
+/// Stores a new server or updates `existing`; making one default clears the others.
+pub async fn save(
+    db: &DatabaseConnection,
+    existing: Option<mail_server::Model>,
+    input: ServerInput,
+    kind: ServerKind,
+    owner: Option<i64>,
+) -> Result<mail_server::Model, DbErr> {
+    let now = Utc::now();
+    let mailbox_changed = existing
+        .as_ref()
+        .is_some_and(|m| !m.mailbox.eq_ignore_ascii_case(&input.mailbox.to_string()));
+    let mut model: mail_server::ActiveModel = match existing {
+        Some(m) => m.into(),
+        None => mail_server::ActiveModel {
+            kind: Set(kind.as_str().into()),
+            owner_user_id: Set(owner),
+            created_at: Set(now),
+            ..Default::default()
+        },
+    };
+    model.name = Set(input.name);
+    model.smtp_host = Set(input.smtp_host);
+    model.smtp_port = Set(i32::from(input.smtp_port));
+    model.security = Set(input.security);
+    model.extra_ca_pem = Set(input.extra_ca_pem);
+    model.mailbox = Set(input.mailbox.to_string());
+    model.auth = Set(input.auth);
+    model.transport = Set(input.transport);
+    model.send_as = Set(input.send_as);
+    model.from_allow_list = Set(input.from_allow_list.join("\n"));
+    model.is_default = Set(input.is_default);
+    model.updated_at = Set(now);
+    let saved = model.save(db).await?;
+    let saved: mail_server::Model = saved.try_into()?;
+    if saved.is_default {
+        mail_server::Entity::update_many()
+            .col_expr(mail_server::Column::IsDefault, sea_orm::sea_query::Expr::value(false))
+            .filter(mail_server::Column::Id.ne(saved.id))
+            .filter(mail_server::Column::Kind.eq("shared"))
+            .exec(db)
+            .await?;
+    }
+    if mailbox_changed {
+        // Tokens belong to the old mailbox's sign-in.
+        crate::entities::token::Entity::delete_by_id(saved.id).exec(db).await?;
+    }
+    Ok(saved)
+}
+
+/// Every shared server, default first.
+pub async fn shared(db: &DatabaseConnection) -> Result<Vec<mail_server::Model>, DbErr> {
+    mail_server::Entity::find()
+        .filter(mail_server::Column::Kind.eq("shared"))
+        .order_by_desc(mail_server::Column::IsDefault)
+        .order_by_asc(mail_server::Column::Id)
+        .all(db)
+        .await
+}
+
+/// The personal mailbox of `user_id`, if any.
+pub async fn personal_of(db: &DatabaseConnection, user_id: i64) -> Result<Option<mail_server::Model>, DbErr> {
+    mail_server::Entity::find()
+        .filter(mail_server::Column::Kind.eq("personal"))
+        .filter(mail_server::Column::OwnerUserId.eq(user_id))
+        .one(db)
+        .await
+}
+
+/// Whether `user` may manage `server`: operators the shared ones, owners their own.
+pub fn may_manage(user: &CurrentUser, server: &mail_server::Model) -> bool {
+    match server.kind.as_str() {
+        "shared" => user.is_admin,
+        _ => server.owner_user_id == Some(user.id),
+    }
+}
