@@ -291,11 +291,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 pub fn require_admin(
     user: &CurrentUser,
     chrome: &crate::html::HostChrome,
-) -> Result<(), HttpResponse> {
+) -> Result<(), Box<HttpResponse>> {
     if user.is_admin {
         return Ok(());
     }
-    Err(HttpResponse::Forbidden()
+    Err(Box::new(HttpResponse::Forbidden()
         .content_type("text/html; charset=utf-8")
         .body(
             chrome
@@ -308,5 +308,5 @@ pub fn require_admin(
                     },
                 )
                 .into_string(),
-        ))
+        )))
 }

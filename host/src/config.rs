@@ -72,14 +72,17 @@ impl Default for Config {
 
 impl Config {
     /// Loads defaults, then `file` (if given and present), then `CRM_*` variables.
-    pub fn load(file: Option<&Path>) -> Result<Self, figment::Error> {
+    pub fn load(file: Option<&Path>) -> Result<Self, Box<figment::Error>> {
         let mut figment = Figment::new();
         if let Some(file) = file {
             figment = figment.merge(Toml::file_exact(file));
         } else {
             figment = figment.merge(Toml::file("crm.toml"));
         }
-        figment.merge(Env::prefixed("CRM_").split("__")).extract()
+        figment
+            .merge(Env::prefixed("CRM_").split("__"))
+            .extract()
+            .map_err(Box::new)
     }
 
     /// The public base URL, defaulting to `http://` + the bind address.

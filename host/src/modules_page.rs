@@ -44,7 +44,7 @@ async fn render(state: &AppState, user: &CurrentUser, flash: Option<Markup>) -> 
 
 async fn page(state: web::Data<AppState>, user: CurrentUser) -> HttpResponse {
     if let Err(refused) = require_admin(&user, &state.chrome) {
-        return refused;
+        return *refused;
     }
     let body = render(&state, &user, None).await;
     ok(state.chrome.render("Modules", Some(&user), body))
@@ -56,7 +56,7 @@ async fn change(
     path: web::Path<(String, String)>,
 ) -> HttpResponse {
     if let Err(refused) = require_admin(&user, &state.chrome) {
-        return refused;
+        return *refused;
     }
     let (id, action) = path.into_inner();
     let result = match action.as_str() {

@@ -77,11 +77,18 @@ pub fn with_defaults(manifest: &Manifest, values: &SettingsValues) -> BTreeMap<S
         .collect()
 }
 
+/// A refused form, shown again with its values and messages.
+struct Submitted<'a> {
+    module: &'a str,
+    input: &'a BTreeMap<String, String>,
+    errors: &'a BTreeMap<String, String>,
+}
+
 async fn render(
     state: &AppState,
     user: &CurrentUser,
     flash: Option<Markup>,
-    submitted: Option<(&str, &BTreeMap<String, String>, &BTreeMap<String, String>)>,
+    submitted: Option<Submitted<'_>>,
 ) -> Markup {
     let mut sections = Vec::new();
     for entry in state.registry.entries() {
@@ -93,11 +100,11 @@ async fn render(
         };
         let mut shown = with_defaults(manifest, &values);
         let mut errors = BTreeMap::new();
-        if let Some((module, input, errs)) = submitted
-            && module == manifest.id
+        if let Some(submitted) = &submitted
+            && submitted.module == manifest.id
         {
-            shown.extend(input.iter().map(|(k, v)| (k.clone(), v.clone())));
-            errors = errs.clone();
+            shown.extend(submitted.input.iter().map(|(k, v)| (k.clone(), v.clone())));
+            errors = submitted.errors.clone();
         }
         let hints = entry.module.settings_hints(&entry.ctx).await;
         sections.push(html! {
@@ -141,7 +148,7 @@ async fn render(
 
 async fn page(state: web::Data<AppState>, user: CurrentUser) -> HttpResponse {
     if let Err(refused) = require_admin(&user, &state.chrome) {
-        return refused;
+        return *refused;
     }
     let body = render(&state, &user, None, None).await;
     ok(state.chrome.render("Settings", Some(&user), body))
@@ -154,7 +161,7 @@ async fn save(
     form: web::Form<BTreeMap<String, String>>,
 ) -> HttpResponse {
     if let Err(refused) = require_admin(&user, &state.chrome) {
-        return refused;
+        return *refused;
     }
     let Some(entry) = state.registry.get(&module_id) else {
         return HttpResponse::NotFound().body("No such module.");
@@ -215,7 +222,11 @@ async fn save(
             &state,
             &user,
             Some(flash),
-            Some((&manifest.id, &echo, &errors)),
+            Some(Submitted {
+                module: &manifest.id,
+                input: &echo,
+                errors: &errors,
+            }),
         )
         .await;
         return HttpResponse::UnprocessableEntity()

@@ -25,13 +25,21 @@ pub fn days_left(expires_on: NaiveDate, today: NaiveDate) -> i64 {
 }
 
 /// Records `key` once; returns whether it was new (so the caller notifies once).
-pub async fn remember_once(ctx: &ModuleContext, key: &str, value: &str) -> Result<bool, sea_orm::DbErr> {
+pub async fn remember_once(
+    ctx: &ModuleContext,
+    key: &str,
+    value: &str,
+) -> Result<bool, sea_orm::DbErr> {
     let inserted = alert::Entity::insert(alert::ActiveModel {
         key: Set(key.to_string()),
         value: Set(value.to_string()),
         at: Set(ctx.clock().now()),
     })
-    .on_conflict(OnConflict::column(alert::Column::Key).do_nothing().to_owned())
+    .on_conflict(
+        OnConflict::column(alert::Column::Key)
+            .do_nothing()
+            .to_owned(),
+    )
     .exec_without_returning(ctx.db())
     .await?;
     Ok(inserted > 0)
@@ -46,7 +54,12 @@ pub async fn check_client_secret(ctx: &ModuleContext) -> Result<Option<i64>, Box
         return Ok(None);
     };
     let left = days_left(expires_on, ctx.clock().now().date_naive());
-    let Some(threshold) = SECRET_WARNING_DAYS.iter().copied().filter(|t| left <= *t).min() else {
+    let Some(threshold) = SECRET_WARNING_DAYS
+        .iter()
+        .copied()
+        .filter(|t| left <= *t)
+        .min()
+    else {
         return Ok(Some(left));
     };
     let key = format!("client_secret:{expires_on}:{threshold}");
@@ -64,7 +77,11 @@ pub async fn check_client_secret(ctx: &ModuleContext) -> Result<Option<i64>, Box
                 link: Some("/settings".into()),
             })
             .await?;
-        tracing::warn!(days_left = left, threshold, "client secret expiry warning sent");
+        tracing::warn!(
+            days_left = left,
+            threshold,
+            "client secret expiry warning sent"
+        );
     }
     Ok(Some(left))
 }
@@ -72,7 +89,10 @@ pub async fn check_client_secret(ctx: &ModuleContext) -> Result<Option<i64>, Box
 impl OutlookJobs for JobServices {
     async fn refresh_tokens(&self) -> Result<String, BoxDynError> {
         let connected = token::Entity::find().count(self.ctx.db()).await?;
-        Ok(format!("token refresh run at {}: {connected} connected mailbox(es) seen", Utc::now()))
+        Ok(format!(
+            "token refresh run at {}: {connected} connected mailbox(es) seen",
+            Utc::now()
+        ))
     }
 
     async fn check_client_secret(&self) -> Result<(), BoxDynError> {

@@ -93,7 +93,10 @@ impl Module for OutlookModule {
             refresh_tokens: schedule_of("refresh_tokens"),
             check_client_secret: schedule_of("check_client_secret"),
         };
-        let running = microsoft_outlook_jobs::start(crate::jobs::JobServices { ctx: ctx.clone() }, &schedules)?;
+        let running = microsoft_outlook_jobs::start(
+            crate::jobs::JobServices { ctx: ctx.clone() },
+            &schedules,
+        )?;
         Ok(JobsHandle::new(running.names(), move || running.stop()))
     }
 

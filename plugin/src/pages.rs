@@ -182,9 +182,17 @@ async fn server_page_body(
     errors: &[FieldError],
     flash: Option<Markup>,
 ) -> Markup {
-    let token = token::Entity::find_by_id(server.id).one(ctx.db()).await.ok().flatten();
+    let token = token::Entity::find_by_id(server.id)
+        .one(ctx.db())
+        .await
+        .ok()
+        .flatten();
     let configured = OutlookSettings::load(ctx).await;
-    let kind = if server.kind == "shared" { ServerKind::Shared } else { ServerKind::Personal };
+    let kind = if server.kind == "shared" {
+        ServerKind::Shared
+    } else {
+        ServerKind::Personal
+    };
     html! {
         h1 { (server.name) }
         @if let Some(flash) = flash { (flash) }
@@ -228,7 +236,11 @@ async fn server_page_body(
 }
 
 async fn load_server(ctx: &ModuleContext, id: i32) -> Option<mail_server::Model> {
-    mail_server::Entity::find_by_id(id).one(ctx.db()).await.ok().flatten()
+    mail_server::Entity::find_by_id(id)
+        .one(ctx.db())
+        .await
+        .ok()
+        .flatten()
 }
 
 async fn list(ctx: web::Data<ModuleContext>, user: CurrentUser) -> HttpResponse {
@@ -238,7 +250,11 @@ async fn list(ctx: web::Data<ModuleContext>, user: CurrentUser) -> HttpResponse 
     let servers = servers::shared(ctx.db()).await.unwrap_or_default();
     let mut rows = Vec::new();
     for s in &servers {
-        let token = token::Entity::find_by_id(s.id).one(ctx.db()).await.ok().flatten();
+        let token = token::Entity::find_by_id(s.id)
+            .one(ctx.db())
+            .await
+            .ok()
+            .flatten();
         rows.push(html! {
             tr {
                 td { a href=(server_url(s)) { (s.name) } @if s.is_default { " " span.badge.muted { "default" } } }
@@ -285,7 +301,11 @@ async fn new_page(ctx: web::Data<ModuleContext>, user: CurrentUser) -> HttpRespo
     page(&ctx, &user, "New mail server", body)
 }
 
-async fn create(ctx: web::Data<ModuleContext>, user: CurrentUser, form: web::Form<ServerForm>) -> HttpResponse {
+async fn create(
+    ctx: web::Data<ModuleContext>,
+    user: CurrentUser,
+    form: web::Form<ServerForm>,
+) -> HttpResponse {
     if !user.is_admin {
         return forbidden(&ctx, &user);
     }
@@ -295,11 +315,21 @@ async fn create(ctx: web::Data<ModuleContext>, user: CurrentUser, form: web::For
                 h1 { "New outgoing mail server" }
                 section.card { (server_form(&user, "/microsoft_outlook/servers", &form, ServerKind::Shared, &errors)) }
             };
-            page_with(actix_web::http::StatusCode::UNPROCESSABLE_ENTITY, &ctx, &user, "New mail server", body)
+            page_with(
+                actix_web::http::StatusCode::UNPROCESSABLE_ENTITY,
+                &ctx,
+                &user,
+                "New mail server",
+                body,
+            )
         }
         Ok(input) => match servers::save(ctx.db(), None, input, ServerKind::Shared, None).await {
             Ok(server) => {
-                tracing::info!(server_id = server.id, user_id = user.id, "mail server created");
+                tracing::info!(
+                    server_id = server.id,
+                    user_id = user.id,
+                    "mail server created"
+                );
                 see_other(&format!("{}?saved=1", server_url(&server)))
             }
             Err(e) => db_down(&ctx, &user, e),
@@ -308,7 +338,9 @@ async fn create(ctx: web::Data<ModuleContext>, user: CurrentUser, form: web::For
 }
 
 fn see_other(to: &str) -> HttpResponse {
-    HttpResponse::SeeOther().insert_header(("Location", to)).finish()
+    HttpResponse::SeeOther()
+        .insert_header(("Location", to))
+        .finish()
 }
 
 fn db_down(ctx: &ModuleContext, user: &CurrentUser, e: sea_orm::DbErr) -> HttpResponse {
@@ -335,9 +367,13 @@ async fn show(
         return forbidden(&ctx, &user);
     }
     let flash = if flash.connected.is_some() {
-        Some(html! { p.flash.ok role="status" { "Connected: the Outlook token was validated and stored." } })
+        Some(
+            html! { p.flash.ok role="status" { "Connected: the Outlook token was validated and stored." } },
+        )
     } else if flash.disconnected.is_some() {
-        Some(html! { p.flash.ok role="status" { "Disconnected: the tokens of this server were forgotten." } })
+        Some(
+            html! { p.flash.ok role="status" { "Disconnected: the tokens of this server were forgotten." } },
+        )
     } else if flash.saved.is_some() {
         Some(html! { p.flash.ok role="status" { "Saved." } })
     } else {
@@ -360,11 +396,21 @@ async fn update(
     if !may_manage(&user, &server) {
         return forbidden(&ctx, &user);
     }
-    let kind = if server.kind == "shared" { ServerKind::Shared } else { ServerKind::Personal };
+    let kind = if server.kind == "shared" {
+        ServerKind::Shared
+    } else {
+        ServerKind::Personal
+    };
     match ServerInput::parse(&form, kind) {
         Err(errors) => {
             let body = server_page_body(&ctx, &user, &server, &form, &errors, None).await;
-            page_with(actix_web::http::StatusCode::UNPROCESSABLE_ENTITY, &ctx, &user, &server.name, body)
+            page_with(
+                actix_web::http::StatusCode::UNPROCESSABLE_ENTITY,
+                &ctx,
+                &user,
+                &server.name,
+                body,
+            )
         }
         Ok(input) => {
             let owner = server.owner_user_id;
@@ -376,7 +422,11 @@ async fn update(
     }
 }
 
-async fn delete(ctx: web::Data<ModuleContext>, user: CurrentUser, id: web::Path<i32>) -> HttpResponse {
+async fn delete(
+    ctx: web::Data<ModuleContext>,
+    user: CurrentUser,
+    id: web::Path<i32>,
+) -> HttpResponse {
     let Some(server) = load_server(&ctx, id.into_inner()).await else {
         return not_found(&ctx, &user);
     };
@@ -384,13 +434,24 @@ async fn delete(ctx: web::Data<ModuleContext>, user: CurrentUser, id: web::Path<
         return forbidden(&ctx, &user);
     }
     let _ = token::Entity::delete_by_id(server.id).exec(ctx.db()).await;
-    match mail_server::Entity::delete_by_id(server.id).exec(ctx.db()).await {
-        Ok(_) => see_other(if server.kind == "shared" { "/microsoft_outlook/servers" } else { "/microsoft_outlook/my-mailbox" }),
+    match mail_server::Entity::delete_by_id(server.id)
+        .exec(ctx.db())
+        .await
+    {
+        Ok(_) => see_other(if server.kind == "shared" {
+            "/microsoft_outlook/servers"
+        } else {
+            "/microsoft_outlook/my-mailbox"
+        }),
         Err(e) => db_down(&ctx, &user, e),
     }
 }
 
-async fn disconnect(ctx: web::Data<ModuleContext>, user: CurrentUser, id: web::Path<i32>) -> HttpResponse {
+async fn disconnect(
+    ctx: web::Data<ModuleContext>,
+    user: CurrentUser,
+    id: web::Path<i32>,
+) -> HttpResponse {
     let Some(server) = load_server(&ctx, id.into_inner()).await else {
         return not_found(&ctx, &user);
     };
@@ -399,7 +460,11 @@ async fn disconnect(ctx: web::Data<ModuleContext>, user: CurrentUser, id: web::P
     }
     match token::Entity::delete_by_id(server.id).exec(ctx.db()).await {
         Ok(_) => {
-            tracing::info!(server_id = server.id, user_id = user.id, "mail server disconnected");
+            tracing::info!(
+                server_id = server.id,
+                user_id = user.id,
+                "mail server disconnected"
+            );
             see_other(&format!("{}?disconnected=1", server_url(&server)))
         }
         Err(e) => db_down(&ctx, &user, e),
@@ -424,7 +489,11 @@ async fn my_mailbox(ctx: web::Data<ModuleContext>, user: CurrentUser) -> HttpRes
     }
 }
 
-async fn create_mine(ctx: web::Data<ModuleContext>, user: CurrentUser, form: web::Form<ServerForm>) -> HttpResponse {
+async fn create_mine(
+    ctx: web::Data<ModuleContext>,
+    user: CurrentUser,
+    form: web::Form<ServerForm>,
+) -> HttpResponse {
     if let Ok(Some(server)) = servers::personal_of(ctx.db(), user.id).await {
         return see_other(&server_url(&server));
     }
@@ -434,12 +503,20 @@ async fn create_mine(ctx: web::Data<ModuleContext>, user: CurrentUser, form: web
                 h1 { "My mailbox" }
                 section.card { (server_form(&user, "/microsoft_outlook/my-mailbox", &form, ServerKind::Personal, &errors)) }
             };
-            page_with(actix_web::http::StatusCode::UNPROCESSABLE_ENTITY, &ctx, &user, "My mailbox", body)
+            page_with(
+                actix_web::http::StatusCode::UNPROCESSABLE_ENTITY,
+                &ctx,
+                &user,
+                "My mailbox",
+                body,
+            )
         }
-        Ok(input) => match servers::save(ctx.db(), None, input, ServerKind::Personal, Some(user.id)).await {
-            Ok(server) => see_other(&format!("{}?saved=1", server_url(&server))),
-            Err(e) => db_down(&ctx, &user, e),
-        },
+        Ok(input) => {
+            match servers::save(ctx.db(), None, input, ServerKind::Personal, Some(user.id)).await {
+                Ok(server) => see_other(&format!("{}?saved=1", server_url(&server))),
+                Err(e) => db_down(&ctx, &user, e),
+            }
+        }
     }
 }
 

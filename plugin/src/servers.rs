@@ -3,7 +3,10 @@
 use chrono::Utc;
 use crm_sdk::{CurrentUser, FieldError};
 use lettre::Address;
-use sea_orm::{ActiveModelTrait, ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder, Set};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder,
+    Set,
+};
 use serde::Deserialize;
 
 use crate::entities::mail_server;
@@ -146,7 +149,10 @@ fn allow_entry(entry: &str) -> Option<String> {
     if let Some(domain) = entry.strip_prefix('@') {
         return (valid_host(domain) && domain.contains('.')).then_some(entry);
     }
-    entry.parse::<Address>().ok().map(|a| a.to_string().to_ascii_lowercase())
+    entry
+        .parse::<Address>()
+        .ok()
+        .map(|a| a.to_string().to_ascii_lowercase())
 }
 
 impl ServerInput {
@@ -159,12 +165,18 @@ impl ServerInput {
         }
         let smtp_host = form.smtp_host.trim().to_ascii_lowercase();
         if !valid_host(&smtp_host) {
-            errors.push(err("smtp_host", "SMTP host must be a host name such as smtp.office365.com."));
+            errors.push(err(
+                "smtp_host",
+                "SMTP host must be a host name such as smtp.office365.com.",
+            ));
         }
         let smtp_port = match form.smtp_port.trim().parse::<u16>() {
             Ok(p) if p > 0 => p,
             _ => {
-                errors.push(err("smtp_port", "Port must be a number from 1 to 65535 (587 for Office 365)."));
+                errors.push(err(
+                    "smtp_port",
+                    "Port must be a number from 1 to 65535 (587 for Office 365).",
+                ));
                 587
             }
         };
@@ -181,7 +193,9 @@ impl ServerInput {
         let pem = form.extra_ca_pem.trim();
         let extra_ca_pem = if pem.is_empty() {
             None
-        } else if pem.starts_with("-----BEGIN CERTIFICATE-----") && pem.ends_with("-----END CERTIFICATE-----") {
+        } else if pem.starts_with("-----BEGIN CERTIFICATE-----")
+            && pem.ends_with("-----END CERTIFICATE-----")
+        {
             Some(pem.to_string())
         } else {
             errors.push(err("extra_ca_pem", "The extra CA certificate must be PEM text, from -----BEGIN CERTIFICATE----- to -----END CERTIFICATE-----."));
@@ -204,11 +218,17 @@ impl ServerInput {
             "" | "delegated" => "delegated",
             "app_only" if kind == ServerKind::Shared => "app_only",
             "app_only" => {
-                errors.push(err("auth", "App-only sign-in is for shared servers configured by an operator."));
+                errors.push(err(
+                    "auth",
+                    "App-only sign-in is for shared servers configured by an operator.",
+                ));
                 "delegated"
             }
             _ => {
-                errors.push(err("auth", "Authentication must be Outlook OAuth (delegated) or app-only."));
+                errors.push(err(
+                    "auth",
+                    "Authentication must be Outlook OAuth (delegated) or app-only.",
+                ));
                 "delegated"
             }
         }
@@ -217,7 +237,10 @@ impl ServerInput {
             "" | "smtp" => "smtp",
             "graph" => "graph",
             _ => {
-                errors.push(err("transport", "Transport must be SMTP or Microsoft Graph."));
+                errors.push(err(
+                    "transport",
+                    "Transport must be SMTP or Microsoft Graph.",
+                ));
                 "smtp"
             }
         }
@@ -232,7 +255,12 @@ impl ServerInput {
         }
         .to_string();
         let mut from_allow_list = Vec::new();
-        for line in form.from_allow_list.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        for line in form
+            .from_allow_list
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+        {
             match allow_entry(line) {
                 Some(entry) => from_allow_list.push(entry),
                 None => errors.push(err(
@@ -271,7 +299,7 @@ pub async fn save(
     let now = Utc::now();
     let mailbox_changed = existing
         .as_ref()
-        .is_some_and(|m| !m.mailbox.eq_ignore_ascii_case(&input.mailbox.to_string()));
+        .is_some_and(|m| !m.mailbox.eq_ignore_ascii_case(input.mailbox.as_ref()));
     let mut model: mail_server::ActiveModel = match existing {
         Some(m) => m.into(),
         None => mail_server::ActiveModel {
@@ -297,7 +325,10 @@ pub async fn save(
     let saved: mail_server::Model = saved.try_into()?;
     if saved.is_default {
         mail_server::Entity::update_many()
-            .col_expr(mail_server::Column::IsDefault, sea_orm::sea_query::Expr::value(false))
+            .col_expr(
+                mail_server::Column::IsDefault,
+                sea_orm::sea_query::Expr::value(false),
+            )
             .filter(mail_server::Column::Id.ne(saved.id))
             .filter(mail_server::Column::Kind.eq("shared"))
             .exec(db)
@@ -305,7 +336,9 @@ pub async fn save(
     }
     if mailbox_changed {
         // Tokens belong to the old mailbox's sign-in.
-        crate::entities::token::Entity::delete_by_id(saved.id).exec(db).await?;
+        crate::entities::token::Entity::delete_by_id(saved.id)
+            .exec(db)
+            .await?;
     }
     Ok(saved)
 }
@@ -321,7 +354,10 @@ pub async fn shared(db: &DatabaseConnection) -> Result<Vec<mail_server::Model>, 
 }
 
 /// The personal mailbox of `user_id`, if any.
-pub async fn personal_of(db: &DatabaseConnection, user_id: i64) -> Result<Option<mail_server::Model>, DbErr> {
+pub async fn personal_of(
+    db: &DatabaseConnection,
+    user_id: i64,
+) -> Result<Option<mail_server::Model>, DbErr> {
     mail_server::Entity::find()
         .filter(mail_server::Column::Kind.eq("personal"))
         .filter(mail_server::Column::OwnerUserId.eq(user_id))

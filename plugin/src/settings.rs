@@ -33,7 +33,9 @@ pub enum NotConfigured {
     #[error("the Microsoft Outlook settings are incomplete: {} missing. An operator must fill them in under Settings › Microsoft Outlook.", .0.join(" and "))]
     Missing(Vec<&'static str>),
     /// Stored settings could not be read (e.g. the sealing key changed).
-    #[error("the Microsoft Outlook settings cannot be read ({0}). An operator must re-enter the client secret under Settings › Microsoft Outlook.")]
+    #[error(
+        "the Microsoft Outlook settings cannot be read ({0}). An operator must re-enter the client secret under Settings › Microsoft Outlook."
+    )]
     Unreadable(String),
 }
 
@@ -80,7 +82,10 @@ impl OutlookSettings {
 
     /// `{authority}/{tenant}/oauth2/v2.0/authorize`.
     pub fn authorize_url(&self) -> String {
-        format!("{}/{}/oauth2/v2.0/authorize", self.authority_url, self.tenant)
+        format!(
+            "{}/{}/oauth2/v2.0/authorize",
+            self.authority_url, self.tenant
+        )
     }
 
     /// `{authority}/{tenant}/oauth2/v2.0/token`.

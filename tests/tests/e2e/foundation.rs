@@ -10,7 +10,10 @@ const GUID: &str = "0f8fad5b-d9cb-469f-a165-70867728950e";
 async fn scalar_count(app: &crate::helpers::TestApp, sql: &str) -> i64 {
     let row = app
         .db
-        .query_one_raw(Statement::from_string(app.db.get_database_backend(), sql.to_string()))
+        .query_one_raw(Statement::from_string(
+            app.db.get_database_backend(),
+            sql.to_string(),
+        ))
         .await
         .expect("query")
         .expect("a row");
@@ -18,7 +21,11 @@ async fn scalar_count(app: &crate::helpers::TestApp, sql: &str) -> i64 {
 }
 
 async fn setting_rows(app: &crate::helpers::TestApp) -> i64 {
-    scalar_count(app, "SELECT COUNT(*) FROM crm_settings WHERE module = 'microsoft_outlook'").await
+    scalar_count(
+        app,
+        "SELECT COUNT(*) FROM crm_settings WHERE module = 'microsoft_outlook'",
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -27,12 +34,17 @@ async fn module_lifecycle_enable_disable_reenable_keeps_data() {
     let admin = app.signed_in(ADMIN).await;
 
     // Linked but not enabled: its routes do not exist, its jobs do not run.
-    assert_eq!(admin.get("/microsoft_outlook/servers").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        admin.get("/microsoft_outlook/servers").await.0,
+        StatusCode::NOT_FOUND
+    );
     let (_, modules, _) = admin.get("/modules").await;
     assert!(modules.contains("disabled"), "{modules}");
 
     // Enable: migrations applied, routes live, jobs running.
-    let (status, page, _) = admin.post_form("/modules/microsoft_outlook/enable", &[]).await;
+    let (status, page, _) = admin
+        .post_form("/modules/microsoft_outlook/enable", &[])
+        .await;
     assert_eq!(status, StatusCode::OK, "{page}");
     assert!(page.contains("enabled"));
     assert!(page.contains("Jobs: running"), "{page}");
@@ -40,7 +52,10 @@ async fn module_lifecycle_enable_disable_reenable_keeps_data() {
         scalar_count(&app, "SELECT COUNT(*) FROM microsoft_outlook_migrations").await,
         crm_sdk::Module::migration_names(&microsoft_outlook::OutlookModule::new()).len() as i64
     );
-    assert_eq!(admin.get("/microsoft_outlook/servers").await.0, StatusCode::OK);
+    assert_eq!(
+        admin.get("/microsoft_outlook/servers").await.0,
+        StatusCode::OK
+    );
 
     // Data the module owns.
     app.db
@@ -51,19 +66,33 @@ async fn module_lifecycle_enable_disable_reenable_keeps_data() {
         .expect("insert");
 
     // Disable: 404 and jobs stopped.
-    let (status, page, _) = admin.post_form("/modules/microsoft_outlook/disable", &[]).await;
+    let (status, page, _) = admin
+        .post_form("/modules/microsoft_outlook/disable", &[])
+        .await;
     assert_eq!(status, StatusCode::OK, "{page}");
     assert!(page.contains("Jobs: stopped"), "{page}");
-    assert_eq!(admin.get("/microsoft_outlook/servers").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        admin.get("/microsoft_outlook/servers").await.0,
+        StatusCode::NOT_FOUND
+    );
     let entry = app.app.registry.get("microsoft_outlook").expect("linked");
     assert!(entry.running_jobs().await.is_empty());
 
     // Enable again: idempotent migrations, data intact, routes back.
-    let (status, _, _) = admin.post_form("/modules/microsoft_outlook/enable", &[]).await;
+    let (status, _, _) = admin
+        .post_form("/modules/microsoft_outlook/enable", &[])
+        .await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(admin.get("/microsoft_outlook/servers").await.0, StatusCode::OK);
     assert_eq!(
-        scalar_count(&app, "SELECT COUNT(*) FROM microsoft_outlook_alerts WHERE key = 'lifecycle-probe'").await,
+        admin.get("/microsoft_outlook/servers").await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        scalar_count(
+            &app,
+            "SELECT COUNT(*) FROM microsoft_outlook_alerts WHERE key = 'lifecycle-probe'"
+        )
+        .await,
         1
     );
     assert!(!entry.running_jobs().await.is_empty());
@@ -72,7 +101,10 @@ async fn module_lifecycle_enable_disable_reenable_keeps_data() {
     app.stop().await;
     let again = spawn_on(app.test_db(), app.key.clone(), false).await;
     let admin = again.signed_in(ADMIN).await;
-    assert_eq!(admin.get("/microsoft_outlook/servers").await.0, StatusCode::OK);
+    assert_eq!(
+        admin.get("/microsoft_outlook/servers").await.0,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,13 +114,23 @@ async fn plain_users_get_403_on_settings_and_modules() {
     assert_eq!(alice.get("/settings").await.0, StatusCode::FORBIDDEN);
     assert_eq!(alice.get("/modules").await.0, StatusCode::FORBIDDEN);
     let (status, _, _) = alice
-        .post_form("/settings/microsoft_outlook", &[("client_id", GUID), ("client_secret", "x")])
+        .post_form(
+            "/settings/microsoft_outlook",
+            &[("client_id", GUID), ("client_secret", "x")],
+        )
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    let (status, _, _) = alice.post_form("/modules/microsoft_outlook/enable", &[]).await;
+    let (status, _, _) = alice
+        .post_form("/modules/microsoft_outlook/enable", &[])
+        .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert_eq!(setting_rows(&app).await, 0);
-    assert!(app.app.registry.get("microsoft_outlook").is_some_and(|e| !e.is_enabled()));
+    assert!(
+        app.app
+            .registry
+            .get("microsoft_outlook")
+            .is_some_and(|e| !e.is_enabled())
+    );
 
     // Nobody signed in: sent to the sign-in page.
     let anonymous = app.browser();
@@ -119,7 +161,10 @@ async fn client_secret_is_sealed_write_only_and_never_logged() {
     assert!(page.contains("Settings saved"));
     assert!(page.contains("stored"));
     assert!(!page.contains(&secret));
-    assert!(page.contains("https://crm.contoso.example/microsoft_outlook/confirm"), "redirect URI shown");
+    assert!(
+        page.contains("https://crm.contoso.example/microsoft_outlook/confirm"),
+        "redirect URI shown"
+    );
 
     let (_, again, _) = admin.get("/settings").await;
     assert!(!again.contains(&secret));
@@ -140,19 +185,50 @@ async fn client_secret_is_sealed_write_only_and_never_logged() {
     assert!(row.try_get_by_index::<bool>(1).expect("sealed"));
 
     // The host's store unseals it for the module.
-    let values = app.app.registry.get("microsoft_outlook").expect("linked").ctx.settings().load("microsoft_outlook").await.expect("load");
-    assert_eq!(secrecy::ExposeSecret::expose_secret(values.secret("client_secret").expect("secret")), secret);
+    let values = app
+        .app
+        .registry
+        .get("microsoft_outlook")
+        .expect("linked")
+        .ctx
+        .settings()
+        .load("microsoft_outlook")
+        .await
+        .expect("load");
+    assert_eq!(
+        secrecy::ExposeSecret::expose_secret(values.secret("client_secret").expect("secret")),
+        secret
+    );
 
     // Saving again with the field empty keeps the stored secret.
     let (status, _, _) = admin
-        .post_form("/settings/microsoft_outlook", &[("client_id", GUID), ("client_secret", ""), ("tenant", "common")])
+        .post_form(
+            "/settings/microsoft_outlook",
+            &[
+                ("client_id", GUID),
+                ("client_secret", ""),
+                ("tenant", "common"),
+            ],
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
-    let values = crm_host::settings::DbSettingsStore::new(app.db.clone(), Sealer::new(&app.key)).load("microsoft_outlook").await.expect("load");
-    assert_eq!(secrecy::ExposeSecret::expose_secret(values.secret("client_secret").expect("kept")), secret);
+    let values = crm_host::settings::DbSettingsStore::new(app.db.clone(), Sealer::new(&app.key))
+        .load("microsoft_outlook")
+        .await
+        .expect("load");
+    assert_eq!(
+        secrecy::ExposeSecret::expose_secret(values.secret("client_secret").expect("kept")),
+        secret
+    );
 
-    assert!(!captured_logs().contains(&secret), "the client secret reached a log line");
-    assert!(captured_logs().contains("settings saved"), "logs were captured");
+    assert!(
+        !captured_logs().contains(&secret),
+        "the client secret reached a log line"
+    );
+    assert!(
+        captured_logs().contains("settings saved"),
+        "logs were captured"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,11 +236,17 @@ async fn a_wrong_key_cannot_unseal_and_says_so() {
     let app = spawn_app().await;
     let admin = app.signed_in(ADMIN).await;
     let (status, _, _) = admin
-        .post_form("/settings/microsoft_outlook", &[("client_id", GUID), ("client_secret", "s3cret-value")])
+        .post_form(
+            "/settings/microsoft_outlook",
+            &[("client_id", GUID), ("client_secret", "s3cret-value")],
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
 
-    let wrong = crm_host::settings::DbSettingsStore::new(app.db.clone(), Sealer::new(&SealingKey::generate()));
+    let wrong = crm_host::settings::DbSettingsStore::new(
+        app.db.clone(),
+        Sealer::new(&SealingKey::generate()),
+    );
     match wrong.load("microsoft_outlook").await {
         Err(SettingsError::Unseal { field, .. }) => assert_eq!(field, "client_secret"),
         other => panic!("expected an unseal error, got {other:?}"),
@@ -186,22 +268,49 @@ async fn invalid_settings_are_refused_and_nothing_is_saved() {
     let cases: [(&str, &str, &str); 5] = [
         ("client_id", "not-a-guid", "must be a GUID"),
         ("tenant", "contoso tenant!", "must be common, organizations"),
-        ("authority_url", "ftp://login.example", "must be an http(s) URL"),
-        ("authority_url", "http://login.microsoftonline.com", "must use https"),
-        ("refresh_schedule", "every night", "is not a cron expression"),
+        (
+            "authority_url",
+            "ftp://login.example",
+            "must be an http(s) URL",
+        ),
+        (
+            "authority_url",
+            "http://login.microsoftonline.com",
+            "must use https",
+        ),
+        (
+            "refresh_schedule",
+            "every night",
+            "is not a cron expression",
+        ),
     ];
     for (field, value, message) in cases {
-        let mut fields = vec![("client_id", GUID), ("client_secret", "s3cret"), ("tenant", "common")];
+        let mut fields = vec![
+            ("client_id", GUID),
+            ("client_secret", "s3cret"),
+            ("tenant", "common"),
+        ];
         fields.retain(|(k, _)| *k != field);
         fields.push((field, value));
-        let (status, page, _) = admin.post_form("/settings/microsoft_outlook", &fields).await;
+        let (status, page, _) = admin
+            .post_form("/settings/microsoft_outlook", &fields)
+            .await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{field}={value}");
         assert!(page.contains("Nothing was saved"), "{page}");
-        assert!(page.contains(message), "{field}={value}: expected {message:?}");
-        assert_eq!(setting_rows(&app).await, 0, "{field}={value} saved something");
+        assert!(
+            page.contains(message),
+            "{field}={value}: expected {message:?}"
+        );
+        assert_eq!(
+            setting_rows(&app).await,
+            0,
+            "{field}={value} saved something"
+        );
     }
     // A missing required secret.
-    let (status, page, _) = admin.post_form("/settings/microsoft_outlook", &[("client_id", GUID)]).await;
+    let (status, page, _) = admin
+        .post_form("/settings/microsoft_outlook", &[("client_id", GUID)])
+        .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(page.contains("Client secret is required"), "{page}");
     assert_eq!(setting_rows(&app).await, 0);
@@ -217,21 +326,46 @@ async fn forms_without_a_valid_csrf_token_are_refused() {
     assert!(page.contains("CSRF"));
     let mut forged = fields.to_vec();
     forged.push(("csrf_token", "forged-token"));
-    assert_eq!(admin.post_raw("/settings/microsoft_outlook", &forged).await.0, StatusCode::FORBIDDEN);
-    assert_eq!(admin.post_raw("/modules/microsoft_outlook/enable", &[]).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(
+        admin
+            .post_raw("/settings/microsoft_outlook", &forged)
+            .await
+            .0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        admin
+            .post_raw("/modules/microsoft_outlook/enable", &[])
+            .await
+            .0,
+        StatusCode::FORBIDDEN
+    );
     assert_eq!(setting_rows(&app).await, 0);
-    assert!(app.app.registry.get("microsoft_outlook").is_some_and(|e| !e.is_enabled()));
+    assert!(
+        app.app
+            .registry
+            .get("microsoft_outlook")
+            .is_some_and(|e| !e.is_enabled())
+    );
 
     // Another session's token does not work either.
     let other = app.signed_in(ADMIN).await;
     let other_token = other.csrf().await;
     let mut stolen = fields.to_vec();
     stolen.push(("csrf_token", &other_token));
-    assert_eq!(admin.post_raw("/settings/microsoft_outlook", &stolen).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(
+        admin
+            .post_raw("/settings/microsoft_outlook", &stolen)
+            .await
+            .0,
+        StatusCode::FORBIDDEN
+    );
 
     // The sign-in form is protected too.
     let fresh = app.browser();
-    let (status, _, _) = fresh.post_raw("/login", &[("email", ADMIN.0), ("password", ADMIN.1)]).await;
+    let (status, _, _) = fresh
+        .post_raw("/login", &[("email", ADMIN.0), ("password", ADMIN.1)])
+        .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 }
 
@@ -240,15 +374,48 @@ fn a_bad_manifest_fails_with_the_field_and_the_problem() {
     let good = microsoft_outlook::MANIFEST_TOML;
     assert!(microsoft_outlook::OutlookModule::from_manifest(good).is_ok());
     let cases = [
-        (good.replace("host_api = 1", "host_api = 7"), "host_api", "host API 7"),
-        (good.replace("route_prefix = \"/microsoft_outlook\"", "route_prefix = \"/outlook\""), "route_prefix", "slash + id"),
-        (good.replacen("kind = \"guid\"", "kind = \"colour\"", 1), "colour", "unknown variant"),
-        (good.replacen("id = \"microsoft_outlook\"", "id = \"microsoft_outlook\"\ncolour = \"blue\"", 1), "colour", "unknown field"),
-        (good.replace("schedule = \"0 0 3 * * *\"", "schedule = \"nightly\""), "job[0].schedule", "cron"),
-        (good.replacen("id = \"tenant\"", "id = \"client_id\"", 1), "setting[3].id", "declared twice"),
+        (
+            good.replace("host_api = 1", "host_api = 7"),
+            "host_api",
+            "host API 7",
+        ),
+        (
+            good.replace(
+                "route_prefix = \"/microsoft_outlook\"",
+                "route_prefix = \"/outlook\"",
+            ),
+            "route_prefix",
+            "slash + id",
+        ),
+        (
+            good.replacen("kind = \"guid\"", "kind = \"colour\"", 1),
+            "colour",
+            "unknown variant",
+        ),
+        (
+            good.replacen(
+                "id = \"microsoft_outlook\"",
+                "id = \"microsoft_outlook\"\ncolour = \"blue\"",
+                1,
+            ),
+            "colour",
+            "unknown field",
+        ),
+        (
+            good.replace("schedule = \"0 0 3 * * *\"", "schedule = \"nightly\""),
+            "job[0].schedule",
+            "cron",
+        ),
+        (
+            good.replacen("id = \"tenant\"", "id = \"client_id\"", 1),
+            "setting[3].id",
+            "declared twice",
+        ),
     ];
     for (text, field, problem) in cases {
-        let err = microsoft_outlook::OutlookModule::from_manifest(&text).err().expect("refused");
+        let err = microsoft_outlook::OutlookModule::from_manifest(&text)
+            .err()
+            .expect("refused");
         let message = err.to_string();
         assert!(message.contains(field), "{message} should name {field}");
         assert!(message.contains(problem), "{message} should say {problem}");

@@ -19,7 +19,10 @@ impl Write for Capture {
         if std::env::var_os("TEST_LOG").is_some() {
             let _ = std::io::stderr().write_all(buf);
         }
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -29,7 +32,9 @@ impl Write for Capture {
 
 /// Everything logged so far by every test in this binary (debug level for our crates).
 pub fn captured_logs() -> String {
-    let logs = LOGS.get().map(|l| l.lock().unwrap_or_else(|e| e.into_inner()).clone());
+    let logs = LOGS
+        .get()
+        .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()).clone());
     String::from_utf8_lossy(&logs.unwrap_or_default()).into_owned()
 }
 
@@ -38,7 +43,9 @@ fn init_logs() {
         let buffer = Arc::new(Mutex::new(Vec::new()));
         let writer = Capture(buffer.clone());
         let _ = tracing_subscriber::fmt()
-            .with_env_filter("debug,sqlx=warn,hyper=info,reqwest=info,h2=info,rustls=info,actix_server=info")
+            .with_env_filter(
+                "debug,sqlx=warn,hyper=info,reqwest=info,h2=info,rustls=info,actix_server=info",
+            )
             .with_ansi(false)
             .with_writer(move || writer.clone())
             .try_init();
@@ -102,9 +109,15 @@ pub async fn spawn_on(test_db: Arc<TestDb>, key: SealingKey, seed: bool) -> Test
     tokio::spawn(app.run_until_stopped());
     let (mut admin_id, mut alice_id, mut bob_id) = (0, 0, 0);
     if seed {
-        admin_id = crm_host::seed::create_user(&db, ADMIN.0, "Olivia Operator", ADMIN.1, true).await.expect("admin");
-        alice_id = crm_host::seed::create_user(&db, ALICE.0, "Alice Adams", ALICE.1, false).await.expect("alice");
-        bob_id = crm_host::seed::create_user(&db, BOB.0, "Bob Brown", BOB.1, false).await.expect("bob");
+        admin_id = crm_host::seed::create_user(&db, ADMIN.0, "Olivia Operator", ADMIN.1, true)
+            .await
+            .expect("admin");
+        alice_id = crm_host::seed::create_user(&db, ALICE.0, "Alice Adams", ALICE.1, false)
+            .await
+            .expect("alice");
+        bob_id = crm_host::seed::create_user(&db, BOB.0, "Bob Brown", BOB.1, false)
+            .await
+            .expect("bob");
     }
     TestApp {
         base,
@@ -149,7 +162,9 @@ impl TestApp {
     /// Enables the module as an operator would.
     pub async fn enable_module(&self) {
         let admin = self.signed_in(ADMIN).await;
-        let page = admin.post_form("/modules/microsoft_outlook/enable", &[]).await;
+        let page = admin
+            .post_form("/modules/microsoft_outlook/enable", &[])
+            .await;
         assert_eq!(page.0, StatusCode::OK, "{}", page.1);
     }
 
@@ -178,14 +193,22 @@ pub fn csrf_in(page: &str) -> Option<String> {
 
 impl Browser {
     pub fn url(&self, path: &str) -> String {
-        if path.starts_with("http") { path.to_string() } else { format!("{}{}", self.base, path) }
+        if path.starts_with("http") {
+            path.to_string()
+        } else {
+            format!("{}{}", self.base, path)
+        }
     }
 
     /// GET, returning status, body and Location.
     pub async fn get(&self, path: &str) -> (StatusCode, String, Option<String>) {
         let response = self.client.get(self.url(path)).send().await.expect("GET");
         let status = response.status();
-        let location = response.headers().get("location").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let location = response
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         (status, response.text().await.unwrap_or_default(), location)
     }
 
@@ -196,7 +219,11 @@ impl Browser {
     }
 
     /// POSTs a form with the session's CSRF token added.
-    pub async fn post_form(&self, path: &str, fields: &[(&str, &str)]) -> (StatusCode, String, Option<String>) {
+    pub async fn post_form(
+        &self,
+        path: &str,
+        fields: &[(&str, &str)],
+    ) -> (StatusCode, String, Option<String>) {
         let token = self.csrf().await;
         let mut all: Vec<(&str, &str)> = fields.to_vec();
         all.push(("csrf_token", &token));
@@ -204,8 +231,14 @@ impl Browser {
     }
 
     /// POSTs a form exactly as given (no CSRF token added).
-    pub async fn post_raw(&self, path: &str, fields: &[(&str, &str)]) -> (StatusCode, String, Option<String>) {
-        let body: String = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(fields).finish();
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        fields: &[(&str, &str)],
+    ) -> (StatusCode, String, Option<String>) {
+        let body: String = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(fields)
+            .finish();
         let response = self
             .client
             .post(self.url(path))
@@ -215,7 +248,11 @@ impl Browser {
             .await
             .expect("POST");
         let status = response.status();
-        let location = response.headers().get("location").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let location = response
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         (status, response.text().await.unwrap_or_default(), location)
     }
 
@@ -224,9 +261,21 @@ impl Browser {
         let (_, page, _) = self.get("/login").await;
         let token = csrf_in(&page).expect("login form has a CSRF token");
         let (status, _, location) = self
-            .post_raw("/login", &[("email", email), ("password", password), ("csrf_token", &token), ("next", "/contacts")])
+            .post_raw(
+                "/login",
+                &[
+                    ("email", email),
+                    ("password", password),
+                    ("csrf_token", &token),
+                    ("next", "/contacts"),
+                ],
+            )
             .await;
         assert_eq!(status, StatusCode::SEE_OTHER);
-        assert_eq!(location.as_deref(), Some("/contacts"), "sign-in as {email} failed");
+        assert_eq!(
+            location.as_deref(),
+            Some("/contacts"),
+            "sign-in as {email} failed"
+        );
     }
 }

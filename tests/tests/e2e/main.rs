@@ -2,4 +2,5 @@
 //! PostgreSQL when TEST_DATABASE_URL names a server).
 
 mod foundation;
+#[allow(dead_code)] // shared by every suite; not each suite uses each helper
 mod helpers;
