@@ -1,8 +1,11 @@
-//! The module's apalis jobs: the nightly token refresh, the client-secret expiry check, and
-//! the outbound mail workers. Generic over [`OutlookJobs`], which the plugin implements.
+//! The module's apalis jobs: the nightly token refresh, the client-secret expiry check, the
+//! outbox sweep and the outbound mail workers. Generic over [`OutlookJobs`], which the plugin
+//! implements; the jobs only schedule, queue and retry.
 
 use apalis::prelude::*;
 use apalis_cron::{CronScheduler, Tick};
+use apalis_postgres::PostgresStorage;
+use apalis_sqlite::SqliteStorage;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use std::str::FromStr;
@@ -11,21 +14,125 @@ use tokio::sync::oneshot;
 
 pub use apalis::prelude::BoxDynError;
 
-/// The work the jobs do, implemented by the plugin (jobs only schedule and retry).
+/// The apalis queue that carries mails to deliver.
+pub const DELIVER_QUEUE: &str = "microsoft_outlook.deliver_mail";
+
+/// The work the jobs do, implemented by the plugin.
 pub trait OutlookJobs: Clone + Send + Sync + 'static {
     /// Refreshes every connected token; returns the summary line.
     fn refresh_tokens(&self) -> impl Future<Output = Result<String, BoxDynError>> + Send;
     /// Warns operators before the client secret expires.
     fn check_client_secret(&self) -> impl Future<Output = Result<(), BoxDynError>> + Send;
+    /// Delivers one outbox row (claims it first; a row already handled is skipped).
+    fn deliver(&self, outbox_id: i64) -> impl Future<Output = Result<(), BoxDynError>> + Send;
+    /// Re-queues due retries and rows whose lease expired.
+    fn sweep_outbox(&self) -> impl Future<Output = Result<(), BoxDynError>> + Send;
 }
 
-/// When the scheduled jobs run (cron expressions with a seconds field).
+/// An apalis job: deliver this outbox row.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeliverMail {
+    /// The outbox row.
+    pub outbox_id: i64,
+}
+
+/// The database pool the queue lives in (the same one sea-orm uses).
+#[derive(Debug, Clone)]
+pub enum QueuePool {
+    /// SQLite (embedded default).
+    Sqlite(sqlx::SqlitePool),
+    /// PostgreSQL (several processes).
+    Postgres(sqlx::PgPool),
+}
+
+/// Why the queue failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// Creating the queue's tables failed.
+    #[error("setting up the job queue failed: {0}")]
+    Setup(String),
+    /// Pushing a job failed.
+    #[error("queuing a delivery job failed: {0}")]
+    Push(String),
+}
+
+/// Where delivery jobs are pushed.
+#[derive(Clone)]
+pub enum MailQueue {
+    /// apalis-sqlite.
+    Sqlite(SqliteStorage<DeliverMail>),
+    /// apalis-postgres.
+    Postgres(PostgresStorage<DeliverMail>),
+}
+
+fn sqlite_storage(pool: &sqlx::SqlitePool) -> SqliteStorage<DeliverMail> {
+    SqliteStorage::<DeliverMail>::new(pool)
+        .with_config(apalis_sqlite::Config::default().queue(DELIVER_QUEUE))
+}
+
+fn postgres_storage(pool: &sqlx::PgPool) -> PostgresStorage<DeliverMail> {
+    PostgresStorage::<DeliverMail>::new(pool)
+        .with_config(apalis_postgres::Config::default().queue(DELIVER_QUEUE))
+}
+
+impl MailQueue {
+    /// Creates apalis' tables if needed (idempotent) and returns a pusher.
+    pub async fn setup(pool: &QueuePool) -> Result<Self, QueueError> {
+        match pool {
+            QueuePool::Sqlite(p) => {
+                SqliteStorage::<()>::setup(p)
+                    .await
+                    .map_err(|e| QueueError::Setup(e.to_string()))?;
+                Ok(MailQueue::Sqlite(sqlite_storage(p)))
+            }
+            QueuePool::Postgres(p) => {
+                PostgresStorage::<()>::setup(p)
+                    .await
+                    .map_err(|e| QueueError::Setup(e.to_string()))?;
+                Ok(MailQueue::Postgres(postgres_storage(p)))
+            }
+        }
+    }
+
+    /// Pushes one delivery job per outbox row.
+    pub async fn push(&self, outbox_ids: &[i64]) -> Result<(), QueueError> {
+        let tasks: Vec<_> = outbox_ids
+            .iter()
+            .map(|id| {
+                TaskBuilder::new(DeliverMail { outbox_id: *id })
+                    .max_attempts(3)
+                    .build()
+            })
+            .collect();
+        let mut stream = futures::stream::iter(tasks);
+        match self {
+            MailQueue::Sqlite(s) => s
+                .clone()
+                .push_all(&mut stream)
+                .await
+                .map_err(|e| QueueError::Push(e.to_string())),
+            MailQueue::Postgres(s) => s
+                .clone()
+                .push_all(&mut stream)
+                .await
+                .map_err(|e| QueueError::Push(e.to_string())),
+        }
+    }
+}
+
+/// When the scheduled jobs run (cron expressions with a seconds field), and how many mails at once.
 #[derive(Debug, Clone)]
 pub struct Schedules {
     /// The token refresh (default nightly 03:00).
     pub refresh_tokens: String,
     /// The client-secret expiry check (default daily 08:00).
     pub check_client_secret: String,
+    /// The outbox sweep (default every 10 seconds).
+    pub sweep_outbox: String,
+    /// Mails delivered concurrently by this process.
+    pub delivery_concurrency: usize,
+    /// A unique suffix for this process's worker names.
+    pub instance: String,
 }
 
 /// Why the jobs could not start.
@@ -41,10 +148,6 @@ pub enum StartError {
     },
 }
 
-/// A tick of a cron job, as carried through a persistent queue.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ScheduledRun;
-
 async fn refresh_tick<S: OutlookJobs>(_tick: Tick, svc: Data<S>) -> Result<(), BoxDynError> {
     let summary = svc.refresh_tokens().await?;
     tracing::info!(target: "microsoft_outlook::jobs", "{summary}");
@@ -53,6 +156,14 @@ async fn refresh_tick<S: OutlookJobs>(_tick: Tick, svc: Data<S>) -> Result<(), B
 
 async fn secret_tick<S: OutlookJobs>(_tick: Tick, svc: Data<S>) -> Result<(), BoxDynError> {
     svc.check_client_secret().await
+}
+
+async fn sweep_tick<S: OutlookJobs>(_tick: Tick, svc: Data<S>) -> Result<(), BoxDynError> {
+    svc.sweep_outbox().await
+}
+
+async fn deliver_job<S: OutlookJobs>(job: DeliverMail, svc: Data<S>) -> Result<(), BoxDynError> {
+    svc.deliver(job.outbox_id).await
 }
 
 fn schedule(job: &'static str, text: &str) -> Result<cron::Schedule, StartError> {
@@ -84,30 +195,78 @@ impl RunningJobs {
     }
 }
 
-/// Starts the cron workers on an apalis monitor.
-pub fn start<S: OutlookJobs>(svc: S, schedules: &Schedules) -> Result<RunningJobs, StartError> {
+/// Starts the cron workers and the delivery workers on an apalis monitor.
+pub fn start<S: OutlookJobs>(
+    svc: S,
+    schedules: &Schedules,
+    pool: &QueuePool,
+) -> Result<RunningJobs, StartError> {
     let refresh = schedule("refresh_tokens", &schedules.refresh_tokens)?;
     let secret = schedule("check_client_secret", &schedules.check_client_secret)?;
+    let sweep = schedule("sweep_outbox", &schedules.sweep_outbox)?;
+    let name = |job: &str| format!("microsoft_outlook.{job}.{}", schedules.instance);
     let names = vec![
-        "microsoft_outlook.refresh_tokens".to_string(),
-        "microsoft_outlook.check_client_secret".to_string(),
+        name("refresh_tokens"),
+        name("check_client_secret"),
+        name("sweep_outbox"),
+        name("deliver_mail"),
     ];
+    let concurrency = schedules.delivery_concurrency.max(1);
     let (stop, stopped) = oneshot::channel::<()>();
-    let refresh_svc = svc.clone();
+    let (n0, n1, n2, n3) = (
+        names[0].clone(),
+        names[1].clone(),
+        names[2].clone(),
+        names[3].clone(),
+    );
+    let (s0, s1, s2, s3) = (svc.clone(), svc.clone(), svc.clone(), svc);
     let monitor = Monitor::new()
         .register(move |_| {
-            WorkerBuilder::new("microsoft_outlook.refresh_tokens")
+            WorkerBuilder::new(n0.clone())
                 .backend(CronScheduler::new(refresh.clone()))
-                .data(refresh_svc.clone())
+                .data(s0.clone())
+                .concurrency(1)
                 .build(refresh_tick::<S>)
         })
         .register(move |_| {
-            WorkerBuilder::new("microsoft_outlook.check_client_secret")
+            WorkerBuilder::new(n1.clone())
                 .backend(CronScheduler::new(secret.clone()))
-                .data(svc.clone())
+                .data(s1.clone())
+                .concurrency(1)
                 .build(secret_tick::<S>)
         })
-        .shutdown_timeout(Duration::from_secs(30));
+        .register(move |_| {
+            WorkerBuilder::new(n2.clone())
+                .backend(CronScheduler::new(sweep.clone()))
+                .data(s2.clone())
+                .concurrency(1)
+                .build(sweep_tick::<S>)
+        });
+    let monitor = match pool {
+        QueuePool::Sqlite(p) => {
+            let p = p.clone();
+            monitor.register(move |_| {
+                WorkerBuilder::new(n3.clone())
+                    .backend(sqlite_storage(&p).poll_with_interval(Duration::from_millis(200)))
+                    .data(s3.clone())
+                    .concurrency(concurrency)
+                    .parallelize(tokio::spawn)
+                    .build(deliver_job::<S>)
+            })
+        }
+        QueuePool::Postgres(p) => {
+            let p = p.clone();
+            monitor.register(move |_| {
+                WorkerBuilder::new(n3.clone())
+                    .backend(postgres_storage(&p).with_pubsub())
+                    .data(s3.clone())
+                    .concurrency(concurrency)
+                    .parallelize(tokio::spawn)
+                    .build(deliver_job::<S>)
+            })
+        }
+    }
+    .shutdown_timeout(Duration::from_secs(30));
     let done = tokio::spawn(async move {
         let signal = async move {
             let _ = stopped.await;

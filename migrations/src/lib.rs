@@ -3,6 +3,7 @@
 use sea_orm_migration::prelude::*;
 
 mod m0001_mail_servers_and_tokens;
+mod m0002_outbox;
 
 /// The module's migrator; it keeps its own history table beside the host's.
 pub struct Migrator;
@@ -10,7 +11,10 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m0001_mail_servers_and_tokens::Migration)]
+        vec![
+            Box::new(m0001_mail_servers_and_tokens::Migration),
+            Box::new(m0002_outbox::Migration),
+        ]
     }
 
     fn migration_table_name() -> DynIden {

@@ -17,6 +17,8 @@ pub const SECRET_WARNING_DAYS: [i64; 3] = [30, 7, 1];
 pub struct JobServices {
     /// The module's context.
     pub ctx: ModuleContext,
+    /// Routes' and jobs' shared state.
+    pub shared: std::sync::Arc<crate::runtime::Shared>,
 }
 
 /// Days from `today` until `expires_on` (negative once past).
@@ -97,5 +99,19 @@ impl OutlookJobs for JobServices {
 
     async fn check_client_secret(&self) -> Result<(), BoxDynError> {
         check_client_secret(&self.ctx).await.map(|_| ())
+    }
+
+    async fn deliver(&self, outbox_id: i64) -> Result<(), BoxDynError> {
+        crate::deliver::deliver(&self.ctx, &self.shared, outbox_id).await?;
+        Ok(())
+    }
+
+    async fn sweep_outbox(&self) -> Result<(), BoxDynError> {
+        let due = crate::deliver::due_ids(&self.ctx, 5000).await?;
+        if !due.is_empty() {
+            tracing::debug!(count = due.len(), "outbox sweep re-queues due mails");
+            self.shared.push(&due).await;
+        }
+        Ok(())
     }
 }

@@ -1,11 +1,22 @@
 //! The `microsoft_outlook` CRM module: connect Microsoft 365 / Exchange Online mailboxes with
 //! OAuth2 and send CRM mail through them.
 
+pub mod aad;
+pub mod compose;
+pub mod deliver;
 pub mod entities;
 pub mod jobs;
+pub mod mail_routes;
 mod module;
+pub mod oauth;
 pub mod pages;
+pub mod queue;
+pub mod runtime;
 pub mod servers;
 pub mod settings;
+pub mod smtp;
+pub mod token_client;
+pub mod token_service;
+pub mod token_store;
 
 pub use module::{CONFIRM_PATH, MANIFEST_TOML, OutlookModule};

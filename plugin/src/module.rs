@@ -16,6 +16,7 @@ pub const CONFIRM_PATH: &str = "/microsoft_outlook/confirm";
 /// The module.
 pub struct OutlookModule {
     manifest: Manifest,
+    shared: std::sync::Arc<crate::runtime::Shared>,
 }
 
 impl OutlookModule {
@@ -31,7 +32,20 @@ impl OutlookModule {
     pub fn from_manifest(text: &str) -> Result<Self, crm_sdk::ManifestError> {
         Ok(Self {
             manifest: Manifest::parse(text)?,
+            shared: crate::runtime::Shared::new(crate::runtime::ModuleOptions::default()),
         })
+    }
+
+    /// The module with other tunables (tests, benchmarks).
+    pub fn with_options(options: crate::runtime::ModuleOptions) -> Self {
+        let mut module = Self::new();
+        module.shared = crate::runtime::Shared::new(options);
+        module
+    }
+
+    /// The state shared by the module's routes and jobs.
+    pub fn shared(&self) -> std::sync::Arc<crate::runtime::Shared> {
+        self.shared.clone()
     }
 }
 
@@ -76,7 +90,10 @@ impl Module for OutlookModule {
 
     fn configure(&self, cfg: &mut actix_web::web::ServiceConfig, ctx: &ModuleContext) {
         cfg.app_data(actix_web::web::Data::new(ctx.clone()))
-            .configure(crate::pages::routes);
+            .app_data(actix_web::web::Data::from(self.shared.clone()))
+            .configure(crate::pages::routes)
+            .configure(crate::oauth::routes)
+            .configure(crate::mail_routes::routes);
     }
 
     async fn start(&self, ctx: &ModuleContext) -> Result<JobsHandle, BoxError> {
@@ -92,12 +109,42 @@ impl Module for OutlookModule {
         let schedules = microsoft_outlook_jobs::Schedules {
             refresh_tokens: schedule_of("refresh_tokens"),
             check_client_secret: schedule_of("check_client_secret"),
+            sweep_outbox: self.shared.options.sweep_schedule.clone(),
+            delivery_concurrency: self.shared.options.delivery_concurrency,
+            instance: self.shared.instance.clone(),
         };
+        let pool = match ctx.db().get_database_backend() {
+            sea_orm::DbBackend::Postgres => microsoft_outlook_jobs::QueuePool::Postgres(
+                ctx.db().get_postgres_connection_pool().clone(),
+            ),
+            _ => microsoft_outlook_jobs::QueuePool::Sqlite(
+                ctx.db().get_sqlite_connection_pool().clone(),
+            ),
+        };
+        let queue = microsoft_outlook_jobs::MailQueue::setup(&pool).await?;
+        *self.shared.queue.write().unwrap_or_else(|e| e.into_inner()) = Some(queue);
         let running = microsoft_outlook_jobs::start(
-            crate::jobs::JobServices { ctx: ctx.clone() },
+            crate::jobs::JobServices {
+                ctx: ctx.clone(),
+                shared: self.shared.clone(),
+            },
             &schedules,
+            &pool,
         )?;
-        Ok(JobsHandle::new(running.names(), move || running.stop()))
+        let shared = self.shared.clone();
+        Ok(JobsHandle::new(running.names(), move || {
+            *shared.queue.write().unwrap_or_else(|e| e.into_inner()) = None;
+            running.stop()
+        }))
+    }
+
+    async fn record_panel(
+        &self,
+        ctx: &ModuleContext,
+        record: &crm_sdk::RecordRef,
+        user: &crm_sdk::CurrentUser,
+    ) -> Option<String> {
+        crate::mail_routes::record_panel(ctx, record, user).await
     }
 
     async fn settings_hints(&self, ctx: &ModuleContext) -> Vec<SettingsHint> {

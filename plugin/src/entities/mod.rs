@@ -3,4 +3,5 @@
 pub mod alert;
 pub mod mail_server;
 pub mod oauth_state;
+pub mod outbox;
 pub mod token;

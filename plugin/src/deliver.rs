@@ -1,0 +1,423 @@
+//! Delivering one outbox row: claim it under a lease, get a fresh token, send, record the outcome.
+
+use chrono::{DateTime, Duration, Utc};
+use crm_sdk::ModuleContext;
+use lettre::Address;
+use lettre::address::Envelope;
+use rand::Rng;
+use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QuerySelect};
+
+use crate::entities::{mail_server, outbox};
+use crate::runtime::Shared;
+use crate::smtp::SendOutcome;
+use crate::token_service::{TokenProblem, fresh_access_token, mark_needs_reconnect};
+
+/// The default number of attempts before a mail is failed.
+pub const DEFAULT_MAX_ATTEMPTS: i32 = 8;
+/// How long a mail waits when the module's configuration is broken before it is tried again.
+const CONFIG_WAIT_MINUTES: i64 = 15;
+
+/// What happened to a mail in this attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivered {
+    /// Someone else has it, or it is not due.
+    Skipped,
+    /// Sent.
+    Sent,
+    /// Will be tried again.
+    Retry,
+    /// Failed for good.
+    Failed,
+    /// Waits for the mailbox to be reconnected.
+    NeedsReconnect,
+}
+
+/// The retry delay after `attempts` failed attempts: exponential from `base`, at most an hour,
+/// with ±20 % jitter so that retries of many mails spread out.
+pub fn backoff(base_secs: i64, attempts: i32) -> Duration {
+    let exp = Ord::min(
+        base_secs.saturating_mul(1_i64 << attempts.clamp(1, 16).saturating_sub(1)),
+        3600,
+    );
+    let jitter = rand::rng().random_range(0.8..1.2);
+    Duration::milliseconds((exp as f64 * 1000.0 * jitter) as i64)
+}
+
+async fn max_attempts(ctx: &ModuleContext) -> i32 {
+    ctx.settings()
+        .load(ctx.module_id())
+        .await
+        .ok()
+        .and_then(|s| s.get("max_attempts").and_then(|v| v.parse().ok()))
+        .unwrap_or(DEFAULT_MAX_ATTEMPTS)
+}
+
+struct Outcome {
+    status: &'static str,
+    next_attempt_at: Option<DateTime<Utc>>,
+    last_reply: Option<String>,
+    last_error: Option<String>,
+    sent: bool,
+    /// Give the attempt back (nothing was tried: e.g. the mailbox waits).
+    uncount: bool,
+}
+
+async fn record(
+    ctx: &ModuleContext,
+    row: &outbox::Model,
+    owner: &str,
+    o: Outcome,
+) -> Result<(), sea_orm::DbErr> {
+    let now = ctx.clock().now();
+    let mut update = outbox::Entity::update_many()
+        .col_expr(outbox::Column::Status, Expr::value(o.status))
+        .col_expr(
+            outbox::Column::LeaseUntil,
+            Expr::value(Option::<DateTime<Utc>>::None),
+        )
+        .col_expr(
+            outbox::Column::LeaseOwner,
+            Expr::value(Option::<String>::None),
+        )
+        .col_expr(outbox::Column::UpdatedAt, Expr::value(now));
+    if let Some(at) = o.next_attempt_at {
+        update = update.col_expr(outbox::Column::NextAttemptAt, Expr::value(at));
+    }
+    if o.last_reply.is_some() {
+        update = update.col_expr(outbox::Column::LastReply, Expr::value(o.last_reply));
+    }
+    update = update.col_expr(outbox::Column::LastError, Expr::value(o.last_error));
+    if o.sent {
+        update = update.col_expr(outbox::Column::SentAt, Expr::value(now));
+    }
+    if o.uncount {
+        update = update.col_expr(
+            outbox::Column::Attempts,
+            Expr::col(outbox::Column::Attempts).sub(1),
+        );
+    }
+    // Only the lease holder writes the outcome.
+    update
+        .filter(outbox::Column::Id.eq(row.id))
+        .filter(outbox::Column::LeaseOwner.eq(owner))
+        .exec(ctx.db())
+        .await
+        .map(|_| ())
+}
+
+fn explain_permanent(reply: &str, server: &mail_server::Model, row: &outbox::Model) -> String {
+    if reply.contains("5.7.60") || reply.contains("SendAsDenied") {
+        format!(
+            "Exchange refused to send as {}: the mailbox {} has no Send As permission for that address. An Exchange administrator must grant it (Microsoft 365 admin center › Users › the sender › Mailbox permissions › Send as), then send the mail again.",
+            row.envelope_from, server.mailbox
+        )
+    } else if reply.contains("5.2.0") && reply.contains("MessageSubmissionExceeded")
+        || reply.contains("4.7.")
+    {
+        "Exchange's sending limits for this mailbox were exceeded (30 messages a minute, 10,000 recipients a day).".into()
+    } else {
+        format!("The SMTP server refused the mail: {reply}")
+    }
+}
+
+/// Tries to deliver the outbox row `id` once.
+pub async fn deliver(
+    ctx: &ModuleContext,
+    shared: &Shared,
+    id: i64,
+) -> Result<Delivered, sea_orm::DbErr> {
+    let now = ctx.clock().now();
+    let owner = shared.instance.clone();
+    let due = Condition::any()
+        .add(
+            Condition::all()
+                .add(outbox::Column::Status.eq("queued"))
+                .add(outbox::Column::NextAttemptAt.lte(now)),
+        )
+        .add(
+            Condition::all()
+                .add(outbox::Column::Status.eq("sending"))
+                .add(outbox::Column::LeaseUntil.lt(now)),
+        );
+    let claimed = outbox::Entity::update_many()
+        .col_expr(outbox::Column::Status, Expr::value("sending"))
+        .col_expr(
+            outbox::Column::LeaseUntil,
+            Expr::value(now + Duration::seconds(shared.options.lease_secs)),
+        )
+        .col_expr(outbox::Column::LeaseOwner, Expr::value(owner.clone()))
+        .col_expr(
+            outbox::Column::Attempts,
+            Expr::col(outbox::Column::Attempts).add(1),
+        )
+        .col_expr(outbox::Column::UpdatedAt, Expr::value(now))
+        .filter(outbox::Column::Id.eq(id))
+        .filter(due)
+        .exec(ctx.db())
+        .await?;
+    if claimed.rows_affected != 1 {
+        return Ok(Delivered::Skipped);
+    }
+    let Some(row) = outbox::Entity::find_by_id(id).one(ctx.db()).await? else {
+        return Ok(Delivered::Skipped);
+    };
+    let Some(server) = mail_server::Entity::find_by_id(row.server_id)
+        .one(ctx.db())
+        .await?
+    else {
+        record(
+            ctx,
+            &row,
+            &owner,
+            Outcome {
+                status: "failed",
+                next_attempt_at: None,
+                last_reply: None,
+                last_error: Some("The mail server of this mail was deleted.".into()),
+                sent: false,
+                uncount: false,
+            },
+        )
+        .await?;
+        return Ok(Delivered::Failed);
+    };
+    let limit = max_attempts(ctx).await;
+    let retry_or_fail = |reply: Option<String>, error: String| {
+        if row.attempts >= limit {
+            Outcome {
+                status: "failed",
+                next_attempt_at: None,
+                last_reply: reply,
+                last_error: Some(format!("Gave up after {} attempts: {error}", row.attempts)),
+                sent: false,
+                uncount: false,
+            }
+        } else {
+            Outcome {
+                status: "queued",
+                next_attempt_at: Some(now + backoff(shared.options.retry_base_secs, row.attempts)),
+                last_reply: reply,
+                last_error: Some(error),
+                sent: false,
+                uncount: false,
+            }
+        }
+    };
+    let mut token = match fresh_access_token(ctx, &shared.http, &server, false).await {
+        Ok(t) => t,
+        Err(problem) => {
+            let outcome = match &problem {
+                TokenProblem::NotConnected | TokenProblem::NeedsReconnect(_) => Outcome {
+                    status: "needs_reconnect",
+                    next_attempt_at: None,
+                    last_reply: None,
+                    last_error: Some(problem.to_string()),
+                    sent: false,
+                    uncount: true,
+                },
+                TokenProblem::Configuration(_) => Outcome {
+                    status: "queued",
+                    next_attempt_at: Some(now + Duration::minutes(CONFIG_WAIT_MINUTES)),
+                    last_reply: None,
+                    last_error: Some(problem.to_string()),
+                    sent: false,
+                    uncount: true,
+                },
+                TokenProblem::Transient {
+                    retry_after_secs, ..
+                } => {
+                    let mut o = retry_or_fail(None, problem.to_string());
+                    if let (Some(secs), Some(at)) = (retry_after_secs, o.next_attempt_at) {
+                        o.next_attempt_at =
+                            Some(Ord::max(at, now + Duration::seconds(*secs as i64)));
+                    }
+                    o
+                }
+                TokenProblem::Database(_) => retry_or_fail(None, problem.to_string()),
+            };
+            let delivered = match outcome.status {
+                "needs_reconnect" => Delivered::NeedsReconnect,
+                "failed" => Delivered::Failed,
+                _ => Delivered::Retry,
+            };
+            record(ctx, &row, &owner, outcome).await?;
+            return Ok(delivered);
+        }
+    };
+    let from: Option<Address> = row.envelope_from.parse().ok();
+    let to: Vec<Address> = row
+        .recipients
+        .lines()
+        .filter_map(|r| r.parse().ok())
+        .collect();
+    let envelope = match Envelope::new(from, to) {
+        Ok(e) => e,
+        Err(e) => {
+            record(
+                ctx,
+                &row,
+                &owner,
+                Outcome {
+                    status: "failed",
+                    next_attempt_at: None,
+                    last_reply: None,
+                    last_error: Some(format!("The stored envelope is invalid: {e}")),
+                    sent: false,
+                    uncount: false,
+                },
+            )
+            .await?;
+            return Ok(Delivered::Failed);
+        }
+    };
+    let mut outcome = shared
+        .smtp
+        .send(&server, &token, &envelope, row.raw_message.as_bytes())
+        .await;
+    if matches!(outcome, SendOutcome::AuthFailed(_)) && !token.refreshed {
+        // 535 with a token we did not just get: refresh once and try again.
+        shared.smtp.forget(server.id);
+        match fresh_access_token(ctx, &shared.http, &server, true).await {
+            Ok(t) => {
+                token = t;
+                outcome = shared
+                    .smtp
+                    .send(&server, &token, &envelope, row.raw_message.as_bytes())
+                    .await;
+            }
+            Err(problem) => outcome = SendOutcome::AuthFailed(problem.to_string()),
+        }
+    }
+    let (delivered, o) = match outcome {
+        SendOutcome::Sent(reply) => (
+            Delivered::Sent,
+            Outcome {
+                status: "sent",
+                next_attempt_at: None,
+                last_reply: Some(reply),
+                last_error: None,
+                sent: true,
+                uncount: false,
+            },
+        ),
+        SendOutcome::Transient(reply) => {
+            let o = retry_or_fail(
+                Some(reply.clone()),
+                format!("Temporary failure, will retry: {reply}"),
+            );
+            (
+                if o.status == "failed" {
+                    Delivered::Failed
+                } else {
+                    Delivered::Retry
+                },
+                o,
+            )
+        }
+        SendOutcome::Permanent(reply) => {
+            let why = explain_permanent(&reply, &server, &row);
+            (
+                Delivered::Failed,
+                Outcome {
+                    status: "failed",
+                    next_attempt_at: None,
+                    last_reply: Some(reply),
+                    last_error: Some(why),
+                    sent: false,
+                    uncount: false,
+                },
+            )
+        }
+        SendOutcome::AuthFailed(reply) => {
+            let why = format!(
+                "Exchange refused the mailbox's token even after a refresh (535 5.7.3). Reconnect the mail server {} and check that {} is licensed and allowed to use SMTP.",
+                server.name, server.mailbox
+            );
+            mark_needs_reconnect(ctx, &server, &why).await.ok();
+            (
+                Delivered::NeedsReconnect,
+                Outcome {
+                    status: "needs_reconnect",
+                    next_attempt_at: None,
+                    last_reply: Some(reply),
+                    last_error: Some(why),
+                    sent: false,
+                    uncount: true,
+                },
+            )
+        }
+        SendOutcome::AuthDisabled(reply) => {
+            let why = format!(
+                "SMTP AUTH is disabled for the tenant or for the mailbox {} (535 5.7.139). An Exchange administrator must enable Authenticated SMTP for it (Microsoft 365 admin center › Users › the mailbox › Mail › Manage email apps, or Set-CASMailbox -SmtpClientAuthenticationDisabled $false), or switch this server to the Microsoft Graph transport.",
+                server.mailbox
+            );
+            mark_needs_reconnect(ctx, &server, &why).await.ok();
+            (
+                Delivered::NeedsReconnect,
+                Outcome {
+                    status: "needs_reconnect",
+                    next_attempt_at: None,
+                    last_reply: Some(reply),
+                    last_error: Some(why),
+                    sent: false,
+                    uncount: true,
+                },
+            )
+        }
+    };
+    record(ctx, &row, &owner, o).await?;
+    tracing::info!(outbox_id = row.id, outcome = ?delivered, "delivery attempt");
+    Ok(delivered)
+}
+
+/// The ids of rows due now: queued and due, or claimed by a worker whose lease ran out.
+pub async fn due_ids(ctx: &ModuleContext, limit: u64) -> Result<Vec<i64>, sea_orm::DbErr> {
+    let now = ctx.clock().now();
+    outbox::Entity::find()
+        .select_only()
+        .column(outbox::Column::Id)
+        .filter(
+            Condition::any()
+                .add(
+                    Condition::all()
+                        .add(outbox::Column::Status.eq("queued"))
+                        .add(outbox::Column::NextAttemptAt.lte(now)),
+                )
+                .add(
+                    Condition::all()
+                        .add(outbox::Column::Status.eq("sending"))
+                        .add(outbox::Column::LeaseUntil.lt(now)),
+                ),
+        )
+        .limit(limit)
+        .into_tuple::<i64>()
+        .all(ctx.db())
+        .await
+}
+
+/// Puts the mails that waited for a reconnect back in the queue.
+pub async fn release_waiting(
+    ctx: &ModuleContext,
+    server_id: i32,
+) -> Result<Vec<i64>, sea_orm::DbErr> {
+    let waiting: Vec<i64> = outbox::Entity::find()
+        .select_only()
+        .column(outbox::Column::Id)
+        .filter(outbox::Column::ServerId.eq(server_id))
+        .filter(outbox::Column::Status.eq("needs_reconnect"))
+        .into_tuple::<i64>()
+        .all(ctx.db())
+        .await?;
+    outbox::Entity::update_many()
+        .col_expr(outbox::Column::Status, Expr::value("queued"))
+        .col_expr(
+            outbox::Column::NextAttemptAt,
+            Expr::value(ctx.clock().now()),
+        )
+        .filter(outbox::Column::ServerId.eq(server_id))
+        .filter(outbox::Column::Status.eq("needs_reconnect"))
+        .exec(ctx.db())
+        .await?;
+    Ok(waiting)
+}

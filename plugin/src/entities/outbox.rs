@@ -1,0 +1,45 @@
+//! The outbox: one row per mail, the truth about what was sent.
+
+use sea_orm::entity::prelude::*;
+
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+#[sea_orm(table_name = "microsoft_outlook_outbox")]
+pub struct Model {
+    #[sea_orm(primary_key)]
+    pub id: i64,
+    /// The Message-ID (without angle brackets), fixed at queue time.
+    pub message_id: String,
+    /// `queued`, `sending`, `sent`, `failed` or `needs_reconnect`.
+    pub status: String,
+    pub server_id: i32,
+    pub author_user_id: i64,
+    pub record_model: String,
+    pub record_id: i64,
+    /// The From header as shown to people.
+    pub from_header: String,
+    /// The envelope sender (MAIL FROM).
+    pub envelope_from: String,
+    /// Envelope recipients (to, cc and bcc), one per line.
+    pub recipients: String,
+    pub subject: String,
+    /// The message as sent (RFC 5322), built at queue time.
+    pub raw_message: String,
+    pub size_bytes: i64,
+    pub attempts: i32,
+    pub next_attempt_at: ChronoDateTimeUtc,
+    /// Until when the worker that claimed it owns it.
+    pub lease_until: Option<ChronoDateTimeUtc>,
+    pub lease_owner: Option<String>,
+    /// The last SMTP (or Graph) reply.
+    pub last_reply: Option<String>,
+    /// The last failure, in words.
+    pub last_error: Option<String>,
+    pub created_at: ChronoDateTimeUtc,
+    pub updated_at: ChronoDateTimeUtc,
+    pub sent_at: Option<ChronoDateTimeUtc>,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}

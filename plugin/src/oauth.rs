@@ -1,0 +1,442 @@
+//! The connect flow: `GET /connect?server=ID` → Microsoft → `GET /confirm?code&state`.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, web};
+use chrono::Duration;
+use crm_sdk::{CurrentUser, ModuleContext};
+use maud::html;
+use oauth2::basic::BasicClient;
+use oauth2::{AuthUrl, ClientId, CsrfToken, PkceCodeChallenge, RedirectUrl, Scope};
+use rand::Rng;
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, Set};
+use secrecy::ExposeSecret;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::CONFIRM_PATH;
+use crate::aad::{AadFailure, aadsts_code, explain};
+use crate::entities::{mail_server, oauth_state};
+use crate::pages::page_with;
+use crate::servers::may_manage;
+use crate::settings::OutlookSettings;
+use crate::token_client::{self, DELEGATED_SCOPES, Grant};
+
+/// How long a started sign-in may take.
+pub const STATE_LIFETIME_MINUTES: i64 = 10;
+
+fn hash_state(state: &str) -> String {
+    Sha256::digest(state.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn seal_context(state_hash: &str) -> String {
+    format!("microsoft_outlook/oauth_state/{state_hash}")
+}
+
+/// A failure page: what happened, what to do, and Microsoft's code and words (escaped).
+struct Failure<'a> {
+    status: StatusCode,
+    title: String,
+    what: String,
+    fix: String,
+    code: Option<u32>,
+    microsoft_says: Option<&'a str>,
+    back: Option<String>,
+}
+
+fn failure_page(ctx: &ModuleContext, user: &CurrentUser, f: Failure<'_>) -> HttpResponse {
+    tracing::info!(status = f.status.as_u16(), code = ?f.code, title = %f.title, "connect failed");
+    let body = html! {
+        h1 { (f.title) }
+        section.card.failure {
+            p.flash.bad role="alert" { (f.what) }
+            p { strong { "What to do: " } (f.fix) }
+            @if let Some(code) = f.code { p { "Microsoft error code: " code { "AADSTS" (code) } } }
+            @if let Some(text) = f.microsoft_says { p.help { "Microsoft says: " (text) } }
+            p { a href=(f.back.unwrap_or_else(|| "/microsoft_outlook/my-mailbox".into())) { "Back to the mail server" } }
+        }
+    };
+    page_with(f.status, ctx, user, &f.title, body)
+}
+
+fn aad_failure_page(
+    ctx: &ModuleContext,
+    user: &CurrentUser,
+    failure: &AadFailure,
+    back: Option<String>,
+) -> HttpResponse {
+    let (what, fix) = explain(&failure.error, failure.code, &ctx.public_url(CONFIRM_PATH));
+    let status = match failure.class {
+        crate::aad::FailureClass::Transient => StatusCode::BAD_GATEWAY,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    failure_page(
+        ctx,
+        user,
+        Failure {
+            status,
+            title: "The mailbox was not connected".into(),
+            what,
+            fix,
+            code: failure.code,
+            microsoft_says: Some(&failure.description),
+            back,
+        },
+    )
+}
+
+fn not_configured_page(
+    ctx: &ModuleContext,
+    user: &CurrentUser,
+    problem: &crate::settings::NotConfigured,
+) -> HttpResponse {
+    failure_page(
+        ctx,
+        user,
+        Failure {
+            status: StatusCode::CONFLICT,
+            title: "The module is not configured yet".into(),
+            what: problem.to_string(),
+            fix: if user.is_admin {
+                "Open Settings › Microsoft Outlook, paste the application (client) ID and the client secret from Azure, save, then click Connect again.".into()
+            } else {
+                "Ask a CRM operator to enter the Microsoft Outlook settings.".into()
+            },
+            code: None,
+            microsoft_says: None,
+            back: Some(if user.is_admin {
+                "/settings".into()
+            } else {
+                "/".into()
+            }),
+        },
+    )
+}
+
+fn state_failure(ctx: &ModuleContext, user: &CurrentUser, what: &str) -> HttpResponse {
+    failure_page(
+        ctx,
+        user,
+        Failure {
+            status: StatusCode::BAD_REQUEST,
+            title: "This sign-in cannot be completed".into(),
+            what: what.into(),
+            fix: "Nothing was stored. Go back to the mail server and click Connect again; a sign-in must be finished within 10 minutes, once, by the person who started it.".into(),
+            code: None,
+            microsoft_says: None,
+            back: None,
+        },
+    )
+}
+
+#[derive(Deserialize)]
+struct ConnectQuery {
+    server: Option<String>,
+}
+
+async fn connect(
+    ctx: web::Data<ModuleContext>,
+    user: CurrentUser,
+    query: web::Query<ConnectQuery>,
+) -> HttpResponse {
+    let Some(server_id) = query.server.as_deref().and_then(|s| s.parse::<i32>().ok()) else {
+        return state_failure(&ctx, &user, "No mail server was named (connect?server=ID).");
+    };
+    let server = mail_server::Entity::find_by_id(server_id)
+        .one(ctx.db())
+        .await
+        .ok()
+        .flatten();
+    let Some(server) = server.filter(|s| may_manage(&user, s)) else {
+        return page_with(
+            StatusCode::FORBIDDEN,
+            &ctx,
+            &user,
+            "Not yours",
+            html! { h1 { "You cannot connect this mail server" } p { "Shared servers are connected by operators; a personal mailbox only by its owner." } },
+        );
+    };
+    let settings = match OutlookSettings::load(&ctx).await {
+        Ok(s) => s,
+        Err(problem) => return not_configured_page(&ctx, &user, &problem),
+    };
+    let redirect_uri = ctx.public_url(CONFIRM_PATH);
+    let (auth_url, redirect) = match (
+        AuthUrl::new(settings.authorize_url()),
+        RedirectUrl::new(redirect_uri),
+    ) {
+        (Ok(a), Ok(r)) => (a, r),
+        _ => {
+            return not_configured_page(
+                &ctx,
+                &user,
+                &crate::settings::NotConfigured::Unreadable(
+                    "the authority URL or the public base URL is not a URL".into(),
+                ),
+            );
+        }
+    };
+    let client = BasicClient::new(ClientId::new(settings.client_id.clone()))
+        .set_auth_uri(auth_url)
+        .set_redirect_uri(redirect);
+    let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+    let state_bytes: [u8; 32] = rand::rng().random();
+    let state = base64::Engine::encode(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        state_bytes,
+    );
+    let (url, _) = client
+        .authorize_url(|| CsrfToken::new(state.clone()))
+        .add_scopes(
+            DELEGATED_SCOPES
+                .iter()
+                .map(|s| Scope::new((*s).to_string())),
+        )
+        .set_pkce_challenge(challenge)
+        .add_extra_param("response_mode", "query")
+        .add_extra_param("login_hint", server.mailbox.clone())
+        .url();
+    let state_hash = hash_state(&state);
+    let now = ctx.clock().now();
+    let stored = oauth_state::Entity::insert(oauth_state::ActiveModel {
+        pkce_verifier_sealed: Set(ctx
+            .sealer()
+            .seal(verifier.secret(), &seal_context(&state_hash))),
+        state_hash: Set(state_hash),
+        user_id: Set(user.id),
+        server_id: Set(server.id),
+        expires_at: Set(now + Duration::minutes(STATE_LIFETIME_MINUTES)),
+        created_at: Set(now),
+    })
+    .exec_without_returning(ctx.db())
+    .await;
+    // Forget sign-ins abandoned long ago.
+    let _ = oauth_state::Entity::delete_many()
+        .filter(oauth_state::Column::ExpiresAt.lt(now - Duration::days(1)))
+        .exec(ctx.db())
+        .await;
+    if let Err(e) = stored {
+        tracing::error!(error = %e, "storing an OAuth state failed");
+        return state_failure(&ctx, &user, "The database did not answer.");
+    }
+    tracing::info!(server_id = server.id, user_id = user.id, "connect started");
+    HttpResponse::SeeOther()
+        .insert_header(("Location", url.to_string()))
+        .finish()
+}
+
+#[derive(Deserialize)]
+struct ConfirmQuery {
+    code: Option<String>,
+    state: Option<String>,
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+async fn confirm(
+    ctx: web::Data<ModuleContext>,
+    shared: web::Data<crate::runtime::Shared>,
+    user: CurrentUser,
+    query: web::Query<ConfirmQuery>,
+) -> HttpResponse {
+    let Some(state) = query
+        .state
+        .as_deref()
+        .filter(|s| !s.is_empty() && s.len() <= 512)
+    else {
+        return state_failure(
+            &ctx,
+            &user,
+            "The answer from Microsoft carries no state, so it cannot be matched to a sign-in started here.",
+        );
+    };
+    let state_hash = hash_state(state);
+    let pending = match oauth_state::Entity::find_by_id(state_hash.clone())
+        .one(ctx.db())
+        .await
+    {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "reading an OAuth state failed");
+            return state_failure(&ctx, &user, "The database did not answer.");
+        }
+    };
+    let Some(pending) = pending else {
+        return state_failure(
+            &ctx,
+            &user,
+            "This sign-in is unknown or was already completed (the state is not valid).",
+        );
+    };
+    if pending.user_id != user.id {
+        tracing::warn!(
+            user_id = user.id,
+            "an OAuth state presented by another user"
+        );
+        return state_failure(&ctx, &user, "This sign-in was started by another CRM user.");
+    }
+    // Single use: only the request that deletes the row goes on.
+    let claimed = oauth_state::Entity::delete_by_id(state_hash.clone())
+        .exec(ctx.db())
+        .await;
+    if !matches!(claimed, Ok(r) if r.rows_affected == 1) {
+        return state_failure(&ctx, &user, "This sign-in was already completed.");
+    }
+    if pending.expires_at < ctx.clock().now() {
+        return state_failure(
+            &ctx,
+            &user,
+            "This sign-in took longer than 10 minutes and has expired.",
+        );
+    }
+    let back = Some(format!("/microsoft_outlook/servers/{}", pending.server_id));
+    if let Some(error) = query.error.as_deref() {
+        let description = query.error_description.clone().unwrap_or_default();
+        let code = aadsts_code(&description);
+        let failure = AadFailure {
+            class: crate::aad::classify(error, code),
+            error: error.to_string(),
+            code,
+            description,
+            retry_after_secs: None,
+        };
+        return aad_failure_page(&ctx, &user, &failure, back);
+    }
+    let Some(code) = query.code.as_deref().filter(|c| !c.is_empty()) else {
+        return state_failure(
+            &ctx,
+            &user,
+            "The answer from Microsoft carries neither a code nor an error.",
+        );
+    };
+    let server = mail_server::Entity::find_by_id(pending.server_id)
+        .one(ctx.db())
+        .await
+        .ok()
+        .flatten();
+    let Some(server) = server.filter(|s| may_manage(&user, s)) else {
+        return state_failure(
+            &ctx,
+            &user,
+            "The mail server of this sign-in no longer exists or is no longer yours.",
+        );
+    };
+    let settings = match OutlookSettings::load(&ctx).await {
+        Ok(s) => s,
+        Err(problem) => return not_configured_page(&ctx, &user, &problem),
+    };
+    let verifier = match ctx
+        .sealer()
+        .unseal(&pending.pkce_verifier_sealed, &seal_context(&state_hash))
+    {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(error = %e, "the PKCE verifier cannot be unsealed");
+            return state_failure(
+                &ctx,
+                &user,
+                "The sign-in's proof key cannot be read (the sealing key changed).",
+            );
+        }
+    };
+    let redirect_uri = ctx.public_url(CONFIRM_PATH);
+    let http = token_client::http_client();
+    let tokens = match token_client::request(
+        &http,
+        &settings,
+        Grant::AuthorizationCode {
+            code,
+            redirect_uri: &redirect_uri,
+            verifier: verifier.expose_secret(),
+        },
+    )
+    .await
+    {
+        Ok(t) => t,
+        Err(failure) => return aad_failure_page(&ctx, &user, &failure, back),
+    };
+    let claims = tokens
+        .id_token
+        .as_deref()
+        .and_then(token_client::id_claims)
+        .unwrap_or_default();
+    let mailbox = server.mailbox.to_ascii_lowercase();
+    let candidates = [
+        ("preferred_username", claims.preferred_username.as_deref()),
+        ("email", claims.email.as_deref()),
+        ("upn", claims.upn.as_deref()),
+    ];
+    let matched = candidates
+        .iter()
+        .find(|(_, v)| v.is_some_and(|v| v.eq_ignore_ascii_case(&mailbox)));
+    let Some((_, Some(signed_in_as))) = matched else {
+        let seen = candidates
+            .iter()
+            .filter_map(|(claim, v)| v.map(|v| format!("{v} ({claim})")))
+            .collect::<Vec<_>>()
+            .join(", ");
+        return failure_page(
+            &ctx,
+            &user,
+            Failure {
+                status: StatusCode::BAD_REQUEST,
+                title: "Signed in with another mailbox".into(),
+                what: format!(
+                    "You signed in at Microsoft as {}, but this server's mailbox is {}. Nothing was stored.",
+                    if seen.is_empty() {
+                        "an account that Microsoft did not name".to_string()
+                    } else {
+                        seen
+                    },
+                    server.mailbox
+                ),
+                fix: format!(
+                    "Click Connect again and sign in as {} (use a private window or \"Use another account\" at Microsoft), or change the server's mailbox address.",
+                    server.mailbox
+                ),
+                code: None,
+                microsoft_says: None,
+                back,
+            },
+        );
+    };
+    match crate::token_store::store_connected(&ctx, server.id, &tokens, signed_in_as).await {
+        Ok(_) => {
+            tracing::info!(
+                server_id = server.id,
+                user_id = user.id,
+                "mailbox connected"
+            );
+            shared.smtp.forget(server.id);
+            match crate::deliver::release_waiting(&ctx, server.id).await {
+                Ok(waiting) if !waiting.is_empty() => shared.push(&waiting).await,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "re-queuing mails that waited for a reconnect failed")
+                }
+            }
+            HttpResponse::SeeOther()
+                .insert_header((
+                    "Location",
+                    format!("/microsoft_outlook/servers/{}?connected=1", server.id),
+                ))
+                .finish()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "storing tokens failed");
+            state_failure(
+                &ctx,
+                &user,
+                "The database did not answer; the tokens were not stored.",
+            )
+        }
+    }
+}
+
+/// The connect routes.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/connect", web::get().to(connect))
+        .route("/confirm", web::get().to(confirm));
+}

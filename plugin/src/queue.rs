@@ -1,0 +1,242 @@
+//! Queuing a mail from a record: validation, choosing the sender, the outbox row, the job.
+
+use actix_web::http::StatusCode;
+use chrono::Utc;
+use crm_sdk::{CurrentUser, FieldError, ModuleContext, RecordAccess, RecordRef};
+use lettre::message::Mailbox;
+use rand::Rng;
+use sea_orm::{ActiveModelTrait, EntityTrait, Set};
+
+use crate::compose::{DEFAULT_MAX_BYTES, MailRequest, OutgoingMail};
+use crate::entities::{mail_server, outbox, token};
+use crate::runtime::Shared;
+use crate::servers;
+
+/// A refused mail: the HTTP status and what is wrong, per field.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    /// 4xx.
+    pub status: StatusCode,
+    /// The problems.
+    pub errors: Vec<FieldError>,
+}
+
+fn refuse(status: StatusCode, field: &str, message: impl Into<String>) -> Refusal {
+    Refusal {
+        status,
+        errors: vec![FieldError {
+            field: field.into(),
+            message: message.into(),
+        }],
+    }
+}
+
+/// The size limit from settings (`max_message_kb`), or the default.
+pub async fn max_bytes(ctx: &ModuleContext) -> usize {
+    ctx.settings()
+        .load(ctx.module_id())
+        .await
+        .ok()
+        .and_then(|s| {
+            s.get("max_message_kb")
+                .and_then(|v| v.parse::<usize>().ok())
+        })
+        .map_or(DEFAULT_MAX_BYTES, |kb| kb * 1024)
+}
+
+/// Whether `address` may be used as From on `server`.
+pub fn allowed_from(server: &mail_server::Model, address: &str) -> bool {
+    let address = address.to_ascii_lowercase();
+    let entries: Vec<&str> = server
+        .from_allow_list
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if entries.is_empty() {
+        return server.send_as == "author" || address.eq_ignore_ascii_case(&server.mailbox);
+    }
+    address.eq_ignore_ascii_case(&server.mailbox)
+        || entries.iter().any(|e| match e.strip_prefix('@') {
+            Some(domain) => address
+                .rsplit_once('@')
+                .is_some_and(|(_, d)| d.eq_ignore_ascii_case(domain)),
+            None => e.eq_ignore_ascii_case(&address),
+        })
+}
+
+/// The server a mail of `author` goes through: their connected personal mailbox, else the
+/// default shared server.
+pub async fn choose_server(
+    ctx: &ModuleContext,
+    author: &CurrentUser,
+) -> Result<mail_server::Model, Refusal> {
+    let db_down = |e: sea_orm::DbErr| {
+        refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server",
+            format!("the database did not answer ({e})"),
+        )
+    };
+    if let Some(personal) = servers::personal_of(ctx.db(), author.id)
+        .await
+        .map_err(db_down)?
+        && token::Entity::find_by_id(personal.id)
+            .one(ctx.db())
+            .await
+            .map_err(db_down)?
+            .is_some()
+    {
+        return Ok(personal);
+    }
+    let shared = servers::shared(ctx.db()).await.map_err(db_down)?;
+    shared.into_iter().next().ok_or_else(|| {
+        refuse(
+            StatusCode::CONFLICT,
+            "server",
+            "No outgoing mail server is configured: an operator must add and connect one (Outgoing mail servers), or connect your own mailbox (My mailbox).",
+        )
+    })
+}
+
+/// Validates and queues a mail on `record` written by `author`; nothing is stored when refused.
+pub async fn queue_mail(
+    ctx: &ModuleContext,
+    shared: &Shared,
+    author: &CurrentUser,
+    record: &RecordRef,
+    request: &MailRequest,
+) -> Result<outbox::Model, Refusal> {
+    match ctx.records().find(record, author).await {
+        Ok(RecordAccess::Visible(_)) => {}
+        Ok(RecordAccess::Missing) => {
+            return Err(refuse(
+                StatusCode::NOT_FOUND,
+                "record",
+                format!("there is no {} {}", record.model, record.id),
+            ));
+        }
+        Ok(RecordAccess::Hidden) => {
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                "record",
+                "you may not see this record",
+            ));
+        }
+        Err(e) => {
+            return Err(refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "record",
+                format!("the record could not be looked up ({e})"),
+            ));
+        }
+    }
+    let mail = OutgoingMail::parse(request, max_bytes(ctx).await).map_err(|errors| Refusal {
+        status: StatusCode::UNPROCESSABLE_ENTITY,
+        errors,
+    })?;
+    let server = choose_server(ctx, author).await?;
+    let mailbox_address = server.mailbox.parse().map_err(|_| {
+        refuse(
+            StatusCode::CONFLICT,
+            "server",
+            "the mail server's mailbox address is invalid",
+        )
+    })?;
+    let (from, envelope_from) = if server.kind == "personal" || server.send_as == "mailbox" {
+        (
+            Mailbox::new(Some(author.name.clone()), mailbox_address),
+            server.mailbox.clone(),
+        )
+    } else {
+        let author_address = author.email.parse().map_err(|_| {
+            refuse(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "from",
+                "your user's e-mail address is not valid",
+            )
+        })?;
+        (
+            Mailbox::new(Some(author.name.clone()), author_address),
+            author.email.clone(),
+        )
+    };
+    if !allowed_from(&server, from.email.as_ref()) {
+        return Err(refuse(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "from",
+            format!(
+                "the server \"{}\" may not send as {}: it is not in its \"may send as\" list. Ask an operator to add it (and to grant Send As in Exchange).",
+                server.name, from.email
+            ),
+        ));
+    }
+    let mut mail = mail;
+    if server.send_as == "mailbox" && server.kind == "shared" && mail.reply_to.is_none() {
+        mail.reply_to = author
+            .email
+            .parse()
+            .ok()
+            .map(|a| Mailbox::new(Some(author.name.clone()), a));
+    }
+    let host = ctx
+        .public_base_url()
+        .host_str()
+        .unwrap_or("crm.localdomain")
+        .to_string();
+    let id: u128 = rand::rng().random();
+    let message_id = format!("{id:032x}@{host}");
+    let now = ctx.clock().now();
+    let message = mail
+        .build(from.clone(), None, &message_id, now.into())
+        .map_err(|e| {
+            refuse(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "to",
+                format!("the mail cannot be built: {e}"),
+            )
+        })?;
+    let raw = String::from_utf8_lossy(&message.formatted()).into_owned();
+    let recipients: Vec<String> = mail.recipients().map(|a| a.to_string()).collect();
+    let row = outbox::ActiveModel {
+        message_id: Set(message_id),
+        status: Set("queued".into()),
+        server_id: Set(server.id),
+        author_user_id: Set(author.id),
+        record_model: Set(record.model.clone()),
+        record_id: Set(record.id),
+        from_header: Set(from.to_string()),
+        envelope_from: Set(envelope_from),
+        recipients: Set(recipients.join("\n")),
+        subject: Set(mail.subject.clone()),
+        size_bytes: Set(raw.len() as i64),
+        raw_message: Set(raw),
+        attempts: Set(0),
+        next_attempt_at: Set(now),
+        lease_until: Set(None),
+        lease_owner: Set(None),
+        last_reply: Set(None),
+        last_error: Set(None),
+        created_at: Set(now),
+        updated_at: Set(Utc::now()),
+        sent_at: Set(None),
+        ..Default::default()
+    }
+    .insert(ctx.db())
+    .await
+    .map_err(|e| {
+        refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "record",
+            format!("the database did not answer; nothing was queued ({e})"),
+        )
+    })?;
+    tracing::info!(
+        outbox_id = row.id,
+        server_id = server.id,
+        user_id = author.id,
+        "mail queued"
+    );
+    shared.push(&[row.id]).await;
+    Ok(row)
+}

@@ -1,0 +1,258 @@
+//! Requests to the identity platform's token endpoint, parsed as Microsoft answers them
+//! (`error_codes`, `Retry-After`, `expires_in` as a number or a string).
+
+use oauth2::reqwest;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use std::time::Duration;
+
+use crate::aad::{AadFailure, FailureClass, aadsts_code, classify};
+use crate::settings::OutlookSettings;
+
+/// The delegated scopes the connect flow asks for: the Outlook resource only.
+pub const DELEGATED_SCOPES: [&str; 4] = [
+    "openid",
+    "email",
+    "offline_access",
+    "https://outlook.office.com/SMTP.Send",
+];
+/// The scope repeated on every refresh (Microsoft refuses a refresh without one: AADSTS900144).
+pub const REFRESH_SCOPE: &str = "offline_access https://outlook.office.com/SMTP.Send";
+/// The app-only scope for Exchange Online.
+pub const APP_ONLY_SCOPE: &str = "https://outlook.office365.com/.default";
+
+/// How long one token request may take.
+pub const TOKEN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What is being traded for tokens.
+pub enum Grant<'a> {
+    /// The code from the redirect, with its PKCE verifier.
+    AuthorizationCode {
+        /// The code.
+        code: &'a str,
+        /// The redirect URI used in the authorize request.
+        redirect_uri: &'a str,
+        /// The PKCE verifier.
+        verifier: &'a str,
+    },
+    /// A refresh token.
+    RefreshToken(&'a SecretString),
+    /// The client-credentials grant (app-only).
+    ClientCredentials,
+}
+
+/// Tokens from a successful answer.
+pub struct Tokens {
+    /// The access token.
+    pub access_token: SecretString,
+    /// The (rotated) refresh token, if the answer carried one.
+    pub refresh_token: Option<SecretString>,
+    /// Seconds until the access token expires.
+    pub expires_in: i64,
+    /// The granted scopes.
+    pub scope: String,
+    /// The id_token, when `openid` was asked for.
+    pub id_token: Option<String>,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokens")
+            .field("expires_in", &self.expires_in)
+            .field("scope", &self.scope)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumberOrString {
+    Number(i64),
+    Text(String),
+}
+
+#[derive(Deserialize)]
+struct SuccessBody {
+    access_token: String,
+    refresh_token: Option<String>,
+    expires_in: Option<NumberOrString>,
+    scope: Option<String>,
+    id_token: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: String,
+    #[serde(default)]
+    error_description: String,
+    #[serde(default)]
+    error_codes: Vec<u32>,
+}
+
+fn transient(message: String, retry_after_secs: Option<u64>) -> AadFailure {
+    AadFailure {
+        error: "unavailable".into(),
+        code: None,
+        description: message,
+        class: FailureClass::Transient,
+        retry_after_secs,
+    }
+}
+
+/// The HTTP client for token requests: no redirects, a timeout.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(TOKEN_TIMEOUT)
+        .build()
+        .unwrap_or_default()
+}
+
+/// Sends one token request and classifies the answer.
+pub async fn request(
+    http: &reqwest::Client,
+    settings: &OutlookSettings,
+    grant: Grant<'_>,
+) -> Result<Tokens, AadFailure> {
+    let secret = settings.client_secret.expose_secret();
+    let mut form: Vec<(&str, &str)> = vec![
+        ("client_id", &settings.client_id),
+        ("client_secret", secret),
+    ];
+    let scope_all = DELEGATED_SCOPES.join(" ");
+    match &grant {
+        Grant::AuthorizationCode {
+            code,
+            redirect_uri,
+            verifier,
+        } => form.extend([
+            ("grant_type", "authorization_code"),
+            ("code", *code),
+            ("redirect_uri", *redirect_uri),
+            ("code_verifier", *verifier),
+            ("scope", scope_all.as_str()),
+        ]),
+        Grant::RefreshToken(token) => form.extend([
+            ("grant_type", "refresh_token"),
+            ("refresh_token", token.expose_secret()),
+            ("scope", REFRESH_SCOPE),
+        ]),
+        Grant::ClientCredentials => form.extend([
+            ("grant_type", "client_credentials"),
+            ("scope", APP_ONLY_SCOPE),
+        ]),
+    }
+    let body = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(form)
+        .finish();
+    let response = http
+        .post(settings.token_url())
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("accept", "application/json")
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| {
+            let what = if e.is_timeout() {
+                "timed out"
+            } else {
+                "could not be reached"
+            };
+            transient(format!("the token endpoint {what}"), None)
+        })?;
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let bytes = response
+        .bytes()
+        .await
+        .map_err(|_| transient("the token endpoint's answer was cut off".into(), None))?;
+    if status.is_success() {
+        let parsed: SuccessBody = serde_json::from_slice(&bytes).map_err(|e| {
+            transient(
+                format!("the token endpoint answered something that is not a token ({e})"),
+                None,
+            )
+        })?;
+        let expires_in = match parsed.expires_in {
+            Some(NumberOrString::Number(n)) => n,
+            Some(NumberOrString::Text(t)) => t.trim().parse().unwrap_or(3600),
+            None => 3600,
+        };
+        return Ok(Tokens {
+            access_token: SecretString::from(parsed.access_token),
+            refresh_token: parsed.refresh_token.map(SecretString::from),
+            expires_in,
+            scope: parsed.scope.unwrap_or_default(),
+            id_token: parsed.id_token,
+        });
+    }
+    if status.as_u16() == 429 || status.is_server_error() {
+        let detail = serde_json::from_slice::<ErrorBody>(&bytes).ok();
+        return Err(AadFailure {
+            error: detail
+                .as_ref()
+                .map(|d| d.error.clone())
+                .unwrap_or_else(|| "server_error".into()),
+            code: detail.as_ref().and_then(|d| d.error_codes.first().copied()),
+            description: detail
+                .map(|d| d.error_description)
+                .unwrap_or_else(|| format!("the token endpoint answered HTTP {}", status.as_u16())),
+            class: FailureClass::Transient,
+            retry_after_secs: retry_after,
+        });
+    }
+    match serde_json::from_slice::<ErrorBody>(&bytes) {
+        Ok(body) => {
+            let code = body
+                .error_codes
+                .first()
+                .copied()
+                .or_else(|| aadsts_code(&body.error_description));
+            Err(AadFailure {
+                class: classify(&body.error, code),
+                error: body.error,
+                code,
+                description: body.error_description,
+                retry_after_secs: retry_after,
+            })
+        }
+        Err(_) => Err(AadFailure {
+            error: format!("http_{}", status.as_u16()),
+            code: None,
+            description: format!(
+                "the token endpoint answered HTTP {} without an OAuth error",
+                status.as_u16()
+            ),
+            class: FailureClass::Refused,
+            retry_after_secs: None,
+        }),
+    }
+}
+
+/// The claims of an id_token that name the signed-in mailbox.
+#[derive(Debug, Default, Deserialize)]
+pub struct IdClaims {
+    /// Usually the UPN.
+    pub preferred_username: Option<String>,
+    /// The e-mail address, when the `email` scope was granted.
+    pub email: Option<String>,
+    /// The UPN.
+    pub upn: Option<String>,
+    /// The tenant.
+    pub tid: Option<String>,
+}
+
+/// Reads the claims of an id_token received directly from the token endpoint over TLS (its
+/// signature need not be checked then: OpenID Connect Core 3.1.3.7).
+pub fn id_claims(id_token: &str) -> Option<IdClaims> {
+    use base64::Engine;
+    let payload = id_token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
