@@ -101,51 +101,85 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// The database, the page frame and the registry of linked modules, assembled but not started.
+pub struct Assembled {
+    /// The database.
+    pub db: sea_orm::DatabaseConnection,
+    /// The page frame.
+    pub chrome: Arc<HostChrome>,
+    /// The linked modules.
+    pub registry: Arc<Registry>,
+    /// The sealer.
+    pub sealer: Sealer,
+    /// The public base URL.
+    pub public_base_url: url::Url,
+}
+
+/// Opens the database and builds every module's context (no server, no jobs): for `serve`,
+/// `demo` and the operator CLI.
+pub async fn assemble(config: &Config, options: HostOptions) -> anyhow::Result<Assembled> {
+    let public_base_url = config.public_base_url().map_err(anyhow::Error::msg)?;
+    let db = open_database(config).await?;
+    let sealer = Sealer::new(&options.sealing_key);
+    let flags: Vec<Arc<AtomicBool>> = options
+        .modules
+        .iter()
+        .map(|_| Arc::new(AtomicBool::new(false)))
+        .collect();
+    let chrome = Arc::new(HostChrome::new(
+        options
+            .modules
+            .iter()
+            .zip(&flags)
+            .map(|(m, f)| ModuleMenu {
+                enabled: f.clone(),
+                items: m.manifest().menu.clone(),
+            })
+            .collect(),
+    ));
+    let settings = Arc::new(DbSettingsStore::new(db.clone(), sealer.clone()));
+    let records = Arc::new(DbRecordDirectory::new(db.clone()));
+    let notifier = Arc::new(DbNotifier::new(db.clone()));
+    let entries = options
+        .modules
+        .into_iter()
+        .zip(flags)
+        .map(|(module, flag)| {
+            let ctx = ModuleContext::new(
+                module.manifest().id.clone(),
+                db.clone(),
+                public_base_url.clone(),
+                settings.clone(),
+                records.clone(),
+                notifier.clone(),
+                options.clock.clone(),
+                sealer.clone(),
+                chrome.clone(),
+            );
+            ModuleEntry::new(module, ctx, flag)
+        })
+        .collect();
+    let registry = Arc::new(Registry::new(db.clone(), entries));
+    Ok(Assembled {
+        db,
+        chrome,
+        registry,
+        sealer,
+        public_base_url,
+    })
+}
+
 impl Application {
     /// Opens the database, assembles the modules, restores their enabled state and binds.
     pub async fn build(config: Config, options: HostOptions) -> anyhow::Result<Self> {
-        let public_base_url = config.public_base_url().map_err(anyhow::Error::msg)?;
-        let db = open_database(&config).await?;
-        let sealer = Sealer::new(&options.sealing_key);
-        let flags: Vec<Arc<AtomicBool>> = options
-            .modules
-            .iter()
-            .map(|_| Arc::new(AtomicBool::new(false)))
-            .collect();
-        let chrome = Arc::new(HostChrome::new(
-            options
-                .modules
-                .iter()
-                .zip(&flags)
-                .map(|(m, f)| ModuleMenu {
-                    enabled: f.clone(),
-                    items: m.manifest().menu.clone(),
-                })
-                .collect(),
-        ));
-        let settings = Arc::new(DbSettingsStore::new(db.clone(), sealer.clone()));
-        let records = Arc::new(DbRecordDirectory::new(db.clone()));
-        let notifier = Arc::new(DbNotifier::new(db.clone()));
-        let entries = options
-            .modules
-            .into_iter()
-            .zip(flags)
-            .map(|(module, flag)| {
-                let ctx = ModuleContext::new(
-                    module.manifest().id.clone(),
-                    db.clone(),
-                    public_base_url.clone(),
-                    settings.clone(),
-                    records.clone(),
-                    notifier.clone(),
-                    options.clock.clone(),
-                    sealer.clone(),
-                    chrome.clone(),
-                );
-                ModuleEntry::new(module, ctx, flag)
-            })
-            .collect();
-        let registry = Arc::new(Registry::new(db.clone(), entries));
+        let clock = options.clock.clone();
+        let Assembled {
+            db,
+            chrome,
+            registry,
+            sealer,
+            public_base_url,
+        } = assemble(&config, options).await?;
         registry
             .sync()
             .await
@@ -157,7 +191,7 @@ impl Application {
             registry: registry.clone(),
             chrome,
             sealer,
-            clock: options.clock,
+            clock,
         });
         let listener =
             TcpListener::bind(&config.bind).with_context(|| format!("binding {}", config.bind))?;

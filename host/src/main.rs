@@ -34,12 +34,39 @@ enum Command {
     Serve,
     /// Applies the host's and every linked module's migrations, then exits.
     Migrate,
+    /// The microsoft_outlook module's operator commands.
+    Outlook {
+        #[command(subcommand)]
+        command: OutlookCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum OutlookCommand {
+    /// A table of every mail server: mailbox, kind, status, token expiry, last refresh, last error.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Refreshes tokens now, with the same code as the nightly job, and prints what happened.
+    Refresh {
+        /// Only this mail server.
+        #[arg(long, conflicts_with = "all")]
+        mailbox: Option<i32>,
+        /// Every connected mail server (the default).
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 fn init_logs(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn sealing_key(config: &Config) -> anyhow::Result<SealingKey> {
@@ -76,7 +103,11 @@ fn demo_key(dir: &Path) -> anyhow::Result<SealingKey> {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut config = Config::load(cli.config.as_deref()).context("reading the configuration")?;
-    init_logs(&config.log);
+    if matches!(cli.command, Command::Outlook { .. }) && std::env::var_os("CRM_LOG").is_none() {
+        init_logs("warn");
+    } else {
+        init_logs(&config.log);
+    }
     match cli.command {
         Command::Migrate => {
             let db = crm_host::app::open_database(&config).await?;
@@ -87,6 +118,63 @@ async fn main() -> anyhow::Result<()> {
                     .with_context(|| format!("migrating module {}", module.manifest().id))?;
             }
             println!("migrations applied");
+            Ok(())
+        }
+        Command::Outlook { command } => {
+            let key = sealing_key(&config)?;
+            let module = Arc::new(microsoft_outlook::OutlookModule::new());
+            let assembled = crm_host::app::assemble(
+                &config,
+                HostOptions {
+                    modules: vec![module.clone()],
+                    clock: Arc::new(SystemClock),
+                    sealing_key: key,
+                },
+            )
+            .await?;
+            let entry = assembled
+                .registry
+                .get("microsoft_outlook")
+                .context("the module is not linked")?;
+            entry.module.migrate(&assembled.db).await?;
+            let ctx = &entry.ctx;
+            match command {
+                OutlookCommand::Status { json } => {
+                    let rows = microsoft_outlook::status::all(ctx).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&rows)?);
+                    } else {
+                        print!("{}", microsoft_outlook::status::table(&rows));
+                    }
+                }
+                OutlookCommand::Refresh { mailbox, all: _ } => {
+                    let shared = module.shared();
+                    let options = microsoft_outlook::jobs::RefreshOptions {
+                        max_jitter: std::time::Duration::ZERO,
+                        ..Default::default()
+                    };
+                    let summary =
+                        microsoft_outlook::jobs::refresh_all(ctx, &shared, mailbox, &options)
+                            .await?;
+                    println!("{summary}");
+                    for row in microsoft_outlook::status::all(ctx).await? {
+                        if mailbox.is_none_or(|m| m == row.id) {
+                            println!(
+                                "  {} {}: {}{}",
+                                row.id,
+                                row.mailbox,
+                                row.status,
+                                row.last_error
+                                    .map(|e| format!(" — {e}"))
+                                    .unwrap_or_default()
+                            );
+                        }
+                    }
+                    if summary.failed > 0 || summary.needs_reconnect > 0 {
+                        std::process::exit(1);
+                    }
+                }
+            }
             Ok(())
         }
         Command::Serve => {

@@ -4,6 +4,7 @@ use sea_orm_migration::prelude::*;
 
 mod m0001_mail_servers_and_tokens;
 mod m0002_outbox;
+mod m0003_token_refresh_lease;
 
 /// The module's migrator; it keeps its own history table beside the host's.
 pub struct Migrator;
@@ -14,6 +15,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m0001_mail_servers_and_tokens::Migration),
             Box::new(m0002_outbox::Migration),
+            Box::new(m0003_token_refresh_lease::Migration),
         ]
     }
 

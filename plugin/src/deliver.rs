@@ -44,13 +44,23 @@ pub fn backoff(base_secs: i64, attempts: i32) -> Duration {
     Duration::milliseconds((exp as f64 * 1000.0 * jitter) as i64)
 }
 
-async fn max_attempts(ctx: &ModuleContext) -> i32 {
-    ctx.settings()
-        .load(ctx.module_id())
-        .await
-        .ok()
-        .and_then(|s| s.get("max_attempts").and_then(|v| v.parse().ok()))
-        .unwrap_or(DEFAULT_MAX_ATTEMPTS)
+/// The delivery limits from settings.
+struct Limits {
+    max_attempts: i32,
+    per_minute: usize,
+}
+
+async fn limits(ctx: &ModuleContext) -> Limits {
+    let settings = ctx.settings().load(ctx.module_id()).await.ok();
+    let get = |field: &str| {
+        settings
+            .as_ref()
+            .and_then(|s| s.get(field).and_then(|v| v.parse::<i64>().ok()))
+    };
+    Limits {
+        max_attempts: get("max_attempts").map_or(DEFAULT_MAX_ATTEMPTS, |n| n.clamp(1, 100) as i32),
+        per_minute: get("mailbox_rate_per_minute").map_or(30, |n| Ord::max(n, 0) as usize),
+    }
 }
 
 struct Outcome {
@@ -182,7 +192,27 @@ pub async fn deliver(
         .await?;
         return Ok(Delivered::Failed);
     };
-    let limit = max_attempts(ctx).await;
+    let limits = limits(ctx).await;
+    let limit = limits.max_attempts;
+    if let Some(wait) = shared.take_send_slot(server.id, limits.per_minute) {
+        // The mailbox's per-minute budget is spent: wait without spending an attempt.
+        let at = now + Duration::from_std(wait).unwrap_or_else(|_| Duration::seconds(60));
+        record(
+            ctx,
+            &row,
+            &owner,
+            Outcome {
+                status: "queued",
+                next_attempt_at: Some(at),
+                last_reply: None,
+                last_error: None,
+                sent: false,
+                uncount: true,
+            },
+        )
+        .await?;
+        return Ok(Delivered::Retry);
+    }
     let retry_or_fail = |reply: Option<String>, error: String| {
         if row.attempts >= limit {
             Outcome {
@@ -204,7 +234,7 @@ pub async fn deliver(
             }
         }
     };
-    let mut token = match fresh_access_token(ctx, &shared.http, &server, false).await {
+    let mut token = match fresh_access_token(ctx, shared, &server, false).await {
         Ok(t) => t,
         Err(problem) => {
             let outcome = match &problem {
@@ -278,7 +308,7 @@ pub async fn deliver(
     if matches!(outcome, SendOutcome::AuthFailed(_)) && !token.refreshed {
         // 535 with a token we did not just get: refresh once and try again.
         shared.smtp.forget(server.id);
-        match fresh_access_token(ctx, &shared.http, &server, true).await {
+        match fresh_access_token(ctx, shared, &server, true).await {
             Ok(t) => {
                 token = t;
                 outcome = shared

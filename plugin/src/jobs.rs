@@ -1,10 +1,10 @@
 //! The plugin's side of the scheduled jobs: what the refresh and secret-expiry runs do.
 
-use chrono::{NaiveDate, Utc};
+use chrono::NaiveDate;
 use crm_sdk::{Audience, ModuleContext, Notification};
 use microsoft_outlook_jobs::{BoxDynError, OutlookJobs};
 use sea_orm::sea_query::OnConflict;
-use sea_orm::{EntityTrait, PaginatorTrait, Set};
+use sea_orm::{EntityTrait, Set};
 
 use crate::entities::{alert, token};
 use crate::settings::OutlookSettings;
@@ -88,13 +88,138 @@ pub async fn check_client_secret(ctx: &ModuleContext) -> Result<Option<i64>, Box
     Ok(Some(left))
 }
 
+/// What a refresh run did.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RefreshSummary {
+    /// Tokens refreshed by this run.
+    pub refreshed: usize,
+    /// Mailboxes skipped (needs reconnect, or refreshed meanwhile by another worker).
+    pub skipped: usize,
+    /// Refreshes that failed and will be tried again next run.
+    pub failed: usize,
+    /// Mailboxes whose grant turned out dead in this run.
+    pub needs_reconnect: usize,
+}
+
+impl std::fmt::Display for RefreshSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "token refresh: refreshed={} skipped={} failed={} needs_reconnect={}",
+            self.refreshed, self.skipped, self.failed, self.needs_reconnect
+        )
+    }
+}
+
+/// How a refresh run behaves.
+#[derive(Debug, Clone)]
+pub struct RefreshOptions {
+    /// Refreshes in flight at once.
+    pub concurrency: usize,
+    /// Each refresh waits a random time up to this before starting, to spread the load.
+    pub max_jitter: std::time::Duration,
+    /// Transient failures are retried this many times within the run.
+    pub transient_retries: u32,
+}
+
+impl Default for RefreshOptions {
+    fn default() -> Self {
+        Self {
+            concurrency: 8,
+            max_jitter: std::time::Duration::from_secs(2),
+            transient_retries: 2,
+        }
+    }
+}
+
+enum One {
+    Refreshed,
+    Skipped,
+    Failed,
+    NeedsReconnect,
+}
+
+async fn refresh_one(
+    ctx: &ModuleContext,
+    shared: &crate::runtime::Shared,
+    server: &crate::entities::mail_server::Model,
+    options: &RefreshOptions,
+) -> One {
+    use crate::token_service::{TokenProblem, refresh};
+    if !options.max_jitter.is_zero() {
+        let wait = rand::random_range(0..=options.max_jitter.as_millis() as u64);
+        tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+    }
+    let mut tries = 0;
+    loop {
+        let row = match token::Entity::find_by_id(server.id).one(ctx.db()).await {
+            Ok(Some(row)) if row.status == "valid" => row,
+            Ok(_) => return One::Skipped,
+            Err(_) => return One::Failed,
+        };
+        match refresh(ctx, &shared.http, server, row).await {
+            Ok(t) if t.refreshed => return One::Refreshed,
+            Ok(_) => return One::Skipped,
+            Err(TokenProblem::NeedsReconnect(_)) => return One::NeedsReconnect,
+            Err(TokenProblem::Transient {
+                retry_after_secs, ..
+            }) if tries < options.transient_retries => {
+                tries += 1;
+                let wait = retry_after_secs.unwrap_or(1u64 << tries).min(60);
+                tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
+            }
+            Err(_) => return One::Failed,
+        }
+    }
+}
+
+/// Refreshes the token of every connected delegated mailbox (or only `only`), so that no
+/// refresh token lapses from 90 days without use.
+pub async fn refresh_all(
+    ctx: &ModuleContext,
+    shared: &crate::runtime::Shared,
+    only: Option<i32>,
+    options: &RefreshOptions,
+) -> Result<RefreshSummary, sea_orm::DbErr> {
+    use crate::entities::mail_server;
+    use futures::StreamExt;
+    use sea_orm::{ColumnTrait, QueryFilter};
+    let mut query = mail_server::Entity::find().filter(mail_server::Column::Auth.eq("delegated"));
+    if let Some(id) = only {
+        query = query.filter(mail_server::Column::Id.eq(id));
+    }
+    let servers = query.all(ctx.db()).await?;
+    let tokens = token::Entity::find().all(ctx.db()).await?;
+    let mut summary = RefreshSummary::default();
+    let mut due = Vec::new();
+    for server in servers {
+        match tokens.iter().find(|t| t.server_id == server.id) {
+            Some(t) if t.status == "valid" => due.push(server),
+            Some(_) => summary.skipped += 1,
+            None => {}
+        }
+    }
+    let results: Vec<One> = futures::stream::iter(due)
+        .map(|server| async move { refresh_one(ctx, shared, &server, options).await })
+        .buffer_unordered(options.concurrency.max(1))
+        .collect()
+        .await;
+    for r in results {
+        match r {
+            One::Refreshed => summary.refreshed += 1,
+            One::Skipped => summary.skipped += 1,
+            One::Failed => summary.failed += 1,
+            One::NeedsReconnect => summary.needs_reconnect += 1,
+        }
+    }
+    Ok(summary)
+}
+
 impl OutlookJobs for JobServices {
     async fn refresh_tokens(&self) -> Result<String, BoxDynError> {
-        let connected = token::Entity::find().count(self.ctx.db()).await?;
-        Ok(format!(
-            "token refresh run at {}: {connected} connected mailbox(es) seen",
-            Utc::now()
-        ))
+        let summary =
+            refresh_all(&self.ctx, &self.shared, None, &self.shared.options.refresh).await?;
+        Ok(summary.to_string())
     }
 
     async fn check_client_secret(&self) -> Result<(), BoxDynError> {

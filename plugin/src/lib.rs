@@ -15,6 +15,7 @@ pub mod runtime;
 pub mod servers;
 pub mod settings;
 pub mod smtp;
+pub mod status;
 pub mod token_client;
 pub mod token_service;
 pub mod token_store;

@@ -18,6 +18,8 @@ pub struct ModuleOptions {
     pub lease_secs: i64,
     /// The first retry delay; each further retry doubles it (with jitter), up to an hour.
     pub retry_base_secs: i64,
+    /// How the nightly refresh runs.
+    pub refresh: crate::jobs::RefreshOptions,
 }
 
 impl Default for ModuleOptions {
@@ -27,8 +29,21 @@ impl Default for ModuleOptions {
             delivery_concurrency: 16,
             lease_secs: 300,
             retry_base_secs: 60,
+            refresh: crate::jobs::RefreshOptions::default(),
         }
     }
+}
+
+/// A cached client-credentials token.
+pub struct AppToken {
+    /// For which application (client id).
+    pub client_id: String,
+    /// The bearer token.
+    pub token: secrecy::SecretString,
+    /// When it expires.
+    pub expires_at: chrono::DateTime<chrono::Utc>,
+    /// Bumped on every fetch (connections are reused per version).
+    pub version: i64,
 }
 
 /// State shared by routes and jobs.
@@ -43,6 +58,12 @@ pub struct Shared {
     pub http: oauth2::reqwest::Client,
     /// This process's name for leases and workers.
     pub instance: String,
+    /// The app-only (client credentials) token, shared by every worker of this process.
+    pub app_token: tokio::sync::Mutex<Option<AppToken>>,
+    /// Recent sends per mailbox, for the per-minute limit.
+    recent_sends: std::sync::Mutex<
+        std::collections::HashMap<i32, std::collections::VecDeque<std::time::Instant>>,
+    >,
 }
 
 impl Shared {
@@ -55,12 +76,39 @@ impl Shared {
             smtp: SmtpSender::new(),
             http: crate::token_client::http_client(),
             instance: format!("{}-{suffix:08x}", std::process::id()),
+            recent_sends: std::sync::Mutex::new(std::collections::HashMap::new()),
+            app_token: tokio::sync::Mutex::new(None),
         })
     }
 
     /// The queue, when the jobs run.
     pub fn queue(&self) -> Option<MailQueue> {
         self.queue.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Takes a send slot of `server_id` under a limit of `per_minute` (0 = no limit), or says
+    /// how long to wait for one.
+    pub fn take_send_slot(&self, server_id: i32, per_minute: usize) -> Option<std::time::Duration> {
+        if per_minute == 0 {
+            return None;
+        }
+        let window = std::time::Duration::from_secs(60);
+        let now = std::time::Instant::now();
+        let mut all = self.recent_sends.lock().unwrap_or_else(|e| e.into_inner());
+        let recent = all.entry(server_id).or_default();
+        while recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= window)
+        {
+            recent.pop_front();
+        }
+        if recent.len() >= per_minute {
+            return recent
+                .front()
+                .map(|oldest| window.saturating_sub(now.duration_since(*oldest)));
+        }
+        recent.push_back(now);
+        None
     }
 
     /// Pushes delivery jobs; when the jobs are stopped the rows wait for the sweep.

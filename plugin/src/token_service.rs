@@ -137,14 +137,68 @@ fn unseal(ctx: &ModuleContext, sealed: &str, context: &str) -> Result<SecretStri
     })
 }
 
+/// The app-only token (client credentials), fetched once and shared until shortly before it
+/// expires.
+pub async fn app_only_token(
+    ctx: &ModuleContext,
+    shared: &crate::runtime::Shared,
+    force: bool,
+) -> Result<AccessToken, TokenProblem> {
+    let settings = OutlookSettings::load(ctx)
+        .await
+        .map_err(|e| TokenProblem::Configuration(e.to_string()))?;
+    let mut cached = shared.app_token.lock().await;
+    let margin = Duration::minutes(REFRESH_MARGIN_MINUTES);
+    if let Some(t) = cached.as_ref()
+        && !force
+        && t.client_id == settings.client_id
+        && t.expires_at > ctx.clock().now() + margin
+    {
+        return Ok(AccessToken {
+            token: t.token.clone(),
+            version: t.version,
+            refreshed: false,
+        });
+    }
+    match token_client::request(&shared.http, &settings, Grant::ClientCredentials).await {
+        Ok(tokens) => {
+            let version = cached.as_ref().map_or(1, |t| t.version + 1);
+            *cached = Some(crate::runtime::AppToken {
+                client_id: settings.client_id.clone(),
+                token: tokens.access_token.clone(),
+                expires_at: ctx.clock().now() + Duration::seconds(tokens.expires_in),
+                version,
+            });
+            tracing::info!("app-only token fetched");
+            Ok(AccessToken {
+                token: tokens.access_token,
+                version,
+                refreshed: true,
+            })
+        }
+        Err(failure) if failure.class == FailureClass::Transient => Err(TokenProblem::Transient {
+            reason: failure.description.clone(),
+            retry_after_secs: failure.retry_after_secs,
+        }),
+        Err(failure) => Err(TokenProblem::Configuration(format!(
+            "{} For app-only sending, the app needs the Office 365 Exchange Online permission SMTP.SendAsApp with admin consent, and an Exchange service principal with rights on the mailbox.",
+            words(&failure, ctx)
+        ))),
+    }
+}
+
 /// A usable access token for `server`, refreshed first when it expires within five minutes
 /// (or when `force` is set, after the server refused it).
 pub async fn fresh_access_token(
     ctx: &ModuleContext,
-    http: &oauth2::reqwest::Client,
+    shared: &crate::runtime::Shared,
     server: &mail_server::Model,
     force: bool,
 ) -> Result<AccessToken, TokenProblem> {
+    if server.auth == "app_only" {
+        return app_only_token(ctx, shared, force).await;
+    }
+    let http = &shared.http;
     let row = token::Entity::find_by_id(server.id)
         .one(ctx.db())
         .await
@@ -169,13 +223,111 @@ pub async fn fresh_access_token(
     refresh(ctx, http, server, row).await
 }
 
-/// Refreshes `row` with its refresh token and stores the rotation with a compare-and-swap; a
-/// worker that loses the race uses the winner's token.
+/// How long one worker may hold a token's refresh before others may take it over.
+const REFRESH_LEASE_SECS: i64 = 30;
+
+/// The stored token once another worker's refresh of version `from` is done.
+async fn wait_for_other_refresh(
+    ctx: &ModuleContext,
+    server_id: i32,
+    from: i64,
+) -> Result<Option<token::Model>, TokenProblem> {
+    for _ in 0..(REFRESH_LEASE_SECS * 20) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let Some(now_row) = token::Entity::find_by_id(server_id)
+            .one(ctx.db())
+            .await
+            .map_err(db)?
+        else {
+            return Err(TokenProblem::NotConnected);
+        };
+        let lease_over = now_row
+            .refresh_lease_until
+            .is_none_or(|t| t <= ctx.clock().now());
+        if now_row.version != from || now_row.status != "valid" || lease_over {
+            return Ok(Some(now_row));
+        }
+    }
+    Ok(None)
+}
+
+/// Refreshes `row` with its refresh token. One worker at a time (in any process) holds the
+/// refresh lease; the others wait and use its result. The rotation is stored with a
+/// compare-and-swap on the version.
 pub async fn refresh(
     ctx: &ModuleContext,
     http: &oauth2::reqwest::Client,
     server: &mail_server::Model,
     row: token::Model,
+) -> Result<AccessToken, TokenProblem> {
+    let mut row = row;
+    loop {
+        let now = ctx.clock().now();
+        let claimed = token::Entity::update_many()
+            .col_expr(
+                token::Column::RefreshLeaseUntil,
+                Expr::value(now + Duration::seconds(REFRESH_LEASE_SECS)),
+            )
+            .filter(token::Column::ServerId.eq(server.id))
+            .filter(token::Column::Version.eq(row.version))
+            .filter(token::Column::Status.eq("valid"))
+            .filter(
+                sea_orm::Condition::any()
+                    .add(token::Column::RefreshLeaseUntil.is_null())
+                    .add(token::Column::RefreshLeaseUntil.lte(now)),
+            )
+            .exec(ctx.db())
+            .await
+            .map_err(db)?;
+        if claimed.rows_affected == 1 {
+            let result = refresh_holding_lease(ctx, http, server, &row).await;
+            if result.is_err() {
+                let _ = token::Entity::update_many()
+                    .col_expr(
+                        token::Column::RefreshLeaseUntil,
+                        Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
+                    )
+                    .filter(token::Column::ServerId.eq(server.id))
+                    .exec(ctx.db())
+                    .await;
+            }
+            return result;
+        }
+        // Someone else is refreshing (or already did): use their result.
+        let Some(current) = wait_for_other_refresh(ctx, server.id, row.version).await? else {
+            return Err(TokenProblem::Transient {
+                reason: "another worker's token refresh did not finish".into(),
+                retry_after_secs: None,
+            });
+        };
+        if current.status != "valid" {
+            return Err(TokenProblem::NeedsReconnect(
+                current
+                    .last_error
+                    .unwrap_or_else(|| "The mail server must be reconnected.".into()),
+            ));
+        }
+        if current.version != row.version {
+            return Ok(AccessToken {
+                token: unseal(
+                    ctx,
+                    &current.access_token_sealed,
+                    &access_context(server.id),
+                )?,
+                version: current.version,
+                refreshed: false,
+            });
+        }
+        // The other worker gave up or its lease ran out: try to take the lease.
+        row = current;
+    }
+}
+
+async fn refresh_holding_lease(
+    ctx: &ModuleContext,
+    http: &oauth2::reqwest::Client,
+    server: &mail_server::Model,
+    row: &token::Model,
 ) -> Result<AccessToken, TokenProblem> {
     let settings = OutlookSettings::load(ctx)
         .await

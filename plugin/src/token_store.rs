@@ -48,6 +48,7 @@ pub async fn store_connected(
         last_refresh_at: Set(None),
         last_error: Set(None),
         notified_at: Set(None),
+        refresh_lease_until: Set(None),
     };
     token::Entity::insert(row)
         .on_conflict(
@@ -64,6 +65,7 @@ pub async fn store_connected(
                     token::Column::LastRefreshAt,
                     token::Column::LastError,
                     token::Column::NotifiedAt,
+                    token::Column::RefreshLeaseUntil,
                 ])
                 .to_owned(),
         )

@@ -20,6 +20,8 @@ pub struct Model {
     pub last_refresh_at: Option<ChronoDateTimeUtc>,
     pub last_error: Option<String>,
     pub notified_at: Option<ChronoDateTimeUtc>,
+    /// While set and in the future, one worker is refreshing this token; others wait for it.
+    pub refresh_lease_until: Option<ChronoDateTimeUtc>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -1,0 +1,86 @@
+//! The state of every mail server, for the operator CLI and scripts.
+
+use chrono::{DateTime, Utc};
+use crm_sdk::ModuleContext;
+use sea_orm::{EntityTrait, QueryOrder};
+use serde::Serialize;
+
+use crate::entities::{mail_server, token};
+
+/// One mail server's state.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerStatus {
+    /// The server's id.
+    pub id: i32,
+    /// Its name.
+    pub name: String,
+    /// The mailbox address.
+    pub mailbox: String,
+    /// `shared` or `personal`.
+    pub kind: String,
+    /// `delegated` or `app_only`.
+    pub auth: String,
+    /// `not_connected`, `valid` or `needs_reconnect`.
+    pub status: String,
+    /// When the access token expires.
+    pub access_expires_at: Option<DateTime<Utc>>,
+    /// When the token was last refreshed.
+    pub last_refresh_at: Option<DateTime<Utc>>,
+    /// The last error, in words.
+    pub last_error: Option<String>,
+}
+
+/// Every server with its token state.
+pub async fn all(ctx: &ModuleContext) -> Result<Vec<ServerStatus>, sea_orm::DbErr> {
+    let servers = mail_server::Entity::find()
+        .order_by_asc(mail_server::Column::Id)
+        .all(ctx.db())
+        .await?;
+    let tokens = token::Entity::find().all(ctx.db()).await?;
+    Ok(servers
+        .into_iter()
+        .map(|s| {
+            let t = tokens.iter().find(|t| t.server_id == s.id);
+            ServerStatus {
+                id: s.id,
+                name: s.name,
+                mailbox: s.mailbox,
+                kind: s.kind,
+                status: match t {
+                    None if s.auth == "app_only" => "app_only".into(),
+                    None => "not_connected".into(),
+                    Some(t) => t.status.clone(),
+                },
+                auth: s.auth,
+                access_expires_at: t.map(|t| t.access_expires_at),
+                last_refresh_at: t.and_then(|t| t.last_refresh_at),
+                last_error: t.and_then(|t| t.last_error.clone()),
+            }
+        })
+        .collect())
+}
+
+/// A plain-text table of `rows`.
+pub fn table(rows: &[ServerStatus]) -> String {
+    let fmt = |d: Option<DateTime<Utc>>| {
+        d.map(|d| d.format("%Y-%m-%d %H:%M").to_string())
+            .unwrap_or_else(|| "-".into())
+    };
+    let mut out = format!(
+        "{:<4} {:<32} {:<9} {:<16} {:<17} {:<17} {}\n",
+        "ID", "MAILBOX", "KIND", "STATUS", "ACCESS EXPIRES", "LAST REFRESH", "LAST ERROR"
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "{:<4} {:<32} {:<9} {:<16} {:<17} {:<17} {}\n",
+            r.id,
+            r.mailbox,
+            r.kind,
+            r.status,
+            fmt(r.access_expires_at),
+            fmt(r.last_refresh_at),
+            r.last_error.as_deref().unwrap_or("-")
+        ));
+    }
+    out
+}
