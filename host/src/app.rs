@@ -21,6 +21,9 @@ use crate::registry::{ModuleEntry, Registry};
 use crate::settings::DbSettingsStore;
 use crate::state::AppState;
 
+/// Routes a host adds besides its own and its modules' (the demo's page of received mail).
+pub type ExtraRoutes = Arc<dyn Fn(&mut web::ServiceConfig) + Send + Sync>;
+
 /// What the host is built from besides its configuration.
 pub struct HostOptions {
     /// The linked modules.
@@ -29,6 +32,8 @@ pub struct HostOptions {
     pub clock: Arc<dyn Clock>,
     /// The key that seals secrets.
     pub sealing_key: SealingKey,
+    /// More routes (the demo's page of received mail).
+    pub extra_routes: Vec<ExtraRoutes>,
 }
 
 /// A built host, ready to serve.
@@ -173,6 +178,7 @@ impl Application {
     /// Opens the database, assembles the modules, restores their enabled state and binds.
     pub async fn build(config: Config, options: HostOptions) -> anyhow::Result<Self> {
         let clock = options.clock.clone();
+        let extra_routes = options.extra_routes.clone();
         let Assembled {
             db,
             chrome,
@@ -197,6 +203,7 @@ impl Application {
             TcpListener::bind(&config.bind).with_context(|| format!("binding {}", config.bind))?;
         let port = listener.local_addr()?.port();
         let server_state = state.clone();
+        let extra_routes = extra_routes.clone();
         let mut server = HttpServer::new(move || {
             let state = server_state.clone();
             let mut app = App::new()
@@ -210,6 +217,10 @@ impl Application {
                 .configure(crate::modules_page::routes)
                 .configure(crate::records::routes)
                 .configure(crate::notifier::routes);
+            for extra in &extra_routes {
+                let extra = extra.clone();
+                app = app.configure(move |cfg| extra(cfg));
+            }
             for entry in state.registry.entries() {
                 let flag = entry.enabled.clone();
                 let module = entry.module.clone();

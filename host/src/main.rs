@@ -129,6 +129,7 @@ async fn main() -> anyhow::Result<()> {
                     modules: vec![module.clone()],
                     clock: Arc::new(SystemClock),
                     sealing_key: key,
+                    extra_routes: Vec::new(),
                 },
             )
             .await?;
@@ -185,6 +186,7 @@ async fn main() -> anyhow::Result<()> {
                     modules: linked_modules(),
                     clock: Arc::new(SystemClock),
                     sealing_key: key,
+                    extra_routes: Vec::new(),
                 },
             )
             .await?;
@@ -201,13 +203,24 @@ async fn main() -> anyhow::Result<()> {
             let key = demo_key(&dir)?;
             let db = crm_host::app::open_database(&config).await?;
             let seeded = crm_host::seed::seed_demo(&db).await?;
+            for module in linked_modules() {
+                module.migrate(&db).await?;
+            }
+            let public = config.public_base_url().map_err(anyhow::Error::msg)?;
+            let simulated =
+                crm_host::demo::start(&db, &crm_sdk::Sealer::new(&key), &public).await?;
             drop(db);
+            let mut extra_routes: Vec<crm_host::app::ExtraRoutes> = Vec::new();
+            if let Some(services) = simulated.clone() {
+                extra_routes.push(Arc::new(crm_host::demo::routes(services)));
+            }
             let app = Application::build(
                 config.clone(),
                 HostOptions {
                     modules: linked_modules(),
                     clock: Arc::new(SystemClock),
                     sealing_key: key,
+                    extra_routes,
                 },
             )
             .await?;
@@ -224,6 +237,28 @@ async fn main() -> anyhow::Result<()> {
                     login.password,
                     if login.is_admin { "(operator)" } else { "" }
                 );
+            }
+            match &simulated {
+                Some(services) => {
+                    println!(
+                        "No Azure app is configured: the simulated Microsoft services run on loopback"
+                    );
+                    println!(
+                        "  identity platform {}   SMTP submission localhost:{}",
+                        services.idp.authority_url(),
+                        services.smtp.port()
+                    );
+                    println!(
+                        "Try it: sign in as the operator, open Outgoing mail servers › {} › Connect,",
+                        crm_host::demo::DEMO_MAILBOX
+                    );
+                    println!(
+                        "accept at the simulated Microsoft page, then send a mail from a contact and see it at {url}/demo/received"
+                    );
+                }
+                None => println!(
+                    "The module is configured for a real Azure app; no simulated services were started."
+                ),
             }
             println!("Data lives in ./data (SQLite + sealing key). Ctrl-C stops.\n");
             app.run_until_stopped().await?;

@@ -61,6 +61,55 @@ impl SettingsStore for DbSettingsStore {
     }
 }
 
+/// Writes plain and secret (sealed) values of `module` in one transaction.
+pub async fn store(
+    db: &DatabaseConnection,
+    sealer: &Sealer,
+    module: &str,
+    plain: BTreeMap<String, String>,
+    secrets: BTreeMap<String, String>,
+) -> Result<(), sea_orm::DbErr> {
+    let now = Utc::now();
+    let rows: Vec<setting::ActiveModel> = plain
+        .into_iter()
+        .map(|(key, value)| (key, value, false))
+        .chain(secrets.into_iter().map(|(key, value)| {
+            let sealed = sealer.seal(&value, &seal_context(module, &key));
+            (key, sealed, true)
+        }))
+        .map(|(key, value, sealed)| setting::ActiveModel {
+            module: Set(module.to_string()),
+            key: Set(key),
+            value: Set(value),
+            sealed: Set(sealed),
+            updated_at: Set(now),
+        })
+        .collect();
+    db.transaction::<_, (), sea_orm::DbErr>(|txn| {
+        Box::pin(async move {
+            for row in rows {
+                setting::Entity::insert(row)
+                    .on_conflict(
+                        OnConflict::columns([setting::Column::Module, setting::Column::Key])
+                            .update_columns([
+                                setting::Column::Value,
+                                setting::Column::Sealed,
+                                setting::Column::UpdatedAt,
+                            ])
+                            .to_owned(),
+                    )
+                    .exec(txn)
+                    .await?;
+            }
+            Ok(())
+        })
+    })
+    .await
+    .map_err(|e| match e {
+        sea_orm::TransactionError::Connection(e) | sea_orm::TransactionError::Transaction(e) => e,
+    })
+}
+
 /// Stored plain values of a module, with the manifest's defaults for fields never saved.
 pub fn with_defaults(manifest: &Manifest, values: &SettingsValues) -> BTreeMap<String, String> {
     manifest
@@ -238,44 +287,7 @@ async fn save(
                     .into_string(),
             );
     }
-    let now = Utc::now();
-    let rows: Vec<setting::ActiveModel> = plain
-        .into_iter()
-        .map(|(key, value)| (key, value, false))
-        .chain(secrets.into_iter().map(|(key, value)| {
-            let sealed = state.sealer.seal(&value, &seal_context(&manifest.id, &key));
-            (key, sealed, true)
-        }))
-        .map(|(key, value, sealed)| setting::ActiveModel {
-            module: Set(manifest.id.clone()),
-            key: Set(key),
-            value: Set(value),
-            sealed: Set(sealed),
-            updated_at: Set(now),
-        })
-        .collect();
-    let saved = state
-        .db
-        .transaction::<_, (), sea_orm::DbErr>(|txn| {
-            Box::pin(async move {
-                for row in rows {
-                    setting::Entity::insert(row)
-                        .on_conflict(
-                            OnConflict::columns([setting::Column::Module, setting::Column::Key])
-                                .update_columns([
-                                    setting::Column::Value,
-                                    setting::Column::Sealed,
-                                    setting::Column::UpdatedAt,
-                                ])
-                                .to_owned(),
-                        )
-                        .exec(txn)
-                        .await?;
-                }
-                Ok(())
-            })
-        })
-        .await;
+    let saved = store(&state.db, &state.sealer, &manifest.id, plain, secrets).await;
     match saved {
         Ok(()) => {
             tracing::info!(module = %manifest.id, user_id = user.id, "settings saved");

@@ -20,4 +20,4 @@ pub mod token_client;
 pub mod token_service;
 pub mod token_store;
 
-pub use module::{CONFIRM_PATH, MANIFEST_TOML, OutlookModule};
+pub use module::{CONFIRM_PATH, MANIFEST_TOML, OutlookModule, is_loopback_url};

@@ -111,7 +111,13 @@ impl Module for OutlookModule {
             check_client_secret: schedule_of("check_client_secret"),
             sweep_outbox: self.shared.options.sweep_schedule.clone(),
             delivery_concurrency: self.shared.options.delivery_concurrency,
-            instance: self.shared.instance.clone(),
+            instance: format!(
+                "{}.{}",
+                self.shared.instance,
+                self.shared
+                    .starts
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ),
         };
         let pool = match ctx.db().get_database_backend() {
             sea_orm::DbBackend::Postgres => microsoft_outlook_jobs::QueuePool::Postgres(

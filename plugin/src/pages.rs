@@ -143,11 +143,7 @@ fn server_form(
                 }
                 (field_error(errors, "auth"))
             }
-            label for="transport" { "Transport" }
-            select #transport name="transport" {
-                option value="smtp" selected[form.transport != "graph"] { "SMTP submission (XOAUTH2)" }
-                option value="graph" selected[form.transport == "graph"] { "Microsoft Graph (when SMTP AUTH is off)" }
-            }
+            input type="hidden" name="transport" value="smtp";
             (field_error(errors, "transport"))
             label for="send_as" { "Send as" }
             select #send_as name="send_as" {

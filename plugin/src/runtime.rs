@@ -58,6 +58,8 @@ pub struct Shared {
     pub http: oauth2::reqwest::Client,
     /// This process's name for leases and workers.
     pub instance: String,
+    /// How often the jobs were started (worker names must be new each time).
+    pub starts: std::sync::atomic::AtomicU32,
     /// The app-only (client credentials) token, shared by every worker of this process.
     pub app_token: tokio::sync::Mutex<Option<AppToken>>,
     /// Recent sends per mailbox, for the per-minute limit.
@@ -76,6 +78,7 @@ impl Shared {
             smtp: SmtpSender::new(),
             http: crate::token_client::http_client(),
             instance: format!("{}-{suffix:08x}", std::process::id()),
+            starts: std::sync::atomic::AtomicU32::new(0),
             recent_sends: std::sync::Mutex::new(std::collections::HashMap::new()),
             app_token: tokio::sync::Mutex::new(None),
         })

@@ -60,8 +60,13 @@ impl Default for SmtpSender {
     }
 }
 
+/// The server's reply as it was on the wire (`432 4.3.2 ...`), else lettre's description.
 fn error_text(e: &lettre::transport::smtp::Error) -> String {
-    e.to_string()
+    let text = e.to_string();
+    match (e.status(), text.split_once("): ")) {
+        (Some(code), Some((_, message))) => format!("{code} {message}"),
+        _ => text,
+    }
 }
 
 fn classify_error(e: &lettre::transport::smtp::Error) -> SendOutcome {

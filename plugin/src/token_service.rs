@@ -356,6 +356,10 @@ async fn refresh_holding_lease(
                 .col_expr(token::Column::Version, Expr::value(row.version + 1))
                 .col_expr(token::Column::LastRefreshAt, Expr::value(now))
                 .col_expr(
+                    token::Column::RefreshLeaseUntil,
+                    Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
+                )
+                .col_expr(
                     token::Column::LastError,
                     Expr::value(Option::<String>::None),
                 );

@@ -1,7 +1,8 @@
 //! `spawn_app()`: a running host on a fresh database and a free port, with a cookie-jar client.
 
-use crm_host::{Application, Config, HostOptions, linked_modules};
+use crm_host::{Application, Config, HostOptions};
 use crm_sdk::{ManualClock, SealingKey};
+use microsoft_outlook::runtime::ModuleOptions;
 use microsoft_outlook_tests::testdb::TestDb;
 use reqwest::StatusCode;
 use sea_orm::DatabaseConnection;
@@ -65,11 +66,42 @@ pub struct TestApp {
     pub key: SealingKey,
     pub clock: Arc<ManualClock>,
     pub app: actix_web::web::Data<crm_host::state::AppState>,
+    pub module: Arc<microsoft_outlook::OutlookModule>,
     pub alice_id: i64,
     pub bob_id: i64,
     pub admin_id: i64,
     handle: actix_web::dev::ServerHandle,
     _db: Arc<TestDb>,
+}
+
+/// Module tunables for tests: a sweep every second, short retries and leases, no jitter.
+pub fn test_options() -> ModuleOptions {
+    ModuleOptions {
+        sweep_schedule: "*/1 * * * * *".into(),
+        delivery_concurrency: 4,
+        lease_secs: 20,
+        retry_base_secs: 2,
+        refresh: microsoft_outlook::jobs::RefreshOptions {
+            concurrency: 4,
+            max_jitter: std::time::Duration::ZERO,
+            transient_retries: 1,
+        },
+    }
+}
+
+/// Waits (up to 30 s) until `check` holds; panics with `what` otherwise.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..300 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("gave up waiting: {what}");
 }
 
 /// Starts a host on a fresh database with an operator and two users.
@@ -92,12 +124,16 @@ pub async fn spawn_on(test_db: Arc<TestDb>, key: SealingKey, seed: bool) -> Test
         ..Config::default()
     };
     let clock = Arc::new(ManualClock::new(chrono::Utc::now()));
+    let module = Arc::new(microsoft_outlook::OutlookModule::with_options(
+        test_options(),
+    ));
     let app = Application::build(
         config,
         HostOptions {
-            modules: linked_modules(),
+            modules: vec![module.clone()],
             clock: clock.clone(),
             sealing_key: key.clone(),
+            extra_routes: Vec::new(),
         },
     )
     .await
@@ -126,6 +162,7 @@ pub async fn spawn_on(test_db: Arc<TestDb>, key: SealingKey, seed: bool) -> Test
         key,
         clock,
         app: state,
+        module,
         admin_id,
         alice_id,
         bob_id,
@@ -228,6 +265,44 @@ impl Browser {
         let mut all: Vec<(&str, &str)> = fields.to_vec();
         all.push(("csrf_token", &token));
         self.post_raw(path, &all).await
+    }
+
+    /// POSTs JSON with the session's CSRF token in the header.
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> (StatusCode, serde_json::Value) {
+        let token = self.csrf().await;
+        let response = self
+            .client
+            .post(self.url(path))
+            .header("x-csrf-token", token)
+            .json(body)
+            .send()
+            .await
+            .expect("POST");
+        let status = response.status();
+        (
+            status,
+            response.json().await.unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    /// GETs JSON.
+    pub async fn get_json(&self, path: &str) -> (StatusCode, serde_json::Value) {
+        let response = self
+            .client
+            .get(self.url(path))
+            .header("accept", "application/json")
+            .send()
+            .await
+            .expect("GET");
+        let status = response.status();
+        (
+            status,
+            response.json().await.unwrap_or(serde_json::Value::Null),
+        )
     }
 
     /// POSTs a form exactly as given (no CSRF token added).

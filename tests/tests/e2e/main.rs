@@ -1,6 +1,10 @@
 //! End-to-end tests of the host and the microsoft_outlook module (one binary; SQLite by default,
 //! PostgreSQL when TEST_DATABASE_URL names a server).
 
+mod connect;
 mod foundation;
+mod fuzz;
 #[allow(dead_code)] // shared by every suite; not each suite uses each helper
 mod helpers;
+mod send;
+mod tokens;

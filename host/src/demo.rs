@@ -1,0 +1,215 @@
+//! `crm-host demo` without an Azure account: the simulated Microsoft identity platform and
+//! Exchange submission server on loopback, the module pointed at them, and a page that shows
+//! the mails they received.
+
+use actix_web::{HttpResponse, web};
+use crm_sdk::CurrentUser;
+use maud::html;
+use microsoft_outlook::entities::{mail_server, token};
+use microsoft_outlook_tests::identity::{
+    AppRegistration, AuthorizeMode, IdentityPlatform, TestUser,
+};
+use microsoft_outlook_tests::smtp::{AuthVerdict, SmtpConfig, SmtpServer};
+use rand::Rng;
+use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, Set};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::html::ok;
+use crate::seed::DEMO_LOGINS;
+use crate::state::AppState;
+
+/// The shared mailbox the demo's outgoing server signs in as.
+pub const DEMO_MAILBOX: &str = "crm@contoso.example";
+const DEMO_SERVER_NAME: &str = "Office 365 (simulated)";
+
+/// The running simulated services.
+#[derive(Clone)]
+pub struct DemoServices {
+    /// The identity platform.
+    pub idp: IdentityPlatform,
+    /// The SMTP submission server.
+    pub smtp: Arc<SmtpServer>,
+}
+
+fn random_guid() -> String {
+    let b: [u8; 16] = rand::rng().random();
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+/// Whether the module is configured for a real Azure app (then the demo leaves it alone).
+fn configured_for_azure(values: &crm_sdk::SettingsValues) -> bool {
+    values.get("client_id").is_some()
+        && values
+            .get("authority_url")
+            .is_none_or(|a| !microsoft_outlook::is_loopback_url(a))
+}
+
+/// Starts the simulated services and points the module at them, unless an Azure app is configured.
+pub async fn start(
+    db: &sea_orm::DatabaseConnection,
+    sealer: &crm_sdk::Sealer,
+    public_base_url: &url::Url,
+) -> anyhow::Result<Option<DemoServices>> {
+    use crm_sdk::SettingsStore;
+    let values = crate::settings::DbSettingsStore::new(db.clone(), sealer.clone())
+        .load("microsoft_outlook")
+        .await
+        .unwrap_or_default();
+    let redirect_uri = format!(
+        "{}{}",
+        public_base_url.as_str().trim_end_matches('/'),
+        microsoft_outlook::CONFIRM_PATH
+    );
+    if configured_for_azure(&values) {
+        return Ok(None);
+    }
+    let idp = IdentityPlatform::start().await?;
+    idp.set_authorize_mode(AuthorizeMode::ConsentPage);
+    let client_id = values
+        .get("client_id")
+        .map(str::to_string)
+        .unwrap_or_else(random_guid);
+    let secret = values
+        .secret("client_secret")
+        .map(|s| secrecy::ExposeSecret::expose_secret(s).to_string())
+        .unwrap_or_else(crate::auth::random_token);
+    idp.register_app(AppRegistration {
+        client_id: client_id.clone(),
+        client_secret: secret.clone(),
+        secret_expired: false,
+        redirect_uris: vec![redirect_uri],
+    });
+    for (i, address) in std::iter::once(DEMO_MAILBOX)
+        .chain(DEMO_LOGINS.iter().map(|l| l.email))
+        .enumerate()
+    {
+        idp.add_user(TestUser {
+            username: address.to_string(),
+            email: Some(address.to_string()),
+            oid: format!("00000000-0000-0000-0000-{i:012}"),
+            tenant_id: "72f988bf-86f1-41af-91ab-2d7cd011db47".into(),
+        });
+    }
+    let mut plain = BTreeMap::new();
+    plain.insert("client_id".to_string(), client_id);
+    plain.insert("authority_url".to_string(), idp.authority_url());
+    plain.insert("tenant".to_string(), "common".to_string());
+    if values.get("client_secret_expires_on").is_none() {
+        let expires = (chrono::Utc::now() + chrono::Duration::days(180))
+            .date_naive()
+            .to_string();
+        plain.insert("client_secret_expires_on".to_string(), expires);
+    }
+    let mut secrets = BTreeMap::new();
+    secrets.insert("client_secret".to_string(), secret);
+    crate::settings::store(db, sealer, "microsoft_outlook", plain, secrets).await?;
+
+    let validator_idp = idp.clone();
+    let smtp = SmtpServer::start(SmtpConfig {
+        validator: Some(Arc::new(
+            move |user: &str, bearer: &str| match validator_idp.validate_access_token(bearer) {
+                Some(info)
+                    if info.app_only
+                        || info
+                            .username
+                            .as_deref()
+                            .is_some_and(|u| u.eq_ignore_ascii_case(user)) =>
+                {
+                    AuthVerdict::Accept
+                }
+                _ => AuthVerdict::Reject,
+            },
+        )),
+        ..SmtpConfig::default()
+    })
+    .await?;
+
+    // The simulated services forget their tokens when the demo stops: point the demo's servers
+    // at the new ones and ask for a fresh Connect.
+    let now = chrono::Utc::now();
+    let existing = mail_server::Entity::find()
+        .filter(mail_server::Column::Name.eq(DEMO_SERVER_NAME))
+        .one(db)
+        .await?;
+    let mut model: mail_server::ActiveModel = match existing {
+        Some(m) => {
+            token::Entity::delete_by_id(m.id).exec(db).await?;
+            m.into()
+        }
+        None => mail_server::ActiveModel {
+            name: Set(DEMO_SERVER_NAME.into()),
+            kind: Set("shared".into()),
+            owner_user_id: Set(None),
+            mailbox: Set(DEMO_MAILBOX.into()),
+            auth: Set("delegated".into()),
+            transport: Set("smtp".into()),
+            send_as: Set("author".into()),
+            from_allow_list: Set(String::new()),
+            is_default: Set(true),
+            created_at: Set(now),
+            ..Default::default()
+        },
+    };
+    model.smtp_host = Set("localhost".into());
+    model.smtp_port = Set(i32::from(smtp.port()));
+    model.security = Set("starttls".into());
+    model.extra_ca_pem = Set(Some(smtp.ca_pem()));
+    model.updated_at = Set(now);
+    model.save(db).await?;
+    Ok(Some(DemoServices {
+        idp,
+        smtp: Arc::new(smtp),
+    }))
+}
+
+async fn received(
+    state: web::Data<AppState>,
+    demo: web::Data<DemoServices>,
+    user: CurrentUser,
+) -> HttpResponse {
+    let mut mails = demo.smtp.received();
+    mails.reverse();
+    let body = html! {
+        h1 { "Simulated Exchange: received mail" }
+        section.card {
+            p.help { "Every message the simulated smtp.office365.com accepted in this demo run, newest first." }
+            @if mails.is_empty() { p { "Nothing yet. Open a contact and send a mail; it appears here within seconds." } }
+            @else {
+                table {
+                    thead { tr { th { "Authenticated as" } th { "From (envelope)" } th { "To" } th { "Message-ID" } th { "Size" } } }
+                    tbody {
+                        @for m in &mails {
+                            tr {
+                                td { (m.auth_user.as_deref().unwrap_or("-")) }
+                                td { (m.mail_from) }
+                                td { (m.rcpt_to.join(", ")) }
+                                td { code { (m.message_id.as_deref().unwrap_or("-")) } }
+                                td { (m.data.len()) " bytes" }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    ok(state.chrome.render("Received mail", Some(&user), body))
+}
+
+/// The demo's routes.
+pub fn routes(
+    demo: DemoServices,
+) -> impl Fn(&mut web::ServiceConfig) + Clone + Send + Sync + 'static {
+    move |cfg: &mut web::ServiceConfig| {
+        cfg.app_data(web::Data::new(demo.clone()))
+            .route("/demo/received", web::get().to(received));
+    }
+}

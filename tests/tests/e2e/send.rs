@@ -1,0 +1,708 @@
+//! Sending mail from records: the outbox, XOAUTH2 delivery through the simulated Exchange
+//! submission server, every outcome class, and bad input at the door.
+
+use crate::connect::{Env, MAILBOX, connect_through, env};
+use crate::helpers::{ALICE, BOB, Browser, TestApp, eventually, spawn_on};
+use crm_sdk::{Clock, Sealer};
+use microsoft_outlook::entities::{outbox, token};
+use microsoft_outlook_tests::identity::{IdentityPlatform, TokenFault};
+use microsoft_outlook_tests::smtp::{AuthVerdict, Injected, SmtpConfig, SmtpServer, Stage};
+use reqwest::StatusCode;
+use sea_orm::sea_query::Expr;
+use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
+use secrecy::ExposeSecret;
+use serde_json::json;
+use std::sync::Arc;
+
+pub(crate) struct Mailing {
+    pub env: Env,
+    pub smtp: SmtpServer,
+    pub alice: Browser,
+    pub contact: i64,
+}
+
+fn validator(idp: &IdentityPlatform) -> microsoft_outlook_tests::smtp::TokenValidator {
+    let idp = idp.clone();
+    Arc::new(
+        move |user: &str, token: &str| match idp.validate_access_token(token) {
+            Some(info)
+                if info.app_only
+                    || info
+                        .username
+                        .as_deref()
+                        .is_some_and(|u| u.eq_ignore_ascii_case(user)) =>
+            {
+                AuthVerdict::Accept
+            }
+            _ => AuthVerdict::Reject,
+        },
+    )
+}
+
+async fn point_server_at(env: &Env, smtp: &SmtpServer, extra: &[(&str, &str)]) {
+    let port = smtp.port().to_string();
+    let pem = smtp.ca_pem();
+    let mut fields = vec![
+        ("name", "Office 365"),
+        ("mailbox", MAILBOX),
+        ("smtp_host", "localhost"),
+        ("smtp_port", port.as_str()),
+        ("security", "starttls"),
+        ("extra_ca_pem", pem.as_str()),
+        ("auth", "delegated"),
+        ("transport", "smtp"),
+        ("send_as", "author"),
+        ("is_default", "on"),
+    ];
+    for (k, v) in extra {
+        fields.retain(|(f, _)| f != k);
+        fields.push((k, v));
+    }
+    let (status, page, _) = env
+        .admin
+        .post_form(
+            &format!("/microsoft_outlook/servers/{}", env.server_id),
+            &fields,
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "{page}");
+}
+
+/// Saves the module settings with `extra` fields (the client secret stays as stored).
+pub(crate) async fn settings(env: &Env, extra: &[(&str, &str)]) {
+    let authority = env.idp.authority_url();
+    let mut fields = vec![
+        ("client_id", crate::connect::CLIENT_ID),
+        ("tenant", "common"),
+        ("authority_url", authority.as_str()),
+    ];
+    fields.extend_from_slice(extra);
+    let (status, page, _) = env
+        .admin
+        .post_form("/settings/microsoft_outlook", &fields)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+}
+
+pub(crate) async fn mailing() -> Mailing {
+    let env = env().await;
+    let (status, _, _) = connect_through(&env.admin, env.server_id).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let smtp = SmtpServer::start(SmtpConfig {
+        validator: Some(validator(&env.idp)),
+        ..SmtpConfig::default()
+    })
+    .await
+    .expect("smtp");
+    point_server_at(&env, &smtp, &[]).await;
+    // The per-minute throttle has its own test; the others send faster than 30 a minute.
+    settings(&env, &[("mailbox_rate_per_minute", "0")]).await;
+    let contact = crm_host::seed::create_contact(
+        &env.app.db,
+        "Dana Fabrikam",
+        Some("dana@fabrikam.example"),
+        Some("Fabrikam"),
+        env.app.alice_id,
+        false,
+    )
+    .await
+    .expect("contact");
+    let alice = env.app.signed_in(ALICE).await;
+    Mailing {
+        env,
+        smtp,
+        alice,
+        contact,
+    }
+}
+
+fn mails_path(contact: i64) -> String {
+    format!("/microsoft_outlook/records/contact/{contact}/mails")
+}
+
+async fn queue(m: &Mailing, subject: &str) -> i64 {
+    let (status, body) = m
+        .alice
+        .post_json(&mails_path(m.contact), &json!({"to": "Dana <dana@fabrikam.example>", "subject": subject, "text_body": "Hello Dana"}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    body["id"].as_i64().expect("id")
+}
+
+async fn row(app: &TestApp, id: i64) -> outbox::Model {
+    outbox::Entity::find_by_id(id)
+        .one(&app.db)
+        .await
+        .expect("query")
+        .expect("row")
+}
+
+async fn wait_status(app: &TestApp, id: i64, status: &str) -> outbox::Model {
+    let db = app.db.clone();
+    eventually(&format!("mail {id} to become {status}"), || {
+        let db = db.clone();
+        let status = status.to_string();
+        async move {
+            outbox::Entity::find_by_id(id)
+                .one(&db)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.status == status)
+        }
+    })
+    .await;
+    row(app, id).await
+}
+
+async fn outbox_count(app: &TestApp) -> u64 {
+    outbox::Entity::find().count(&app.db).await.expect("count")
+}
+
+/// Moves the test clock past a retry's due time (the sweep then re-queues it).
+fn advance(app: &TestApp, secs: i64) {
+    app.clock.advance(chrono::Duration::seconds(secs));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_queues_a_mail_on_a_contact_and_it_is_delivered_with_xoauth2() {
+    let m = mailing().await;
+    // The record's page offers the compose form.
+    let (_, page, _) = m.alice.get(&format!("/contacts/{}", m.contact)).await;
+    assert!(page.contains("Send a mail"));
+    let (status, _, location) = m
+        .alice
+        .post_form(
+            &mails_path(m.contact),
+            &[
+                ("to", "Dana <dana@fabrikam.example>"),
+                ("subject", "Our quote"),
+                ("text_body", "Hello Dana, here it is."),
+            ],
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert!(
+        location
+            .expect("redirect")
+            .starts_with(&mails_path(m.contact))
+    );
+    let smtp = &m.smtp;
+    eventually("the mail to reach the server", || async {
+        smtp.received_count() == 1
+    })
+    .await;
+    let received = smtp.received().remove(0);
+
+    let stored = token::Entity::find_by_id(m.env.server_id)
+        .one(&m.env.app.db)
+        .await
+        .expect("q")
+        .expect("token");
+    let access = Sealer::new(&m.env.app.key)
+        .unseal(
+            &stored.access_token_sealed,
+            &microsoft_outlook::token_store::access_context(m.env.server_id),
+        )
+        .expect("unseal");
+    let expected = format!(
+        "user={MAILBOX}\x01auth=Bearer {}\x01\x01",
+        access.expose_secret()
+    );
+    assert_eq!(
+        received.auth_raw.as_deref(),
+        Some(expected.as_bytes()),
+        "the exact XOAUTH2 initial response"
+    );
+    assert!(received.tls, "sent after STARTTLS");
+    let data = String::from_utf8_lossy(&received.data).to_string();
+    let headers = data
+        .split("\r\n\r\n")
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        headers.contains("From: \"Alice Adams\" <alice@contoso.example>")
+            || headers.contains("From: Alice Adams <alice@contoso.example>"),
+        "{headers}"
+    );
+    assert!(
+        !headers.contains("\r\nSender:"),
+        "send-as: the author is the From, no Sender\n{headers}"
+    );
+    let (_, list) = m.alice.get_json(&mails_path(m.contact)).await;
+    let mail = &list[0];
+    assert_eq!(mail["status"], "sent");
+    assert_eq!(mail["attempts"], 1);
+    let message_id = mail["message_id"].as_str().expect("message id");
+    assert!(
+        headers.contains(&format!("Message-ID: <{message_id}>")),
+        "{headers}"
+    );
+    assert_eq!(received.message_id.as_deref(), Some(message_id));
+    assert_eq!(received.mail_from, "alice@contoso.example");
+    assert!(
+        mail["last_reply"]
+            .as_str()
+            .expect("reply")
+            .starts_with("250")
+    );
+    let (_, page, _) = m.alice.get(&mails_path(m.contact)).await;
+    assert!(page.contains("sent"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_432_is_retried_with_back_off_then_sent() {
+    let m = mailing().await;
+    m.smtp.inject(
+        Injected::Reply {
+            stage: Stage::MailFrom,
+            reply: "432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded".into(),
+        },
+        1,
+    );
+    let id = queue(&m, "Throttled").await;
+    let first = wait_status(&m.env.app, id, "queued").await;
+    eventually("the first attempt", || async {
+        row(&m.env.app, id).await.attempts == 1
+    })
+    .await;
+    let first = if first.attempts == 1 {
+        first
+    } else {
+        row(&m.env.app, id).await
+    };
+    assert!(
+        first
+            .last_reply
+            .as_deref()
+            .unwrap_or_default()
+            .contains("432 4.3.2"),
+        "{first:?}"
+    );
+    assert!(
+        first.next_attempt_at > m.env.app.clock.now(),
+        "a retry is scheduled later"
+    );
+    advance(&m.env.app, 10);
+    let sent = wait_status(&m.env.app, id, "sent").await;
+    assert_eq!(sent.attempts, 2);
+    assert_eq!(m.smtp.count_by_message_id().get(&sent.message_id), Some(&1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_as_denied_fails_with_the_reply_and_what_to_do() {
+    let m = mailing().await;
+    m.smtp.inject(Injected::Reply { stage: Stage::EndOfData, reply: "554 5.2.0 STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied; Failed to process message due to a permanent exception".into() }, 1);
+    let id = queue(&m, "Denied").await;
+    let failed = wait_status(&m.env.app, id, "failed").await;
+    assert_eq!(failed.attempts, 1);
+    assert!(
+        failed
+            .last_reply
+            .as_deref()
+            .unwrap_or_default()
+            .contains("SendAsDenied")
+    );
+    assert!(
+        failed
+            .last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("Send As permission"),
+        "{failed:?}"
+    );
+    assert_eq!(m.smtp.received_count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_535_refreshes_the_token_and_sends() {
+    let m = mailing().await;
+    let before = m
+        .env
+        .idp
+        .token_requests()
+        .iter()
+        .filter(|r| r.grant_type == "refresh_token")
+        .count();
+    m.smtp.inject(
+        Injected::Reply {
+            stage: Stage::Auth,
+            reply: "535 5.7.3 Authentication unsuccessful".into(),
+        },
+        1,
+    );
+    let id = queue(&m, "Refresh then send").await;
+    let sent = wait_status(&m.env.app, id, "sent").await;
+    assert_eq!(sent.attempts, 1);
+    let refreshes = m
+        .env
+        .idp
+        .token_requests()
+        .into_iter()
+        .filter(|r| r.grant_type == "refresh_token")
+        .collect::<Vec<_>>();
+    assert_eq!(refreshes.len(), before + 1);
+    assert!(
+        refreshes
+            .last()
+            .and_then(|r| r.scope.clone())
+            .unwrap_or_default()
+            .contains("SMTP.Send"),
+        "scope repeated"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_535_needs_reconnect_and_notifies_once() {
+    let m = mailing().await;
+    m.smtp.inject(
+        Injected::Reply {
+            stage: Stage::Auth,
+            reply: "535 5.7.3 Authentication unsuccessful".into(),
+        },
+        10,
+    );
+    let id = queue(&m, "Dead grant").await;
+    let waiting = wait_status(&m.env.app, id, "needs_reconnect").await;
+    assert_eq!(
+        waiting.attempts, 0,
+        "a mail that waits for a reconnect spends no attempt"
+    );
+    assert!(
+        waiting
+            .last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("Reconnect")
+    );
+    let second = queue(&m, "Also waits").await;
+    wait_status(&m.env.app, second, "needs_reconnect").await;
+    let (_, page, _) = m.env.admin.get("/notifications").await;
+    assert_eq!(
+        page.matches("must be reconnected").count(),
+        1,
+        "operators are told once\n{page}"
+    );
+    let (_, server_page, _) = m
+        .env
+        .admin
+        .get(&format!("/microsoft_outlook/servers/{}", m.env.server_id))
+        .await;
+    assert!(server_page.contains("Needs reconnect"));
+
+    // Reconnecting releases the waiting mails.
+    m.smtp.clear_injections();
+    let (status, _, _) = connect_through(&m.env.admin, m.env.server_id).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    wait_status(&m.env.app, id, "sent").await;
+    wait_status(&m.env.app, second, "sent").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_auth_disabled_is_explained_not_retried() {
+    let m = mailing().await;
+    m.smtp.inject(Injected::Reply { stage: Stage::Auth, reply: "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information.".into() }, 10);
+    let id = queue(&m, "No SMTP AUTH").await;
+    let waiting = wait_status(&m.env.app, id, "needs_reconnect").await;
+    let error = waiting.last_error.unwrap_or_default();
+    assert!(error.contains("SMTP AUTH is disabled"), "{error}");
+    assert!(error.contains("Graph"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_grant_on_refresh_needs_reconnect() {
+    let m = mailing().await;
+    token::Entity::update_many()
+        .col_expr(
+            token::Column::AccessExpiresAt,
+            Expr::value(m.env.app.clock.now() + chrono::Duration::minutes(1)),
+        )
+        .exec(&m.env.app.db)
+        .await
+        .expect("update");
+    m.env.idp.fail_next_token_requests(
+        TokenFault::OAuthError { status: 400, error: "invalid_grant".into(), code: 70008, description: "AADSTS70008: The provided authorization code or refresh token has expired due to inactivity.".into() },
+        1,
+    );
+    let id = queue(&m, "Expired grant").await;
+    let waiting = wait_status(&m.env.app, id, "needs_reconnect").await;
+    assert!(
+        waiting
+            .last_error
+            .unwrap_or_default()
+            .contains("AADSTS70008")
+    );
+    let t = token::Entity::find_by_id(m.env.server_id)
+        .one(&m.env.app.db)
+        .await
+        .expect("q")
+        .expect("row");
+    assert_eq!(t.status, "needs_reconnect");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_expiring_within_five_minutes_is_refreshed_first_and_rotation_is_stored() {
+    let m = mailing().await;
+    let before = token::Entity::find_by_id(m.env.server_id)
+        .one(&m.env.app.db)
+        .await
+        .expect("q")
+        .expect("row");
+    let sealer = Sealer::new(&m.env.app.key);
+    let refresh_context = microsoft_outlook::token_store::refresh_context(m.env.server_id);
+    let old_refresh = sealer
+        .unseal(
+            before.refresh_token_sealed.as_deref().expect("rt"),
+            &refresh_context,
+        )
+        .expect("unseal");
+    token::Entity::update_many()
+        .col_expr(
+            token::Column::AccessExpiresAt,
+            Expr::value(m.env.app.clock.now() + chrono::Duration::minutes(4)),
+        )
+        .exec(&m.env.app.db)
+        .await
+        .expect("update");
+    let id = queue(&m, "Fresh token").await;
+    wait_status(&m.env.app, id, "sent").await;
+    let after = token::Entity::find_by_id(m.env.server_id)
+        .one(&m.env.app.db)
+        .await
+        .expect("q")
+        .expect("row");
+    assert_eq!(after.version, before.version + 1);
+    let new_refresh = sealer
+        .unseal(
+            after.refresh_token_sealed.as_deref().expect("rt"),
+            &refresh_context,
+        )
+        .expect("unseal");
+    assert_ne!(
+        new_refresh.expose_secret(),
+        old_refresh.expose_secret(),
+        "the rotated refresh token is stored"
+    );
+    assert!(after.access_expires_at > m.env.app.clock.now() + chrono::Duration::minutes(30));
+    let received = m.smtp.received().remove(0);
+    let access = sealer
+        .unseal(
+            &after.access_token_sealed,
+            &microsoft_outlook::token_store::access_context(m.env.server_id),
+        )
+        .expect("unseal");
+    assert!(
+        String::from_utf8_lossy(received.auth_raw.as_deref().unwrap_or_default())
+            .contains(access.expose_secret()),
+        "sent with the new token"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_dropped_mid_data_is_retried_and_sent_once() {
+    let m = mailing().await;
+    m.smtp.inject(Injected::DropMidData, 1);
+    let id = queue(&m, "Dropped").await;
+    eventually("the first attempt", || async {
+        row(&m.env.app, id).await.attempts == 1 && row(&m.env.app, id).await.status == "queued"
+    })
+    .await;
+    advance(&m.env.app, 10);
+    let sent = wait_status(&m.env.app, id, "sent").await;
+    assert_eq!(sent.attempts, 2);
+    assert_eq!(m.smtp.count_by_message_id().get(&sent.message_id), Some(&1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_give_up_after_the_configured_limit() {
+    let m = mailing().await;
+    settings(
+        &m.env,
+        &[("max_attempts", "2"), ("mailbox_rate_per_minute", "0")],
+    )
+    .await;
+    m.smtp.inject(
+        Injected::Reply {
+            stage: Stage::MailFrom,
+            reply: "421 4.7.66 Service not available, closing transmission channel".into(),
+        },
+        10,
+    );
+    let id = queue(&m, "Doomed").await;
+    eventually("the first attempt", || async {
+        row(&m.env.app, id).await.attempts == 1 && row(&m.env.app, id).await.status == "queued"
+    })
+    .await;
+    advance(&m.env.app, 30);
+    let failed = wait_status(&m.env.app, id, "failed").await;
+    assert_eq!(failed.attempts, 2);
+    assert!(
+        failed
+            .last_error
+            .unwrap_or_default()
+            .contains("Gave up after 2 attempts")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_mid_batch_loses_nothing_and_doubles_nothing() {
+    let m = mailing().await;
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        ids.push(queue(&m, &format!("Batch {i}")).await);
+    }
+    let smtp = &m.smtp;
+    eventually("some mails to go out", || async {
+        smtp.received_count() >= 3
+    })
+    .await;
+    // The first process stops its workers (in-flight sends finish); another process takes over.
+    m.env.app.app.registry.shutdown().await;
+    let second = spawn_on(m.env.app.test_db(), m.env.app.key.clone(), false).await;
+    let db = second.db.clone();
+    eventually("every mail to be sent", || {
+        let db = db.clone();
+        async move {
+            outbox::Entity::find()
+                .filter(outbox::Column::Status.ne("sent"))
+                .count(&db)
+                .await
+                .unwrap_or(1)
+                == 0
+        }
+    })
+    .await;
+    let counts = m.smtp.count_by_message_id();
+    for id in ids {
+        let r = row(&m.env.app, id).await;
+        assert_eq!(
+            counts.get(&r.message_id),
+            Some(&1),
+            "mail {id} delivered exactly once"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_and_nothing_is_queued() {
+    let m = mailing().await;
+    let path = mails_path(m.contact);
+    let many: Vec<String> = (0..501).map(|i| format!("r{i}@fabrikam.example")).collect();
+    let cases = [
+        (
+            json!({"to": "dana@fabrikam.example", "subject": "Hi\r\nBcc: victim@evil.example", "text_body": "x"}),
+            "subject",
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"to": "dana@fabrikam.example\r\nBcc: victim@evil.example", "subject": "Hi", "text_body": "x"}),
+            "to",
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"to": "not an address", "subject": "Hi", "text_body": "x"}),
+            "to",
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"to": many, "subject": "Hi", "text_body": "x"}),
+            "to",
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"to": "dana@fabrikam.example", "subject": "Hi", "text_body": "x".repeat(11 * 1024 * 1024)}),
+            "text_body",
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"to": "dana@fabrikam.example", "subject": "Hi", "text_body": "x", "reply_to": "a@b.example\nX-Evil: 1"}),
+            "reply_to",
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+    ];
+    for (body, field, status) in cases {
+        let (got, answer) = m.alice.post_json(&path, &body).await;
+        assert_eq!(got, status, "{field}: {answer}");
+        assert_eq!(answer["errors"][0]["field"], field, "{answer}");
+    }
+    let ok = json!({"to": "dana@fabrikam.example", "subject": "Hi", "text_body": "x"});
+    let (status, answer) = m
+        .alice
+        .post_json("/microsoft_outlook/records/contact/999999/mails", &ok)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
+    let hidden = crm_host::seed::create_contact(
+        &m.env.app.db,
+        "Hana Private",
+        Some("hana@litware.example"),
+        None,
+        m.env.app.bob_id,
+        true,
+    )
+    .await
+    .expect("contact");
+    let (status, _) = m.alice.post_json(&mails_path(hidden), &ok).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // Bob may, it is his.
+    let bob = m.env.app.signed_in(BOB).await;
+    let (status, _) = bob.post_json(&mails_path(hidden), &ok).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(
+        outbox_count(&m.env.app).await,
+        1,
+        "only Bob's valid mail was queued"
+    );
+
+    // A From the server may not use.
+    point_server_at(&m.env, &m.smtp, &[("from_allow_list", "@fabrikam.example")]).await;
+    let (status, answer) = m.alice.post_json(&path, &ok).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(answer["errors"][0]["field"], "from");
+    assert!(
+        answer["errors"][0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("may not send as alice@contoso.example")
+    );
+    // Without a CSRF token nothing happens either.
+    let response = m
+        .alice
+        .client
+        .post(m.alice.url(&path))
+        .json(&ok)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    assert_eq!(outbox_count(&m.env.app).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_minute_limit_holds_mails_back_without_spending_attempts() {
+    let m = mailing().await;
+    settings(&m.env, &[("mailbox_rate_per_minute", "2")]).await;
+    let ids = [
+        queue(&m, "One").await,
+        queue(&m, "Two").await,
+        queue(&m, "Three").await,
+    ];
+    let smtp = &m.smtp;
+    eventually("two mails to go out", || async {
+        smtp.received_count() == 2
+    })
+    .await;
+    let app = &m.env.app;
+    eventually("the third to be held back", || async {
+        let mut held = 0;
+        for id in ids {
+            let r = row(app, id).await;
+            if r.status == "queued" && r.attempts == 0 && r.next_attempt_at > app.clock.now() {
+                held += 1;
+            }
+        }
+        held == 1
+    })
+    .await;
+    assert_eq!(m.smtp.received_count(), 2);
+}

@@ -1,0 +1,396 @@
+//! Keeping tokens alive: rotation under concurrency, the nightly job, needs-reconnect,
+//! classification of refresh failures, and client-secret expiry warnings.
+
+use crate::connect::{Env, MAILBOX, connect_through, env};
+use crate::helpers::{ALICE, eventually};
+use crate::send::settings;
+use crm_sdk::{Clock, Sealer};
+use microsoft_outlook::entities::{mail_server, token};
+use microsoft_outlook::jobs::{RefreshOptions, refresh_all};
+use microsoft_outlook_tests::identity::TokenFault;
+use reqwest::StatusCode;
+use sea_orm::sea_query::Expr;
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+use secrecy::ExposeSecret;
+
+async fn connected() -> Env {
+    let env = env().await;
+    let (status, _, _) = connect_through(&env.admin, env.server_id).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    env
+}
+
+async fn token_row(env: &Env, server_id: i32) -> token::Model {
+    token::Entity::find_by_id(server_id)
+        .one(&env.app.db)
+        .await
+        .expect("q")
+        .expect("token")
+}
+
+async fn expire_soon(env: &Env, server_id: i32) {
+    token::Entity::update_many()
+        .col_expr(
+            token::Column::AccessExpiresAt,
+            Expr::value(env.app.clock.now() + chrono::Duration::minutes(1)),
+        )
+        .filter(token::Column::ServerId.eq(server_id))
+        .exec(&env.app.db)
+        .await
+        .expect("update");
+}
+
+fn refreshes(env: &Env) -> usize {
+    env.idp
+        .token_requests()
+        .iter()
+        .filter(|r| r.grant_type == "refresh_token")
+        .count()
+}
+
+fn ctx(env: &Env) -> crm_sdk::ModuleContext {
+    env.app
+        .app
+        .registry
+        .get("microsoft_outlook")
+        .expect("linked")
+        .ctx
+        .clone()
+}
+
+async fn server(env: &Env, id: i32) -> mail_server::Model {
+    mail_server::Entity::find_by_id(id)
+        .one(&env.app.db)
+        .await
+        .expect("q")
+        .expect("server")
+}
+
+fn options() -> RefreshOptions {
+    RefreshOptions {
+        concurrency: 4,
+        max_jitter: std::time::Duration::ZERO,
+        transient_retries: 1,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_workers_refreshing_one_mailbox_for_200_rounds_never_lose_the_grant() {
+    let env = connected().await;
+    env.idp.set_strict_rotation(true);
+    let ctx = ctx(&env);
+    let shared = env.app.module.shared();
+    let server = server(&env, env.server_id).await;
+    for round in 0..200 {
+        expire_soon(&env, env.server_id).await;
+        let before = refreshes(&env);
+        let mut workers = Vec::new();
+        for _ in 0..4 {
+            let (ctx, shared, server) = (ctx.clone(), shared.clone(), server.clone());
+            workers.push(tokio::spawn(async move {
+                microsoft_outlook::token_service::fresh_access_token(&ctx, &shared, &server, false)
+                    .await
+            }));
+        }
+        for worker in workers {
+            let token = worker
+                .await
+                .expect("join")
+                .unwrap_or_else(|p| panic!("round {round}: {p}"));
+            assert!(
+                env.idp
+                    .validate_access_token(token.token.expose_secret())
+                    .is_some(),
+                "round {round}: a live token"
+            );
+        }
+        assert_eq!(
+            refreshes(&env) - before,
+            1,
+            "round {round}: exactly one refresh"
+        );
+        let row = token_row(&env, env.server_id).await;
+        assert_eq!(row.status, "valid", "round {round}");
+    }
+    assert!(
+        env.idp.token_requests().iter().all(|r| r.status == 200),
+        "no refresh was refused"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cron_job_refreshes_every_mailbox_and_a_revoked_grant_is_told_once() {
+    let env = connected().await;
+    // Alice connects her own mailbox too.
+    let alice = env.app.signed_in(ALICE).await;
+    let (_, _, location) = alice
+        .post_form(
+            "/microsoft_outlook/my-mailbox",
+            &[
+                ("name", "Alice"),
+                ("mailbox", ALICE.0),
+                ("smtp_host", "smtp.office365.com"),
+                ("smtp_port", "587"),
+                ("security", "starttls"),
+                ("send_as", "mailbox"),
+            ],
+        )
+        .await;
+    let alice_server: i32 = location
+        .expect("page")
+        .trim_start_matches("/microsoft_outlook/servers/")
+        .split('?')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .expect("id");
+    env.idp.sign_in_as(ALICE.0);
+    assert_eq!(
+        connect_through(&alice, alice_server).await.0,
+        StatusCode::SEE_OTHER
+    );
+
+    // Every second, then restart the module's jobs so the schedule applies.
+    settings(&env, &[("refresh_schedule", "*/1 * * * * *")]).await;
+    assert_eq!(
+        env.admin
+            .post_form("/modules/microsoft_outlook/disable", &[])
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        env.admin
+            .post_form("/modules/microsoft_outlook/enable", &[])
+            .await
+            .0,
+        StatusCode::OK
+    );
+
+    let (shared_id, env_ref) = (env.server_id, &env);
+    eventually("both mailboxes refreshed by the job", || async {
+        token_row(env_ref, shared_id).await.version >= 2
+            && token_row(env_ref, alice_server).await.version >= 2
+    })
+    .await;
+
+    env.idp.revoke_grants_of(ALICE.0);
+    eventually("alice's mailbox to need a reconnect", || async {
+        token_row(env_ref, alice_server).await.status == "needs_reconnect"
+    })
+    .await;
+    let failed_after_revoke = env
+        .idp
+        .token_requests()
+        .iter()
+        .filter(|r| r.status != 200)
+        .count();
+    let v = token_row(&env, shared_id).await.version;
+    eventually("three more runs", || async {
+        token_row(env_ref, shared_id).await.version >= v + 3
+    })
+    .await;
+    assert_eq!(
+        env.idp
+            .token_requests()
+            .iter()
+            .filter(|r| r.status != 200)
+            .count(),
+        failed_after_revoke,
+        "a mailbox that needs a reconnect is skipped"
+    );
+    let (_, notes, _) = alice.get("/notifications").await;
+    assert_eq!(
+        notes.matches("must be reconnected").count(),
+        1,
+        "alice is told once\n{notes}"
+    );
+    let (_, notes, _) = env.admin.get("/notifications").await;
+    assert_eq!(
+        notes.matches("must be reconnected").count(),
+        1,
+        "operators are told once"
+    );
+    assert!(
+        token_row(&env, alice_server)
+            .await
+            .last_error
+            .unwrap_or_default()
+            .contains("AADSTS50173")
+    );
+
+    // Reconnecting clears it.
+    let (status, _, _) = connect_through(&alice, alice_server).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let row = token_row(&env, alice_server).await;
+    assert_eq!(row.status, "valid");
+    assert!(row.last_error.is_none() && row.notified_at.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_failures_are_classified() {
+    let env = connected().await;
+    let ctx = ctx(&env);
+    let shared = env.app.module.shared();
+    let sealer = Sealer::new(&env.app.key);
+    let refresh_ctx = microsoft_outlook::token_store::refresh_context(env.server_id);
+
+    // Transient: a 503 and a 429 with Retry-After are retried within the run.
+    env.idp
+        .fail_next_token_requests(TokenFault::ServerError { status: 503 }, 1);
+    let summary = refresh_all(&ctx, &shared, None, &options())
+        .await
+        .expect("run");
+    assert_eq!((summary.refreshed, summary.failed), (1, 0), "{summary}");
+    env.idp.fail_next_token_requests(
+        TokenFault::TooManyRequests {
+            retry_after_secs: 1,
+        },
+        1,
+    );
+    let summary = refresh_all(&ctx, &shared, None, &options())
+        .await
+        .expect("run");
+    assert_eq!(summary.refreshed, 1, "{summary}");
+    // Still failing after the retries: counted as failed, the grant stays valid.
+    env.idp
+        .fail_next_token_requests(TokenFault::ServerError { status: 500 }, 5);
+    let summary = refresh_all(&ctx, &shared, None, &options())
+        .await
+        .expect("run");
+    assert_eq!(
+        (summary.failed, summary.needs_reconnect),
+        (1, 0),
+        "{summary}"
+    );
+    assert_eq!(token_row(&env, env.server_id).await.status, "valid");
+    env.idp.clear_faults();
+
+    // No refresh token in the answer: the old one is kept.
+    let before = sealer
+        .unseal(
+            token_row(&env, env.server_id)
+                .await
+                .refresh_token_sealed
+                .as_deref()
+                .expect("rt"),
+            &refresh_ctx,
+        )
+        .expect("unseal");
+    env.idp.omit_refresh_token_on_refresh(true);
+    env.idp.expires_in_as_string(true);
+    let summary = refresh_all(&ctx, &shared, None, &options())
+        .await
+        .expect("run");
+    assert_eq!(summary.refreshed, 1);
+    let row = token_row(&env, env.server_id).await;
+    let kept = sealer
+        .unseal(
+            row.refresh_token_sealed.as_deref().expect("rt"),
+            &refresh_ctx,
+        )
+        .expect("unseal");
+    assert_eq!(kept.expose_secret(), before.expose_secret());
+    assert!(
+        row.access_expires_at > env.app.clock.now() + chrono::Duration::minutes(60),
+        "expires_in given as a string is honoured"
+    );
+    env.idp.omit_refresh_token_on_refresh(false);
+    env.idp.expires_in_as_string(false);
+
+    // A bad client secret is the configuration's fault: operators are told, the grant stays.
+    env.idp.fail_next_token_requests(
+        TokenFault::OAuthError {
+            status: 401,
+            error: "invalid_client".into(),
+            code: 7000222,
+            description:
+                "AADSTS7000222: The provided client secret keys for app '...' are expired.".into(),
+        },
+        2,
+    );
+    for _ in 0..2 {
+        let summary = refresh_all(&ctx, &shared, None, &options())
+            .await
+            .expect("run");
+        assert_eq!(summary.failed, 1, "{summary}");
+    }
+    let row = token_row(&env, env.server_id).await;
+    assert_eq!(row.status, "valid");
+    assert!(
+        row.last_error
+            .unwrap_or_default()
+            .contains("client secret has expired")
+    );
+    let (_, notes, _) = env.admin.get("/notifications").await;
+    assert_eq!(
+        notes.matches("client secret is invalid or expired").count(),
+        1,
+        "told once\n{notes}"
+    );
+
+    // invalid_grant: the mailbox needs a reconnect, with the reason and the fix.
+    env.idp.fail_next_token_requests(
+        TokenFault::OAuthError { status: 400, error: "invalid_grant".into(), code: 50076, description: "AADSTS50076: Due to a configuration change made by your administrator, you must use multi-factor authentication.".into() },
+        1,
+    );
+    let summary = refresh_all(&ctx, &shared, None, &options())
+        .await
+        .expect("run");
+    assert_eq!(summary.needs_reconnect, 1, "{summary}");
+    let row = token_row(&env, env.server_id).await;
+    assert_eq!(row.status, "needs_reconnect");
+    assert!(row.last_error.unwrap_or_default().contains("multi-factor"));
+    let summary = refresh_all(&ctx, &shared, None, &options())
+        .await
+        .expect("run");
+    assert_eq!(
+        (summary.skipped, summary.refreshed),
+        (1, 0),
+        "skipped afterwards"
+    );
+    assert_eq!(MAILBOX, server(&env, env.server_id).await.mailbox);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_secret_expiry_warnings_fire_once_per_threshold() {
+    let env = env().await;
+    let ctx = ctx(&env);
+    let today = env.app.clock.now().date_naive();
+    let expires = (today + chrono::Duration::days(40)).to_string();
+    settings(&env, &[("client_secret_expires_on", &expires)]).await;
+    let (_, page, _) = env.admin.get("/settings").await;
+    assert!(
+        page.contains("40 day(s) left"),
+        "the settings page shows the days left"
+    );
+    let warnings = |page: &str| {
+        page.matches("client secret expires in").count()
+            + page.matches("client secret has expired").count()
+    };
+    let mut seen = Vec::new();
+    for (day, expected) in [
+        (0, 0),
+        (10, 1),
+        (11, 1),
+        (20, 1),
+        (33, 2),
+        (34, 2),
+        (39, 3),
+        (39, 3),
+        (40, 3),
+    ] {
+        let target = (today + chrono::Duration::days(day))
+            .and_hms_opt(9, 0, 0)
+            .expect("time")
+            .and_utc();
+        env.app.clock.set(target);
+        microsoft_outlook::jobs::check_client_secret(&ctx)
+            .await
+            .expect("check");
+        // Sessions last 14 days on the test clock too: sign in again.
+        let admin = env.app.signed_in(crate::helpers::ADMIN).await;
+        let (_, notes, _) = admin.get("/notifications").await;
+        seen.push((day, warnings(&notes)));
+        assert_eq!(warnings(&notes), expected, "day {day}: {seen:?}");
+    }
+}
