@@ -102,7 +102,7 @@ pub async fn choose_server(
 /// Validates and queues a mail on `record` written by `author`; nothing is stored when refused.
 pub async fn queue_mail(
     ctx: &ModuleContext,
-    shared: &Shared,
+    shared: &std::sync::Arc<Shared>,
     author: &CurrentUser,
     record: &RecordRef,
     request: &MailRequest,
@@ -238,5 +238,6 @@ pub async fn queue_mail(
         "mail queued"
     );
     shared.push(&[row.id]).await;
+    shared.deliver_soon(ctx, row.id);
     Ok(row)
 }

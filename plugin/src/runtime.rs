@@ -114,6 +114,21 @@ impl Shared {
         None
     }
 
+    /// Starts delivering `outbox_id` right away in this process, while the jobs run. The apalis
+    /// job pushed with it stays the durable path: whichever claims the row first sends it, the
+    /// other finds it taken (a freshly pushed job can wait for the queue's next poll).
+    pub fn deliver_soon(self: &Arc<Self>, ctx: &crm_sdk::ModuleContext, outbox_id: i64) {
+        if self.queue().is_none() {
+            return;
+        }
+        let (shared, ctx) = (self.clone(), ctx.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::deliver::deliver(&ctx, &shared, outbox_id).await {
+                tracing::warn!(error = %e, outbox_id, "immediate delivery failed; the queue will retry");
+            }
+        });
+    }
+
     /// Pushes delivery jobs; when the jobs are stopped the rows wait for the sweep.
     pub async fn push(&self, ids: &[i64]) {
         if let Some(queue) = self.queue()

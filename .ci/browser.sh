@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The browser suite: Debian's headless Chromium drives `crm-host demo` (simulated Microsoft
+# services) through the operator's procedure. Installs what it needs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x /usr/bin/chromium ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+(cd .ci/browser && npm install --no-audit --no-fund --silent)
+cargo build -q -p crm-host
+bin="${CARGO_TARGET_DIR:-target}/debug/crm-host"
+work=$(mktemp -d)
+port=18080
+(cd "$work" && CRM_LOG=info exec "$bin" demo --bind "127.0.0.1:$port" >"$work/demo.log" 2>&1) &
+demo=$!
+trap 'kill $demo 2>/dev/null || true; wait $demo 2>/dev/null || true; rm -rf "$work"' EXIT
+for _ in $(seq 1 60); do
+  curl -fsS "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
+  sleep 1
+done
+if ! DEMO_URL="http://127.0.0.1:$port" SHOTS="${SHOTS:-$work}" node .ci/browser/demo.mjs; then
+  echo "--- the demo's log:"
+  tail -n 60 "$work/demo.log"
+  exit 1
+fi

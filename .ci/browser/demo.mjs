@@ -1,0 +1,88 @@
+// The operator's procedure, clicked through in a real browser against `crm-host demo`:
+// sign in, connect the shared mailbox at the (simulated) Microsoft consent page, see
+// "Outlook token validated", send a mail from a contact, and find it at the receiving server.
+import { chromium } from 'playwright-core';
+
+const base = process.env.DEMO_URL ?? 'http://127.0.0.1:18080';
+const shots = process.env.SHOTS ?? '/tmp';
+let passed = 0;
+let failed = 0;
+
+async function check(name, fn) {
+  try {
+    await fn();
+    passed += 1;
+    console.log(`ok - ${name}`);
+  } catch (e) {
+    failed += 1;
+    console.log(`not ok - ${name}: ${e.message}`);
+  }
+}
+
+const browser = await chromium.launch({
+  executablePath: '/usr/bin/chromium',
+  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+    '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+});
+const page = await browser.newPage();
+page.setDefaultTimeout(20000);
+
+await check('the operator signs in', async () => {
+  await page.goto(`${base}/login`);
+  await page.fill('#email', 'admin@contoso.example');
+  await page.fill('#password', 'operator-demo');
+  await page.click('button[type=submit]');
+  await page.waitForURL(/\/contacts/);
+});
+
+await check('the settings page shows the redirect URI to register', async () => {
+  await page.goto(`${base}/settings`);
+  const text = await page.textContent('body');
+  if (!text.includes('/microsoft_outlook/confirm')) throw new Error('no redirect URI on the settings page');
+  if (text.includes('client_secret') && text.match(/value="[^"]{20,}"/)) throw new Error('a secret is shown');
+});
+
+await check('connect the shared mailbox and see "Outlook token validated"', async () => {
+  await page.goto(`${base}/microsoft_outlook/servers`);
+  await page.click('text=Office 365 (simulated)');
+  await page.click('a:has-text("Connect")');
+  await page.waitForSelector('text=Permissions requested');
+  await page.screenshot({ path: `${shots}/consent.png` });
+  await page.click('button:has-text("Accept")');
+  await page.waitForSelector('text=Outlook token validated');
+  await page.screenshot({ path: `${shots}/validated.png`, fullPage: true });
+});
+
+await check('a user sends a mail from a contact and it reaches the server', async () => {
+  const user = await browser.newPage();
+  user.setDefaultTimeout(20000);
+  await user.goto(`${base}/login`);
+  await user.fill('#email', 'alice@contoso.example');
+  await user.fill('#password', 'alice-demo');
+  await user.click('button[type=submit]');
+  await user.waitForURL(/\/contacts/);
+  await user.click('text=Dana Fabrikam');
+  await user.fill('#mail-subject', 'Quote from the browser check');
+  await user.fill('#mail-body', 'Hello Dana, the quote is attached in spirit.');
+  await user.click('button:has-text("Send")');
+  await user.waitForURL(/\/mails/);
+  const status = 'table.mails tbody tr:first-child td:nth-child(2)';
+  for (let i = 0; i < 40; i += 1) {
+    await user.reload();
+    if ((await user.textContent(status)).trim() === 'sent') break;
+    await user.waitForTimeout(500);
+  }
+  const list = await user.textContent('table.mails');
+  if (!list.includes('Quote from the browser check')) throw new Error('the mail is not listed');
+  const shown = (await user.textContent(status)).trim();
+  if (shown !== 'sent') throw new Error(`the mail's status is "${shown}", not "sent"`);
+  await user.screenshot({ path: `${shots}/mails.png`, fullPage: true });
+  await page.goto(`${base}/demo/received`);
+  const received = await page.textContent('body');
+  if (!received.includes('dana@fabrikam.example')) throw new Error('the receiving server has no mail for Dana');
+  await page.screenshot({ path: `${shots}/received.png`, fullPage: true });
+});
+
+await browser.close();
+console.log(`${passed} passed, ${failed} failed`);
+process.exit(failed === 0 ? 0 : 1);
