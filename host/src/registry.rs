@@ -176,6 +176,28 @@ impl Registry {
         Ok(())
     }
 
+    /// Restarts the jobs of an enabled module, so that changed settings (schedules) apply now.
+    pub async fn restart_jobs(&self, id: &str) -> Result<(), RegistryError> {
+        let entry = self
+            .get(id)
+            .ok_or_else(|| RegistryError::Unknown(id.into()))?;
+        if !entry.is_enabled() {
+            return Ok(());
+        }
+        let mut jobs = entry.jobs.lock().await;
+        if let Some(handle) = jobs.take() {
+            handle.stop().await;
+        }
+        let handle = entry
+            .module
+            .start(&entry.ctx)
+            .await
+            .map_err(|e| RegistryError::Start(e.to_string()))?;
+        *jobs = Some(handle);
+        tracing::info!(module = id, "module jobs restarted with the new settings");
+        Ok(())
+    }
+
     /// Stops every module's jobs (shutdown); the stored choices stay.
     pub async fn shutdown(&self) {
         for entry in &self.entries {

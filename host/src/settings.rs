@@ -291,6 +291,9 @@ async fn save(
     match saved {
         Ok(()) => {
             tracing::info!(module = %manifest.id, user_id = user.id, "settings saved");
+            if let Err(e) = state.registry.restart_jobs(&manifest.id).await {
+                tracing::error!(module = %manifest.id, error = %e, "restarting the module's jobs failed");
+            }
             let flash = html! { p.flash.ok role="status" { "Settings saved." } };
             let body = render(&state, &user, Some(flash), None).await;
             ok(state.chrome.render("Settings", Some(&user), body))

@@ -161,11 +161,30 @@ pub async fn deliver(
             outbox::Column::Attempts,
             Expr::col(outbox::Column::Attempts).add(1),
         )
-        .col_expr(outbox::Column::UpdatedAt, Expr::value(now))
-        .filter(outbox::Column::Id.eq(id))
-        .filter(due)
-        .exec(ctx.db())
-        .await?;
+        .col_expr(outbox::Column::UpdatedAt, Expr::value(now));
+    let claimed = if ctx.db().get_database_backend() == sea_orm::DbBackend::Postgres {
+        // A row another worker is claiming right now is skipped, not waited for.
+        let due_and_free = sea_orm::sea_query::Query::select()
+            .column(outbox::Column::Id)
+            .from(outbox::Entity)
+            .and_where(outbox::Column::Id.eq(id))
+            .cond_where(due)
+            .lock_with_behavior(
+                sea_orm::sea_query::LockType::Update,
+                sea_orm::sea_query::LockBehavior::SkipLocked,
+            )
+            .to_owned();
+        claimed
+            .filter(outbox::Column::Id.in_subquery(due_and_free))
+            .exec(ctx.db())
+            .await?
+    } else {
+        claimed
+            .filter(outbox::Column::Id.eq(id))
+            .filter(due)
+            .exec(ctx.db())
+            .await?
+    };
     if claimed.rows_affected != 1 {
         return Ok(Delivered::Skipped);
     }

@@ -140,7 +140,12 @@ impl Module for OutlookModule {
         let shared = self.shared.clone();
         Ok(JobsHandle::new(running.names(), move || {
             *shared.queue.write().unwrap_or_else(|e| e.into_inner()) = None;
-            running.stop()
+            Box::pin(async move {
+                running.stop().await;
+                shared
+                    .drain_in_flight(std::time::Duration::from_secs(30))
+                    .await;
+            })
         }))
     }
 

@@ -342,9 +342,9 @@ async fn confirm(
         }
     };
     let redirect_uri = ctx.public_url(CONFIRM_PATH);
-    let http = token_client::http_client();
+    let http = &shared.http;
     let tokens = match token_client::request(
-        &http,
+        http,
         &settings,
         Grant::AuthorizationCode {
             code,

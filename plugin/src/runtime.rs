@@ -20,6 +20,8 @@ pub struct ModuleOptions {
     pub retry_base_secs: i64,
     /// How the nightly refresh runs.
     pub refresh: crate::jobs::RefreshOptions,
+    /// How long one request to the token endpoint may take.
+    pub token_timeout: std::time::Duration,
 }
 
 impl Default for ModuleOptions {
@@ -30,6 +32,7 @@ impl Default for ModuleOptions {
             lease_secs: 300,
             retry_base_secs: 60,
             refresh: crate::jobs::RefreshOptions::default(),
+            token_timeout: crate::token_client::TOKEN_TIMEOUT,
         }
     }
 }
@@ -58,6 +61,10 @@ pub struct Shared {
     pub http: oauth2::reqwest::Client,
     /// This process's name for leases and workers.
     pub instance: String,
+    /// Immediate deliveries running now (waited for on stop).
+    in_flight: std::sync::atomic::AtomicUsize,
+    /// Signalled when an immediate delivery ends.
+    in_flight_done: tokio::sync::Notify,
     /// How often the jobs were started (worker names must be new each time).
     pub starts: std::sync::atomic::AtomicU32,
     /// The app-only (client credentials) token, shared by every worker of this process.
@@ -71,14 +78,17 @@ pub struct Shared {
 impl Shared {
     /// Fresh shared state.
     pub fn new(options: ModuleOptions) -> Arc<Self> {
+        let http = crate::token_client::http_client(options.token_timeout);
         let suffix: u32 = rand::random();
         Arc::new(Self {
             options,
             queue: RwLock::new(None),
             smtp: SmtpSender::new(),
-            http: crate::token_client::http_client(),
+            http,
             instance: format!("{}-{suffix:08x}", std::process::id()),
             starts: std::sync::atomic::AtomicU32::new(0),
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            in_flight_done: tokio::sync::Notify::new(),
             recent_sends: std::sync::Mutex::new(std::collections::HashMap::new()),
             app_token: tokio::sync::Mutex::new(None),
         })
@@ -122,11 +132,35 @@ impl Shared {
             return;
         }
         let (shared, ctx) = (self.clone(), ctx.clone());
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         tokio::spawn(async move {
             if let Err(e) = crate::deliver::deliver(&ctx, &shared, outbox_id).await {
                 tracing::warn!(error = %e, outbox_id, "immediate delivery failed; the queue will retry");
             }
+            shared
+                .in_flight
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            shared.in_flight_done.notify_waiters();
         });
+    }
+
+    /// Waits (at most `limit`) until the immediate deliveries in flight have finished; a mail
+    /// cut off after that keeps its lease and is taken over when the lease runs out.
+    pub async fn drain_in_flight(&self, limit: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.in_flight.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            let notified = self.in_flight_done.notified();
+            if self.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                tracing::warn!(
+                    "immediate deliveries still running at shutdown; their leases will expire"
+                );
+                break;
+            }
+        }
     }
 
     /// Pushes delivery jobs; when the jobs are stopped the rows wait for the sweep.

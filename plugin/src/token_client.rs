@@ -100,10 +100,10 @@ fn transient(message: String, retry_after_secs: Option<u64>) -> AadFailure {
 }
 
 /// The HTTP client for token requests: no redirects, a timeout.
-pub fn http_client() -> reqwest::Client {
+pub fn http_client(timeout: Duration) -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
-        .timeout(TOKEN_TIMEOUT)
+        .timeout(timeout)
         .build()
         .unwrap_or_default()
 }

@@ -86,6 +86,7 @@ pub fn test_options() -> ModuleOptions {
             max_jitter: std::time::Duration::ZERO,
             transient_retries: 1,
         },
+        token_timeout: std::time::Duration::from_secs(2),
     }
 }
 

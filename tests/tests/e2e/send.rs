@@ -702,3 +702,63 @@ async fn the_per_minute_limit_holds_mails_back_without_spending_attempts() {
     .await;
     assert_eq!(m.smtp.received_count(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_only_server_fetches_one_client_credentials_token_for_many_mails() {
+    let m = mailing().await;
+    // Disconnect the delegated grant: app-only needs none.
+    let (status, _, _) = m
+        .env
+        .admin
+        .post_form(
+            &format!("/microsoft_outlook/servers/{}/disconnect", m.env.server_id),
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    point_server_at(&m.env, &m.smtp, &[("auth", "app_only")]).await;
+    let (_, page, _) = m
+        .env
+        .admin
+        .get(&format!("/microsoft_outlook/servers/{}", m.env.server_id))
+        .await;
+    assert!(
+        page.contains("service principal"),
+        "the page explains the Exchange step"
+    );
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        ids.push(queue(&m, &format!("App-only {i}")).await);
+    }
+    for id in &ids {
+        wait_status(&m.env.app, *id, "sent").await;
+    }
+    let grants: Vec<_> = m
+        .env
+        .idp
+        .token_requests()
+        .into_iter()
+        .filter(|r| r.grant_type == "client_credentials")
+        .collect();
+    assert_eq!(grants.len(), 1, "one token for every mail");
+    assert_eq!(
+        grants[0].scope.as_deref(),
+        Some("https://outlook.office365.com/.default")
+    );
+    for mail in m.smtp.received() {
+        assert_eq!(mail.auth_user.as_deref(), Some(MAILBOX));
+        let raw = String::from_utf8_lossy(mail.auth_raw.as_deref().unwrap_or_default()).to_string();
+        let bearer = raw
+            .split("auth=Bearer ")
+            .nth(1)
+            .and_then(|r| r.split('\x01').next())
+            .unwrap_or_default()
+            .to_string();
+        let info = m
+            .env
+            .idp
+            .validate_access_token(&bearer)
+            .expect("a live token");
+        assert!(info.app_only, "sent with the app-only token");
+    }
+}

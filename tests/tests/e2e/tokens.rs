@@ -149,22 +149,8 @@ async fn the_cron_job_refreshes_every_mailbox_and_a_revoked_grant_is_told_once()
         StatusCode::SEE_OTHER
     );
 
-    // Every second, then restart the module's jobs so the schedule applies.
+    // Every second: a saved schedule applies at once.
     settings(&env, &[("refresh_schedule", "*/1 * * * * *")]).await;
-    assert_eq!(
-        env.admin
-            .post_form("/modules/microsoft_outlook/disable", &[])
-            .await
-            .0,
-        StatusCode::OK
-    );
-    assert_eq!(
-        env.admin
-            .post_form("/modules/microsoft_outlook/enable", &[])
-            .await
-            .0,
-        StatusCode::OK
-    );
 
     let (shared_id, env_ref) = (env.server_id, &env);
     eventually("both mailboxes refreshed by the job", || async {
@@ -254,6 +240,24 @@ async fn refresh_failures_are_classified() {
     // Still failing after the retries: counted as failed, the grant stays valid.
     env.idp
         .fail_next_token_requests(TokenFault::ServerError { status: 500 }, 5);
+    let summary = refresh_all(&ctx, &shared, None, &options())
+        .await
+        .expect("run");
+    assert_eq!(
+        (summary.failed, summary.needs_reconnect),
+        (1, 0),
+        "{summary}"
+    );
+    assert_eq!(token_row(&env, env.server_id).await.status, "valid");
+    env.idp.clear_faults();
+
+    // A token endpoint slower than the timeout is a transient failure too.
+    env.idp.fail_next_token_requests(
+        TokenFault::Slow {
+            delay: std::time::Duration::from_secs(3),
+        },
+        2,
+    );
     let summary = refresh_all(&ctx, &shared, None, &options())
         .await
         .expect("run");
