@@ -9,7 +9,7 @@ use microsoft_outlook::entities::{mail_server, token};
 use microsoft_outlook_tests::identity::{
     AppRegistration, AuthorizeMode, IdentityPlatform, TestUser,
 };
-use microsoft_outlook_tests::smtp::{AuthVerdict, SmtpConfig, SmtpServer};
+use microsoft_outlook_tests::smtp::{SmtpConfig, SmtpServer};
 use rand::Rng;
 use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, Set};
 use std::collections::BTreeMap;
@@ -113,22 +113,8 @@ pub async fn start(
     secrets.insert("client_secret".to_string(), secret);
     crate::settings::store(db, sealer, "microsoft_outlook", plain, secrets).await?;
 
-    let validator_idp = idp.clone();
     let smtp = SmtpServer::start(SmtpConfig {
-        validator: Some(Arc::new(
-            move |user: &str, bearer: &str| match validator_idp.validate_access_token(bearer) {
-                Some(info)
-                    if info.app_only
-                        || info
-                            .username
-                            .as_deref()
-                            .is_some_and(|u| u.eq_ignore_ascii_case(user)) =>
-                {
-                    AuthVerdict::Accept
-                }
-                _ => AuthVerdict::Reject,
-            },
-        )),
+        validator: Some(idp.smtp_validator()),
         ..SmtpConfig::default()
     })
     .await?;

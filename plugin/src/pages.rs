@@ -231,12 +231,22 @@ async fn server_page_body(
     }
 }
 
-async fn load_server(ctx: &ModuleContext, id: i32) -> Option<mail_server::Model> {
-    mail_server::Entity::find_by_id(id)
+/// The server `id` if `user` may manage it, else the 404 or 403 page.
+async fn managed_server(
+    ctx: &ModuleContext,
+    user: &CurrentUser,
+    id: i32,
+) -> Result<mail_server::Model, Box<HttpResponse>> {
+    let found = mail_server::Entity::find_by_id(id)
         .one(ctx.db())
         .await
         .ok()
-        .flatten()
+        .flatten();
+    match found {
+        None => Err(Box::new(not_found(ctx, user))),
+        Some(server) if !may_manage(user, &server) => Err(Box::new(forbidden(ctx, user))),
+        Some(server) => Ok(server),
+    }
 }
 
 async fn list(ctx: web::Data<ModuleContext>, user: CurrentUser) -> HttpResponse {
@@ -356,12 +366,10 @@ async fn show(
     id: web::Path<i32>,
     flash: web::Query<Flash>,
 ) -> HttpResponse {
-    let Some(server) = load_server(&ctx, id.into_inner()).await else {
-        return not_found(&ctx, &user);
+    let server = match managed_server(&ctx, &user, id.into_inner()).await {
+        Ok(server) => server,
+        Err(refused) => return *refused,
     };
-    if !may_manage(&user, &server) {
-        return forbidden(&ctx, &user);
-    }
     let flash = if flash.connected.is_some() {
         Some(
             html! { p.flash.ok role="status" { "Connected: the Outlook token was validated and stored." } },
@@ -386,12 +394,10 @@ async fn update(
     id: web::Path<i32>,
     form: web::Form<ServerForm>,
 ) -> HttpResponse {
-    let Some(server) = load_server(&ctx, id.into_inner()).await else {
-        return not_found(&ctx, &user);
+    let server = match managed_server(&ctx, &user, id.into_inner()).await {
+        Ok(server) => server,
+        Err(refused) => return *refused,
     };
-    if !may_manage(&user, &server) {
-        return forbidden(&ctx, &user);
-    }
     let kind = if server.kind == "shared" {
         ServerKind::Shared
     } else {
@@ -423,12 +429,10 @@ async fn delete(
     user: CurrentUser,
     id: web::Path<i32>,
 ) -> HttpResponse {
-    let Some(server) = load_server(&ctx, id.into_inner()).await else {
-        return not_found(&ctx, &user);
+    let server = match managed_server(&ctx, &user, id.into_inner()).await {
+        Ok(server) => server,
+        Err(refused) => return *refused,
     };
-    if !may_manage(&user, &server) {
-        return forbidden(&ctx, &user);
-    }
     let _ = token::Entity::delete_by_id(server.id).exec(ctx.db()).await;
     match mail_server::Entity::delete_by_id(server.id)
         .exec(ctx.db())
@@ -448,12 +452,10 @@ async fn disconnect(
     user: CurrentUser,
     id: web::Path<i32>,
 ) -> HttpResponse {
-    let Some(server) = load_server(&ctx, id.into_inner()).await else {
-        return not_found(&ctx, &user);
+    let server = match managed_server(&ctx, &user, id.into_inner()).await {
+        Ok(server) => server,
+        Err(refused) => return *refused,
     };
-    if !may_manage(&user, &server) {
-        return forbidden(&ctx, &user);
-    }
     match token::Entity::delete_by_id(server.id).exec(ctx.db()).await {
         Ok(_) => {
             tracing::info!(

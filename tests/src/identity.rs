@@ -986,6 +986,26 @@ impl IdentityPlatform {
             .cloned()
     }
 
+    /// A validator for the simulated SMTP server: a live token of the `user=` mailbox (or an
+    /// app-only token) is accepted, anything else gets `535 5.7.3`.
+    pub fn smtp_validator(&self) -> crate::smtp::TokenValidator {
+        let idp = self.clone();
+        Arc::new(
+            move |user: &str, bearer: &str| match idp.validate_access_token(bearer) {
+                Some(info)
+                    if info.app_only
+                        || info
+                            .username
+                            .as_deref()
+                            .is_some_and(|u| u.eq_ignore_ascii_case(user)) =>
+                {
+                    crate::smtp::AuthVerdict::Accept
+                }
+                _ => crate::smtp::AuthVerdict::Reject,
+            },
+        )
+    }
+
     /// Makes an access token expire now.
     pub fn expire_access_token(&self, token: &str) {
         if let Some(info) = lock(&self.state).access.get_mut(token) {

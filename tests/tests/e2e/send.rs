@@ -5,38 +5,19 @@ use crate::connect::{Env, MAILBOX, connect_through, env};
 use crate::helpers::{ALICE, BOB, Browser, TestApp, eventually, spawn_on};
 use crm_sdk::{Clock, Sealer};
 use microsoft_outlook::entities::{outbox, token};
-use microsoft_outlook_tests::identity::{IdentityPlatform, TokenFault};
-use microsoft_outlook_tests::smtp::{AuthVerdict, Injected, SmtpConfig, SmtpServer, Stage};
+use microsoft_outlook_tests::identity::TokenFault;
+use microsoft_outlook_tests::smtp::{Injected, SmtpConfig, SmtpServer, Stage};
 use reqwest::StatusCode;
 use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 use secrecy::ExposeSecret;
 use serde_json::json;
-use std::sync::Arc;
 
 pub(crate) struct Mailing {
     pub env: Env,
     pub smtp: SmtpServer,
     pub alice: Browser,
     pub contact: i64,
-}
-
-fn validator(idp: &IdentityPlatform) -> microsoft_outlook_tests::smtp::TokenValidator {
-    let idp = idp.clone();
-    Arc::new(
-        move |user: &str, token: &str| match idp.validate_access_token(token) {
-            Some(info)
-                if info.app_only
-                    || info
-                        .username
-                        .as_deref()
-                        .is_some_and(|u| u.eq_ignore_ascii_case(user)) =>
-            {
-                AuthVerdict::Accept
-            }
-            _ => AuthVerdict::Reject,
-        },
-    )
 }
 
 async fn point_server_at(env: &Env, smtp: &SmtpServer, extra: &[(&str, &str)]) {
@@ -89,7 +70,7 @@ pub(crate) async fn mailing() -> Mailing {
     let (status, _, _) = connect_through(&env.admin, env.server_id).await;
     assert_eq!(status, StatusCode::SEE_OTHER);
     let smtp = SmtpServer::start(SmtpConfig {
-        validator: Some(validator(&env.idp)),
+        validator: Some(env.idp.smtp_validator()),
         ..SmtpConfig::default()
     })
     .await
