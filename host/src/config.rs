@@ -36,6 +36,23 @@ pub struct Config {
     /// Seconds between checks of which modules are enabled, for several processes on one database.
     #[serde(default = "default_module_sync_secs")]
     pub module_sync_secs: u64,
+    /// Tunables of the microsoft_outlook module's workers (`CRM_OUTLOOK__...`).
+    #[serde(default)]
+    pub outlook: OutlookTuning,
+}
+
+/// Tunables of the microsoft_outlook module's workers; each has a sensible default.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct OutlookTuning {
+    /// Seconds a worker owns a claimed mail; after a crash others take it over once it ran out
+    /// (`CRM_OUTLOOK__LEASE_SECS`, default 300).
+    pub lease_secs: Option<i64>,
+    /// Mails delivered at once by this process (`CRM_OUTLOOK__DELIVERY_CONCURRENCY`, default 16).
+    pub delivery_concurrency: Option<usize>,
+    /// When the outbox sweep runs (`CRM_OUTLOOK__SWEEP_SCHEDULE`, default every 10 seconds).
+    pub sweep_schedule: Option<String>,
+    /// The first retry delay in seconds (`CRM_OUTLOOK__RETRY_BASE_SECS`, default 60).
+    pub retry_base_secs: Option<i64>,
 }
 
 fn default_bind() -> String {
@@ -66,6 +83,7 @@ impl Default for Config {
             log: default_log(),
             http_workers: 0,
             module_sync_secs: default_module_sync_secs(),
+            outlook: OutlookTuning::default(),
         }
     }
 }

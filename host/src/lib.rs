@@ -19,7 +19,27 @@ pub mod state;
 pub use app::{Application, HostOptions};
 pub use config::Config;
 
-/// The modules this host links.
-pub fn linked_modules() -> Vec<std::sync::Arc<dyn crm_sdk::Module>> {
-    vec![std::sync::Arc::new(microsoft_outlook::OutlookModule::new())]
+/// The modules this host links, tuned by the configuration.
+pub fn linked_modules(config: &Config) -> Vec<std::sync::Arc<dyn crm_sdk::Module>> {
+    let defaults = microsoft_outlook::runtime::ModuleOptions::default();
+    let tuning = &config.outlook;
+    let options = microsoft_outlook::runtime::ModuleOptions {
+        lease_secs: tuning.lease_secs.unwrap_or(defaults.lease_secs).max(10),
+        delivery_concurrency: tuning
+            .delivery_concurrency
+            .unwrap_or(defaults.delivery_concurrency)
+            .max(1),
+        sweep_schedule: tuning
+            .sweep_schedule
+            .clone()
+            .unwrap_or(defaults.sweep_schedule.clone()),
+        retry_base_secs: tuning
+            .retry_base_secs
+            .unwrap_or(defaults.retry_base_secs)
+            .max(1),
+        ..defaults
+    };
+    vec![std::sync::Arc::new(
+        microsoft_outlook::OutlookModule::with_options(options),
+    )]
 }

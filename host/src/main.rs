@@ -111,7 +111,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Migrate => {
             let db = crm_host::app::open_database(&config).await?;
-            for module in linked_modules() {
+            for module in linked_modules(&config) {
                 module
                     .migrate(&db)
                     .await
@@ -180,10 +180,11 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Serve => {
             let key = sealing_key(&config)?;
+            let modules = linked_modules(&config);
             let app = Application::build(
                 config,
                 HostOptions {
-                    modules: linked_modules(),
+                    modules,
                     clock: Arc::new(SystemClock),
                     sealing_key: key,
                     extra_routes: Vec::new(),
@@ -203,7 +204,7 @@ async fn main() -> anyhow::Result<()> {
             let key = demo_key(&dir)?;
             let db = crm_host::app::open_database(&config).await?;
             let seeded = crm_host::seed::seed_demo(&db).await?;
-            for module in linked_modules() {
+            for module in linked_modules(&config) {
                 module.migrate(&db).await?;
             }
             let public = config.public_base_url().map_err(anyhow::Error::msg)?;
@@ -217,7 +218,7 @@ async fn main() -> anyhow::Result<()> {
             let app = Application::build(
                 config.clone(),
                 HostOptions {
-                    modules: linked_modules(),
+                    modules: linked_modules(&config),
                     clock: Arc::new(SystemClock),
                     sealing_key: key,
                     extra_routes,
