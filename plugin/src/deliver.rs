@@ -378,29 +378,18 @@ pub async fn deliver(
                 },
             )
         }
-        SendOutcome::AuthFailed(reply) => {
-            let why = format!(
-                "Exchange refused the mailbox's token even after a refresh (535 5.7.3). Reconnect the mail server {} and check that {} is licensed and allowed to use SMTP.",
-                server.name, server.mailbox
-            );
-            mark_needs_reconnect(ctx, &server, &why).await.ok();
-            (
-                Delivered::NeedsReconnect,
-                Outcome {
-                    status: "needs_reconnect",
-                    next_attempt_at: None,
-                    last_reply: Some(reply),
-                    last_error: Some(why),
-                    sent: false,
-                    uncount: true,
-                },
-            )
-        }
-        SendOutcome::AuthDisabled(reply) => {
-            let why = format!(
-                "SMTP AUTH is disabled for the tenant or for the mailbox {} (535 5.7.139). An Exchange administrator must enable Authenticated SMTP for it (Microsoft 365 admin center › Users › the mailbox › Mail › Manage email apps, or Set-CASMailbox -SmtpClientAuthenticationDisabled $false), or switch this server to the Microsoft Graph transport.",
-                server.mailbox
-            );
+        SendOutcome::AuthFailed(reply) | SendOutcome::AuthDisabled(reply) => {
+            let why = if reply.contains("5.7.139") {
+                format!(
+                    "SMTP AUTH is disabled for the tenant or for the mailbox {} (535 5.7.139). An Exchange administrator must enable Authenticated SMTP for it (Microsoft 365 admin center › Users › the mailbox › Mail › Manage email apps, or Set-CASMailbox -SmtpClientAuthenticationDisabled $false), or switch this server to the Microsoft Graph transport.",
+                    server.mailbox
+                )
+            } else {
+                format!(
+                    "Exchange refused the mailbox's token even after a refresh (535 5.7.3). Reconnect the mail server {} and check that {} is licensed and allowed to use SMTP.",
+                    server.name, server.mailbox
+                )
+            };
             mark_needs_reconnect(ctx, &server, &why).await.ok();
             (
                 Delivered::NeedsReconnect,

@@ -76,6 +76,31 @@ async fn create_shared_server(admin: &Browser) -> i32 {
         .expect("server id")
 }
 
+/// Creates the signed-in user's personal mailbox through the form; returns its id.
+pub(crate) async fn create_personal(browser: &Browser, mailbox: &str) -> i32 {
+    let (status, page, location) = browser
+        .post_form(
+            "/microsoft_outlook/my-mailbox",
+            &[
+                ("name", "Personal"),
+                ("mailbox", mailbox),
+                ("smtp_host", "smtp.office365.com"),
+                ("smtp_port", "587"),
+                ("security", "starttls"),
+                ("send_as", "mailbox"),
+            ],
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "{page}");
+    location
+        .expect("server page")
+        .trim_start_matches("/microsoft_outlook/servers/")
+        .split('?')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .expect("id")
+}
+
 pub(crate) async fn env_with(secret: &str, secret_expired: bool) -> Env {
     let app = spawn_app().await;
     app.enable_module().await;
@@ -302,27 +327,7 @@ async fn a_user_connects_a_personal_mailbox() {
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(page.contains("Leave the password empty"));
-    let (status, _, location) = alice
-        .post_form(
-            "/microsoft_outlook/my-mailbox",
-            &[
-                ("name", "Alice"),
-                ("mailbox", ALICE.0),
-                ("smtp_host", "smtp.office365.com"),
-                ("smtp_port", "587"),
-                ("security", "starttls"),
-                ("send_as", "mailbox"),
-            ],
-        )
-        .await;
-    assert_eq!(status, StatusCode::SEE_OTHER);
-    let id: i32 = location
-        .expect("server page")
-        .trim_start_matches("/microsoft_outlook/servers/")
-        .split('?')
-        .next()
-        .and_then(|s| s.parse().ok())
-        .expect("id");
+    let id = create_personal(&alice, ALICE.0).await;
 
     // Alice may not connect the shared server, nor the operator her mailbox.
     assert_eq!(

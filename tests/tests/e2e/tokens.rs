@@ -123,26 +123,7 @@ async fn the_cron_job_refreshes_every_mailbox_and_a_revoked_grant_is_told_once()
     let env = connected().await;
     // Alice connects her own mailbox too.
     let alice = env.app.signed_in(ALICE).await;
-    let (_, _, location) = alice
-        .post_form(
-            "/microsoft_outlook/my-mailbox",
-            &[
-                ("name", "Alice"),
-                ("mailbox", ALICE.0),
-                ("smtp_host", "smtp.office365.com"),
-                ("smtp_port", "587"),
-                ("security", "starttls"),
-                ("send_as", "mailbox"),
-            ],
-        )
-        .await;
-    let alice_server: i32 = location
-        .expect("page")
-        .trim_start_matches("/microsoft_outlook/servers/")
-        .split('?')
-        .next()
-        .and_then(|s| s.parse().ok())
-        .expect("id");
+    let alice_server = crate::connect::create_personal(&alice, ALICE.0).await;
     env.idp.sign_in_as(ALICE.0);
     assert_eq!(
         connect_through(&alice, alice_server).await.0,
