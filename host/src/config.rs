@@ -53,6 +53,13 @@ pub struct OutlookTuning {
     pub sweep_schedule: Option<String>,
     /// The first retry delay in seconds (`CRM_OUTLOOK__RETRY_BASE_SECS`, default 60).
     pub retry_base_secs: Option<i64>,
+    /// Seconds one request to Microsoft's token endpoint may take (`CRM_OUTLOOK__TOKEN_TIMEOUT_SECS`,
+    /// default 20).
+    pub token_timeout_secs: Option<u64>,
+    /// Whether this process delivers mail and runs the scheduled jobs (`CRM_OUTLOOK__WORKERS`,
+    /// default true). `false` makes a web-only process: it serves pages and queues mail, and
+    /// the worker processes on the same database deliver it.
+    pub workers: Option<bool>,
 }
 
 fn default_bind() -> String {

@@ -37,6 +37,12 @@ pub fn linked_modules(config: &Config) -> Vec<std::sync::Arc<dyn crm_sdk::Module
             .retry_base_secs
             .unwrap_or(defaults.retry_base_secs)
             .max(1),
+        token_timeout: tuning
+            .token_timeout_secs
+            .map_or(defaults.token_timeout, |s| {
+                std::time::Duration::from_secs(s.max(1))
+            }),
+        workers: tuning.workers.unwrap_or(defaults.workers),
         ..defaults
     };
     vec![std::sync::Arc::new(

@@ -151,7 +151,9 @@ async fn main() -> anyhow::Result<()> {
                 OutlookCommand::Refresh { mailbox, all: _ } => {
                     let shared = module.shared();
                     let options = microsoft_outlook::jobs::RefreshOptions {
+                        // Asked for now: refresh even what was refreshed recently.
                         max_jitter: std::time::Duration::ZERO,
+                        skip_refreshed_within: std::time::Duration::ZERO,
                         ..Default::default()
                     };
                     let summary =

@@ -5,6 +5,7 @@ use sea_orm_migration::prelude::*;
 mod m0001_mail_servers_and_tokens;
 mod m0002_outbox;
 mod m0003_token_refresh_lease;
+mod m0004_several_processes;
 
 /// The module's migrator; it keeps its own history table beside the host's.
 pub struct Migrator;
@@ -16,6 +17,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0001_mail_servers_and_tokens::Migration),
             Box::new(m0002_outbox::Migration),
             Box::new(m0003_token_refresh_lease::Migration),
+            Box::new(m0004_several_processes::Migration),
         ]
     }
 

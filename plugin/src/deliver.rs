@@ -131,6 +131,105 @@ fn explain_permanent(reply: &str, server: &mail_server::Model, row: &outbox::Mod
     }
 }
 
+/// How long the mailbox must wait before its next send under a limit of `per_minute` (0 = no
+/// limit), counted over every process on the database: the mails sent in the last minute plus
+/// those being sent right now (claims come before this count, so two workers never both take the
+/// last place).
+async fn throttle_wait(
+    ctx: &ModuleContext,
+    server_id: i32,
+    row_id: i64,
+    per_minute: usize,
+) -> Result<Option<Duration>, sea_orm::DbErr> {
+    use sea_orm::PaginatorTrait;
+    if per_minute == 0 {
+        return Ok(None);
+    }
+    let now = ctx.clock().now();
+    let window_start = now - Duration::seconds(60);
+    let busy = outbox::Entity::find()
+        .filter(outbox::Column::ServerId.eq(server_id))
+        .filter(outbox::Column::Id.ne(row_id))
+        .filter(
+            Condition::any()
+                .add(outbox::Column::SentAt.gt(window_start))
+                .add(outbox::Column::Status.eq("sending")),
+        )
+        .count(ctx.db())
+        .await?;
+    if (busy as usize) < per_minute {
+        return Ok(None);
+    }
+    let sent_in_window = outbox::Entity::find()
+        .filter(outbox::Column::ServerId.eq(server_id))
+        .filter(outbox::Column::SentAt.gt(window_start))
+        .count(ctx.db())
+        .await?;
+    if (sent_in_window as usize) < per_minute {
+        // Full only with the mails being sent now (which may yet fail, or be waiting for this
+        // very check elsewhere): look again in a moment.
+        return Ok(Some(Duration::milliseconds(
+            rand::rng().random_range(1000..3000),
+        )));
+    }
+    let oldest: Option<DateTime<Utc>> = outbox::Entity::find()
+        .select_only()
+        .column_as(outbox::Column::SentAt.min(), "oldest")
+        .filter(outbox::Column::ServerId.eq(server_id))
+        .filter(outbox::Column::SentAt.gt(window_start))
+        .into_tuple::<Option<DateTime<Utc>>>()
+        .one(ctx.db())
+        .await?
+        .flatten();
+    Ok(Some(oldest.map_or(Duration::seconds(5), |t| {
+        Ord::max(t + Duration::seconds(60) - now, Duration::seconds(1))
+    })))
+}
+
+/// This worker's claim on a mail.
+struct Lease {
+    /// When it was taken or last extended.
+    since: std::time::Instant,
+    length: std::time::Duration,
+}
+
+impl Lease {
+    /// Extends the lease when a third of it has passed; false when another worker took the mail
+    /// over meanwhile (then this one must not send it).
+    async fn keep(
+        &mut self,
+        ctx: &ModuleContext,
+        id: i64,
+        owner: &str,
+    ) -> Result<bool, sea_orm::DbErr> {
+        if self.since.elapsed() < self.length / 3 {
+            return Ok(true);
+        }
+        let now = ctx.clock().now();
+        let extended = outbox::Entity::update_many()
+            .col_expr(
+                outbox::Column::LeaseUntil,
+                Expr::value(now + Duration::from_std(self.length).unwrap_or(Duration::minutes(5))),
+            )
+            .filter(outbox::Column::Id.eq(id))
+            .filter(outbox::Column::Status.eq("sending"))
+            .filter(outbox::Column::LeaseOwner.eq(owner))
+            .exec(ctx.db())
+            .await?;
+        self.since = std::time::Instant::now();
+        Ok(extended.rows_affected == 1)
+    }
+
+    /// How long the sender may wait for a connection slot: well inside the lease, and at most
+    /// 20 seconds (then the mail waits in the queue instead of holding a worker).
+    fn slot_deadline(&self) -> std::time::Instant {
+        Ord::min(
+            self.since + self.length / 2,
+            std::time::Instant::now() + std::time::Duration::from_secs(20),
+        )
+    }
+}
+
 /// Tries to deliver the outbox row `id` once.
 pub async fn deliver(
     ctx: &ModuleContext,
@@ -188,6 +287,10 @@ pub async fn deliver(
     if claimed.rows_affected != 1 {
         return Ok(Delivered::Skipped);
     }
+    let mut lease = Lease {
+        since: std::time::Instant::now(),
+        length: std::time::Duration::from_secs(Ord::max(shared.options.lease_secs, 1) as u64),
+    };
     let Some(row) = outbox::Entity::find_by_id(id).one(ctx.db()).await? else {
         return Ok(Delivered::Skipped);
     };
@@ -213,9 +316,9 @@ pub async fn deliver(
     };
     let limits = limits(ctx).await;
     let limit = limits.max_attempts;
-    if let Some(wait) = shared.take_send_slot(server.id, limits.per_minute) {
+    if let Some(wait) = throttle_wait(ctx, server.id, row.id, limits.per_minute).await? {
         // The mailbox's per-minute budget is spent: wait without spending an attempt.
-        let at = now + Duration::from_std(wait).unwrap_or_else(|_| Duration::seconds(60));
+        let at = now + wait;
         record(
             ctx,
             &row,
@@ -320,9 +423,21 @@ pub async fn deliver(
             return Ok(Delivered::Failed);
         }
     };
+    // A slow token refresh must not let the lease run out under us (another worker would send
+    // the mail too).
+    if !lease.keep(ctx, row.id, &owner).await? {
+        return Ok(Delivered::Skipped);
+    }
     let mut outcome = shared
         .smtp
-        .send(&server, &token, &envelope, row.raw_message.as_bytes())
+        .send(
+            ctx,
+            &server,
+            &token,
+            &envelope,
+            row.raw_message.as_bytes(),
+            lease.slot_deadline(),
+        )
         .await;
     if matches!(outcome, SendOutcome::AuthFailed(_)) && !token.refreshed {
         // 535 with a token we did not just get: refresh once and try again.
@@ -330,9 +445,19 @@ pub async fn deliver(
         match fresh_access_token(ctx, shared, &server, true).await {
             Ok(t) => {
                 token = t;
+                if !lease.keep(ctx, row.id, &owner).await? {
+                    return Ok(Delivered::Skipped);
+                }
                 outcome = shared
                     .smtp
-                    .send(&server, &token, &envelope, row.raw_message.as_bytes())
+                    .send(
+                        ctx,
+                        &server,
+                        &token,
+                        &envelope,
+                        row.raw_message.as_bytes(),
+                        lease.slot_deadline(),
+                    )
                     .await;
             }
             Err(problem) => outcome = SendOutcome::AuthFailed(problem.to_string()),
@@ -350,6 +475,22 @@ pub async fn deliver(
                 uncount: false,
             },
         ),
+        SendOutcome::Busy(why) => {
+            // Nothing was tried: wait a moment without spending an attempt.
+            let wait = Duration::milliseconds(rand::rng().random_range(1000..3000));
+            tracing::debug!(outbox_id = row.id, "{why}");
+            (
+                Delivered::Retry,
+                Outcome {
+                    status: "queued",
+                    next_attempt_at: Some(now + wait),
+                    last_reply: None,
+                    last_error: None,
+                    sent: false,
+                    uncount: true,
+                },
+            )
+        }
         SendOutcome::Transient(reply) => {
             let o = retry_or_fail(
                 Some(reply.clone()),
@@ -409,10 +550,22 @@ pub async fn deliver(
     Ok(delivered)
 }
 
-/// The ids of rows due now: queued and due, or claimed by a worker whose lease ran out.
-pub async fn due_ids(ctx: &ModuleContext, limit: u64) -> Result<Vec<i64>, sea_orm::DbErr> {
+/// The ids of mails that need a delivery job now, marked as pushed: queued and due, or claimed
+/// by a worker whose lease ran out, and not pushed since (or pushed longer than `repush_after`
+/// ago, in case that job was lost).
+pub async fn to_push(
+    ctx: &ModuleContext,
+    limit: u64,
+    repush_after: Duration,
+) -> Result<Vec<i64>, sea_orm::DbErr> {
     let now = ctx.clock().now();
-    outbox::Entity::find()
+    let not_pushed_since = |since: outbox::Column| {
+        Condition::any()
+            .add(outbox::Column::PushedAt.is_null())
+            .add(Expr::col(outbox::Column::PushedAt).lt(Expr::col(since)))
+            .add(outbox::Column::PushedAt.lt(now - repush_after))
+    };
+    let ids: Vec<i64> = outbox::Entity::find()
         .select_only()
         .column(outbox::Column::Id)
         .filter(
@@ -420,18 +573,28 @@ pub async fn due_ids(ctx: &ModuleContext, limit: u64) -> Result<Vec<i64>, sea_or
                 .add(
                     Condition::all()
                         .add(outbox::Column::Status.eq("queued"))
-                        .add(outbox::Column::NextAttemptAt.lte(now)),
+                        .add(outbox::Column::NextAttemptAt.lte(now))
+                        .add(not_pushed_since(outbox::Column::NextAttemptAt)),
                 )
                 .add(
                     Condition::all()
                         .add(outbox::Column::Status.eq("sending"))
-                        .add(outbox::Column::LeaseUntil.lt(now)),
+                        .add(outbox::Column::LeaseUntil.lt(now))
+                        .add(not_pushed_since(outbox::Column::LeaseUntil)),
                 ),
         )
         .limit(limit)
         .into_tuple::<i64>()
         .all(ctx.db())
-        .await
+        .await?;
+    if !ids.is_empty() {
+        outbox::Entity::update_many()
+            .col_expr(outbox::Column::PushedAt, Expr::value(now))
+            .filter(outbox::Column::Id.is_in(ids.clone()))
+            .exec(ctx.db())
+            .await?;
+    }
+    Ok(ids)
 }
 
 /// Puts the mails that waited for a reconnect back in the queue.

@@ -120,6 +120,9 @@ pub struct RefreshOptions {
     pub max_jitter: std::time::Duration,
     /// Transient failures are retried this many times within the run.
     pub transient_retries: u32,
+    /// A token refreshed less than this long ago is skipped (by a delivery, or by the same run
+    /// in another process: several processes running the nightly job refresh each token once).
+    pub skip_refreshed_within: std::time::Duration,
 }
 
 impl Default for RefreshOptions {
@@ -128,6 +131,7 @@ impl Default for RefreshOptions {
             concurrency: 8,
             max_jitter: std::time::Duration::from_secs(2),
             transient_retries: 2,
+            skip_refreshed_within: std::time::Duration::from_secs(3600),
         }
     }
 }
@@ -143,6 +147,7 @@ async fn refresh_one(
     ctx: &ModuleContext,
     shared: &crate::runtime::Shared,
     server: &crate::entities::mail_server::Model,
+    seen_version: i64,
     options: &RefreshOptions,
 ) -> One {
     use crate::token_service::{TokenProblem, refresh};
@@ -157,6 +162,10 @@ async fn refresh_one(
             Ok(_) => return One::Skipped,
             Err(_) => return One::Failed,
         };
+        // Refreshed since this run looked (by another process's run, or a delivery).
+        if tries == 0 && row.version != seen_version {
+            return One::Skipped;
+        }
         match refresh(ctx, &shared.http, server, row).await {
             Ok(t) if t.refreshed => return One::Refreshed,
             Ok(_) => return One::Skipped,
@@ -192,15 +201,22 @@ pub async fn refresh_all(
     let tokens = token::Entity::find().all(ctx.db()).await?;
     let mut summary = RefreshSummary::default();
     let mut due = Vec::new();
+    let recent = ctx.clock().now()
+        - chrono::Duration::from_std(options.skip_refreshed_within)
+            .unwrap_or(chrono::Duration::zero());
     for server in servers {
         match tokens.iter().find(|t| t.server_id == server.id) {
-            Some(t) if t.status == "valid" => due.push(server),
+            Some(t) if t.status == "valid" && t.last_refresh_at.is_none_or(|at| at <= recent) => {
+                due.push((server, t.version))
+            }
             Some(_) => summary.skipped += 1,
             None => {}
         }
     }
     let results: Vec<One> = futures::stream::iter(due)
-        .map(|server| async move { refresh_one(ctx, shared, &server, options).await })
+        .map(|(server, version)| async move {
+            refresh_one(ctx, shared, &server, version, options).await
+        })
         .buffer_unordered(options.concurrency.max(1))
         .collect()
         .await;
@@ -232,7 +248,8 @@ impl OutlookJobs for JobServices {
     }
 
     async fn sweep_outbox(&self) -> Result<(), BoxDynError> {
-        let due = crate::deliver::due_ids(&self.ctx, 5000).await?;
+        let repush_after = chrono::Duration::seconds(self.shared.options.lease_secs.clamp(1, 60));
+        let due = crate::deliver::to_push(&self.ctx, 5000, repush_after).await?;
         if !due.is_empty() {
             tracing::debug!(count = due.len(), "outbox sweep re-queues due mails");
             self.shared.push(&due).await;

@@ -129,6 +129,17 @@ impl Module for OutlookModule {
         };
         let queue = microsoft_outlook_jobs::MailQueue::setup(&pool).await?;
         *self.shared.queue.write().unwrap_or_else(|e| e.into_inner()) = Some(queue);
+        if !self.shared.options.workers {
+            // Web-only: mail is queued and its jobs pushed; worker processes deliver it.
+            tracing::info!(
+                "microsoft_outlook: web-only process, no workers or scheduled jobs here"
+            );
+            let shared = self.shared.clone();
+            return Ok(JobsHandle::new(Vec::new(), move || {
+                *shared.queue.write().unwrap_or_else(|e| e.into_inner()) = None;
+                Box::pin(async {})
+            }));
+        }
         let running = microsoft_outlook_jobs::start(
             crate::jobs::JobServices {
                 ctx: ctx.clone(),
@@ -138,6 +149,7 @@ impl Module for OutlookModule {
             &pool,
         )?;
         let shared = self.shared.clone();
+        let db = ctx.db().clone();
         Ok(JobsHandle::new(running.names(), move || {
             *shared.queue.write().unwrap_or_else(|e| e.into_inner()) = None;
             Box::pin(async move {
@@ -145,6 +157,8 @@ impl Module for OutlookModule {
                 shared
                     .drain_in_flight(std::time::Duration::from_secs(30))
                     .await;
+                // Other processes need not wait for this one's connection slots to time out.
+                shared.smtp.close_all(&db).await;
             })
         }))
     }

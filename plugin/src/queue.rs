@@ -220,6 +220,7 @@ pub async fn queue_mail(
         created_at: Set(now),
         updated_at: Set(Utc::now()),
         sent_at: Set(None),
+        pushed_at: Set(shared.queue().is_some().then_some(now)),
         ..Default::default()
     }
     .insert(ctx.db())

@@ -22,6 +22,9 @@ pub struct ModuleOptions {
     pub refresh: crate::jobs::RefreshOptions,
     /// How long one request to the token endpoint may take.
     pub token_timeout: std::time::Duration,
+    /// Whether this process delivers mail and runs the scheduled jobs. A web-only process
+    /// (false) still queues mail and pushes the delivery jobs for the worker processes.
+    pub workers: bool,
 }
 
 impl Default for ModuleOptions {
@@ -33,6 +36,7 @@ impl Default for ModuleOptions {
             retry_base_secs: 60,
             refresh: crate::jobs::RefreshOptions::default(),
             token_timeout: crate::token_client::TOKEN_TIMEOUT,
+            workers: true,
         }
     }
 }
@@ -69,10 +73,6 @@ pub struct Shared {
     pub starts: std::sync::atomic::AtomicU32,
     /// The app-only (client credentials) token, shared by every worker of this process.
     pub app_token: tokio::sync::Mutex<Option<AppToken>>,
-    /// Recent sends per mailbox, for the per-minute limit.
-    recent_sends: std::sync::Mutex<
-        std::collections::HashMap<i32, std::collections::VecDeque<std::time::Instant>>,
-    >,
 }
 
 impl Shared {
@@ -80,16 +80,18 @@ impl Shared {
     pub fn new(options: ModuleOptions) -> Arc<Self> {
         let http = crate::token_client::http_client(options.token_timeout);
         let suffix: u32 = rand::random();
+        let instance = format!("{}-{suffix:08x}", std::process::id());
+        // A crashed process's connection slots come free after this long.
+        let slot_lease = std::time::Duration::from_secs(options.lease_secs.clamp(2, 120) as u64);
         Arc::new(Self {
             options,
             queue: RwLock::new(None),
-            smtp: SmtpSender::new(),
+            smtp: SmtpSender::new(&instance, slot_lease),
             http,
-            instance: format!("{}-{suffix:08x}", std::process::id()),
+            instance,
             starts: std::sync::atomic::AtomicU32::new(0),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             in_flight_done: tokio::sync::Notify::new(),
-            recent_sends: std::sync::Mutex::new(std::collections::HashMap::new()),
             app_token: tokio::sync::Mutex::new(None),
         })
     }
@@ -99,36 +101,11 @@ impl Shared {
         self.queue.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Takes a send slot of `server_id` under a limit of `per_minute` (0 = no limit), or says
-    /// how long to wait for one.
-    pub fn take_send_slot(&self, server_id: i32, per_minute: usize) -> Option<std::time::Duration> {
-        if per_minute == 0 {
-            return None;
-        }
-        let window = std::time::Duration::from_secs(60);
-        let now = std::time::Instant::now();
-        let mut all = self.recent_sends.lock().unwrap_or_else(|e| e.into_inner());
-        let recent = all.entry(server_id).or_default();
-        while recent
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= window)
-        {
-            recent.pop_front();
-        }
-        if recent.len() >= per_minute {
-            return recent
-                .front()
-                .map(|oldest| window.saturating_sub(now.duration_since(*oldest)));
-        }
-        recent.push_back(now);
-        None
-    }
-
     /// Starts delivering `outbox_id` right away in this process, while the jobs run. The apalis
     /// job pushed with it stays the durable path: whichever claims the row first sends it, the
     /// other finds it taken (a freshly pushed job can wait for the queue's next poll).
     pub fn deliver_soon(self: &Arc<Self>, ctx: &crm_sdk::ModuleContext, outbox_id: i64) {
-        if self.queue().is_none() {
+        if !self.options.workers || self.queue().is_none() {
             return;
         }
         let (shared, ctx) = (self.clone(), ctx.clone());

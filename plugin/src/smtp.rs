@@ -1,24 +1,35 @@
 //! SMTP submission with SASL XOAUTH2 over connections this module opens itself (TCP_NODELAY on),
-//! reused per mailbox and token version, at most three at once per mailbox.
+//! reused per mailbox and token version. Every connection holds one of the mailbox's three
+//! connection slots in the database, so that all processes on one database together never open
+//! more than three connections to a mailbox (Exchange Online's limit); a crashed process's slots
+//! free themselves when their lease runs out.
 
+use chrono::{DateTime, Utc};
+use crm_sdk::ModuleContext;
 use lettre::address::Envelope;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
 use lettre::transport::smtp::extension::ClientId;
+use sea_orm::sea_query::{Expr, OnConflict};
+use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QuerySelect, Set};
 use secrecy::ExposeSecret;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::entities::mail_server;
+use crate::entities::{mail_server, smtp_slot};
 use crate::token_service::AccessToken;
 
 /// Exchange Online's limit of concurrent SMTP connections per mailbox.
 pub const CONNECTIONS_PER_MAILBOX: usize = 3;
-/// How long an idle connection is kept for reuse.
-const IDLE_FOR: Duration = Duration::from_secs(30);
+/// How long an idle connection is kept for reuse; then it is closed and its slot freed for
+/// other processes.
+const IDLE_FOR: Duration = Duration::from_secs(3);
+/// How often idle connections are looked at.
+const REAP_EVERY: Duration = Duration::from_millis(500);
 /// How long connecting, the handshake and each command may take.
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -35,29 +46,44 @@ pub enum SendOutcome {
     AuthFailed(String),
     /// `535 5.7.139`: SMTP AUTH is disabled for the tenant or the mailbox.
     AuthDisabled(String),
+    /// Every connection slot of the mailbox stayed taken (by other processes): nothing was
+    /// tried, the mail waits a little without spending an attempt.
+    Busy(String),
+}
+
+/// One of a mailbox's connection slots, held by this process.
+struct Slot {
+    index: i32,
+    holder: String,
+    renewed: Instant,
 }
 
 struct Idle {
     conn: AsyncSmtpConnection,
     version: i64,
     since: Instant,
+    slot: Slot,
 }
 
 struct MailboxPool {
     permits: Arc<Semaphore>,
     idle: Mutex<Vec<Idle>>,
+    /// Whether this process made sure the mailbox's slot rows exist.
+    rows_ready: AtomicBool,
 }
 
-/// The module's SMTP client: one small pool per mailbox.
+type Pools = Mutex<HashMap<i32, Arc<MailboxPool>>>;
+
+/// The module's SMTP client: one small pool per mailbox, bounded across processes.
 pub struct SmtpSender {
-    pools: Mutex<HashMap<i32, Arc<MailboxPool>>>,
+    pools: Arc<Pools>,
     hello: ClientId,
-}
-
-impl Default for SmtpSender {
-    fn default() -> Self {
-        Self::new()
-    }
+    instance: String,
+    slot_lease: Duration,
+    nonce: AtomicU64,
+    /// Slots to free in the database (of connections closed outside an async context).
+    to_release: Arc<Mutex<Vec<String>>>,
+    reaper: Mutex<Option<DatabaseConnection>>,
 }
 
 /// The server's reply as it was on the wire (`432 4.3.2 ...`), else lettre's description.
@@ -90,11 +116,18 @@ fn is_connection_error(e: &lettre::transport::smtp::Error) -> bool {
 }
 
 impl SmtpSender {
-    /// A sender with no connections yet.
-    pub fn new() -> Self {
+    /// A sender with no connections yet. `instance` names this process in slot leases;
+    /// `slot_lease` is how long a slot stays held without being renewed (after a crash, how long
+    /// other processes wait for it).
+    pub fn new(instance: &str, slot_lease: Duration) -> Self {
         Self {
-            pools: Mutex::new(HashMap::new()),
+            pools: Arc::new(Mutex::new(HashMap::new())),
             hello: ClientId::Domain(hostname()),
+            instance: instance.to_string(),
+            slot_lease: Ord::max(slot_lease, Duration::from_secs(2)),
+            nonce: AtomicU64::new(0),
+            to_release: Arc::new(Mutex::new(Vec::new())),
+            reaper: Mutex::new(None),
         }
     }
 
@@ -106,17 +139,191 @@ impl SmtpSender {
                 Arc::new(MailboxPool {
                     permits: Arc::new(Semaphore::new(CONNECTIONS_PER_MAILBOX)),
                     idle: Mutex::new(Vec::new()),
+                    rows_ready: AtomicBool::new(false),
                 })
             })
             .clone()
     }
 
-    /// Forgets the idle connections of a server (after its token or settings changed).
+    /// Forgets the idle connections of a server (after its token or settings changed); their
+    /// slots are freed by the reaper.
     pub fn forget(&self, server_id: i32) {
-        self.pools
+        let removed = self
+            .pools
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&server_id);
+        if let Some(pool) = removed {
+            let idle = std::mem::take(&mut *pool.idle.lock().unwrap_or_else(|e| e.into_inner()));
+            self.to_release
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(idle.into_iter().map(|i| i.slot.holder));
+        }
+    }
+
+    /// Closes every idle connection and frees its slot (on shutdown, so that other processes
+    /// need not wait for the leases to run out).
+    pub async fn close_all(&self, db: &DatabaseConnection) {
+        let mut holders: Vec<String> =
+            std::mem::take(&mut *self.to_release.lock().unwrap_or_else(|e| e.into_inner()));
+        let pools: Vec<Arc<MailboxPool>> = self
+            .pools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for pool in pools {
+            let idle = std::mem::take(&mut *pool.idle.lock().unwrap_or_else(|e| e.into_inner()));
+            holders.extend(idle.into_iter().map(|i| i.slot.holder));
+        }
+        release(db, holders).await;
+    }
+
+    /// Starts (once) the task that closes connections idle for [`IDLE_FOR`] and frees their slots.
+    fn start_reaper(&self, db: &DatabaseConnection) {
+        let mut reaper = self.reaper.lock().unwrap_or_else(|e| e.into_inner());
+        if reaper.is_some() {
+            return;
+        }
+        *reaper = Some(db.clone());
+        let pools: Weak<Pools> = Arc::downgrade(&self.pools);
+        let to_release = self.to_release.clone();
+        let db = db.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(REAP_EVERY).await;
+                let Some(pools) = pools.upgrade() else {
+                    return;
+                };
+                let mut holders: Vec<String> =
+                    std::mem::take(&mut *to_release.lock().unwrap_or_else(|e| e.into_inner()));
+                let all: Vec<Arc<MailboxPool>> = pools
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .values()
+                    .cloned()
+                    .collect();
+                drop(pools);
+                for pool in all {
+                    let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+                    let (old, keep): (Vec<Idle>, Vec<Idle>) = std::mem::take(&mut *idle)
+                        .into_iter()
+                        .partition(|i| i.since.elapsed() >= IDLE_FOR);
+                    *idle = keep;
+                    holders.extend(old.into_iter().map(|i| i.slot.holder));
+                }
+                if !holders.is_empty() {
+                    release(&db, holders).await;
+                }
+            }
+        });
+    }
+
+    /// Takes one of the mailbox's connection slots, waiting (polling) until `deadline` while
+    /// other processes hold all of them.
+    async fn acquire_slot(
+        &self,
+        ctx: &ModuleContext,
+        pool: &MailboxPool,
+        server_id: i32,
+        deadline: Instant,
+    ) -> Result<Slot, SendOutcome> {
+        let db = ctx.db();
+        let unavailable =
+            |e: sea_orm::DbErr| SendOutcome::Transient(format!("the database is unavailable: {e}"));
+        if !pool.rows_ready.load(Ordering::Relaxed) {
+            let rows = (0..CONNECTIONS_PER_MAILBOX as i32).map(|slot| smtp_slot::ActiveModel {
+                server_id: Set(server_id),
+                slot: Set(slot),
+                holder: Set(None),
+                lease_until: Set(None),
+            });
+            smtp_slot::Entity::insert_many(rows)
+                .on_conflict(
+                    OnConflict::columns([smtp_slot::Column::ServerId, smtp_slot::Column::Slot])
+                        .do_nothing()
+                        .to_owned(),
+                )
+                .exec_without_returning(db)
+                .await
+                .map_err(unavailable)?;
+            pool.rows_ready.store(true, Ordering::Relaxed);
+        }
+        loop {
+            let now = ctx.clock().now();
+            let free: Vec<i32> = smtp_slot::Entity::find()
+                .select_only()
+                .column(smtp_slot::Column::Slot)
+                .filter(smtp_slot::Column::ServerId.eq(server_id))
+                .filter(free_at(now))
+                .into_tuple()
+                .all(db)
+                .await
+                .map_err(unavailable)?;
+            for index in free {
+                let holder = format!(
+                    "{}:{server_id}:{index}:{}",
+                    self.instance,
+                    self.nonce.fetch_add(1, Ordering::Relaxed)
+                );
+                let taken = smtp_slot::Entity::update_many()
+                    .col_expr(smtp_slot::Column::Holder, Expr::value(holder.clone()))
+                    .col_expr(smtp_slot::Column::LeaseUntil, Expr::value(self.until(now)))
+                    .filter(smtp_slot::Column::ServerId.eq(server_id))
+                    .filter(smtp_slot::Column::Slot.eq(index))
+                    .filter(free_at(now))
+                    .exec(db)
+                    .await
+                    .map_err(unavailable)?;
+                if taken.rows_affected == 1 {
+                    return Ok(Slot {
+                        index,
+                        holder,
+                        renewed: Instant::now(),
+                    });
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(SendOutcome::Busy(format!(
+                    "all {CONNECTIONS_PER_MAILBOX} connections to this mailbox are in use by other workers"
+                )));
+            }
+            let wait = Duration::from_millis(rand::random_range(50..250));
+            tokio::time::sleep(Ord::min(
+                wait,
+                deadline.saturating_duration_since(Instant::now()),
+            ))
+            .await;
+        }
+    }
+
+    fn until(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        now + chrono::Duration::from_std(self.slot_lease).unwrap_or(chrono::Duration::seconds(60))
+    }
+
+    /// Extends the slot's lease when a third of it has passed; false when the slot was lost
+    /// (the lease ran out and another process took it).
+    async fn renew(&self, ctx: &ModuleContext, server_id: i32, slot: &mut Slot) -> bool {
+        if slot.renewed.elapsed() < self.slot_lease / 3 {
+            return true;
+        }
+        let now = ctx.clock().now();
+        let renewed = smtp_slot::Entity::update_many()
+            .col_expr(smtp_slot::Column::LeaseUntil, Expr::value(self.until(now)))
+            .filter(smtp_slot::Column::ServerId.eq(server_id))
+            .filter(smtp_slot::Column::Slot.eq(slot.index))
+            .filter(smtp_slot::Column::Holder.eq(slot.holder.as_str()))
+            .exec(ctx.db())
+            .await;
+        match renewed {
+            Ok(r) if r.rows_affected == 1 => {
+                slot.renewed = Instant::now();
+                true
+            }
+            _ => false,
+        }
     }
 
     async fn open(
@@ -182,36 +389,77 @@ impl SmtpSender {
         Ok(conn)
     }
 
-    /// Sends one message through `server` with `token`; never more than three connections to
-    /// one mailbox from this process.
+    /// Sends one message through `server` with `token`. Waits at most until `slot_deadline` for
+    /// a connection slot when other processes hold all three ([`SendOutcome::Busy`] then).
     pub async fn send(
         &self,
+        ctx: &ModuleContext,
         server: &mail_server::Model,
         token: &AccessToken,
         envelope: &Envelope,
         raw: &[u8],
+        slot_deadline: Instant,
     ) -> SendOutcome {
+        self.start_reaper(ctx.db());
         let pool = self.pool(server.id);
         let permit: OwnedSemaphorePermit = match pool.permits.clone().acquire_owned().await {
             Ok(p) => p,
             Err(_) => return SendOutcome::Transient("the sender is shutting down".into()),
         };
-        let reused = {
+        let taken = {
             let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-            idle.retain(|c| c.version == token.version && c.since.elapsed() < IDLE_FOR);
-            idle.pop()
+            match idle
+                .iter()
+                .position(|c| c.version == token.version && c.since.elapsed() < IDLE_FOR)
+            {
+                Some(at) => Some(idle.swap_remove(at)),
+                None => idle.pop(),
+            }
         };
-        if let Some(mut idle) = reused {
-            match tokio::time::timeout(IO_TIMEOUT, idle.conn.send(envelope, raw)).await {
+        // A connection of an older token is closed; its slot serves the new one.
+        let (mut reused, slot) = match taken {
+            Some(i) if i.version == token.version && i.since.elapsed() < IDLE_FOR => {
+                (Some(i.conn), Some(i.slot))
+            }
+            Some(i) => (None, Some(i.slot)),
+            None => (None, None),
+        };
+        let slot = match slot {
+            Some(mut s) => {
+                if self.renew(ctx, server.id, &mut s).await {
+                    s
+                } else {
+                    reused = None;
+                    match self
+                        .acquire_slot(ctx, &pool, server.id, slot_deadline)
+                        .await
+                    {
+                        Ok(s) => s,
+                        Err(outcome) => return outcome,
+                    }
+                }
+            }
+            None => match self
+                .acquire_slot(ctx, &pool, server.id, slot_deadline)
+                .await
+            {
+                Ok(s) => s,
+                Err(outcome) => return outcome,
+            },
+        };
+        if let Some(mut conn) = reused {
+            match tokio::time::timeout(IO_TIMEOUT, conn.send(envelope, raw)).await {
                 Ok(Ok(response)) => {
-                    self.give_back(&pool, idle.conn, token.version);
+                    self.give_back(&pool, conn, token.version, slot);
                     drop(permit);
                     return SendOutcome::Sent(response_text(&response));
                 }
                 Ok(Err(e)) if !is_connection_error(&e) => {
                     let outcome = classify_error(&e);
-                    if !idle.conn.has_broken() {
-                        self.give_back(&pool, idle.conn, token.version);
+                    if conn.has_broken() {
+                        release(ctx.db(), vec![slot.holder]).await;
+                    } else {
+                        self.give_back(&pool, conn, token.version, slot);
                     }
                     return outcome;
                 }
@@ -221,7 +469,10 @@ impl SmtpSender {
         }
         let mut conn = match self.open(server, token).await {
             Ok(c) => c,
-            Err(outcome) => return outcome,
+            Err(outcome) => {
+                release(ctx.db(), vec![slot.holder]).await;
+                return outcome;
+            }
         };
         let outcome = match tokio::time::timeout(IO_TIMEOUT, conn.send(envelope, raw)).await {
             Ok(Ok(response)) => SendOutcome::Sent(response_text(&response)),
@@ -233,13 +484,15 @@ impl SmtpSender {
             SendOutcome::Sent(_) | SendOutcome::Permanent(_) | SendOutcome::Transient(_)
         ) && !conn.has_broken()
         {
-            self.give_back(&pool, conn, token.version);
+            self.give_back(&pool, conn, token.version, slot);
+        } else {
+            release(ctx.db(), vec![slot.holder]).await;
         }
         drop(permit);
         outcome
     }
 
-    fn give_back(&self, pool: &MailboxPool, conn: AsyncSmtpConnection, version: i64) {
+    fn give_back(&self, pool: &MailboxPool, conn: AsyncSmtpConnection, version: i64, slot: Slot) {
         pool.idle
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -247,7 +500,37 @@ impl SmtpSender {
                 conn,
                 version,
                 since: Instant::now(),
+                slot,
             });
+    }
+}
+
+/// A slot is free when nobody holds it or its holder's lease ran out.
+fn free_at(now: DateTime<Utc>) -> sea_orm::Condition {
+    sea_orm::Condition::any()
+        .add(smtp_slot::Column::Holder.is_null())
+        .add(smtp_slot::Column::LeaseUntil.lt(now))
+}
+
+/// Frees slots (a failure only delays them until their lease runs out).
+async fn release(db: &DatabaseConnection, holders: Vec<String>) {
+    if holders.is_empty() {
+        return;
+    }
+    let freed = smtp_slot::Entity::update_many()
+        .col_expr(
+            smtp_slot::Column::Holder,
+            Expr::value(Option::<String>::None),
+        )
+        .col_expr(
+            smtp_slot::Column::LeaseUntil,
+            Expr::value(Option::<DateTime<Utc>>::None),
+        )
+        .filter(smtp_slot::Column::Holder.is_in(holders))
+        .exec(db)
+        .await;
+    if let Err(e) = freed {
+        tracing::warn!(error = %e, "freeing SMTP connection slots failed; their leases will run out");
     }
 }
 

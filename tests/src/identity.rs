@@ -156,8 +156,30 @@ type Shared = Arc<Mutex<State>>;
 #[derive(Clone)]
 pub struct IdentityPlatform {
     state: Shared,
-    handle: actix_web::dev::ServerHandle,
+    handle: Arc<Mutex<Option<actix_web::dev::ServerHandle>>>,
     authority: String,
+}
+
+/// Serves the platform's endpoints on `listener` with `state`.
+fn serve(
+    listener: std::net::TcpListener,
+    state: Shared,
+) -> std::io::Result<actix_web::dev::ServerHandle> {
+    let data = web::Data::new(state);
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .route("/{tenant}/oauth2/v2.0/authorize", web::get().to(authorize))
+            .route("/{tenant}/oauth2/v2.0/authorize", web::post().to(consent))
+            .route("/{tenant}/oauth2/v2.0/token", web::post().to(token))
+    })
+    .workers(1)
+    .disable_signals()
+    .listen(listener)?
+    .run();
+    let handle = server.handle();
+    tokio::spawn(server);
+    Ok(handle)
 }
 
 fn random(len: usize) -> String {
@@ -891,25 +913,30 @@ impl IdentityPlatform {
             access: HashMap::new(),
             log: Vec::new(),
         }));
-        let data = web::Data::new(state.clone());
-        let server = HttpServer::new(move || {
-            App::new()
-                .app_data(data.clone())
-                .route("/{tenant}/oauth2/v2.0/authorize", web::get().to(authorize))
-                .route("/{tenant}/oauth2/v2.0/authorize", web::post().to(consent))
-                .route("/{tenant}/oauth2/v2.0/token", web::post().to(token))
-        })
-        .workers(1)
-        .disable_signals()
-        .listen(listener)?
-        .run();
-        let handle = server.handle();
-        tokio::spawn(server);
+        let handle = serve(listener, state.clone())?;
         Ok(Self {
             state,
-            handle,
+            handle: Arc::new(Mutex::new(Some(handle))),
             authority,
         })
+    }
+
+    /// Takes the platform off the network: connections to it are refused until
+    /// [`IdentityPlatform::come_back`] (everything it knows is kept).
+    pub async fn go_down(&self) {
+        let handle = self.handle.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(handle) = handle {
+            handle.stop(false).await;
+        }
+    }
+
+    /// Serves again on the same address after [`IdentityPlatform::go_down`].
+    pub fn come_back(&self) -> anyhow::Result<()> {
+        let address = self.authority.trim_start_matches("http://").to_string();
+        let listener = std::net::TcpListener::bind(address.as_str())?;
+        *self.handle.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(serve(listener, self.state.clone())?);
+        Ok(())
     }
 
     /// The authority URL to configure (`http://127.0.0.1:PORT`).
@@ -1015,6 +1042,6 @@ impl IdentityPlatform {
 
     /// Stops the server.
     pub async fn stop(&self) {
-        self.handle.stop(false).await;
+        self.go_down().await;
     }
 }

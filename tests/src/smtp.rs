@@ -359,6 +359,11 @@ impl SmtpServer {
         self.shared.has_injections.store(false, Ordering::Release);
     }
 
+    /// How many injected misbehaviours are still to be played.
+    pub fn injections_left(&self) -> usize {
+        self.shared.state().injections.iter().map(|(_, n)| n).sum()
+    }
+
     /// Every message recorded so far, in order.
     pub fn received(&self) -> Vec<ReceivedMail> {
         self.shared.state().received.clone()

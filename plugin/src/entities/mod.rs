@@ -4,4 +4,5 @@ pub mod alert;
 pub mod mail_server;
 pub mod oauth_state;
 pub mod outbox;
+pub mod smtp_slot;
 pub mod token;

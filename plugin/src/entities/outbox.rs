@@ -37,6 +37,8 @@ pub struct Model {
     pub created_at: ChronoDateTimeUtc,
     pub updated_at: ChronoDateTimeUtc,
     pub sent_at: Option<ChronoDateTimeUtc>,
+    /// When a delivery job was last pushed for it (the sweep pushes due mails once).
+    pub pushed_at: Option<ChronoDateTimeUtc>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

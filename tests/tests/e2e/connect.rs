@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 pub(crate) const CLIENT_ID: &str = "6f1c2d3e-4b5a-4c7d-8e9f-0a1b2c3d4e5f";
 pub(crate) const CLIENT_SECRET: &str = "Qh8Q~simulated.client.secret-value";
-const REDIRECT: &str = "https://crm.contoso.example/microsoft_outlook/confirm";
+pub(crate) const REDIRECT: &str = "https://crm.contoso.example/microsoft_outlook/confirm";
 pub(crate) const MAILBOX: &str = "crm@contoso.example";
 
 pub(crate) struct Env {
@@ -23,7 +23,7 @@ pub(crate) struct Env {
     pub server_id: i32,
 }
 
-fn user(name: &str) -> TestUser {
+pub(crate) fn user(name: &str) -> TestUser {
     TestUser {
         username: name.to_string(),
         email: Some(name.to_string()),

@@ -85,8 +85,10 @@ pub fn test_options() -> ModuleOptions {
             concurrency: 4,
             max_jitter: std::time::Duration::ZERO,
             transient_retries: 1,
+            skip_refreshed_within: std::time::Duration::ZERO,
         },
         token_timeout: std::time::Duration::from_secs(2),
+        workers: true,
     }
 }
 
@@ -114,6 +116,16 @@ pub async fn spawn_app() -> TestApp {
 
 /// Starts a host on an existing test database with `key`.
 pub async fn spawn_on(test_db: Arc<TestDb>, key: SealingKey, seed: bool) -> TestApp {
+    spawn_with(test_db, key, seed, test_options()).await
+}
+
+/// Starts a host on an existing test database with `key` and module `options`.
+pub async fn spawn_with(
+    test_db: Arc<TestDb>,
+    key: SealingKey,
+    seed: bool,
+    options: ModuleOptions,
+) -> TestApp {
     init_logs();
     let config = Config {
         bind: "127.0.0.1:0".into(),
@@ -125,9 +137,7 @@ pub async fn spawn_on(test_db: Arc<TestDb>, key: SealingKey, seed: bool) -> Test
         ..Config::default()
     };
     let clock = Arc::new(ManualClock::new(chrono::Utc::now()));
-    let module = Arc::new(microsoft_outlook::OutlookModule::with_options(
-        test_options(),
-    ));
+    let module = Arc::new(microsoft_outlook::OutlookModule::with_options(options));
     let app = Application::build(
         config,
         HostOptions {

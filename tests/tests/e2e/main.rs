@@ -1,6 +1,7 @@
 //! End-to-end tests of the host and the microsoft_outlook module (one binary; SQLite by default,
 //! PostgreSQL when TEST_DATABASE_URL names a server).
 
+mod cluster;
 mod connect;
 mod foundation;
 mod fuzz;

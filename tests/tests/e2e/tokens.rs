@@ -71,6 +71,7 @@ fn options() -> RefreshOptions {
         concurrency: 4,
         max_jitter: std::time::Duration::ZERO,
         transient_retries: 1,
+        skip_refreshed_within: std::time::Duration::ZERO,
     }
 }
 
