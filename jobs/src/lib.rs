@@ -166,6 +166,15 @@ async fn deliver_job<S: OutlookJobs>(job: DeliverMail, svc: Data<S>) -> Result<(
     svc.deliver(job.outbox_id).await
 }
 
+/// A worker's name for its `restarts`-th run (names must not repeat within a queue).
+fn run_name(name: &str, restarts: usize) -> String {
+    if restarts == 0 {
+        name.to_string()
+    } else {
+        format!("{name}.restart{restarts}")
+    }
+}
+
 fn schedule(job: &'static str, text: &str) -> Result<cron::Schedule, StartError> {
     cron::Schedule::from_str(text).map_err(|e| StartError::Schedule {
         job,
@@ -221,22 +230,22 @@ pub fn start<S: OutlookJobs>(
     );
     let (s0, s1, s2, s3) = (svc.clone(), svc.clone(), svc.clone(), svc);
     let monitor = Monitor::new()
-        .register(move |_| {
-            WorkerBuilder::new(n0.clone())
+        .register(move |restarts| {
+            WorkerBuilder::new(run_name(&n0, restarts))
                 .backend(CronScheduler::new(refresh.clone()))
                 .data(s0.clone())
                 .concurrency(1)
                 .build(refresh_tick::<S>)
         })
-        .register(move |_| {
-            WorkerBuilder::new(n1.clone())
+        .register(move |restarts| {
+            WorkerBuilder::new(run_name(&n1, restarts))
                 .backend(CronScheduler::new(secret.clone()))
                 .data(s1.clone())
                 .concurrency(1)
                 .build(secret_tick::<S>)
         })
-        .register(move |_| {
-            WorkerBuilder::new(n2.clone())
+        .register(move |restarts| {
+            WorkerBuilder::new(run_name(&n2, restarts))
                 .backend(CronScheduler::new(sweep.clone()))
                 .data(s2.clone())
                 .concurrency(1)
@@ -245,8 +254,8 @@ pub fn start<S: OutlookJobs>(
     let monitor = match pool {
         QueuePool::Sqlite(p) => {
             let p = p.clone();
-            monitor.register(move |_| {
-                WorkerBuilder::new(n3.clone())
+            monitor.register(move |restarts| {
+                WorkerBuilder::new(run_name(&n3, restarts))
                     .backend(sqlite_storage(&p).poll_with_interval(Duration::from_millis(200)))
                     .data(s3.clone())
                     .concurrency(concurrency)
@@ -256,8 +265,8 @@ pub fn start<S: OutlookJobs>(
         }
         QueuePool::Postgres(p) => {
             let p = p.clone();
-            monitor.register(move |_| {
-                WorkerBuilder::new(n3.clone())
+            monitor.register(move |restarts| {
+                WorkerBuilder::new(run_name(&n3, restarts))
                     .backend(postgres_storage(&p).with_pubsub())
                     .data(s3.clone())
                     .concurrency(concurrency)
@@ -266,7 +275,14 @@ pub fn start<S: OutlookJobs>(
             })
         }
     }
-    .shutdown_timeout(Duration::from_secs(30));
+    .shutdown_timeout(Duration::from_secs(30))
+    // A cron worker whose job outlasted the interval (a slow or restarting database) finds its
+    // next tick in the past and ends with an error; a worker whose backend failed ends too.
+    // Either way it starts again: the jobs must never silently stop.
+    .should_restart(|worker, error| {
+        tracing::warn!(worker = %worker.name(), %error, "a microsoft_outlook worker stopped; restarting it");
+        true
+    });
     let done = tokio::spawn(async move {
         let signal = async move {
             let _ = stopped.await;

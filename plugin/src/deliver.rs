@@ -137,23 +137,36 @@ fn explain_permanent(reply: &str, server: &mail_server::Model, row: &outbox::Mod
 /// last place).
 async fn throttle_wait(
     ctx: &ModuleContext,
-    server_id: i32,
-    row_id: i64,
+    row: &outbox::Model,
     per_minute: usize,
 ) -> Result<Option<Duration>, sea_orm::DbErr> {
+    let server_id = row.server_id;
     use sea_orm::PaginatorTrait;
     if per_minute == 0 {
         return Ok(None);
     }
     let now = ctx.clock().now();
     let window_start = now - Duration::seconds(60);
+    // Mails claimed before this one (by claim time, then id) count; later claims count this
+    // one, so two workers never both hold back for each other, nor both take the last place.
+    let claimed_before = Condition::any()
+        .add(outbox::Column::UpdatedAt.lt(row.updated_at))
+        .add(
+            Condition::all()
+                .add(outbox::Column::UpdatedAt.eq(row.updated_at))
+                .add(outbox::Column::Id.lt(row.id)),
+        );
     let busy = outbox::Entity::find()
         .filter(outbox::Column::ServerId.eq(server_id))
-        .filter(outbox::Column::Id.ne(row_id))
+        .filter(outbox::Column::Id.ne(row.id))
         .filter(
             Condition::any()
                 .add(outbox::Column::SentAt.gt(window_start))
-                .add(outbox::Column::Status.eq("sending")),
+                .add(
+                    Condition::all()
+                        .add(outbox::Column::Status.eq("sending"))
+                        .add(claimed_before),
+                ),
         )
         .count(ctx.db())
         .await?;
@@ -186,47 +199,55 @@ async fn throttle_wait(
     })))
 }
 
-/// This worker's claim on a mail.
-struct Lease {
-    /// When it was taken or last extended.
-    since: std::time::Instant,
-    length: std::time::Duration,
+/// Keeps this worker's claim on a mail alive while it works on it: a task extends the lease
+/// every third of its length, and says when the claim was lost (another worker took the mail
+/// over), so that this one does not send it too. Dropping it stops the task.
+struct LeaseKeeper {
+    lost: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
 }
 
-impl Lease {
-    /// Extends the lease when a third of it has passed; false when another worker took the mail
-    /// over meanwhile (then this one must not send it).
-    async fn keep(
-        &mut self,
-        ctx: &ModuleContext,
-        id: i64,
-        owner: &str,
-    ) -> Result<bool, sea_orm::DbErr> {
-        if self.since.elapsed() < self.length / 3 {
-            return Ok(true);
-        }
-        let now = ctx.clock().now();
-        let extended = outbox::Entity::update_many()
-            .col_expr(
-                outbox::Column::LeaseUntil,
-                Expr::value(now + Duration::from_std(self.length).unwrap_or(Duration::minutes(5))),
-            )
-            .filter(outbox::Column::Id.eq(id))
-            .filter(outbox::Column::Status.eq("sending"))
-            .filter(outbox::Column::LeaseOwner.eq(owner))
-            .exec(ctx.db())
-            .await?;
-        self.since = std::time::Instant::now();
-        Ok(extended.rows_affected == 1)
+impl LeaseKeeper {
+    fn start(ctx: &ModuleContext, id: i64, owner: &str, length: std::time::Duration) -> Self {
+        let lost = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ctx, owner, flag) = (ctx.clone(), owner.to_string(), lost.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(length / 3).await;
+                let now = ctx.clock().now();
+                let extended = outbox::Entity::update_many()
+                    .col_expr(
+                        outbox::Column::LeaseUntil,
+                        Expr::value(
+                            now + Duration::from_std(length).unwrap_or(Duration::minutes(5)),
+                        ),
+                    )
+                    .filter(outbox::Column::Id.eq(id))
+                    .filter(outbox::Column::Status.eq("sending"))
+                    .filter(outbox::Column::LeaseOwner.eq(owner.as_str()))
+                    .exec(ctx.db())
+                    .await;
+                match extended {
+                    Ok(r) if r.rows_affected == 1 => {}
+                    Ok(_) => {
+                        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                        return;
+                    }
+                    // The database is away: try again; if the lease runs out meanwhile, the
+                    // next extension finds it taken over.
+                    Err(e) => {
+                        tracing::warn!(error = %e, outbox_id = id, "extending a lease failed")
+                    }
+                }
+            }
+        });
+        Self { lost, task }
     }
+}
 
-    /// How long the sender may wait for a connection slot: well inside the lease, and at most
-    /// 20 seconds (then the mail waits in the queue instead of holding a worker).
-    fn slot_deadline(&self) -> std::time::Instant {
-        Ord::min(
-            self.since + self.length / 2,
-            std::time::Instant::now() + std::time::Duration::from_secs(20),
-        )
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -237,7 +258,14 @@ pub async fn deliver(
     id: i64,
 ) -> Result<Delivered, sea_orm::DbErr> {
     let now = ctx.clock().now();
-    let owner = shared.instance.clone();
+    // Unique per claim, so that two claims of one process are told apart too.
+    let owner = format!(
+        "{}:{}",
+        shared.instance,
+        shared
+            .claims
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
     let due = Condition::any()
         .add(
             Condition::all()
@@ -287,10 +315,12 @@ pub async fn deliver(
     if claimed.rows_affected != 1 {
         return Ok(Delivered::Skipped);
     }
-    let mut lease = Lease {
-        since: std::time::Instant::now(),
-        length: std::time::Duration::from_secs(Ord::max(shared.options.lease_secs, 1) as u64),
-    };
+    let lease_length =
+        std::time::Duration::from_secs(Ord::max(shared.options.lease_secs, 1) as u64);
+    let lease = LeaseKeeper::start(ctx, id, &owner, lease_length);
+    // How long the sender may wait for a connection: at most 20 seconds (then the mail waits in
+    // the queue instead of holding a worker).
+    let slot_deadline = || std::time::Instant::now() + std::time::Duration::from_secs(20);
     let Some(row) = outbox::Entity::find_by_id(id).one(ctx.db()).await? else {
         return Ok(Delivered::Skipped);
     };
@@ -316,7 +346,7 @@ pub async fn deliver(
     };
     let limits = limits(ctx).await;
     let limit = limits.max_attempts;
-    if let Some(wait) = throttle_wait(ctx, server.id, row.id, limits.per_minute).await? {
+    if let Some(wait) = throttle_wait(ctx, &row, limits.per_minute).await? {
         // The mailbox's per-minute budget is spent: wait without spending an attempt.
         let at = now + wait;
         record(
@@ -423,11 +453,6 @@ pub async fn deliver(
             return Ok(Delivered::Failed);
         }
     };
-    // A slow token refresh must not let the lease run out under us (another worker would send
-    // the mail too).
-    if !lease.keep(ctx, row.id, &owner).await? {
-        return Ok(Delivered::Skipped);
-    }
     let mut outcome = shared
         .smtp
         .send(
@@ -436,7 +461,8 @@ pub async fn deliver(
             &token,
             &envelope,
             row.raw_message.as_bytes(),
-            lease.slot_deadline(),
+            slot_deadline(),
+            &lease.lost,
         )
         .await;
     if matches!(outcome, SendOutcome::AuthFailed(_)) && !token.refreshed {
@@ -445,9 +471,6 @@ pub async fn deliver(
         match fresh_access_token(ctx, shared, &server, true).await {
             Ok(t) => {
                 token = t;
-                if !lease.keep(ctx, row.id, &owner).await? {
-                    return Ok(Delivered::Skipped);
-                }
                 outcome = shared
                     .smtp
                     .send(
@@ -456,7 +479,8 @@ pub async fn deliver(
                         &token,
                         &envelope,
                         row.raw_message.as_bytes(),
-                        lease.slot_deadline(),
+                        slot_deadline(),
+                        &lease.lost,
                     )
                     .await;
             }
@@ -464,6 +488,14 @@ pub async fn deliver(
         }
     }
     let (delivered, o) = match outcome {
+        SendOutcome::LeaseLost => {
+            // Another worker took the mail over (this one was too slow): it sends it, not us.
+            tracing::warn!(
+                outbox_id = row.id,
+                "lease lost before sending; left to the worker that took the mail over"
+            );
+            return Ok(Delivered::Skipped);
+        }
         SendOutcome::Sent(reply) => (
             Delivered::Sent,
             Outcome {
@@ -550,51 +582,69 @@ pub async fn deliver(
     Ok(delivered)
 }
 
-/// The ids of mails that need a delivery job now, marked as pushed: queued and due, or claimed
-/// by a worker whose lease ran out, and not pushed since (or pushed longer than `repush_after`
-/// ago, in case that job was lost).
+/// The ids of mails that need a delivery job now, marked as pushed in the same statement (so
+/// that the sweeps of several processes push each once): queued and due, or claimed by a
+/// worker whose lease ran out, and not pushed since — or whose job was lost: pushed more than
+/// five seconds before a mail that a worker already took (jobs run in push order), or longer
+/// than `repush_after` ago.
 pub async fn to_push(
     ctx: &ModuleContext,
     limit: u64,
     repush_after: Duration,
 ) -> Result<Vec<i64>, sea_orm::DbErr> {
+    use sea_orm::ConnectionTrait;
+    use sea_orm::sea_query::{LockBehavior, LockType, Query};
     let now = ctx.clock().now();
+    // Jobs run in the order they were pushed: a mail pushed well before the newest one a worker
+    // already took, and still waiting, has lost its job (its worker died, or the job failed).
+    let frontier: Option<DateTime<Utc>> = outbox::Entity::find()
+        .select_only()
+        .column_as(outbox::Column::PushedAt.max(), "frontier")
+        .filter(outbox::Column::Status.ne("queued"))
+        .into_tuple::<Option<DateTime<Utc>>>()
+        .one(ctx.db())
+        .await?
+        .flatten();
     let not_pushed_since = |since: outbox::Column| {
-        Condition::any()
+        let mut c = Condition::any()
             .add(outbox::Column::PushedAt.is_null())
             .add(Expr::col(outbox::Column::PushedAt).lt(Expr::col(since)))
-            .add(outbox::Column::PushedAt.lt(now - repush_after))
+            .add(outbox::Column::PushedAt.lt(now - repush_after));
+        if let Some(frontier) = frontier {
+            c = c.add(outbox::Column::PushedAt.lt(frontier - Duration::seconds(5)));
+        }
+        c
     };
-    let ids: Vec<i64> = outbox::Entity::find()
-        .select_only()
-        .column(outbox::Column::Id)
-        .filter(
-            Condition::any()
-                .add(
-                    Condition::all()
-                        .add(outbox::Column::Status.eq("queued"))
-                        .add(outbox::Column::NextAttemptAt.lte(now))
-                        .add(not_pushed_since(outbox::Column::NextAttemptAt)),
-                )
-                .add(
-                    Condition::all()
-                        .add(outbox::Column::Status.eq("sending"))
-                        .add(outbox::Column::LeaseUntil.lt(now))
-                        .add(not_pushed_since(outbox::Column::LeaseUntil)),
-                ),
+    let due = Condition::any()
+        .add(
+            Condition::all()
+                .add(outbox::Column::Status.eq("queued"))
+                .add(outbox::Column::NextAttemptAt.lte(now))
+                .add(not_pushed_since(outbox::Column::NextAttemptAt)),
         )
-        .limit(limit)
-        .into_tuple::<i64>()
-        .all(ctx.db())
-        .await?;
-    if !ids.is_empty() {
-        outbox::Entity::update_many()
-            .col_expr(outbox::Column::PushedAt, Expr::value(now))
-            .filter(outbox::Column::Id.is_in(ids.clone()))
-            .exec(ctx.db())
-            .await?;
+        .add(
+            Condition::all()
+                .add(outbox::Column::Status.eq("sending"))
+                .add(outbox::Column::LeaseUntil.lt(now))
+                .add(not_pushed_since(outbox::Column::LeaseUntil)),
+        );
+    let backend = ctx.db().get_database_backend();
+    let mut pick = Query::select();
+    pick.column(outbox::Column::Id)
+        .from(outbox::Entity)
+        .cond_where(due)
+        .limit(limit);
+    if backend == sea_orm::DbBackend::Postgres {
+        pick.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
     }
-    Ok(ids)
+    let update = Query::update()
+        .table(outbox::Entity)
+        .value(outbox::Column::PushedAt, now)
+        .and_where(outbox::Column::Id.in_subquery(pick))
+        .returning_col(outbox::Column::Id)
+        .to_owned();
+    let rows = ctx.db().query_all(&update).await?;
+    rows.iter().map(|r| r.try_get::<i64>("", "id")).collect()
 }
 
 /// Puts the mails that waited for a reconnect back in the queue.
@@ -610,12 +660,14 @@ pub async fn release_waiting(
         .into_tuple::<i64>()
         .all(ctx.db())
         .await?;
+    // The caller pushes their jobs.
     outbox::Entity::update_many()
         .col_expr(outbox::Column::Status, Expr::value("queued"))
         .col_expr(
             outbox::Column::NextAttemptAt,
             Expr::value(ctx.clock().now()),
         )
+        .col_expr(outbox::Column::PushedAt, Expr::value(ctx.clock().now()))
         .filter(outbox::Column::ServerId.eq(server_id))
         .filter(outbox::Column::Status.eq("needs_reconnect"))
         .exec(ctx.db())

@@ -163,7 +163,7 @@ async fn refresh_one(
             Err(_) => return One::Failed,
         };
         // Refreshed since this run looked (by another process's run, or a delivery).
-        if tries == 0 && row.version != seen_version {
+        if row.version != seen_version {
             return One::Skipped;
         }
         match refresh(ctx, &shared.http, server, row).await {
@@ -243,12 +243,24 @@ impl OutlookJobs for JobServices {
     }
 
     async fn deliver(&self, outbox_id: i64) -> Result<(), BoxDynError> {
-        crate::deliver::deliver(&self.ctx, &self.shared, outbox_id).await?;
-        Ok(())
+        // The database may be restarting: wait for it (about half a minute) rather than let
+        // the job fail; the outbox row stays the truth either way.
+        let mut wait = std::time::Duration::from_secs(1);
+        loop {
+            match crate::deliver::deliver(&self.ctx, &self.shared, outbox_id).await {
+                Ok(_) => return Ok(()),
+                Err(e) if wait <= std::time::Duration::from_secs(16) => {
+                    tracing::warn!(error = %e, outbox_id, "delivery hit a database error; trying again");
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     async fn sweep_outbox(&self) -> Result<(), BoxDynError> {
-        let repush_after = chrono::Duration::seconds(self.shared.options.lease_secs.clamp(1, 60));
+        let repush_after = chrono::Duration::minutes(10);
         let due = crate::deliver::to_push(&self.ctx, 5000, repush_after).await?;
         if !due.is_empty() {
             tracing::debug!(count = due.len(), "outbox sweep re-queues due mails");

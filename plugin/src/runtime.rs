@@ -69,6 +69,8 @@ pub struct Shared {
     in_flight: std::sync::atomic::AtomicUsize,
     /// Signalled when an immediate delivery ends.
     in_flight_done: tokio::sync::Notify,
+    /// Claims of mails by this process so far (each claim's owner name is unique).
+    pub claims: std::sync::atomic::AtomicU64,
     /// How often the jobs were started (worker names must be new each time).
     pub starts: std::sync::atomic::AtomicU32,
     /// The app-only (client credentials) token, shared by every worker of this process.
@@ -90,6 +92,7 @@ impl Shared {
             http,
             instance,
             starts: std::sync::atomic::AtomicU32::new(0),
+            claims: std::sync::atomic::AtomicU64::new(0),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             in_flight_done: tokio::sync::Notify::new(),
             app_token: tokio::sync::Mutex::new(None),

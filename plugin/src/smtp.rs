@@ -49,23 +49,66 @@ pub enum SendOutcome {
     /// Every connection slot of the mailbox stayed taken (by other processes): nothing was
     /// tried, the mail waits a little without spending an attempt.
     Busy(String),
+    /// This worker's claim on the mail ran out and another worker took it over: not sent here.
+    LeaseLost,
 }
 
-/// One of a mailbox's connection slots, held by this process.
-struct Slot {
+/// The slots this process holds, and those to free (the reaper renews and frees them).
+#[derive(Default)]
+struct Book {
+    /// holder → (server, slot, last renewed, lost).
+    held: HashMap<String, Held>,
+    to_release: Vec<String>,
+}
+
+struct Held {
+    server_id: i32,
     index: i32,
-    holder: String,
     renewed: Instant,
+    lost: bool,
+}
+
+type SharedBook = Arc<Mutex<Book>>;
+
+fn book(b: &SharedBook) -> std::sync::MutexGuard<'_, Book> {
+    b.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One of a mailbox's connection slots, held by this process. Dropping it frees it (through
+/// the reaper), whatever path the connection took: an error, a cancelled send, a forgotten pool.
+struct Slot {
+    holder: String,
+    acquired: Instant,
+    book: SharedBook,
+}
+
+impl Slot {
+    /// Whether the slot's lease was lost (it could not be renewed in time).
+    fn lost(&self) -> bool {
+        book(&self.book)
+            .held
+            .get(&self.holder)
+            .is_none_or(|h| h.lost)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut b = book(&self.book);
+        b.held.remove(&self.holder);
+        b.to_release.push(std::mem::take(&mut self.holder));
+    }
 }
 
 struct Idle {
     conn: AsyncSmtpConnection,
     version: i64,
     since: Instant,
-    slot: Slot,
+    _slot: Slot,
 }
 
 struct MailboxPool {
+    server_id: i32,
     permits: Arc<Semaphore>,
     idle: Mutex<Vec<Idle>>,
     /// Whether this process made sure the mailbox's slot rows exist.
@@ -81,9 +124,8 @@ pub struct SmtpSender {
     instance: String,
     slot_lease: Duration,
     nonce: AtomicU64,
-    /// Slots to free in the database (of connections closed outside an async context).
-    to_release: Arc<Mutex<Vec<String>>>,
-    reaper: Mutex<Option<DatabaseConnection>>,
+    book: SharedBook,
+    reaper: Mutex<bool>,
 }
 
 /// The server's reply as it was on the wire (`432 4.3.2 ...`), else lettre's description.
@@ -110,15 +152,11 @@ fn classify_error(e: &lettre::transport::smtp::Error) -> SendOutcome {
     }
 }
 
-/// Whether an error is about the connection rather than an answer of the server.
-fn is_connection_error(e: &lettre::transport::smtp::Error) -> bool {
-    !e.is_transient() && !e.is_permanent()
-}
-
 impl SmtpSender {
     /// A sender with no connections yet. `instance` names this process in slot leases;
     /// `slot_lease` is how long a slot stays held without being renewed (after a crash, how long
-    /// other processes wait for it).
+    /// other processes wait for it). A connection is also given up after holding its slot that
+    /// long, so that busy processes take turns.
     pub fn new(instance: &str, slot_lease: Duration) -> Self {
         Self {
             pools: Arc::new(Mutex::new(HashMap::new())),
@@ -126,8 +164,8 @@ impl SmtpSender {
             instance: instance.to_string(),
             slot_lease: Ord::max(slot_lease, Duration::from_secs(2)),
             nonce: AtomicU64::new(0),
-            to_release: Arc::new(Mutex::new(Vec::new())),
-            reaper: Mutex::new(None),
+            book: SharedBook::default(),
+            reaper: Mutex::new(false),
         }
     }
 
@@ -137,6 +175,7 @@ impl SmtpSender {
             .entry(server_id)
             .or_insert_with(|| {
                 Arc::new(MailboxPool {
+                    server_id,
                     permits: Arc::new(Semaphore::new(CONNECTIONS_PER_MAILBOX)),
                     idle: Mutex::new(Vec::new()),
                     rows_ready: AtomicBool::new(false),
@@ -146,7 +185,7 @@ impl SmtpSender {
     }
 
     /// Forgets the idle connections of a server (after its token or settings changed); their
-    /// slots are freed by the reaper.
+    /// slots are freed by the reaper, and so are those of sends still running on the old pool.
     pub fn forget(&self, server_id: i32) {
         let removed = self
             .pools
@@ -154,51 +193,49 @@ impl SmtpSender {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&server_id);
         if let Some(pool) = removed {
-            let idle = std::mem::take(&mut *pool.idle.lock().unwrap_or_else(|e| e.into_inner()));
-            self.to_release
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .extend(idle.into_iter().map(|i| i.slot.holder));
+            drop(std::mem::take(
+                &mut *pool.idle.lock().unwrap_or_else(|e| e.into_inner()),
+            ));
         }
     }
 
-    /// Closes every idle connection and frees its slot (on shutdown, so that other processes
+    /// Closes every idle connection and frees the slots (on shutdown, so that other processes
     /// need not wait for the leases to run out).
     pub async fn close_all(&self, db: &DatabaseConnection) {
-        let mut holders: Vec<String> =
-            std::mem::take(&mut *self.to_release.lock().unwrap_or_else(|e| e.into_inner()));
         let pools: Vec<Arc<MailboxPool>> = self
             .pools
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
+            .drain()
+            .map(|(_, p)| p)
             .collect();
         for pool in pools {
-            let idle = std::mem::take(&mut *pool.idle.lock().unwrap_or_else(|e| e.into_inner()));
-            holders.extend(idle.into_iter().map(|i| i.slot.holder));
+            drop(std::mem::take(
+                &mut *pool.idle.lock().unwrap_or_else(|e| e.into_inner()),
+            ));
         }
+        let holders = std::mem::take(&mut book(&self.book).to_release);
         release(db, holders).await;
     }
 
-    /// Starts (once) the task that closes connections idle for [`IDLE_FOR`] and frees their slots.
-    fn start_reaper(&self, db: &DatabaseConnection) {
-        let mut reaper = self.reaper.lock().unwrap_or_else(|e| e.into_inner());
-        if reaper.is_some() {
+    /// Starts (once) the task that closes connections idle for [`IDLE_FOR`], frees the slots of
+    /// closed connections and renews the leases of the slots held.
+    fn start_reaper(&self, ctx: &ModuleContext) {
+        let mut started = self.reaper.lock().unwrap_or_else(|e| e.into_inner());
+        if *started {
             return;
         }
-        *reaper = Some(db.clone());
+        *started = true;
         let pools: Weak<Pools> = Arc::downgrade(&self.pools);
-        let to_release = self.to_release.clone();
-        let db = db.clone();
+        let shared_book = self.book.clone();
+        let ctx = ctx.clone();
+        let lease = self.slot_lease;
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(REAP_EVERY).await;
                 let Some(pools) = pools.upgrade() else {
                     return;
                 };
-                let mut holders: Vec<String> =
-                    std::mem::take(&mut *to_release.lock().unwrap_or_else(|e| e.into_inner()));
                 let all: Vec<Arc<MailboxPool>> = pools
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -208,14 +245,41 @@ impl SmtpSender {
                 drop(pools);
                 for pool in all {
                     let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-                    let (old, keep): (Vec<Idle>, Vec<Idle>) = std::mem::take(&mut *idle)
-                        .into_iter()
-                        .partition(|i| i.since.elapsed() >= IDLE_FOR);
-                    *idle = keep;
-                    holders.extend(old.into_iter().map(|i| i.slot.holder));
+                    idle.retain(|i| i.since.elapsed() < IDLE_FOR);
                 }
-                if !holders.is_empty() {
-                    release(&db, holders).await;
+                let (holders, due): (Vec<String>, Vec<(String, i32, i32)>) = {
+                    let mut b = book(&shared_book);
+                    let due = b
+                        .held
+                        .iter()
+                        .filter(|(_, h)| !h.lost && h.renewed.elapsed() >= lease / 3)
+                        .map(|(k, h)| (k.clone(), h.server_id, h.index))
+                        .collect();
+                    (std::mem::take(&mut b.to_release), due)
+                };
+                release(ctx.db(), holders).await;
+                for (holder, server_id, index) in due {
+                    let now = ctx.clock().now();
+                    let renewed = smtp_slot::Entity::update_many()
+                        .col_expr(
+                            smtp_slot::Column::LeaseUntil,
+                            Expr::value(until(now, lease)),
+                        )
+                        .filter(smtp_slot::Column::ServerId.eq(server_id))
+                        .filter(smtp_slot::Column::Slot.eq(index))
+                        .filter(smtp_slot::Column::Holder.eq(holder.as_str()))
+                        .exec(ctx.db())
+                        .await;
+                    let mut b = book(&shared_book);
+                    if let Some(h) = b.held.get_mut(&holder) {
+                        match renewed {
+                            Ok(r) if r.rows_affected == 1 => h.renewed = Instant::now(),
+                            // Taken over by another process: stop using it.
+                            Ok(_) => h.lost = true,
+                            // The database is away: try again on the next round.
+                            Err(_) => {}
+                        }
+                    }
                 }
             }
         });
@@ -270,7 +334,10 @@ impl SmtpSender {
                 );
                 let taken = smtp_slot::Entity::update_many()
                     .col_expr(smtp_slot::Column::Holder, Expr::value(holder.clone()))
-                    .col_expr(smtp_slot::Column::LeaseUntil, Expr::value(self.until(now)))
+                    .col_expr(
+                        smtp_slot::Column::LeaseUntil,
+                        Expr::value(until(now, self.slot_lease)),
+                    )
                     .filter(smtp_slot::Column::ServerId.eq(server_id))
                     .filter(smtp_slot::Column::Slot.eq(index))
                     .filter(free_at(now))
@@ -278,17 +345,24 @@ impl SmtpSender {
                     .await
                     .map_err(unavailable)?;
                 if taken.rows_affected == 1 {
+                    book(&self.book).held.insert(
+                        holder.clone(),
+                        Held {
+                            server_id,
+                            index,
+                            renewed: Instant::now(),
+                            lost: false,
+                        },
+                    );
                     return Ok(Slot {
-                        index,
                         holder,
-                        renewed: Instant::now(),
+                        acquired: Instant::now(),
+                        book: self.book.clone(),
                     });
                 }
             }
             if Instant::now() >= deadline {
-                return Err(SendOutcome::Busy(format!(
-                    "all {CONNECTIONS_PER_MAILBOX} connections to this mailbox are in use by other workers"
-                )));
+                return Err(busy());
             }
             let wait = Duration::from_millis(rand::random_range(50..250));
             tokio::time::sleep(Ord::min(
@@ -296,33 +370,6 @@ impl SmtpSender {
                 deadline.saturating_duration_since(Instant::now()),
             ))
             .await;
-        }
-    }
-
-    fn until(&self, now: DateTime<Utc>) -> DateTime<Utc> {
-        now + chrono::Duration::from_std(self.slot_lease).unwrap_or(chrono::Duration::seconds(60))
-    }
-
-    /// Extends the slot's lease when a third of it has passed; false when the slot was lost
-    /// (the lease ran out and another process took it).
-    async fn renew(&self, ctx: &ModuleContext, server_id: i32, slot: &mut Slot) -> bool {
-        if slot.renewed.elapsed() < self.slot_lease / 3 {
-            return true;
-        }
-        let now = ctx.clock().now();
-        let renewed = smtp_slot::Entity::update_many()
-            .col_expr(smtp_slot::Column::LeaseUntil, Expr::value(self.until(now)))
-            .filter(smtp_slot::Column::ServerId.eq(server_id))
-            .filter(smtp_slot::Column::Slot.eq(slot.index))
-            .filter(smtp_slot::Column::Holder.eq(slot.holder.as_str()))
-            .exec(ctx.db())
-            .await;
-        match renewed {
-            Ok(r) if r.rows_affected == 1 => {
-                slot.renewed = Instant::now();
-                true
-            }
-            _ => false,
         }
     }
 
@@ -389,8 +436,10 @@ impl SmtpSender {
         Ok(conn)
     }
 
-    /// Sends one message through `server` with `token`. Waits at most until `slot_deadline` for
-    /// a connection slot when other processes hold all three ([`SendOutcome::Busy`] then).
+    /// Sends one message through `server` with `token`. Waits at most until `deadline` for a
+    /// connection (all three may be held by this or other processes: [`SendOutcome::Busy`]
+    /// then). Checks `lease_lost` once it has a connection, just before the message goes out.
+    #[allow(clippy::too_many_arguments)]
     pub async fn send(
         &self,
         ctx: &ModuleContext,
@@ -398,14 +447,19 @@ impl SmtpSender {
         token: &AccessToken,
         envelope: &Envelope,
         raw: &[u8],
-        slot_deadline: Instant,
+        deadline: Instant,
+        lease_lost: &AtomicBool,
     ) -> SendOutcome {
-        self.start_reaper(ctx.db());
+        self.start_reaper(ctx);
         let pool = self.pool(server.id);
-        let permit: OwnedSemaphorePermit = match pool.permits.clone().acquire_owned().await {
-            Ok(p) => p,
-            Err(_) => return SendOutcome::Transient("the sender is shutting down".into()),
-        };
+        let permit: OwnedSemaphorePermit =
+            match tokio::time::timeout_at(deadline.into(), pool.permits.clone().acquire_owned())
+                .await
+            {
+                Ok(Ok(p)) => p,
+                Ok(Err(_)) => return SendOutcome::Transient("the sender is shutting down".into()),
+                Err(_) => return busy(),
+            };
         let taken = {
             let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
             match idle
@@ -417,92 +471,99 @@ impl SmtpSender {
             }
         };
         // A connection of an older token is closed; its slot serves the new one.
-        let (mut reused, slot) = match taken {
-            Some(i) if i.version == token.version && i.since.elapsed() < IDLE_FOR => {
-                (Some(i.conn), Some(i.slot))
+        let (reused, slot) = match taken {
+            Some(i) if i.version == token.version && !i._slot.lost() => {
+                let idle_for = i.since.elapsed();
+                (Some((i.conn, idle_for)), i._slot)
             }
-            Some(i) => (None, Some(i.slot)),
-            None => (None, None),
-        };
-        let slot = match slot {
-            Some(mut s) => {
-                if self.renew(ctx, server.id, &mut s).await {
-                    s
-                } else {
-                    reused = None;
-                    match self
-                        .acquire_slot(ctx, &pool, server.id, slot_deadline)
-                        .await
-                    {
-                        Ok(s) => s,
-                        Err(outcome) => return outcome,
-                    }
-                }
-            }
-            None => match self
-                .acquire_slot(ctx, &pool, server.id, slot_deadline)
-                .await
-            {
-                Ok(s) => s,
+            Some(i) if !i._slot.lost() => (None, i._slot),
+            _ => match self.acquire_slot(ctx, &pool, server.id, deadline).await {
+                Ok(s) => (None, s),
                 Err(outcome) => return outcome,
             },
         };
-        if let Some(mut conn) = reused {
-            match tokio::time::timeout(IO_TIMEOUT, conn.send(envelope, raw)).await {
-                Ok(Ok(response)) => {
-                    self.give_back(&pool, conn, token.version, slot);
-                    drop(permit);
-                    return SendOutcome::Sent(response_text(&response));
-                }
-                Ok(Err(e)) if !is_connection_error(&e) => {
-                    let outcome = classify_error(&e);
-                    if conn.has_broken() {
-                        release(ctx.db(), vec![slot.holder]).await;
-                    } else {
-                        self.give_back(&pool, conn, token.version, slot);
+        if lease_lost.load(Ordering::SeqCst) {
+            return SendOutcome::LeaseLost;
+        }
+        if let Some((mut conn, idle_for)) = reused {
+            // The server may have closed a connection that waited a while: ask before sending
+            // (after a failure mid-message one cannot know whether the server took it).
+            if idle_for < Duration::from_secs(1) || conn.test_connected().await {
+                let outcome = match tokio::time::timeout(IO_TIMEOUT, conn.send(envelope, raw)).await
+                {
+                    Ok(Ok(response)) => SendOutcome::Sent(response_text(&response)),
+                    Ok(Err(e)) => classify_error(&e),
+                    Err(_) => {
+                        SendOutcome::Transient("the SMTP server did not answer in time".into())
                     }
-                    return outcome;
-                }
-                // The reused connection was dead before the message went out: use a new one.
-                _ => {}
+                };
+                self.finish(&pool, conn, token.version, slot, &outcome);
+                drop(permit);
+                return outcome;
             }
         }
         let mut conn = match self.open(server, token).await {
             Ok(c) => c,
-            Err(outcome) => {
-                release(ctx.db(), vec![slot.holder]).await;
-                return outcome;
-            }
+            Err(outcome) => return outcome,
         };
+        if lease_lost.load(Ordering::SeqCst) {
+            return SendOutcome::LeaseLost;
+        }
         let outcome = match tokio::time::timeout(IO_TIMEOUT, conn.send(envelope, raw)).await {
             Ok(Ok(response)) => SendOutcome::Sent(response_text(&response)),
             Ok(Err(e)) => classify_error(&e),
             Err(_) => SendOutcome::Transient("the SMTP server did not answer in time".into()),
         };
-        if matches!(
-            outcome,
-            SendOutcome::Sent(_) | SendOutcome::Permanent(_) | SendOutcome::Transient(_)
-        ) && !conn.has_broken()
-        {
-            self.give_back(&pool, conn, token.version, slot);
-        } else {
-            release(ctx.db(), vec![slot.holder]).await;
-        }
+        self.finish(&pool, conn, token.version, slot, &outcome);
         drop(permit);
         outcome
     }
 
-    fn give_back(&self, pool: &MailboxPool, conn: AsyncSmtpConnection, version: i64, slot: Slot) {
-        pool.idle
+    /// Keeps a connection for reuse after a complete exchange with the server; drops it (and
+    /// frees its slot) when it broke, timed out mid-command, held its slot long enough, or
+    /// belongs to a pool that was forgotten meanwhile.
+    fn finish(
+        &self,
+        pool: &Arc<MailboxPool>,
+        conn: AsyncSmtpConnection,
+        version: i64,
+        slot: Slot,
+        outcome: &SendOutcome,
+    ) {
+        let answered = match outcome {
+            SendOutcome::Sent(_) | SendOutcome::Permanent(_) => true,
+            // A 4xx reply is an answer; a dropped line or a timeout is not.
+            SendOutcome::Transient(reply) => reply.starts_with('4'),
+            _ => false,
+        };
+        let current = self
+            .pools
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(Idle {
-                conn,
-                version,
-                since: Instant::now(),
-                slot,
-            });
+            .get(&pool.server_id)
+            .is_some_and(|p| Arc::ptr_eq(p, pool));
+        if answered && current && !conn.has_broken() && slot.acquired.elapsed() < self.slot_lease {
+            pool.idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(Idle {
+                    conn,
+                    version,
+                    since: Instant::now(),
+                    _slot: slot,
+                });
+        }
     }
+}
+
+fn until(now: DateTime<Utc>, lease: Duration) -> DateTime<Utc> {
+    now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(60))
+}
+
+fn busy() -> SendOutcome {
+    SendOutcome::Busy(format!(
+        "all {CONNECTIONS_PER_MAILBOX} connections to this mailbox are in use"
+    ))
 }
 
 /// A slot is free when nobody holds it or its holder's lease ran out.

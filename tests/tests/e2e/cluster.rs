@@ -51,6 +51,16 @@ struct Cluster {
     senders: Vec<Sender>,
     contact: i64,
     procs: Vec<HostProcess>,
+    /// Keeps the in-process host's clock on real time (the processes use the system clock).
+    _clock: AbortOnDrop,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The configuration every worker process gets, as an operator would set it.
@@ -63,6 +73,13 @@ async fn cluster(mailboxes: usize) -> Cluster {
         ..test_options()
     };
     let app = spawn_with(test_db, SealingKey::generate(), true, web_only).await;
+    let clock = app.clock.clone();
+    let follow = tokio::spawn(async move {
+        loop {
+            clock.set(chrono::Utc::now());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
     app.enable_module().await;
     let idp = IdentityPlatform::start().await.expect("identity platform");
     idp.register_app(AppRegistration {
@@ -84,6 +101,7 @@ async fn cluster(mailboxes: usize) -> Cluster {
         senders: Vec::new(),
         contact: 0,
         procs: Vec::new(),
+        _clock: AbortOnDrop(follow),
     };
     c.settings(&[("client_secret", CLIENT_SECRET)]).await;
     let port = c.smtp.port().to_string();
@@ -424,9 +442,23 @@ async fn three_processes_send_5000_mails_over_20_mailboxes_exactly_once() {
         .map(|t| t.version)
         .collect();
     let runs: Vec<Vec<usize>> = c.procs.iter().map(|p| refresh_runs(&p.log())).collect();
+    // One delivery job per mail (the sweeps re-push only mails whose job was lost).
+    let jobs: i64 = {
+        use sea_orm::ConnectionTrait;
+        c.app
+            .db
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                "SELECT count(*) AS n FROM apalis.jobs WHERE job_type = 'microsoft_outlook.deliver_mail'",
+            ))
+            .await
+            .expect("apalis jobs")
+            .and_then(|r| r.try_get::<i64>("", "n").ok())
+            .unwrap_or(-1)
+    };
     let refreshed_by_runs: usize = runs.iter().flatten().sum();
     println!(
-        "scale: processes={PROCESSES} mails={} sent={} duplicates={} lost={} max_conn_per_mailbox={max_conn} refreshes={refreshes} mailboxes={MAILBOXES} refreshes_per_mailbox={} refresh_runs={}",
+        "scale: processes={PROCESSES} mails={} sent={} duplicates={} lost={} max_conn_per_mailbox={max_conn} refreshes={refreshes} mailboxes={MAILBOXES} refreshes_per_mailbox={} refresh_runs={} delivery_jobs={jobs}",
         tally.mails,
         tally.sent,
         tally.duplicates,
@@ -444,6 +476,10 @@ async fn three_processes_send_5000_mails_over_20_mailboxes_exactly_once() {
         "a mailbox had {max_conn} connections at once"
     );
     assert!(max_conn >= 1);
+    assert!(
+        (MAILS as i64..=MAILS as i64 * 3 / 2).contains(&jobs),
+        "{jobs} delivery jobs for {MAILS} mails"
+    );
     assert_eq!(
         refreshes, MAILBOXES,
         "each mailbox refreshed once by three runs at once: {runs:?}"
