@@ -45,12 +45,29 @@ pub fn backoff(base_secs: i64, attempts: i32) -> Duration {
 }
 
 /// The delivery limits from settings.
-struct Limits {
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
     max_attempts: i32,
     per_minute: usize,
 }
 
-async fn limits(ctx: &ModuleContext) -> Limits {
+/// How long a process goes on using the limits it read (settings saved in another process
+/// apply within this time; in this one, at once).
+const LIMITS_FOR: std::time::Duration = std::time::Duration::from_secs(2);
+
+async fn limits(ctx: &ModuleContext, shared: &Shared) -> Limits {
+    if let Some((at, cached)) = *shared.limits.lock().unwrap_or_else(|e| e.into_inner())
+        && at.elapsed() < LIMITS_FOR
+    {
+        return cached;
+    }
+    let fresh = read_limits(ctx).await;
+    *shared.limits.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some((std::time::Instant::now(), fresh));
+    fresh
+}
+
+async fn read_limits(ctx: &ModuleContext) -> Limits {
     let settings = ctx.settings().load(ctx.module_id()).await.ok();
     let get = |field: &str| {
         settings
@@ -98,9 +115,8 @@ async fn record(
         update = update.col_expr(outbox::Column::LastReply, Expr::value(o.last_reply));
     }
     update = update.col_expr(outbox::Column::LastError, Expr::value(o.last_error));
-    if o.sent {
-        update = update.col_expr(outbox::Column::SentAt, Expr::value(now));
-    }
+    // Sent now; otherwise not sent (an admission under the per-minute limit is taken back).
+    update = update.col_expr(outbox::Column::SentAt, Expr::value(o.sent.then_some(now)));
     if o.uncount {
         update = update.col_expr(
             outbox::Column::Attempts,
@@ -131,69 +147,73 @@ fn explain_permanent(reply: &str, server: &mail_server::Model, row: &outbox::Mod
     }
 }
 
-/// How long the mailbox must wait before its next send under a limit of `per_minute` (0 = no
-/// limit), counted over every process on the database: the mails sent in the last minute plus
-/// those being sent right now (claims come before this count, so two workers never both take the
-/// last place).
-async fn throttle_wait(
+/// Admits `row` under the mailbox's limit of `per_minute` sends a minute (0 = no limit), or
+/// says how long to wait. Counted over every process on the database: admissions to one mailbox
+/// are serialised by a row lock, and an admitted mail is marked (`sent_at`, cleared again if the
+/// send does not succeed), so the count of the last minute includes mails being sent right now.
+async fn admit(
     ctx: &ModuleContext,
     row: &outbox::Model,
     per_minute: usize,
 ) -> Result<Option<Duration>, sea_orm::DbErr> {
-    let server_id = row.server_id;
-    use sea_orm::PaginatorTrait;
+    use crate::entities::smtp_slot;
+    use sea_orm::sea_query::OnConflict;
+    use sea_orm::{PaginatorTrait, Set, TransactionTrait};
     if per_minute == 0 {
         return Ok(None);
     }
+    smtp_slot::Entity::insert(smtp_slot::ActiveModel {
+        server_id: Set(row.server_id),
+        slot: Set(0),
+        holder: Set(None),
+        lease_until: Set(None),
+    })
+    .on_conflict(
+        OnConflict::columns([smtp_slot::Column::ServerId, smtp_slot::Column::Slot])
+            .do_nothing()
+            .to_owned(),
+    )
+    .exec_without_returning(ctx.db())
+    .await?;
+    let txn = ctx.db().begin().await?;
+    // The mailbox's first slot row is the lock (a write that changes nothing).
+    smtp_slot::Entity::update_many()
+        .col_expr(
+            smtp_slot::Column::Holder,
+            Expr::col(smtp_slot::Column::Holder),
+        )
+        .filter(smtp_slot::Column::ServerId.eq(row.server_id))
+        .filter(smtp_slot::Column::Slot.eq(0))
+        .exec(&txn)
+        .await?;
     let now = ctx.clock().now();
     let window_start = now - Duration::seconds(60);
-    // Mails claimed before this one (by claim time, then id) count; later claims count this
-    // one, so two workers never both hold back for each other, nor both take the last place.
-    let claimed_before = Condition::any()
-        .add(outbox::Column::UpdatedAt.lt(row.updated_at))
-        .add(
-            Condition::all()
-                .add(outbox::Column::UpdatedAt.eq(row.updated_at))
-                .add(outbox::Column::Id.lt(row.id)),
-        );
-    let busy = outbox::Entity::find()
-        .filter(outbox::Column::ServerId.eq(server_id))
+    let in_window = outbox::Entity::find()
+        .filter(outbox::Column::ServerId.eq(row.server_id))
         .filter(outbox::Column::Id.ne(row.id))
-        .filter(
-            Condition::any()
-                .add(outbox::Column::SentAt.gt(window_start))
-                .add(
-                    Condition::all()
-                        .add(outbox::Column::Status.eq("sending"))
-                        .add(claimed_before),
-                ),
-        )
-        .count(ctx.db())
-        .await?;
-    if (busy as usize) < per_minute {
-        return Ok(None);
-    }
-    let sent_in_window = outbox::Entity::find()
-        .filter(outbox::Column::ServerId.eq(server_id))
         .filter(outbox::Column::SentAt.gt(window_start))
-        .count(ctx.db())
+        .count(&txn)
         .await?;
-    if (sent_in_window as usize) < per_minute {
-        // Full only with the mails being sent now (which may yet fail, or be waiting for this
-        // very check elsewhere): look again in a moment.
-        return Ok(Some(Duration::milliseconds(
-            rand::rng().random_range(1000..3000),
-        )));
+    if (in_window as usize) < per_minute {
+        outbox::Entity::update_many()
+            .col_expr(outbox::Column::SentAt, Expr::value(now))
+            .filter(outbox::Column::Id.eq(row.id))
+            .exec(&txn)
+            .await?;
+        txn.commit().await?;
+        return Ok(None);
     }
     let oldest: Option<DateTime<Utc>> = outbox::Entity::find()
         .select_only()
         .column_as(outbox::Column::SentAt.min(), "oldest")
-        .filter(outbox::Column::ServerId.eq(server_id))
+        .filter(outbox::Column::ServerId.eq(row.server_id))
+        .filter(outbox::Column::Id.ne(row.id))
         .filter(outbox::Column::SentAt.gt(window_start))
         .into_tuple::<Option<DateTime<Utc>>>()
-        .one(ctx.db())
+        .one(&txn)
         .await?
         .flatten();
+    txn.commit().await?;
     Ok(Some(oldest.map_or(Duration::seconds(5), |t| {
         Ord::max(t + Duration::seconds(60) - now, Duration::seconds(1))
     })))
@@ -289,6 +309,7 @@ pub async fn deliver(
             Expr::col(outbox::Column::Attempts).add(1),
         )
         .col_expr(outbox::Column::UpdatedAt, Expr::value(now));
+    // The claim returns the row, so one round trip claims and reads it.
     let claimed = if ctx.db().get_database_backend() == sea_orm::DbBackend::Postgres {
         // A row another worker is claiming right now is skipped, not waited for.
         let due_and_free = sea_orm::sea_query::Query::select()
@@ -303,27 +324,24 @@ pub async fn deliver(
             .to_owned();
         claimed
             .filter(outbox::Column::Id.in_subquery(due_and_free))
-            .exec(ctx.db())
+            .exec_with_returning(ctx.db())
             .await?
     } else {
         claimed
             .filter(outbox::Column::Id.eq(id))
             .filter(due)
-            .exec(ctx.db())
+            .exec_with_returning(ctx.db())
             .await?
     };
-    if claimed.rows_affected != 1 {
+    let Some(row) = claimed.into_iter().next() else {
         return Ok(Delivered::Skipped);
-    }
+    };
     let lease_length =
         std::time::Duration::from_secs(Ord::max(shared.options.lease_secs, 1) as u64);
     let lease = LeaseKeeper::start(ctx, id, &owner, lease_length);
     // How long the sender may wait for a connection: at most 20 seconds (then the mail waits in
     // the queue instead of holding a worker).
     let slot_deadline = || std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let Some(row) = outbox::Entity::find_by_id(id).one(ctx.db()).await? else {
-        return Ok(Delivered::Skipped);
-    };
     let Some(server) = mail_server::Entity::find_by_id(row.server_id)
         .one(ctx.db())
         .await?
@@ -344,9 +362,9 @@ pub async fn deliver(
         .await?;
         return Ok(Delivered::Failed);
     };
-    let limits = limits(ctx).await;
+    let limits = limits(ctx, shared).await;
     let limit = limits.max_attempts;
-    if let Some(wait) = throttle_wait(ctx, &row, limits.per_minute).await? {
+    if let Some(wait) = admit(ctx, &row, limits.per_minute).await? {
         // The mailbox's per-minute budget is spent: wait without spending an attempt.
         let at = now + wait;
         record(

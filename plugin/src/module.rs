@@ -97,6 +97,8 @@ impl Module for OutlookModule {
     }
 
     async fn start(&self, ctx: &ModuleContext) -> Result<JobsHandle, BoxError> {
+        // Started after settings were saved: read them afresh.
+        *self.shared.limits.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let settings = ctx.settings().load(ctx.module_id()).await.ok();
         let schedule_of = |job: &str| {
             let spec = self.manifest.jobs.iter().find(|j| j.id == job);

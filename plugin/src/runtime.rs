@@ -69,6 +69,9 @@ pub struct Shared {
     in_flight: std::sync::atomic::AtomicUsize,
     /// Signalled when an immediate delivery ends.
     in_flight_done: tokio::sync::Notify,
+    /// The delivery limits read from settings, and when (read again after two seconds, and
+    /// at once after settings are saved in this process).
+    pub limits: std::sync::Mutex<Option<(std::time::Instant, crate::deliver::Limits)>>,
     /// Claims of mails by this process so far (each claim's owner name is unique).
     pub claims: std::sync::atomic::AtomicU64,
     /// How often the jobs were started (worker names must be new each time).
@@ -93,6 +96,7 @@ impl Shared {
             instance,
             starts: std::sync::atomic::AtomicU32::new(0),
             claims: std::sync::atomic::AtomicU64::new(0),
+            limits: std::sync::Mutex::new(None),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             in_flight_done: tokio::sync::Notify::new(),
             app_token: tokio::sync::Mutex::new(None),
