@@ -50,10 +50,29 @@ impl MigrationTrait for Migration {
                 )
                 .await?;
         }
+        // The sweep looks for the newest push a worker took (an index scan, not a table scan).
+        manager
+            .create_index(
+                Index::create()
+                    .name("microsoft_outlook_outbox_pushed")
+                    .table(OUTBOX)
+                    .col("pushed_at")
+                    .if_not_exists()
+                    .to_owned(),
+            )
+            .await?;
         Ok(())
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .drop_index(
+                Index::drop()
+                    .name("microsoft_outlook_outbox_pushed")
+                    .table(OUTBOX)
+                    .to_owned(),
+            )
+            .await?;
         manager
             .drop_index(
                 Index::drop()

@@ -49,13 +49,16 @@ pub fn backoff(base_secs: i64, attempts: i32) -> Duration {
 pub struct Limits {
     max_attempts: i32,
     per_minute: usize,
+    /// The largest mail accepted at the queue route.
+    pub max_bytes: usize,
 }
 
 /// How long a process goes on using the limits it read (settings saved in another process
 /// apply within this time; in this one, at once).
 const LIMITS_FOR: std::time::Duration = std::time::Duration::from_secs(2);
 
-async fn limits(ctx: &ModuleContext, shared: &Shared) -> Limits {
+/// The delivery limits from settings, read at most every [`LIMITS_FOR`].
+pub async fn limits(ctx: &ModuleContext, shared: &Shared) -> Limits {
     if let Some((at, cached)) = *shared.limits.lock().unwrap_or_else(|e| e.into_inner())
         && at.elapsed() < LIMITS_FOR
     {
@@ -77,9 +80,13 @@ async fn read_limits(ctx: &ModuleContext) -> Limits {
     Limits {
         max_attempts: get("max_attempts").map_or(DEFAULT_MAX_ATTEMPTS, |n| n.clamp(1, 100) as i32),
         per_minute: get("mailbox_rate_per_minute").map_or(30, |n| Ord::max(n, 0) as usize),
+        max_bytes: get("max_message_kb").map_or(crate::compose::DEFAULT_MAX_BYTES, |kb| {
+            Ord::max(kb, 1) as usize * 1024
+        }),
     }
 }
 
+#[derive(Clone)]
 struct Outcome {
     status: &'static str,
     next_attempt_at: Option<DateTime<Utc>>,
@@ -90,7 +97,43 @@ struct Outcome {
     uncount: bool,
 }
 
+/// Whether SQLite refused a write because another connection was writing (in WAL mode a
+/// statement whose snapshot went stale is refused at once, not waited for).
+fn is_busy(e: &sea_orm::DbErr) -> bool {
+    let text = e.to_string();
+    text.contains("database is locked") || text.contains("database is busy")
+}
+
+/// Runs a write, again a few times if SQLite says the database is busy: an outcome after the
+/// server's `250` must not be lost (the mail would be sent again once its lease ran out).
+async fn persist<T, F, Fut>(mut write: F) -> Result<T, sea_orm::DbErr>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sea_orm::DbErr>>,
+{
+    let mut wait = std::time::Duration::from_millis(5);
+    for _ in 0..10 {
+        match write().await {
+            Err(e) if is_busy(&e) => {
+                tokio::time::sleep(wait).await;
+                wait = Ord::min(wait * 2, std::time::Duration::from_millis(500));
+            }
+            done => return done,
+        }
+    }
+    write().await
+}
+
 async fn record(
+    ctx: &ModuleContext,
+    row: &outbox::Model,
+    owner: &str,
+    o: Outcome,
+) -> Result<(), sea_orm::DbErr> {
+    persist(|| record_once(ctx, row, owner, o.clone())).await
+}
+
+async fn record_once(
     ctx: &ModuleContext,
     row: &outbox::Model,
     owner: &str,
@@ -271,6 +314,24 @@ impl Drop for LeaseKeeper {
     }
 }
 
+/// One send of a claimed mail. The sender waits at most 20 seconds for a connection (then the
+/// mail waits in the queue instead of holding a worker), and not at all once the lease is lost.
+async fn send_once(
+    ctx: &ModuleContext,
+    shared: &Shared,
+    server: &mail_server::Model,
+    token: &crate::token_service::AccessToken,
+    envelope: &Envelope,
+    raw: &[u8],
+    lease: &LeaseKeeper,
+) -> SendOutcome {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    shared
+        .smtp
+        .send(ctx, server, token, envelope, raw, deadline, &lease.lost)
+        .await
+}
+
 /// Tries to deliver the outbox row `id` once.
 pub async fn deliver(
     ctx: &ModuleContext,
@@ -327,11 +388,8 @@ pub async fn deliver(
             .exec_with_returning(ctx.db())
             .await?
     } else {
-        claimed
-            .filter(outbox::Column::Id.eq(id))
-            .filter(due)
-            .exec_with_returning(ctx.db())
-            .await?
+        let claim = claimed.filter(outbox::Column::Id.eq(id)).filter(due);
+        persist(|| claim.clone().exec_with_returning(ctx.db())).await?
     };
     let Some(row) = claimed.into_iter().next() else {
         return Ok(Delivered::Skipped);
@@ -339,9 +397,6 @@ pub async fn deliver(
     let lease_length =
         std::time::Duration::from_secs(Ord::max(shared.options.lease_secs, 1) as u64);
     let lease = LeaseKeeper::start(ctx, id, &owner, lease_length);
-    // How long the sender may wait for a connection: at most 20 seconds (then the mail waits in
-    // the queue instead of holding a worker).
-    let slot_deadline = || std::time::Instant::now() + std::time::Duration::from_secs(20);
     let Some(server) = mail_server::Entity::find_by_id(row.server_id)
         .one(ctx.db())
         .await?
@@ -471,36 +526,15 @@ pub async fn deliver(
             return Ok(Delivered::Failed);
         }
     };
-    let mut outcome = shared
-        .smtp
-        .send(
-            ctx,
-            &server,
-            &token,
-            &envelope,
-            row.raw_message.as_bytes(),
-            slot_deadline(),
-            &lease.lost,
-        )
-        .await;
+    let raw = row.raw_message.as_bytes();
+    let mut outcome = send_once(ctx, shared, &server, &token, &envelope, raw, &lease).await;
     if matches!(outcome, SendOutcome::AuthFailed(_)) && !token.refreshed {
         // 535 with a token we did not just get: refresh once and try again.
         shared.smtp.forget(server.id);
         match fresh_access_token(ctx, shared, &server, true).await {
             Ok(t) => {
                 token = t;
-                outcome = shared
-                    .smtp
-                    .send(
-                        ctx,
-                        &server,
-                        &token,
-                        &envelope,
-                        row.raw_message.as_bytes(),
-                        slot_deadline(),
-                        &lease.lost,
-                    )
-                    .await;
+                outcome = send_once(ctx, shared, &server, &token, &envelope, raw, &lease).await;
             }
             Err(problem) => outcome = SendOutcome::AuthFailed(problem.to_string()),
         }

@@ -261,10 +261,16 @@ impl OutlookJobs for JobServices {
 
     async fn sweep_outbox(&self) -> Result<(), BoxDynError> {
         let repush_after = chrono::Duration::minutes(10);
-        let due = crate::deliver::to_push(&self.ctx, 5000, repush_after).await?;
-        if !due.is_empty() {
-            tracing::debug!(count = due.len(), "outbox sweep re-queues due mails");
-            self.shared.push(&due).await;
+        // In chunks, so that one statement never touches thousands of rows.
+        for _ in 0..20 {
+            let due = crate::deliver::to_push(&self.ctx, 500, repush_after).await?;
+            if !due.is_empty() {
+                tracing::debug!(count = due.len(), "outbox sweep queues due mails");
+                self.shared.push(&due).await;
+            }
+            if due.len() < 500 {
+                break;
+            }
         }
         Ok(())
     }

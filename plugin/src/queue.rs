@@ -7,7 +7,7 @@ use lettre::message::Mailbox;
 use rand::Rng;
 use sea_orm::{ActiveModelTrait, EntityTrait, Set};
 
-use crate::compose::{DEFAULT_MAX_BYTES, MailRequest, OutgoingMail};
+use crate::compose::{MailRequest, OutgoingMail};
 use crate::entities::{mail_server, outbox, token};
 use crate::runtime::Shared;
 use crate::servers;
@@ -29,19 +29,6 @@ fn refuse(status: StatusCode, field: &str, message: impl Into<String>) -> Refusa
             message: message.into(),
         }],
     }
-}
-
-/// The size limit from settings (`max_message_kb`), or the default.
-pub async fn max_bytes(ctx: &ModuleContext) -> usize {
-    ctx.settings()
-        .load(ctx.module_id())
-        .await
-        .ok()
-        .and_then(|s| {
-            s.get("max_message_kb")
-                .and_then(|v| v.parse::<usize>().ok())
-        })
-        .map_or(DEFAULT_MAX_BYTES, |kb| kb * 1024)
 }
 
 /// Whether `address` may be used as From on `server`.
@@ -131,10 +118,11 @@ pub async fn queue_mail(
             ));
         }
     }
-    let mail = OutgoingMail::parse(request, max_bytes(ctx).await).map_err(|errors| Refusal {
-        status: StatusCode::UNPROCESSABLE_ENTITY,
-        errors,
-    })?;
+    let mail = OutgoingMail::parse(request, crate::deliver::limits(ctx, shared).await.max_bytes)
+        .map_err(|errors| Refusal {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            errors,
+        })?;
     let server = choose_server(ctx, author).await?;
     let mailbox_address = server.mailbox.parse().map_err(|_| {
         refuse(
@@ -198,6 +186,7 @@ pub async fn queue_mail(
         })?;
     let raw = String::from_utf8_lossy(&message.formatted()).into_owned();
     let recipients: Vec<String> = mail.recipients().map(|a| a.to_string()).collect();
+    let immediate = shared.delivers_here();
     let row = outbox::ActiveModel {
         message_id: Set(message_id),
         status: Set("queued".into()),
@@ -220,7 +209,9 @@ pub async fn queue_mail(
         created_at: Set(now),
         updated_at: Set(Utc::now()),
         sent_at: Set(None),
-        pushed_at: Set(shared.queue().is_some().then_some(now)),
+        // Delivered at once in this process: no job now; if that delivery dies, the sweep
+        // pushes one (a mail never pushed is due for the sweep).
+        pushed_at: Set((!immediate && shared.queue().is_some()).then_some(now)),
         ..Default::default()
     }
     .insert(ctx.db())
@@ -238,7 +229,10 @@ pub async fn queue_mail(
         user_id = author.id,
         "mail queued"
     );
-    shared.push(&[row.id]).await;
-    shared.deliver_soon(ctx, row.id);
+    if immediate {
+        shared.deliver_soon(ctx, row.id);
+    } else {
+        shared.push(&[row.id]).await;
+    }
     Ok(row)
 }

@@ -108,11 +108,16 @@ impl Shared {
         self.queue.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Whether this process delivers mail now (its workers run).
+    pub fn delivers_here(&self) -> bool {
+        self.options.workers && self.queue().is_some()
+    }
+
     /// Starts delivering `outbox_id` right away in this process, while the jobs run. The apalis
     /// job pushed with it stays the durable path: whichever claims the row first sends it, the
     /// other finds it taken (a freshly pushed job can wait for the queue's next poll).
     pub fn deliver_soon(self: &Arc<Self>, ctx: &crm_sdk::ModuleContext, outbox_id: i64) {
-        if !self.options.workers || self.queue().is_none() {
+        if !self.delivers_here() {
             return;
         }
         let (shared, ctx) = (self.clone(), ctx.clone());
