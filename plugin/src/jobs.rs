@@ -147,26 +147,33 @@ async fn refresh_one(
     ctx: &ModuleContext,
     shared: &crate::runtime::Shared,
     server: &crate::entities::mail_server::Model,
-    seen_version: i64,
+    seen: token::Model,
+    settings: Option<&OutlookSettings>,
     options: &RefreshOptions,
 ) -> One {
-    use crate::token_service::{TokenProblem, refresh};
+    use crate::token_service::{TokenProblem, refresh_using};
+    let seen_version = seen.version;
+    let mut first = Some(seen);
     if !options.max_jitter.is_zero() {
         let wait = rand::random_range(0..=options.max_jitter.as_millis() as u64);
         tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
     }
     let mut tries = 0;
     loop {
-        let row = match token::Entity::find_by_id(server.id).one(ctx.db()).await {
-            Ok(Some(row)) if row.status == "valid" => row,
-            Ok(_) => return One::Skipped,
-            Err(_) => return One::Failed,
+        // The run's own read first (the refresh lease checks the version); again on retries.
+        let row = match first.take() {
+            Some(row) => row,
+            None => match token::Entity::find_by_id(server.id).one(ctx.db()).await {
+                Ok(Some(row)) if row.status == "valid" => row,
+                Ok(_) => return One::Skipped,
+                Err(_) => return One::Failed,
+            },
         };
         // Refreshed since this run looked (by another process's run, or a delivery).
         if row.version != seen_version {
             return One::Skipped;
         }
-        match refresh(ctx, &shared.http, server, row).await {
+        match refresh_using(ctx, &shared.http, server, row, settings).await {
             Ok(t) if t.refreshed => return One::Refreshed,
             Ok(_) => return One::Skipped,
             Err(TokenProblem::NeedsReconnect(_)) => return One::NeedsReconnect,
@@ -207,15 +214,18 @@ pub async fn refresh_all(
     for server in servers {
         match tokens.iter().find(|t| t.server_id == server.id) {
             Some(t) if t.status == "valid" && t.last_refresh_at.is_none_or(|at| at <= recent) => {
-                due.push((server, t.version))
+                due.push((server, t.clone()))
             }
             Some(_) => summary.skipped += 1,
             None => {}
         }
     }
+    // Loaded once for the run (each refresh would otherwise read and unseal them again).
+    let settings = OutlookSettings::load(ctx).await.ok();
+    let settings = settings.as_ref();
     let results: Vec<One> = futures::stream::iter(due)
-        .map(|(server, version)| async move {
-            refresh_one(ctx, shared, &server, version, options).await
+        .map(|(server, seen)| async move {
+            refresh_one(ctx, shared, &server, seen, settings, options).await
         })
         .buffer_unordered(options.concurrency.max(1))
         .collect()

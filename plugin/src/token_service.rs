@@ -260,6 +260,17 @@ pub async fn refresh(
     server: &mail_server::Model,
     row: token::Model,
 ) -> Result<AccessToken, TokenProblem> {
+    refresh_using(ctx, http, server, row, None).await
+}
+
+/// [`refresh`] with the module settings already loaded (a refresh run loads them once).
+pub async fn refresh_using(
+    ctx: &ModuleContext,
+    http: &oauth2::reqwest::Client,
+    server: &mail_server::Model,
+    row: token::Model,
+    settings: Option<&OutlookSettings>,
+) -> Result<AccessToken, TokenProblem> {
     let mut row = row;
     loop {
         let now = ctx.clock().now();
@@ -280,7 +291,7 @@ pub async fn refresh(
             .await
             .map_err(db)?;
         if claimed.rows_affected == 1 {
-            let result = refresh_holding_lease(ctx, http, server, &row).await;
+            let result = refresh_holding_lease(ctx, http, server, &row, settings).await;
             if result.is_err() {
                 let _ = token::Entity::update_many()
                     .col_expr(
@@ -328,17 +339,25 @@ async fn refresh_holding_lease(
     http: &oauth2::reqwest::Client,
     server: &mail_server::Model,
     row: &token::Model,
+    settings: Option<&OutlookSettings>,
 ) -> Result<AccessToken, TokenProblem> {
-    let settings = OutlookSettings::load(ctx)
-        .await
-        .map_err(|e| TokenProblem::Configuration(e.to_string()))?;
+    let loaded;
+    let settings = match settings {
+        Some(s) => s,
+        None => {
+            loaded = OutlookSettings::load(ctx)
+                .await
+                .map_err(|e| TokenProblem::Configuration(e.to_string()))?;
+            &loaded
+        }
+    };
     let Some(sealed_refresh) = row.refresh_token_sealed.as_deref() else {
         let reason = "No refresh token is stored (offline_access was not granted). Reconnect the mail server.";
         mark_needs_reconnect(ctx, server, reason).await?;
         return Err(TokenProblem::NeedsReconnect(reason.into()));
     };
     let refresh_token = unseal(ctx, sealed_refresh, &refresh_context(server.id))?;
-    match token_client::request(http, &settings, Grant::RefreshToken(&refresh_token)).await {
+    match token_client::request(http, settings, Grant::RefreshToken(&refresh_token)).await {
         Ok(tokens) => {
             let now = ctx.clock().now();
             let sealer = ctx.sealer();
