@@ -397,10 +397,7 @@ pub async fn deliver(
     let lease_length =
         std::time::Duration::from_secs(Ord::max(shared.options.lease_secs, 1) as u64);
     let lease = LeaseKeeper::start(ctx, id, &owner, lease_length);
-    let Some(server) = mail_server::Entity::find_by_id(row.server_id)
-        .one(ctx.db())
-        .await?
-    else {
+    let Some(server) = shared.server(ctx, row.server_id).await? else {
         record(
             ctx,
             &row,

@@ -390,6 +390,7 @@ async fn show(
 
 async fn update(
     ctx: web::Data<ModuleContext>,
+    shared: web::Data<crate::runtime::Shared>,
     user: CurrentUser,
     id: web::Path<i32>,
     form: web::Form<ServerForm>,
@@ -417,7 +418,10 @@ async fn update(
         Ok(input) => {
             let owner = server.owner_user_id;
             match servers::save(ctx.db(), Some(server), input, kind, owner).await {
-                Ok(saved) => see_other(&format!("{}?saved=1", server_url(&saved))),
+                Ok(saved) => {
+                    shared.server_changed(saved.id);
+                    see_other(&format!("{}?saved=1", server_url(&saved)))
+                }
                 Err(e) => db_down(&ctx, &user, e),
             }
         }
@@ -426,6 +430,7 @@ async fn update(
 
 async fn delete(
     ctx: web::Data<ModuleContext>,
+    shared: web::Data<crate::runtime::Shared>,
     user: CurrentUser,
     id: web::Path<i32>,
 ) -> HttpResponse {
@@ -434,6 +439,7 @@ async fn delete(
         Err(refused) => return *refused,
     };
     let _ = token::Entity::delete_by_id(server.id).exec(ctx.db()).await;
+    shared.server_changed(server.id);
     match mail_server::Entity::delete_by_id(server.id)
         .exec(ctx.db())
         .await
@@ -449,6 +455,7 @@ async fn delete(
 
 async fn disconnect(
     ctx: web::Data<ModuleContext>,
+    shared: web::Data<crate::runtime::Shared>,
     user: CurrentUser,
     id: web::Path<i32>,
 ) -> HttpResponse {
@@ -458,6 +465,7 @@ async fn disconnect(
     };
     match token::Entity::delete_by_id(server.id).exec(ctx.db()).await {
         Ok(_) => {
+            shared.server_changed(server.id);
             tracing::info!(
                 server_id = server.id,
                 user_id = user.id,

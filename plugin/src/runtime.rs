@@ -72,6 +72,11 @@ pub struct Shared {
     /// The delivery limits read from settings, and when (read again after two seconds, and
     /// at once after settings are saved in this process).
     pub limits: std::sync::Mutex<Option<(std::time::Instant, crate::deliver::Limits)>>,
+    /// Mail server rows read by deliveries, kept two seconds (edits made in this process apply
+    /// at once, in others within two seconds).
+    servers: std::sync::Mutex<
+        std::collections::HashMap<i32, (std::time::Instant, crate::entities::mail_server::Model)>,
+    >,
     /// Claims of mails by this process so far (each claim's owner name is unique).
     pub claims: std::sync::atomic::AtomicU64,
     /// How often the jobs were started (worker names must be new each time).
@@ -97,6 +102,7 @@ impl Shared {
             starts: std::sync::atomic::AtomicU32::new(0),
             claims: std::sync::atomic::AtomicU64::new(0),
             limits: std::sync::Mutex::new(None),
+            servers: std::sync::Mutex::new(std::collections::HashMap::new()),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             in_flight_done: tokio::sync::Notify::new(),
             app_token: tokio::sync::Mutex::new(None),
@@ -106,6 +112,48 @@ impl Shared {
     /// The queue, when the jobs run.
     pub fn queue(&self) -> Option<MailQueue> {
         self.queue.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The mail server `id` (read at most every two seconds).
+    pub async fn server(
+        &self,
+        ctx: &crm_sdk::ModuleContext,
+        id: i32,
+    ) -> Result<Option<crate::entities::mail_server::Model>, sea_orm::DbErr> {
+        use sea_orm::EntityTrait;
+        let cached = self
+            .servers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .filter(|(at, _)| at.elapsed() < std::time::Duration::from_secs(2))
+            .map(|(_, m)| m.clone());
+        if let Some(server) = cached {
+            return Ok(Some(server));
+        }
+        let fresh = crate::entities::mail_server::Entity::find_by_id(id)
+            .one(ctx.db())
+            .await?;
+        let mut servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
+        match &fresh {
+            Some(m) => {
+                servers.insert(id, (std::time::Instant::now(), m.clone()));
+            }
+            None => {
+                servers.remove(&id);
+            }
+        }
+        Ok(fresh)
+    }
+
+    /// Forgets what this process keeps of the mail server `id` (its row, its connections),
+    /// after an operator or its owner changed, disconnected or deleted it.
+    pub fn server_changed(&self, id: i32) {
+        self.servers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        self.smtp.forget(id);
     }
 
     /// Whether this process delivers mail now (its workers run).
