@@ -1,0 +1,497 @@
+//! `crm-bench`: how close the microsoft_outlook module runs to the limits of its parts. Every
+//! figure is a ratio against a baseline measured in the same run on the same machine.
+//!
+//! `crm-bench all` runs every benchmark and rewrites BENCHMARKS.md; the other subcommands run
+//! one benchmark and only print (for profiling).
+
+mod drain;
+mod enqueue;
+mod memory;
+mod probe;
+mod prototype;
+mod refresh;
+mod report;
+mod services;
+mod setup;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use crm_sdk::SealingKey;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use report::{Drain, Refresh, Results, median_rate, rates};
+use services::{Idp, Sink};
+use setup::{
+    App, BenchDb, DbKind, add_servers, add_tokens, assemble, configure_module, host_config,
+    mailbox_address, module_options, queue_mails, requeue_all,
+};
+
+/// What BENCHMARKS.md says besides the figures (profiling notes, what was tried).
+const FINDINGS: &str = include_str!("findings.md");
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "crm-bench",
+    about = "Benchmarks of the microsoft_outlook module"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Mails per drain (and in the memory benchmark).
+    #[arg(long, global = true, default_value_t = 10_000)]
+    messages: usize,
+    /// Mailboxes the mails are spread over.
+    #[arg(long, global = true, default_value_t = 10)]
+    mailboxes: usize,
+    /// Concurrent sends (module tasks, raw-loop tasks, smtp-source sessions, wrk connections).
+    #[arg(long, global = true, default_value_t = 16)]
+    concurrency: usize,
+    /// Bytes per mail (the whole message).
+    #[arg(long, global = true, default_value_t = 2048)]
+    size: usize,
+    /// Runs per figure (the median is reported).
+    #[arg(long, global = true, default_value_t = 3)]
+    runs: usize,
+    /// PostgreSQL URL of a role that may create databases (a fresh `bench_<random>` is made).
+    #[arg(
+        long,
+        global = true,
+        env = "BENCH_PG",
+        default_value = "postgres://crm:crm@127.0.0.1:5432/crm_test"
+    )]
+    pg: String,
+    /// Worker threads of the SMTP sink's runtime.
+    #[arg(long, global = true, default_value_t = 2)]
+    sink_threads: usize,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Every benchmark; rewrites BENCHMARKS.md.
+    All {
+        /// Where to write the report.
+        #[arg(long, default_value = "BENCHMARKS.md")]
+        out: PathBuf,
+        /// The release crm-host binary (default: beside this one).
+        #[arg(long)]
+        host_bin: Option<PathBuf>,
+        /// Seconds per wrk run.
+        #[arg(long, default_value_t = 5)]
+        enqueue_secs: u64,
+        /// Mailboxes in the refresh benchmark.
+        #[arg(long, default_value_t = 10_000)]
+        refresh_mailboxes: usize,
+    },
+    /// Drain: the module versus the raw loop (and smtp-source on SQLite).
+    Drain {
+        /// The database.
+        #[arg(long, value_enum, default_value = "sqlite")]
+        db: DbKind,
+        /// Also drain once through the module's apalis workers.
+        #[arg(long)]
+        apalis: bool,
+        /// Only the module (no baselines), for profiling.
+        #[arg(long)]
+        module_only: bool,
+    },
+    /// Refresh: refresh_all versus a raw loop of the same POSTs.
+    Refresh {
+        /// Connected mailboxes.
+        #[arg(long, default_value_t = 10_000)]
+        mailboxes: usize,
+    },
+    /// Enqueue: the queue route versus a trivial handler, under wrk.
+    Enqueue {
+        /// Seconds per wrk run.
+        #[arg(long, default_value_t = 5)]
+        secs: u64,
+    },
+    /// Profiling: the latency of each statement of the delivery path, one at a time.
+    Probe {
+        /// The database.
+        #[arg(long, value_enum, default_value = "sqlite")]
+        db: DbKind,
+        /// Connections in the pool.
+        #[arg(long, default_value_t = 8)]
+        conns: u32,
+    },
+    /// Memory: peak RSS of crm-host serve draining the queued mails.
+    Memory {
+        /// The release crm-host binary (default: beside this one).
+        #[arg(long)]
+        host_bin: Option<PathBuf>,
+    },
+}
+
+async fn drain_bench(
+    cli: &Cli,
+    kind: DbKind,
+    sink: &Sink,
+    with_source: bool,
+    with_apalis: bool,
+    module_only: bool,
+) -> anyhow::Result<Drain> {
+    let db = BenchDb::create(kind, &cli.pg).await?;
+    let result = drain_on(cli, &db, sink, with_source, with_apalis, module_only).await;
+    db.remove().await?;
+    result
+}
+
+async fn drain_on(
+    cli: &Cli,
+    db: &BenchDb,
+    sink: &Sink,
+    with_source: bool,
+    with_apalis: bool,
+    module_only: bool,
+) -> anyhow::Result<Drain> {
+    let key = SealingKey::generate();
+    // The sweep is left out of the timed drains (the apalis drain pushes every job itself).
+    let a = assemble(
+        &host_config(&db.url),
+        &key,
+        module_options(cli.concurrency, "0 0 0 1 1 *"),
+    )
+    .await?;
+    configure_module(&a.db, &a.sealer, &App::random(), "http://127.0.0.1:9").await?;
+    let servers = add_servers(&a.db, cli.mailboxes, sink.port()).await?;
+    add_tokens(&a.db, &a.sealer, &servers, None).await?;
+    let ids = queue_mails(&a.db, &servers, cli.messages, cli.size).await?;
+    let messages = Arc::new(setup::prebuilt_messages(&a.db).await?);
+    let mailboxes: Vec<String> = servers.iter().map(|s| s.mailbox.clone()).collect();
+    let mut figures = Drain::default();
+    let name = db.kind.name();
+    for round in 0..cli.runs.max(1) {
+        if !module_only {
+            let raw = drain::raw_loop(
+                messages.clone(),
+                &mailboxes,
+                sink.port(),
+                cli.concurrency,
+                sink,
+            )
+            .await
+            .context("raw loop")?;
+            println!(
+                "drain-{name} run {}: raw loop {:.0} mails/s",
+                round + 1,
+                raw.rate()
+            );
+            figures.raw.push(raw);
+            if with_source {
+                let source = drain::smtp_source(cli.messages, cli.concurrency, cli.size, sink)
+                    .await
+                    .context("smtp-source")?;
+                println!(
+                    "drain-{name} run {}: smtp-source {:.0} mails/s",
+                    round + 1,
+                    source.rate()
+                );
+                figures.source.push(source);
+            }
+        }
+        if round > 0 {
+            requeue_all(&a.db).await?;
+        }
+        let module = drain::module_direct(&a, &ids, cli.concurrency, sink)
+            .await
+            .context("module drain")?;
+        println!(
+            "drain-{name} run {}: module {:.0} mails/s",
+            round + 1,
+            module.rate()
+        );
+        figures.module.push(module);
+    }
+    if with_apalis {
+        requeue_all(&a.db).await?;
+        let apalis = drain::module_apalis(&a, &ids, sink)
+            .await
+            .context("module drain through apalis")?;
+        println!(
+            "drain-{name}: module through apalis workers {:.0} mails/s",
+            apalis.rate()
+        );
+        figures.apalis = Some(apalis);
+    }
+    if !module_only {
+        requeue_all(&a.db).await?;
+        let sketch = prototype::drain(&a, &servers, ids.len(), sink.port(), cli.concurrency, sink)
+            .await
+            .context("batched prototype")?;
+        println!(
+            "drain-{name}: batched prototype (not the module) {:.0} mails/s",
+            sketch.rate()
+        );
+        figures.prototype = Some(sketch);
+    }
+    a.db.close().await?;
+    Ok(figures)
+}
+
+async fn refresh_bench(cli: &Cli, mailboxes: usize) -> anyhow::Result<Refresh> {
+    let db = BenchDb::create(DbKind::Sqlite, &cli.pg).await?;
+    let result = refresh_on(cli, &db, mailboxes).await;
+    db.remove().await?;
+    result
+}
+
+async fn refresh_on(cli: &Cli, db: &BenchDb, mailboxes: usize) -> anyhow::Result<Refresh> {
+    let key = SealingKey::generate();
+    let app = App::random();
+    let redirect_uri = format!(
+        "{}{}",
+        setup::PUBLIC_BASE_URL,
+        microsoft_outlook::CONFIRM_PATH
+    );
+    let idp = Idp::start(&app.client_id, &app.client_secret, &redirect_uri).await?;
+    let result = async {
+        let a = assemble(
+            &host_config(&db.url),
+            &key,
+            module_options(cli.concurrency, "0 0 0 1 1 *"),
+        )
+        .await?;
+        configure_module(&a.db, &a.sealer, &app, &idp.platform.authority_url()).await?;
+        let servers = add_servers(&a.db, mailboxes, 9).await?;
+        let names: Vec<String> = (0..mailboxes).map(mailbox_address).collect();
+        let started = Instant::now();
+        let refresh_tokens =
+            refresh::issue_refresh_tokens(&idp, &app, &redirect_uri, &names).await?;
+        add_tokens(&a.db, &a.sealer, &servers, Some(&refresh_tokens)).await?;
+        println!(
+            "refresh: {mailboxes} mailboxes connected in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        let mut figures = Refresh {
+            mailboxes,
+            ..Refresh::default()
+        };
+        for round in 0..cli.runs.max(1) {
+            let raw = refresh::raw_loop(&a, &idp, &app, &refresh_tokens).await?;
+            println!("refresh run {}: raw loop {:.0} /s", round + 1, raw.rate());
+            figures.raw.push(raw);
+            let module = refresh::module(&a, mailboxes).await?;
+            println!("refresh run {}: module {:.0} /s", round + 1, module.rate());
+            figures.module.push(module);
+        }
+        a.db.close().await?;
+        anyhow::Ok(figures)
+    }
+    .await;
+    idp.stop().await;
+    result
+}
+
+fn print_drain(name: &str, d: &Drain) {
+    let stuck = report::unsettled(&d.module) + d.apalis.map_or(0, |r| r.unsettled);
+    if stuck > 0 {
+        println!("drain-{name}: {stuck} mails sent but left `sending` (status write failed)");
+    }
+    let module = median_rate(&d.module);
+    let raw = median_rate(&d.raw);
+    println!(
+        "drain-{name}: module {module:.0} mails/s [{}], raw loop {raw:.0} [{}], ratio {:.2}",
+        rates(&d.module),
+        rates(&d.raw),
+        if raw > 0.0 { module / raw } else { 0.0 }
+    );
+    if !d.source.is_empty() {
+        let source = median_rate(&d.source);
+        println!(
+            "drain-{name}: smtp-source {source:.0} mails/s [{}], ratio {:.2}",
+            rates(&d.source),
+            if source > 0.0 { module / source } else { 0.0 }
+        );
+    }
+}
+
+fn print_enqueue(e: &enqueue::Figures) {
+    for (name, l) in [
+        ("queue route", e.route),
+        ("trivial (bare actix)", e.trivial),
+        ("trivial in host", e.trivial_in_host),
+    ] {
+        println!(
+            "enqueue: {name}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms",
+            l.rps, l.p50_ms, l.p99_ms
+        );
+    }
+    println!(
+        "enqueue: ratio {:.2} (queued {} mails)",
+        e.route.rps / e.trivial.rps.max(1e-9),
+        e.queued
+    );
+}
+
+/// Keeps a benchmark's error as text (the others still run).
+fn keep<T>(result: anyhow::Result<T>, what: &str) -> Result<T, String> {
+    result.map_err(|e| {
+        eprintln!("{what} FAILED: {e:#}");
+        format!("{e:#}")
+    })
+}
+
+async fn all(
+    cli: &Cli,
+    out: &PathBuf,
+    host_bin: Option<PathBuf>,
+    enqueue_secs: u64,
+    refresh_mailboxes: usize,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let host_bin = match host_bin {
+        Some(p) => p,
+        None => memory::default_host_bin()?,
+    };
+    let sink = Sink::start(cli.sink_threads).await?;
+    let mut results = Results::default();
+    println!("== drain on SQLite");
+    let r = keep(
+        drain_bench(cli, DbKind::Sqlite, &sink, true, true, false).await,
+        "drain-sqlite",
+    );
+    if let Ok(d) = &r {
+        print_drain("sqlite", d);
+    }
+    results.drain_sqlite = Some(r);
+    println!("== drain on PostgreSQL");
+    let r = keep(
+        drain_bench(cli, DbKind::Postgres, &sink, true, true, false).await,
+        "drain-postgres",
+    );
+    if let Ok(d) = &r {
+        print_drain("postgres", d);
+    }
+    results.drain_postgres = Some(r);
+    println!("== refresh");
+    results.refresh = Some(keep(refresh_bench(cli, refresh_mailboxes).await, "refresh"));
+    println!("== enqueue");
+    let r = keep(
+        enqueue::run(&sink, cli.concurrency, enqueue_secs).await,
+        "enqueue",
+    );
+    if let Ok(e) = &r {
+        print_enqueue(e);
+    }
+    results.enqueue = Some(r);
+    println!("== memory");
+    let r = keep(
+        memory::run(&sink, &host_bin, cli.messages, cli.mailboxes, cli.size).await,
+        "memory",
+    );
+    if let Ok(m) = &r {
+        println!(
+            "memory: peak {:.1} MiB (after start-up {:.1} MiB), drained {} in {:.1} s, {} left sending",
+            m.peak_mib, m.idle_mib, m.count, m.secs, m.unsettled
+        );
+    }
+    results.memory = Some(r);
+    sink.stop().await;
+    let setup = report::Setup {
+        messages: cli.messages,
+        mailboxes: cli.mailboxes,
+        concurrency: cli.concurrency,
+        size: cli.size,
+        runs: cli.runs.max(1),
+        enqueue_secs,
+        connections: cli.concurrency,
+        total_secs: started.elapsed().as_secs_f64(),
+    };
+    let text = report::render(&results, &setup, FINDINGS);
+    std::fs::write(out, &text).with_context(|| format!("writing {}", out.display()))?;
+    println!("\nwrote {} in {:.0} s", out.display(), setup.total_secs);
+    if let Some(table) = text.rfind("| benchmark |") {
+        print!("{}", &text[table..]);
+    }
+    let failures = [
+        results.drain_sqlite.as_ref().map(|r| r.is_err()),
+        results.drain_postgres.as_ref().map(|r| r.is_err()),
+        results.refresh.as_ref().map(|r| r.is_err()),
+        results.enqueue.as_ref().map(|r| r.is_err()),
+        results.memory.as_ref().map(|r| r.is_err()),
+    ]
+    .into_iter()
+    .filter(|f| *f == Some(true))
+    .count();
+    anyhow::ensure!(failures == 0, "{failures} benchmark(s) failed");
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn,sqlx=error".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(filter)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    match &cli.command {
+        Command::All {
+            out,
+            host_bin,
+            enqueue_secs,
+            refresh_mailboxes,
+        } => {
+            all(
+                &cli,
+                out,
+                host_bin.clone(),
+                *enqueue_secs,
+                *refresh_mailboxes,
+            )
+            .await
+        }
+        Command::Drain {
+            db,
+            apalis,
+            module_only,
+        } => {
+            let sink = Sink::start(cli.sink_threads).await?;
+            let with_source = !module_only;
+            let d = drain_bench(&cli, *db, &sink, with_source, *apalis, *module_only).await;
+            sink.stop().await;
+            print_drain(db.name(), &d?);
+            Ok(())
+        }
+        Command::Refresh { mailboxes } => {
+            let r = refresh_bench(&cli, *mailboxes).await?;
+            let (module, raw) = (median_rate(&r.module), median_rate(&r.raw));
+            println!(
+                "refresh: module {module:.0}/s [{}], raw loop {raw:.0}/s [{}], ratio {:.2}",
+                rates(&r.module),
+                rates(&r.raw),
+                module / raw.max(1e-9)
+            );
+            Ok(())
+        }
+        Command::Enqueue { secs } => {
+            let sink = Sink::start(cli.sink_threads).await?;
+            let e = enqueue::run(&sink, cli.concurrency, *secs).await;
+            sink.stop().await;
+            print_enqueue(&e?);
+            Ok(())
+        }
+        Command::Probe { db, conns } => probe::run(*db, &cli.pg, cli.messages, *conns).await,
+        Command::Memory { host_bin } => {
+            let host_bin = match host_bin {
+                Some(p) => p.clone(),
+                None => memory::default_host_bin()?,
+            };
+            let sink = Sink::start(cli.sink_threads).await?;
+            let m = memory::run(&sink, &host_bin, cli.messages, cli.mailboxes, cli.size).await;
+            sink.stop().await;
+            let m = m?;
+            println!(
+                "memory: peak {:.1} MiB (after start-up {:.1} MiB), drained {} in {:.1} s, {} left sending",
+                m.peak_mib, m.idle_mib, m.count, m.secs, m.unsettled
+            );
+            Ok(())
+        }
+    }
+}
