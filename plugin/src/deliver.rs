@@ -633,9 +633,8 @@ pub async fn deliver(
 
 /// The ids of mails that need a delivery job now, marked as pushed in the same statement (so
 /// that the sweeps of several processes push each once): queued and due, or claimed by a
-/// worker whose lease ran out, and not pushed since — or whose job was lost: pushed more than
-/// five seconds before a mail that a worker already took (jobs run in push order), or longer
-/// than `repush_after` ago.
+/// worker whose lease ran out, and not pushed since — or pushed longer than `repush_after` ago
+/// (its job may be lost: apalis gave up on it, or its worker died with it).
 pub async fn to_push(
     ctx: &ModuleContext,
     limit: u64,
@@ -644,25 +643,11 @@ pub async fn to_push(
     use sea_orm::ConnectionTrait;
     use sea_orm::sea_query::{LockBehavior, LockType, Query};
     let now = ctx.clock().now();
-    // Jobs run in the order they were pushed: a mail pushed well before the newest one a worker
-    // already took, and still waiting, has lost its job (its worker died, or the job failed).
-    let frontier: Option<DateTime<Utc>> = outbox::Entity::find()
-        .select_only()
-        .column_as(outbox::Column::PushedAt.max(), "frontier")
-        .filter(outbox::Column::Status.ne("queued"))
-        .into_tuple::<Option<DateTime<Utc>>>()
-        .one(ctx.db())
-        .await?
-        .flatten();
     let not_pushed_since = |since: outbox::Column| {
-        let mut c = Condition::any()
+        Condition::any()
             .add(outbox::Column::PushedAt.is_null())
             .add(Expr::col(outbox::Column::PushedAt).lt(Expr::col(since)))
-            .add(outbox::Column::PushedAt.lt(now - repush_after));
-        if let Some(frontier) = frontier {
-            c = c.add(outbox::Column::PushedAt.lt(frontier - Duration::seconds(5)));
-        }
-        c
+            .add(outbox::Column::PushedAt.lt(now - repush_after))
     };
     let due = Condition::any()
         .add(

@@ -270,7 +270,9 @@ impl OutlookJobs for JobServices {
     }
 
     async fn sweep_outbox(&self) -> Result<(), BoxDynError> {
-        let repush_after = chrono::Duration::minutes(10);
+        // Twice the lease timeout (1 to 10 minutes): a job still waiting then is taken as lost.
+        let repush_after =
+            chrono::Duration::seconds((self.shared.options.lease_secs * 2).clamp(60, 600));
         // In chunks, so that one statement never touches thousands of rows.
         for _ in 0..20 {
             let due = crate::deliver::to_push(&self.ctx, 500, repush_after).await?;
