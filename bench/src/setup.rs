@@ -204,17 +204,8 @@ pub struct App {
 impl App {
     /// A random application.
     pub fn random() -> Self {
-        let id: u128 = rand::rng().random();
-        let h = format!("{id:032x}");
         Self {
-            client_id: format!(
-                "{}-{}-{}-{}-{}",
-                &h[0..8],
-                &h[8..12],
-                &h[12..16],
-                &h[16..20],
-                &h[20..32]
-            ),
+            client_id: microsoft_outlook_tests::identity::guid(),
             client_secret: format!("bench~{}", suffix()),
         }
     }

@@ -196,28 +196,16 @@ fn explain_permanent(reply: &str, server: &mail_server::Model, row: &outbox::Mod
 /// send does not succeed), so the count of the last minute includes mails being sent right now.
 async fn admit(
     ctx: &ModuleContext,
+    shared: &Shared,
     row: &outbox::Model,
     per_minute: usize,
 ) -> Result<Option<Duration>, sea_orm::DbErr> {
     use crate::entities::smtp_slot;
-    use sea_orm::sea_query::OnConflict;
-    use sea_orm::{PaginatorTrait, Set, TransactionTrait};
+    use sea_orm::{PaginatorTrait, TransactionTrait};
     if per_minute == 0 {
         return Ok(None);
     }
-    smtp_slot::Entity::insert(smtp_slot::ActiveModel {
-        server_id: Set(row.server_id),
-        slot: Set(0),
-        holder: Set(None),
-        lease_until: Set(None),
-    })
-    .on_conflict(
-        OnConflict::columns([smtp_slot::Column::ServerId, smtp_slot::Column::Slot])
-            .do_nothing()
-            .to_owned(),
-    )
-    .exec_without_returning(ctx.db())
-    .await?;
+    shared.smtp.ensure_slot_rows(ctx, row.server_id).await?;
     let txn = ctx.db().begin().await?;
     // The mailbox's first slot row is the lock (a write that changes nothing).
     smtp_slot::Entity::update_many()
@@ -416,7 +404,7 @@ pub async fn deliver(
     };
     let limits = limits(ctx, shared).await;
     let limit = limits.max_attempts;
-    if let Some(wait) = admit(ctx, &row, limits.per_minute).await? {
+    if let Some(wait) = admit(ctx, shared, &row, limits.per_minute).await? {
         // The mailbox's per-minute budget is spent: wait without spending an attempt.
         let at = now + wait;
         record(

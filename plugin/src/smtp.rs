@@ -104,7 +104,7 @@ struct Idle {
     conn: AsyncSmtpConnection,
     version: i64,
     since: Instant,
-    _slot: Slot,
+    slot: Slot,
 }
 
 struct MailboxPool {
@@ -285,36 +285,49 @@ impl SmtpSender {
         });
     }
 
+    /// Makes sure the mailbox's slot rows exist (once per process and mailbox). The first one
+    /// is also the lock of the per-minute throttle.
+    pub async fn ensure_slot_rows(
+        &self,
+        ctx: &ModuleContext,
+        server_id: i32,
+    ) -> Result<(), sea_orm::DbErr> {
+        let pool = self.pool(server_id);
+        if pool.rows_ready.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let rows = (0..CONNECTIONS_PER_MAILBOX as i32).map(|slot| smtp_slot::ActiveModel {
+            server_id: Set(server_id),
+            slot: Set(slot),
+            holder: Set(None),
+            lease_until: Set(None),
+        });
+        smtp_slot::Entity::insert_many(rows)
+            .on_conflict(
+                OnConflict::columns([smtp_slot::Column::ServerId, smtp_slot::Column::Slot])
+                    .do_nothing()
+                    .to_owned(),
+            )
+            .exec_without_returning(ctx.db())
+            .await?;
+        pool.rows_ready.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Takes one of the mailbox's connection slots, waiting (polling) until `deadline` while
     /// other processes hold all of them.
     async fn acquire_slot(
         &self,
         ctx: &ModuleContext,
-        pool: &MailboxPool,
         server_id: i32,
         deadline: Instant,
     ) -> Result<Slot, SendOutcome> {
         let db = ctx.db();
         let unavailable =
             |e: sea_orm::DbErr| SendOutcome::Transient(format!("the database is unavailable: {e}"));
-        if !pool.rows_ready.load(Ordering::Relaxed) {
-            let rows = (0..CONNECTIONS_PER_MAILBOX as i32).map(|slot| smtp_slot::ActiveModel {
-                server_id: Set(server_id),
-                slot: Set(slot),
-                holder: Set(None),
-                lease_until: Set(None),
-            });
-            smtp_slot::Entity::insert_many(rows)
-                .on_conflict(
-                    OnConflict::columns([smtp_slot::Column::ServerId, smtp_slot::Column::Slot])
-                        .do_nothing()
-                        .to_owned(),
-                )
-                .exec_without_returning(db)
-                .await
-                .map_err(unavailable)?;
-            pool.rows_ready.store(true, Ordering::Relaxed);
-        }
+        self.ensure_slot_rows(ctx, server_id)
+            .await
+            .map_err(unavailable)?;
         loop {
             let now = ctx.clock().now();
             let free: Vec<i32> = smtp_slot::Entity::find()
@@ -472,12 +485,12 @@ impl SmtpSender {
         };
         // A connection of an older token is closed; its slot serves the new one.
         let (reused, slot) = match taken {
-            Some(i) if i.version == token.version && !i._slot.lost() => {
+            Some(i) if i.version == token.version && !i.slot.lost() => {
                 let idle_for = i.since.elapsed();
-                (Some((i.conn, idle_for)), i._slot)
+                (Some((i.conn, idle_for)), i.slot)
             }
-            Some(i) if !i._slot.lost() => (None, i._slot),
-            _ => match self.acquire_slot(ctx, &pool, server.id, deadline).await {
+            Some(i) if !i.slot.lost() => (None, i.slot),
+            _ => match self.acquire_slot(ctx, server.id, deadline).await {
                 Ok(s) => (None, s),
                 Err(outcome) => return outcome,
             },
@@ -550,7 +563,7 @@ impl SmtpSender {
                     conn,
                     version,
                     since: Instant::now(),
-                    _slot: slot,
+                    slot,
                 });
         }
     }

@@ -187,7 +187,8 @@ fn random(len: usize) -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
-fn guid() -> String {
+/// A random GUID in its usual text form (client ids, trace ids).
+pub fn guid() -> String {
     let b: [u8; 16] = rand::rng().random();
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
     format!(
