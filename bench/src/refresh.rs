@@ -5,7 +5,6 @@ use anyhow::Context as _;
 use futures::StreamExt;
 use microsoft_outlook::entities::token;
 use microsoft_outlook::jobs::{RefreshOptions, refresh_all};
-use microsoft_outlook::token_client::REFRESH_SCOPE;
 use microsoft_outlook_tests::identity::TestUser;
 use sea_orm::EntityTrait;
 use sea_orm::sea_query::Expr;
@@ -134,6 +133,8 @@ pub async fn raw_loop(
     let http = a.shared.http.clone();
     let url = format!("{}/common/oauth2/v2.0/token", idp.platform.authority_url());
     let concurrency = options().concurrency.max(1);
+    let refresh_scope = microsoft_outlook::settings::Cloud::Global.refresh_scope();
+    let refresh_scope = &refresh_scope;
     let started = Instant::now();
     let results: Vec<anyhow::Result<()>> = futures::stream::iter(refresh_tokens)
         .map(|refresh| {
@@ -145,7 +146,7 @@ pub async fn raw_loop(
                         ("client_secret", app.client_secret.as_str()),
                         ("grant_type", "refresh_token"),
                         ("refresh_token", refresh.as_str()),
-                        ("scope", REFRESH_SCOPE),
+                        ("scope", refresh_scope.as_str()),
                     ])
                     .finish();
                 let answer = http

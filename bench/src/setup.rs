@@ -323,6 +323,7 @@ pub async fn add_tokens(
                 last_error: Set(None),
                 notified_at: Set(None),
                 refresh_lease_until: Set(None),
+                smtp_user: Set(None),
             }
         })
         .collect();

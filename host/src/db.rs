@@ -52,7 +52,7 @@ pub struct HostMigrator;
 #[async_trait::async_trait]
 impl MigratorTrait for HostMigrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(M0001HostTables)]
+        vec![Box::new(M0001HostTables), Box::new(M0002NotificationIncidents)]
     }
 
     fn migration_table_name() -> DynIden {
@@ -61,6 +61,41 @@ impl MigratorTrait for HostMigrator {
 }
 
 struct M0001HostTables;
+
+/// Notifications name the incident they belong to (`key`) and when it was resolved.
+struct M0002NotificationIncidents;
+
+impl MigrationName for M0002NotificationIncidents {
+    fn name(&self) -> &str {
+        "m0002_notification_incidents"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M0002NotificationIncidents {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        for (column, def) in [
+            ("incident_key", string_null("incident_key")),
+            ("resolved_at", timestamp_with_time_zone_null("resolved_at")),
+        ] {
+            if !manager.has_column("crm_notifications", column).await? {
+                manager
+                    .alter_table(
+                        Table::alter()
+                            .table("crm_notifications")
+                            .add_column(def)
+                            .to_owned(),
+                    )
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn down(&self, _manager: &SchemaManager) -> Result<(), DbErr> {
+        Ok(())
+    }
+}
 
 impl MigrationName for M0001HostTables {
     fn name(&self) -> &str {

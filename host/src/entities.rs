@@ -135,6 +135,10 @@ pub mod notification {
         pub body: String,
         pub link: Option<String>,
         pub created_at: ChronoDateTimeUtc,
+        /// The incident it belongs to, if the module will resolve it.
+        pub incident_key: Option<String>,
+        /// When the incident was resolved.
+        pub resolved_at: Option<ChronoDateTimeUtc>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -41,10 +41,28 @@ impl Notifier for DbNotifier {
             body: Set(n.body),
             link: Set(n.link),
             created_at: Set(Utc::now()),
+            incident_key: Set(n.key),
+            resolved_at: Set(None),
             ..Default::default()
         }
         .insert(&self.db)
         .await?;
+        Ok(())
+    }
+
+    async fn resolve(&self, key: &str) -> Result<(), BoxError> {
+        let resolved = notification::Entity::update_many()
+            .col_expr(
+                notification::Column::ResolvedAt,
+                sea_orm::sea_query::Expr::value(Utc::now()),
+            )
+            .filter(notification::Column::IncidentKey.eq(key))
+            .filter(notification::Column::ResolvedAt.is_null())
+            .exec(&self.db)
+            .await?;
+        if resolved.rows_affected > 0 {
+            tracing::info!(key, "notifications resolved");
+        }
         Ok(())
     }
 }
@@ -65,11 +83,12 @@ async fn page(state: web::Data<AppState>, user: CurrentUser) -> HttpResponse {
         h1 { "Notifications" }
         @if items.is_empty() { section.card { p { "Nothing needs your attention." } } }
         @for n in &items {
-            section.card.notification {
-                h2 { (n.subject) }
+            section.card.notification.resolved[n.resolved_at.is_some()] {
+                h2 { (n.subject) @if n.resolved_at.is_some() { " " span.badge.ok { "Resolved" } } }
+                @if let Some(at) = n.resolved_at { p.help { "Resolved " (at.format("%Y-%m-%d %H:%M UTC")) ": nothing left to do." } }
                 p.help { (n.created_at.format("%Y-%m-%d %H:%M UTC")) @if n.for_operators { " · for operators" } }
                 p { (n.body) }
-                @if let Some(link) = &n.link { p { a href=(link) { "Fix it" } } }
+                @if let (Some(link), None) = (&n.link, n.resolved_at) { p { a href=(link) { "Fix it" } } }
             }
         }
     };

@@ -176,6 +176,13 @@ async fn render(
                             input id=(field.id) type="password" name=(field.id) autocomplete="new-password"
                                 placeholder=(if values.has_secret(&field.id) { "stored — leave empty to keep it" } else { "not set" });
                             @if values.has_secret(&field.id) { p.help { span.badge.ok { "stored" } " The value is write-only and sealed; it is never shown again." } }
+                        } @else if !field.choices.is_empty() {
+                            @let current = shown.get(&field.id).map(String::as_str).or(field.default.as_deref()).unwrap_or("");
+                            select id=(field.id) name=(field.id) {
+                                @for (value, label) in &field.choices {
+                                    option value=(value) selected[value == current] { (label) }
+                                }
+                            }
                         } @else {
                             input id=(field.id) type=(if field.kind == FieldKind::Date { "date" } else { "text" }) name=(field.id)
                                 value=(shown.get(&field.id).map(String::as_str).unwrap_or(""));
@@ -241,7 +248,7 @@ async fn save(
             }
             continue;
         }
-        match field.kind.normalize(raw) {
+        match field.normalize(raw) {
             Ok(value) if field.secret => {
                 secrets.insert(field.id.clone(), value);
             }
@@ -293,6 +300,9 @@ async fn save(
             tracing::info!(module = %manifest.id, user_id = user.id, "settings saved");
             if let Err(e) = state.registry.restart_jobs(&manifest.id).await {
                 tracing::error!(module = %manifest.id, error = %e, "restarting the module's jobs failed");
+            }
+            if entry.is_enabled() {
+                entry.module.settings_saved(&entry.ctx).await;
             }
             let flash = html! { p.flash.ok role="status" { "Settings saved." } };
             let body = render(&state, &user, Some(flash), None).await;

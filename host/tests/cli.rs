@@ -105,6 +105,7 @@ async fn outlook_status_json_lists_every_mail_server() {
         last_error: Set(Some("The grant was revoked (AADSTS50173)".into())),
         notified_at: Set(None),
         refresh_lease_until: Set(None),
+        smtp_user: Set(None),
     }
     .insert(&db)
     .await

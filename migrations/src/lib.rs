@@ -6,6 +6,7 @@ mod m0001_mail_servers_and_tokens;
 mod m0002_outbox;
 mod m0003_token_refresh_lease;
 mod m0004_several_processes;
+mod m0005_mailbox_health;
 
 /// The module's migrator; it keeps its own history table beside the host's.
 pub struct Migrator;
@@ -18,6 +19,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0002_outbox::Migration),
             Box::new(m0003_token_refresh_lease::Migration),
             Box::new(m0004_several_processes::Migration),
+            Box::new(m0005_mailbox_health::Migration),
         ]
     }
 

@@ -11,6 +11,9 @@ pub enum FailureClass {
     Configuration,
     /// The person cancelled or the request was refused; nothing to retry.
     Refused,
+    /// The token endpoint answered something that is not an OAuth document (a proxy's HTML
+    /// page, an empty body): a problem of the path to Microsoft, never proof of a dead grant.
+    NotOAuth,
 }
 
 /// A failure from the identity platform, with the AADSTS code when there is one.
@@ -38,7 +41,7 @@ pub fn aadsts_code(description: &str) -> Option<u32> {
 /// Classifies by `error` first, then by the AADSTS code.
 pub fn classify(error: &str, code: Option<u32>) -> FailureClass {
     match (error, code) {
-        (_, Some(7000215 | 7000222 | 700016 | 50011 | 500112 | 700054 | 7000218)) => {
+        (_, Some(7000215 | 7000222 | 700016 | 50011 | 500112 | 700054 | 7000218 | 500011 | 90002)) => {
             FailureClass::Configuration
         }
         ("invalid_client" | "unauthorized_client", _) => FailureClass::Configuration,
@@ -66,6 +69,14 @@ pub fn explain(error: &str, code: Option<u32>, redirect_uri: &str) -> (String, S
         (_, Some(700016)) => pair(
             "Microsoft does not know this application (client) ID in this tenant.",
             "Check the Application (client) ID and the tenant in Settings › Microsoft Outlook against the app registration's Overview page.",
+        ),
+        (_, Some(500011)) => pair(
+            "Microsoft did not find the Outlook resource in the tenant (AADSTS500011): the scope belongs to another cloud than the tenant's, or the tenant has no Exchange Online service principal.",
+            "In Settings › Microsoft Outlook, choose the cloud the tenant lives in (global, US Government, or China operated by 21Vianet); the authority, the Outlook scope and the SMTP host follow that choice. If the cloud is right, an administrator must make sure Exchange Online is licensed in the tenant.",
+        ),
+        (_, Some(90002)) => pair(
+            "Microsoft does not know this tenant.",
+            "Check the Tenant in Settings › Microsoft Outlook: common, organizations, the tenant ID or its domain, in the cloud chosen there.",
         ),
         (_, Some(50011 | 500112)) => (
             "The redirect URI does not match the one registered for the app.".to_string(),
@@ -111,7 +122,7 @@ pub fn explain(error: &str, code: Option<u32>, redirect_uri: &str) -> (String, S
         ),
         _ => pair(
             "Microsoft refused the request.",
-            "Check the settings and click Connect again; if it repeats, give an administrator the code and message below.",
+            "Check the settings and click Connect again; if it repeats, give an administrator Microsoft's code and message, shown with this text.",
         ),
     }
 }

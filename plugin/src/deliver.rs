@@ -8,15 +8,16 @@ use rand::Rng;
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QuerySelect};
 
+use std::sync::Arc;
+
+use crate::classify::{self, Facts, Level, Verdict};
 use crate::entities::{mail_server, outbox};
 use crate::runtime::Shared;
 use crate::smtp::SendOutcome;
-use crate::token_service::{TokenProblem, fresh_access_token, mark_needs_reconnect};
+use crate::token_service::{TokenProblem, fresh_access_token};
 
 /// The default number of attempts before a mail is failed.
 pub const DEFAULT_MAX_ATTEMPTS: i32 = 8;
-/// How long a mail waits when the module's configuration is broken before it is tried again.
-const CONFIG_WAIT_MINUTES: i64 = 15;
 
 /// What happened to a mail in this attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,8 +30,8 @@ pub enum Delivered {
     Retry,
     /// Failed for good.
     Failed,
-    /// Waits for the mailbox to be reconnected.
-    NeedsReconnect,
+    /// Waits: its mailbox is held until the cause is fixed.
+    Held,
 }
 
 /// The retry delay after `attempts` failed attempts: exponential from `base`, at most an hour,
@@ -175,21 +176,6 @@ async fn record_once(
         .map(|_| ())
 }
 
-fn explain_permanent(reply: &str, server: &mail_server::Model, row: &outbox::Model) -> String {
-    if reply.contains("5.7.60") || reply.contains("SendAsDenied") {
-        format!(
-            "Exchange refused to send as {}: the mailbox {} has no Send As permission for that address. An Exchange administrator must grant it (Microsoft 365 admin center › Users › the sender › Mailbox permissions › Send as), then send the mail again.",
-            row.envelope_from, server.mailbox
-        )
-    } else if reply.contains("5.2.0") && reply.contains("MessageSubmissionExceeded")
-        || reply.contains("4.7.")
-    {
-        "Exchange's sending limits for this mailbox were exceeded (30 messages a minute, 10,000 recipients a day).".into()
-    } else {
-        format!("The SMTP server refused the mail: {reply}")
-    }
-}
-
 /// Admits `row` under the mailbox's limit of `per_minute` sends a minute (0 = no limit), or
 /// says how long to wait. Counted over every process on the database: admissions to one mailbox
 /// are serialised by a row lock, and an admitted mail is marked (`sent_at`, cleared again if the
@@ -320,12 +306,13 @@ async fn send_once(
         .await
 }
 
-/// Tries to deliver the outbox row `id` once.
-pub async fn deliver(
+/// Claims the outbox row `id` for this worker when it is due and its mailbox is neither held
+/// nor throttled: the row and the claim's owner name.
+async fn claim(
     ctx: &ModuleContext,
     shared: &Shared,
     id: i64,
-) -> Result<Delivered, sea_orm::DbErr> {
+) -> Result<Option<(outbox::Model, String)>, sea_orm::DbErr> {
     let now = ctx.clock().now();
     // Unique per claim, so that two claims of one process are told apart too.
     let owner = format!(
@@ -335,17 +322,21 @@ pub async fn deliver(
             .claims
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     );
-    let due = Condition::any()
+    let due = Condition::all()
         .add(
-            Condition::all()
-                .add(outbox::Column::Status.eq("queued"))
-                .add(outbox::Column::NextAttemptAt.lte(now)),
+            Condition::any()
+                .add(
+                    Condition::all()
+                        .add(outbox::Column::Status.eq("queued"))
+                        .add(outbox::Column::NextAttemptAt.lte(now)),
+                )
+                .add(
+                    Condition::all()
+                        .add(outbox::Column::Status.eq("sending"))
+                        .add(outbox::Column::LeaseUntil.lt(now)),
+                ),
         )
-        .add(
-            Condition::all()
-                .add(outbox::Column::Status.eq("sending"))
-                .add(outbox::Column::LeaseUntil.lt(now)),
-        );
+        .add(crate::health::claimable(now));
     let claimed = outbox::Entity::update_many()
         .col_expr(outbox::Column::Status, Expr::value("sending"))
         .col_expr(
@@ -379,160 +370,228 @@ pub async fn deliver(
         let claim = claimed.filter(outbox::Column::Id.eq(id)).filter(due);
         persist(|| claim.clone().exec_with_returning(ctx.db())).await?
     };
-    let Some(row) = claimed.into_iter().next() else {
-        return Ok(Delivered::Skipped);
-    };
-    let lease_length =
-        std::time::Duration::from_secs(Ord::max(shared.options.lease_secs, 1) as u64);
-    let lease = LeaseKeeper::start(ctx, id, &owner, lease_length);
-    let Some(server) = shared.server(ctx, row.server_id).await? else {
-        record(
-            ctx,
-            &row,
-            &owner,
-            Outcome {
-                status: "failed",
-                next_attempt_at: None,
-                last_reply: None,
-                last_error: Some("The mail server of this mail was deleted.".into()),
-                sent: false,
-                uncount: false,
-            },
-        )
-        .await?;
-        return Ok(Delivered::Failed);
-    };
-    let limits = limits(ctx, shared).await;
-    let limit = limits.max_attempts;
-    if let Some(wait) = admit(ctx, shared, &row, limits.per_minute).await? {
-        // The mailbox's per-minute budget is spent: wait without spending an attempt.
-        let at = now + wait;
-        record(
-            ctx,
-            &row,
-            &owner,
-            Outcome {
-                status: "queued",
-                next_attempt_at: Some(at),
-                last_reply: None,
-                last_error: None,
-                sent: false,
-                uncount: true,
-            },
-        )
-        .await?;
-        return Ok(Delivered::Retry);
-    }
-    let retry_or_fail = |reply: Option<String>, error: String| {
-        if row.attempts >= limit {
-            Outcome {
+    Ok(claimed.into_iter().next().map(|row| (row, owner)))
+}
+
+/// One claimed mail, and what its attempt may spend.
+struct Attempt<'a> {
+    row: &'a outbox::Model,
+    server: &'a mail_server::Model,
+    max_attempts: i32,
+    retry_base_secs: i64,
+    now: DateTime<Utc>,
+}
+
+impl Attempt<'_> {
+    fn retry_or_fail(&self, reply: Option<String>, error: String) -> (Delivered, Outcome) {
+        if self.row.attempts >= self.max_attempts {
+            let o = Outcome {
                 status: "failed",
                 next_attempt_at: None,
                 last_reply: reply,
-                last_error: Some(format!("Gave up after {} attempts: {error}", row.attempts)),
+                last_error: Some(format!(
+                    "Gave up after {} attempts: {error}",
+                    self.row.attempts
+                )),
                 sent: false,
                 uncount: false,
-            }
+            };
+            (Delivered::Failed, o)
         } else {
-            Outcome {
+            let o = Outcome {
                 status: "queued",
-                next_attempt_at: Some(now + backoff(shared.options.retry_base_secs, row.attempts)),
+                next_attempt_at: Some(
+                    self.now + backoff(self.retry_base_secs, self.row.attempts),
+                ),
                 last_reply: reply,
                 last_error: Some(error),
                 sent: false,
                 uncount: false,
+            };
+            (Delivered::Retry, o)
+        }
+    }
+
+    /// The mail waits for its mailbox, spending no attempt.
+    fn wait(&self, until: Option<DateTime<Utc>>, reply: Option<String>, why: String) -> Outcome {
+        Outcome {
+            status: "queued",
+            next_attempt_at: Some(until.unwrap_or(self.now)),
+            last_reply: reply,
+            last_error: Some(why),
+            sent: false,
+            uncount: true,
+        }
+    }
+
+    fn failed(&self, reply: Option<String>, why: String) -> (Delivered, Outcome) {
+        let o = Outcome {
+            status: "failed",
+            next_attempt_at: None,
+            last_reply: reply,
+            last_error: Some(why),
+            sent: false,
+            uncount: false,
+        };
+        (Delivered::Failed, o)
+    }
+
+    /// Applies a verdict of the classification table at its level.
+    async fn apply(
+        &self,
+        ctx: &ModuleContext,
+        shared: &Shared,
+        verdict: &Verdict,
+        reply: Option<String>,
+    ) -> Result<(Delivered, Outcome), sea_orm::DbErr> {
+        let until = verdict.hold_for.map(|d| self.now + d);
+        Ok(match verdict.level {
+            Level::MailFails => self.failed(reply, verdict.words()),
+            Level::MailRetries => self.retry_or_fail(reply, verdict.words()),
+            Level::MailboxHeld(reason) => {
+                crate::health::hold(ctx, shared, self.server, reason, verdict).await?;
+                (Delivered::Held, self.wait(until, reply, verdict.words()))
             }
-        }
-    };
-    let mut token = match fresh_access_token(ctx, shared, &server, false).await {
-        Ok(t) => t,
-        Err(problem) => {
-            let outcome = match &problem {
-                TokenProblem::NotConnected | TokenProblem::NeedsReconnect(_) => Outcome {
-                    status: "needs_reconnect",
-                    next_attempt_at: None,
-                    last_reply: None,
-                    last_error: Some(problem.to_string()),
-                    sent: false,
-                    uncount: true,
-                },
-                TokenProblem::Configuration(_) => Outcome {
-                    status: "queued",
-                    next_attempt_at: Some(now + Duration::minutes(CONFIG_WAIT_MINUTES)),
-                    last_reply: None,
-                    last_error: Some(problem.to_string()),
-                    sent: false,
-                    uncount: true,
-                },
-                TokenProblem::Transient {
-                    retry_after_secs, ..
-                } => {
-                    let mut o = retry_or_fail(None, problem.to_string());
-                    if let (Some(secs), Some(at)) = (retry_after_secs, o.next_attempt_at) {
-                        o.next_attempt_at =
-                            Some(Ord::max(at, now + Duration::seconds(*secs as i64)));
-                    }
-                    o
+            Level::MailboxThrottled => {
+                let until = until.unwrap_or(self.now + Duration::seconds(60));
+                crate::health::throttle(ctx, shared, self.server.id, until, &verdict.words())
+                    .await?;
+                (Delivered::Retry, self.wait(Some(until), reply, verdict.words()))
+            }
+        })
+    }
+
+    /// What a token problem does to the mail (a hold was recorded by the token service).
+    fn token_problem(&self, problem: &TokenProblem) -> (Delivered, Outcome) {
+        match problem {
+            TokenProblem::Held(v) => {
+                let until = v.hold_for.map(|d| self.now + d);
+                (Delivered::Held, self.wait(until, None, v.words()))
+            }
+            TokenProblem::Transient {
+                retry_after_secs, ..
+            } => {
+                let (d, mut o) = self.retry_or_fail(None, problem.to_string());
+                if let (Some(secs), Some(at)) = (retry_after_secs, o.next_attempt_at) {
+                    o.next_attempt_at = Some(Ord::max(at, self.now + Duration::seconds(*secs as i64)));
                 }
-                TokenProblem::Database(_) => retry_or_fail(None, problem.to_string()),
-            };
-            let delivered = match outcome.status {
-                "needs_reconnect" => Delivered::NeedsReconnect,
-                "failed" => Delivered::Failed,
-                _ => Delivered::Retry,
-            };
-            record(ctx, &row, &owner, outcome).await?;
-            return Ok(delivered);
+                (d, o)
+            }
+            TokenProblem::Database(_) => self.retry_or_fail(None, problem.to_string()),
         }
-    };
+    }
+}
+
+/// The envelope of a stored mail.
+fn envelope_of(row: &outbox::Model) -> Result<Envelope, lettre::error::Error> {
     let from: Option<Address> = row.envelope_from.parse().ok();
     let to: Vec<Address> = row
         .recipients
         .lines()
         .filter_map(|r| r.parse().ok())
         .collect();
-    let envelope = match Envelope::new(from, to) {
+    Envelope::new(from, to)
+}
+
+/// Tries to deliver the outbox row `id` once.
+pub async fn deliver(
+    ctx: &ModuleContext,
+    shared: &Arc<Shared>,
+    id: i64,
+) -> Result<Delivered, sea_orm::DbErr> {
+    let Some((row, owner)) = claim(ctx, shared, id).await? else {
+        return Ok(Delivered::Skipped);
+    };
+    let lease_length =
+        std::time::Duration::from_secs(Ord::max(shared.options.lease_secs, 1) as u64);
+    let lease = LeaseKeeper::start(ctx, id, &owner, lease_length);
+    let Some(server) = shared.server(ctx, row.server_id).await? else {
+        let why = "The mail server of this mail was deleted.".to_string();
+        let attempt = Attempt {
+            row: &row,
+            server: &placeholder_server(row.server_id),
+            max_attempts: 1,
+            retry_base_secs: 0,
+            now: ctx.clock().now(),
+        };
+        record(ctx, &row, &owner, attempt.failed(None, why).1).await?;
+        return Ok(Delivered::Failed);
+    };
+    let limits = limits(ctx, shared).await;
+    if let Some(wait) = admit(ctx, shared, &row, limits.per_minute).await? {
+        // The mailbox's per-minute budget is spent: wait without spending an attempt.
+        let at = ctx.clock().now() + wait;
+        let o = Outcome {
+            status: "queued",
+            next_attempt_at: Some(at),
+            last_reply: None,
+            last_error: None,
+            sent: false,
+            uncount: true,
+        };
+        record(ctx, &row, &owner, o).await?;
+        return Ok(Delivered::Retry);
+    }
+    let attempt = Attempt {
+        row: &row,
+        server: &server,
+        max_attempts: limits.max_attempts,
+        retry_base_secs: shared.options.retry_base_secs,
+        now: ctx.clock().now(),
+    };
+    let (delivered, o) = send_claimed(ctx, shared, &attempt, &lease).await?;
+    if delivered == Delivered::Skipped {
+        // Another worker took the mail over (this one was too slow): it sends it, not us.
+        tracing::warn!(
+            outbox_id = row.id,
+            "lease lost before sending; left to the worker that took the mail over"
+        );
+        return Ok(delivered);
+    }
+    record(ctx, &row, &owner, o).await?;
+    if delivered == Delivered::Sent {
+        crate::health::succeeded(ctx, shared, server.id, None).await?;
+    }
+    tracing::info!(outbox_id = row.id, outcome = ?delivered, "delivery attempt");
+    Ok(delivered)
+}
+
+/// Gets a token and sends the claimed mail; a token the server refused (`535`) that was not
+/// just issued is refreshed once and the mail sent again.
+async fn send_claimed(
+    ctx: &ModuleContext,
+    shared: &Arc<Shared>,
+    attempt: &Attempt<'_>,
+    lease: &LeaseKeeper,
+) -> Result<(Delivered, Outcome), sea_orm::DbErr> {
+    let (row, server) = (attempt.row, attempt.server);
+    let mut token = match fresh_access_token(ctx, shared, server, false).await {
+        Ok(t) => t,
+        Err(problem) => return Ok(attempt.token_problem(&problem)),
+    };
+    let envelope = match envelope_of(row) {
         Ok(e) => e,
         Err(e) => {
-            record(
-                ctx,
-                &row,
-                &owner,
-                Outcome {
-                    status: "failed",
-                    next_attempt_at: None,
-                    last_reply: None,
-                    last_error: Some(format!("The stored envelope is invalid: {e}")),
-                    sent: false,
-                    uncount: false,
-                },
-            )
-            .await?;
-            return Ok(Delivered::Failed);
+            return Ok(attempt.failed(None, format!("The stored envelope is invalid: {e}")));
         }
     };
     let raw = row.raw_message.as_bytes();
-    let mut outcome = send_once(ctx, shared, &server, &token, &envelope, raw, &lease).await;
-    if matches!(outcome, SendOutcome::AuthFailed(_)) && !token.refreshed {
-        // 535 with a token we did not just get: refresh once and try again.
+    let mut outcome = send_once(ctx, shared, server, &token, &envelope, raw, lease).await;
+    if let SendOutcome::Failed(f) = &outcome
+        && f.refused_token()
+        && !token.refreshed
+    {
         shared.smtp.forget(server.id);
-        match fresh_access_token(ctx, shared, &server, true).await {
+        match fresh_access_token(ctx, shared, server, true).await {
             Ok(t) => {
                 token = t;
-                outcome = send_once(ctx, shared, &server, &token, &envelope, raw, &lease).await;
+                outcome = send_once(ctx, shared, server, &token, &envelope, raw, lease).await;
             }
-            Err(problem) => outcome = SendOutcome::AuthFailed(problem.to_string()),
+            Err(problem) => return Ok(attempt.token_problem(&problem)),
         }
     }
-    let (delivered, o) = match outcome {
-        SendOutcome::LeaseLost => {
-            // Another worker took the mail over (this one was too slow): it sends it, not us.
-            tracing::warn!(
-                outbox_id = row.id,
-                "lease lost before sending; left to the worker that took the mail over"
-            );
-            return Ok(Delivered::Skipped);
-        }
+    Ok(match outcome {
+        SendOutcome::LeaseLost => (Delivered::Skipped, attempt.wait(None, None, String::new())),
         SendOutcome::Sent(reply) => (
             Delivered::Sent,
             Outcome {
@@ -548,75 +607,48 @@ pub async fn deliver(
             // Nothing was tried: wait a moment without spending an attempt.
             let wait = Duration::milliseconds(rand::rng().random_range(1000..3000));
             tracing::debug!(outbox_id = row.id, "{why}");
-            (
-                Delivered::Retry,
-                Outcome {
-                    status: "queued",
-                    next_attempt_at: Some(now + wait),
-                    last_reply: None,
-                    last_error: None,
-                    sent: false,
-                    uncount: true,
-                },
-            )
+            let mut o = attempt.wait(Some(attempt.now + wait), None, String::new());
+            o.last_error = None;
+            (Delivered::Retry, o)
         }
-        SendOutcome::Transient(reply) => {
-            let o = retry_or_fail(
-                Some(reply.clone()),
-                format!("Temporary failure, will retry: {reply}"),
-            );
-            (
-                if o.status == "failed" {
-                    Delivered::Failed
+        SendOutcome::Failed(f) => {
+            let facts = Facts {
+                mailbox: &server.mailbox,
+                from: &row.envelope_from,
+                auth_user: if f.auth_user.is_empty() {
+                    &server.mailbox
                 } else {
-                    Delivered::Retry
+                    &f.auth_user
                 },
-                o,
-            )
-        }
-        SendOutcome::Permanent(reply) => {
-            let why = explain_permanent(&reply, &server, &row);
-            (
-                Delivered::Failed,
-                Outcome {
-                    status: "failed",
-                    next_attempt_at: None,
-                    last_reply: Some(reply),
-                    last_error: Some(why),
-                    sent: false,
-                    uncount: false,
-                },
-            )
-        }
-        SendOutcome::AuthFailed(reply) | SendOutcome::AuthDisabled(reply) => {
-            let why = if reply.contains("5.7.139") {
-                format!(
-                    "SMTP AUTH is disabled for the tenant or for the mailbox {} (535 5.7.139). An Exchange administrator must enable Authenticated SMTP for it (Microsoft 365 admin center › Users › the mailbox › Mail › Manage email apps, or Set-CASMailbox -SmtpClientAuthenticationDisabled $false), or switch this server to the Microsoft Graph transport.",
-                    server.mailbox
-                )
-            } else {
-                format!(
-                    "Exchange refused the mailbox's token even after a refresh (535 5.7.3). Reconnect the mail server {} and check that {} is licensed and allowed to use SMTP.",
-                    server.name, server.mailbox
-                )
             };
-            mark_needs_reconnect(ctx, &server, &why).await.ok();
-            (
-                Delivered::NeedsReconnect,
-                Outcome {
-                    status: "needs_reconnect",
-                    next_attempt_at: None,
-                    last_reply: Some(reply),
-                    last_error: Some(why),
-                    sent: false,
-                    uncount: true,
-                },
-            )
+            let verdict = classify::smtp(f.observed(), &facts);
+            let reply = f.code.is_some().then(|| f.text.clone());
+            attempt.apply(ctx, shared, &verdict, reply).await?
         }
-    };
-    record(ctx, &row, &owner, o).await?;
-    tracing::info!(outbox_id = row.id, outcome = ?delivered, "delivery attempt");
-    Ok(delivered)
+    })
+}
+
+/// A stand-in for a deleted server (only its id is known).
+fn placeholder_server(id: i32) -> mail_server::Model {
+    let epoch = DateTime::<Utc>::UNIX_EPOCH;
+    mail_server::Model {
+        id,
+        name: String::new(),
+        kind: String::new(),
+        owner_user_id: None,
+        smtp_host: String::new(),
+        smtp_port: 0,
+        security: String::new(),
+        extra_ca_pem: None,
+        mailbox: String::new(),
+        auth: String::new(),
+        transport: String::new(),
+        send_as: String::new(),
+        from_allow_list: String::new(),
+        is_default: false,
+        created_at: epoch,
+        updated_at: epoch,
+    }
 }
 
 /// The ids of mails that need a delivery job now, marked as pushed in the same statement (so
@@ -637,19 +669,23 @@ pub async fn to_push(
             .add(Expr::col(outbox::Column::PushedAt).lt(Expr::col(since)))
             .add(outbox::Column::PushedAt.lt(now - repush_after))
     };
-    let due = Condition::any()
+    let due = Condition::all()
         .add(
-            Condition::all()
-                .add(outbox::Column::Status.eq("queued"))
-                .add(outbox::Column::NextAttemptAt.lte(now))
-                .add(not_pushed_since(outbox::Column::NextAttemptAt)),
+            Condition::any()
+                .add(
+                    Condition::all()
+                        .add(outbox::Column::Status.eq("queued"))
+                        .add(outbox::Column::NextAttemptAt.lte(now))
+                        .add(not_pushed_since(outbox::Column::NextAttemptAt)),
+                )
+                .add(
+                    Condition::all()
+                        .add(outbox::Column::Status.eq("sending"))
+                        .add(outbox::Column::LeaseUntil.lt(now))
+                        .add(not_pushed_since(outbox::Column::LeaseUntil)),
+                ),
         )
-        .add(
-            Condition::all()
-                .add(outbox::Column::Status.eq("sending"))
-                .add(outbox::Column::LeaseUntil.lt(now))
-                .add(not_pushed_since(outbox::Column::LeaseUntil)),
-        );
+        .add(crate::health::claimable(now));
     let backend = ctx.db().get_database_backend();
     let mut pick = Query::select();
     pick.column(outbox::Column::Id)
@@ -667,32 +703,4 @@ pub async fn to_push(
         .to_owned();
     let rows = ctx.db().query_all(&update).await?;
     rows.iter().map(|r| r.try_get::<i64>("", "id")).collect()
-}
-
-/// Puts the mails that waited for a reconnect back in the queue.
-pub async fn release_waiting(
-    ctx: &ModuleContext,
-    server_id: i32,
-) -> Result<Vec<i64>, sea_orm::DbErr> {
-    let waiting: Vec<i64> = outbox::Entity::find()
-        .select_only()
-        .column(outbox::Column::Id)
-        .filter(outbox::Column::ServerId.eq(server_id))
-        .filter(outbox::Column::Status.eq("needs_reconnect"))
-        .into_tuple::<i64>()
-        .all(ctx.db())
-        .await?;
-    // The caller pushes their jobs.
-    outbox::Entity::update_many()
-        .col_expr(outbox::Column::Status, Expr::value("queued"))
-        .col_expr(
-            outbox::Column::NextAttemptAt,
-            Expr::value(ctx.clock().now()),
-        )
-        .col_expr(outbox::Column::PushedAt, Expr::value(ctx.clock().now()))
-        .filter(outbox::Column::ServerId.eq(server_id))
-        .filter(outbox::Column::Status.eq("needs_reconnect"))
-        .exec(ctx.db())
-        .await?;
-    Ok(waiting)
 }

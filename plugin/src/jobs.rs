@@ -47,6 +47,14 @@ pub async fn remember_once(
     Ok(inserted > 0)
 }
 
+/// Forgets that `key` was told (the incident ended; a new one is told again).
+pub async fn forget_alert(ctx: &ModuleContext, key: &str) -> Result<(), sea_orm::DbErr> {
+    alert::Entity::delete_by_id(key.to_string())
+        .exec(ctx.db())
+        .await?;
+    Ok(())
+}
+
 /// Warns operators once per threshold (30, 7, 1 days) before the client secret expires.
 pub async fn check_client_secret(ctx: &ModuleContext) -> Result<Option<i64>, BoxDynError> {
     let Ok(settings) = OutlookSettings::load(ctx).await else {
@@ -77,6 +85,7 @@ pub async fn check_client_secret(ctx: &ModuleContext) -> Result<Option<i64>, Box
                 subject,
                 body: "Create a new client secret in Microsoft Entra ID (App registrations › your app › Certificates & secrets), paste its Value and its new expiry date in Settings › Microsoft Outlook. Mail stops when the old one expires.".into(),
                 link: Some("/settings".into()),
+                key: None,
             })
             .await?;
         tracing::warn!(
@@ -145,7 +154,7 @@ enum One {
 
 async fn refresh_one(
     ctx: &ModuleContext,
-    shared: &crate::runtime::Shared,
+    shared: &std::sync::Arc<crate::runtime::Shared>,
     server: &crate::entities::mail_server::Model,
     seen: token::Model,
     settings: Option<&OutlookSettings>,
@@ -173,10 +182,10 @@ async fn refresh_one(
         if row.version != seen_version {
             return One::Skipped;
         }
-        match refresh_using(ctx, &shared.http, server, row, settings).await {
+        match refresh_using(ctx, shared, server, row, settings).await {
             Ok(t) if t.refreshed => return One::Refreshed,
             Ok(_) => return One::Skipped,
-            Err(TokenProblem::NeedsReconnect(_)) => return One::NeedsReconnect,
+            Err(problem) if problem.grant_dead() => return One::NeedsReconnect,
             Err(TokenProblem::Transient {
                 retry_after_secs, ..
             }) if tries < options.transient_retries => {
@@ -193,7 +202,7 @@ async fn refresh_one(
 /// refresh token lapses from 90 days without use.
 pub async fn refresh_all(
     ctx: &ModuleContext,
-    shared: &crate::runtime::Shared,
+    shared: &std::sync::Arc<crate::runtime::Shared>,
     only: Option<i32>,
     options: &RefreshOptions,
 ) -> Result<RefreshSummary, sea_orm::DbErr> {
@@ -257,7 +266,7 @@ impl OutlookJobs for JobServices {
         // the job fail; the outbox row stays the truth either way.
         let mut wait = std::time::Duration::from_secs(1);
         loop {
-            match crate::deliver::deliver(&self.ctx, &self.shared, outbox_id).await {
+            match self.shared.deliver_in_turn(&self.ctx, outbox_id).await {
                 Ok(_) => return Ok(()),
                 Err(e) if wait <= std::time::Duration::from_secs(16) => {
                     tracing::warn!(error = %e, outbox_id, "delivery hit a database error; trying again");

@@ -2,9 +2,11 @@
 //! OAuth2 and send CRM mail through them.
 
 pub mod aad;
+pub mod classify;
 pub mod compose;
 pub mod deliver;
 pub mod entities;
+pub mod health;
 pub mod jobs;
 pub mod mail_routes;
 mod module;
@@ -19,5 +21,6 @@ pub mod status;
 pub mod token_client;
 pub mod token_service;
 pub mod token_store;
+pub mod xoauth2;
 
 pub use module::{CONFIRM_PATH, MANIFEST_TOML, OutlookModule, is_loopback_url};

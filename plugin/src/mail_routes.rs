@@ -1,5 +1,6 @@
 //! Mails on records: `POST /records/{model}/{id}/mails` (form or JSON) and the record's list.
 
+use std::collections::HashMap;
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use chrono::{DateTime, Utc};
@@ -62,6 +63,8 @@ pub struct MailView {
     pub updated_at: DateTime<Utc>,
     pub next_attempt_at: DateTime<Utc>,
     pub sent_at: Option<DateTime<Utc>>,
+    /// Why a queued mail waits on its mailbox (held or throttled), in words; else `null`.
+    pub waiting: Option<String>,
 }
 
 impl From<outbox::Model> for MailView {
@@ -79,8 +82,16 @@ impl From<outbox::Model> for MailView {
             updated_at: m.updated_at,
             next_attempt_at: m.next_attempt_at,
             sent_at: m.sent_at,
+            waiting: None,
         }
     }
+}
+
+/// Why `m` waits, if it is queued on a mailbox in `waits`.
+fn waiting_of(m: &outbox::Model, waits: &HashMap<i32, String>) -> Option<String> {
+    matches!(m.status.as_str(), "queued" | "sending")
+        .then(|| waits.get(&m.server_id).cloned())
+        .flatten()
 }
 
 fn wants_json(req: &HttpRequest) -> bool {
@@ -118,7 +129,7 @@ fn status_badge(status: &str) -> Markup {
 }
 
 /// The table of a record's mails.
-pub fn mails_table(mails: &[outbox::Model]) -> Markup {
+pub fn mails_table(mails: &[outbox::Model], waits: &HashMap<i32, String>) -> Markup {
     html! {
         @if mails.is_empty() {
             p.help { "No mail sent from this record yet." }
@@ -129,7 +140,7 @@ pub fn mails_table(mails: &[outbox::Model]) -> Markup {
                     @for m in mails {
                         tr data-message-id=(m.message_id) {
                             td { (m.subject) }
-                            td { (status_badge(&m.status)) }
+                            td { (status_badge(&m.status)) @if let Some(w) = waiting_of(m, waits) { p.help.waiting { (w) } } }
                             td { (m.attempts) }
                             td { (m.last_reply.as_deref().unwrap_or("")) @if let Some(e) = &m.last_error { p.help { (e) } } }
                             td { (m.created_at.format("%Y-%m-%d %H:%M:%S")) }
@@ -200,7 +211,7 @@ pub async fn record_panel(
                 h2 { "Send a mail" }
                 (compose_form(user, record, &to, &[]))
                 h2 { "Mails" }
-                (mails_table(&mails))
+                (mails_table(&mails, &crate::health::waiting_words(ctx).await))
                 p { a href=(record_path(&record.model, record.id)) { "All mails of this record" } }
             }
         }
@@ -251,12 +262,22 @@ async fn list(
     };
     let mails = recent(&ctx, &record, 500).await;
     if wants_json(&req) {
-        let views: Vec<MailView> = mails.into_iter().map(MailView::from).collect();
+        let waits = crate::health::waiting_words(&ctx).await;
+        let views: Vec<MailView> = mails
+            .into_iter()
+            .map(|m| {
+                let waiting = waiting_of(&m, &waits);
+                MailView {
+                    waiting,
+                    ..MailView::from(m)
+                }
+            })
+            .collect();
         return HttpResponse::Ok().json(views);
     }
     let body = html! {
         h1 { "Mails of " a href=(summary.url) { (summary.title) } }
-        section.card { (mails_table(&mails)) }
+        section.card { (mails_table(&mails, &crate::health::waiting_words(&ctx).await)) }
     };
     crate::pages::page(&ctx, &user, "Mails", body)
 }

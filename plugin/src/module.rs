@@ -72,6 +72,21 @@ impl Module for OutlookModule {
         Migrator::up(db, None).await
     }
 
+    async fn settings_saved(&self, ctx: &ModuleContext) {
+        // Saved settings apply at once in this process (other processes read them within
+        // two seconds), and end the holds that waited for them.
+        *self.shared.limits.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let reasons: Vec<crate::classify::HoldReason> = crate::classify::HoldReason::ALL
+            .into_iter()
+            .filter(|r| r.ends_on_settings_saved())
+            .collect();
+        match crate::health::release_reasons(ctx, &self.shared, &reasons).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(mailboxes = n, "settings saved: held mailboxes released"),
+            Err(e) => tracing::warn!(error = %e, "releasing held mailboxes after a settings save failed"),
+        }
+    }
+
     fn validate_settings(&self, values: &BTreeMap<String, String>) -> Vec<FieldError> {
         let mut errors = Vec::new();
         if let Some(url) = values.get("authority_url").filter(|u| !u.is_empty())

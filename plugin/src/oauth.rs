@@ -19,7 +19,7 @@ use crate::entities::{mail_server, oauth_state};
 use crate::pages::page_with;
 use crate::servers::may_manage;
 use crate::settings::OutlookSettings;
-use crate::token_client::{self, DELEGATED_SCOPES, Grant};
+use crate::token_client::{self, Grant};
 
 /// How long a started sign-in may take.
 pub const STATE_LIFETIME_MINUTES: i64 = 10;
@@ -69,7 +69,9 @@ fn aad_failure_page(
 ) -> HttpResponse {
     let (what, fix) = explain(&failure.error, failure.code, &ctx.public_url(CONFIRM_PATH));
     let status = match failure.class {
-        crate::aad::FailureClass::Transient => StatusCode::BAD_GATEWAY,
+        crate::aad::FailureClass::Transient | crate::aad::FailureClass::NotOAuth => {
+            StatusCode::BAD_GATEWAY
+        }
         _ => StatusCode::BAD_REQUEST,
     };
     failure_page(
@@ -190,9 +192,11 @@ async fn connect(
     let (url, _) = client
         .authorize_url(|| CsrfToken::new(state.clone()))
         .add_scopes(
-            DELEGATED_SCOPES
-                .iter()
-                .map(|s| Scope::new((*s).to_string())),
+            settings
+                .cloud
+                .delegated_scopes()
+                .into_iter()
+                .map(Scope::new),
         )
         .set_pkce_challenge(challenge)
         .add_extra_param("response_mode", "query")
@@ -402,20 +406,38 @@ async fn confirm(
             },
         );
     };
-    match crate::token_store::store_connected(&ctx, server.id, &tokens, signed_in_as).await {
+    if tokens.refresh_token.is_none() {
+        return failure_page(
+            &ctx,
+            &user,
+            Failure {
+                status: StatusCode::BAD_REQUEST,
+                title: "The mailbox was not connected".into(),
+                what: "Microsoft issued no refresh token (the offline_access permission was not granted), so the connection would stop working within the hour, when the access token expires. Nothing was stored.".into(),
+                fix: "An administrator must make sure the app registration has the delegated permission offline_access (Microsoft Graph) with consent, then click Connect again and accept the permissions.".into(),
+                code: None,
+                microsoft_says: None,
+                back,
+            },
+        );
+    }
+    // The sign-in name (UPN) may differ from the mailbox's address; SMTP may accept either.
+    let sign_in_name = claims
+        .preferred_username
+        .as_deref()
+        .or(claims.upn.as_deref())
+        .unwrap_or(signed_in_as);
+    match crate::token_store::store_connected(&ctx, server.id, &tokens, sign_in_name).await {
         Ok(_) => {
             tracing::info!(
                 server_id = server.id,
                 user_id = user.id,
                 "mailbox connected"
             );
-            shared.smtp.forget(server.id);
-            match crate::deliver::release_waiting(&ctx, server.id).await {
-                Ok(waiting) if !waiting.is_empty() => shared.push(&waiting).await,
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "re-queuing mails that waited for a reconnect failed")
-                }
+            shared.server_changed(server.id);
+            // Whatever held the mailbox, a new connection is the fix to try: its mails go out.
+            if let Err(e) = crate::health::release(&ctx, &shared.clone().into_inner(), server.id, None).await {
+                tracing::warn!(error = %e, "releasing the mails that waited for a reconnect failed");
             }
             HttpResponse::SeeOther()
                 .insert_header((

@@ -7,6 +7,7 @@ use maud::{Markup, html};
 use sea_orm::EntityTrait;
 use serde::Deserialize;
 
+use crate::health::Health;
 use crate::entities::{mail_server, token};
 use crate::servers::{self, ServerForm, ServerInput, ServerKind, may_manage};
 use crate::settings::OutlookSettings;
@@ -59,29 +60,80 @@ fn not_found(ctx: &ModuleContext, user: &CurrentUser) -> HttpResponse {
     )
 }
 
+/// The SMTP host of the cloud chosen in the settings (the global one until they are saved).
+async fn cloud_smtp_host(ctx: &ModuleContext) -> String {
+    let cloud = ctx
+        .settings()
+        .load(ctx.module_id())
+        .await
+        .ok()
+        .and_then(|s| s.get("cloud").map(crate::settings::Cloud::parse))
+        .unwrap_or_default();
+    cloud.smtp_host().to_string()
+}
+
 fn server_url(server: &mail_server::Model) -> String {
     format!("/microsoft_outlook/servers/{}", server.id)
 }
 
-/// The connection status block of a server.
-pub fn status_block(server: &mail_server::Model, token: Option<&token::Model>) -> Markup {
+/// The connection and health block of a server: the health state (held with its reason in
+/// words, since when, how many mails wait), then the token.
+pub fn status_block(
+    server: &mail_server::Model,
+    token: Option<&token::Model>,
+    health: &Health,
+    waiting: i64,
+    user: &CurrentUser,
+) -> Markup {
+    let when = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M UTC").to_string();
     html! {
         div.status {
+            @match health {
+                Health::Held { reason, detail, since, until } => {
+                    p { span.badge.bad { "Held: " (reason.title()) } }
+                    p role="alert" { (detail) }
+                    p.help {
+                        "Held since " (when(*since)) ". " (waiting) " mail(s) wait; they spend no attempt and go out in queue order once this is fixed."
+                        @if let Some(until) = until { " The mailbox is tried again by itself at " (when(*until)) "." }
+                    }
+                    @if !user.is_admin && reason.needs_operator() {
+                        p { "The CRM's operators have been told and must fix this; nothing is needed from you." }
+                    }
+                }
+                Health::Throttled { until } => {
+                    p { span.badge.warn { "Throttled until " (when(*until)) } }
+                    p.help { "Exchange asked the CRM to slow down. " (waiting) " mail(s) wait without spending attempts." }
+                }
+                Health::Ready => {}
+            }
             @match token {
+                None if server.auth == "app_only" => {
+                    @if *health == Health::Ready { p { span.badge.ok { "App-only" } } }
+                }
                 None => {
                     p { span.badge.muted { "Not connected" } }
                     p { "No Outlook token is stored. Click Connect and sign in as " strong { (server.mailbox) } " at Microsoft." }
                 }
-                Some(t) if t.status == "valid" => {
-                    p { span.badge.ok { "Outlook token validated" } }
-                    p { "Mailbox: " strong { (t.signed_in_as) } }
-                    p.help { "Access token expires " (t.access_expires_at.format("%Y-%m-%d %H:%M UTC")) "; it is renewed automatically."
-                        @if let Some(at) = t.last_refresh_at { " Last refresh " (at.format("%Y-%m-%d %H:%M UTC")) "." } }
-                }
                 Some(t) => {
-                    p { span.badge.bad { "Needs reconnect" } }
-                    @if let Some(e) = &t.last_error { p { (e) } }
-                    p { "Mail from this server waits until it is connected again: click Reconnect." }
+                    @if t.status == "valid" && *health == Health::Ready {
+                        p { span.badge.ok { "Outlook token validated" } }
+                    }
+                    p { "Mailbox: " strong { (server.mailbox) } }
+                    p { "Signed in at Microsoft as " strong { (t.signed_in_as) } }
+                    @if let Some(identity) = &t.smtp_user {
+                        p { "Authenticates as " strong { (identity) } " (the identity SMTP AUTH accepts for this mailbox)." }
+                    }
+                    p.help { "Access token expires " (when(t.access_expires_at)) "; it is renewed automatically."
+                        @match t.last_refresh_at { Some(at) => { " Last refresh " (when(at)) "." } None => { " Not refreshed yet." } } }
+                    @if let (Some(e), Health::Ready) = (&t.last_error, health) { p.help { "Last error: " (e) } }
+                    @if *health == Health::Ready && waiting > 0 { p.help { (waiting) " mail(s) queued." } }
+                }
+            }
+            @if user.is_admin && *health != Health::Ready {
+                form.inline method="post" action=(format!("{}/retry", server_url(server))) {
+                    (csrf(user))
+                    button type="submit" { "Retry now" }
+                    span.help { " Ends the hold and sends the waiting mails now." }
                 }
             }
         }
@@ -168,6 +220,7 @@ struct Flash {
     connected: Option<String>,
     disconnected: Option<String>,
     saved: Option<String>,
+    retried: Option<String>,
 }
 
 async fn server_page_body(
@@ -183,6 +236,14 @@ async fn server_page_body(
         .await
         .ok()
         .flatten();
+    let health = crate::health::get(ctx, server.id)
+        .await
+        .unwrap_or(Health::Ready);
+    let waiting = crate::health::waiting_counts(ctx)
+        .await
+        .ok()
+        .and_then(|w| w.get(&server.id).copied())
+        .unwrap_or(0);
     let configured = OutlookSettings::load(ctx).await;
     let kind = if server.kind == "shared" {
         ServerKind::Shared
@@ -194,7 +255,7 @@ async fn server_page_body(
         @if let Some(flash) = flash { (flash) }
         section.card id="connection" {
             h2 { "Connection" }
-            (status_block(server, token.as_ref()))
+            (status_block(server, token.as_ref(), &health, waiting, user))
             @match &configured {
                 Err(problem) => {
                     p.flash.warn { (problem.to_string()) @if user.is_admin { " " a href="/settings" { "Open settings" } } }
@@ -254,22 +315,43 @@ async fn list(ctx: web::Data<ModuleContext>, user: CurrentUser) -> HttpResponse 
         return forbidden(&ctx, &user);
     }
     let servers = servers::shared(ctx.db()).await.unwrap_or_default();
+    let healths = crate::health::all(&ctx).await.unwrap_or_default();
+    let waiting = crate::health::waiting_counts(&ctx).await.unwrap_or_default();
+    let tokens: std::collections::HashMap<i32, token::Model> = token::Entity::find()
+        .all(ctx.db())
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|t| (t.server_id, t))
+        .collect();
+    let now = ctx.clock().now();
+    let when = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M UTC").to_string();
     let mut rows = Vec::new();
     for s in &servers {
-        let token = token::Entity::find_by_id(s.id)
-            .one(ctx.db())
-            .await
-            .ok()
-            .flatten();
+        let token = tokens.get(&s.id);
+        let health = Health::of(healths.get(&s.id), now);
         rows.push(html! {
             tr {
                 td { a href=(server_url(s)) { (s.name) } @if s.is_default { " " span.badge.muted { "default" } } }
                 td { (s.mailbox) }
                 td { (s.smtp_host) ":" (s.smtp_port) }
-                td { @match &token {
-                    None => span.badge.muted { "Not connected" },
-                    Some(t) if t.status == "valid" => span.badge.ok { "Outlook token validated" },
-                    Some(_) => span.badge.bad { "Needs reconnect" },
+                td.health { @match (&health, token) {
+                    (Health::Held { since, .. }, _) => {
+                        span.badge.bad { (health.label()) }
+                        br; span.help { "since " (when(*since)) }
+                    }
+                    (Health::Throttled { .. }, _) => span.badge.warn { (health.label()) },
+                    (Health::Ready, None) if s.auth == "app_only" => span.badge.ok { "App-only" },
+                    (Health::Ready, None) => span.badge.muted { "Not connected" },
+                    (Health::Ready, Some(t)) if t.status == "valid" => span.badge.ok { "Outlook token validated" },
+                    (Health::Ready, Some(_)) => span.badge.bad { "Needs reconnect" },
+                } }
+                td { (waiting.get(&s.id).copied().unwrap_or(0)) }
+                td { (token.and_then(|t| t.last_refresh_at).map(when).unwrap_or_else(|| "-".into())) }
+                td.help { @match (&health, token.and_then(|t| t.last_error.as_deref())) {
+                    (Health::Held { detail, .. }, _) => (detail),
+                    (_, Some(e)) => (e),
+                    _ => "-",
                 } }
             }
         });
@@ -285,7 +367,7 @@ async fn list(ctx: web::Data<ModuleContext>, user: CurrentUser) -> HttpResponse 
                 p { "No shared server yet. Add the Office 365 mailbox the CRM sends from." }
             } @else {
                 table {
-                    thead { tr { th { "Name" } th { "Mailbox" } th { "SMTP" } th { "Status" } } }
+                    thead { tr { th { "Name" } th { "Mailbox" } th { "SMTP" } th { "Health" } th { "Waiting" } th { "Last refresh" } th { "Last error" } } }
                     tbody { @for r in rows { (r) } }
                 }
             }
@@ -299,7 +381,8 @@ async fn new_page(ctx: web::Data<ModuleContext>, user: CurrentUser) -> HttpRespo
     if !user.is_admin {
         return forbidden(&ctx, &user);
     }
-    let form = ServerForm::new_defaults(ServerKind::Shared, &user);
+    let mut form = ServerForm::new_defaults(ServerKind::Shared, &user);
+    form.smtp_host = cloud_smtp_host(&ctx).await;
     let body = html! {
         h1 { "New outgoing mail server" }
         section.card { (server_form(&user, "/microsoft_outlook/servers", &form, ServerKind::Shared, &[])) }
@@ -378,6 +461,10 @@ async fn show(
         Some(
             html! { p.flash.ok role="status" { "Disconnected: the tokens of this server were forgotten." } },
         )
+    } else if flash.retried.is_some() {
+        Some(
+            html! { p.flash.ok role="status" { "Retrying: the hold was lifted and the waiting mails are being sent in queue order." } },
+        )
     } else if flash.saved.is_some() {
         Some(html! { p.flash.ok role="status" { "Saved." } })
     } else {
@@ -453,6 +540,29 @@ async fn delete(
     }
 }
 
+async fn retry(
+    ctx: web::Data<ModuleContext>,
+    shared: web::Data<crate::runtime::Shared>,
+    user: CurrentUser,
+    id: web::Path<i32>,
+) -> HttpResponse {
+    if !user.is_admin {
+        return forbidden(&ctx, &user);
+    }
+    let server = match managed_server(&ctx, &user, id.into_inner()).await {
+        Ok(server) => server,
+        Err(refused) => return *refused,
+    };
+    shared.server_changed(server.id);
+    match crate::health::release(&ctx, &shared.clone().into_inner(), server.id, None).await {
+        Ok(_) => {
+            tracing::info!(server_id = server.id, user_id = user.id, "retry now");
+            see_other(&format!("{}?retried=1", server_url(&server)))
+        }
+        Err(e) => db_down(&ctx, &user, e),
+    }
+}
+
 async fn disconnect(
     ctx: web::Data<ModuleContext>,
     shared: web::Data<crate::runtime::Shared>,
@@ -481,7 +591,8 @@ async fn my_mailbox(ctx: web::Data<ModuleContext>, user: CurrentUser) -> HttpRes
     match servers::personal_of(ctx.db(), user.id).await {
         Ok(Some(server)) => see_other(&server_url(&server)),
         Ok(None) => {
-            let form = ServerForm::new_defaults(ServerKind::Personal, &user);
+            let mut form = ServerForm::new_defaults(ServerKind::Personal, &user);
+            form.smtp_host = cloud_smtp_host(&ctx).await;
             let body = html! {
                 h1 { "My mailbox" }
                 section.card {
@@ -535,6 +646,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/servers/{id}", web::post().to(update))
         .route("/servers/{id}/delete", web::post().to(delete))
         .route("/servers/{id}/disconnect", web::post().to(disconnect))
+        .route("/servers/{id}/retry", web::post().to(retry))
         .route("/my-mailbox", web::get().to(my_mailbox))
         .route("/my-mailbox", web::post().to(create_mine));
 }

@@ -83,7 +83,16 @@ pub struct Shared {
     pub starts: std::sync::atomic::AtomicU32,
     /// The app-only (client credentials) token, shared by every worker of this process.
     pub app_token: tokio::sync::Mutex<Option<AppToken>>,
+    /// Mailboxes seen ready, and when (read again after two seconds).
+    ready: std::sync::Mutex<std::collections::HashMap<i32, std::time::Instant>>,
+    /// Held by a release while it sends a mailbox's waiting mails in queue order; every other
+    /// delivery of this process waits for it, so that mail queued later does not overtake them.
+    turn: Arc<tokio::sync::RwLock<()>>,
 }
+
+/// How many waiting mails a release sends itself, one after another, before the queue's
+/// workers take the rest.
+const RELEASED_IN_ORDER: usize = 50;
 
 impl Shared {
     /// Fresh shared state.
@@ -106,6 +115,8 @@ impl Shared {
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             in_flight_done: tokio::sync::Notify::new(),
             app_token: tokio::sync::Mutex::new(None),
+            ready: std::sync::Mutex::new(std::collections::HashMap::new()),
+            turn: Arc::new(tokio::sync::RwLock::new(())),
         })
     }
 
@@ -156,6 +167,80 @@ impl Shared {
         self.smtp.forget(id);
     }
 
+    /// Whether `server_id` was seen ready in the last two seconds.
+    pub fn known_ready(&self, server_id: i32) -> bool {
+        self.ready
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&server_id)
+            .is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(2))
+    }
+
+    /// Notes that `server_id` is ready.
+    pub fn remember_ready(&self, server_id: i32) {
+        self.ready
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(server_id, std::time::Instant::now());
+    }
+
+    /// Forgets what this process knows of `server_id`'s health (it changed).
+    pub fn forget_health(&self, server_id: i32) {
+        self.ready
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&server_id);
+    }
+
+    /// Delivers `outbox_id` when no release is sending waiting mails in queue order.
+    pub async fn deliver_in_turn(
+        self: &Arc<Self>,
+        ctx: &crm_sdk::ModuleContext,
+        outbox_id: i64,
+    ) -> Result<crate::deliver::Delivered, sea_orm::DbErr> {
+        let _turn = self.turn.read().await;
+        crate::deliver::deliver(ctx, self, outbox_id).await
+    }
+
+    /// After a hold ended: pushes the jobs of the waiting mails `ids` (in queue order) and, in
+    /// a process that delivers, sends the first of them one after another before anything
+    /// queued later.
+    /// (Not async: the task it starts delivers, and delivering may end a hold.)
+    pub fn deliver_in_order(self: &Arc<Self>, ctx: &crm_sdk::ModuleContext, ids: Vec<i64>) {
+        if ids.is_empty() {
+            return;
+        }
+        if !self.delivers_here() {
+            let shared = self.clone();
+            tokio::spawn(async move { shared.push(&ids).await });
+            return;
+        }
+        // Taken now when nothing is being delivered (a release from a page or the settings),
+        // else as soon as the deliveries running now (one of them may be this caller) end.
+        let now = self.turn.clone().try_write_owned().ok();
+        let (shared, ctx) = (self.clone(), ctx.clone());
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tokio::spawn(async move {
+            let turn = match now {
+                Some(turn) => turn,
+                None => shared.turn.clone().write_owned().await,
+            };
+            shared.push(&ids).await;
+            for id in ids.into_iter().take(RELEASED_IN_ORDER) {
+                if let Err(e) = crate::deliver::deliver(&ctx, &shared, id).await {
+                    tracing::warn!(error = %e, outbox_id = id, "a released mail waits for the queue");
+                    break;
+                }
+            }
+            drop(turn);
+            shared
+                .in_flight
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            shared.in_flight_done.notify_waiters();
+        });
+    }
+
     /// Whether this process delivers mail now (its workers run).
     pub fn delivers_here(&self) -> bool {
         self.options.workers && self.queue().is_some()
@@ -172,7 +257,7 @@ impl Shared {
         self.in_flight
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         tokio::spawn(async move {
-            if let Err(e) = crate::deliver::deliver(&ctx, &shared, outbox_id).await {
+            if let Err(e) = shared.deliver_in_turn(&ctx, outbox_id).await {
                 tracing::warn!(error = %e, outbox_id, "immediate delivery failed; the queue will retry");
             }
             shared

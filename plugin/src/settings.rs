@@ -6,6 +6,98 @@ use secrecy::SecretString;
 
 /// The default authority (Microsoft's global cloud).
 pub const DEFAULT_AUTHORITY: &str = "https://login.microsoftonline.com";
+
+/// A Microsoft cloud: every endpoint and resource the module uses follows one choice
+/// (MICROSOFT.md › National clouds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Cloud {
+    /// Microsoft's global cloud.
+    #[default]
+    Global,
+    /// US Government GCC High.
+    UsGov,
+    /// US Government DoD.
+    UsDod,
+    /// China, operated by 21Vianet.
+    China,
+}
+
+impl Cloud {
+    /// Every cloud.
+    pub const ALL: [Cloud; 4] = [Cloud::Global, Cloud::UsGov, Cloud::UsDod, Cloud::China];
+
+    /// The cloud stored as `name` (`global`, `usgov`, `usdod`, `china`); global otherwise.
+    pub fn parse(name: &str) -> Self {
+        match name {
+            "usgov" => Cloud::UsGov,
+            "usdod" => Cloud::UsDod,
+            "china" => Cloud::China,
+            _ => Cloud::Global,
+        }
+    }
+
+    /// The identity platform's authority.
+    pub fn authority(self) -> &'static str {
+        match self {
+            Cloud::Global => DEFAULT_AUTHORITY,
+            Cloud::UsGov | Cloud::UsDod => "https://login.microsoftonline.us",
+            Cloud::China => "https://login.chinacloudapi.cn",
+        }
+    }
+
+    /// The Outlook resource of the SMTP, IMAP and POP scopes (with its trailing slash).
+    pub fn outlook_resource(self) -> &'static str {
+        match self {
+            Cloud::Global => "https://outlook.office.com/",
+            Cloud::UsGov | Cloud::UsDod => "https://outlook.office365.us/",
+            Cloud::China => "https://partner.outlook.cn/",
+        }
+    }
+
+    /// The app-only (client credentials) scope of Exchange Online.
+    pub fn app_only_scope(self) -> &'static str {
+        match self {
+            Cloud::Global => "https://outlook.office365.com/.default",
+            Cloud::UsGov | Cloud::UsDod => "https://outlook.office365.us/.default",
+            Cloud::China => "https://partner.outlook.cn/.default",
+        }
+    }
+
+    /// The SMTP submission host.
+    pub fn smtp_host(self) -> &'static str {
+        match self {
+            Cloud::Global => "smtp.office365.com",
+            Cloud::UsGov | Cloud::UsDod => "smtp.office365.us",
+            Cloud::China => "smtp.partner.outlook.cn",
+        }
+    }
+
+    /// Microsoft Graph.
+    pub fn graph(self) -> &'static str {
+        match self {
+            Cloud::Global => "https://graph.microsoft.com",
+            Cloud::UsGov => "https://graph.microsoft.us",
+            Cloud::UsDod => "https://dod-graph.microsoft.us",
+            Cloud::China => "https://microsoftgraph.chinacloudapi.cn",
+        }
+    }
+
+    /// The delegated scopes of the connect flow: sign-in, a refresh token, SMTP sending.
+    pub fn delegated_scopes(self) -> Vec<String> {
+        vec![
+            "openid".into(),
+            "email".into(),
+            "offline_access".into(),
+            format!("{}SMTP.Send", self.outlook_resource()),
+        ]
+    }
+
+    /// The scope repeated on every refresh (Microsoft refuses a refresh without one:
+    /// AADSTS900144).
+    pub fn refresh_scope(self) -> String {
+        format!("offline_access {}SMTP.Send", self.outlook_resource())
+    }
+}
 /// The default nightly refresh schedule.
 pub const DEFAULT_REFRESH_SCHEDULE: &str = "0 0 3 * * *";
 
@@ -20,6 +112,8 @@ pub struct OutlookSettings {
     pub secret_expires_on: Option<NaiveDate>,
     /// `common`, `organizations`, a tenant id or domain.
     pub tenant: String,
+    /// The cloud the tenant lives in.
+    pub cloud: Cloud,
     /// The identity platform's base URL.
     pub authority_url: String,
     /// When tokens are refreshed.
@@ -37,6 +131,17 @@ pub enum NotConfigured {
         "the Microsoft Outlook settings cannot be read ({0}). An operator must re-enter the client secret under Settings › Microsoft Outlook."
     )]
     Unreadable(String),
+}
+
+/// The authority to use: the configured URL when it is not one of the clouds' own (a proxy, the
+/// simulated platform), else the chosen cloud's.
+fn authority(cloud: Cloud, configured: Option<&str>) -> String {
+    let configured = configured.map(|u| u.trim().trim_end_matches('/')).unwrap_or("");
+    if configured.is_empty() || Cloud::ALL.iter().any(|c| c.authority() == configured) {
+        cloud.authority().to_string()
+    } else {
+        configured.to_string()
+    }
 }
 
 impl OutlookSettings {
@@ -57,11 +162,11 @@ impl OutlookSettings {
                     .get("client_secret_expires_on")
                     .and_then(|d| NaiveDate::parse_from_str(d, "%Y-%m-%d").ok()),
                 tenant: values.get("tenant").unwrap_or("common").to_string(),
-                authority_url: values
-                    .get("authority_url")
-                    .unwrap_or(DEFAULT_AUTHORITY)
-                    .trim_end_matches('/')
-                    .to_string(),
+                cloud: Cloud::parse(values.get("cloud").unwrap_or("global")),
+                authority_url: authority(
+                    Cloud::parse(values.get("cloud").unwrap_or("global")),
+                    values.get("authority_url"),
+                ),
                 refresh_schedule: values
                     .get("refresh_schedule")
                     .unwrap_or(DEFAULT_REFRESH_SCHEDULE)

@@ -7,12 +7,11 @@
 use chrono::{DateTime, Utc};
 use crm_sdk::ModuleContext;
 use lettre::address::Envelope;
-use lettre::transport::smtp::authentication::{Credentials, Mechanism};
+use lettre::transport::smtp::authentication::Mechanism;
 use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
 use lettre::transport::smtp::extension::ClientId;
 use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QuerySelect, Set};
-use secrecy::ExposeSecret;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -20,7 +19,8 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::entities::{mail_server, smtp_slot};
+use crate::classify::{Observed, Stage};
+use crate::entities::{mail_server, smtp_slot, token};
 use crate::token_service::AccessToken;
 
 /// Exchange Online's limit of concurrent SMTP connections per mailbox.
@@ -38,19 +38,62 @@ const IO_TIMEOUT: Duration = Duration::from_secs(60);
 pub enum SendOutcome {
     /// `250`: the server took it.
     Sent(String),
-    /// 4xx, a dropped line, a timeout: try again later.
-    Transient(String),
-    /// 5xx: it will not be accepted as it is.
-    Permanent(String),
-    /// `535 5.7.3`: the token was refused.
-    AuthFailed(String),
-    /// `535 5.7.139`: SMTP AUTH is disabled for the tenant or the mailbox.
-    AuthDisabled(String),
+    /// It did not go out: what was observed, for [`crate::classify::smtp`].
+    Failed(SmtpFailure),
     /// Every connection slot of the mailbox stayed taken (by other processes): nothing was
     /// tried, the mail waits a little without spending an attempt.
     Busy(String),
     /// This worker's claim on the mail ran out and another worker took it over: not sent here.
     LeaseLost,
+}
+
+/// A failed attempt as observed on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmtpFailure {
+    /// The stage of the dialogue.
+    pub stage: Stage,
+    /// The reply's code; `None` when the line dropped, timed out or never opened.
+    pub code: Option<u16>,
+    /// The reply as on the wire, or what failed.
+    pub text: String,
+    /// The server offered no AUTH XOAUTH2.
+    pub no_xoauth2: bool,
+    /// The `user=` presented (the last one tried).
+    pub auth_user: String,
+}
+
+impl SmtpFailure {
+    fn network(stage: Stage, text: String) -> Self {
+        Self {
+            stage,
+            code: None,
+            text,
+            no_xoauth2: false,
+            auth_user: String::new(),
+        }
+    }
+
+    /// What was observed, for the classification table.
+    pub fn observed(&self) -> Observed<'_> {
+        match self.code {
+            _ if self.no_xoauth2 => Observed::NoXoauth2,
+            Some(code) => Observed::Reply {
+                stage: self.stage,
+                code,
+                text: &self.text,
+            },
+            None => Observed::Network {
+                stage: self.stage,
+                detail: &self.text,
+            },
+        }
+    }
+
+    /// Whether the server refused the token itself (`535` at AUTH, SMTP AUTH not disabled):
+    /// a token that was not just issued is refreshed once and tried again.
+    pub fn refused_token(&self) -> bool {
+        self.stage == Stage::Auth && self.code == Some(535) && !self.text.contains("5.7.139")
+    }
 }
 
 /// The slots this process holds, and those to free (the reaper renews and frees them).
@@ -137,18 +180,72 @@ fn error_text(e: &lettre::transport::smtp::Error) -> String {
     }
 }
 
-fn classify_error(e: &lettre::transport::smtp::Error) -> SendOutcome {
-    let text = error_text(e);
-    if e.is_permanent() {
-        if e.status().is_some_and(|c| c.to_string() == "535") {
-            if text.contains("5.7.139") {
-                return SendOutcome::AuthDisabled(text);
+/// What a lettre error shows: the reply (code and text) or a network failure, at `stage`.
+fn failure(stage: Stage, e: &lettre::transport::smtp::Error) -> SmtpFailure {
+    SmtpFailure {
+        stage,
+        code: e.status().and_then(|c| c.to_string().parse().ok()),
+        text: error_text(e),
+        no_xoauth2: false,
+        auth_user: String::new(),
+    }
+}
+
+/// A raw command line for [`AsyncSmtpConnection::command`].
+struct Raw<'a>(&'a crate::xoauth2::Line);
+
+impl std::fmt::Display for Raw<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.as_str())
+    }
+}
+
+/// One SASL XOAUTH2 exchange on `conn` as `user` (the exchange itself is [`crate::xoauth2`]).
+async fn authenticate(
+    conn: &mut AsyncSmtpConnection,
+    user: &str,
+    token: &secrecy::SecretString,
+) -> Result<(), SmtpFailure> {
+    let mut exchange = crate::xoauth2::Exchange::new(user, token);
+    let mut line = exchange.start();
+    loop {
+        let (code, text) = match conn.command(Raw(&line)).await {
+            Ok(response) => (
+                response.code().to_string().parse().unwrap_or(0),
+                response_text(&response),
+            ),
+            Err(e) => match e.status() {
+                Some(_) => {
+                    let f = failure(Stage::Auth, &e);
+                    (f.code.unwrap_or(0), f.text)
+                }
+                None => {
+                    let mut f = failure(Stage::Auth, &e);
+                    f.auth_user = user.to_string();
+                    return Err(f);
+                }
+            },
+        };
+        match exchange.on_reply(code, &text) {
+            crate::xoauth2::Step::Send(next) => line = next,
+            crate::xoauth2::Step::Authenticated => return Ok(()),
+            crate::xoauth2::Step::Refused {
+                code,
+                reply,
+                challenge,
+            } => {
+                return Err(SmtpFailure {
+                    stage: Stage::Auth,
+                    code: Some(code),
+                    text: match challenge {
+                        Some(json) => format!("{reply} (after the challenge {json})"),
+                        None => reply,
+                    },
+                    no_xoauth2: false,
+                    auth_user: user.to_string(),
+                });
             }
-            return SendOutcome::AuthFailed(text);
         }
-        SendOutcome::Permanent(text)
-    } else {
-        SendOutcome::Transient(text)
     }
 }
 
@@ -324,7 +421,12 @@ impl SmtpSender {
     ) -> Result<Slot, SendOutcome> {
         let db = ctx.db();
         let unavailable =
-            |e: sea_orm::DbErr| SendOutcome::Transient(format!("the database is unavailable: {e}"));
+            |e: sea_orm::DbErr| {
+                SendOutcome::Failed(SmtpFailure::network(
+                    Stage::Connect,
+                    format!("the database is unavailable: {e}"),
+                ))
+            };
         self.ensure_slot_rows(ctx, server_id)
             .await
             .map_err(unavailable)?;
@@ -388,10 +490,43 @@ impl SmtpSender {
 
     async fn open(
         &self,
+        ctx: &ModuleContext,
         server: &mail_server::Model,
         token: &AccessToken,
     ) -> Result<AsyncSmtpConnection, SendOutcome> {
-        let smtp = |e: lettre::transport::smtp::Error| classify_error(&e);
+        let mut conn = self.connect(server).await.map_err(SendOutcome::Failed)?;
+        if !conn
+            .server_info()
+            .supports_auth_mechanism(Mechanism::Xoauth2)
+        {
+            return Err(SendOutcome::Failed(SmtpFailure {
+                no_xoauth2: true,
+                ..SmtpFailure::network(Stage::Auth, "AUTH XOAUTH2 is not offered".into())
+            }));
+        }
+        // The mailbox's address first (or the identity that worked before), then the signed-in
+        // UPN: Exchange maps either to the mailbox, other servers only one of them.
+        let mut refused = None;
+        for (i, user) in token.identities.iter().enumerate() {
+            match authenticate(&mut conn, user, &token.token).await {
+                Ok(()) => {
+                    if i > 0 {
+                        remember_identity(ctx, server.id, user).await;
+                    }
+                    return Ok(conn);
+                }
+                Err(f) if f.refused_token() => refused = Some(f),
+                Err(f) => return Err(SendOutcome::Failed(f)),
+            }
+        }
+        Err(SendOutcome::Failed(refused.unwrap_or_else(|| {
+            SmtpFailure::network(Stage::Auth, "no identity to authenticate as".into())
+        })))
+    }
+
+    /// Connects, reads the greeting, says EHLO and starts TLS as the server is configured.
+    async fn connect(&self, server: &mail_server::Model) -> Result<AsyncSmtpConnection, SmtpFailure> {
+        let smtp = |e: lettre::transport::smtp::Error| failure(Stage::Connect, &e);
         let tls = || -> Result<TlsParameters, lettre::transport::smtp::Error> {
             let mut builder = TlsParameters::builder(server.smtp_host.clone());
             if let Some(pem) = &server.extra_ca_pem {
@@ -399,8 +534,8 @@ impl SmtpSender {
             }
             builder.build_rustls()
         };
-        let mut conn = if server.security == "tls" {
-            AsyncSmtpConnection::connect_tokio1(
+        if server.security == "tls" {
+            return AsyncSmtpConnection::connect_tokio1(
                 (server.smtp_host.as_str(), server.smtp_port as u16),
                 Some(IO_TIMEOUT),
                 &self.hello,
@@ -408,44 +543,27 @@ impl SmtpSender {
                 None,
             )
             .await
-            .map_err(smtp)?
-        } else {
-            let address = format!("{}:{}", server.smtp_host, server.smtp_port);
-            let tcp = match tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(address.as_str()))
-                .await
-            {
-                Ok(Ok(tcp)) => tcp,
-                Ok(Err(e)) => {
-                    return Err(SendOutcome::Transient(format!(
-                        "cannot connect to {address}: {e}"
-                    )));
-                }
-                Err(_) => {
-                    return Err(SendOutcome::Transient(format!(
-                        "connecting to {address} timed out"
-                    )));
-                }
-            };
-            // lettre never sets TCP_NODELAY; without it each message waits ~40 ms for a delayed ACK.
-            tcp.set_nodelay(true)
-                .map_err(|e| SendOutcome::Transient(format!("setting TCP_NODELAY: {e}")))?;
-            let mut conn = AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &self.hello)
-                .await
-                .map_err(smtp)?;
-            if server.security == "starttls" {
-                conn.starttls(tls().map_err(smtp)?, &self.hello)
-                    .await
-                    .map_err(smtp)?;
-            }
-            conn
+            .map_err(smtp);
+        }
+        let address = format!("{}:{}", server.smtp_host, server.smtp_port);
+        let network = |text: String| SmtpFailure::network(Stage::Connect, text);
+        let tcp = match tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(address.as_str())).await
+        {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => return Err(network(format!("cannot connect to {address}: {e}"))),
+            Err(_) => return Err(network(format!("connecting to {address} timed out"))),
         };
-        let credentials = Credentials::new(
-            server.mailbox.clone(),
-            token.token.expose_secret().to_string(),
-        );
-        conn.auth(&[Mechanism::Xoauth2], &credentials)
+        // lettre never sets TCP_NODELAY; without it each message waits ~40 ms for a delayed ACK.
+        tcp.set_nodelay(true)
+            .map_err(|e| network(format!("setting TCP_NODELAY: {e}")))?;
+        let mut conn = AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &self.hello)
             .await
             .map_err(smtp)?;
+        if server.security == "starttls" {
+            conn.starttls(tls().map_err(smtp)?, &self.hello)
+                .await
+                .map_err(smtp)?;
+        }
         Ok(conn)
     }
 
@@ -470,7 +588,12 @@ impl SmtpSender {
                 .await
             {
                 Ok(Ok(p)) => p,
-                Ok(Err(_)) => return SendOutcome::Transient("the sender is shutting down".into()),
+                Ok(Err(_)) => {
+                    return SendOutcome::Failed(SmtpFailure::network(
+                        Stage::Connect,
+                        "the sender is shutting down".into(),
+                    ));
+                }
                 Err(_) => return busy(),
             };
         let taken = {
@@ -502,31 +625,20 @@ impl SmtpSender {
             // The server may have closed a connection that waited a while: ask before sending
             // (after a failure mid-message one cannot know whether the server took it).
             if idle_for < Duration::from_secs(1) || conn.test_connected().await {
-                let outcome = match tokio::time::timeout(IO_TIMEOUT, conn.send(envelope, raw)).await
-                {
-                    Ok(Ok(response)) => SendOutcome::Sent(response_text(&response)),
-                    Ok(Err(e)) => classify_error(&e),
-                    Err(_) => {
-                        SendOutcome::Transient("the SMTP server did not answer in time".into())
-                    }
-                };
+                let outcome = transact(&mut conn, envelope, raw).await;
                 self.finish(&pool, conn, token.version, slot, &outcome);
                 drop(permit);
                 return outcome;
             }
         }
-        let mut conn = match self.open(server, token).await {
+        let mut conn = match self.open(ctx, server, token).await {
             Ok(c) => c,
             Err(outcome) => return outcome,
         };
         if lease_lost.load(Ordering::SeqCst) {
             return SendOutcome::LeaseLost;
         }
-        let outcome = match tokio::time::timeout(IO_TIMEOUT, conn.send(envelope, raw)).await {
-            Ok(Ok(response)) => SendOutcome::Sent(response_text(&response)),
-            Ok(Err(e)) => classify_error(&e),
-            Err(_) => SendOutcome::Transient("the SMTP server did not answer in time".into()),
-        };
+        let outcome = transact(&mut conn, envelope, raw).await;
         self.finish(&pool, conn, token.version, slot, &outcome);
         drop(permit);
         outcome
@@ -544,9 +656,9 @@ impl SmtpSender {
         outcome: &SendOutcome,
     ) {
         let answered = match outcome {
-            SendOutcome::Sent(_) | SendOutcome::Permanent(_) => true,
-            // A 4xx reply is an answer; a dropped line or a timeout is not.
-            SendOutcome::Transient(reply) => reply.starts_with('4'),
+            SendOutcome::Sent(_) => true,
+            // A reply is an answer; a dropped line or a timeout is not.
+            SendOutcome::Failed(f) => f.code.is_some() && f.stage == Stage::Transaction,
             _ => false,
         };
         let current = self
@@ -566,6 +678,31 @@ impl SmtpSender {
                     slot,
                 });
         }
+    }
+}
+
+/// MAIL FROM, RCPT TO and DATA for one message on an open connection.
+async fn transact(conn: &mut AsyncSmtpConnection, envelope: &Envelope, raw: &[u8]) -> SendOutcome {
+    match tokio::time::timeout(IO_TIMEOUT, conn.send(envelope, raw)).await {
+        Ok(Ok(response)) => SendOutcome::Sent(response_text(&response)),
+        Ok(Err(e)) => SendOutcome::Failed(failure(Stage::Transaction, &e)),
+        Err(_) => SendOutcome::Failed(SmtpFailure::network(
+            Stage::Transaction,
+            "the SMTP server did not answer in time".into(),
+        )),
+    }
+}
+
+/// Remembers the identity SMTP AUTH accepted for a mailbox (tried first from then on).
+async fn remember_identity(ctx: &ModuleContext, server_id: i32, user: &str) {
+    let stored = token::Entity::update_many()
+        .col_expr(token::Column::SmtpUser, Expr::value(user.to_string()))
+        .filter(token::Column::ServerId.eq(server_id))
+        .exec(ctx.db())
+        .await;
+    match stored {
+        Ok(_) => tracing::info!(server_id, "SMTP AUTH accepted the signed-in identity"),
+        Err(e) => tracing::warn!(error = %e, "remembering the SMTP identity failed"),
     }
 }
 

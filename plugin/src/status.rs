@@ -6,6 +6,7 @@ use sea_orm::{EntityTrait, QueryOrder};
 use serde::Serialize;
 
 use crate::entities::{mail_server, token};
+use crate::health::Health;
 
 /// One mail server's state.
 #[derive(Debug, Clone, Serialize)]
@@ -20,8 +21,17 @@ pub struct ServerStatus {
     pub kind: String,
     /// `delegated` or `app_only`.
     pub auth: String,
-    /// `not_connected`, `valid` or `needs_reconnect`.
+    /// `held:<reason>` or `throttled` (the mailbox's health), else the token's state:
+    /// `not_connected`, `app_only`, `valid` or `needs_reconnect`.
     pub status: String,
+    /// The mailbox's health: `ready`, `throttled` or `held`.
+    pub health: String,
+    /// Why it is held, in words.
+    pub held_because: Option<String>,
+    /// Since when it is held or throttled.
+    pub since: Option<DateTime<Utc>>,
+    /// Mails queued or being sent through it.
+    pub waiting: i64,
     /// When the access token expires.
     pub access_expires_at: Option<DateTime<Utc>>,
     /// When the token was last refreshed.
@@ -37,20 +47,35 @@ pub async fn all(ctx: &ModuleContext) -> Result<Vec<ServerStatus>, sea_orm::DbEr
         .all(ctx.db())
         .await?;
     let tokens = token::Entity::find().all(ctx.db()).await?;
+    let healths = crate::health::all(ctx).await?;
+    let waiting = crate::health::waiting_counts(ctx).await?;
+    let now = ctx.clock().now();
     Ok(servers
         .into_iter()
         .map(|s| {
             let t = tokens.iter().find(|t| t.server_id == s.id);
+            let health = Health::of(healths.get(&s.id), now);
+            let (held_because, since) = match &health {
+                Health::Held { detail, since, .. } => (Some(detail.clone()), Some(*since)),
+                Health::Throttled { .. } => (None, healths.get(&s.id).and_then(|h| h.since)),
+                Health::Ready => (None, None),
+            };
             ServerStatus {
                 id: s.id,
                 name: s.name,
                 mailbox: s.mailbox,
                 kind: s.kind,
-                status: match t {
-                    None if s.auth == "app_only" => "app_only".into(),
-                    None => "not_connected".into(),
-                    Some(t) => t.status.clone(),
+                status: match (&health, t) {
+                    (Health::Held { reason, .. }, _) => format!("held:{}", reason.as_str()),
+                    (Health::Throttled { .. }, _) => "throttled".into(),
+                    (Health::Ready, None) if s.auth == "app_only" => "app_only".into(),
+                    (Health::Ready, None) => "not_connected".into(),
+                    (Health::Ready, Some(t)) => t.status.clone(),
                 },
+                health: health.state().into(),
+                held_because,
+                since,
+                waiting: waiting.get(&s.id).copied().unwrap_or(0),
                 auth: s.auth,
                 access_expires_at: t.map(|t| t.access_expires_at),
                 last_refresh_at: t.and_then(|t| t.last_refresh_at),
@@ -67,19 +92,23 @@ pub fn table(rows: &[ServerStatus]) -> String {
             .unwrap_or_else(|| "-".into())
     };
     let mut out = format!(
-        "{:<4} {:<32} {:<9} {:<16} {:<17} {:<17} {}\n",
-        "ID", "MAILBOX", "KIND", "STATUS", "ACCESS EXPIRES", "LAST REFRESH", "LAST ERROR"
+        "{:<4} {:<32} {:<9} {:<28} {:<8} {:<17} {:<17} {}\n",
+        "ID", "MAILBOX", "KIND", "STATUS", "WAITING", "ACCESS EXPIRES", "LAST REFRESH", "LAST ERROR"
     );
     for r in rows {
         out.push_str(&format!(
-            "{:<4} {:<32} {:<9} {:<16} {:<17} {:<17} {}\n",
+            "{:<4} {:<32} {:<9} {:<28} {:<8} {:<17} {:<17} {}\n",
             r.id,
             r.mailbox,
             r.kind,
             r.status,
+            r.waiting,
             fmt(r.access_expires_at),
             fmt(r.last_refresh_at),
-            r.last_error.as_deref().unwrap_or("-")
+            r.held_because
+                .as_deref()
+                .or(r.last_error.as_deref())
+                .unwrap_or("-")
         ));
     }
     out

@@ -9,18 +9,6 @@ use std::time::Duration;
 use crate::aad::{AadFailure, FailureClass, aadsts_code, classify};
 use crate::settings::OutlookSettings;
 
-/// The delegated scopes the connect flow asks for: the Outlook resource only.
-pub const DELEGATED_SCOPES: [&str; 4] = [
-    "openid",
-    "email",
-    "offline_access",
-    "https://outlook.office.com/SMTP.Send",
-];
-/// The scope repeated on every refresh (Microsoft refuses a refresh without one: AADSTS900144).
-pub const REFRESH_SCOPE: &str = "offline_access https://outlook.office.com/SMTP.Send";
-/// The app-only scope for Exchange Online.
-pub const APP_ONLY_SCOPE: &str = "https://outlook.office365.com/.default";
-
 /// How long one token request may take.
 pub const TOKEN_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -119,7 +107,8 @@ pub async fn request(
         ("client_id", &settings.client_id),
         ("client_secret", secret),
     ];
-    let scope_all = DELEGATED_SCOPES.join(" ");
+    let scope_all = settings.cloud.delegated_scopes().join(" ");
+    let refresh_scope = settings.cloud.refresh_scope();
     match &grant {
         Grant::AuthorizationCode {
             code,
@@ -135,11 +124,11 @@ pub async fn request(
         Grant::RefreshToken(token) => form.extend([
             ("grant_type", "refresh_token"),
             ("refresh_token", token.expose_secret()),
-            ("scope", REFRESH_SCOPE),
+            ("scope", refresh_scope.as_str()),
         ]),
         Grant::ClientCredentials => form.extend([
             ("grant_type", "client_credentials"),
-            ("scope", APP_ONLY_SCOPE),
+            ("scope", settings.cloud.app_only_scope()),
         ]),
     }
     let body = url::form_urlencoded::Serializer::new(String::new())
@@ -166,17 +155,18 @@ pub async fn request(
         .get("retry-after")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let bytes = response
         .bytes()
         .await
         .map_err(|_| transient("the token endpoint's answer was cut off".into(), None))?;
     if status.is_success() {
-        let parsed: SuccessBody = serde_json::from_slice(&bytes).map_err(|e| {
-            transient(
-                format!("the token endpoint answered something that is not a token ({e})"),
-                None,
-            )
-        })?;
+        let parsed: SuccessBody = serde_json::from_slice(&bytes)
+            .map_err(|_| not_oauth(status.as_u16(), content_type.as_deref(), &bytes))?;
         let expires_in = match parsed.expires_in {
             Some(NumberOrString::Number(n)) => n,
             Some(NumberOrString::Text(t)) => t.trim().parse().unwrap_or(3600),
@@ -220,16 +210,33 @@ pub async fn request(
                 retry_after_secs: retry_after,
             })
         }
-        Err(_) => Err(AadFailure {
-            error: format!("http_{}", status.as_u16()),
-            code: None,
-            description: format!(
-                "the token endpoint answered HTTP {} without an OAuth error",
-                status.as_u16()
-            ),
-            class: FailureClass::Refused,
-            retry_after_secs: None,
-        }),
+        Err(_) => Err(not_oauth(status.as_u16(), content_type.as_deref(), &bytes)),
+    }
+}
+
+/// An answer that is not an OAuth document: says the HTTP status and what came instead, e.g.
+/// "the token endpoint answered HTTP 400 with an HTML page (text/html)".
+fn not_oauth(status: u16, content_type: Option<&str>, body: &[u8]) -> AadFailure {
+    let media = content_type
+        .and_then(|c| c.split(';').next())
+        .map(|c| c.trim().to_ascii_lowercase());
+    let looks_html = body
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .is_some_and(|at| body[at] == b'<');
+    let what = match media.as_deref() {
+        _ if body.iter().all(u8::is_ascii_whitespace) => "an empty body".to_string(),
+        Some("text/html") => "an HTML page (text/html)".to_string(),
+        _ if looks_html => "an HTML page".to_string(),
+        Some(other) => format!("a {other} document that is not OAuth JSON"),
+        None => "a body without a content type".to_string(),
+    };
+    AadFailure {
+        error: format!("http_{status}"),
+        code: None,
+        description: format!("the token endpoint answered HTTP {status} with {what}"),
+        class: FailureClass::NotOAuth,
+        retry_after_secs: None,
     }
 }
 

@@ -1,14 +1,17 @@
 //! Fresh access tokens: read the stored one, or refresh it (rotation stored atomically with a
-//! compare-and-swap on the version), and put a dead grant into "needs reconnect" once.
+//! compare-and-swap on the version), and hold the mailbox when Microsoft refuses.
 
 use chrono::Duration;
-use crm_sdk::{Audience, ModuleContext, Notification};
+use crm_sdk::ModuleContext;
 use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use secrecy::SecretString;
+use std::sync::Arc;
 
-use crate::aad::{AadFailure, FailureClass, explain};
+use crate::aad::FailureClass;
+use crate::classify::{self, HoldReason, Level, Verdict, Who};
 use crate::entities::{mail_server, token};
+use crate::runtime::Shared;
 use crate::settings::OutlookSettings;
 use crate::token_client::{self, Grant};
 use crate::token_store::{access_context, refresh_context};
@@ -24,17 +27,16 @@ pub struct AccessToken {
     pub version: i64,
     /// Whether this call refreshed it.
     pub refreshed: bool,
+    /// The `user=` identities SMTP AUTH may use, the one known to work first (the mailbox
+    /// address, the signed-in UPN).
+    pub identities: Vec<String>,
 }
 
 /// Why no access token could be had.
 #[derive(Debug, Clone)]
 pub enum TokenProblem {
-    /// The server was never connected (or was disconnected).
-    NotConnected,
-    /// The grant is dead: the owner must reconnect.
-    NeedsReconnect(String),
-    /// The module's settings are incomplete or wrong.
-    Configuration(String),
+    /// The mailbox is held (recorded in its health, people told): its mails wait.
+    Held(Verdict),
     /// Try again later.
     Transient {
         /// Why.
@@ -49,10 +51,7 @@ pub enum TokenProblem {
 impl std::fmt::Display for TokenProblem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            TokenProblem::NotConnected => {
-                f.write_str("the mail server is not connected: connect it on its page")
-            }
-            TokenProblem::NeedsReconnect(m) | TokenProblem::Configuration(m) => f.write_str(m),
+            TokenProblem::Held(v) => f.write_str(&v.words()),
             TokenProblem::Transient { reason, .. } => {
                 write!(f, "temporarily unavailable: {reason}")
             }
@@ -61,92 +60,99 @@ impl std::fmt::Display for TokenProblem {
     }
 }
 
+impl TokenProblem {
+    /// Whether the grant is dead (the mailbox must be connected again).
+    pub fn grant_dead(&self) -> bool {
+        matches!(self, TokenProblem::Held(v) if v.level == Level::MailboxHeld(HoldReason::GrantDead))
+    }
+}
+
 fn db(e: sea_orm::DbErr) -> TokenProblem {
     TokenProblem::Database(e.to_string())
 }
 
-fn words(failure: &AadFailure, ctx: &ModuleContext) -> String {
-    let (what, fix) = explain(
-        &failure.error,
-        failure.code,
-        &ctx.public_url(crate::CONFIRM_PATH),
-    );
-    match failure.code {
-        Some(code) => format!("{what} {fix} (AADSTS{code})"),
-        None => format!("{what} {fix}"),
+/// Holds `server`'s mailbox for the verdict's reason (people told once) and gives the problem
+/// to return. A dead grant also marks the token row, so that nothing refreshes it again.
+pub async fn hold(
+    ctx: &ModuleContext,
+    shared: &Shared,
+    server: &mail_server::Model,
+    verdict: Verdict,
+) -> TokenProblem {
+    let Level::MailboxHeld(reason) = verdict.level else {
+        return TokenProblem::Transient {
+            reason: verdict.words(),
+            retry_after_secs: None,
+        };
+    };
+    let mut row = token::Entity::update_many()
+        .col_expr(token::Column::LastError, Expr::value(verdict.words()))
+        .filter(token::Column::ServerId.eq(server.id));
+    if reason == HoldReason::GrantDead {
+        row = row.col_expr(token::Column::Status, Expr::value("needs_reconnect"));
     }
+    if let Err(e) = row.exec(ctx.db()).await {
+        return db(e);
+    }
+    if let Err(e) = crate::health::hold(ctx, shared, server, reason, &verdict).await {
+        return db(e);
+    }
+    TokenProblem::Held(verdict)
 }
 
-/// Marks a server's grant dead and tells its owner and the operators, once per incident.
-pub async fn mark_needs_reconnect(
-    ctx: &ModuleContext,
-    server: &mail_server::Model,
-    reason: &str,
-) -> Result<(), TokenProblem> {
-    let now = ctx.clock().now();
-    token::Entity::update_many()
-        .col_expr(token::Column::Status, Expr::value("needs_reconnect"))
-        .col_expr(token::Column::LastError, Expr::value(reason.to_string()))
-        .filter(token::Column::ServerId.eq(server.id))
-        .exec(ctx.db())
-        .await
-        .map_err(db)?;
-    // Only the writer that sets notified_at notifies.
-    let first = token::Entity::update_many()
-        .col_expr(token::Column::NotifiedAt, Expr::value(now))
-        .filter(token::Column::ServerId.eq(server.id))
-        .filter(token::Column::NotifiedAt.is_null())
-        .exec(ctx.db())
-        .await
-        .map_err(db)?;
-    if first.rows_affected == 1 {
-        let subject = format!(
-            "Mail server \"{}\" ({}) must be reconnected",
-            server.name, server.mailbox
-        );
-        let body = format!("{reason} Mail from this server waits until then; nothing is lost.");
-        let link = Some(format!("/microsoft_outlook/servers/{}", server.id));
-        let mut audiences = vec![Audience::Operators];
-        if let Some(owner) = server.owner_user_id {
-            audiences.push(Audience::User(owner));
-        }
-        for audience in audiences {
-            let sent = ctx
-                .notifier()
-                .notify(Notification {
-                    audience,
-                    subject: subject.clone(),
-                    body: body.clone(),
-                    link: link.clone(),
-                })
-                .await;
-            if let Err(e) = sent {
-                tracing::warn!(error = %e, "a needs-reconnect notification was not recorded");
-            }
-        }
-        tracing::warn!(server_id = server.id, "mail server needs reconnect");
-    }
-    Ok(())
-}
+/// The reasons a successful token request ends (the path to Microsoft and the settings work).
+pub const ENDED_BY_A_TOKEN: [HoldReason; 3] = [
+    HoldReason::TokenEndpointNotOAuth,
+    HoldReason::ClientCredentials,
+    HoldReason::WrongCloud,
+];
 
 fn unseal(ctx: &ModuleContext, sealed: &str, context: &str) -> Result<SecretString, TokenProblem> {
     ctx.sealer().unseal(sealed, context).map_err(|e| {
-        TokenProblem::NeedsReconnect(format!(
-            "The stored token cannot be read ({e}); reconnect the mail server."
-        ))
+        TokenProblem::Held(Verdict {
+            rule: "grant-dead",
+            level: Level::MailboxHeld(HoldReason::GrantDead),
+            who: Who::MailboxOwner,
+            what: format!("The stored token cannot be read ({e}): the sealing key changed."),
+            fix: "Connect the mail server again.".into(),
+            hold_for: None,
+        })
     })
+}
+
+/// The verdict when the module's settings cannot be used.
+fn not_configured(problem: &crate::settings::NotConfigured) -> Verdict {
+    Verdict {
+        rule: "client-credentials",
+        level: Level::MailboxHeld(HoldReason::ClientCredentials),
+        who: Who::Operator,
+        what: problem.to_string(),
+        fix: "The mails wait and go out as soon as the settings are saved.".into(),
+        hold_for: None,
+    }
+}
+
+/// The module's settings, or the mailbox held until an operator saves working ones.
+async fn settings_or_hold(
+    ctx: &ModuleContext,
+    shared: &Shared,
+    server: &mail_server::Model,
+) -> Result<OutlookSettings, TokenProblem> {
+    match OutlookSettings::load(ctx).await {
+        Ok(s) => Ok(s),
+        Err(problem) => Err(hold(ctx, shared, server, not_configured(&problem)).await),
+    }
 }
 
 /// The app-only token (client credentials), fetched once and shared until shortly before it
 /// expires.
 pub async fn app_only_token(
     ctx: &ModuleContext,
-    shared: &crate::runtime::Shared,
+    shared: &Arc<Shared>,
+    server: &mail_server::Model,
     force: bool,
 ) -> Result<AccessToken, TokenProblem> {
-    let settings = OutlookSettings::load(ctx)
-        .await
-        .map_err(|e| TokenProblem::Configuration(e.to_string()))?;
+    let settings = settings_or_hold(ctx, shared, server).await?;
     let mut cached = shared.app_token.lock().await;
     let margin = Duration::minutes(REFRESH_MARGIN_MINUTES);
     if let Some(t) = cached.as_ref()
@@ -158,6 +164,7 @@ pub async fn app_only_token(
             token: t.token.clone(),
             version: t.version,
             refreshed: false,
+            identities: vec![server.mailbox.clone()],
         });
     }
     match token_client::request(&shared.http, &settings, Grant::ClientCredentials).await {
@@ -169,48 +176,77 @@ pub async fn app_only_token(
                 expires_at: ctx.clock().now() + Duration::seconds(tokens.expires_in),
                 version,
             });
+            drop(cached);
             tracing::info!("app-only token fetched");
+            crate::health::succeeded(ctx, shared, server.id, Some(&ENDED_BY_A_TOKEN))
+                .await
+                .map_err(db)?;
             Ok(AccessToken {
                 token: tokens.access_token,
                 version,
                 refreshed: true,
+                identities: vec![server.mailbox.clone()],
             })
         }
         Err(failure) if failure.class == FailureClass::Transient => Err(TokenProblem::Transient {
             reason: failure.description.clone(),
             retry_after_secs: failure.retry_after_secs,
         }),
-        Err(failure) => Err(TokenProblem::Configuration(format!(
-            "{} For app-only sending, the app needs the Office 365 Exchange Online permission SMTP.SendAsApp with admin consent, and an Exchange service principal with rights on the mailbox.",
-            words(&failure, ctx)
-        ))),
+        Err(failure) => {
+            drop(cached);
+            let mut verdict = classify::token(&failure, &ctx.public_url(crate::CONFIRM_PATH));
+            if verdict.level == Level::MailboxHeld(HoldReason::GrantDead) {
+                // No grant in app-only: a refusal is the app's permissions.
+                verdict.level = Level::MailboxHeld(HoldReason::ClientCredentials);
+                verdict.who = Who::Operator;
+            }
+            verdict.fix = format!(
+                "{} For app-only sending, the app needs the Office 365 Exchange Online permission SMTP.SendAsApp with admin consent, and an Exchange service principal with rights on the mailbox.",
+                verdict.fix
+            );
+            Err(hold(ctx, shared, server, verdict).await)
+        }
     }
+}
+
+/// The identities SMTP AUTH may use for a mailbox, the one that worked first.
+fn identities(server: &mail_server::Model, row: &token::Model) -> Vec<String> {
+    let mut ids: Vec<String> = Vec::new();
+    for id in [
+        row.smtp_user.as_deref(),
+        Some(server.mailbox.as_str()),
+        Some(row.signed_in_as.as_str()),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if !id.is_empty() && !ids.iter().any(|i| i.eq_ignore_ascii_case(id)) {
+            ids.push(id.to_string());
+        }
+    }
+    ids
 }
 
 /// A usable access token for `server`, refreshed first when it expires within five minutes
 /// (or when `force` is set, after the server refused it).
 pub async fn fresh_access_token(
     ctx: &ModuleContext,
-    shared: &crate::runtime::Shared,
+    shared: &Arc<Shared>,
     server: &mail_server::Model,
     force: bool,
 ) -> Result<AccessToken, TokenProblem> {
     if server.auth == "app_only" {
-        return app_only_token(ctx, shared, force).await;
+        return app_only_token(ctx, shared, server, force).await;
     }
-    let http = &shared.http;
     let row = token::Entity::find_by_id(server.id)
         .one(ctx.db())
         .await
         .map_err(db)?;
     let Some(row) = row else {
-        return Err(TokenProblem::NotConnected);
+        return Err(hold(ctx, shared, server, classify::not_connected(&server.mailbox)).await);
     };
     if row.status != "valid" {
-        return Err(TokenProblem::NeedsReconnect(
-            row.last_error
-                .unwrap_or_else(|| "The mail server must be reconnected.".into()),
-        ));
+        return Err(hold(ctx, shared, server, dead_grant(&row)).await);
     }
     let margin = Duration::minutes(REFRESH_MARGIN_MINUTES);
     if !force && row.access_expires_at > ctx.clock().now() + margin {
@@ -218,9 +254,25 @@ pub async fn fresh_access_token(
             token: unseal(ctx, &row.access_token_sealed, &access_context(server.id))?,
             version: row.version,
             refreshed: false,
+            identities: identities(server, &row),
         });
     }
-    refresh(ctx, http, server, row).await
+    refresh(ctx, shared, server, row).await
+}
+
+/// The verdict on a token row whose grant was found dead before.
+fn dead_grant(row: &token::Model) -> Verdict {
+    Verdict {
+        rule: "grant-dead",
+        level: Level::MailboxHeld(HoldReason::GrantDead),
+        who: Who::MailboxOwner,
+        what: row
+            .last_error
+            .clone()
+            .unwrap_or_else(|| "The mailbox's grant is no longer valid.".into()),
+        fix: "Connect the mail server again.".into(),
+        hold_for: None,
+    }
 }
 
 /// How long one worker may hold a token's refresh before others may take it over.
@@ -239,7 +291,7 @@ async fn wait_for_other_refresh(
             .await
             .map_err(db)?
         else {
-            return Err(TokenProblem::NotConnected);
+            return Ok(None);
         };
         let lease_over = now_row
             .refresh_lease_until
@@ -256,17 +308,17 @@ async fn wait_for_other_refresh(
 /// compare-and-swap on the version.
 pub async fn refresh(
     ctx: &ModuleContext,
-    http: &oauth2::reqwest::Client,
+    shared: &Arc<Shared>,
     server: &mail_server::Model,
     row: token::Model,
 ) -> Result<AccessToken, TokenProblem> {
-    refresh_using(ctx, http, server, row, None).await
+    refresh_using(ctx, shared, server, row, None).await
 }
 
 /// [`refresh`] with the module settings already loaded (a refresh run loads them once).
 pub async fn refresh_using(
     ctx: &ModuleContext,
-    http: &oauth2::reqwest::Client,
+    shared: &Arc<Shared>,
     server: &mail_server::Model,
     row: token::Model,
     settings: Option<&OutlookSettings>,
@@ -291,7 +343,7 @@ pub async fn refresh_using(
             .await
             .map_err(db)?;
         if claimed.rows_affected == 1 {
-            let result = refresh_holding_lease(ctx, http, server, &row, settings).await;
+            let result = refresh_holding_lease(ctx, shared, server, &row, settings).await;
             if result.is_err() {
                 let _ = token::Entity::update_many()
                     .col_expr(
@@ -312,11 +364,7 @@ pub async fn refresh_using(
             });
         };
         if current.status != "valid" {
-            return Err(TokenProblem::NeedsReconnect(
-                current
-                    .last_error
-                    .unwrap_or_else(|| "The mail server must be reconnected.".into()),
-            ));
+            return Err(hold(ctx, shared, server, dead_grant(&current)).await);
         }
         if current.version != row.version {
             return Ok(AccessToken {
@@ -327,6 +375,7 @@ pub async fn refresh_using(
                 )?,
                 version: current.version,
                 refreshed: false,
+                identities: identities(server, &current),
             });
         }
         // The other worker gave up or its lease ran out: try to take the lease.
@@ -334,9 +383,80 @@ pub async fn refresh_using(
     }
 }
 
+/// Stores a refresh's answer with a compare-and-swap on the version; the token to use.
+async fn store_refreshed(
+    ctx: &ModuleContext,
+    server: &mail_server::Model,
+    row: &token::Model,
+    tokens: token_client::Tokens,
+) -> Result<AccessToken, TokenProblem> {
+    let now = ctx.clock().now();
+    let sealer = ctx.sealer();
+    let mut update = token::Entity::update_many()
+        .col_expr(
+            token::Column::AccessTokenSealed,
+            Expr::value(sealer.seal_secret(&tokens.access_token, &access_context(server.id))),
+        )
+        .col_expr(
+            token::Column::AccessExpiresAt,
+            Expr::value(now + Duration::seconds(tokens.expires_in)),
+        )
+        .col_expr(token::Column::Version, Expr::value(row.version + 1))
+        .col_expr(token::Column::LastRefreshAt, Expr::value(now))
+        .col_expr(
+            token::Column::RefreshLeaseUntil,
+            Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
+        )
+        .col_expr(
+            token::Column::LastError,
+            Expr::value(Option::<String>::None),
+        );
+    if !tokens.scope.is_empty() {
+        update = update.col_expr(token::Column::Scopes, Expr::value(tokens.scope.clone()));
+    }
+    // Rotation: keep the old refresh token when the answer carries none.
+    if let Some(new_refresh) = &tokens.refresh_token {
+        update = update.col_expr(
+            token::Column::RefreshTokenSealed,
+            Expr::value(sealer.seal_secret(new_refresh, &refresh_context(server.id))),
+        );
+    }
+    let swapped = update
+        .filter(token::Column::ServerId.eq(server.id))
+        .filter(token::Column::Version.eq(row.version))
+        .exec(ctx.db())
+        .await
+        .map_err(db)?;
+    if swapped.rows_affected == 1 {
+        tracing::info!(
+            server_id = server.id,
+            version = row.version + 1,
+            "token refreshed"
+        );
+        return Ok(AccessToken {
+            token: tokens.access_token,
+            version: row.version + 1,
+            refreshed: true,
+            identities: identities(server, row),
+        });
+    }
+    // Another worker refreshed first; its refresh token is the live one now.
+    let winner = token::Entity::find_by_id(server.id)
+        .one(ctx.db())
+        .await
+        .map_err(db)?
+        .ok_or_else(|| TokenProblem::Database("the token row disappeared".into()))?;
+    Ok(AccessToken {
+        token: unseal(ctx, &winner.access_token_sealed, &access_context(server.id))?,
+        version: winner.version,
+        refreshed: false,
+        identities: identities(server, &winner),
+    })
+}
+
 async fn refresh_holding_lease(
     ctx: &ModuleContext,
-    http: &oauth2::reqwest::Client,
+    shared: &Arc<Shared>,
     server: &mail_server::Model,
     row: &token::Model,
     settings: Option<&OutlookSettings>,
@@ -345,82 +465,35 @@ async fn refresh_holding_lease(
     let settings = match settings {
         Some(s) => s,
         None => {
-            loaded = OutlookSettings::load(ctx)
-                .await
-                .map_err(|e| TokenProblem::Configuration(e.to_string()))?;
+            loaded = settings_or_hold(ctx, shared, server).await?;
             &loaded
         }
     };
     let Some(sealed_refresh) = row.refresh_token_sealed.as_deref() else {
-        let reason = "No refresh token is stored (offline_access was not granted). Reconnect the mail server.";
-        mark_needs_reconnect(ctx, server, reason).await?;
-        return Err(TokenProblem::NeedsReconnect(reason.into()));
+        let verdict = Verdict {
+            rule: "grant-dead",
+            level: Level::MailboxHeld(HoldReason::GrantDead),
+            who: Who::MailboxOwner,
+            what: "No refresh token is stored (offline_access was not granted), so the access token cannot be renewed.".into(),
+            fix: "Connect the mail server again and accept the permission to stay signed in (offline_access).".into(),
+            hold_for: None,
+        };
+        return Err(hold(ctx, shared, server, verdict).await);
     };
     let refresh_token = unseal(ctx, sealed_refresh, &refresh_context(server.id))?;
-    match token_client::request(http, settings, Grant::RefreshToken(&refresh_token)).await {
+    let answer = token_client::request(
+        &shared.http,
+        settings,
+        Grant::RefreshToken(&refresh_token),
+    )
+    .await;
+    match answer {
         Ok(tokens) => {
-            let now = ctx.clock().now();
-            let sealer = ctx.sealer();
-            let mut update = token::Entity::update_many()
-                .col_expr(
-                    token::Column::AccessTokenSealed,
-                    Expr::value(
-                        sealer.seal_secret(&tokens.access_token, &access_context(server.id)),
-                    ),
-                )
-                .col_expr(
-                    token::Column::AccessExpiresAt,
-                    Expr::value(now + Duration::seconds(tokens.expires_in)),
-                )
-                .col_expr(token::Column::Version, Expr::value(row.version + 1))
-                .col_expr(token::Column::LastRefreshAt, Expr::value(now))
-                .col_expr(
-                    token::Column::RefreshLeaseUntil,
-                    Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
-                )
-                .col_expr(
-                    token::Column::LastError,
-                    Expr::value(Option::<String>::None),
-                );
-            if !tokens.scope.is_empty() {
-                update = update.col_expr(token::Column::Scopes, Expr::value(tokens.scope.clone()));
-            }
-            // Rotation: keep the old refresh token when the answer carries none.
-            if let Some(new_refresh) = &tokens.refresh_token {
-                update = update.col_expr(
-                    token::Column::RefreshTokenSealed,
-                    Expr::value(sealer.seal_secret(new_refresh, &refresh_context(server.id))),
-                );
-            }
-            let swapped = update
-                .filter(token::Column::ServerId.eq(server.id))
-                .filter(token::Column::Version.eq(row.version))
-                .exec(ctx.db())
+            let token = store_refreshed(ctx, server, row, tokens).await?;
+            crate::health::succeeded(ctx, shared, server.id, Some(&ENDED_BY_A_TOKEN))
                 .await
                 .map_err(db)?;
-            if swapped.rows_affected == 1 {
-                tracing::info!(
-                    server_id = server.id,
-                    version = row.version + 1,
-                    "token refreshed"
-                );
-                return Ok(AccessToken {
-                    token: tokens.access_token,
-                    version: row.version + 1,
-                    refreshed: true,
-                });
-            }
-            // Another worker refreshed first; its refresh token is the live one now.
-            let winner = token::Entity::find_by_id(server.id)
-                .one(ctx.db())
-                .await
-                .map_err(db)?
-                .ok_or(TokenProblem::NotConnected)?;
-            Ok(AccessToken {
-                token: unseal(ctx, &winner.access_token_sealed, &access_context(server.id))?,
-                version: winner.version,
-                refreshed: false,
-            })
+            Ok(token)
         }
         Err(failure) => {
             // A loser of a race whose refresh token was already rotated away gets invalid_grant:
@@ -438,50 +511,17 @@ async fn refresh_holding_lease(
                     )?,
                     version: now_row.version,
                     refreshed: false,
+                    identities: identities(server, &now_row),
                 });
             }
-            match failure.class {
-                FailureClass::Transient => Err(TokenProblem::Transient {
+            if failure.class == FailureClass::Transient {
+                return Err(TokenProblem::Transient {
                     reason: failure.description.clone(),
                     retry_after_secs: failure.retry_after_secs,
-                }),
-                FailureClass::Configuration => {
-                    let reason = words(&failure, ctx);
-                    if crate::jobs::remember_once(
-                        ctx,
-                        &format!("config_broken:{}", failure.code.unwrap_or(0)),
-                        &reason,
-                    )
-                    .await
-                    .unwrap_or(false)
-                    {
-                        let _ = ctx
-                            .notifier()
-                            .notify(Notification {
-                                audience: Audience::Operators,
-                                subject:
-                                    "Microsoft Outlook: the client secret is invalid or expired"
-                                        .into(),
-                                body: format!(
-                                    "{reason} Until then no token can be refreshed and mail waits."
-                                ),
-                                link: Some("/settings".into()),
-                            })
-                            .await;
-                    }
-                    let _ = token::Entity::update_many()
-                        .col_expr(token::Column::LastError, Expr::value(reason.clone()))
-                        .filter(token::Column::ServerId.eq(server.id))
-                        .exec(ctx.db())
-                        .await;
-                    Err(TokenProblem::Configuration(reason))
-                }
-                FailureClass::NeedsReconnect | FailureClass::Refused => {
-                    let reason = words(&failure, ctx);
-                    mark_needs_reconnect(ctx, server, &reason).await?;
-                    Err(TokenProblem::NeedsReconnect(reason))
-                }
+                });
             }
+            let verdict = classify::token(&failure, &ctx.public_url(crate::CONFIRM_PATH));
+            Err(hold(ctx, shared, server, verdict).await)
         }
     }
 }

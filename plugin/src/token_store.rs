@@ -49,6 +49,7 @@ pub async fn store_connected(
         last_error: Set(None),
         notified_at: Set(None),
         refresh_lease_until: Set(None),
+        smtp_user: Set(None),
     };
     token::Entity::insert(row)
         .on_conflict(
@@ -66,6 +67,7 @@ pub async fn store_connected(
                     token::Column::LastError,
                     token::Column::NotifiedAt,
                     token::Column::RefreshLeaseUntil,
+                    token::Column::SmtpUser,
                 ])
                 .to_owned(),
         )

@@ -59,6 +59,23 @@ pub struct SettingField {
     /// The value used when none is stored.
     #[serde(default)]
     pub default: Option<String>,
+    /// The values allowed, each with its label (`[["global", "Global"], ...]`); shown as a
+    /// choice, anything else refused.
+    #[serde(default)]
+    pub choices: Vec<(String, String)>,
+}
+
+impl SettingField {
+    /// Checks `raw` against the field's kind and choices; the value to store, or a message.
+    pub fn normalize(&self, raw: &str) -> Result<String, String> {
+        let value = self.kind.normalize(raw)?;
+        if self.choices.is_empty() || self.choices.iter().any(|(v, _)| *v == value) {
+            Ok(value)
+        } else {
+            let allowed: Vec<&str> = self.choices.iter().map(|(v, _)| v.as_str()).collect();
+            Err(format!("must be one of: {}", allowed.join(", ")))
+        }
+    }
 }
 
 /// The kinds of settings fields, each with its own validation.

@@ -95,6 +95,10 @@ pub trait Module: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// Called after an operator saved the module's settings, while the module is enabled
+    /// (e.g. to release work that waited for a fixed client secret).
+    async fn settings_saved(&self, _ctx: &ModuleContext) {}
+
     /// Lines the settings page shows under the module's section.
     async fn settings_hints(&self, _ctx: &ModuleContext) -> Vec<SettingsHint> {
         Vec::new()

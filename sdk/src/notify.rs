@@ -20,6 +20,9 @@ pub struct Notification {
     pub body: String,
     /// A page of the CRM where it can be fixed.
     pub link: Option<String>,
+    /// The incident it belongs to, when the module will say that it is resolved
+    /// ([`Notifier::resolve`] with the same key).
+    pub key: Option<String>,
 }
 
 /// The host's way to tell people things (inbox, mail, chat: the host decides).
@@ -27,6 +30,12 @@ pub struct Notification {
 pub trait Notifier: Send + Sync + 'static {
     /// Delivers a notification; an error means it was not recorded.
     async fn notify(&self, notification: Notification) -> Result<(), crate::BoxError>;
+
+    /// Marks the notifications of the incident `key` resolved: shown as such, no longer
+    /// counted as needing attention.
+    async fn resolve(&self, _key: &str) -> Result<(), crate::BoxError> {
+        Ok(())
+    }
 }
 
 /// A notifier that drops everything (for hosts without one).

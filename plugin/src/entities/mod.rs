@@ -2,6 +2,7 @@
 
 pub mod alert;
 pub mod mail_server;
+pub mod mailbox_health;
 pub mod oauth_state;
 pub mod outbox;
 pub mod smtp_slot;

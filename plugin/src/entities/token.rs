@@ -22,6 +22,8 @@ pub struct Model {
     pub notified_at: Option<ChronoDateTimeUtc>,
     /// While set and in the future, one worker is refreshing this token; others wait for it.
     pub refresh_lease_until: Option<ChronoDateTimeUtc>,
+    /// The `user=` SMTP AUTH accepted (the mailbox or the signed-in UPN), once found.
+    pub smtp_user: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -1,0 +1,473 @@
+//! One health state per mailbox (a mail server or a personal mailbox), persisted: `ready`,
+//! `throttled` until a time, or `held` with a reason and since when. It is the single source
+//! for the drains (a held mailbox's mails are not claimed), the pages, the CLI, the
+//! notifications and the JSON APIs. A hold ends when its cause is fixed (reconnect, settings
+//! saved, its time passing and a probe succeeding) or when an operator says "retry now"; then
+//! the waiting mails go out in queue order.
+
+use chrono::{DateTime, Utc};
+use crm_sdk::{Audience, ModuleContext, Notification};
+use sea_orm::sea_query::{Expr, OnConflict, Query, SimpleExpr};
+use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set};
+use std::collections::HashMap;
+
+use crate::classify::{HoldReason, Verdict};
+use crate::entities::{mail_server, mailbox_health, outbox};
+use crate::runtime::Shared;
+
+/// A mailbox's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// Mail goes out.
+    Ready,
+    /// Exchange asked to slow down: mails wait until `until`, spending no attempt.
+    Throttled {
+        /// When sending resumes.
+        until: DateTime<Utc>,
+    },
+    /// Mails wait until the cause is fixed.
+    Held {
+        /// Why.
+        reason: HoldReason,
+        /// What happened and what to do.
+        detail: String,
+        /// Since when.
+        since: DateTime<Utc>,
+        /// When a mail is tried again by itself (a probe), if ever.
+        until: Option<DateTime<Utc>>,
+    },
+}
+
+impl Health {
+    /// The state of a stored row (a missing row is `Ready`), as of `now`.
+    pub fn of(row: Option<&mailbox_health::Model>, now: DateTime<Utc>) -> Self {
+        let Some(row) = row else {
+            return Health::Ready;
+        };
+        match row.state.as_str() {
+            "held" => Health::Held {
+                reason: row
+                    .reason
+                    .as_deref()
+                    .and_then(HoldReason::parse)
+                    .unwrap_or(HoldReason::TokenRefused),
+                detail: row.detail.clone().unwrap_or_default(),
+                since: row.since.unwrap_or(row.updated_at),
+                until: row.until,
+            },
+            "throttled" if row.until.is_some_and(|u| u > now) => Health::Throttled {
+                until: row.until.unwrap_or(now),
+            },
+            _ => Health::Ready,
+        }
+    }
+
+    /// `ready`, `throttled` or `held`.
+    pub fn state(&self) -> &'static str {
+        match self {
+            Health::Ready => "ready",
+            Health::Throttled { .. } => "throttled",
+            Health::Held { .. } => "held",
+        }
+    }
+
+    /// The hold reason, if held.
+    pub fn reason(&self) -> Option<HoldReason> {
+        match self {
+            Health::Held { reason, .. } => Some(*reason),
+            _ => None,
+        }
+    }
+
+    /// One line for lists: "Held: SMTP AUTH disabled", "Throttled until 10:42 UTC", "Ready".
+    pub fn label(&self) -> String {
+        match self {
+            Health::Ready => "Ready".into(),
+            Health::Throttled { until } => {
+                format!("Throttled until {}", until.format("%H:%M UTC"))
+            }
+            Health::Held { reason, .. } => format!("Held: {}", reason.title()),
+        }
+    }
+}
+
+/// The notification key of a mailbox's incidents (resolved when the hold ends).
+pub fn notification_key(server_id: i32) -> String {
+    format!("microsoft_outlook:mailbox:{server_id}")
+}
+
+/// The notification key of an incident of the module's settings (one for every mailbox).
+fn settings_key(reason: HoldReason) -> String {
+    format!("microsoft_outlook:settings:{}", reason.as_str())
+}
+
+/// Reasons that are the module's settings' (told once to operators, not once per mailbox).
+fn module_wide(reason: HoldReason) -> bool {
+    reason.ends_on_settings_saved()
+}
+
+/// The health of every mailbox that has a row.
+pub async fn all(
+    ctx: &ModuleContext,
+) -> Result<HashMap<i32, mailbox_health::Model>, sea_orm::DbErr> {
+    Ok(mailbox_health::Entity::find()
+        .all(ctx.db())
+        .await?
+        .into_iter()
+        .map(|r| (r.server_id, r))
+        .collect())
+}
+
+/// The health of one mailbox.
+pub async fn get(ctx: &ModuleContext, server_id: i32) -> Result<Health, sea_orm::DbErr> {
+    let row = mailbox_health::Entity::find_by_id(server_id)
+        .one(ctx.db())
+        .await?;
+    Ok(Health::of(row.as_ref(), ctx.clock().now()))
+}
+
+/// A condition on outbox rows: their mailbox is neither held nor throttled at `now` (a hold
+/// whose probe time has passed lets its mails be claimed again: the first one is the probe).
+pub fn claimable(now: DateTime<Utc>) -> SimpleExpr {
+    let blocked = Query::select()
+        .column(mailbox_health::Column::ServerId)
+        .from(mailbox_health::Entity)
+        .cond_where(
+            Condition::all()
+                .add(mailbox_health::Column::State.ne("ready"))
+                .add(
+                    Condition::any()
+                        .add(mailbox_health::Column::Until.is_null())
+                        .add(mailbox_health::Column::Until.gt(now)),
+                ),
+        )
+        .to_owned();
+    outbox::Column::ServerId.not_in_subquery(blocked)
+}
+
+async fn ensure_row(ctx: &ModuleContext, server_id: i32) -> Result<(), sea_orm::DbErr> {
+    mailbox_health::Entity::insert(mailbox_health::ActiveModel {
+        server_id: Set(server_id),
+        state: Set("ready".into()),
+        reason: Set(None),
+        detail: Set(None),
+        since: Set(None),
+        until: Set(None),
+        notified_at: Set(None),
+        updated_at: Set(ctx.clock().now()),
+    })
+    .on_conflict(
+        OnConflict::column(mailbox_health::Column::ServerId)
+            .do_nothing()
+            .to_owned(),
+    )
+    .exec_without_returning(ctx.db())
+    .await?;
+    Ok(())
+}
+
+/// Holds `server`'s mailbox for `reason`, with the verdict's words. The people who can fix it
+/// are told once per incident (a hold for the same reason while held is the same incident: its
+/// words and probe time are renewed, `since` stays). Returns whether this call began it.
+pub async fn hold(
+    ctx: &ModuleContext,
+    shared: &Shared,
+    server: &mail_server::Model,
+    reason: HoldReason,
+    verdict: &Verdict,
+) -> Result<bool, sea_orm::DbErr> {
+    ensure_row(ctx, server.id).await?;
+    let now = ctx.clock().now();
+    let until = verdict.hold_for.map(|d| now + d);
+    let detail = verdict.words();
+    let update = || {
+        mailbox_health::Entity::update_many()
+            .col_expr(mailbox_health::Column::State, Expr::value("held"))
+            .col_expr(mailbox_health::Column::Detail, Expr::value(detail.clone()))
+            .col_expr(mailbox_health::Column::Until, Expr::value(until))
+            .col_expr(mailbox_health::Column::UpdatedAt, Expr::value(now))
+            .filter(mailbox_health::Column::ServerId.eq(server.id))
+    };
+    // Only the writer that turns the state into this hold begins the incident.
+    let began = update()
+        .col_expr(mailbox_health::Column::Reason, Expr::value(reason.as_str()))
+        .col_expr(mailbox_health::Column::Since, Expr::value(now))
+        .col_expr(mailbox_health::Column::NotifiedAt, Expr::value(now))
+        .filter(
+            Condition::any()
+                .add(mailbox_health::Column::State.ne("held"))
+                .add(mailbox_health::Column::Reason.is_null())
+                .add(mailbox_health::Column::Reason.ne(reason.as_str())),
+        )
+        .exec(ctx.db())
+        .await?
+        .rows_affected
+        == 1;
+    if !began {
+        update()
+            .filter(mailbox_health::Column::Reason.eq(reason.as_str()))
+            .exec(ctx.db())
+            .await?;
+    }
+    shared.forget_health(server.id);
+    if began {
+        tracing::warn!(server_id = server.id, reason = reason.as_str(), "mailbox held");
+        tell(ctx, server, reason, verdict).await;
+    }
+    Ok(began)
+}
+
+/// Tells the people who can fix a hold, once.
+async fn tell(ctx: &ModuleContext, server: &mail_server::Model, reason: HoldReason, v: &Verdict) {
+    let waits = "Mail from this mailbox waits (no attempt is spent, nothing is lost) and goes out in queue order once this is fixed.";
+    let mut notices = Vec::new();
+    if module_wide(reason) {
+        let first = crate::jobs::remember_once(ctx, &settings_key(reason), &v.what)
+            .await
+            .unwrap_or(false);
+        if first {
+            notices.push(Notification {
+                audience: Audience::Operators,
+                subject: format!("Microsoft Outlook: {}", reason.title().to_lowercase()),
+                body: format!("{} {} {waits}", v.what, v.fix),
+                link: Some("/settings".into()),
+                key: Some(settings_key(reason)),
+            });
+        }
+    } else {
+        let subject = format!(
+            "Mail server \"{}\" ({}) is held: {}",
+            server.name,
+            server.mailbox,
+            reason.title().to_lowercase()
+        );
+        let link = Some(format!("/microsoft_outlook/servers/{}", server.id));
+        notices.push(Notification {
+            audience: Audience::Operators,
+            subject: subject.clone(),
+            body: format!("{} {} {waits}", v.what, v.fix),
+            link: link.clone(),
+            key: Some(notification_key(server.id)),
+        });
+        // The owner of a personal mailbox is asked to act only where they can.
+        if let Some(owner) = server.owner_user_id {
+            let body = if reason.needs_operator() {
+                format!(
+                    "{} The CRM's operators have been told and must fix it; nothing is needed from you. {waits}",
+                    v.what
+                )
+            } else {
+                format!("{} {} {waits}", v.what, v.fix)
+            };
+            notices.push(Notification {
+                audience: Audience::User(owner),
+                subject,
+                body,
+                link,
+                key: Some(notification_key(server.id)),
+            });
+        }
+    }
+    for n in notices {
+        if let Err(e) = ctx.notifier().notify(n).await {
+            tracing::warn!(error = %e, "a hold notification was not recorded");
+        }
+    }
+}
+
+/// Throttles a mailbox until `until` (a held mailbox stays held).
+pub async fn throttle(
+    ctx: &ModuleContext,
+    shared: &Shared,
+    server_id: i32,
+    until: DateTime<Utc>,
+    why: &str,
+) -> Result<(), sea_orm::DbErr> {
+    ensure_row(ctx, server_id).await?;
+    let now = ctx.clock().now();
+    mailbox_health::Entity::update_many()
+        .col_expr(mailbox_health::Column::State, Expr::value("throttled"))
+        .col_expr(mailbox_health::Column::Reason, Expr::value("throttled"))
+        .col_expr(mailbox_health::Column::Detail, Expr::value(why.to_string()))
+        .col_expr(mailbox_health::Column::Since, Expr::value(now))
+        .col_expr(mailbox_health::Column::Until, Expr::value(until))
+        .col_expr(mailbox_health::Column::UpdatedAt, Expr::value(now))
+        .filter(mailbox_health::Column::ServerId.eq(server_id))
+        .filter(mailbox_health::Column::State.ne("held"))
+        .exec(ctx.db())
+        .await?;
+    shared.forget_health(server_id);
+    Ok(())
+}
+
+/// Ends whatever hold or throttle `server_id` is under (`only`: only holds for these reasons),
+/// resolves its notification, and sends its waiting mails in queue order. Returns whether a
+/// hold ended.
+pub async fn release(
+    ctx: &ModuleContext,
+    shared: &std::sync::Arc<Shared>,
+    server_id: i32,
+    only: Option<&[HoldReason]>,
+) -> Result<bool, sea_orm::DbErr> {
+    let now = ctx.clock().now();
+    let mut update = mailbox_health::Entity::update_many()
+        .col_expr(mailbox_health::Column::State, Expr::value("ready"))
+        .col_expr(
+            mailbox_health::Column::Reason,
+            Expr::value(Option::<String>::None),
+        )
+        .col_expr(
+            mailbox_health::Column::Detail,
+            Expr::value(Option::<String>::None),
+        )
+        .col_expr(
+            mailbox_health::Column::Since,
+            Expr::value(Option::<DateTime<Utc>>::None),
+        )
+        .col_expr(
+            mailbox_health::Column::Until,
+            Expr::value(Option::<DateTime<Utc>>::None),
+        )
+        .col_expr(
+            mailbox_health::Column::NotifiedAt,
+            Expr::value(Option::<DateTime<Utc>>::None),
+        )
+        .col_expr(mailbox_health::Column::UpdatedAt, Expr::value(now))
+        .filter(mailbox_health::Column::ServerId.eq(server_id))
+        .filter(mailbox_health::Column::State.ne("ready"));
+    if let Some(reasons) = only {
+        update = update.filter(
+            mailbox_health::Column::Reason.is_in(reasons.iter().map(|r| r.as_str())),
+        );
+    }
+    let ended = update.exec(ctx.db()).await?.rows_affected == 1;
+    shared.forget_health(server_id);
+    if ended {
+        tracing::info!(server_id, "mailbox hold ended");
+        if let Err(e) = ctx.notifier().resolve(&notification_key(server_id)).await {
+            tracing::warn!(error = %e, "resolving a hold notification failed");
+        }
+    }
+    let waiting = requeue_waiting(ctx, server_id).await?;
+    shared.deliver_in_order(ctx, waiting);
+    Ok(ended)
+}
+
+/// Ends every hold for one of `reasons` (after the settings were saved), resolving the
+/// module-wide notification.
+pub async fn release_reasons(
+    ctx: &ModuleContext,
+    shared: &std::sync::Arc<Shared>,
+    reasons: &[HoldReason],
+) -> Result<usize, sea_orm::DbErr> {
+    let held: Vec<i32> = mailbox_health::Entity::find()
+        .select_only()
+        .column(mailbox_health::Column::ServerId)
+        .filter(mailbox_health::Column::State.eq("held"))
+        .filter(mailbox_health::Column::Reason.is_in(reasons.iter().map(|r| r.as_str())))
+        .order_by_asc(mailbox_health::Column::ServerId)
+        .into_tuple()
+        .all(ctx.db())
+        .await?;
+    for reason in reasons {
+        crate::jobs::forget_alert(ctx, &settings_key(*reason)).await?;
+        if let Err(e) = ctx.notifier().resolve(&settings_key(*reason)).await {
+            tracing::warn!(error = %e, "resolving a settings notification failed");
+        }
+    }
+    let mut ended = 0;
+    for server_id in held {
+        if release(ctx, shared, server_id, Some(reasons)).await? {
+            ended += 1;
+        }
+    }
+    Ok(ended)
+}
+
+/// After a mail went out or a token was refreshed: a mailbox that was held or throttled is
+/// ready again (its probe succeeded). Reads the state at most every two seconds per process.
+pub async fn succeeded(
+    ctx: &ModuleContext,
+    shared: &std::sync::Arc<Shared>,
+    server_id: i32,
+    only: Option<&[HoldReason]>,
+) -> Result<(), sea_orm::DbErr> {
+    if shared.known_ready(server_id) {
+        return Ok(());
+    }
+    let health = get(ctx, server_id).await?;
+    let applies = match (&health, only) {
+        (Health::Ready, _) => false,
+        (Health::Held { reason, .. }, Some(reasons)) => reasons.contains(reason),
+        (_, _) => true,
+    };
+    if applies {
+        release(ctx, shared, server_id, only).await?;
+    } else if health == Health::Ready {
+        shared.remember_ready(server_id);
+    }
+    Ok(())
+}
+
+/// Puts a mailbox's waiting mails back at the head of the queue: due now, in queue order.
+async fn requeue_waiting(ctx: &ModuleContext, server_id: i32) -> Result<Vec<i64>, sea_orm::DbErr> {
+    let now = ctx.clock().now();
+    let waiting: Vec<i64> = outbox::Entity::find()
+        .select_only()
+        .column(outbox::Column::Id)
+        .filter(outbox::Column::ServerId.eq(server_id))
+        .filter(outbox::Column::Status.eq("queued"))
+        .order_by_asc(outbox::Column::Id)
+        .into_tuple()
+        .all(ctx.db())
+        .await?;
+    if waiting.is_empty() {
+        return Ok(waiting);
+    }
+    outbox::Entity::update_many()
+        .col_expr(outbox::Column::NextAttemptAt, Expr::value(now))
+        .col_expr(outbox::Column::PushedAt, Expr::value(now))
+        .filter(outbox::Column::ServerId.eq(server_id))
+        .filter(outbox::Column::Status.eq("queued"))
+        .exec(ctx.db())
+        .await?;
+    Ok(waiting)
+}
+
+/// How many mails wait on each mailbox (queued or being sent).
+pub async fn waiting_counts(ctx: &ModuleContext) -> Result<HashMap<i32, i64>, sea_orm::DbErr> {
+    let rows: Vec<(i32, i64)> = outbox::Entity::find()
+        .select_only()
+        .column(outbox::Column::ServerId)
+        .column_as(outbox::Column::Id.count(), "n")
+        .filter(outbox::Column::Status.is_in(["queued", "sending"]))
+        .group_by(outbox::Column::ServerId)
+        .into_tuple()
+        .all(ctx.db())
+        .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// For each held or throttled mailbox, what its waiting mails say to the people who wrote
+/// them: why they wait, and who has been told (a user is never asked to do an operator's job).
+pub async fn waiting_words(ctx: &ModuleContext) -> HashMap<i32, String> {
+    let now = ctx.clock().now();
+    let rows = all(ctx).await.unwrap_or_default();
+    rows.iter()
+        .filter_map(|(id, row)| {
+            let words = match Health::of(Some(row), now) {
+                Health::Ready => return None,
+                Health::Throttled { until } => format!(
+                    "Waiting: Exchange asked to slow down; it goes out after {}.",
+                    until.format("%H:%M UTC")
+                ),
+                Health::Held { reason, .. } if reason.needs_operator() => format!(
+                    "Waiting: the mailbox needs an administrator ({}) — the CRM's operators have been told. Nothing is lost; it goes out once they fix it.",
+                    reason.title().to_lowercase()
+                ),
+                Health::Held { .. } => "Waiting: the mailbox must be connected again — its owner and the operators have been told. Nothing is lost.".to_string(),
+            };
+            Some((*id, words))
+        })
+        .collect()
+}
