@@ -83,6 +83,51 @@ await check('a user sends a mail from a contact and it reaches the server', asyn
   await page.screenshot({ path: `${shots}/received.png`, fullPage: true });
 });
 
+await check('a mailbox Exchange refuses is shown held, the author is told, and Retry now sends the mail', async () => {
+  await page.goto(`${base}/demo/faults`);
+  await page.click('button:has-text("Play smtp-auth-disabled")');
+  const user = await browser.newPage();
+  user.setDefaultTimeout(20000);
+  await user.goto(`${base}/login`);
+  await user.fill('#email', 'alice@contoso.example');
+  await user.fill('#password', 'alice-demo');
+  await user.click('button[type=submit]');
+  await user.waitForURL(/\/contacts/);
+  await user.click('text=Dana Fabrikam');
+  await user.fill('#mail-subject', 'Held mailbox check');
+  await user.fill('#mail-body', 'This one waits for the operator.');
+  await user.click('button:has-text("Send")');
+  await user.waitForURL(/\/mails/);
+  let health = '';
+  for (let i = 0; i < 40; i += 1) {
+    await page.goto(`${base}/microsoft_outlook/servers`);
+    health = await page.textContent('td.health');
+    if (health.includes('Held')) break;
+    await page.waitForTimeout(500);
+  }
+  if (!health.includes('Held: SMTP AUTH disabled')) throw new Error(`the server list shows "${health.trim()}"`);
+  if (health.includes('Outlook token validated')) throw new Error('a held mailbox is shown as validated');
+  await page.screenshot({ path: `${shots}/held.png`, fullPage: true });
+  await user.reload();
+  const row = await user.textContent('table.mails tbody tr:first-child');
+  if (!row.includes('operators have been told')) throw new Error(`the author is not told that the operators know: ${row}`);
+  if (row.includes('failed')) throw new Error('the mail of a held mailbox failed');
+  await page.click('text=Office 365 (simulated)');
+  await page.click('button:has-text("Retry now")');
+  await page.waitForSelector('text=Retrying');
+  const status = 'table.mails tbody tr:first-child td:nth-child(2) .badge';
+  let shown = '';
+  for (let i = 0; i < 40; i += 1) {
+    await user.reload();
+    shown = (await user.textContent(status)).trim();
+    if (shown === 'sent') break;
+    await user.waitForTimeout(500);
+  }
+  if (shown !== 'sent') throw new Error(`after Retry now the mail is "${shown}", not "sent"`);
+  await page.goto(`${base}/microsoft_outlook/servers`);
+  if (!(await page.textContent('td.health')).includes('Outlook token validated')) throw new Error('the server is not ready again');
+});
+
 await browser.close();
 console.log(`${passed} passed, ${failed} failed`);
 process.exit(failed === 0 ? 0 : 1);

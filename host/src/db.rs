@@ -52,7 +52,10 @@ pub struct HostMigrator;
 #[async_trait::async_trait]
 impl MigratorTrait for HostMigrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(M0001HostTables), Box::new(M0002NotificationIncidents)]
+        vec![
+            Box::new(M0001HostTables),
+            Box::new(M0002NotificationIncidents),
+        ]
     }
 
     fn migration_table_name() -> DynIden {

@@ -190,12 +190,85 @@ async fn received(
     ok(state.chrome.render("Received mail", Some(&user), body))
 }
 
+/// The faults the demo's simulated Exchange can be told to play (operators only), so that an
+/// operator can see what the module shows when Exchange refuses.
+const FAULTS: [(&str, &str); 3] = [
+    (
+        "smtp-auth-disabled",
+        "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant.",
+    ),
+    (
+        "quota",
+        "554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed to process message due to a permanent exception",
+    ),
+    (
+        "recipient-unknown",
+        "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup",
+    ),
+];
+
+async fn faults_page(state: web::Data<AppState>, user: CurrentUser) -> HttpResponse {
+    if !user.is_admin {
+        return HttpResponse::Forbidden().body("Operators only.");
+    }
+    let body = html! {
+        h1 { "Simulated Exchange: play a fault" }
+        section.card {
+            p.help { "The next attempt of the simulated smtp.office365.com answers with the reply chosen here, once." }
+            @for (id, reply) in FAULTS {
+                form method="post" action="/demo/faults" {
+                    input type="hidden" name="csrf_token" value=(user.csrf_token);
+                    input type="hidden" name="fault" value=(id);
+                    p { button type="submit" { "Play " (id) } " " code { (reply) } }
+                }
+            }
+        }
+    };
+    ok(state.chrome.render("Faults", Some(&user), body))
+}
+
+#[derive(serde::Deserialize)]
+struct FaultForm {
+    fault: String,
+}
+
+async fn play_fault(
+    demo: web::Data<DemoServices>,
+    user: CurrentUser,
+    form: web::Form<FaultForm>,
+) -> HttpResponse {
+    use microsoft_outlook_tests::smtp::{Injected, Stage};
+    if !user.is_admin {
+        return HttpResponse::Forbidden().body("Operators only.");
+    }
+    let Some((id, reply)) = FAULTS.iter().find(|(id, _)| *id == form.fault) else {
+        return HttpResponse::BadRequest().body("No such fault.");
+    };
+    let stage = match *id {
+        "smtp-auth-disabled" => Stage::Auth,
+        "recipient-unknown" => Stage::RcptTo,
+        _ => Stage::EndOfData,
+    };
+    demo.smtp.inject(
+        Injected::Reply {
+            stage,
+            reply: (*reply).to_string(),
+        },
+        1,
+    );
+    HttpResponse::SeeOther()
+        .insert_header(("Location", "/demo/faults?played=1"))
+        .finish()
+}
+
 /// The demo's routes.
 pub fn routes(
     demo: DemoServices,
 ) -> impl Fn(&mut web::ServiceConfig) + Clone + Send + Sync + 'static {
     move |cfg: &mut web::ServiceConfig| {
         cfg.app_data(web::Data::new(demo.clone()))
-            .route("/demo/received", web::get().to(received));
+            .route("/demo/received", web::get().to(received))
+            .route("/demo/faults", web::get().to(faults_page))
+            .route("/demo/faults", web::post().to(play_fault));
     }
 }

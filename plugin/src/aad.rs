@@ -41,9 +41,10 @@ pub fn aadsts_code(description: &str) -> Option<u32> {
 /// Classifies by `error` first, then by the AADSTS code.
 pub fn classify(error: &str, code: Option<u32>) -> FailureClass {
     match (error, code) {
-        (_, Some(7000215 | 7000222 | 700016 | 50011 | 500112 | 700054 | 7000218 | 500011 | 90002)) => {
-            FailureClass::Configuration
-        }
+        (
+            _,
+            Some(7000215 | 7000222 | 700016 | 50011 | 500112 | 700054 | 7000218 | 500011 | 90002),
+        ) => FailureClass::Configuration,
         ("invalid_client" | "unauthorized_client", _) => FailureClass::Configuration,
         ("temporarily_unavailable" | "server_error", _) => FailureClass::Transient,
         ("invalid_grant" | "interaction_required" | "consent_required" | "login_required", _) => {

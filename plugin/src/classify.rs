@@ -565,21 +565,23 @@ pub fn token(failure: &AadFailure, redirect_uri: &str) -> Verdict {
             failure.error, failure.description
         ),
         _ if !failure.description.is_empty() => {
-            format!(" Microsoft said: {}: {}", failure.error, failure.description)
+            format!(
+                " Microsoft said: {}: {}",
+                failure.error, failure.description
+            )
         }
         _ => String::new(),
     };
     let (what, fix) = explain(&failure.error, failure.code, redirect_uri);
-    let held = |rule: &'static str, reason: HoldReason, who: Who, what: String, fix: String| {
-        Verdict {
+    let held =
+        |rule: &'static str, reason: HoldReason, who: Who, what: String, fix: String| Verdict {
             rule,
             level: Level::MailboxHeld(reason),
             who,
             what,
             fix,
             hold_for: reason.probe_after(),
-        }
-    };
+        };
     match failure.class {
         FailureClass::Transient => Verdict {
             rule: "token-endpoint-unavailable",
@@ -753,7 +755,11 @@ mod tests {
             "554 5.2.0 STOREDRV.Submission.Exception:SendAsDeniedException",
         );
         assert_eq!(other.level, Level::MailFails);
-        assert!(other.fix.contains("grant sales@contoso.example Send As on alice@"));
+        assert!(
+            other
+                .fix
+                .contains("grant sales@contoso.example Send As on alice@")
+        );
         let own = smtp(
             Observed::Reply {
                 stage: Stage::Transaction,
@@ -768,7 +774,10 @@ mod tests {
         );
         assert_eq!(own.rule, "send-as-denied-mailbox");
         // Never: "grant the mailbox Send As on itself".
-        assert!(!own.fix.contains("grant sales@contoso.example Send As on sales@"));
+        assert!(
+            !own.fix
+                .contains("grant sales@contoso.example Send As on sales@")
+        );
         assert!(own.fix.contains("grant s.jones@contoso.example"));
     }
 
@@ -807,9 +816,16 @@ mod tests {
             &failure(FailureClass::Configuration, "invalid_client", Some(7000222)),
             uri,
         );
-        assert_eq!(secret.level, Level::MailboxHeld(HoldReason::ClientCredentials));
+        assert_eq!(
+            secret.level,
+            Level::MailboxHeld(HoldReason::ClientCredentials)
+        );
         let cloud = token(
-            &failure(FailureClass::Configuration, "invalid_resource", Some(500011)),
+            &failure(
+                FailureClass::Configuration,
+                "invalid_resource",
+                Some(500011),
+            ),
             uri,
         );
         assert_eq!(cloud.level, Level::MailboxHeld(HoldReason::WrongCloud));
@@ -821,7 +837,10 @@ mod tests {
     fn every_rule_is_documented_in_the_readme() {
         let readme = include_str!("../../README.md");
         for id in rule_ids() {
-            assert!(readme.contains(&format!("`{id}`")), "README lacks rule {id}");
+            assert!(
+                readme.contains(&format!("`{id}`")),
+                "README lacks rule {id}"
+            );
         }
         for reason in HoldReason::ALL {
             assert_eq!(HoldReason::parse(reason.as_str()), Some(reason));

@@ -400,9 +400,7 @@ impl Attempt<'_> {
         } else {
             let o = Outcome {
                 status: "queued",
-                next_attempt_at: Some(
-                    self.now + backoff(self.retry_base_secs, self.row.attempts),
-                ),
+                next_attempt_at: Some(self.now + backoff(self.retry_base_secs, self.row.attempts)),
                 last_reply: reply,
                 last_error: Some(error),
                 sent: false,
@@ -456,7 +454,10 @@ impl Attempt<'_> {
                 let until = until.unwrap_or(self.now + Duration::seconds(60));
                 crate::health::throttle(ctx, shared, self.server.id, until, &verdict.words())
                     .await?;
-                (Delivered::Retry, self.wait(Some(until), reply, verdict.words()))
+                (
+                    Delivered::Retry,
+                    self.wait(Some(until), reply, verdict.words()),
+                )
             }
         })
     }
@@ -473,7 +474,8 @@ impl Attempt<'_> {
             } => {
                 let (d, mut o) = self.retry_or_fail(None, problem.to_string());
                 if let (Some(secs), Some(at)) = (retry_after_secs, o.next_attempt_at) {
-                    o.next_attempt_at = Some(Ord::max(at, self.now + Duration::seconds(*secs as i64)));
+                    o.next_attempt_at =
+                        Some(Ord::max(at, self.now + Duration::seconds(*secs as i64)));
                 }
                 (d, o)
             }

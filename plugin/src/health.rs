@@ -211,7 +211,11 @@ pub async fn hold(
     }
     shared.forget_health(server.id);
     if began {
-        tracing::warn!(server_id = server.id, reason = reason.as_str(), "mailbox held");
+        tracing::warn!(
+            server_id = server.id,
+            reason = reason.as_str(),
+            "mailbox held"
+        );
         tell(ctx, server, reason, verdict).await;
     }
     Ok(began)
@@ -336,9 +340,8 @@ pub async fn release(
         .filter(mailbox_health::Column::ServerId.eq(server_id))
         .filter(mailbox_health::Column::State.ne("ready"));
     if let Some(reasons) = only {
-        update = update.filter(
-            mailbox_health::Column::Reason.is_in(reasons.iter().map(|r| r.as_str())),
-        );
+        update =
+            update.filter(mailbox_health::Column::Reason.is_in(reasons.iter().map(|r| r.as_str())));
     }
     let ended = update.exec(ctx.db()).await?.rows_affected == 1;
     shared.forget_health(server_id);

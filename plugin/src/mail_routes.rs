@@ -1,6 +1,5 @@
 //! Mails on records: `POST /records/{model}/{id}/mails` (form or JSON) and the record's list.
 
-use std::collections::HashMap;
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use chrono::{DateTime, Utc};
@@ -8,6 +7,7 @@ use crm_sdk::{CurrentUser, FieldError, ModuleContext, RecordAccess, RecordRef};
 use maud::{Markup, html};
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::compose::{AddressInput, MailRequest};

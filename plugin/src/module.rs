@@ -83,7 +83,9 @@ impl Module for OutlookModule {
         match crate::health::release_reasons(ctx, &self.shared, &reasons).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(mailboxes = n, "settings saved: held mailboxes released"),
-            Err(e) => tracing::warn!(error = %e, "releasing held mailboxes after a settings save failed"),
+            Err(e) => {
+                tracing::warn!(error = %e, "releasing held mailboxes after a settings save failed")
+            }
         }
     }
 

@@ -7,8 +7,8 @@ use maud::{Markup, html};
 use sea_orm::EntityTrait;
 use serde::Deserialize;
 
-use crate::health::Health;
 use crate::entities::{mail_server, token};
+use crate::health::Health;
 use crate::servers::{self, ServerForm, ServerInput, ServerKind, may_manage};
 use crate::settings::OutlookSettings;
 
@@ -316,7 +316,9 @@ async fn list(ctx: web::Data<ModuleContext>, user: CurrentUser) -> HttpResponse 
     }
     let servers = servers::shared(ctx.db()).await.unwrap_or_default();
     let healths = crate::health::all(&ctx).await.unwrap_or_default();
-    let waiting = crate::health::waiting_counts(&ctx).await.unwrap_or_default();
+    let waiting = crate::health::waiting_counts(&ctx)
+        .await
+        .unwrap_or_default();
     let tokens: std::collections::HashMap<i32, token::Model> = token::Entity::find()
         .all(ctx.db())
         .await

@@ -136,7 +136,9 @@ pub enum NotConfigured {
 /// The authority to use: the configured URL when it is not one of the clouds' own (a proxy, the
 /// simulated platform), else the chosen cloud's.
 fn authority(cloud: Cloud, configured: Option<&str>) -> String {
-    let configured = configured.map(|u| u.trim().trim_end_matches('/')).unwrap_or("");
+    let configured = configured
+        .map(|u| u.trim().trim_end_matches('/'))
+        .unwrap_or("");
     if configured.is_empty() || Cloud::ALL.iter().any(|c| c.authority() == configured) {
         cloud.authority().to_string()
     } else {

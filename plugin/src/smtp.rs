@@ -420,13 +420,12 @@ impl SmtpSender {
         deadline: Instant,
     ) -> Result<Slot, SendOutcome> {
         let db = ctx.db();
-        let unavailable =
-            |e: sea_orm::DbErr| {
-                SendOutcome::Failed(SmtpFailure::network(
-                    Stage::Connect,
-                    format!("the database is unavailable: {e}"),
-                ))
-            };
+        let unavailable = |e: sea_orm::DbErr| {
+            SendOutcome::Failed(SmtpFailure::network(
+                Stage::Connect,
+                format!("the database is unavailable: {e}"),
+            ))
+        };
         self.ensure_slot_rows(ctx, server_id)
             .await
             .map_err(unavailable)?;
@@ -525,7 +524,10 @@ impl SmtpSender {
     }
 
     /// Connects, reads the greeting, says EHLO and starts TLS as the server is configured.
-    async fn connect(&self, server: &mail_server::Model) -> Result<AsyncSmtpConnection, SmtpFailure> {
+    async fn connect(
+        &self,
+        server: &mail_server::Model,
+    ) -> Result<AsyncSmtpConnection, SmtpFailure> {
         let smtp = |e: lettre::transport::smtp::Error| failure(Stage::Connect, &e);
         let tls = || -> Result<TlsParameters, lettre::transport::smtp::Error> {
             let mut builder = TlsParameters::builder(server.smtp_host.clone());

@@ -93,7 +93,14 @@ pub fn table(rows: &[ServerStatus]) -> String {
     };
     let mut out = format!(
         "{:<4} {:<32} {:<9} {:<28} {:<8} {:<17} {:<17} {}\n",
-        "ID", "MAILBOX", "KIND", "STATUS", "WAITING", "ACCESS EXPIRES", "LAST REFRESH", "LAST ERROR"
+        "ID",
+        "MAILBOX",
+        "KIND",
+        "STATUS",
+        "WAITING",
+        "ACCESS EXPIRES",
+        "LAST REFRESH",
+        "LAST ERROR"
     );
     for r in rows {
         out.push_str(&format!(

@@ -243,7 +243,13 @@ pub async fn fresh_access_token(
         .await
         .map_err(db)?;
     let Some(row) = row else {
-        return Err(hold(ctx, shared, server, classify::not_connected(&server.mailbox)).await);
+        return Err(hold(
+            ctx,
+            shared,
+            server,
+            classify::not_connected(&server.mailbox),
+        )
+        .await);
     };
     if row.status != "valid" {
         return Err(hold(ctx, shared, server, dead_grant(&row)).await);
@@ -481,12 +487,8 @@ async fn refresh_holding_lease(
         return Err(hold(ctx, shared, server, verdict).await);
     };
     let refresh_token = unseal(ctx, sealed_refresh, &refresh_context(server.id))?;
-    let answer = token_client::request(
-        &shared.http,
-        settings,
-        Grant::RefreshToken(&refresh_token),
-    )
-    .await;
+    let answer =
+        token_client::request(&shared.http, settings, Grant::RefreshToken(&refresh_token)).await;
     match answer {
         Ok(tokens) => {
             let token = store_refreshed(ctx, server, row, tokens).await?;
