@@ -1,7 +1,7 @@
 //! The `crm-host` binary as an operator runs it: start-up errors and the outlook CLI.
 
 use crm_sdk::{Sealer, SealingKey};
-use microsoft_outlook::entities::{mail_server, token};
+use microsoft_outlook::entities::{mail_server, mailbox_health, token};
 use sea_orm::{ActiveModelTrait, Set};
 use secrecy::ExposeSecret;
 use std::process::Command;
@@ -110,6 +110,22 @@ async fn outlook_status_json_lists_every_mail_server() {
     .insert(&db)
     .await
     .expect("token");
+    // The dead grant held the mailbox.
+    mailbox_health::ActiveModel {
+        server_id: Set(server.id),
+        state: Set("held".into()),
+        reason: Set(Some("grant_dead".into())),
+        detail: Set(Some(
+            "The grant was revoked (AADSTS50173). The mailbox's user must click Reconnect.".into(),
+        )),
+        since: Set(Some(now)),
+        until: Set(None),
+        notified_at: Set(Some(now)),
+        updated_at: Set(now),
+    }
+    .insert(&db)
+    .await
+    .expect("health");
 
     let out = run(&["outlook", "status", "--json"]);
     assert!(
@@ -122,7 +138,14 @@ async fn outlook_status_json_lists_every_mail_server() {
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0]["mailbox"], "crm@contoso.example");
     assert_eq!(rows[0]["kind"], "shared");
-    assert_eq!(rows[0]["status"], "needs_reconnect");
+    assert_eq!(rows[0]["status"], "held:grant_dead");
+    assert_eq!(rows[0]["health"], "held");
+    assert!(
+        rows[0]["held_because"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Reconnect")
+    );
     assert!(
         rows[0]["last_error"]
             .as_str()
@@ -131,13 +154,11 @@ async fn outlook_status_json_lists_every_mail_server() {
     );
     assert!(rows[0]["access_expires_at"].is_string());
     assert_eq!(rows[1]["status"], "not_connected");
+    assert_eq!(rows[1]["health"], "ready");
     assert_eq!(rows[1]["kind"], "personal");
 
     let table = run(&["outlook", "status"]);
     let text = String::from_utf8_lossy(&table.stdout);
-    assert!(
-        text.contains("MAILBOX") && text.contains("needs_reconnect"),
-        "{text}"
-    );
+    assert!(text.contains("MAILBOX") && text.contains("held"), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -7,7 +7,7 @@
 
 use chrono::{DateTime, Utc};
 use crm_sdk::{Audience, ModuleContext, Notification};
-use sea_orm::sea_query::{Expr, OnConflict, Query, SimpleExpr};
+use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query, SimpleExpr};
 use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set};
 use std::collections::HashMap;
 
@@ -126,8 +126,9 @@ pub async fn get(ctx: &ModuleContext, server_id: i32) -> Result<Health, sea_orm:
     Ok(Health::of(row.as_ref(), ctx.clock().now()))
 }
 
-/// A condition on outbox rows: their mailbox is neither held nor throttled at `now` (a hold
-/// whose probe time has passed lets its mails be claimed again: the first one is the probe).
+/// A condition on outbox rows: their mailbox is neither held nor throttled at `now`. When a
+/// hold's probe time has passed, only the mailbox's oldest waiting mail may be claimed: it is
+/// the probe; if it goes out the hold ends and the others follow in queue order.
 pub fn claimable(now: DateTime<Utc>) -> SimpleExpr {
     let blocked = Query::select()
         .column(mailbox_health::Column::ServerId)
@@ -142,7 +143,16 @@ pub fn claimable(now: DateTime<Utc>) -> SimpleExpr {
                 ),
         )
         .to_owned();
-    outbox::Column::ServerId.not_in_subquery(blocked)
+    let only_the_probe = Expr::cust_with_values(
+        "NOT (microsoft_outlook_outbox.server_id IN (SELECT h.server_id FROM microsoft_outlook_mailbox_health h \
+         WHERE h.state = 'held' AND h.until IS NOT NULL AND h.until <= ?) \
+         AND microsoft_outlook_outbox.id <> (SELECT MIN(o.id) FROM microsoft_outlook_outbox o \
+         WHERE o.server_id = microsoft_outlook_outbox.server_id AND o.status IN ('queued', 'sending')))",
+        [now],
+    );
+    outbox::Column::ServerId
+        .not_in_subquery(blocked)
+        .and(only_the_probe)
 }
 
 async fn ensure_row(ctx: &ModuleContext, server_id: i32) -> Result<(), sea_orm::DbErr> {
@@ -223,7 +233,11 @@ pub async fn hold(
 
 /// Tells the people who can fix a hold, once.
 async fn tell(ctx: &ModuleContext, server: &mail_server::Model, reason: HoldReason, v: &Verdict) {
-    let waits = "Mail from this mailbox waits (no attempt is spent, nothing is lost) and goes out in queue order once this is fixed.";
+    let waits = if module_wide(reason) {
+        "Mail from the affected mailboxes waits (no attempt is spent, nothing is lost) and goes out in queue order once this is fixed."
+    } else {
+        "Mail from this mailbox waits (no attempt is spent, nothing is lost) and goes out in queue order once this is fixed."
+    };
     let mut notices = Vec::new();
     if module_wide(reason) {
         let first = crate::jobs::remember_once(ctx, &settings_key(reason), &v.what)

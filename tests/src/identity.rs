@@ -10,7 +10,7 @@ use chrono::{DateTime, Duration, Utc};
 use rand::Rng;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 /// An application registration.
@@ -84,7 +84,31 @@ pub enum TokenFault {
         /// The delay.
         delay: std::time::Duration,
     },
+    /// Something that is not an OAuth document, as a proxy, firewall or captive gateway in
+    /// front of Microsoft answers: e.g. HTTP 400 `text/html` (see [`TokenFault::gateway_page`]).
+    NotOAuth {
+        /// The HTTP status.
+        status: u16,
+        /// The `Content-Type`.
+        content_type: String,
+        /// The body, as is.
+        body: String,
+    },
 }
+
+impl TokenFault {
+    /// A gateway's HTML error page: HTTP 400, `text/html`.
+    pub fn gateway_page() -> Self {
+        TokenFault::NotOAuth {
+            status: 400,
+            content_type: "text/html".into(),
+            body: GATEWAY_PAGE.into(),
+        }
+    }
+}
+
+/// The body of [`TokenFault::gateway_page`].
+pub const GATEWAY_PAGE: &str = "<html><head><title>400 Bad Request</title></head><body>Request blocked by gateway policy</body></html>";
 
 /// One request the token endpoint saw.
 #[derive(Clone, Debug)]
@@ -130,6 +154,8 @@ struct RefreshGrant {
     client_id: String,
     username: String,
     superseded: bool,
+    /// When the sign-in it descends from happened (rotation keeps it).
+    signed_in_at: DateTime<Utc>,
 }
 
 struct State {
@@ -140,8 +166,11 @@ struct State {
     mode: AuthorizeMode,
     faults: Option<(TokenFault, usize)>,
     strict_rotation: bool,
-    revoked: HashSet<String>,
+    /// Users whose grants from sign-ins up to this time are revoked.
+    revoked: HashMap<String, DateTime<Utc>>,
     lifetime: i64,
+    access_token_length: Option<usize>,
+    without_offline_access: bool,
     omit_refresh: bool,
     expires_as_string: bool,
     codes: HashMap<String, CodeGrant>,
@@ -205,8 +234,37 @@ fn lock(state: &Shared) -> std::sync::MutexGuard<'_, State> {
     state.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn is_outlook_scope(s: &str) -> bool {
+/// The Outlook resource of the global cloud (`outlook.office.com`, also `outlook.office365.com`).
+fn is_global_outlook_scope(s: &str) -> bool {
     s.starts_with("https://outlook.office.com/") || s.starts_with("https://outlook.office365.com/")
+}
+
+/// An Outlook resource of any cloud (global, US Government, China).
+fn is_outlook_scope(s: &str) -> bool {
+    is_global_outlook_scope(s)
+        || s.starts_with("https://outlook.office365.us/")
+        || s.starts_with("https://partner.outlook.cn/")
+}
+
+/// A national-cloud tenant (its domain ends in `.us` or `.cn`) asked for a global-cloud
+/// Outlook scope: Microsoft answers AADSTS500011 (the resource principal is not in that
+/// cloud's directory). The description, if so.
+fn wrong_cloud(tenant: &str, scope: &str) -> Option<String> {
+    let tenant = tenant.to_ascii_lowercase();
+    if !(tenant.ends_with(".us") || tenant.ends_with(".cn")) {
+        return None;
+    }
+    let resource = scope
+        .split_whitespace()
+        .find(|s| is_global_outlook_scope(s))?;
+    let resource = resource
+        .trim_start_matches("https://")
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    Some(format!(
+        "AADSTS500011: The resource principal named https://{resource} was not found in the tenant named {tenant}. This can happen if the application has not been installed by the administrator of the tenant or consented to by any user in the tenant. You might have sent your authentication request to the wrong tenant."
+    ))
 }
 
 fn is_oidc_scope(s: &str) -> bool {
@@ -351,7 +409,14 @@ fn issue_code(state: &mut State, q: &AuthorizeQuery, redirect_uri: &str) -> Http
             ],
         );
     }
-    let scope = q.scope.clone().unwrap_or_default();
+    let mut scope = q.scope.clone().unwrap_or_default();
+    if state.without_offline_access {
+        scope = scope
+            .split_whitespace()
+            .filter(|s| *s != "offline_access")
+            .collect::<Vec<_>>()
+            .join(" ");
+    }
     if mixes_resources(&scope) {
         return redirect_with(
             redirect_uri,
@@ -397,7 +462,11 @@ fn issue_code(state: &mut State, q: &AuthorizeQuery, redirect_uri: &str) -> Http
     )
 }
 
-async fn authorize(state: web::Data<Shared>, q: web::Query<AuthorizeQuery>) -> HttpResponse {
+async fn authorize(
+    state: web::Data<Shared>,
+    tenant: web::Path<String>,
+    q: web::Query<AuthorizeQuery>,
+) -> HttpResponse {
     let q = q.into_inner();
     let mut s = lock(&state);
     let redirect_uri = match check_authorize(&s, &q) {
@@ -405,6 +474,16 @@ async fn authorize(state: web::Data<Shared>, q: web::Query<AuthorizeQuery>) -> H
         Err(page) => return *page,
     };
     let st = q.state.clone().unwrap_or_default();
+    if let Some(description) = wrong_cloud(&tenant, q.scope.as_deref().unwrap_or_default()) {
+        return redirect_with(
+            &redirect_uri,
+            &[
+                ("error", "invalid_resource"),
+                ("error_description", &description),
+                ("state", &st),
+            ],
+        );
+    }
     match s.mode.clone() {
         AuthorizeMode::AutoApprove => issue_code(&mut s, &q, &redirect_uri),
         AuthorizeMode::Deny { error, description } => redirect_with(
@@ -495,6 +574,7 @@ fn id_token(authority: &str, client_id: &str, user: &TestUser, with_email: bool)
         "name": user.username,
         "oid": user.oid,
         "preferred_username": user.username,
+        "upn": user.username,
         "tid": user.tenant_id,
         "ver": "2.0",
     });
@@ -515,13 +595,21 @@ fn token_answer(
     scope: &str,
     with_refresh: bool,
     id_token: Option<String>,
+    signed_in_at: DateTime<Utc>,
 ) -> HttpResponse {
     let resource_scopes: Vec<String> = scope
         .split_whitespace()
         .filter(|s| !is_oidc_scope(s))
         .map(str::to_string)
         .collect();
-    let access_token = format!("eyJ0eXAiOiJKV1Qi.{}", random(96));
+    let mut access_token = format!("eyJ0eXAiOiJKV1Qi.{}", random(96));
+    if let Some(len) = state.access_token_length {
+        // Real Exchange tokens with many claims run to a few thousand characters.
+        while access_token.len() < len {
+            access_token.push_str(&random(96));
+        }
+        access_token.truncate(len.max(20));
+    }
     let expires_at = Utc::now() + Duration::seconds(state.lifetime);
     state.access.insert(
         access_token.clone(),
@@ -553,6 +641,7 @@ fn token_answer(
                 client_id: client_id.to_string(),
                 username: user.to_string(),
                 superseded: false,
+                signed_in_at,
             },
         );
         body["refresh_token"] = serde_json::json!(refresh);
@@ -579,7 +668,12 @@ fn basic_auth(req: &HttpRequest) -> Option<(String, String)> {
     Some((unescape(id), unescape(secret)))
 }
 
-async fn token(state: web::Data<Shared>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+async fn token(
+    state: web::Data<Shared>,
+    tenant: web::Path<String>,
+    req: HttpRequest,
+    body: web::Bytes,
+) -> HttpResponse {
     let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
     let grant_type = form.get("grant_type").cloned().unwrap_or_default();
     let (basic_id, basic_secret) = basic_auth(&req).unzip();
@@ -614,6 +708,16 @@ async fn token(state: web::Data<Shared>, req: HttpRequest, body: web::Bytes) -> 
             code,
             description,
         }) => (oauth_error(status, &error, code, &description), Some(code)),
+        Some(TokenFault::NotOAuth {
+            status,
+            content_type,
+            body,
+        }) => (
+            HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST))
+                .content_type(content_type)
+                .body(body),
+            None,
+        ),
         Some(TokenFault::ServerError { status }) => {
             let (error, code) = if status == 503 {
                 ("temporarily_unavailable", 90006)
@@ -645,13 +749,19 @@ async fn token(state: web::Data<Shared>, req: HttpRequest, body: web::Bytes) -> 
             }
             (r, Some(90033))
         }
-        None => answer_token(
-            &state,
-            &grant_type,
-            client_id.as_deref(),
-            client_secret.as_deref(),
-            &form,
-        ),
+        None => match wrong_cloud(&tenant, form.get("scope").map_or("", String::as_str)) {
+            Some(description) => (
+                oauth_error(400, "invalid_resource", 500011, &description),
+                Some(500011),
+            ),
+            None => answer_token(
+                &state,
+                &grant_type,
+                client_id.as_deref(),
+                client_secret.as_deref(),
+                &form,
+            ),
+        },
     };
     lock(&state).log.push(TokenRequestLog {
         grant_type,
@@ -783,6 +893,7 @@ fn answer_token(
                     &granted,
                     with_refresh,
                     id,
+                    Utc::now(),
                 ),
                 None,
             )
@@ -814,7 +925,10 @@ fn answer_token(
                     "The provided grant is invalid or malformed.",
                 );
             }
-            if s.revoked.contains(&grant.username) {
+            if s.revoked
+                .get(&grant.username)
+                .is_some_and(|at| grant.signed_in_at <= *at)
+            {
                 return fail(
                     400,
                     "invalid_grant",
@@ -839,6 +953,7 @@ fn answer_token(
                 );
             }
             let username = grant.username.clone();
+            let signed_in_at = grant.signed_in_at;
             let with_refresh = !s.omit_refresh;
             if with_refresh && let Some(g) = s.refresh_tokens.get_mut(&presented) {
                 g.superseded = true;
@@ -856,6 +971,7 @@ fn answer_token(
                     &granted,
                     with_refresh,
                     None,
+                    signed_in_at,
                 ),
                 None,
             )
@@ -874,7 +990,7 @@ fn answer_token(
                 );
             }
             (
-                token_answer(&mut s, &client_id, None, &scope, false, None),
+                token_answer(&mut s, &client_id, None, &scope, false, None, Utc::now()),
                 None,
             )
         }
@@ -905,8 +1021,10 @@ impl IdentityPlatform {
             mode: AuthorizeMode::AutoApprove,
             faults: None,
             strict_rotation: false,
-            revoked: HashSet::new(),
+            revoked: HashMap::new(),
             lifetime: 4517,
+            access_token_length: None,
+            without_offline_access: false,
             omit_refresh: false,
             expires_as_string: false,
             codes: HashMap::new(),
@@ -980,14 +1098,46 @@ impl IdentityPlatform {
         lock(&self.state).strict_rotation = strict;
     }
 
-    /// Revokes every grant of `username` (as a password change does).
+    /// Revokes every grant of `username` (as a password change does): its refresh tokens are
+    /// refused from now on (AADSTS50173). Access tokens already issued stay valid until they
+    /// expire, as with Microsoft (without continuous access evaluation); see
+    /// [`IdentityPlatform::expire_access_tokens_of`].
     pub fn revoke_grants_of(&self, username: &str) {
-        lock(&self.state).revoked.insert(username.to_string());
+        lock(&self.state)
+            .revoked
+            .insert(username.to_string(), Utc::now());
+    }
+
+    /// Makes every access token issued to `username` expire now (what a revocation does to
+    /// them under continuous access evaluation, or what an hour does): SMTP refuses them.
+    pub fn expire_access_tokens_of(&self, username: &str) {
+        let past = Utc::now() - Duration::seconds(1);
+        for info in lock(&self.state).access.values_mut() {
+            if info
+                .username
+                .as_deref()
+                .is_some_and(|u| u.eq_ignore_ascii_case(username))
+            {
+                info.expires_at = past;
+            }
+        }
+    }
+
+    /// The length of new access tokens in characters (`None`: about 150, the default).
+    /// Exchange Online's tokens often run to 2,000 characters and more.
+    pub fn set_access_token_length(&self, len: Option<usize>) {
+        lock(&self.state).access_token_length = len;
     }
 
     /// The lifetime of new access tokens, in seconds.
     pub fn set_access_token_lifetime(&self, secs: i64) {
         lock(&self.state).lifetime = secs;
+    }
+
+    /// Grants sign-ins without `offline_access` (consent given without it, or a policy that
+    /// strips it): the code exchange then answers without a refresh token.
+    pub fn grant_without_offline_access(&self, on: bool) {
+        lock(&self.state).without_offline_access = on;
     }
 
     /// Answers refreshes without a new refresh token.

@@ -36,8 +36,18 @@ pub const MAX_RECIPIENTS_PER_MESSAGE: usize = 500;
 pub const SENDER_THREAD_LIMIT_REPLY: &str =
     "432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded";
 
-/// Longest command line accepted (XOAUTH2 initial responses carry a whole access token).
+/// Longest line read in one piece (XOAUTH2 initial responses carry a whole access token); a
+/// longer one ends the connection. [`SmtpConfig::max_command_line`] sets the limit a server
+/// enforces with a `500` reply.
 const MAX_COMMAND_LINE: u64 = 64 * 1024;
+/// RFC 5321 §4.5.3.1.4 and RFC 4954 §4: a command line is at most 1,000 octets, CRLF included.
+pub const RFC_COMMAND_LINE_LIMIT: usize = 1000;
+/// The error challenge Gmail and Dovecot send when they refuse an XOAUTH2 token: base64 of
+/// `{"status":"401","schemes":"bearer","scope":"mail"}`.
+pub const XOAUTH2_ERROR_CHALLENGE: &str =
+    "334 eyJzdGF0dXMiOiI0MDEiLCJzY2hlbWVzIjoiYmVhcmVyIiwic2NvcGUiOiJtYWlsIn0=";
+/// The final reply after an acknowledged error challenge (Gmail's words).
+pub const XOAUTH2_CHALLENGE_FINAL_REPLY: &str = "535 5.7.8 Username and Password not accepted";
 /// Longest DATA line read in one piece (longer lines are read in several pieces).
 const MAX_DATA_LINE: u64 = 1024 * 1024;
 /// How long a TLS handshake may take.
@@ -79,6 +89,14 @@ pub struct SmtpConfig {
     pub max_message_bytes: usize,
     /// Whether to keep message bodies (and the XOAUTH2 bytes); off for benchmarks.
     pub record_bodies: bool,
+    /// Refuse a token the Gmail/Dovecot way: the error challenge [`XOAUTH2_ERROR_CHALLENGE`],
+    /// then, after the client's empty line, [`XOAUTH2_CHALLENGE_FINAL_REPLY`]. Off: Exchange's
+    /// immediate `535 5.7.3`.
+    pub xoauth2_error_challenge: bool,
+    /// Enforce a command-line limit (octets, CRLF included; e.g. [`RFC_COMMAND_LINE_LIMIT`]):
+    /// a longer command gets `500 5.5.2 Line too long` and is discarded. The SASL response that
+    /// follows a `334` is not a command line and may be longer (RFC 4954 §4). `None`: no limit.
+    pub max_command_line: Option<usize>,
 }
 
 impl Default for SmtpConfig {
@@ -89,6 +107,8 @@ impl Default for SmtpConfig {
             require_auth: true,
             max_message_bytes: EXCHANGE_MAX_MESSAGE_BYTES,
             record_bodies: true,
+            xoauth2_error_challenge: false,
+            max_command_line: None,
         }
     }
 }
@@ -104,6 +124,8 @@ impl fmt::Debug for SmtpConfig {
             .field("require_auth", &self.require_auth)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("record_bodies", &self.record_bodies)
+            .field("xoauth2_error_challenge", &self.xoauth2_error_challenge)
+            .field("max_command_line", &self.max_command_line)
             .finish()
     }
 }
@@ -127,6 +149,23 @@ pub struct ReceivedMail {
     pub connection_id: u64,
     /// Whether the connection was under TLS.
     pub tls: bool,
+}
+
+/// One XOAUTH2 exchange as the server saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthAttempt {
+    /// The `user=` of the initial response (`None` when it did not parse).
+    pub user: Option<String>,
+    /// Whether the initial response came on its own line after `334 ` (the two-step form)
+    /// rather than on the `AUTH XOAUTH2` line.
+    pub two_step: bool,
+    /// Octets of the `AUTH` command line as received, CRLF included.
+    pub auth_line_octets: usize,
+    /// Whether an error challenge was sent, and then whether the client answered it with
+    /// the empty line it must send (`Some(false)`: it sent something else or hung up).
+    pub challenge_acknowledged: Option<bool>,
+    /// The final reply (first line), or empty when the client hung up before it.
+    pub reply: String,
 }
 
 /// A misbehaviour to play at the next matching opportunities.
@@ -192,6 +231,8 @@ struct UserSessions {
 #[derive(Default)]
 struct State {
     received: Vec<ReceivedMail>,
+    auth_attempts: Vec<AuthAttempt>,
+    long_lines_refused: usize,
     by_message_id: HashMap<String, usize>,
     injections: VecDeque<(Injected, usize)>,
     users: HashMap<String, UserSessions>,
@@ -210,6 +251,8 @@ struct Shared {
     next_queue_id: AtomicU64,
     trailer_base: u64,
     shutdown: watch::Sender<bool>,
+    /// Bumped to close every open connection (the listener stays).
+    kick: watch::Sender<u64>,
 }
 
 impl Shared {
@@ -310,6 +353,7 @@ impl SmtpServer {
             .with_context(|| format!("binding the simulated SMTP server to {bind}"))?;
         let port = listener.local_addr()?.port();
         let (shutdown, _) = watch::channel(false);
+        let (kick, _) = watch::channel(0u64);
         let shared = Arc::new(Shared {
             config,
             acceptor: TlsAcceptor::from(Arc::new(server_config)),
@@ -322,6 +366,7 @@ impl SmtpServer {
             next_queue_id: AtomicU64::new(0),
             trailer_base: rand::random::<u64>() | (1 << 63),
             shutdown,
+            kick,
         });
         let task = tokio::spawn(accept_loop(shared.clone(), listener));
         tracing::debug!(port, "simulated Exchange Online SMTP server started");
@@ -369,6 +414,16 @@ impl SmtpServer {
         self.shared.state().received.clone()
     }
 
+    /// Every XOAUTH2 exchange so far, in order.
+    pub fn auth_attempts(&self) -> Vec<AuthAttempt> {
+        self.shared.state().auth_attempts.clone()
+    }
+
+    /// How many command lines were refused as longer than [`SmtpConfig::max_command_line`].
+    pub fn long_lines_refused(&self) -> usize {
+        self.shared.state().long_lines_refused
+    }
+
     /// How many messages were recorded.
     pub fn received_count(&self) -> usize {
         self.shared.state().received.len()
@@ -401,6 +456,18 @@ impl SmtpServer {
     /// How many TCP connections were accepted so far.
     pub fn connections_opened(&self) -> u64 {
         self.shared.opened.load(Ordering::Acquire)
+    }
+
+    /// Closes every open connection without a word, as Exchange does with idle sessions (or a
+    /// restart does); the server keeps listening. Returns once they are closed.
+    pub async fn close_connections(&self) {
+        self.shared.kick.send_modify(|n| *n += 1);
+        for _ in 0..200 {
+            if self.current_connections() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Stops listening and closes every open connection.
@@ -504,9 +571,11 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             let id = shared.next_connection.fetch_add(1, Ordering::AcqRel) + 1;
             let mut session = Session::new(id, peer.ip());
             let mut shutdown = shared.shutdown.subscribe();
+            let mut kick = shared.kick.subscribe();
             tokio::select! {
                 _ = run_connection(&shared, &mut session, tcp) => {}
                 _ = shutdown.wait_for(|stop| *stop) => {}
+                _ = kick.changed() => {}
             }
             if let Some(key) = session.counted_user.take() {
                 shared.close_user_session(&key);
@@ -684,6 +753,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         let flow = match read {
             Ok(0) | Err(_) => Flow::Close,
             Ok(_) if !line.ends_with(b"\n") => Flow::Close,
+            Ok(n) if shared.config.max_command_line.is_some_and(|max| n > max) => {
+                shared.state().long_lines_refused += 1;
+                io.reply("500 5.5.2 Line too long");
+                Flow::Continue
+            }
             Ok(_) => command(shared, session, &mut io, &line).await,
         };
         session.line = line;
@@ -741,7 +815,7 @@ async fn command<S: AsyncRead + AsyncWrite + Unpin>(
         return data(shared, session, io).await;
     }
     if verb.eq_ignore_ascii_case("AUTH") {
-        return auth(shared, session, io, rest).await;
+        return auth(shared, session, io, rest, raw.len()).await;
     }
     if verb.eq_ignore_ascii_case("RSET") {
         session.txn = Transaction::default();
@@ -866,6 +940,7 @@ async fn auth<S: AsyncRead + AsyncWrite + Unpin>(
     session: &mut Session,
     io: &mut Io<S>,
     rest: &str,
+    line_octets: usize,
 ) -> Flow {
     if !session.hello {
         io.reply("503 5.5.2 Send hello first");
@@ -897,10 +972,24 @@ async fn auth<S: AsyncRead + AsyncWrite + Unpin>(
             .as_deref()
             .and_then(parse_xoauth2)
             .map(|(u, t)| (u.to_string(), t.to_string()));
+        let mut attempt = AuthAttempt {
+            user: parsed.as_ref().map(|(u, _)| u.clone()),
+            two_step: initial.is_empty(),
+            auth_line_octets: line_octets,
+            challenge_acknowledged: None,
+            reply: String::new(),
+        };
         if let Some(Injected::Reply { reply, .. }) =
             shared.take_injection(Opportunity::Stage(Stage::Auth))
         {
             io.reply_lines(&reply);
+            attempt.reply = reply
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim_end()
+                .to_string();
+            shared.state().auth_attempts.push(attempt);
             if reply.starts_with("235") {
                 let user = parsed.map(|(u, _)| u);
                 authenticated(shared, session, user, raw.unwrap_or_default());
@@ -916,17 +1005,41 @@ async fn auth<S: AsyncRead + AsyncWrite + Unpin>(
             (Some(_), None) => AuthVerdict::Accept,
             (Some((user, token)), Some(validator)) => validator(user, token),
         };
+        let mut flow = Flow::Continue;
         match (verdict, parsed) {
             (AuthVerdict::Accept, Some((user, _))) => {
-                io.reply("235 2.7.0 Authentication successful");
+                attempt.reply = "235 2.7.0 Authentication successful".into();
+                io.reply(&attempt.reply);
                 authenticated(shared, session, Some(user), raw.unwrap_or_default());
+            }
+            _ if shared.config.xoauth2_error_challenge => {
+                // Gmail and Dovecot: an error challenge first; the client must answer it with
+                // an empty line, then comes the final reply.
+                match sasl_line(session, io, XOAUTH2_ERROR_CHALLENGE).await {
+                    None => {
+                        attempt.challenge_acknowledged = Some(false);
+                        flow = Flow::Close;
+                    }
+                    Some(answer) if answer == "*" => {
+                        attempt.challenge_acknowledged = Some(false);
+                        attempt.reply = "501 5.5.4 Authentication cancelled".into();
+                        io.reply(&attempt.reply);
+                    }
+                    Some(answer) => {
+                        attempt.challenge_acknowledged = Some(answer.is_empty());
+                        attempt.reply = XOAUTH2_CHALLENGE_FINAL_REPLY.into();
+                        io.reply(&attempt.reply);
+                    }
+                }
             }
             _ => {
                 let trailer = shared.trailer(session.id);
+                attempt.reply = "535 5.7.3 Authentication unsuccessful".into();
                 io.reply(&format!("535 5.7.3 Authentication unsuccessful {trailer}"));
             }
         }
-        return Flow::Continue;
+        shared.state().auth_attempts.push(attempt);
+        return flow;
     }
     if offered && mechanism.eq_ignore_ascii_case("LOGIN") {
         // Basic authentication is retired in Exchange Online: the exchange runs, then fails.
@@ -1511,6 +1624,78 @@ mod tests {
         );
         assert_eq!(server.max_concurrent_connections_for(USER), 0);
         assert_eq!(server.received_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_refused_token_gets_the_error_challenge_then_535_after_the_empty_line() {
+        let server = SmtpServer::start(SmtpConfig {
+            xoauth2_error_challenge: true,
+            ..plain(Some(strict()))
+        })
+        .await
+        .expect("start");
+        let mut c = Client::greeted(&server).await;
+        assert_eq!(
+            c.cmd(&format!("AUTH XOAUTH2 {}", xoauth2(USER, "stale")))
+                .await,
+            XOAUTH2_ERROR_CHALLENGE
+        );
+        let json = base64::engine::general_purpose::STANDARD
+            .decode(XOAUTH2_ERROR_CHALLENGE.trim_start_matches("334 "))
+            .expect("base64");
+        assert_eq!(
+            json,
+            br#"{"status":"401","schemes":"bearer","scope":"mail"}"#.to_vec()
+        );
+        assert_eq!(c.cmd("").await, XOAUTH2_CHALLENGE_FINAL_REPLY);
+        // A client that answers the challenge with anything but an empty line is noted.
+        assert_eq!(
+            c.cmd(&format!("AUTH XOAUTH2 {}", xoauth2(USER, "stale")))
+                .await,
+            XOAUTH2_ERROR_CHALLENGE
+        );
+        assert_eq!(c.cmd("RSET").await, XOAUTH2_CHALLENGE_FINAL_REPLY);
+        // A good token is accepted at once.
+        assert_eq!(
+            c.cmd(&format!("AUTH XOAUTH2 {}", xoauth2(USER, TOKEN)))
+                .await,
+            "235 2.7.0 Authentication successful"
+        );
+        let attempts = server.auth_attempts();
+        let acks: Vec<_> = attempts.iter().map(|a| a.challenge_acknowledged).collect();
+        assert_eq!(acks, vec![Some(true), Some(false), None]);
+        assert_eq!(attempts[0].reply, XOAUTH2_CHALLENGE_FINAL_REPLY);
+        assert_eq!(attempts[2].user.as_deref(), Some(USER));
+    }
+
+    #[tokio::test]
+    async fn with_the_rfc_limit_a_long_auth_line_is_refused_and_the_two_step_form_works() {
+        let server = SmtpServer::start(SmtpConfig {
+            max_command_line: Some(RFC_COMMAND_LINE_LIMIT),
+            ..plain(None)
+        })
+        .await
+        .expect("start");
+        let long = "t".repeat(2400);
+        let mut c = Client::greeted(&server).await;
+        let line = format!("AUTH XOAUTH2 {}", xoauth2(USER, &long));
+        assert!(line.len() + 2 > RFC_COMMAND_LINE_LIMIT);
+        assert_eq!(c.cmd(&line).await, "500 5.5.2 Line too long");
+        assert_eq!(server.long_lines_refused(), 1);
+        // The connection stays usable; exactly 1,000 octets pass.
+        let fits = format!("NOOP {}", "x".repeat(RFC_COMMAND_LINE_LIMIT - 7));
+        assert_eq!(fits.len() + 2, RFC_COMMAND_LINE_LIMIT);
+        assert_eq!(c.cmd(&fits).await, "250 2.0.0 OK");
+        // The response after the 334 is not a command line: it may be long.
+        assert_eq!(c.cmd("AUTH XOAUTH2").await, "334");
+        assert_eq!(
+            c.cmd(&xoauth2(USER, &long)).await,
+            "235 2.7.0 Authentication successful"
+        );
+        let attempts = server.auth_attempts();
+        assert_eq!(attempts.len(), 1);
+        assert!(attempts[0].two_step);
+        assert_eq!(attempts[0].auth_line_octets, "AUTH XOAUTH2\r\n".len());
     }
 
     #[tokio::test]

@@ -131,7 +131,7 @@ pub(crate) async fn env() -> Env {
 }
 
 /// Starts the connect flow; returns the authorize URL the browser is sent to.
-async fn start_connect(browser: &Browser, server_id: i32) -> url::Url {
+pub(crate) async fn start_connect(browser: &Browser, server_id: i32) -> url::Url {
     let (status, page, location) = browser
         .get(&format!("/microsoft_outlook/connect?server={server_id}"))
         .await;
@@ -140,7 +140,7 @@ async fn start_connect(browser: &Browser, server_id: i32) -> url::Url {
 }
 
 /// Follows the authorize URL at the simulated platform; returns the CRM callback path and query.
-async fn authorize(authorize_url: &url::Url) -> String {
+pub(crate) async fn authorize(authorize_url: &url::Url) -> String {
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()

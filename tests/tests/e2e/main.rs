@@ -5,6 +5,7 @@ mod cluster;
 mod connect;
 mod foundation;
 mod fuzz;
+mod health;
 #[allow(dead_code)] // shared by every suite; not each suite uses each helper
 mod helpers;
 mod send;

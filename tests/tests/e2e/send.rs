@@ -4,7 +4,7 @@
 use crate::connect::{Env, MAILBOX, connect_through, env};
 use crate::helpers::{ALICE, BOB, Browser, TestApp, eventually, spawn_on};
 use crm_sdk::{Clock, Sealer};
-use microsoft_outlook::entities::{outbox, token};
+use microsoft_outlook::entities::{mailbox_health, outbox, token};
 use microsoft_outlook_tests::identity::TokenFault;
 use microsoft_outlook_tests::smtp::{Injected, SmtpConfig, SmtpServer, Stage};
 use reqwest::StatusCode;
@@ -20,7 +20,7 @@ pub(crate) struct Mailing {
     pub contact: i64,
 }
 
-async fn point_server_at(env: &Env, smtp: &SmtpServer, extra: &[(&str, &str)]) {
+pub(crate) async fn point_server_at(env: &Env, smtp: &SmtpServer, extra: &[(&str, &str)]) {
     let port = smtp.port().to_string();
     let pem = smtp.ca_pem();
     let mut fields = vec![
@@ -97,11 +97,11 @@ pub(crate) async fn mailing() -> Mailing {
     }
 }
 
-fn mails_path(contact: i64) -> String {
+pub(crate) fn mails_path(contact: i64) -> String {
     format!("/microsoft_outlook/records/contact/{contact}/mails")
 }
 
-async fn queue(m: &Mailing, subject: &str) -> i64 {
+pub(crate) async fn queue(m: &Mailing, subject: &str) -> i64 {
     let (status, body) = m
         .alice
         .post_json(&mails_path(m.contact), &json!({"to": "Dana <dana@fabrikam.example>", "subject": subject, "text_body": "Hello Dana"}))
@@ -110,7 +110,7 @@ async fn queue(m: &Mailing, subject: &str) -> i64 {
     body["id"].as_i64().expect("id")
 }
 
-async fn row(app: &TestApp, id: i64) -> outbox::Model {
+pub(crate) async fn row(app: &TestApp, id: i64) -> outbox::Model {
     outbox::Entity::find_by_id(id)
         .one(&app.db)
         .await
@@ -118,7 +118,7 @@ async fn row(app: &TestApp, id: i64) -> outbox::Model {
         .expect("row")
 }
 
-async fn wait_status(app: &TestApp, id: i64, status: &str) -> outbox::Model {
+pub(crate) async fn wait_status(app: &TestApp, id: i64, status: &str) -> outbox::Model {
     let db = app.db.clone();
     eventually(&format!("mail {id} to become {status}"), || {
         let db = db.clone();
@@ -330,8 +330,37 @@ async fn one_535_refreshes_the_token_and_sends() {
     );
 }
 
+/// Waits until the mailbox of `server_id` is held for `reason`; its health row.
+pub(crate) async fn wait_held(
+    app: &TestApp,
+    server_id: i32,
+    reason: &str,
+) -> mailbox_health::Model {
+    let db = app.db.clone();
+    eventually(
+        &format!("mailbox {server_id} to be held ({reason})"),
+        || {
+            let db = db.clone();
+            async move {
+                mailbox_health::Entity::find_by_id(server_id)
+                    .one(&db)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|h| h.state == "held" && h.reason.as_deref() == Some(reason))
+            }
+        },
+    )
+    .await;
+    mailbox_health::Entity::find_by_id(server_id)
+        .one(&app.db)
+        .await
+        .expect("query")
+        .expect("health row")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_535_needs_reconnect_and_notifies_once() {
+async fn a_second_535_holds_the_mailbox_and_notifies_once() {
     let m = mailing().await;
     m.smtp.inject(
         Injected::Reply {
@@ -340,24 +369,29 @@ async fn a_second_535_needs_reconnect_and_notifies_once() {
         },
         10,
     );
-    let id = queue(&m, "Dead grant").await;
-    let waiting = wait_status(&m.env.app, id, "needs_reconnect").await;
+    let id = queue(&m, "Refused token").await;
+    wait_held(&m.env.app, m.env.server_id, "token_refused").await;
+    let waiting = row(&m.env.app, id).await;
     assert_eq!(
-        waiting.attempts, 0,
-        "a mail that waits for a reconnect spends no attempt"
+        (waiting.status.as_str(), waiting.attempts),
+        ("queued", 0),
+        "a mail that waits for its mailbox spends no attempt"
     );
     assert!(
         waiting
             .last_error
             .as_deref()
             .unwrap_or_default()
-            .contains("Reconnect")
+            .contains("Retry now"),
+        "{waiting:?}"
     );
     let second = queue(&m, "Also waits").await;
-    wait_status(&m.env.app, second, "needs_reconnect").await;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let also = row(&m.env.app, second).await;
+    assert_eq!((also.status.as_str(), also.attempts), ("queued", 0));
     let (_, page, _) = m.env.admin.get("/notifications").await;
     assert_eq!(
-        page.matches("must be reconnected").count(),
+        page.matches("is held: smtp refuses the token").count(),
         1,
         "operators are told once\n{page}"
     );
@@ -366,7 +400,10 @@ async fn a_second_535_needs_reconnect_and_notifies_once() {
         .admin
         .get(&format!("/microsoft_outlook/servers/{}", m.env.server_id))
         .await;
-    assert!(server_page.contains("Needs reconnect"));
+    assert!(
+        server_page.contains("Held: SMTP refuses the token"),
+        "{server_page}"
+    );
 
     // Reconnecting releases the waiting mails.
     m.smtp.clear_injections();
@@ -381,14 +418,25 @@ async fn smtp_auth_disabled_is_explained_not_retried() {
     let m = mailing().await;
     m.smtp.inject(Injected::Reply { stage: Stage::Auth, reply: "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information.".into() }, 10);
     let id = queue(&m, "No SMTP AUTH").await;
-    let waiting = wait_status(&m.env.app, id, "needs_reconnect").await;
+    wait_held(&m.env.app, m.env.server_id, "smtp_auth_disabled").await;
+    let waiting = row(&m.env.app, id).await;
+    assert_eq!((waiting.status.as_str(), waiting.attempts), ("queued", 0));
     let error = waiting.last_error.unwrap_or_default();
-    assert!(error.contains("SMTP AUTH is disabled"), "{error}");
+    assert!(error.contains("SMTP is disabled"), "{error}");
+    assert!(error.contains("5.7.139"), "{error}");
     assert!(error.contains("Graph"), "{error}");
+    assert!(
+        m.env
+            .idp
+            .token_requests()
+            .iter()
+            .all(|r| r.grant_type != "refresh_token"),
+        "a disabled SMTP AUTH is not a token problem: no refresh"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invalid_grant_on_refresh_needs_reconnect() {
+async fn invalid_grant_on_refresh_holds_the_mailbox_for_a_reconnect() {
     let m = mailing().await;
     token::Entity::update_many()
         .col_expr(
@@ -403,7 +451,9 @@ async fn invalid_grant_on_refresh_needs_reconnect() {
         1,
     );
     let id = queue(&m, "Expired grant").await;
-    let waiting = wait_status(&m.env.app, id, "needs_reconnect").await;
+    wait_held(&m.env.app, m.env.server_id, "grant_dead").await;
+    let waiting = row(&m.env.app, id).await;
+    assert_eq!((waiting.status.as_str(), waiting.attempts), ("queued", 0));
     assert!(
         waiting
             .last_error
@@ -502,7 +552,8 @@ async fn retries_give_up_after_the_configured_limit() {
     m.smtp.inject(
         Injected::Reply {
             stage: Stage::MailFrom,
-            reply: "421 4.7.66 Service not available, closing transmission channel".into(),
+            // A transient of this message (a 4.7.x at 421 would throttle the whole mailbox).
+            reply: "451 4.4.0 Primary target IP address responded with: 421 4.4.2 Connection dropped due to SocketError".into(),
         },
         10,
     );

@@ -5,7 +5,7 @@ use crate::connect::{Env, MAILBOX, connect_through, env};
 use crate::helpers::{ALICE, eventually};
 use crate::send::settings;
 use crm_sdk::{Clock, Sealer};
-use microsoft_outlook::entities::{mail_server, token};
+use microsoft_outlook::entities::{mail_server, mailbox_health, token};
 use microsoft_outlook::jobs::{RefreshOptions, refresh_all};
 use microsoft_outlook_tests::identity::TokenFault;
 use reqwest::StatusCode;
@@ -168,13 +168,13 @@ async fn the_cron_job_refreshes_every_mailbox_and_a_revoked_grant_is_told_once()
     );
     let (_, notes, _) = alice.get("/notifications").await;
     assert_eq!(
-        notes.matches("must be reconnected").count(),
+        notes.matches("is held: reconnect needed").count(),
         1,
         "alice is told once\n{notes}"
     );
     let (_, notes, _) = env.admin.get("/notifications").await;
     assert_eq!(
-        notes.matches("must be reconnected").count(),
+        notes.matches("is held: reconnect needed").count(),
         1,
         "operators are told once"
     );
@@ -192,6 +192,19 @@ async fn the_cron_job_refreshes_every_mailbox_and_a_revoked_grant_is_told_once()
     let row = token_row(&env, alice_server).await;
     assert_eq!(row.status, "valid");
     assert!(row.last_error.is_none() && row.notified_at.is_none());
+    let health = mailbox_health::Entity::find_by_id(alice_server)
+        .one(&env.app.db)
+        .await
+        .expect("q");
+    assert!(
+        health.is_none_or(|h| h.state == "ready"),
+        "the hold ended with the reconnect"
+    );
+    let (_, notes, _) = alice.get("/notifications").await;
+    assert!(
+        notes.contains("Resolved"),
+        "the incident is resolved\n{notes}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,7 +322,7 @@ async fn refresh_failures_are_classified() {
     );
     let (_, notes, _) = env.admin.get("/notifications").await;
     assert_eq!(
-        notes.matches("client secret is invalid or expired").count(),
+        notes.matches("client secret refused").count(),
         1,
         "told once\n{notes}"
     );

@@ -1,0 +1,829 @@
+//! Mailbox health: refusals that are about the mailbox (a dead grant, SMTP AUTH disabled, the
+//! sending quota, a proxy in front of Microsoft, ...) hold the mailbox, its mails wait without
+//! spending attempts, the people who can fix it are told once, and the waiting mails go out in
+//! queue order once it is fixed. Also SASL XOAUTH2 as servers really speak it (error
+//! challenges, the 1,000-octet line limit, the UPN as `user=`) and national clouds.
+
+use crate::connect::{
+    CLIENT_ID, CLIENT_SECRET, Env, MAILBOX, REDIRECT, authorize, connect_through, create_personal,
+    env, start_connect, token_rows,
+};
+use crate::helpers::{ALICE, TestApp, eventually};
+use crate::send::{Mailing, point_server_at, queue, row, settings, wait_status};
+use crm_host::entities::notification;
+use crm_sdk::Clock;
+use microsoft_outlook::entities::{mailbox_health, token};
+use microsoft_outlook_tests::identity::{AppRegistration, TestUser, TokenFault};
+use microsoft_outlook_tests::smtp::{
+    Injected, RFC_COMMAND_LINE_LIMIT, SmtpConfig, SmtpServer, Stage, XOAUTH2_CHALLENGE_FINAL_REPLY,
+};
+use reqwest::StatusCode;
+use sea_orm::sea_query::Expr;
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+
+/// A connected shared server on a simulated SMTP server started with `config`; `before` runs
+/// before the server is pointed at it and connected (to add users, sign in as someone else,
+/// change the identity platform), `mailbox` is the server's mailbox.
+async fn mailing_with(config: SmtpConfig, mailbox: &str, before: impl FnOnce(&Env)) -> Mailing {
+    let env = env().await;
+    before(&env);
+    let smtp = SmtpServer::start(SmtpConfig {
+        validator: Some(env.idp.smtp_validator()),
+        ..config
+    })
+    .await
+    .expect("smtp");
+    point_server_at(&env, &smtp, &[("mailbox", mailbox)]).await;
+    // One attempt only: a mail that waits for its mailbox must not spend it.
+    settings(
+        &env,
+        &[("mailbox_rate_per_minute", "0"), ("max_attempts", "1")],
+    )
+    .await;
+    let (status, page, _) = connect_through(&env.admin, env.server_id).await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "{page}");
+    let contact = crm_host::seed::create_contact(
+        &env.app.db,
+        "Dana Fabrikam",
+        Some("dana@fabrikam.example"),
+        Some("Fabrikam"),
+        env.app.alice_id,
+        false,
+    )
+    .await
+    .expect("contact");
+    let alice = env.app.signed_in(ALICE).await;
+    Mailing {
+        env,
+        smtp,
+        alice,
+        contact,
+    }
+}
+
+async fn mailing() -> Mailing {
+    mailing_with(SmtpConfig::default(), MAILBOX, |_| {}).await
+}
+
+async fn health(app: &TestApp, server_id: i32) -> Option<mailbox_health::Model> {
+    mailbox_health::Entity::find_by_id(server_id)
+        .one(&app.db)
+        .await
+        .expect("query")
+}
+
+/// Waits until the mailbox is held for `reason`.
+async fn wait_held(app: &TestApp, server_id: i32, reason: &str) -> mailbox_health::Model {
+    for _ in 0..300 {
+        if let Some(h) = health(app, server_id).await
+            && h.state == "held"
+            && h.reason.as_deref() == Some(reason)
+        {
+            return h;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let mails = microsoft_outlook::entities::outbox::Entity::find()
+        .all(&app.db)
+        .await
+        .expect("query");
+    panic!(
+        "gave up waiting: mailbox {server_id} to be held ({reason}); its health: {:?}; the mails: {:?}",
+        health(app, server_id).await,
+        mails
+            .iter()
+            .map(|m| (m.id, &m.status, m.attempts, &m.last_reply, &m.last_error))
+            .collect::<Vec<_>>()
+    );
+}
+
+/// Waits until the mailbox is ready again (no row, or state `ready`).
+async fn wait_ready(app: &TestApp, server_id: i32) {
+    eventually(&format!("mailbox {server_id} to be ready"), || async {
+        health(app, server_id)
+            .await
+            .is_none_or(|h| h.state == "ready")
+    })
+    .await;
+}
+
+async fn notifications(app: &TestApp, key: &str) -> Vec<notification::Model> {
+    notification::Entity::find()
+        .filter(notification::Column::IncidentKey.eq(key))
+        .all(&app.db)
+        .await
+        .expect("query")
+}
+
+fn mailbox_key(server_id: i32) -> String {
+    format!("microsoft_outlook:mailbox:{server_id}")
+}
+
+fn refreshes(env: &Env) -> usize {
+    env.idp
+        .token_requests()
+        .iter()
+        .filter(|r| r.grant_type == "refresh_token")
+        .count()
+}
+
+async fn token_row(app: &TestApp, server_id: i32) -> token::Model {
+    token::Entity::find_by_id(server_id)
+        .one(&app.db)
+        .await
+        .expect("query")
+        .expect("token row")
+}
+
+/// Makes the stored access token look about to expire: the next mail refreshes it first.
+async fn expire_soon(app: &TestApp, server_id: i32) {
+    token::Entity::update_many()
+        .col_expr(
+            token::Column::AccessExpiresAt,
+            Expr::value(app.clock.now() + chrono::Duration::minutes(1)),
+        )
+        .filter(token::Column::ServerId.eq(server_id))
+        .exec(&app.db)
+        .await
+        .expect("update");
+}
+
+/// Asserts that a waiting mail is still queued, with no attempt spent.
+async fn assert_waits(app: &TestApp, id: i64) {
+    let r = row(app, id).await;
+    assert_eq!(
+        (r.status.as_str(), r.attempts),
+        ("queued", 0),
+        "mail {id} waits without spending an attempt: {r:?}"
+    );
+}
+
+/// Lets the sweep (every second) and the workers run a few rounds.
+async fn a_few_sweeps() {
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+}
+
+/// The text of a page as a reader sees it: tags removed, whitespace collapsed.
+fn text_of(page: &str) -> String {
+    let mut text = String::with_capacity(page.len());
+    let mut in_tag = false;
+    for c in page.chars() {
+        match c {
+            '<' => in_tag = true,
+            '>' => in_tag = false,
+            c if !in_tag => text.push(c),
+            _ => {}
+        }
+    }
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn position(smtp: &SmtpServer, message_id: &str) -> Option<usize> {
+    smtp.received()
+        .iter()
+        .position(|m| m.message_id.as_deref() == Some(message_id))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_grant_behind_an_error_challenge_holds_the_mailbox_until_reconnected() {
+    let env = env().await;
+    settings(
+        &env,
+        &[("mailbox_rate_per_minute", "0"), ("max_attempts", "1")],
+    )
+    .await;
+    // A server that refuses tokens the Gmail/Dovecot way: 334 <JSON>, then 535 after the
+    // client's empty line.
+    let smtp = SmtpServer::start(SmtpConfig {
+        validator: Some(env.idp.smtp_validator()),
+        xoauth2_error_challenge: true,
+        ..SmtpConfig::default()
+    })
+    .await
+    .expect("smtp");
+    // Alice's own mailbox, pointed at it and connected.
+    let alice = env.app.signed_in(ALICE).await;
+    let mine = create_personal(&alice, ALICE.0).await;
+    let port = smtp.port().to_string();
+    let pem = smtp.ca_pem();
+    let (status, page, _) = alice
+        .post_form(
+            &format!("/microsoft_outlook/servers/{mine}"),
+            &[
+                ("name", "Personal"),
+                ("mailbox", ALICE.0),
+                ("smtp_host", "localhost"),
+                ("smtp_port", &port),
+                ("security", "starttls"),
+                ("extra_ca_pem", &pem),
+                ("send_as", "mailbox"),
+            ],
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "{page}");
+    env.idp.sign_in_as(ALICE.0);
+    assert_eq!(connect_through(&alice, mine).await.0, StatusCode::SEE_OTHER);
+    let contact = crm_host::seed::create_contact(
+        &env.app.db,
+        "Dana Fabrikam",
+        Some("dana@fabrikam.example"),
+        None,
+        env.app.alice_id,
+        false,
+    )
+    .await
+    .expect("contact");
+    let m = Mailing {
+        env,
+        smtp,
+        alice,
+        contact,
+    };
+    let app = &m.env.app;
+
+    // Alice changes her password: the grant is revoked and the stored access token, which the
+    // CRM still believes good for an hour, is refused by the server.
+    m.env.idp.revoke_grants_of(ALICE.0);
+    m.env.idp.expire_access_tokens_of(ALICE.0);
+    let before = refreshes(&m.env);
+    let id = queue(&m, "After the password change").await;
+    let held = wait_held(app, mine, "grant_dead").await;
+    assert!(held.until.is_none(), "only a reconnect ends it: {held:?}");
+    a_few_sweeps().await;
+    assert_waits(app, id).await;
+    assert_eq!(
+        refreshes(&m.env) - before,
+        1,
+        "the refused token is refreshed exactly once, and a dead grant is not hammered"
+    );
+    let attempts = m.smtp.auth_attempts();
+    assert!(
+        attempts
+            .iter()
+            .any(|a| a.challenge_acknowledged == Some(true)
+                && a.reply == XOAUTH2_CHALLENGE_FINAL_REPLY),
+        "the module answered the error challenge with an empty line: {attempts:?}"
+    );
+    assert!(
+        attempts
+            .iter()
+            .all(|a| a.challenge_acknowledged != Some(false)),
+        "never anything but the empty line after a challenge: {attempts:?}"
+    );
+    assert_eq!(token_row(app, mine).await.status, "needs_reconnect");
+    assert_eq!(m.smtp.received_count(), 0);
+
+    // Operators and Alice are told, once each.
+    let notes = notifications(app, &mailbox_key(mine)).await;
+    let to_operators = notes.iter().filter(|n| n.for_operators).count();
+    let to_alice = notes
+        .iter()
+        .filter(|n| n.user_id == Some(app.alice_id))
+        .count();
+    assert_eq!((to_operators, to_alice), (1, 1), "{notes:?}");
+    assert!(notes.iter().all(|n| n.resolved_at.is_none()));
+    let (_, page, _) = m.alice.get("/notifications").await;
+    assert!(page.contains("AADSTS50173"), "{page}");
+
+    // She connects again: the waiting mail goes out and the incident is resolved.
+    assert_eq!(
+        connect_through(&m.alice, mine).await.0,
+        StatusCode::SEE_OTHER
+    );
+    let sent = wait_status(app, id, "sent").await;
+    assert_eq!(sent.attempts, 1);
+    assert_eq!(m.smtp.count_by_message_id().get(&sent.message_id), Some(&1));
+    wait_ready(app, mine).await;
+    let notes = notifications(app, &mailbox_key(mine)).await;
+    assert_eq!(notes.len(), 2, "{notes:?}");
+    assert!(
+        notes.iter().all(|n| n.resolved_at.is_some()),
+        "resolved: {notes:?}"
+    );
+    let (_, page, _) = m.alice.get("/notifications").await;
+    assert!(page.contains("Resolved"), "{page}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_xoauth2_data_holds_the_mailbox_and_no_mail_fails() {
+    let m = mailing().await;
+    let app = &m.env.app;
+    m.smtp.inject(
+        Injected::Reply {
+            stage: Stage::Auth,
+            reply: "501 5.5.124 Invalid XOAUTH2 auth data".into(),
+        },
+        20,
+    );
+    let ids = [
+        queue(&m, "One").await,
+        queue(&m, "Two").await,
+        queue(&m, "Three").await,
+    ];
+    let held = wait_held(app, m.env.server_id, "token_refused").await;
+    assert!(
+        held.detail.unwrap_or_default().contains("5.5.124"),
+        "the reply is named"
+    );
+    a_few_sweeps().await;
+    for id in ids {
+        assert_waits(app, id).await;
+    }
+    assert_eq!(m.smtp.received_count(), 0);
+    let notes = notifications(app, &mailbox_key(m.env.server_id)).await;
+    assert_eq!(notes.len(), 1, "operators told once: {notes:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sending_quota_holds_the_mailbox_for_a_day_then_mail_goes_out() {
+    let m = mailing().await;
+    let app = &m.env.app;
+    m.smtp.inject(
+        Injected::Reply {
+            stage: Stage::EndOfData,
+            reply: "554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed to process message due to a permanent exception".into(),
+        },
+        1,
+    );
+    let first = queue(&m, "Over the quota").await;
+    let held = wait_held(app, m.env.server_id, "quota_exceeded").await;
+    let until = held.until.expect("a quota hold ends by itself");
+    let expected = app.clock.now() + chrono::Duration::hours(24);
+    assert!(
+        (until - expected).num_seconds().abs() < 120,
+        "until {until}, expected about {expected}"
+    );
+    let second = queue(&m, "Also waits").await;
+    a_few_sweeps().await;
+    assert_waits(app, first).await;
+    assert_waits(app, second).await;
+    assert_eq!(m.smtp.received_count(), 0);
+    let notes = notifications(app, &mailbox_key(m.env.server_id)).await;
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(notes[0].for_operators);
+    assert!(notes[0].body.contains("10,000 recipients"), "{notes:?}");
+
+    // A day later the first mail is the probe: it goes out, then the other one; the hold ends.
+    app.clock
+        .advance(chrono::Duration::hours(24) + chrono::Duration::minutes(1));
+    wait_status(app, first, "sent").await;
+    wait_status(app, second, "sent").await;
+    wait_ready(app, m.env.server_id).await;
+    let a = position(&m.smtp, &row(app, first).await.message_id);
+    let b = position(&m.smtp, &row(app, second).await.message_id);
+    assert!(a < b, "queue order: {a:?} then {b:?}");
+    eventually("the notification to be resolved", || async {
+        notifications(app, &mailbox_key(m.env.server_id))
+            .await
+            .iter()
+            .all(|n| n.resolved_at.is_some())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_html_page_from_the_token_endpoint_is_not_a_dead_grant() {
+    let m = mailing().await;
+    let app = &m.env.app;
+    let id_server = m.env.server_id;
+    expire_soon(app, id_server).await;
+    let before = token_row(app, id_server).await;
+    m.env
+        .idp
+        .fail_next_token_requests(TokenFault::gateway_page(), usize::MAX);
+    let id = queue(&m, "Behind a proxy").await;
+    let held = wait_held(app, id_server, "token_endpoint_not_oauth").await;
+    let detail = held.detail.unwrap_or_default();
+    assert!(
+        detail.contains("HTTP 400") && detail.contains("HTML"),
+        "{detail}"
+    );
+    a_few_sweeps().await;
+    assert_waits(app, id).await;
+    let after = token_row(app, id_server).await;
+    assert_eq!(after.status, "valid", "the grant is not declared dead");
+    assert_eq!(
+        after.refresh_token_sealed, before.refresh_token_sealed,
+        "the refresh token is kept"
+    );
+    assert_eq!(after.version, before.version);
+    let (_, page, _) = m
+        .env
+        .admin
+        .get(&format!("/microsoft_outlook/servers/{id_server}"))
+        .await;
+    for words in ["HTTP 400", "HTML", "proxy"] {
+        assert!(page.contains(words), "{words:?} on the server page\n{page}");
+    }
+    assert!(!page.contains("Held: Reconnect needed"), "{page}");
+
+    // The proxy is fixed; the operator clicks Retry now.
+    m.env.idp.clear_faults();
+    let (status, page, _) = m
+        .env
+        .admin
+        .post_form(
+            &format!("/microsoft_outlook/servers/{id_server}/retry"),
+            &[],
+        )
+        .await;
+    assert!(
+        status == StatusCode::SEE_OTHER || status == StatusCode::OK,
+        "{status}\n{page}"
+    );
+    let sent = wait_status(app, id, "sent").await;
+    assert_eq!(sent.attempts, 1);
+    wait_ready(app, id_server).await;
+    // Retry now is a form of the operator's: without a CSRF token nothing happens.
+    let (status, _, _) = m
+        .env
+        .admin
+        .post_raw(
+            &format!("/microsoft_outlook/servers/{id_server}/retry"),
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_token_goes_after_the_334_when_lines_are_limited_to_1000_octets() {
+    let m = mailing_with(
+        SmtpConfig {
+            max_command_line: Some(RFC_COMMAND_LINE_LIMIT),
+            ..SmtpConfig::default()
+        },
+        MAILBOX,
+        |env| env.idp.set_access_token_length(Some(2400)),
+    )
+    .await;
+    let id = queue(&m, "A long token").await;
+    let sent = wait_status(&m.env.app, id, "sent").await;
+    assert_eq!(sent.attempts, 1);
+    assert_eq!(
+        m.smtp.long_lines_refused(),
+        0,
+        "no command line was too long"
+    );
+    let attempts = m.smtp.auth_attempts();
+    let accepted = attempts
+        .iter()
+        .find(|a| a.reply.starts_with("235"))
+        .expect("an accepted AUTH");
+    assert!(
+        accepted.two_step,
+        "the initial response came after the 334: {attempts:?}"
+    );
+    assert!(accepted.auth_line_octets <= RFC_COMMAND_LINE_LIMIT);
+    let received = m.smtp.received().remove(0);
+    let raw = String::from_utf8_lossy(received.auth_raw.as_deref().unwrap_or_default()).to_string();
+    let bearer = raw
+        .split("auth=Bearer ")
+        .nth(1)
+        .and_then(|r| r.split('\x01').next())
+        .unwrap_or_default();
+    assert_eq!(bearer.len(), 2400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_auth_as_the_signed_in_upn_when_the_address_is_not_accepted() {
+    const UPN: &str = "s.jones@contoso.onmicrosoft.example";
+    const SALES: &str = "sales@contoso.example";
+    let m = mailing_with(SmtpConfig::default(), SALES, |env| {
+        env.idp.add_user(TestUser {
+            username: UPN.into(),
+            email: Some(SALES.into()),
+            oid: "oid-s.jones".into(),
+            tenant_id: "72f988bf-86f1-41af-91ab-2d7cd011db47".into(),
+        });
+        env.idp.sign_in_as(UPN);
+    })
+    .await;
+    let app = &m.env.app;
+    // The simulated server's validator accepts a token only for its own user: the UPN.
+    let id = queue(&m, "As the UPN").await;
+    let sent = wait_status(app, id, "sent").await;
+    assert_eq!(sent.attempts, 1);
+    let received = m.smtp.received().remove(0);
+    assert_eq!(received.auth_user.as_deref(), Some(UPN));
+    let t = token_row(app, m.env.server_id).await;
+    assert_eq!(
+        t.smtp_user.as_deref(),
+        Some(UPN),
+        "the identity is remembered"
+    );
+    assert!(t.signed_in_as.eq_ignore_ascii_case(UPN), "{t:?}");
+    let (_, page, _) = m
+        .env
+        .admin
+        .get(&format!("/microsoft_outlook/servers/{}", m.env.server_id))
+        .await;
+    assert!(
+        text_of(&page).contains(&format!("Authenticates as {UPN}")),
+        "{page}"
+    );
+
+    // The next mail authenticates as the UPN at once.
+    let before = m.smtp.auth_attempts().len();
+    let next = queue(&m, "Again").await;
+    wait_status(app, next, "sent").await;
+    let attempts = m.smtp.auth_attempts();
+    assert!(
+        attempts[before..]
+            .iter()
+            .all(|a| a.user.as_deref() == Some(UPN) && a.reply.starts_with("235")),
+        "{attempts:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_us_government_tenant_asks_for_the_us_government_outlook_resource() {
+    let env = env().await;
+    let authority = env.idp.authority_url();
+    let save = |cloud: &'static str| {
+        let (admin, authority) = (&env.admin, authority.clone());
+        async move {
+            let (status, page, _) = admin
+                .post_form(
+                    "/settings/microsoft_outlook",
+                    &[
+                        ("client_id", CLIENT_ID),
+                        ("tenant", "contoso.onmicrosoft.us"),
+                        ("authority_url", &authority),
+                        ("cloud", cloud),
+                    ],
+                )
+                .await;
+            assert_eq!(status, StatusCode::OK, "{page}");
+        }
+    };
+    save("usgov").await;
+    let url = start_connect(&env.admin, env.server_id).await;
+    assert_eq!(url.path(), "/contoso.onmicrosoft.us/oauth2/v2.0/authorize");
+    let scope = url
+        .query_pairs()
+        .find(|(k, _)| k == "scope")
+        .map(|(_, v)| v.into_owned())
+        .expect("scope");
+    assert!(
+        scope
+            .split(' ')
+            .any(|s| s == "https://outlook.office365.us/SMTP.Send"),
+        "{scope}"
+    );
+    assert!(!scope.contains("outlook.office.com"), "{scope}");
+    assert!(scope.split(' ').any(|s| s == "offline_access"), "{scope}");
+    // The simulated US Government tenant grants it.
+    let callback = authorize(&url).await;
+    let (status, page, _) = env.admin.get(&callback).await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "{page}");
+    let t = token_row(&env.app, env.server_id).await;
+    assert!(
+        t.scopes.contains("https://outlook.office365.us/SMTP.Send"),
+        "{t:?}"
+    );
+
+    // The global cloud's scope sent to that tenant: AADSTS500011, shown, nothing stored.
+    token::Entity::delete_by_id(env.server_id)
+        .exec(&env.app.db)
+        .await
+        .expect("delete");
+    save("global").await;
+    let (status, page, _) = connect_through(&env.admin, env.server_id).await;
+    assert!(status.is_client_error(), "{status}\n{page}");
+    assert!(page.contains("AADSTS500011"), "{page}");
+    assert_eq!(token_rows(&env.app).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_without_a_refresh_token_is_refused_and_nothing_is_stored() {
+    let env = env().await;
+    env.idp.grant_without_offline_access(true);
+    let (status, page, _) = connect_through(&env.admin, env.server_id).await;
+    assert!(status.is_client_error(), "{status}\n{page}");
+    assert!(page.contains("offline_access"), "{page}");
+    assert!(
+        page.contains("hour"),
+        "says it would stop within the hour\n{page}"
+    );
+    assert_eq!(token_rows(&env.app).await, 0, "nothing is stored");
+    // With the permission granted, the same connect works.
+    env.idp.grant_without_offline_access(false);
+    let (status, page, _) = connect_through(&env.admin, env.server_id).await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "{page}");
+    assert!(
+        token_row(&env.app, env.server_id)
+            .await
+            .refresh_token_sealed
+            .is_some()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_client_secret_holds_mail_until_the_settings_are_saved_then_it_goes_first() {
+    let m = mailing().await;
+    let app = &m.env.app;
+    let server_id = m.env.server_id;
+    // The secret expires in Azure (AADSTS7000222 on the next refresh).
+    m.env.idp.register_app(AppRegistration {
+        client_id: CLIENT_ID.into(),
+        client_secret: CLIENT_SECRET.into(),
+        secret_expired: true,
+        redirect_uris: vec![REDIRECT.into()],
+    });
+    expire_soon(app, server_id).await;
+    let waiting = queue(&m, "Waits for the secret").await;
+    let held = wait_held(app, server_id, "client_credentials").await;
+    assert!(
+        held.detail.unwrap_or_default().contains("AADSTS7000222"),
+        "Microsoft's code is shown"
+    );
+    a_few_sweeps().await;
+    assert_waits(app, waiting).await;
+    let key = "microsoft_outlook:settings:client_credentials";
+    let notes = notifications(app, key).await;
+    assert_eq!(notes.len(), 1, "operators told once: {notes:?}");
+    assert!(notes[0].for_operators);
+
+    // An operator creates a new secret in Azure and saves it in the settings.
+    const NEW_SECRET: &str = "Xy9Q~a.fresh.client.secret-value";
+    m.env.idp.register_app(AppRegistration {
+        client_id: CLIENT_ID.into(),
+        client_secret: NEW_SECRET.into(),
+        secret_expired: false,
+        redirect_uris: vec![REDIRECT.into()],
+    });
+    let saved_at = std::time::Instant::now();
+    settings(
+        &m.env,
+        &[
+            ("client_secret", NEW_SECRET),
+            ("mailbox_rate_per_minute", "0"),
+            ("max_attempts", "1"),
+        ],
+    )
+    .await;
+    let later = queue(&m, "Queued after the save").await;
+    wait_status(app, waiting, "sent").await;
+    assert!(
+        saved_at.elapsed() < std::time::Duration::from_secs(10),
+        "the waiting mail went out within seconds of the save"
+    );
+    wait_status(app, later, "sent").await;
+    let a = position(&m.smtp, &row(app, waiting).await.message_id);
+    let b = position(&m.smtp, &row(app, later).await.message_id);
+    assert!(
+        a.is_some() && a < b,
+        "the mail that waited goes first: {a:?} then {b:?}"
+    );
+    wait_ready(app, server_id).await;
+    eventually("the settings notification to be resolved", || async {
+        notifications(app, key)
+            .await
+            .iter()
+            .all(|n| n.resolved_at.is_some())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mailbox_refusals_hold_the_mailbox_and_message_refusals_fail_the_mail() {
+    let m = mailing().await;
+    let app = &m.env.app;
+    let server_id = m.env.server_id;
+    let ctx = app
+        .app
+        .registry
+        .get("microsoft_outlook")
+        .expect("linked")
+        .ctx
+        .clone();
+    let shared = app.module.shared();
+    let cases = [
+        (
+            Stage::Auth,
+            "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information.",
+            "smtp_auth_disabled",
+        ),
+        (
+            Stage::MailFrom,
+            "530 5.7.57 Client not authenticated to send mail",
+            "no_usable_auth",
+        ),
+        (
+            Stage::MailFrom,
+            "550 5.7.708 Service unavailable. Access denied, traffic not accepted from this IP.",
+            "tenant_blocked",
+        ),
+        (Stage::Auth, "554 5.7.0 Whatever", "token_refused"),
+    ];
+    for (stage, reply, reason) in cases {
+        // A new connection, so that AUTH happens again (the module keeps authenticated ones).
+        m.smtp.close_connections().await;
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        let before_refreshes = refreshes(&m.env);
+        m.smtp.inject(
+            Injected::Reply {
+                stage,
+                reply: reply.into(),
+            },
+            20,
+        );
+        let id = queue(&m, reason).await;
+        let held = wait_held(app, server_id, reason).await;
+        assert!(
+            held.detail.unwrap_or_default().contains(&reply[..9]),
+            "{reason}: the reply is named"
+        );
+        a_few_sweeps().await;
+        assert_waits(app, id).await;
+        let r = row(app, id).await;
+        assert!(
+            r.last_reply
+                .as_deref()
+                .unwrap_or_default()
+                .contains(&reply[..9]),
+            "{reason}: {r:?}"
+        );
+        assert_eq!(
+            refreshes(&m.env),
+            before_refreshes,
+            "{reason}: not a token problem, no refresh"
+        );
+        // Fixed: the hold ends and the mail goes out.
+        m.smtp.clear_injections();
+        microsoft_outlook::health::release(&ctx, &shared, server_id, None)
+            .await
+            .expect("release");
+        wait_status(app, id, "sent").await;
+        wait_ready(app, server_id).await;
+    }
+    let incidents = notifications(app, &mailbox_key(server_id)).await;
+    assert_eq!(
+        incidents.len(),
+        cases.len(),
+        "one per incident: {incidents:?}"
+    );
+    assert!(incidents.iter().all(|n| n.resolved_at.is_some()));
+
+    // A refusal of the message: only that mail fails, the mailbox stays ready.
+    m.smtp.inject(
+        Injected::Reply {
+            stage: Stage::RcptTo,
+            reply: "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup".into(),
+        },
+        1,
+    );
+    let bad = queue(&m, "Unknown recipient").await;
+    let failed = wait_status(app, bad, "failed").await;
+    assert_eq!(failed.attempts, 1);
+    assert!(
+        failed
+            .last_reply
+            .unwrap_or_default()
+            .contains("RecipientNotFound")
+    );
+    assert!(
+        health(app, server_id)
+            .await
+            .is_none_or(|h| h.state == "ready")
+    );
+    let next = queue(&m, "Still sending").await;
+    wait_status(app, next, "sent").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_pages_show_a_held_mailbox() {
+    let m = mailing().await;
+    let app = &m.env.app;
+    let (_, list, _) = m.env.admin.get("/microsoft_outlook/servers").await;
+    assert!(list.contains("Outlook token validated"), "{list}");
+    m.smtp.inject(
+        Injected::Reply {
+            stage: Stage::Auth,
+            reply: "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant.".into(),
+        },
+        20,
+    );
+    let id = queue(&m, "Held").await;
+    wait_held(app, m.env.server_id, "smtp_auth_disabled").await;
+    assert_waits(app, id).await;
+    let (_, list, _) = m.env.admin.get("/microsoft_outlook/servers").await;
+    assert!(list.contains("Held: SMTP AUTH disabled"), "{list}");
+    assert!(!list.contains("Outlook token validated"), "{list}");
+    let (_, page, _) = m
+        .env
+        .admin
+        .get(&format!("/microsoft_outlook/servers/{}", m.env.server_id))
+        .await;
+    assert!(page.contains("Held: SMTP AUTH disabled"), "{page}");
+    assert!(!page.contains("Outlook token validated"), "{page}");
+    assert!(page.contains("Retry now"), "{page}");
+    // Alice, who cannot fix it, is not told (the mailbox is the operators').
+    let alice_notes = notification::Entity::find()
+        .filter(notification::Column::UserId.eq(app.alice_id))
+        .all(&app.db)
+        .await
+        .expect("query");
+    assert!(alice_notes.is_empty(), "{alice_notes:?}");
+}
