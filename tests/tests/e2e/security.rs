@@ -349,7 +349,7 @@ async fn answer_before_the_body(app: &TestApp, head: &str) -> String {
     tcp.write_all(&vec![b'a'; 64 * 1024])
         .await
         .expect("part of the body");
-    let mut answer = vec![0u8; 256];
+    let mut answer = vec![0u8; 4096];
     let read = tokio::time::timeout(std::time::Duration::from_secs(10), tcp.read(&mut answer))
         .await
         .expect("the server answered without waiting for the 31 MB body")
@@ -374,6 +374,18 @@ async fn large_bodies_without_a_session_or_a_csrf_header_are_refused_unread() {
     // Anonymous with the sign-in form's cookie: only a small form is read.
     let answer = answer_before_the_body(&app, &form("Cookie: crm_csrf=abc\r\n")).await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    // Anonymous with a cookie and a matching header: sent to sign in, the body unread.
+    let answer = answer_before_the_body(
+        &app,
+        &format!(
+            "POST /microsoft_outlook/records/contact/1/mails HTTP/1.1\r\nHost: crm\r\n\
+             Content-Type: application/json\r\nContent-Length: {length}\r\n\
+             Cookie: crm_csrf=abc\r\nX-CSRF-Token: abc\r\n\r\n"
+        ),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 303"), "{answer}");
+    assert!(answer.contains("/login?next="), "{answer}");
     // Signed in, JSON without the CSRF header.
     let jar = jar_of(&app, ALICE).await;
     let cookies =
