@@ -7,5 +7,6 @@ mod foundation;
 mod fuzz;
 #[allow(dead_code)] // shared by every suite; not each suite uses each helper
 mod helpers;
+mod security;
 mod send;
 mod tokens;
