@@ -42,10 +42,21 @@ await check('the settings page shows the redirect URI to register', async () => 
   if (text.includes('client_secret') && text.match(/value="[^"]{20,}"/)) throw new Error('a secret is shown');
 });
 
+await check('pages carry the security headers and render under the policy', async () => {
+  const response = await page.goto(`${base}/microsoft_outlook/servers`);
+  const headers = response.headers();
+  if (!(headers['content-security-policy'] ?? '').includes("frame-ancestors 'none'")) throw new Error('no CSP frame-ancestors');
+  if (headers['x-frame-options'] !== 'DENY') throw new Error('no X-Frame-Options');
+  // The stylesheet applied: the header bar is dark, not the default transparent.
+  const background = await page.evaluate(() => getComputedStyle(document.querySelector('header')).backgroundColor);
+  if (background !== 'rgb(36, 41, 47)') throw new Error(`the stylesheet did not apply (header ${background})`);
+});
+
 await check('connect the shared mailbox and see "Outlook token validated"', async () => {
   await page.goto(`${base}/microsoft_outlook/servers`);
   await page.click('text=Office 365 (simulated)');
-  await page.click('a:has-text("Connect")');
+  // Connect is a form (POST with the CSRF token), answered by a redirect to Microsoft.
+  await page.click('form[action="/microsoft_outlook/connect"] button');
   await page.waitForSelector('text=Permissions requested');
   await page.screenshot({ path: `${shots}/consent.png` });
   await page.click('button:has-text("Accept")');

@@ -2,7 +2,7 @@
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{Server, ServiceRequest, ServiceResponse};
-use actix_web::middleware::{Next, from_fn};
+use actix_web::middleware::{DefaultHeaders, Next, from_fn};
 use actix_web::{App, HttpResponse, HttpServer, guard, web};
 use anyhow::Context;
 use crm_sdk::{Clock, CurrentUser, Module, ModuleContext, Sealer, SealingKey};
@@ -55,12 +55,31 @@ async fn access_log(
     tracing::info!(
         target: "crm_host::http",
         %method,
-        %path,
+        path = ?path,
         status = response.status().as_u16(),
         ms = started.elapsed().as_millis() as u64,
         "request"
     );
     Ok(response)
+}
+
+/// The security headers of every response. No `form-action` in the policy: the Connect form
+/// answers with a redirect to the identity platform, whose origin is a setting.
+pub fn security_headers(public_base_url: &url::Url) -> Vec<(&'static str, &'static str)> {
+    let mut headers = vec![
+        (
+            "Content-Security-Policy",
+            "default-src 'self'; base-uri 'none'; object-src 'none'; frame-ancestors 'none'",
+        ),
+        ("X-Frame-Options", "DENY"),
+        ("X-Content-Type-Options", "nosniff"),
+        // The OAuth callback's URL carries the authorization code.
+        ("Referrer-Policy", "no-referrer"),
+    ];
+    if public_base_url.scheme() == "https" {
+        headers.push(("Strict-Transport-Security", "max-age=31536000"));
+    }
+    headers
 }
 
 async fn health(state: web::Data<AppState>) -> HttpResponse {
@@ -204,13 +223,23 @@ impl Application {
         let port = listener.local_addr()?.port();
         let server_state = state.clone();
         let extra_routes = extra_routes.clone();
+        let throttle = web::Data::new(crate::throttle::SignInThrottle::default());
+        crate::auth::warm_up();
+        let headers = security_headers(&public_base_url);
         let mut server = HttpServer::new(move || {
             let state = server_state.clone();
+            let defaults = headers.iter().fold(DefaultHeaders::new(), |d, h| d.add(*h));
             let mut app = App::new()
                 .app_data(state.clone())
+                .app_data(throttle.clone())
                 .wrap(from_fn(crate::auth::session_middleware))
+                .wrap(defaults)
                 .wrap(from_fn(access_log))
                 .route("/health", web::get().to(health))
+                .route(
+                    crate::html::STYLESHEET_PATH,
+                    web::get().to(crate::html::stylesheet),
+                )
                 .route("/", web::get().to(home))
                 .configure(crate::auth::routes)
                 .configure(crate::settings::routes)
@@ -281,5 +310,31 @@ impl Application {
         tracing::info!("HTTP server stopped; stopping module jobs");
         self.state.registry.shutdown().await;
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hsts_only_when_the_public_url_is_https() {
+        let names = |url: &str| -> Vec<&'static str> {
+            security_headers(&url::Url::parse(url).expect("url"))
+                .into_iter()
+                .map(|(name, _)| name)
+                .collect()
+        };
+        assert!(names("https://crm.contoso.example").contains(&"Strict-Transport-Security"));
+        let plain = names("http://127.0.0.1:8080");
+        assert!(!plain.contains(&"Strict-Transport-Security"));
+        for name in [
+            "Content-Security-Policy",
+            "X-Frame-Options",
+            "X-Content-Type-Options",
+            "Referrer-Policy",
+        ] {
+            assert!(plain.contains(&name), "{name}");
+        }
     }
 }

@@ -20,11 +20,15 @@ use sha2::{Digest, Sha256};
 use crate::entities::{session, user};
 use crate::html::ok;
 use crate::state::AppState;
+use crate::throttle::{SignInThrottle, Verdict};
 
 const SESSION_COOKIE: &str = "crm_session";
 const ANON_CSRF_COOKIE: &str = "crm_csrf";
 const SESSION_DAYS: i64 = 14;
-const MAX_FORM_BYTES: usize = 32 * 1024 * 1024;
+/// The largest form the CSRF check reads for a signed-in user (the compose form carries a mail).
+const SIGNED_IN_FORM_BYTES: usize = 32 * 1024 * 1024;
+/// The largest form it reads for anyone else (the sign-in form).
+const ANONYMOUS_FORM_BYTES: usize = 64 * 1024;
 
 /// Hashes a password with argon2id and a random salt.
 pub fn hash_password(password: &str) -> anyhow::Result<String> {
@@ -35,12 +39,27 @@ pub fn hash_password(password: &str) -> anyhow::Result<String> {
         .map_err(|e| anyhow::anyhow!("hashing a password: {e}"))
 }
 
-fn verify_password(password: &str, hash: &str) -> bool {
-    PasswordHash::new(hash).is_ok_and(|parsed| {
+/// A hash of a random password, verified against for unknown accounts so that they cost the
+/// same work as known ones.
+fn dummy_hash() -> &'static str {
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DUMMY.get_or_init(|| hash_password(&random_token()).unwrap_or_default())
+}
+
+/// Whether `password` matches `hash`; with no hash (an unknown account) the same argon2 work is
+/// done against a dummy hash and the answer is no.
+fn verify_password(password: &str, hash: Option<&str>) -> bool {
+    let matches = PasswordHash::new(hash.unwrap_or_else(|| dummy_hash())).is_ok_and(|parsed| {
         Argon2::default()
             .verify_password(password.as_bytes(), &parsed)
             .is_ok()
-    })
+    });
+    matches && hash.is_some()
+}
+
+/// Computes the dummy hash now, so that the first unknown sign-in costs no more than others.
+pub fn warm_up() {
+    let _ = dummy_hash();
 }
 
 /// A random URL-safe token of 256 bits.
@@ -114,6 +133,11 @@ pub async fn session_middleware(
             Some(user) => Some(user.csrf_token.clone()),
             None => req.cookie(ANON_CSRF_COOKIE).map(|c| c.value().to_string()),
         };
+        // Refused before a byte of the body is read: nobody to compare a token with.
+        let Some(expected) = expected.filter(|e| !e.is_empty()) else {
+            tracing::info!(path = ?req.path(), "refused a request without a session or CSRF cookie");
+            return Ok(req.into_response(csrf_refused()));
+        };
         let mut presented = req
             .headers()
             .get(CSRF_HEADER)
@@ -123,14 +147,21 @@ pub async fn session_middleware(
             .content_type()
             .eq_ignore_ascii_case("application/x-www-form-urlencoded");
         if presented.is_none() && is_form {
+            // Large forms only from a signed-in user; the declared length is refused unread.
+            let limit = if user.is_some() {
+                SIGNED_IN_FORM_BYTES
+            } else {
+                ANONYMOUS_FORM_BYTES
+            };
+            if declared_length(&req).is_some_and(|n| n > limit) {
+                return Ok(req.into_response(too_large()));
+            }
             let mut payload = req.take_payload();
             let mut body = web::BytesMut::new();
             while let Some(chunk) = payload.next().await {
                 let chunk = chunk?;
-                if body.len() + chunk.len() > MAX_FORM_BYTES {
-                    return Ok(req.into_response(
-                        HttpResponse::PayloadTooLarge().body("The form is too large."),
-                    ));
+                if body.len() + chunk.len() > limit {
+                    return Ok(req.into_response(too_large()));
                 }
                 body.extend_from_slice(&chunk);
             }
@@ -140,9 +171,11 @@ pub async fn session_middleware(
             replay.unread_data(body);
             req.set_payload(Payload::from(replay));
         }
-        let valid = matches!((&expected, &presented), (Some(e), Some(p)) if !e.is_empty() && constant_time_eq(e.as_bytes(), p.as_bytes()));
+        let valid = presented
+            .as_deref()
+            .is_some_and(|p| constant_time_eq(expected.as_bytes(), p.as_bytes()));
         if !valid {
-            tracing::info!(path = %req.path(), "refused a request without a valid CSRF token");
+            tracing::info!(path = ?req.path(), "refused a request without a valid CSRF token");
             return Ok(req.into_response(csrf_refused()));
         }
     }
@@ -150,6 +183,17 @@ pub async fn session_middleware(
         req.extensions_mut().insert(user);
     }
     next.call(req).await.map(|r| r.map_into_boxed_body())
+}
+
+fn declared_length(req: &ServiceRequest) -> Option<usize> {
+    req.headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+fn too_large() -> HttpResponse {
+    HttpResponse::PayloadTooLarge().body("The form is too large.")
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -163,10 +207,7 @@ struct NextQuery {
 }
 
 fn safe_next(next: Option<&str>) -> String {
-    match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_string(),
-        _ => "/".to_string(),
-    }
+    crm_sdk::redirect::redirect_target(next)
 }
 
 async fn login_page(
@@ -180,7 +221,7 @@ async fn login_page(
         .unwrap_or_else(random_token);
     let next = safe_next(query.next.as_deref());
     let body = html! {
-        section.card style="max-width:420px;margin:3rem auto" {
+        section.card.narrow {
             h1 { "Sign in" }
             @if query.error.is_some() {
                 p.flash.bad { "Wrong e-mail address or password." }
@@ -214,17 +255,48 @@ struct LoginForm {
     next: Option<String>,
 }
 
-async fn login(state: web::Data<AppState>, form: web::Form<LoginForm>) -> HttpResponse {
+fn too_many_attempts(wait: std::time::Duration) -> HttpResponse {
+    let minutes = wait.as_secs().div_ceil(60).max(1);
+    HttpResponse::TooManyRequests()
+        .insert_header(("Retry-After", wait.as_secs().max(1).to_string()))
+        .content_type("text/html; charset=utf-8")
+        .body(
+            html! {
+                h1 { "Too many failed sign-ins" }
+                p { "Sign-in is paused for this account or this address after several wrong passwords. Wait " (minutes) " minute(s) and try again." }
+                p { a href="/login" { "Back to sign-in" } }
+            }
+            .into_string(),
+        )
+}
+
+async fn login(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    throttle: web::Data<SignInThrottle>,
+    form: web::Form<LoginForm>,
+) -> HttpResponse {
     let email = form.email.trim().to_lowercase();
+    let address = req.peer_addr().map(|a| a.ip());
+    if let Verdict::Wait(wait) = throttle.check(&email, address) {
+        tracing::info!(email = ?email, "sign-in held back: too many failures");
+        return too_many_attempts(wait);
+    }
     let found = user::Entity::find()
         .filter(user::Column::Email.eq(email.clone()))
         .one(&state.db)
         .await;
     let next = safe_next(form.next.as_deref());
+    let hash = match &found {
+        Ok(Some(user)) => Some(user.password_hash.as_str()),
+        _ => None,
+    };
+    let verified = verify_password(&form.password, hash);
     let user = match found {
-        Ok(Some(user)) if verify_password(&form.password, &user.password_hash) => user,
+        Ok(Some(user)) if verified => user,
         Ok(_) => {
-            tracing::info!(%email, "sign-in refused");
+            throttle.failed(&email, address);
+            tracing::info!(email = ?email, "sign-in refused");
             let next: String = url::form_urlencoded::byte_serialize(next.as_bytes()).collect();
             return HttpResponse::SeeOther()
                 .insert_header(("Location", format!("/login?error=1&next={next}")))
@@ -309,4 +381,23 @@ pub fn require_admin(
                 )
                 .into_string(),
         )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_accounts_cost_one_argon2_verification_with_the_same_parameters() {
+        let real = hash_password("pw").unwrap_or_default();
+        assert!(verify_password("pw", Some(&real)));
+        assert!(!verify_password("nope", Some(&real)));
+        assert!(!verify_password("pw", None));
+        let (real, dummy) = (
+            PasswordHash::new(&real).map(|h| (h.algorithm, h.version, h.params.to_string())),
+            PasswordHash::new(dummy_hash()).map(|h| (h.algorithm, h.version, h.params.to_string())),
+        );
+        assert!(real.is_ok());
+        assert_eq!(real, dummy, "the dummy hash costs what a real one costs");
+    }
 }

@@ -3,6 +3,7 @@
 //! the mails they received.
 
 use actix_web::{HttpResponse, web};
+use anyhow::Context;
 use crm_sdk::CurrentUser;
 use maud::html;
 use microsoft_outlook::entities::{mail_server, token};
@@ -12,7 +13,10 @@ use microsoft_outlook_tests::identity::{
 use microsoft_outlook_tests::smtp::{SmtpConfig, SmtpServer};
 use rand::Rng;
 use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, Set};
+use secrecy::ExposeSecret;
 use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
 use std::sync::Arc;
 
 use crate::html::ok;
@@ -43,6 +47,54 @@ fn random_guid() -> String {
         &hex[16..20],
         &hex[20..32]
     )
+}
+
+/// Creates `dir` readable by its owner only (0700) and the sealing key in it, written 0600 from
+/// the start; an existing key is read.
+pub fn prepare_data_dir(dir: &Path) -> anyhow::Result<crm_sdk::SealingKey> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        builder.mode(0o700);
+        builder
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+        // Made by an older version, or by hand.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("restricting {}", dir.display()))?;
+    }
+    #[cfg(not(unix))]
+    builder
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("sealing.key");
+    if path.exists() {
+        return Ok(crm_sdk::SealingKey::from_file(&path)?);
+    }
+    let key = crm_sdk::SealingKey::generate();
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(key.to_base64().expose_secret().as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(key)
+}
+
+/// Makes the demo's SQLite file readable by its owner only (SQLite creates it with the umask).
+pub fn restrict_database_file(path: &Path) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    if path.exists() {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("restricting {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// Whether the module is configured for a real Azure app (then the demo leaves it alone).
@@ -118,6 +170,17 @@ pub async fn start(
         ..SmtpConfig::default()
     })
     .await?;
+    // Users may point their own mailbox at the simulated server too.
+    let mut hosts = BTreeMap::new();
+    hosts.insert(
+        "personal_smtp_hosts".to_string(),
+        format!(
+            "{}, localhost:{}",
+            microsoft_outlook::settings::default_smtp_host(),
+            smtp.port()
+        ),
+    );
+    crate::settings::store(db, sealer, "microsoft_outlook", hosts, BTreeMap::new()).await?;
 
     // The simulated services forget their tokens when the demo stops: point the demo's servers
     // at the new ones and ask for a fresh Connect.
@@ -270,5 +333,32 @@ pub fn routes(
             .route("/demo/received", web::get().to(received))
             .route("/demo/faults", web::get().to(faults_page))
             .route("/demo/faults", web::post().to(play_fault));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn the_data_dir_and_the_key_are_private_from_the_start() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = std::env::temp_dir().join(format!("crm-demo-modes-{}", std::process::id()));
+        let dir = root.join("data");
+        let key = prepare_data_dir(&dir).expect("prepared");
+        let mode = |p: &Path| std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join("sealing.key")), 0o600);
+        // Read back, not replaced.
+        let again = prepare_data_dir(&dir).expect("again");
+        assert_eq!(
+            again.to_base64().expose_secret(),
+            key.to_base64().expose_secret()
+        );
+        std::fs::write(dir.join("crm.db"), b"").expect("db");
+        restrict_database_file(&dir.join("crm.db")).expect("restricted");
+        assert_eq!(mode(&dir.join("crm.db")), 0o600);
+        let _ = std::fs::remove_dir_all(&root);
     }
 }

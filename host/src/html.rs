@@ -29,7 +29,20 @@ button.secondary,.button.secondary{background:#6e7781}button.danger{background:#
 table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.4rem;border-bottom:1px solid #d0d7de;vertical-align:top}
 code,.copy{background:#eaeef2;padding:.1rem .3rem;border-radius:3px;word-break:break-all}
 form.inline{display:inline}
+section.card.narrow{max-width:420px;margin:3rem auto}
 "#;
+
+/// Where the stylesheet is served (a file, not inline: the Content-Security-Policy allows only
+/// this site's own styles).
+pub const STYLESHEET_PATH: &str = "/assets/crm.css";
+
+/// The stylesheet of every page.
+pub async fn stylesheet() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/css; charset=utf-8")
+        .insert_header(("Cache-Control", "public, max-age=3600"))
+        .body(STYLE)
+}
 
 /// The menu entries of one module, shown while it is enabled.
 pub struct ModuleMenu {
@@ -59,7 +72,7 @@ impl HostChrome {
                     meta charset="utf-8";
                     meta name="viewport" content="width=device-width, initial-scale=1";
                     title { (title) " · CRM" }
-                    style { (PreEscaped(STYLE)) }
+                    link rel="stylesheet" href=(STYLESHEET_PATH);
                 }
                 body {
                     header {

@@ -15,6 +15,7 @@ pub mod registry;
 pub mod seed;
 pub mod settings;
 pub mod state;
+pub mod throttle;
 
 pub use app::{Application, HostOptions};
 pub use config::Config;

@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use crm_host::{Application, Config, HostOptions, linked_modules};
 use crm_sdk::{SealingKey, SystemClock};
 use secrecy::ExposeSecret;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 #[derive(Parser)]
@@ -83,22 +83,6 @@ fn sealing_key(config: &Config) -> anyhow::Result<SealingKey> {
          in the database. Set CRM_SEALING_KEY to 32 random bytes in base64 (e.g. `openssl rand -base64 32`) \
          or CRM_SEALING_KEY_FILE to a file holding it"
     )
-}
-
-fn demo_key(dir: &Path) -> anyhow::Result<SealingKey> {
-    let path = dir.join("sealing.key");
-    if path.exists() {
-        return Ok(SealingKey::from_file(&path)?);
-    }
-    let key = SealingKey::generate();
-    std::fs::write(&path, key.to_base64().expose_secret())
-        .with_context(|| format!("writing {}", path.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    }
-    Ok(key)
 }
 
 #[tokio::main]
@@ -200,13 +184,13 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Demo { bind } => {
             let dir = PathBuf::from("data");
-            std::fs::create_dir_all(&dir).context("creating ./data")?;
+            let key = crm_host::demo::prepare_data_dir(&dir)?;
             config.bind = bind;
             if std::env::var_os("CRM_DATABASE_URL").is_none() {
                 config.database_url = "sqlite://data/crm.db?mode=rwc".into();
             }
-            let key = demo_key(&dir)?;
             let db = crm_host::app::open_database(&config).await?;
+            crm_host::demo::restrict_database_file(&dir.join("crm.db"))?;
             let seeded = crm_host::seed::seed_demo(&db).await?;
             for module in linked_modules(&config) {
                 module.migrate(&db).await?;

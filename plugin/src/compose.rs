@@ -1,5 +1,6 @@
-//! A mail as an author writes it, validated at the boundary: addresses parsed, no line breaks in
-//! headers, at most 500 recipients, within the size limit.
+//! A mail as an author writes it, validated at the boundary: addresses parsed, no control
+//! characters but tab in header fields and no NUL anywhere, at most 500 recipients, within the
+//! size limit.
 
 use crm_sdk::FieldError;
 use lettre::message::header::ContentType;
@@ -75,9 +76,15 @@ fn err(field: &str, message: impl Into<String>) -> FieldError {
     }
 }
 
-fn has_line_break(text: &str) -> bool {
-    text.contains(['\r', '\n'])
+/// Whether `text` may not go into a header field: C0 control characters other than tab (line
+/// breaks, vertical tab, form feed, NUL, ESC, ...) and DEL.
+pub fn unfit_for_header(text: &str) -> bool {
+    text.chars()
+        .any(|c| (c.is_ascii_control() && c != '\t') || c == '\u{7f}')
 }
+
+const UNFIT_FOR_HEADER: &str = "must not contain line breaks or control characters";
+const NUL_IN_BODY: &str = "must not contain NUL characters";
 
 fn parse_list(field: &str, input: &AddressInput, errors: &mut Vec<FieldError>) -> Vec<Mailbox> {
     let mut out = Vec::new();
@@ -85,8 +92,8 @@ fn parse_list(field: &str, input: &AddressInput, errors: &mut Vec<FieldError>) -
         if item.trim().is_empty() {
             continue;
         }
-        if has_line_break(item) {
-            errors.push(err(field, "must not contain line breaks"));
+        if unfit_for_header(item) {
+            errors.push(err(field, UNFIT_FOR_HEADER));
             continue;
         }
         match item.parse::<Mailboxes>() {
@@ -118,8 +125,8 @@ impl OutgoingMail {
             ));
         }
         let subject = request.subject.trim().to_string();
-        if has_line_break(&request.subject) {
-            errors.push(err("subject", "must not contain line breaks"));
+        if unfit_for_header(&request.subject) {
+            errors.push(err("subject", UNFIT_FOR_HEADER));
         } else if subject.is_empty() {
             errors.push(err("subject", "is required"));
         } else if subject.chars().count() > 998 {
@@ -132,8 +139,8 @@ impl OutgoingMail {
             .filter(|r| !r.is_empty())
         {
             None => None,
-            Some(r) if has_line_break(r) => {
-                errors.push(err("reply_to", "must not contain line breaks"));
+            Some(_) if request.reply_to.as_deref().is_some_and(unfit_for_header) => {
+                errors.push(err("reply_to", UNFIT_FOR_HEADER));
                 None
             }
             Some(r) => match r.parse::<Mailbox>() {
@@ -145,6 +152,12 @@ impl OutgoingMail {
             },
         };
         let html_body = request.html_body.clone().filter(|h| !h.trim().is_empty());
+        if request.text_body.contains('\0') {
+            errors.push(err("text_body", NUL_IN_BODY));
+        }
+        if html_body.as_ref().is_some_and(|h| h.contains('\0')) {
+            errors.push(err("html_body", NUL_IN_BODY));
+        }
         if request.text_body.trim().is_empty() && html_body.is_none() {
             errors.push(err("text_body", "is required"));
         }
@@ -283,6 +296,48 @@ mod tests {
         let mut big = request("a@b.example", "Hi");
         big.text_body = "x".repeat(2048);
         assert_eq!(fields(OutgoingMail::parse(&big, 1024)), ["text_body"]);
+    }
+
+    #[test]
+    fn refuses_control_characters_in_every_header_field_and_nul_anywhere() {
+        for bad in ["\u{b}", "\u{c}", "\0", "\u{1b}[31m", "\r", "\n", "\u{7f}"] {
+            assert_eq!(
+                fields(OutgoingMail::parse(
+                    &request("a@b.example", &format!("Hi{bad}there")),
+                    1024
+                )),
+                ["subject"],
+                "{bad:?}"
+            );
+            assert_eq!(
+                fields(OutgoingMail::parse(
+                    &request(&format!("Dana{bad} <a@b.example>"), "Hi"),
+                    1024
+                )),
+                ["to"],
+                "{bad:?}"
+            );
+            let mut r = request("a@b.example", "Hi");
+            r.cc = AddressInput::Many(vec![format!("c{bad}@b.example")]);
+            r.reply_to = Some(format!("r@b.example{bad}"));
+            assert_eq!(
+                fields(OutgoingMail::parse(&r, 1024)),
+                ["cc", "reply_to"],
+                "{bad:?}"
+            );
+        }
+        assert!(OutgoingMail::parse(&request("a@b.example", "Tab\there"), 1024).is_ok());
+        let mut r = request("a@b.example", "Hi");
+        r.text_body = "Hello\0world".into();
+        r.html_body = Some("<p>\0</p>".into());
+        assert_eq!(
+            fields(OutgoingMail::parse(&r, 1024)),
+            ["text_body", "html_body"]
+        );
+        // Other controls stay allowed in bodies (a form feed in a text body is harmless).
+        r.text_body = "Page\u{c}two".into();
+        r.html_body = None;
+        assert!(OutgoingMail::parse(&r, 1024).is_ok());
     }
 
     #[test]

@@ -67,6 +67,43 @@ pub struct MailView {
     pub waiting: Option<String>,
 }
 
+/// The classified words of a remote SMTP reply: its code and enhanced status code
+/// (`554 5.2.0`), never the remote server's free text.
+pub fn classified_reply(reply: &str) -> String {
+    let mut words = reply.split_whitespace();
+    let Some(code) = words
+        .next()
+        .filter(|w| w.len() == 3 && w.bytes().all(|b| b.is_ascii_digit()))
+    else {
+        return "no SMTP reply".into();
+    };
+    let enhanced = words.next().filter(|w| {
+        let parts: Vec<&str> = w.split('.').collect();
+        parts.len() == 3
+            && parts
+                .iter()
+                .all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
+    });
+    match enhanced {
+        Some(enhanced) => format!("{code} {enhanced}"),
+        None => code.to_string(),
+    }
+}
+
+/// A mail as `viewer` may see it: operators see the remote server's reply as it was; others
+/// see its classified words (the remote server may be one a user pointed a mailbox at).
+pub fn for_viewer(mut m: outbox::Model, viewer: &CurrentUser) -> outbox::Model {
+    if viewer.is_admin {
+        return m;
+    }
+    if let Some(reply) = m.last_reply.take() {
+        let words = classified_reply(&reply);
+        m.last_error = m.last_error.map(|e| e.replace(&reply, &words));
+        m.last_reply = Some(words);
+    }
+    m
+}
+
 impl From<outbox::Model> for MailView {
     fn from(m: outbox::Model) -> Self {
         Self {
@@ -183,7 +220,13 @@ pub fn compose_form(
     }
 }
 
-async fn recent(ctx: &ModuleContext, record: &RecordRef, limit: u64) -> Vec<outbox::Model> {
+/// The latest mails of `record`, as `viewer` may see them.
+async fn recent(
+    ctx: &ModuleContext,
+    record: &RecordRef,
+    limit: u64,
+    viewer: &CurrentUser,
+) -> Vec<outbox::Model> {
     outbox::Entity::find()
         .filter(outbox::Column::RecordModel.eq(record.model.clone()))
         .filter(outbox::Column::RecordId.eq(record.id))
@@ -192,6 +235,9 @@ async fn recent(ctx: &ModuleContext, record: &RecordRef, limit: u64) -> Vec<outb
         .all(ctx.db())
         .await
         .unwrap_or_default()
+        .into_iter()
+        .map(|m| for_viewer(m, viewer))
+        .collect()
 }
 
 /// The panel the host shows on a record's page.
@@ -204,7 +250,7 @@ pub async fn record_panel(
         Ok(RecordAccess::Visible(summary)) => summary.email.unwrap_or_default(),
         _ => return None,
     };
-    let mails = recent(ctx, record, 20).await;
+    let mails = recent(ctx, record, 20, user).await;
     Some(
         html! {
             section.card id="mails" {
@@ -229,21 +275,7 @@ async fn list(
     let record = RecordRef { model, id };
     let summary = match ctx.records().find(&record, &user).await {
         Ok(RecordAccess::Visible(s)) => s,
-        Ok(RecordAccess::Hidden) => {
-            return refusal_response(
-                &ctx,
-                &user,
-                &req,
-                &record,
-                Refusal {
-                    status: StatusCode::FORBIDDEN,
-                    errors: vec![FieldError {
-                        field: "record".into(),
-                        message: "you may not see this record".into(),
-                    }],
-                },
-            );
-        }
+        // Hidden or missing: the same answer.
         _ => {
             return refusal_response(
                 &ctx,
@@ -254,13 +286,13 @@ async fn list(
                     status: StatusCode::NOT_FOUND,
                     errors: vec![FieldError {
                         field: "record".into(),
-                        message: "no such record".into(),
+                        message: format!("there is no {} {}", record.model, record.id),
                     }],
                 },
             );
         }
     };
-    let mails = recent(&ctx, &record, 500).await;
+    let mails = recent(&ctx, &record, 500, &user).await;
     if wants_json(&req) {
         let waits = crate::health::waiting_words(&ctx).await;
         let views: Vec<MailView> = mails
@@ -368,4 +400,24 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.app_data(web::PayloadConfig::new(64 * 1024 * 1024))
         .route("/records/{model}/{id}/mails", web::post().to(create))
         .route("/records/{model}/{id}/mails", web::get().to(list));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_is_classified_to_its_codes() {
+        assert_eq!(
+            classified_reply("554 5.2.0 STOREDRV.Submission.Exception: anything the server says"),
+            "554 5.2.0"
+        );
+        assert_eq!(classified_reply("250 OK queued as 12345"), "250");
+        assert_eq!(classified_reply("421 4.7.0 <script>"), "421 4.7.0");
+        assert_eq!(
+            classified_reply("Connection refused by peer"),
+            "no SMTP reply"
+        );
+        assert_eq!(classified_reply("5541 x"), "no SMTP reply");
+    }
 }

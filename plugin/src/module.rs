@@ -102,6 +102,14 @@ impl Module for OutlookModule {
                         .into(),
             });
         }
+        if let Some(hosts) = values.get("personal_smtp_hosts")
+            && let Err(problem) = crate::settings::PersonalSmtpHosts::parse(hosts)
+        {
+            errors.push(FieldError {
+                field: "personal_smtp_hosts".into(),
+                message: problem,
+            });
+        }
         errors
     }
 

@@ -1,4 +1,4 @@
-//! The connect flow: `GET /connect?server=ID` → Microsoft → `GET /confirm?code&state`.
+//! The connect flow: `POST /connect` (form: `server=ID`, CSRF) → Microsoft → `GET /confirm?code&state`.
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, web};
@@ -134,30 +134,31 @@ fn state_failure(ctx: &ModuleContext, user: &CurrentUser, what: &str) -> HttpRes
 }
 
 #[derive(Deserialize)]
-struct ConnectQuery {
+struct ConnectForm {
     server: Option<String>,
 }
 
 async fn connect(
     ctx: web::Data<ModuleContext>,
     user: CurrentUser,
-    query: web::Query<ConnectQuery>,
+    form: web::Form<ConnectForm>,
 ) -> HttpResponse {
-    let Some(server_id) = query.server.as_deref().and_then(|s| s.parse::<i32>().ok()) else {
-        return state_failure(&ctx, &user, "No mail server was named (connect?server=ID).");
+    let Some(server_id) = form.server.as_deref().and_then(|s| s.parse::<i32>().ok()) else {
+        return state_failure(&ctx, &user, "No mail server was named (server=ID).");
     };
     let server = mail_server::Entity::find_by_id(server_id)
         .one(ctx.db())
         .await
         .ok()
         .flatten();
+    // The same answer for "not yours" and "not there".
     let Some(server) = server.filter(|s| may_manage(&user, s)) else {
         return page_with(
-            StatusCode::FORBIDDEN,
+            StatusCode::NOT_FOUND,
             &ctx,
             &user,
-            "Not yours",
-            html! { h1 { "You cannot connect this mail server" } p { "Shared servers are connected by operators; a personal mailbox only by its owner." } },
+            "Not found",
+            html! { h1 { "No such mail server" } p { "Shared servers are connected by operators; a personal mailbox only by its owner." } },
         );
     };
     let settings = match OutlookSettings::load(&ctx).await {
@@ -461,6 +462,7 @@ async fn confirm(
 
 /// The connect routes.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/connect", web::get().to(connect))
+    // A resource, so that a GET (an old link, a forged image) answers 405.
+    cfg.service(web::resource("/connect").route(web::post().to(connect)))
         .route("/confirm", web::get().to(confirm));
 }

@@ -9,8 +9,8 @@ use serde::Deserialize;
 
 use crate::entities::{mail_server, token};
 use crate::health::Health;
-use crate::servers::{self, ServerForm, ServerInput, ServerKind, may_manage};
-use crate::settings::OutlookSettings;
+use crate::servers::{self, OutboundRules, ServerForm, ServerInput, ServerKind, may_manage};
+use crate::settings::{OutlookSettings, PersonalSmtpHosts};
 
 /// A full page in the host's frame.
 pub fn page(ctx: &ModuleContext, user: &CurrentUser, title: &str, body: Markup) -> HttpResponse {
@@ -180,7 +180,9 @@ fn server_form(
             select #security name="security" {
                 option value="starttls" selected[form.security == "starttls"] { "STARTTLS (port 587)" }
                 option value="tls" selected[form.security == "tls"] { "TLS from the start (port 465)" }
-                option value="none" selected[form.security == "none"] { "None (local relay on this machine only)" }
+                @if kind == ServerKind::Shared || user.is_admin {
+                    option value="none" selected[form.security == "none"] { "None (local relay on this machine only)" }
+                }
             }
             (field_error(errors, "security"))
             label for="extra_ca_pem" { "Extra trusted CA certificate (PEM, optional)" }
@@ -264,8 +266,10 @@ async fn server_page_body(
                     p.help { "App-only servers need no sign-in: the module uses the client-credentials grant. An Exchange administrator must have registered the app's service principal in Exchange Online (New-ServicePrincipal) and granted it SendAs / FullAccess on " (server.mailbox) "." }
                 }
                 Ok(_) => {
-                    a.button href=(format!("/microsoft_outlook/connect?server={}", server.id)) {
-                        @if token.is_some() { "Reconnect" } @else { "Connect" }
+                    form.inline method="post" action="/microsoft_outlook/connect" {
+                        (csrf(user))
+                        input type="hidden" name="server" value=(server.id);
+                        button type="submit" { @if token.is_some() { "Reconnect" } @else { "Connect" } }
                     }
                 }
             }
@@ -292,7 +296,8 @@ async fn server_page_body(
     }
 }
 
-/// The server `id` if `user` may manage it, else the 404 or 403 page.
+/// The server `id` if `user` may manage it, else the 404 page (the same for "not yours" and
+/// "not there").
 async fn managed_server(
     ctx: &ModuleContext,
     user: &CurrentUser,
@@ -304,9 +309,8 @@ async fn managed_server(
         .ok()
         .flatten();
     match found {
-        None => Err(Box::new(not_found(ctx, user))),
-        Some(server) if !may_manage(user, &server) => Err(Box::new(forbidden(ctx, user))),
-        Some(server) => Ok(server),
+        Some(server) if may_manage(user, &server) => Ok(server),
+        _ => Err(Box::new(not_found(ctx, user))),
     }
 }
 
@@ -493,7 +497,12 @@ async fn update(
     } else {
         ServerKind::Personal
     };
-    match ServerInput::parse(&form, kind) {
+    let hosts = PersonalSmtpHosts::load(&ctx).await;
+    let rules = OutboundRules {
+        operator: user.is_admin,
+        personal_hosts: &hosts,
+    };
+    match ServerInput::parse_with(&form, kind, &rules) {
         Err(errors) => {
             let body = server_page_body(&ctx, &user, &server, &form, &errors, None).await;
             page_with(
@@ -616,7 +625,12 @@ async fn create_mine(
     if let Ok(Some(server)) = servers::personal_of(ctx.db(), user.id).await {
         return see_other(&server_url(&server));
     }
-    match ServerInput::parse(&form, ServerKind::Personal) {
+    let hosts = PersonalSmtpHosts::load(&ctx).await;
+    let rules = OutboundRules {
+        operator: user.is_admin,
+        personal_hosts: &hosts,
+    };
+    match ServerInput::parse_with(&form, ServerKind::Personal, &rules) {
         Err(errors) => {
             let body = html! {
                 h1 { "My mailbox" }

@@ -74,6 +74,23 @@ pub async fn choose_server(
             .map_err(db_down)?
             .is_some()
     {
+        // Saved before the operator narrowed the list, or before the list existed.
+        let hosts = crate::settings::PersonalSmtpHosts::load(ctx).await;
+        let port = u16::try_from(personal.smtp_port).unwrap_or(0);
+        if !hosts.allows(&personal.smtp_host, port)
+            || (personal.security == "none" && !author.is_admin)
+        {
+            return Err(refuse(
+                StatusCode::CONFLICT,
+                "server",
+                format!(
+                    "your mailbox connects to {}:{}, which the operator does not allow for personal mailboxes (allowed: {}). Change it under My mailbox.",
+                    personal.smtp_host,
+                    personal.smtp_port,
+                    hosts.describe()
+                ),
+            ));
+        }
         return Ok(personal);
     }
     let shared = servers::shared(ctx.db()).await.map_err(db_down)?;
@@ -96,18 +113,12 @@ pub async fn queue_mail(
 ) -> Result<outbox::Model, Refusal> {
     match ctx.records().find(record, author).await {
         Ok(RecordAccess::Visible(_)) => {}
-        Ok(RecordAccess::Missing) => {
+        // Hidden or missing: the same answer.
+        Ok(RecordAccess::Missing | RecordAccess::Hidden) => {
             return Err(refuse(
                 StatusCode::NOT_FOUND,
                 "record",
                 format!("there is no {} {}", record.model, record.id),
-            ));
-        }
-        Ok(RecordAccess::Hidden) => {
-            return Err(refuse(
-                StatusCode::FORBIDDEN,
-                "record",
-                "you may not see this record",
             ));
         }
         Err(e) => {

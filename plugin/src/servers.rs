@@ -67,7 +67,7 @@ impl ServerForm {
                 ServerKind::Shared => "Office 365".into(),
                 ServerKind::Personal => format!("{}'s mailbox", user.name),
             },
-            smtp_host: "smtp.office365.com".into(),
+            smtp_host: crate::settings::default_smtp_host().into(),
             smtp_port: "587".into(),
             security: "starttls".into(),
             mailbox: match kind {
@@ -134,7 +134,7 @@ fn is_loopback_host(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-fn valid_host(host: &str) -> bool {
+pub(crate) fn valid_host(host: &str) -> bool {
     !host.is_empty()
         && host.len() <= 253
         && (host.parse::<std::net::IpAddr>().is_ok()
@@ -284,6 +284,83 @@ impl ServerInput {
                 is_default: kind == ServerKind::Shared && form.is_default.is_some(),
             }),
             _ => Err(errors),
+        }
+    }
+}
+
+/// Who saves a server, and where personal mailboxes may connect.
+pub struct OutboundRules<'a> {
+    /// Whether the person saving is an operator.
+    pub operator: bool,
+    /// The hosts the operator allows for personal mailboxes.
+    pub personal_hosts: &'a crate::settings::PersonalSmtpHosts,
+}
+
+/// What is wrong with where a personal mailbox would connect: users never choose the host
+/// (only the operator's list), the port is one the list allows, security `none` is an
+/// operator's choice. Every reason is about the stored server, so shared servers (operators
+/// only) are not limited.
+pub fn personal_outbound_errors(
+    host: &str,
+    port: Option<u16>,
+    security: &str,
+    rules: &OutboundRules<'_>,
+) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    let host = host.trim().to_ascii_lowercase();
+    if !rules.personal_hosts.lists(&host) {
+        errors.push(err(
+            "smtp_host",
+            format!(
+                "A personal mailbox connects only to the SMTP hosts the operator allows: {}.",
+                rules.personal_hosts.describe()
+            ),
+        ));
+    } else if let Some(port) = port
+        && !rules.personal_hosts.allows(&host, port)
+    {
+        errors.push(err(
+            "smtp_port",
+            format!(
+                "Port {port} is not allowed for {host}; allowed: {}.",
+                rules.personal_hosts.describe()
+            ),
+        ));
+    }
+    if security.trim() == "none" && !rules.operator {
+        errors.push(err(
+            "security",
+            "Security \"none\" sends your token in clear text; only operators may choose it. Use STARTTLS (port 587) or TLS (port 465).",
+        ));
+    }
+    errors
+}
+
+impl ServerInput {
+    /// [`ServerInput::parse`], then, for a personal mailbox, [`personal_outbound_errors`];
+    /// a field gets at most the first of its problems.
+    pub fn parse_with(
+        form: &ServerForm,
+        kind: ServerKind,
+        rules: &OutboundRules<'_>,
+    ) -> Result<Self, Vec<FieldError>> {
+        let parsed = Self::parse(form, kind);
+        if kind == ServerKind::Shared {
+            return parsed;
+        }
+        let port = form.smtp_port.trim().parse::<u16>().ok();
+        let extra = personal_outbound_errors(&form.smtp_host, port, &form.security, rules);
+        match parsed {
+            Ok(input) if extra.is_empty() => Ok(input),
+            Ok(_) => Err(extra),
+            Err(mut errors) => {
+                for e in extra {
+                    if !errors.iter().any(|known| known.field == e.field) {
+                        errors.push(e);
+                    }
+                }
+                Err(errors)
+            }
         }
     }
 }

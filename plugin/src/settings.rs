@@ -101,6 +101,101 @@ impl Cloud {
 /// The default nightly refresh schedule.
 pub const DEFAULT_REFRESH_SCHEDULE: &str = "0 0 3 * * *";
 
+/// The SMTP submission host of the global cloud (the pages and [`PersonalSmtpHosts::load`] use
+/// the chosen cloud's, [`Cloud::smtp_host`]).
+pub fn default_smtp_host() -> &'static str {
+    Cloud::Global.smtp_host()
+}
+
+/// The SMTP submission ports a personal mailbox may use on an allowed host named without a port.
+pub const PERSONAL_SMTP_PORTS: [u16; 2] = [587, 465];
+
+/// The hosts (and ports) the operator allows for personal mailboxes
+/// (`personal_smtp_hosts`: `host` for ports 587 and 465, or `host:port`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PersonalSmtpHosts(Vec<(String, Option<u16>)>);
+
+impl PersonalSmtpHosts {
+    /// Parses the setting; empty means [`default_smtp_host`]. An invalid entry is named.
+    pub fn parse(setting: &str) -> Result<Self, String> {
+        let mut entries = Vec::new();
+        for entry in setting
+            .split([',', '\n'])
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+        {
+            let (host, port) = match entry.rsplit_once(':') {
+                Some((host, port)) => match port.parse::<u16>() {
+                    Ok(p) if p > 0 => (host, Some(p)),
+                    _ => {
+                        return Err(format!(
+                            "\"{entry}\": the port must be a number from 1 to 65535"
+                        ));
+                    }
+                },
+                None => (entry, None),
+            };
+            let host = host.to_ascii_lowercase();
+            if !crate::servers::valid_host(&host) {
+                return Err(format!("\"{entry}\" is not a host name or host:port"));
+            }
+            entries.push((host, port));
+        }
+        if entries.is_empty() {
+            entries.push((default_smtp_host().to_string(), None));
+        }
+        Ok(Self(entries))
+    }
+
+    /// The setting as stored, or the default when it is unreadable.
+    pub async fn load(ctx: &ModuleContext) -> Self {
+        let values = ctx
+            .settings()
+            .load(ctx.module_id())
+            .await
+            .unwrap_or_default();
+        // Unset or unreadable: the SMTP host of the chosen cloud.
+        let cloud_host = Self(vec![(
+            Cloud::parse(values.get("cloud").unwrap_or("global"))
+                .smtp_host()
+                .to_string(),
+            None,
+        )]);
+        match values.get("personal_smtp_hosts").map(str::trim) {
+            None | Some("") => cloud_host,
+            Some(setting) => Self::parse(setting).unwrap_or(cloud_host),
+        }
+    }
+
+    /// Whether a personal mailbox may connect to `host` on `port`.
+    pub fn allows(&self, host: &str, port: u16) -> bool {
+        self.0.iter().any(|(h, p)| {
+            h.eq_ignore_ascii_case(host)
+                && match p {
+                    Some(p) => *p == port,
+                    None => PERSONAL_SMTP_PORTS.contains(&port),
+                }
+        })
+    }
+
+    /// Whether `host` is allowed on some port.
+    pub fn lists(&self, host: &str) -> bool {
+        self.0.iter().any(|(h, _)| h.eq_ignore_ascii_case(host))
+    }
+
+    /// The allowed entries, for messages.
+    pub fn describe(&self) -> String {
+        self.0
+            .iter()
+            .map(|(h, p)| match p {
+                Some(p) => format!("{h}:{p}"),
+                None => format!("{h} (port 587 or 465)"),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
 /// What the operator configured in the settings page.
 #[derive(Debug, Clone)]
 pub struct OutlookSettings {
@@ -198,5 +293,27 @@ impl OutlookSettings {
     /// `{authority}/{tenant}/oauth2/v2.0/token`.
     pub fn token_url(&self) -> String {
         format!("{}/{}/oauth2/v2.0/token", self.authority_url, self.tenant)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn personal_hosts_allow_only_what_the_operator_listed() {
+        let default = PersonalSmtpHosts::parse("").expect("default");
+        assert!(default.allows(default_smtp_host(), 587));
+        assert!(default.allows(default_smtp_host(), 465));
+        assert!(!default.allows(default_smtp_host(), 25));
+        assert!(!default.allows("127.0.0.1", 587));
+        assert!(!default.allows("localhost", 587));
+        let listed =
+            PersonalSmtpHosts::parse("smtp.office365.com, LocalHost:2525").expect("parsed");
+        assert!(listed.allows("localhost", 2525));
+        assert!(!listed.allows("localhost", 587));
+        assert!(!listed.allows("127.0.0.1", 2525));
+        assert!(PersonalSmtpHosts::parse("smtp.example:x").is_err());
+        assert!(PersonalSmtpHosts::parse("evil example").is_err());
     }
 }

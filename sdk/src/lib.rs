@@ -8,6 +8,7 @@ mod manifest;
 mod module;
 mod notify;
 mod records;
+pub mod redirect;
 mod sealing;
 mod settings;
 mod user;

@@ -179,7 +179,10 @@ impl Cluster {
     async fn settings(&self, extra: &[(&str, &str)]) {
         let admin = self.app.signed_in(ADMIN).await;
         let authority = self.idp.authority_url();
+        // The senders' personal mailboxes use the simulated server on loopback.
+        let hosts = format!("localhost:{}", self.smtp.port());
         let mut fields = vec![
+            ("personal_smtp_hosts", hosts.as_str()),
             ("client_id", CLIENT_ID),
             ("tenant", "common"),
             ("authority_url", authority.as_str()),

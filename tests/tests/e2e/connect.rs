@@ -48,7 +48,7 @@ async fn save_settings(admin: &Browser, idp: &IdentityPlatform, secret: &str) {
     assert_eq!(status, StatusCode::OK, "{page}");
 }
 
-async fn create_shared_server(admin: &Browser) -> i32 {
+pub(crate) async fn create_shared_server(admin: &Browser) -> i32 {
     let (status, page, location) = admin
         .post_form(
             "/microsoft_outlook/servers",
@@ -130,11 +130,22 @@ pub(crate) async fn env() -> Env {
     env_with(CLIENT_SECRET, false).await
 }
 
+/// Clicks Connect: the form's POST, as the server page has it.
+pub(crate) async fn post_connect(
+    browser: &Browser,
+    server_id: i32,
+) -> (StatusCode, String, Option<String>) {
+    browser
+        .post_form(
+            "/microsoft_outlook/connect",
+            &[("server", &server_id.to_string())],
+        )
+        .await
+}
+
 /// Starts the connect flow; returns the authorize URL the browser is sent to.
 pub(crate) async fn start_connect(browser: &Browser, server_id: i32) -> url::Url {
-    let (status, page, location) = browser
-        .get(&format!("/microsoft_outlook/connect?server={server_id}"))
-        .await;
+    let (status, page, location) = post_connect(browser, server_id).await;
     assert_eq!(status, StatusCode::SEE_OTHER, "{page}");
     url::Url::parse(&location.expect("Location")).expect("authorize URL")
 }
@@ -329,24 +340,13 @@ async fn a_user_connects_a_personal_mailbox() {
     assert!(page.contains("Leave the password empty"));
     let id = create_personal(&alice, ALICE.0).await;
 
-    // Alice may not connect the shared server, nor the operator her mailbox.
+    // Alice may not connect the shared server, nor the operator her mailbox: to each of them
+    // it is not there.
     assert_eq!(
-        alice
-            .get(&format!(
-                "/microsoft_outlook/connect?server={}",
-                env.server_id
-            ))
-            .await
-            .0,
-        StatusCode::FORBIDDEN
+        post_connect(&alice, env.server_id).await.0,
+        StatusCode::NOT_FOUND
     );
-    assert_eq!(
-        env.admin
-            .get(&format!("/microsoft_outlook/connect?server={id}"))
-            .await
-            .0,
-        StatusCode::FORBIDDEN
-    );
+    assert_eq!(post_connect(&env.admin, id).await.0, StatusCode::NOT_FOUND);
 
     env.idp.sign_in_as(ALICE.0);
     let (status, _, location) = connect_through(&alice, id).await;
@@ -560,9 +560,7 @@ async fn connect_before_configuration_says_what_to_do() {
         .get(&format!("/microsoft_outlook/servers/{server_id}"))
         .await;
     assert!(page.contains("settings are incomplete"), "{page}");
-    let (status, page, _) = admin
-        .get(&format!("/microsoft_outlook/connect?server={server_id}"))
-        .await;
+    let (status, page, _) = post_connect(&admin, server_id).await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert!(page.contains("not configured"));
     assert!(page.contains("application (client) ID"));

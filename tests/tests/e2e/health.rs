@@ -187,11 +187,6 @@ fn position(smtp: &SmtpServer, message_id: &str) -> Option<usize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_grant_behind_an_error_challenge_holds_the_mailbox_until_reconnected() {
     let env = env().await;
-    settings(
-        &env,
-        &[("mailbox_rate_per_minute", "0"), ("max_attempts", "1")],
-    )
-    .await;
     // A server that refuses tokens the Gmail/Dovecot way: 334 <JSON>, then 535 after the
     // client's empty line.
     let smtp = SmtpServer::start(SmtpConfig {
@@ -201,6 +196,17 @@ async fn a_revoked_grant_behind_an_error_challenge_holds_the_mailbox_until_recon
     })
     .await
     .expect("smtp");
+    // The operator allows the simulated server for personal mailboxes.
+    let allowed = format!("smtp.office365.com, localhost:{}", smtp.port());
+    settings(
+        &env,
+        &[
+            ("mailbox_rate_per_minute", "0"),
+            ("max_attempts", "1"),
+            ("personal_smtp_hosts", allowed.as_str()),
+        ],
+    )
+    .await;
     // Alice's own mailbox, pointed at it and connected.
     let alice = env.app.signed_in(ALICE).await;
     let mine = create_personal(&alice, ALICE.0).await;

@@ -8,5 +8,6 @@ mod fuzz;
 mod health;
 #[allow(dead_code)] // shared by every suite; not each suite uses each helper
 mod helpers;
+mod security;
 mod send;
 mod tokens;
