@@ -758,9 +758,15 @@ async fn mailbox_refusals_hold_the_mailbox_and_message_refusals_fail_the_mail() 
         );
         // Fixed: the hold ends and the mail goes out.
         m.smtp.clear_injections();
-        microsoft_outlook::health::release(&ctx, &shared, server_id, None)
-            .await
-            .expect("release");
+        microsoft_outlook::health::release(
+            &ctx,
+            &shared,
+            server_id,
+            None,
+            microsoft_outlook::health::Release::Forced,
+        )
+        .await
+        .expect("release");
         wait_status(app, id, "sent").await;
         wait_ready(app, server_id).await;
     }
