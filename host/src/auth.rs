@@ -179,10 +179,21 @@ pub async fn session_middleware(
             return Ok(req.into_response(csrf_refused()));
         }
     }
-    if let Some(user) = user {
-        req.extensions_mut().insert(user);
-    }
-    next.call(req).await.map(|r| r.map_into_boxed_body())
+    let Some(user) = user else {
+        return next.call(req).await.map(|r| r.map_into_boxed_body());
+    };
+    // Pages show the unread count in the navigation; other requests skip the query.
+    let unread = if matches!(*req.method(), Method::GET | Method::HEAD) {
+        crate::inbox::unread_count(&state.db, &user)
+            .await
+            .unwrap_or(0)
+    } else {
+        0
+    };
+    req.extensions_mut().insert(user);
+    crate::inbox::with_unread(unread, next.call(req))
+        .await
+        .map(|r| r.map_into_boxed_body())
 }
 
 fn declared_length(req: &ServiceRequest) -> Option<usize> {
