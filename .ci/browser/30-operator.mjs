@@ -188,7 +188,8 @@ await check('the mails list fits 390 px', async () => {
   await fits(alice, path, 'mails');
 });
 await check('the outbox (if there is one) fits 390 px', async () => {
-  const response = await phone.goto(`${base}/microsoft_outlook/outbox`);
+  // Part of the console that may not exist in this build: probed without navigating.
+  const response = await phone.context().request.get(`${base}/microsoft_outlook/outbox`);
   if (response.status() === 404) return;
   await fits(phone, '/microsoft_outlook/outbox', 'outbox');
 });

@@ -410,6 +410,10 @@ async fn play_fault(
         "recipient-unknown" => Stage::RcptTo,
         _ => Stage::EndOfData,
     };
+    if stage == Stage::Auth {
+        // A refusal at AUTH is met by the next connection: a pooled one has authenticated.
+        demo.smtp.close_connections().await;
+    }
     demo.smtp.inject(
         Injected::Reply {
             stage,

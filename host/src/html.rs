@@ -20,7 +20,7 @@ textarea{min-height:6rem}
 .help{color:#57606a;font-size:.85rem;margin:.2rem 0}
 .error{color:#cf222e;font-size:.9rem}
 button,.button{background:#1f883d;color:#fff;border:0;border-radius:4px;padding:.45rem .9rem;font:inherit;cursor:pointer;text-decoration:none;display:inline-block}
-button.secondary,.button.secondary{background:#6e7781}button.danger{background:#cf222e}
+button.secondary,.button.secondary{background:#6e7781}button.danger,.button.danger{background:#cf222e}
 .flash{padding:.7rem 1rem;border-radius:6px;margin-bottom:1rem}
 .flash.ok{background:#dafbe1;border:1px solid #4ac26b}.flash.bad{background:#ffebe9;border:1px solid #ff8182}
 .flash.warn{background:#fff8c5;border:1px solid #d4a72c}
@@ -37,12 +37,12 @@ section.card.unread{border-left:4px solid #d4a72c}section.card.resolved{opacity:
 details.setup-guide{margin:.6rem 0 1rem}details.setup-guide summary{cursor:pointer}
 ol.steps li{margin:.5rem 0}.copy-row{display:flex;gap:.5rem;align-items:center;flex-wrap:wrap}
 .consequences li{margin:.3rem 0}
-main,section.card{overflow-wrap:anywhere}
+main p,main li,main dd,main h1,main h2{overflow-wrap:anywhere}
 @media (max-width:640px){
 main{margin:1rem auto;padding:0 .6rem}
 header{padding:.5rem .6rem;gap:.6rem}header .me{margin-left:0}
 section.card{padding:.8rem}
-table{display:block;overflow-x:auto;max-width:100%}
+table{display:block;overflow-x:auto;max-width:100%}th,td{min-width:6.5rem}
 }
 "#;
 
