@@ -46,7 +46,7 @@ pub fn password_problem(password: &str, email: &str) -> Option<String> {
         ))
     } else if COMMON_PASSWORDS.contains(&lower.as_str()) {
         Some("the password is one of the most common passwords, the first ones an attacker tries: choose another".into())
-    } else if password.chars().all(|c| Some(c) == password.chars().next()) {
+    } else if password.chars().all(|c| password.starts_with(c)) {
         Some("the password repeats one character: choose another".into())
     } else if local.len() >= 3 && lower.contains(&local) {
         Some("the password contains the account's name: choose another".into())

@@ -336,10 +336,7 @@ fn operator_commands_refuse_to_create_a_database() {
                     .env_remove("CRM_DATABASE_URL")
                     .env(
                         "CRM_SEALING_KEY",
-                        SealingKey::generate()
-                            .to_base64()
-                            .expose_secret()
-                            .to_string(),
+                        SealingKey::generate().to_base64().expose_secret(),
                     )
                     .args(&args);
                 cmd
