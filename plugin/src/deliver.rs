@@ -516,7 +516,8 @@ pub async fn deliver(
             retry_base_secs: 0,
             now: ctx.clock().now(),
         };
-        record(ctx, &row, &owner, attempt.failed(None, why).1).await?;
+        record(ctx, &row, &owner, attempt.failed(None, why.clone()).1).await?;
+        crate::failed_notice::mail_failed(ctx, &row, &why).await;
         return Ok(Delivered::Failed);
     };
     let limits = limits(ctx, shared).await;
@@ -550,7 +551,11 @@ pub async fn deliver(
         );
         return Ok(delivered);
     }
+    let why = o.last_error.clone();
     record(ctx, &row, &owner, o).await?;
+    if delivered == Delivered::Failed {
+        crate::failed_notice::mail_failed(ctx, &row, why.as_deref().unwrap_or_default()).await;
+    }
     if delivered == Delivered::Sent {
         crate::health::succeeded(ctx, shared, server.id, None).await?;
     }
