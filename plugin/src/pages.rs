@@ -60,6 +60,14 @@ fn not_found(ctx: &ModuleContext, user: &CurrentUser) -> HttpResponse {
     )
 }
 
+/// The first sentence of `text` (up to and with its first ". ").
+fn first_sentence(text: &str) -> &str {
+    match text.find(". ") {
+        Some(at) => &text[..=at],
+        None => text,
+    }
+}
+
 /// The SMTP host of the cloud chosen in the settings (the global one until they are saved).
 async fn cloud_smtp_host(ctx: &ModuleContext) -> String {
     let cloud = ctx
@@ -365,7 +373,8 @@ async fn list(
                 td { (waiting.get(&s.id).copied().unwrap_or(0)) }
                 td { (token.and_then(|t| t.last_refresh_at).map(when).unwrap_or_else(|| "-".into())) }
                 td.help { @match (&health, token.and_then(|t| t.last_error.as_deref())) {
-                    (Health::Held { detail, .. }, _) => (detail),
+                    // The first sentence here; the whole text on the server's page.
+                    (Health::Held { detail, .. }, _) => (first_sentence(detail)),
                     (_, Some(e)) => (e),
                     _ => "-",
                 } }
