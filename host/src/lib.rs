@@ -8,6 +8,7 @@ pub mod db;
 pub mod demo;
 pub mod entities;
 pub mod html;
+pub mod metrics;
 pub mod modules_page;
 pub mod notifier;
 pub mod records;

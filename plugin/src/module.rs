@@ -118,7 +118,9 @@ impl Module for OutlookModule {
             .app_data(actix_web::web::Data::from(self.shared.clone()))
             .configure(crate::pages::routes)
             .configure(crate::oauth::routes)
-            .configure(crate::mail_routes::routes);
+            .configure(crate::mail_routes::routes)
+            .configure(crate::outbox_page::routes)
+            .configure(crate::test_connection::routes);
     }
 
     async fn start(&self, ctx: &ModuleContext) -> Result<JobsHandle, BoxError> {
@@ -197,6 +199,16 @@ impl Module for OutlookModule {
         user: &crm_sdk::CurrentUser,
     ) -> Option<String> {
         crate::mail_routes::record_panel(ctx, record, user).await
+    }
+
+    async fn metrics(&self, ctx: &ModuleContext) -> Option<String> {
+        match self.shared.metrics.render(ctx).await {
+            Ok(text) => Some(text),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the outbox for the metrics failed");
+                None
+            }
+        }
     }
 
     async fn settings_hints(&self, ctx: &ModuleContext) -> Vec<SettingsHint> {
