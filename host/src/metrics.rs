@@ -57,3 +57,26 @@ async fn metrics(
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/metrics", web::get().to(metrics));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::test::TestRequest;
+
+    #[test]
+    fn only_the_configured_bearer_token_opens_the_metrics() {
+        let token = SecretString::from("s3cret-scrape-token");
+        let with = |header: &str| {
+            TestRequest::default()
+                .insert_header(("Authorization", header))
+                .to_http_request()
+        };
+        assert!(bearer_ok(&with("Bearer s3cret-scrape-token"), Some(&token)));
+        assert!(!bearer_ok(&with("Bearer s3cret"), Some(&token)));
+        assert!(!bearer_ok(&with("Basic s3cret-scrape-token"), Some(&token)));
+        assert!(!bearer_ok(&TestRequest::default().to_http_request(), Some(&token)));
+        // No token configured: no bearer opens them, not even an empty one.
+        assert!(!bearer_ok(&with("Bearer "), None));
+        assert!(!bearer_ok(&with("Bearer "), Some(&SecretString::from(""))));
+    }
+}

@@ -164,7 +164,7 @@ async fn the_outbox_lists_filters_searches_and_shows_a_mail() {
     assert_eq!(status, StatusCode::OK, "{detail}");
     assert_eq!(detail["mail"]["status"], "sent");
     assert_eq!(detail["envelope_from"], "alice@contoso.example");
-    assert_eq!(detail["classified_reply"], "250");
+    assert_eq!(detail["classified_reply"], "250 2.0.0");
     let headers = detail["headers"].as_array().expect("headers");
     assert!(
         headers
