@@ -30,6 +30,10 @@ table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.4rem;bo
 code,.copy{background:#eaeef2;padding:.1rem .3rem;border-radius:3px;word-break:break-all}
 form.inline{display:inline}
 section.card.narrow{max-width:420px;margin:3rem auto}
+form.filters{display:grid;grid-template-columns:repeat(auto-fill,minmax(11rem,1fr));gap:0 .8rem}
+form.filters .wide{grid-column:1/-1}form.filters p{grid-column:1/-1;margin:.8rem 0 0}
+div.scroll{overflow-x:auto}table.outbox td,table.outbox th{font-size:.9rem}
+ol.steps li{margin:.3rem 0}table.fields th{width:9rem}
 "#;
 
 /// Where the stylesheet is served (a file, not inline: the Content-Security-Policy allows only

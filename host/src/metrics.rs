@@ -74,7 +74,10 @@ mod tests {
         assert!(bearer_ok(&with("Bearer s3cret-scrape-token"), Some(&token)));
         assert!(!bearer_ok(&with("Bearer s3cret"), Some(&token)));
         assert!(!bearer_ok(&with("Basic s3cret-scrape-token"), Some(&token)));
-        assert!(!bearer_ok(&TestRequest::default().to_http_request(), Some(&token)));
+        assert!(!bearer_ok(
+            &TestRequest::default().to_http_request(),
+            Some(&token)
+        ));
         // No token configured: no bearer opens them, not even an empty one.
         assert!(!bearer_ok(&with("Bearer "), None));
         assert!(!bearer_ok(&with("Bearer "), Some(&SecretString::from(""))));

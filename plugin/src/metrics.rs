@@ -9,7 +9,9 @@
 use std::collections::BTreeMap;
 
 use crm_sdk::ModuleContext;
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 use sea_orm::{ColumnTrait, EntityTrait, QuerySelect};
 
 use crate::classify::{Level, Verdict};
@@ -102,8 +104,7 @@ impl Metrics {
     /// A mail failed for good after `drain_secs` in the queue.
     pub fn failed(&self, drain_secs: f64) {
         ::metrics::with_local_recorder(&self.recorder, || {
-            ::metrics::histogram!(DRAIN_SECONDS, "outcome" => "failed")
-                .record(drain_secs.max(0.0));
+            ::metrics::histogram!(DRAIN_SECONDS, "outcome" => "failed").record(drain_secs.max(0.0));
         });
     }
 
@@ -141,8 +142,7 @@ async fn mails_by_status(ctx: &ModuleContext) -> Result<BTreeMap<String, i64>, s
         .into_tuple()
         .all(ctx.db())
         .await?;
-    let mut counts: BTreeMap<String, i64> =
-        STATUSES.iter().map(|s| (s.to_string(), 0)).collect();
+    let mut counts: BTreeMap<String, i64> = STATUSES.iter().map(|s| (s.to_string(), 0)).collect();
     counts.extend(rows);
     Ok(counts)
 }
@@ -194,6 +194,9 @@ mod tests {
             text.contains("microsoft_outlook_token_refreshes_total{outcome=\"ok\"} 1"),
             "{text}"
         );
-        assert!(text.contains("# TYPE microsoft_outlook_mails gauge"), "{text}");
+        assert!(
+            text.contains("# TYPE microsoft_outlook_mails gauge"),
+            "{text}"
+        );
     }
 }

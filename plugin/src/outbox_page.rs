@@ -320,9 +320,7 @@ fn when(t: DateTime<Utc>) -> String {
 async fn held_mailboxes(ctx: &ModuleContext, user: &CurrentUser) -> Markup {
     let now = ctx.clock().now();
     let healths = crate::health::all(ctx).await.unwrap_or_default();
-    let waiting = crate::health::waiting_counts(ctx)
-        .await
-        .unwrap_or_default();
+    let waiting = crate::health::waiting_counts(ctx).await.unwrap_or_default();
     let names = server_names(ctx).await;
     let mut held: Vec<(i32, Health)> = healths
         .iter()
@@ -369,37 +367,37 @@ fn filter_form(
     servers.sort();
     html! {
         form.filters method="get" action=(OUTBOX) {
-            label for="f-q" { "Search recipient, subject or Message-ID" }
-            input #f-q name="q" value=(filter.q);
-            label for="f-status" { "Status" }
-            select #f-status name="status" {
-                option value="" { "any" }
-                @for s in crate::metrics::STATUSES {
-                    option value=(s) selected[filter.status == s] { (s) }
-                }
-            }
-            label for="f-server" { "Mailbox" }
-            select #f-server name="server" {
-                option value="" { "any" }
-                @for (id, name) in servers {
-                    option value=(id) selected[filter.server == id.to_string()] { (name) }
-                }
-            }
-            @if user.is_admin {
-                label for="f-author" { "Author" }
-                select #f-author name="author" {
-                    option value="" { "anyone" }
-                    @for (id, name) in authors {
-                        option value=(id) selected[filter.author == id.to_string()] { (name) }
+            div.wide { label for="f-q" { "Search recipient, subject or Message-ID" }
+                input #f-q name="q" value=(filter.q); }
+            div { label for="f-status" { "Status" }
+                select #f-status name="status" {
+                    option value="" { "any" }
+                    @for s in crate::metrics::STATUSES {
+                        option value=(s) selected[filter.status == s] { (s) }
                     }
-                }
+                } }
+            div { label for="f-server" { "Mailbox" }
+                select #f-server name="server" {
+                    option value="" { "any" }
+                    @for (id, name) in servers {
+                        option value=(id) selected[filter.server == id.to_string()] { (name) }
+                    }
+                } }
+            @if user.is_admin {
+                div { label for="f-author" { "Author" }
+                    select #f-author name="author" {
+                        option value="" { "anyone" }
+                        @for (id, name) in authors {
+                            option value=(id) selected[filter.author == id.to_string()] { (name) }
+                        }
+                    } }
             }
-            label for="f-record" { "Record (model:id)" }
-            input #f-record name="record" value=(filter.record) placeholder="contact:12";
-            label for="f-from" { "Queued from" }
-            input #f-from type="date" name="from" value=(filter.from);
-            label for="f-to" { "Queued until" }
-            input #f-to type="date" name="to" value=(filter.to);
+            div { label for="f-record" { "Record (model:id)" }
+                input #f-record name="record" value=(filter.record) placeholder="contact:12"; }
+            div { label for="f-from" { "Queued from" }
+                input #f-from type="date" name="from" value=(filter.from); }
+            div { label for="f-to" { "Queued until" }
+                input #f-to type="date" name="to" value=(filter.to); }
             p { button type="submit" { "Filter" } " " a.button.secondary href=(OUTBOX) { "Clear" } }
         }
     }
@@ -409,9 +407,10 @@ fn mails_table(
     mails: &[outbox::Model],
     servers: &HashMap<i32, String>,
     waits: &HashMap<i32, String>,
+    viewer: &CurrentUser,
 ) -> Markup {
     html! {
-        table.outbox {
+        div.scroll { table.outbox {
             thead { tr { th { "Queued" } th { "Subject" } th { "To" } th { "From" } th { "Mailbox" } th { "Status" } th { "Attempts" } th { "Last reply" } } }
             tbody {
                 @for m in mails {
@@ -425,14 +424,16 @@ fn mails_table(
                         td { (servers.get(&m.server_id).map(String::as_str).unwrap_or("(deleted)")) }
                         td.status { (status_badge(&m.status))
                             @if matches!(m.status.as_str(), "queued" | "sending") {
-                                @if let Some(w) = waits.get(&m.server_id) { p.help.waiting { (w) } }
+                                @if let Some(w) = waits.get(&m.server_id) {
+                                    p.help.waiting { @if viewer.is_admin { "Waits for its mailbox (see above)." } @else { (w) } }
+                                }
                             } }
                         td { (m.attempts) }
                         td { (m.last_reply.as_deref().map(classified_reply).unwrap_or_default()) }
                     }
                 }
             }
-        }
+        } }
     }
 }
 
@@ -501,9 +502,9 @@ async fn list(
             "Released: the hold was lifted and the waiting mails are being sent in queue order."
                 .to_string(),
         ),
-        (_, Some(action), Some(n)) if action == "retry" => {
-            Some(format!("{n} mail(s) queued again: they are being sent now."))
-        }
+        (_, Some(action), Some(n)) if action == "retry" => Some(format!(
+            "{n} mail(s) queued again: they are being sent now."
+        )),
         (_, Some(action), Some(n)) if action == "cancel" => {
             Some(format!("{n} mail(s) cancelled: they will not be sent."))
         }
@@ -529,7 +530,7 @@ async fn list(
                     button.secondary type="submit" name="action" value="cancel" { "Cancel these…" }
                     span.help { " Applies to the queued and failed mails of this filter, after a confirmation." }
                 }
-                (mails_table(&mails, &servers, &waits))
+                (mails_table(&mails, &servers, &waits, &user))
             } @else {
                 p.help { "No mail matches." }
             }
@@ -604,7 +605,8 @@ async fn detail(
     let health = crate::health::get(&ctx, mail.server_id)
         .await
         .unwrap_or(Health::Ready);
-    let waits_on_mailbox = matches!(mail.status.as_str(), "queued" | "sending") && health != Health::Ready;
+    let waits_on_mailbox =
+        matches!(mail.status.as_str(), "queued" | "sending") && health != Health::Ready;
     let waits = crate::health::waiting_words(&ctx).await;
     let headers = headers_of(&mail.raw_message);
     let servers = server_names(&ctx).await;
@@ -635,11 +637,14 @@ async fn detail(
     } else if flash.cancelled.is_some() {
         Some(html! { p.flash.ok role="status" { "Cancelled: this mail will not be sent." } })
     } else if flash.queued.is_some() {
-        Some(html! { p.flash.ok role="status" { "Test mail queued: it goes out through the normal queue." } })
-    } else if let Some(why) = &flash.refused {
-        Some(html! { p.flash.bad role="alert" { (refusal_words(why)) } })
+        Some(
+            html! { p.flash.ok role="status" { "Test mail queued: it goes out through the normal queue." } },
+        )
     } else {
-        None
+        flash
+            .refused
+            .as_deref()
+            .map(|why| html! { p.flash.bad role="alert" { (refusal_words(why)) } })
     };
     let record_link = match mail.record_model.as_str() {
         "contact" => Some(format!("/contacts/{}", mail.record_id)),

@@ -157,27 +157,25 @@ pub async fn queue_through(
             "the mail server's mailbox address is invalid",
         )
     })?;
-    let (from, envelope_from) = if as_mailbox
-        || server.kind == "personal"
-        || server.send_as == "mailbox"
-    {
-        (
-            Mailbox::new(Some(author.name.clone()), mailbox_address),
-            server.mailbox.clone(),
-        )
-    } else {
-        let author_address = author.email.parse().map_err(|_| {
-            refuse(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "from",
-                "your user's e-mail address is not valid",
+    let (from, envelope_from) =
+        if as_mailbox || server.kind == "personal" || server.send_as == "mailbox" {
+            (
+                Mailbox::new(Some(author.name.clone()), mailbox_address),
+                server.mailbox.clone(),
             )
-        })?;
-        (
-            Mailbox::new(Some(author.name.clone()), author_address),
-            author.email.clone(),
-        )
-    };
+        } else {
+            let author_address = author.email.parse().map_err(|_| {
+                refuse(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "from",
+                    "your user's e-mail address is not valid",
+                )
+            })?;
+            (
+                Mailbox::new(Some(author.name.clone()), author_address),
+                author.email.clone(),
+            )
+        };
     if !allowed_from(server, from.email.as_ref()) {
         return Err(refuse(
             StatusCode::UNPROCESSABLE_ENTITY,

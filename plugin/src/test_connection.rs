@@ -139,7 +139,10 @@ pub async fn test(
         steps.push(step(
             "AUTH XOAUTH2 with the stored token",
             false,
-            format!("{} — refreshing the token and trying again", shown_reply(f, viewer)),
+            format!(
+                "{} — refreshing the token and trying again",
+                shown_reply(f, viewer)
+            ),
         ));
         shared.smtp.forget(server.id);
         token = match fresh_access_token(ctx, shared, server, true).await {

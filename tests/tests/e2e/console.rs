@@ -106,10 +106,7 @@ async fn the_outbox_lists_filters_searches_and_shows_a_mail() {
         "newest first"
     );
     assert_eq!(all["mails"][0]["server"], "Office 365");
-    assert_eq!(
-        all["mails"][0]["record"],
-        format!("contact:{}", m.contact)
-    );
+    assert_eq!(all["mails"][0]["record"], format!("contact:{}", m.contact));
     assert_eq!(outbox_json(admin, "status=sent").await["total"], 3);
     assert_eq!(outbox_json(admin, "status=failed").await["total"], 0);
     assert_eq!(
@@ -178,9 +175,15 @@ async fn the_outbox_lists_filters_searches_and_shows_a_mail() {
             .any(|h| h[0] == "Message-ID" && h[1] == format!("<{message_id}>")),
         "{headers:?}"
     );
-    assert_eq!(detail["actions"]["retry"], false, "a sent mail is not retried");
+    assert_eq!(
+        detail["actions"]["retry"], false,
+        "a sent mail is not retried"
+    );
     let (_, page, _) = admin.get(&format!("{OUTBOX}/{}", ids[1])).await;
-    assert!(page.contains("Envelope") && page.contains(&message_id), "{page}");
+    assert!(
+        page.contains("Envelope") && page.contains(&message_id),
+        "{page}"
+    );
     assert!(page.contains("Headers of the stored message"), "{page}");
     assert!(!page.contains("Retry now"), "{page}");
 }
@@ -222,7 +225,11 @@ async fn a_user_sees_only_their_own_mails_and_another_s_is_not_there() {
     let (status, _) = m.alice.get_json(&format!("{OUTBOX}/{bobs}")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, _) = m.alice.get_json(&format!("{OUTBOX}/999999")).await;
-    assert_eq!(status, StatusCode::NOT_FOUND, "the same answer as a missing one");
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "the same answer as a missing one"
+    );
     let (status, _) = m
         .alice
         .post_json(&format!("{OUTBOX}/{bobs}/cancel"), &json!({}))
@@ -230,16 +237,20 @@ async fn a_user_sees_only_their_own_mails_and_another_s_is_not_there() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, page, _) = m.alice.get(OUTBOX).await;
     assert_eq!(status, StatusCode::OK);
-    assert!(page.contains("Alice's mail") && !page.contains("Bob's mail"), "{page}");
+    assert!(
+        page.contains("Alice's mail") && !page.contains("Bob's mail"),
+        "{page}"
+    );
     assert!(!page.contains("Release held mail"), "{page}");
     let (status, _) = m
         .alice
-        .post_json(
-            &format!("{OUTBOX}/release/{}", m.env.server_id),
-            &json!({}),
-        )
+        .post_json(&format!("{OUTBOX}/release/{}", m.env.server_id), &json!({}))
         .await;
-    assert_eq!(status, StatusCode::NOT_FOUND, "users do not release mailboxes");
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "users do not release mailboxes"
+    );
     let (_, page, _) = m.alice.get("/contacts").await;
     assert!(page.contains(OUTBOX), "the menu has the outbox");
 }
@@ -252,7 +263,11 @@ async fn retry_of_a_failed_mail_gives_it_a_new_round_and_sends_it() {
     let id = queue(&m, "Refused once").await;
     let failed = wait_status(app, id, "failed").await;
     assert!(
-        failed.last_reply.as_deref().unwrap_or_default().contains("5.1.10"),
+        failed
+            .last_reply
+            .as_deref()
+            .unwrap_or_default()
+            .contains("5.1.10"),
         "{failed:?}"
     );
     let (_, detail) = m.alice.get_json(&format!("{OUTBOX}/{id}")).await;
@@ -321,7 +336,11 @@ async fn a_cancelled_mail_is_never_sent_and_releasing_the_mailbox_sends_the_othe
         .iter()
         .filter_map(|r| r.message_id.clone())
         .collect();
-    assert_eq!(received, [row(app, first).await.message_id], "only the first");
+    assert_eq!(
+        received,
+        [row(app, first).await.message_id],
+        "only the first"
+    );
     assert!(!held(app, m.env.server_id).await);
     let list = outbox_json(&m.env.admin, "status=cancelled").await;
     assert_eq!(subjects(&list), ["Cancelled while waiting"]);
@@ -329,7 +348,11 @@ async fn a_cancelled_mail_is_never_sent_and_releasing_the_mailbox_sends_the_othe
         .alice
         .post_json(&format!("{OUTBOX}/{first}/cancel"), &json!({}))
         .await;
-    assert_eq!(status, StatusCode::CONFLICT, "a sent mail is not cancelled: {body}");
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "a sent mail is not cancelled: {body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -406,7 +429,10 @@ async fn test_connection_shows_each_step_and_the_words_of_a_refusal() {
         .map(|s| s["name"].as_str().unwrap_or_default())
         .collect();
     assert_eq!(steps.len(), 5, "{steps:?}");
-    assert!(steps[3] == "STARTTLS" && steps[4].starts_with("AUTH XOAUTH2"), "{steps:?}");
+    assert!(
+        steps[3] == "STARTTLS" && steps[4].starts_with("AUTH XOAUTH2"),
+        "{steps:?}"
+    );
     let (_, page, _) = m
         .env
         .admin
@@ -493,7 +519,11 @@ async fn a_test_mail_goes_through_the_queue_shows_in_the_outbox_and_arrives() {
     let id = list["mails"][0]["id"].as_i64().expect("id");
     wait_status(app, id, "sent").await;
     // An address that is not one is refused, and nothing is queued.
-    let (status, _, _) = m.env.admin.post_form(&path, &[("to", "not an address")]).await;
+    let (status, _, _) = m
+        .env
+        .admin
+        .post_form(&path, &[("to", "not an address")])
+        .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(outbox_json(&m.env.admin, "").await["total"], 1);
 }
@@ -545,12 +575,18 @@ async fn metrics_count_mails_sends_latency_refreshes_and_mailboxes() {
             "microsoft_outlook_sends_total{rule=\"mail-refused\",level=\"mail_fails\"}",
             1.0,
         ),
-        ("microsoft_outlook_drain_seconds_count{outcome=\"sent\"}", 1.0),
+        (
+            "microsoft_outlook_drain_seconds_count{outcome=\"sent\"}",
+            1.0,
+        ),
         (
             "microsoft_outlook_drain_seconds_count{outcome=\"failed\"}",
             1.0,
         ),
-        ("microsoft_outlook_token_refreshes_total{outcome=\"ok\"}", 1.0),
+        (
+            "microsoft_outlook_token_refreshes_total{outcome=\"ok\"}",
+            1.0,
+        ),
         ("microsoft_outlook_mailboxes{state=\"ready\"}", 1.0),
         ("microsoft_outlook_mailboxes{state=\"held\"}", 0.0),
     ];
