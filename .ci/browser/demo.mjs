@@ -27,6 +27,23 @@ const browser = await chromium.launch({
 const page = await browser.newPage();
 page.setDefaultTimeout(20000);
 
+// Alice signs in in a new page, writes to Dana Fabrikam and sends; the page shows the mails.
+async function aliceSends(subject, body) {
+  const user = await browser.newPage();
+  user.setDefaultTimeout(20000);
+  await user.goto(`${base}/login`);
+  await user.fill('#email', 'alice@contoso.example');
+  await user.fill('#password', 'alice-demo');
+  await user.click('button[type=submit]');
+  await user.waitForURL(/\/contacts/);
+  await user.click('text=Dana Fabrikam');
+  await user.fill('#mail-subject', subject);
+  await user.fill('#mail-body', body);
+  await user.click('button:has-text("Send")');
+  await user.waitForURL(/\/mails/);
+  return user;
+}
+
 await check('the operator signs in', async () => {
   await page.goto(`${base}/login`);
   await page.fill('#email', 'admin@contoso.example');
@@ -65,18 +82,7 @@ await check('connect the shared mailbox and see "Outlook token validated"', asyn
 });
 
 await check('a user sends a mail from a contact and it reaches the server', async () => {
-  const user = await browser.newPage();
-  user.setDefaultTimeout(20000);
-  await user.goto(`${base}/login`);
-  await user.fill('#email', 'alice@contoso.example');
-  await user.fill('#password', 'alice-demo');
-  await user.click('button[type=submit]');
-  await user.waitForURL(/\/contacts/);
-  await user.click('text=Dana Fabrikam');
-  await user.fill('#mail-subject', 'Quote from the browser check');
-  await user.fill('#mail-body', 'Hello Dana, the quote is attached in spirit.');
-  await user.click('button:has-text("Send")');
-  await user.waitForURL(/\/mails/);
+  const user = await aliceSends('Quote from the browser check', 'Hello Dana, the quote is attached in spirit.');
   const status = 'table.mails tbody tr:first-child td:nth-child(2)';
   for (let i = 0; i < 40; i += 1) {
     await user.reload();
@@ -97,18 +103,7 @@ await check('a user sends a mail from a contact and it reaches the server', asyn
 await check('a mailbox Exchange refuses is shown held, the author is told, and Retry now sends the mail', async () => {
   await page.goto(`${base}/demo/faults`);
   await page.click('button:has-text("Play smtp-auth-disabled")');
-  const user = await browser.newPage();
-  user.setDefaultTimeout(20000);
-  await user.goto(`${base}/login`);
-  await user.fill('#email', 'alice@contoso.example');
-  await user.fill('#password', 'alice-demo');
-  await user.click('button[type=submit]');
-  await user.waitForURL(/\/contacts/);
-  await user.click('text=Dana Fabrikam');
-  await user.fill('#mail-subject', 'Held mailbox check');
-  await user.fill('#mail-body', 'This one waits for the operator.');
-  await user.click('button:has-text("Send")');
-  await user.waitForURL(/\/mails/);
+  const user = await aliceSends('Held mailbox check', 'This one waits for the operator.');
   let health = '';
   for (let i = 0; i < 40; i += 1) {
     await page.goto(`${base}/microsoft_outlook/servers`);

@@ -319,6 +319,10 @@ async fn play_fault(
         },
         1,
     );
+    // A fault at AUTH needs a new connection: end the ones the module keeps for reuse.
+    if stage == Stage::Auth {
+        demo.smtp.close_connections().await;
+    }
     HttpResponse::SeeOther()
         .insert_header(("Location", "/demo/faults?played=1"))
         .finish()

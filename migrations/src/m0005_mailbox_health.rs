@@ -43,6 +43,19 @@ impl MigrationTrait for Migration {
                 )
                 .await?;
         }
+        // A mailbox's oldest waiting mail (the probe of a hold) is found by index.
+        manager
+            .create_index(
+                Index::create()
+                    .name("microsoft_outlook_outbox_server_status_id")
+                    .table(OUTBOX)
+                    .col("server_id")
+                    .col("status")
+                    .col("id")
+                    .if_not_exists()
+                    .to_owned(),
+            )
+            .await?;
         let db = manager.get_connection();
         db.execute_unprepared(&format!(
             "UPDATE {OUTBOX} SET status = 'queued' WHERE status = 'needs_reconnect'"

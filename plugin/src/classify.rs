@@ -99,7 +99,7 @@ impl HoldReason {
             HoldReason::NoUsableAuth => "No usable AUTH",
             HoldReason::ServerRefused => "SMTP server refuses",
             HoldReason::TlsRefused => "TLS refused",
-            HoldReason::ClientCredentials => "Client secret refused",
+            HoldReason::ClientCredentials => "App credentials or settings refused",
             HoldReason::WrongCloud => "Wrong cloud",
             HoldReason::TokenEndpointNotOAuth => "Token endpoint unreachable",
             HoldReason::QuotaExceeded => "Sending quota exceeded",
@@ -107,9 +107,9 @@ impl HoldReason {
         }
     }
 
-    /// Whether an operator (not the mailbox's owner) must act.
+    /// Whether an operator (not the mailbox's owner) must act. A quota ends by itself.
     pub fn needs_operator(self) -> bool {
-        !matches!(self, HoldReason::GrantDead)
+        !matches!(self, HoldReason::GrantDead | HoldReason::QuotaExceeded)
     }
 
     /// After how long a held mailbox is tried again by itself (one mail is the probe: if it

@@ -143,16 +143,23 @@ pub fn claimable(now: DateTime<Utc>) -> SimpleExpr {
                 ),
         )
         .to_owned();
-    let only_the_probe = Expr::cust_with_values(
-        "NOT (microsoft_outlook_outbox.server_id IN (SELECT h.server_id FROM microsoft_outlook_mailbox_health h \
-         WHERE h.state = 'held' AND h.until IS NOT NULL AND h.until <= ?) \
-         AND microsoft_outlook_outbox.id <> (SELECT MIN(o.id) FROM microsoft_outlook_outbox o \
-         WHERE o.server_id = microsoft_outlook_outbox.server_id AND o.status IN ('queued', 'sending')))",
-        [now],
+    // Held mailboxes whose probe time has passed: only their oldest waiting mail is claimable.
+    let probe_due = Query::select()
+        .column(mailbox_health::Column::ServerId)
+        .from(mailbox_health::Entity)
+        .and_where(mailbox_health::Column::State.eq("held"))
+        .and_where(mailbox_health::Column::Until.lte(now))
+        .to_owned();
+    let oldest = Expr::cust(
+        "(SELECT MIN(o.id) FROM microsoft_outlook_outbox o \
+         WHERE o.server_id = microsoft_outlook_outbox.server_id AND o.status IN ('queued', 'sending'))",
     );
+    let not_the_probe = outbox::Column::ServerId
+        .in_subquery(probe_due)
+        .and(Expr::col((outbox::Entity, outbox::Column::Id)).ne(oldest));
     outbox::Column::ServerId
         .not_in_subquery(blocked)
-        .and(only_the_probe)
+        .and(not_the_probe.not())
 }
 
 async fn ensure_row(ctx: &ModuleContext, server_id: i32) -> Result<(), sea_orm::DbErr> {
@@ -315,7 +322,34 @@ pub async fn throttle(
         .exec(ctx.db())
         .await?;
     shared.forget_health(server_id);
+    due_at(ctx, server_id, until).await
+}
+
+/// Makes a blocked mailbox's queued mails due when the block lapses, so that the sweep pushes
+/// them then (their earlier jobs were skipped while it held).
+async fn due_at(
+    ctx: &ModuleContext,
+    server_id: i32,
+    until: DateTime<Utc>,
+) -> Result<(), sea_orm::DbErr> {
+    outbox::Entity::update_many()
+        .col_expr(outbox::Column::NextAttemptAt, Expr::value(until))
+        .filter(outbox::Column::ServerId.eq(server_id))
+        .filter(outbox::Column::Status.eq("queued"))
+        .filter(outbox::Column::NextAttemptAt.lt(until))
+        .exec(ctx.db())
+        .await?;
     Ok(())
+}
+
+/// How a release goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// Someone fixed or asked (reconnect, Retry now): send the waiting mails even if nothing
+    /// was held.
+    Forced,
+    /// Only if a hold or throttle ended.
+    IfHeld,
 }
 
 /// Ends whatever hold or throttle `server_id` is under (`only`: only holds for these reasons),
@@ -326,8 +360,25 @@ pub async fn release(
     shared: &std::sync::Arc<Shared>,
     server_id: i32,
     only: Option<&[HoldReason]>,
+    how: Release,
 ) -> Result<bool, sea_orm::DbErr> {
+    let (ended, waiting) = end_hold(ctx, shared, server_id, only, how).await?;
+    shared.deliver_in_order(ctx, waiting);
+    Ok(ended)
+}
+
+/// [`release`] without sending: whether a hold ended, and the waiting mails to send.
+async fn end_hold(
+    ctx: &ModuleContext,
+    shared: &Shared,
+    server_id: i32,
+    only: Option<&[HoldReason]>,
+    how: Release,
+) -> Result<(bool, Vec<i64>), sea_orm::DbErr> {
     let now = ctx.clock().now();
+    let before = mailbox_health::Entity::find_by_id(server_id)
+        .one(ctx.db())
+        .await?;
     let mut update = mailbox_health::Entity::update_many()
         .col_expr(mailbox_health::Column::State, Expr::value("ready"))
         .col_expr(
@@ -364,14 +415,42 @@ pub async fn release(
         if let Err(e) = ctx.notifier().resolve(&notification_key(server_id)).await {
             tracing::warn!(error = %e, "resolving a hold notification failed");
         }
+        let reason = before
+            .and_then(|b| b.reason)
+            .as_deref()
+            .and_then(HoldReason::parse);
+        if let Some(reason) = reason.filter(|r| module_wide(*r)) {
+            end_settings_incident_if_over(ctx, reason).await?;
+        }
+    } else if how == Release::IfHeld {
+        return Ok((false, Vec::new()));
     }
-    let waiting = requeue_waiting(ctx, server_id).await?;
-    shared.deliver_in_order(ctx, waiting);
-    Ok(ended)
+    Ok((ended, requeue_waiting(ctx, server_id).await?))
+}
+
+/// A module-wide incident is over when no mailbox is held for its reason any more: it is
+/// resolved, and a new one will be told again.
+async fn end_settings_incident_if_over(
+    ctx: &ModuleContext,
+    reason: HoldReason,
+) -> Result<(), sea_orm::DbErr> {
+    use sea_orm::PaginatorTrait;
+    let still = mailbox_health::Entity::find()
+        .filter(mailbox_health::Column::State.eq("held"))
+        .filter(mailbox_health::Column::Reason.eq(reason.as_str()))
+        .count(ctx.db())
+        .await?;
+    if still == 0 {
+        crate::jobs::forget_alert(ctx, &settings_key(reason)).await?;
+        if let Err(e) = ctx.notifier().resolve(&settings_key(reason)).await {
+            tracing::warn!(error = %e, "resolving a settings notification failed");
+        }
+    }
+    Ok(())
 }
 
 /// Ends every hold for one of `reasons` (after the settings were saved), resolving the
-/// module-wide notification.
+/// module-wide notification; the waiting mails of every mailbox go out in queue order.
 pub async fn release_reasons(
     ctx: &ModuleContext,
     shared: &std::sync::Arc<Shared>,
@@ -386,23 +465,27 @@ pub async fn release_reasons(
         .into_tuple()
         .all(ctx.db())
         .await?;
-    for reason in reasons {
-        crate::jobs::forget_alert(ctx, &settings_key(*reason)).await?;
-        if let Err(e) = ctx.notifier().resolve(&settings_key(*reason)).await {
-            tracing::warn!(error = %e, "resolving a settings notification failed");
-        }
-    }
     let mut ended = 0;
+    let mut waiting = Vec::new();
     for server_id in held {
-        if release(ctx, shared, server_id, Some(reasons)).await? {
-            ended += 1;
-        }
+        let (was_held, ids) =
+            end_hold(ctx, shared, server_id, Some(reasons), Release::IfHeld).await?;
+        ended += usize::from(was_held);
+        waiting.extend(ids);
     }
+    for reason in reasons {
+        end_settings_incident_if_over(ctx, *reason).await?;
+    }
+    waiting.sort_unstable();
+    shared.deliver_in_order(ctx, waiting);
     Ok(ended)
 }
 
-/// After a mail went out or a token was refreshed: a mailbox that was held or throttled is
-/// ready again (its probe succeeded). Reads the state at most every two seconds per process.
+/// After a mail went out or a token was refreshed. A throttle is never ended here (it lapses
+/// by itself); a hold ends when its probe time has passed (this success is the probe) or when
+/// its reason is one of `only` (a token success ends the token endpoint's and the settings'
+/// holds). A mail that was in flight when the mailbox was held does not end the hold. Reads
+/// the state at most every two seconds per process.
 pub async fn succeeded(
     ctx: &ModuleContext,
     shared: &std::sync::Arc<Shared>,
@@ -412,17 +495,28 @@ pub async fn succeeded(
     if shared.known_ready(server_id) {
         return Ok(());
     }
+    let now = ctx.clock().now();
     let health = get(ctx, server_id).await?;
-    let applies = match (&health, only) {
-        (Health::Ready, _) => false,
-        (Health::Held { reason, .. }, Some(reasons)) => reasons.contains(reason),
-        (_, _) => true,
+    let ends = match &health {
+        Health::Held { reason, until, .. } => match only {
+            Some(reasons) => reasons.contains(reason),
+            None => until.is_some_and(|u| u <= now),
+        },
+        Health::Ready | Health::Throttled { .. } => false,
     };
-    if applies {
-        release(ctx, shared, server_id, only).await?;
+    if ends {
+        release(ctx, shared, server_id, only, Release::IfHeld).await?;
     } else if health == Health::Ready {
         shared.remember_ready(server_id);
     }
+    Ok(())
+}
+
+/// Forgets a deleted mailbox's health (its mails then fail as "server deleted").
+pub async fn forget(ctx: &ModuleContext, server_id: i32) -> Result<(), sea_orm::DbErr> {
+    mailbox_health::Entity::delete_by_id(server_id)
+        .exec(ctx.db())
+        .await?;
     Ok(())
 }
 
@@ -482,9 +576,38 @@ pub async fn waiting_words(ctx: &ModuleContext) -> HashMap<i32, String> {
                     "Waiting: the mailbox needs an administrator ({}) — the CRM's operators have been told. Nothing is lost; it goes out once they fix it.",
                     reason.title().to_lowercase()
                 ),
+                Health::Held {
+                    reason: HoldReason::QuotaExceeded,
+                    until,
+                    ..
+                } => format!(
+                    "Waiting: Exchange's daily sending limit for this mailbox was reached; it goes out by itself{}. Nothing is lost.",
+                    until.map(|u| format!(" after {}", u.format("%Y-%m-%d %H:%M UTC"))).unwrap_or_default()
+                ),
                 Health::Held { .. } => "Waiting: the mailbox must be connected again — its owner and the operators have been told. Nothing is lost.".to_string(),
             };
             Some((*id, words))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sea_orm::sea_query::{PostgresQueryBuilder, SqliteQueryBuilder};
+
+    #[test]
+    fn claimable_binds_its_values_on_both_databases() {
+        let query = Query::select()
+            .column(outbox::Column::Id)
+            .from(outbox::Entity)
+            .and_where(claimable(Utc::now()))
+            .to_owned();
+        let (postgres, values) = query.build(PostgresQueryBuilder);
+        assert!(!postgres.contains('?'), "{postgres}");
+        assert!(postgres.contains("$4"), "{postgres}");
+        assert_eq!(values.0.len(), 4, "{postgres}");
+        let (sqlite, _) = query.build(SqliteQueryBuilder);
+        assert!(!sqlite.contains('$'), "{sqlite}");
+    }
 }

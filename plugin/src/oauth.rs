@@ -437,8 +437,14 @@ async fn confirm(
             );
             shared.server_changed(server.id);
             // Whatever held the mailbox, a new connection is the fix to try: its mails go out.
-            if let Err(e) =
-                crate::health::release(&ctx, &shared.clone().into_inner(), server.id, None).await
+            if let Err(e) = crate::health::release(
+                &ctx,
+                &shared.clone().into_inner(),
+                server.id,
+                None,
+                crate::health::Release::Forced,
+            )
+            .await
             {
                 tracing::warn!(error = %e, "releasing the mails that waited for a reconnect failed");
             }

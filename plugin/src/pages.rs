@@ -539,10 +539,25 @@ async fn delete(
     };
     let _ = token::Entity::delete_by_id(server.id).exec(ctx.db()).await;
     shared.server_changed(server.id);
-    match mail_server::Entity::delete_by_id(server.id)
+    let deleted = mail_server::Entity::delete_by_id(server.id)
         .exec(ctx.db())
-        .await
-    {
+        .await;
+    if deleted.is_ok() {
+        // Its waiting mails are not held any more: they fail as "server deleted", in words.
+        let shared = shared.clone().into_inner();
+        let released = crate::health::release(
+            &ctx,
+            &shared,
+            server.id,
+            None,
+            crate::health::Release::Forced,
+        )
+        .await;
+        if let Err(e) = released.and(crate::health::forget(&ctx, server.id).await) {
+            tracing::warn!(error = %e, "forgetting a deleted server's health failed");
+        }
+    }
+    match deleted {
         Ok(_) => see_other(if server.kind == "shared" {
             "/microsoft_outlook/servers"
         } else {
@@ -566,7 +581,15 @@ async fn retry(
         Err(refused) => return *refused,
     };
     shared.server_changed(server.id);
-    match crate::health::release(&ctx, &shared.clone().into_inner(), server.id, None).await {
+    match crate::health::release(
+        &ctx,
+        &shared.clone().into_inner(),
+        server.id,
+        None,
+        crate::health::Release::Forced,
+    )
+    .await
+    {
         Ok(_) => {
             tracing::info!(server_id = server.id, user_id = user.id, "retry now");
             see_other(&format!("{}?retried=1", server_url(&server)))

@@ -95,6 +95,8 @@ pub struct Shared {
 /// How many waiting mails a release sends itself, one after another, before the queue's
 /// workers take the rest.
 const RELEASED_IN_ORDER: usize = 50;
+/// How long a release may keep the other deliveries of its process waiting.
+const RELEASED_IN_ORDER_FOR: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Shared {
     /// Fresh shared state.
@@ -205,38 +207,48 @@ impl Shared {
         crate::deliver::deliver(ctx, self, outbox_id).await
     }
 
-    /// After a hold ended: pushes the jobs of the waiting mails `ids` (in queue order) and, in
-    /// a process that delivers, sends the first of them one after another before anything
-    /// queued later.
-    /// (Not async: the task it starts delivers, and delivering may end a hold.)
+    /// After a hold ended: in a process that delivers, sends the first of the waiting mails
+    /// `ids` (in queue order) one after another before anything queued later, for at most
+    /// [`RELEASED_IN_ORDER_FOR`]; the jobs of the others are pushed at once, and those of the
+    /// first ones still waiting after that. (Not async: the task it starts delivers, and
+    /// delivering may end a hold.)
     pub fn deliver_in_order(self: &Arc<Self>, ctx: &crm_sdk::ModuleContext, ids: Vec<i64>) {
         if ids.is_empty() {
             return;
         }
+        let shared = self.clone();
         if !self.delivers_here() {
-            let shared = self.clone();
             tokio::spawn(async move { shared.push(&ids).await });
             return;
         }
         // Taken now when nothing is being delivered (a release from a page or the settings),
         // else as soon as the deliveries running now (one of them may be this caller) end.
         let now = self.turn.clone().try_write_owned().ok();
-        let (shared, ctx) = (self.clone(), ctx.clone());
+        let ctx = ctx.clone();
         self.in_flight
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         tokio::spawn(async move {
+            let split = Ord::min(RELEASED_IN_ORDER, ids.len());
+            let (first, rest) = ids.split_at(split);
+            shared.push(rest).await;
             let turn = match now {
                 Some(turn) => turn,
                 None => shared.turn.clone().write_owned().await,
             };
-            shared.push(&ids).await;
-            for id in ids.into_iter().take(RELEASED_IN_ORDER) {
-                if let Err(e) = crate::deliver::deliver(&ctx, &shared, id).await {
+            let deadline = tokio::time::Instant::now() + RELEASED_IN_ORDER_FOR;
+            for id in first {
+                if !shared.delivers_here() || tokio::time::Instant::now() >= deadline {
+                    break;
+                }
+                if let Err(e) = crate::deliver::deliver(&ctx, &shared, *id).await {
                     tracing::warn!(error = %e, outbox_id = id, "a released mail waits for the queue");
                     break;
                 }
             }
             drop(turn);
+            // Whatever of the first ones is still due goes through the queue (a sent one is
+            // skipped at its claim).
+            shared.push(first).await;
             shared
                 .in_flight
                 .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);

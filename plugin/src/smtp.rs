@@ -536,7 +536,8 @@ impl SmtpSender {
                     return Ok(conn);
                 }
                 Err(f) if f.refused_token() => refused = Some(f),
-                Err(f) => return Err(SendOutcome::Failed(f)),
+                // The line dropped after a refusal: the refusal is what was learnt.
+                Err(f) => return Err(SendOutcome::Failed(refused.unwrap_or(f))),
             }
         }
         Err(SendOutcome::Failed(refused.unwrap_or_else(|| {

@@ -9,7 +9,7 @@ use crate::connect::{
     env, start_connect, token_rows,
 };
 use crate::helpers::{ALICE, TestApp, eventually};
-use crate::send::{Mailing, point_server_at, queue, row, settings, wait_status};
+use crate::send::{Mailing, point_server_at, queue, row, settings, wait_status, with_contact};
 use crm_host::entities::notification;
 use crm_sdk::Clock;
 use microsoft_outlook::entities::{mailbox_health, token};
@@ -42,23 +42,7 @@ async fn mailing_with(config: SmtpConfig, mailbox: &str, before: impl FnOnce(&En
     .await;
     let (status, page, _) = connect_through(&env.admin, env.server_id).await;
     assert_eq!(status, StatusCode::SEE_OTHER, "{page}");
-    let contact = crm_host::seed::create_contact(
-        &env.app.db,
-        "Dana Fabrikam",
-        Some("dana@fabrikam.example"),
-        Some("Fabrikam"),
-        env.app.alice_id,
-        false,
-    )
-    .await
-    .expect("contact");
-    let alice = env.app.signed_in(ALICE).await;
-    Mailing {
-        env,
-        smtp,
-        alice,
-        contact,
-    }
+    with_contact(env, smtp).await
 }
 
 async fn mailing() -> Mailing {
@@ -758,9 +742,15 @@ async fn mailbox_refusals_hold_the_mailbox_and_message_refusals_fail_the_mail() 
         );
         // Fixed: the hold ends and the mail goes out.
         m.smtp.clear_injections();
-        microsoft_outlook::health::release(&ctx, &shared, server_id, None)
-            .await
-            .expect("release");
+        microsoft_outlook::health::release(
+            &ctx,
+            &shared,
+            server_id,
+            None,
+            microsoft_outlook::health::Release::Forced,
+        )
+        .await
+        .expect("release");
         wait_status(app, id, "sent").await;
         wait_ready(app, server_id).await;
     }

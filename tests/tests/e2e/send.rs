@@ -78,6 +78,11 @@ pub(crate) async fn mailing() -> Mailing {
     point_server_at(&env, &smtp, &[]).await;
     // The per-minute throttle has its own test; the others send faster than 30 a minute.
     settings(&env, &[("mailbox_rate_per_minute", "0")]).await;
+    with_contact(env, smtp).await
+}
+
+/// The mailing of `env` and `smtp`: Alice signed in, and her contact Dana to write to.
+pub(crate) async fn with_contact(env: Env, smtp: SmtpServer) -> Mailing {
     let contact = crm_host::seed::create_contact(
         &env.app.db,
         "Dana Fabrikam",

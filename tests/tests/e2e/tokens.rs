@@ -322,7 +322,7 @@ async fn refresh_failures_are_classified() {
     );
     let (_, notes, _) = env.admin.get("/notifications").await;
     assert_eq!(
-        notes.matches("client secret refused").count(),
+        notes.matches("app credentials or settings refused").count(),
         1,
         "told once\n{notes}"
     );
