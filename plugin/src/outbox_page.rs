@@ -1076,7 +1076,15 @@ async fn release(
         return not_found(&ctx, &user, &req);
     }
     shared.server_changed(server_id);
-    match crate::health::release(&ctx, &shared.into_inner(), server_id, None).await {
+    match crate::health::release(
+        &ctx,
+        &shared.into_inner(),
+        server_id,
+        None,
+        crate::health::Release::Forced,
+    )
+    .await
+    {
         Ok(ended) => {
             tracing::info!(server_id, user_id = user.id, ended, "held mail released");
             if wants_json(&req) {

@@ -167,8 +167,14 @@ pub async fn test(
                 .unwrap_or(false);
             if held_before {
                 shared.server_changed(server.id);
-                if let Err(e) =
-                    crate::health::release(ctx, shared, server.id, Some(&ENDED_BY_A_TEST)).await
+                if let Err(e) = crate::health::release(
+                    ctx,
+                    shared,
+                    server.id,
+                    Some(&ENDED_BY_A_TEST),
+                    crate::health::Release::IfHeld,
+                )
+                .await
                 {
                     tracing::warn!(error = %e, "ending a hold after a successful test failed");
                 }
