@@ -11,7 +11,11 @@ fi
 cargo build -q -p crm-host
 bin="${CARGO_TARGET_DIR:-target}/debug/crm-host"
 work=$(mktemp -d)
-port=18080
+port="${BROWSER_PORT:-18080}"
+# Screenshots outlive the run (the demo's folder does not): kept beside the build.
+shots="${SHOTS:-${CARGO_TARGET_DIR:-target}/browser-shots}"
+mkdir -p "$shots" && rm -f "$shots"/*.png
+shots="$(cd "$shots" && pwd)"
 (cd "$work" && CRM_LOG=info exec "$bin" demo --bind "127.0.0.1:$port" >"$work/demo.log" 2>&1) &
 demo=$!
 trap 'kill $demo 2>/dev/null || true; wait $demo 2>/dev/null || true; rm -rf "$work"' EXIT
@@ -22,9 +26,11 @@ done
 # demo.mjs first (it connects the shared mailbox), then every other suite in name order.
 for suite in .ci/browser/demo.mjs $(ls .ci/browser/*.mjs | grep -v '/demo.mjs$' | sort); do
   echo "-- $suite"
-  if ! DEMO_URL="http://127.0.0.1:$port" SHOTS="${SHOTS:-$work}" node "$suite"; then
+  if ! DEMO_URL="http://127.0.0.1:$port" SHOTS="$shots" node "$suite"; then
     echo "--- the demo's log:"
     tail -n 60 "$work/demo.log"
+    echo "screenshots: $shots"
     exit 1
   fi
 done
+echo "screenshots: $shots"

@@ -263,6 +263,17 @@ impl Application {
                         .configure(|cfg| module.configure(cfg, &ctx)),
                 );
             }
+            // While a module is disabled its guarded scope does not match: say so.
+            for entry in state.registry.entries() {
+                let name = entry.module.manifest().name.clone();
+                app = app.service(
+                    web::scope(&entry.module.manifest().route_prefix).default_service(web::to(
+                        move |req, state, user| {
+                            crate::disabled::page(req, state, user, name.clone())
+                        },
+                    )),
+                );
+            }
             app
         })
         .shutdown_timeout(30)

@@ -179,10 +179,21 @@ pub async fn session_middleware(
             return Ok(req.into_response(csrf_refused()));
         }
     }
-    if let Some(user) = user {
-        req.extensions_mut().insert(user);
-    }
-    next.call(req).await.map(|r| r.map_into_boxed_body())
+    let Some(user) = user else {
+        return next.call(req).await.map(|r| r.map_into_boxed_body());
+    };
+    // Pages show the unread count in the navigation; other requests skip the query.
+    let unread = if matches!(*req.method(), Method::GET | Method::HEAD) {
+        crate::inbox::unread_count(&state.db, &user)
+            .await
+            .unwrap_or(0)
+    } else {
+        0
+    };
+    req.extensions_mut().insert(user);
+    crate::inbox::with_unread(unread, next.call(req))
+        .await
+        .map(|r| r.map_into_boxed_body())
 }
 
 fn declared_length(req: &ServiceRequest) -> Option<usize> {
@@ -220,11 +231,19 @@ async fn login_page(
         .map(|c| c.value().to_string())
         .unwrap_or_else(random_token);
     let next = safe_next(query.next.as_deref());
+    // A fresh install: say how the first operator is made.
+    let nobody = sea_orm::PaginatorTrait::count(crate::entities::user::Entity::find(), &state.db)
+        .await
+        .is_ok_and(|n| n == 0);
     let body = html! {
         section.card.narrow {
             h1 { "Sign in" }
             @if query.error.is_some() {
-                p.flash.bad { "Wrong e-mail address or password." }
+                p.flash.bad role="alert" { "Wrong e-mail address or password." }
+            }
+            @if nobody {
+                p.flash.warn role="status" { "Nobody can sign in yet. On the server, add the first operator: "
+                    code { "crm-host user add --operator you@example.com" } }
             }
             form method="post" action="/login" {
                 input type="hidden" name=(CSRF_FIELD) value=(token);

@@ -55,6 +55,7 @@ impl MigratorTrait for HostMigrator {
         vec![
             Box::new(M0001HostTables),
             Box::new(M0002NotificationIncidents),
+            Box::new(M0003NotificationReads),
         ]
     }
 
@@ -64,6 +65,44 @@ impl MigratorTrait for HostMigrator {
 }
 
 struct M0001HostTables;
+
+/// Which notifications each person has read.
+struct M0003NotificationReads;
+
+impl MigrationName for M0003NotificationReads {
+    fn name(&self) -> &str {
+        "m0003_notification_reads"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M0003NotificationReads {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table("crm_notification_reads")
+                    .if_not_exists()
+                    .col(big_integer("notification_id"))
+                    .col(big_integer("user_id"))
+                    .col(timestamp_with_time_zone("read_at"))
+                    .primary_key(Index::create().col("notification_id").col("user_id"))
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .drop_table(
+                Table::drop()
+                    .table("crm_notification_reads")
+                    .if_exists()
+                    .to_owned(),
+            )
+            .await
+    }
+}
 
 /// Notifications name the incident they belong to (`key`) and when it was resolved.
 struct M0002NotificationIncidents;

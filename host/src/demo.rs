@@ -34,6 +34,21 @@ pub struct DemoServices {
     pub idp: IdentityPlatform,
     /// The SMTP submission server.
     pub smtp: Arc<SmtpServer>,
+    /// The simulated app registration, as the portal shows it (for /demo/azure).
+    pub app: DemoApp,
+}
+
+/// The demo's simulated app registration, as the Entra ID portal would show it.
+#[derive(Clone)]
+pub struct DemoApp {
+    /// The application (client) ID.
+    pub client_id: String,
+    /// The client secret's Value.
+    pub secret_value: String,
+    /// The client secret's Secret ID (a GUID; pasting it instead of the Value is refused).
+    pub secret_id: String,
+    /// The redirect URI registered.
+    pub redirect_uri: String,
 }
 
 fn random_guid() -> String {
@@ -138,8 +153,14 @@ pub async fn start(
         client_id: client_id.clone(),
         client_secret: secret.clone(),
         secret_expired: false,
-        redirect_uris: vec![redirect_uri],
+        redirect_uris: vec![redirect_uri.clone()],
     });
+    let app = DemoApp {
+        client_id: client_id.clone(),
+        secret_value: secret.clone(),
+        secret_id: random_guid(),
+        redirect_uri,
+    };
     for (i, address) in std::iter::once(DEMO_MAILBOX)
         .chain(DEMO_LOGINS.iter().map(|l| l.email))
         .enumerate()
@@ -151,10 +172,16 @@ pub async fn start(
             tenant_id: "72f988bf-86f1-41af-91ab-2d7cd011db47".into(),
         });
     }
+    // A restart keeps what the operator changed: only what is unset, and the simulated
+    // services' addresses (new ports on every run), are written.
     let mut plain = BTreeMap::new();
-    plain.insert("client_id".to_string(), client_id);
+    if values.get("client_id").is_none() {
+        plain.insert("client_id".to_string(), client_id);
+    }
     plain.insert("authority_url".to_string(), idp.authority_url());
-    plain.insert("tenant".to_string(), "common".to_string());
+    if values.get("tenant").is_none() {
+        plain.insert("tenant".to_string(), "common".to_string());
+    }
     if values.get("client_secret_expires_on").is_none() {
         let expires = (chrono::Utc::now() + chrono::Duration::days(180))
             .date_naive()
@@ -162,7 +189,9 @@ pub async fn start(
         plain.insert("client_secret_expires_on".to_string(), expires);
     }
     let mut secrets = BTreeMap::new();
-    secrets.insert("client_secret".to_string(), secret);
+    if !values.has_secret("client_secret") {
+        secrets.insert("client_secret".to_string(), secret);
+    }
     crate::settings::store(db, sealer, "microsoft_outlook", plain, secrets).await?;
 
     let smtp = SmtpServer::start(SmtpConfig {
@@ -174,21 +203,21 @@ pub async fn start(
     let mut hosts = BTreeMap::new();
     hosts.insert(
         "personal_smtp_hosts".to_string(),
-        format!(
-            "{}, localhost:{}",
-            microsoft_outlook::settings::default_smtp_host(),
-            smtp.port()
-        ),
+        demo_personal_hosts(values.get("personal_smtp_hosts"), smtp.port()),
     );
     crate::settings::store(db, sealer, "microsoft_outlook", hosts, BTreeMap::new()).await?;
 
     // The simulated services forget their tokens when the demo stops: point the demo's servers
     // at the new ones and ask for a fresh Connect.
     let now = chrono::Utc::now();
-    let existing = mail_server::Entity::find()
-        .filter(mail_server::Column::Name.eq(DEMO_SERVER_NAME))
+    let existing = demo_server(db).await?;
+    // Exactly one default: a new demo server is the default only when there is none.
+    let has_default = mail_server::Entity::find()
+        .filter(mail_server::Column::Kind.eq("shared"))
+        .filter(mail_server::Column::IsDefault.eq(true))
         .one(db)
-        .await?;
+        .await?
+        .is_some();
     let mut model: mail_server::ActiveModel = match existing {
         Some(m) => {
             token::Entity::delete_by_id(m.id).exec(db).await?;
@@ -203,7 +232,7 @@ pub async fn start(
             transport: Set("smtp".into()),
             send_as: Set("author".into()),
             from_allow_list: Set(String::new()),
-            is_default: Set(true),
+            is_default: Set(!has_default),
             created_at: Set(now),
             ..Default::default()
         },
@@ -217,7 +246,41 @@ pub async fn start(
     Ok(Some(DemoServices {
         idp,
         smtp: Arc::new(smtp),
+        app,
     }))
+}
+
+/// The demo's shared server from an earlier run: by its name, or (renamed by the operator) by
+/// its mailbox on the simulated server.
+async fn demo_server(
+    db: &sea_orm::DatabaseConnection,
+) -> Result<Option<mail_server::Model>, sea_orm::DbErr> {
+    if let Some(found) = mail_server::Entity::find()
+        .filter(mail_server::Column::Name.eq(DEMO_SERVER_NAME))
+        .one(db)
+        .await?
+    {
+        return Ok(Some(found));
+    }
+    mail_server::Entity::find()
+        .filter(mail_server::Column::Kind.eq("shared"))
+        .filter(mail_server::Column::Mailbox.eq(DEMO_MAILBOX))
+        .filter(mail_server::Column::SmtpHost.eq("localhost"))
+        .one(db)
+        .await
+}
+
+/// The personal SMTP hosts setting with the simulated server's new port: the operator's
+/// entries are kept, an earlier run's `localhost:PORT` is replaced.
+fn demo_personal_hosts(stored: Option<&str>, port: u16) -> String {
+    let mut entries: Vec<String> = stored
+        .unwrap_or(microsoft_outlook::settings::default_smtp_host())
+        .split(',')
+        .map(|e| e.trim().to_string())
+        .filter(|e| !e.is_empty() && !e.to_ascii_lowercase().starts_with("localhost:"))
+        .collect();
+    entries.push(format!("localhost:{port}"));
+    entries.join(", ")
 }
 
 async fn received(
@@ -251,6 +314,41 @@ async fn received(
         }
     };
     ok(state.chrome.render("Received mail", Some(&user), body))
+}
+
+/// The simulated Entra ID app registration, as the portal shows it (operators only): where the
+/// setup guide's values come from in the demo.
+async fn azure_page(
+    state: web::Data<AppState>,
+    demo: web::Data<DemoServices>,
+    user: CurrentUser,
+) -> HttpResponse {
+    if !user.is_admin {
+        return HttpResponse::Forbidden().body("Operators only.");
+    }
+    let app = &demo.app;
+    let body = html! {
+        h1 { "Simulated Entra ID: app registration" }
+        section.card {
+            p.help { "What the Azure portal would show for the demo's app. The simulated identity platform runs at " code { (demo.idp.authority_url()) } "." }
+            dl.azure {
+                dt { "Application (client) ID" } dd { code id="client-id" { (app.client_id) } }
+                dt { "Redirect URI (Web)" } dd { code { (app.redirect_uri) } }
+                dt { "Supported account types" } dd { "Multi-tenant (tenant common)" }
+            }
+            h2 { "Certificates & secrets" }
+            div.scroll { table {
+                thead { tr { th { "Description" } th { "Expires" } th { "Value" } th { "Secret ID" } } }
+                tbody { tr {
+                    td { "CRM demo" } td { "in 180 days" }
+                    td { code id="secret-value" { (app.secret_value) } }
+                    td { code id="secret-id" { (app.secret_id) } }
+                } }
+            } }
+            p.help { "Paste the Value in Settings › Microsoft Outlook › Client secret; the Secret ID is refused." }
+        }
+    };
+    ok(state.chrome.render("Simulated Entra ID", Some(&user), body))
 }
 
 /// The faults the demo's simulated Exchange can be told to play (operators only), so that an
@@ -335,6 +433,7 @@ pub fn routes(
     move |cfg: &mut web::ServiceConfig| {
         cfg.app_data(web::Data::new(demo.clone()))
             .route("/demo/received", web::get().to(received))
+            .route("/demo/azure", web::get().to(azure_page))
             .route("/demo/faults", web::get().to(faults_page))
             .route("/demo/faults", web::post().to(play_fault));
     }

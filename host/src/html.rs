@@ -20,7 +20,7 @@ textarea{min-height:6rem}
 .help{color:#57606a;font-size:.85rem;margin:.2rem 0}
 .error{color:#cf222e;font-size:.9rem}
 button,.button{background:#1f883d;color:#fff;border:0;border-radius:4px;padding:.45rem .9rem;font:inherit;cursor:pointer;text-decoration:none;display:inline-block}
-button.secondary,.button.secondary{background:#6e7781}button.danger{background:#cf222e}
+button.secondary,.button.secondary{background:#6e7781}button.danger,.button.danger{background:#cf222e}
 .flash{padding:.7rem 1rem;border-radius:6px;margin-bottom:1rem}
 .flash.ok{background:#dafbe1;border:1px solid #4ac26b}.flash.bad{background:#ffebe9;border:1px solid #ff8182}
 .flash.warn{background:#fff8c5;border:1px solid #d4a72c}
@@ -30,10 +30,23 @@ table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.4rem;bo
 code,.copy{background:#eaeef2;padding:.1rem .3rem;border-radius:3px;word-break:break-all}
 form.inline{display:inline}
 section.card.narrow{max-width:420px;margin:3rem auto}
+.badge.unread{background:#cf222e;color:#fff;margin-left:.2rem}
+section.card.unread{border-left:4px solid #d4a72c}section.card.resolved{opacity:.85}
+:focus-visible{outline:3px solid #0969da;outline-offset:2px}
+.scroll{overflow-x:auto;max-width:100%}
+details.setup-guide{margin:.6rem 0 1rem}details.setup-guide summary{cursor:pointer}
+ol.steps li{margin:.5rem 0}.copy-row{display:flex;gap:.5rem;align-items:center;flex-wrap:wrap}
+.consequences li{margin:.3rem 0}
+main p,main li,main dd,main h1,main h2{overflow-wrap:anywhere}
+@media (max-width:640px){
+main{margin:1rem auto;padding:0 .6rem}
+header{padding:.5rem .6rem;gap:.6rem}header .me{margin-left:0}
+section.card{padding:.8rem}
+table{display:block;overflow-x:auto;max-width:100%}th,td{min-width:6.5rem}
+}
 form.filters{display:grid;grid-template-columns:repeat(auto-fill,minmax(11rem,1fr));gap:0 .8rem}
 form.filters .wide{grid-column:1/-1}form.filters p{grid-column:1/-1;margin:.8rem 0 0}
-div.scroll{overflow-x:auto}table.outbox td,table.outbox th{font-size:.9rem}
-ol.steps li{margin:.3rem 0}table.fields th{width:9rem}
+table.outbox td,table.outbox th{font-size:.9rem}table.fields th{width:9rem}
 "#;
 
 /// Where the stylesheet is served (a file, not inline: the Content-Security-Policy allows only
@@ -96,7 +109,11 @@ impl HostChrome {
                                 a href="/settings" { "Settings" }
                                 a href="/modules" { "Modules" }
                             }
-                            a href="/notifications" { "Notifications" }
+                            @let unread = crate::inbox::current_unread();
+                            a href="/notifications" {
+                                "Notifications"
+                                @if unread > 0 { " " span.badge.unread aria-label=(format!("{unread} unread")) { (unread) } }
+                            }
                             span.me {
                                 span { (user.name) @if user.is_admin { " (operator)" } }
                                 form.inline method="post" action="/logout" {

@@ -3,11 +3,14 @@
 
 pub mod app;
 pub mod auth;
+pub mod cli;
 pub mod config;
 pub mod db;
 pub mod demo;
+pub mod disabled;
 pub mod entities;
 pub mod html;
+pub mod inbox;
 pub mod metrics;
 pub mod modules_page;
 pub mod notifier;

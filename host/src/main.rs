@@ -39,6 +39,27 @@ enum Command {
         #[command(subcommand)]
         command: OutlookCommand,
     },
+    /// People who sign in to the CRM.
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Adds a user (the first operator of a fresh install, for one). The password is read from
+    /// standard input, or asked for on a terminal; at least 12 characters, not a common one.
+    Add {
+        /// The e-mail address they sign in with.
+        email: String,
+        /// An operator (administrator): settings, modules, shared mail servers.
+        #[arg(long)]
+        operator: bool,
+        /// The name shown in the CRM (default: the address's local part).
+        #[arg(long)]
+        name: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -71,6 +92,16 @@ fn init_logs(filter: &str) {
         .try_init();
 }
 
+/// The sealing key for operator commands: the configured one, or the one `demo` keeps in
+/// ./data when run in a demo folder.
+fn cli_sealing_key(config: &Config) -> anyhow::Result<SealingKey> {
+    match crm_host::cli::demo_key_file(config) {
+        Some(file) => SealingKey::from_file(&file)
+            .with_context(|| format!("reading the demo's sealing key {}", file.display())),
+        None => sealing_key(config),
+    }
+}
+
 fn sealing_key(config: &Config) -> anyhow::Result<SealingKey> {
     if let Some(key) = &config.sealing_key {
         return SealingKey::from_base64(key.expose_secret()).context("CRM_SEALING_KEY");
@@ -89,7 +120,9 @@ fn sealing_key(config: &Config) -> anyhow::Result<SealingKey> {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut config = Config::load(cli.config.as_deref()).context("reading the configuration")?;
-    if matches!(cli.command, Command::Outlook { .. }) && std::env::var_os("CRM_LOG").is_none() {
+    if matches!(cli.command, Command::Outlook { .. } | Command::User { .. })
+        && std::env::var_os("CRM_LOG").is_none()
+    {
         init_logs("warn");
     } else {
         init_logs(&config.log);
@@ -106,8 +139,29 @@ async fn main() -> anyhow::Result<()> {
             println!("migrations applied");
             Ok(())
         }
+        Command::User {
+            command:
+                UserCommand::Add {
+                    email,
+                    operator,
+                    name,
+                },
+        } => {
+            config.database_url = crm_host::cli::existing_database_url(&config)?;
+            let db = crm_host::app::open_database(&config).await?;
+            let password = crm_host::cli::read_password()?;
+            let id =
+                crm_host::cli::add_user(&db, &email, name.as_deref(), &password, operator).await?;
+            println!(
+                "user {id} {} added{}; they can sign in now",
+                email.trim().to_lowercase(),
+                if operator { " as an operator" } else { "" }
+            );
+            Ok(())
+        }
         Command::Outlook { command } => {
-            let key = sealing_key(&config)?;
+            config.database_url = crm_host::cli::existing_database_url(&config)?;
+            let key = cli_sealing_key(&config)?;
             let module = Arc::new(microsoft_outlook::OutlookModule::new());
             let assembled = crm_host::app::assemble(
                 &config,

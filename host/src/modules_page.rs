@@ -22,12 +22,14 @@ async fn render(state: &AppState, user: &CurrentUser, flash: Option<Markup>) -> 
                 p.help { "Migrations: " (entry.module.migration_names().join(", ")) }
                 p.help.jobs { "Jobs: "
                     @if jobs.is_empty() { "stopped" } @else { "running — " (jobs.join(", ")) } }
-                form method="post" action=(format!("/modules/{}/{}", m.id, if entry.is_enabled() { "disable" } else { "enable" })) {
-                    (csrf(user))
-                    @if entry.is_enabled() {
-                        button.danger type="submit" { "Disable" }
-                        span.help { " Its jobs stop and its pages answer 404; its data is kept." }
-                    } @else {
+                @if entry.is_enabled() {
+                    p {
+                        a.button.danger href=(format!("/modules/{}/disable", m.id)) { "Disable" }
+                        span.help { " Asks first and says what happens to its queued work; its data is kept." }
+                    }
+                } @else {
+                    form method="post" action=(format!("/modules/{}/enable", m.id)) {
+                        (csrf(user))
                         button type="submit" { "Enable" }
                         span.help { " Runs its migrations and starts its jobs." }
                     }
@@ -83,8 +85,47 @@ async fn change(
     response
 }
 
+/// Disabling asks first: what stops and what happens to the module's queued work.
+async fn confirm_disable(
+    state: web::Data<AppState>,
+    user: CurrentUser,
+    path: web::Path<(String, String)>,
+) -> HttpResponse {
+    if let Err(refused) = require_admin(&user, &state.chrome) {
+        return *refused;
+    }
+    let (id, action) = path.into_inner();
+    let Some(entry) = state.registry.get(&id).filter(|_| action == "disable") else {
+        return HttpResponse::NotFound().body("No such module.");
+    };
+    if !entry.is_enabled() {
+        return HttpResponse::SeeOther()
+            .insert_header(("Location", "/modules"))
+            .finish();
+    }
+    let m = entry.module.manifest();
+    let consequences = entry.module.disable_consequences(&entry.ctx).await;
+    let body = html! {
+        h1 { "Disable " (m.name) "?" }
+        section.card.confirm {
+            p { strong { "What will happen:" } }
+            ul.consequences {
+                @for c in &consequences { li { (c) } }
+                li { "Operators can enable it again on this page at any time; its migrations are kept." }
+            }
+            form method="post" action=(format!("/modules/{}/disable", m.id)) {
+                (csrf(&user))
+                button.danger type="submit" { "Disable " (m.name) }
+                " " a.button.secondary href="/modules" { "Cancel" }
+            }
+        }
+    };
+    ok(state.chrome.render("Disable a module", Some(&user), body))
+}
+
 /// The modules routes.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/modules", web::get().to(page))
+        .route("/modules/{id}/{action}", web::get().to(confirm_disable))
         .route("/modules/{id}/{action}", web::post().to(change));
 }

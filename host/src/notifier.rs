@@ -6,8 +6,8 @@ use chrono::Utc;
 use crm_sdk::{Audience, BoxError, CurrentUser, Notification, Notifier};
 use maud::html;
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, Condition, DatabaseConnection, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, Set,
+    ActiveModelTrait, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, Set,
 };
 
 use crate::entities::notification;
@@ -67,28 +67,66 @@ impl Notifier for DbNotifier {
     }
 }
 
-async fn page(state: web::Data<AppState>, user: CurrentUser) -> HttpResponse {
-    let mut mine = Condition::any().add(notification::Column::UserId.eq(user.id));
-    if user.is_admin {
-        mine = mine.add(notification::Column::ForOperators.eq(true));
-    }
+#[derive(serde::Deserialize)]
+struct PageQuery {
+    read: Option<String>,
+}
+
+async fn page(
+    state: web::Data<AppState>,
+    user: CurrentUser,
+    query: web::Query<PageQuery>,
+) -> HttpResponse {
     let items = notification::Entity::find()
-        .filter(mine)
+        .filter(crate::inbox::visible_to(&user))
         .order_by_desc(notification::Column::Id)
         .limit(200)
         .all(&state.db)
         .await
         .unwrap_or_default();
+    let read = crate::inbox::read_ids(&state.db, &user, items.iter().map(|n| n.id).collect())
+        .await
+        .unwrap_or_default();
+    let unread = crate::inbox::current_unread();
     let body = html! {
         h1 { "Notifications" }
+        @match query.read.as_deref() {
+            Some("all") => p.flash.ok role="status" { "All notifications marked read." },
+            Some(_) => p.flash.ok role="status" { "Marked read." },
+            None => {},
+        }
         @if items.is_empty() { section.card { p { "Nothing needs your attention." } } }
+        @else {
+            p.inbox-summary {
+                @if unread == 0 { "No unread notifications. " } @else { (unread) " unread. " }
+                @if unread > 0 {
+                    form.inline method="post" action="/notifications/read-all" {
+                        (crate::html::csrf(&user))
+                        button.secondary type="submit" { "Mark all read" }
+                    }
+                }
+            }
+        }
         @for n in &items {
-            section.card.notification.resolved[n.resolved_at.is_some()] {
-                h2 { (n.subject) @if n.resolved_at.is_some() { " " span.badge.ok { "Resolved" } } }
+            @let is_unread = n.resolved_at.is_none() && !read.contains(&n.id);
+            section.card.notification.resolved[n.resolved_at.is_some()].unread[is_unread] id=(format!("notification-{}", n.id)) {
+                h2 {
+                    @if is_unread { span.badge.warn { "Unread" } " " }
+                    (n.subject)
+                    @if n.resolved_at.is_some() { " " span.badge.ok { "Resolved" } }
+                }
                 @if let Some(at) = n.resolved_at { p.help { "Resolved " (at.format("%Y-%m-%d %H:%M UTC")) ": nothing left to do." } }
                 p.help { (n.created_at.format("%Y-%m-%d %H:%M UTC")) @if n.for_operators { " · for operators" } }
                 p { (n.body) }
-                @if let (Some(link), None) = (&n.link, n.resolved_at) { p { a href=(link) { "Fix it" } } }
+                p {
+                    @if let (Some(link), None) = (&n.link, n.resolved_at) { a href=(link) { "Fix it" } " " }
+                    @if is_unread {
+                        form.inline method="post" action=(format!("/notifications/{}/read", n.id)) {
+                            (crate::html::csrf(&user))
+                            button.secondary type="submit" { "Mark read" }
+                        }
+                    }
+                }
             }
         }
     };
@@ -97,5 +135,6 @@ async fn page(state: web::Data<AppState>, user: CurrentUser) -> HttpResponse {
 
 /// The notification routes.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/notifications", web::get().to(page));
+    cfg.route("/notifications", web::get().to(page))
+        .configure(crate::inbox::routes);
 }

@@ -4,9 +4,10 @@ use actix_web::{HttpResponse, web};
 use async_trait::async_trait;
 use chrono::Utc;
 use crm_sdk::{
-    CurrentUser, FieldKind, Manifest, Sealer, SettingsError, SettingsStore, SettingsValues,
+    CurrentUser, FieldKind, Manifest, Sealer, SettingsCheck, SettingsError, SettingsStore,
+    SettingsValues,
 };
-use maud::{Markup, html};
+use maud::{Markup, PreEscaped, html};
 use sea_orm::sea_query::OnConflict;
 use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, Set, TransactionTrait};
 use std::collections::BTreeMap;
@@ -126,11 +127,28 @@ pub fn with_defaults(manifest: &Manifest, values: &SettingsValues) -> BTreeMap<S
         .collect()
 }
 
-/// A refused form, shown again with its values and messages.
+/// A submitted form: refused (shown again with its values and messages), or saved and checked.
 struct Submitted<'a> {
     module: &'a str,
     input: &'a BTreeMap<String, String>,
     errors: &'a BTreeMap<String, String>,
+    check: Option<&'a SettingsCheck>,
+}
+
+/// What the module found when it checked the saved settings, in words with the code.
+fn check_block(check: &SettingsCheck) -> Markup {
+    let (class, badge) = match check.verified {
+        Some(true) => ("flash ok settings-check", "verified"),
+        Some(false) => ("flash bad settings-check", "not verified"),
+        None => ("flash warn settings-check", "not checked"),
+    };
+    html! {
+        div class=(class) id="settings-check" role=(if check.verified == Some(false) { "alert" } else { "status" }) {
+            p { span.badge.muted { (badge) } " " strong { (check.title) } }
+            p { (check.detail) }
+            @if let Some(code) = &check.code { p.help { "Code: " code { (code) } } }
+        }
+    }
 }
 
 async fn render(
@@ -156,6 +174,11 @@ async fn render(
             errors = submitted.errors.clone();
         }
         let hints = entry.module.settings_hints(&entry.ctx).await;
+        let guide = entry.module.settings_guide(&entry.ctx).await;
+        let check = submitted
+            .as_ref()
+            .filter(|s| s.module == manifest.id)
+            .and_then(|s| s.check);
         sections.push(html! {
             section.card id=(format!("settings-{}", manifest.id)) {
                 h2 { (manifest.settings_section) }
@@ -165,6 +188,8 @@ async fn render(
                 @if let Some(e) = load_error {
                     p.flash.bad { "Stored settings cannot be read: " (e) ". If the sealing key changed, restore the old key or enter the secret again." }
                 }
+                @if let Some(check) = check { (check_block(check)) }
+                @if let Some(guide) = &guide { (PreEscaped(guide)) }
                 @for hint in &hints {
                     p { strong { (hint.label) ": " } code.copy { (hint.value) } }
                 }
@@ -261,7 +286,11 @@ async fn save(
         }
     }
     if errors.is_empty() {
-        for e in entry.module.validate_settings(&plain) {
+        // The module also sees the secrets typed now (e.g. to refuse a secret's ID pasted
+        // instead of its value); a secret left empty keeps the stored one and is not shown.
+        let mut typed = plain.clone();
+        typed.extend(secrets.iter().map(|(k, v)| (k.clone(), v.clone())));
+        for e in entry.module.validate_settings(&typed) {
             errors.insert(e.field, e.message);
         }
     }
@@ -282,6 +311,7 @@ async fn save(
                 module: &manifest.id,
                 input: &echo,
                 errors: &errors,
+                check: None,
             }),
         )
         .await;
@@ -304,8 +334,24 @@ async fn save(
             if entry.is_enabled() {
                 entry.module.settings_saved(&entry.ctx).await;
             }
+            let check = entry.module.verify_settings(&entry.ctx).await;
+            if let Some(check) = &check {
+                tracing::info!(module = %manifest.id, verified = ?check.verified, code = ?check.code, "settings checked");
+            }
             let flash = html! { p.flash.ok role="status" { "Settings saved." } };
-            let body = render(&state, &user, Some(flash), None).await;
+            let (input, errors) = (BTreeMap::new(), BTreeMap::new());
+            let body = render(
+                &state,
+                &user,
+                Some(flash),
+                Some(Submitted {
+                    module: &manifest.id,
+                    input: &input,
+                    errors: &errors,
+                    check: check.as_ref(),
+                }),
+            )
+            .await;
             ok(state.chrome.render("Settings", Some(&user), body))
         }
         Err(e) => {

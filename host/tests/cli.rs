@@ -162,3 +162,280 @@ async fn outlook_status_json_lists_every_mail_server() {
     assert!(text.contains("MAILBOX") && text.contains("held"), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn fresh_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("crm-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    dir
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn run_with_stdin(mut cmd: Command, input: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write");
+    child.wait_with_output().expect("wait")
+}
+
+/// Kills the child when the test ends, passing or not.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn wait_healthy(base: &str) {
+    for _ in 0..150 {
+        if reqwest::get(format!("{base}/health"))
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    panic!("{base} did not become healthy");
+}
+
+async fn sign_in(base: &str, email: &str, password: &str) -> (reqwest::StatusCode, String) {
+    let client = reqwest::Client::builder()
+        .cookie_store(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let page = client
+        .get(format!("{base}/login"))
+        .send()
+        .await
+        .expect("login page")
+        .text()
+        .await
+        .expect("text");
+    let marker = "name=\"csrf_token\" value=\"";
+    let at = page.find(marker).expect("a CSRF field") + marker.len();
+    let csrf = page[at..].split('"').next().unwrap_or_default().to_string();
+    let answer = client
+        .post(format!("{base}/login"))
+        .form(&[
+            ("email", email),
+            ("password", password),
+            ("csrf_token", csrf.as_str()),
+        ])
+        .send()
+        .await
+        .expect("sign in");
+    let status = answer.status();
+    let location = answer
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    (status, location)
+}
+
+#[tokio::test]
+async fn the_first_operator_is_added_from_the_cli_and_signs_in_on_serve() {
+    let dir = fresh_dir("user-add");
+    let key = SealingKey::generate()
+        .to_base64()
+        .expose_secret()
+        .to_string();
+    let url = format!("sqlite://{}/crm.db", dir.display());
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let serve = crm_host()
+        .current_dir(&dir)
+        .env("CRM_DATABASE_URL", &url)
+        .env("CRM_SEALING_KEY", &key)
+        .env("CRM_BIND", format!("127.0.0.1:{port}"))
+        .env("CRM_LOG", "warn")
+        .arg("serve")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("serve");
+    let _serve = Running(serve);
+    wait_healthy(&base).await;
+
+    let add = |password: &str| {
+        let mut cmd = crm_host();
+        cmd.current_dir(&dir).env("CRM_DATABASE_URL", &url).args([
+            "user",
+            "add",
+            "--operator",
+            "Olivia@Contoso.example",
+            "--name",
+            "Olivia",
+        ]);
+        run_with_stdin(cmd, &format!("{password}\n"))
+    };
+    // Weak passwords are refused, saying why.
+    let short = add("short");
+    assert!(!short.status.success());
+    let err = String::from_utf8_lossy(&short.stderr);
+    assert!(err.contains("too short") && err.contains("12"), "{err}");
+    let common = add("Password1234");
+    assert!(!common.status.success());
+    assert!(String::from_utf8_lossy(&common.stderr).contains("common"));
+
+    let added = add("correct horse battery staple");
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    assert!(String::from_utf8_lossy(&added.stdout).contains("as an operator"));
+    let again = add("correct horse battery staple");
+    assert!(!again.status.success(), "the address is taken");
+
+    let (status, location) = sign_in(
+        &base,
+        "olivia@contoso.example",
+        "correct horse battery staple",
+    )
+    .await;
+    assert_eq!(status, reqwest::StatusCode::SEE_OTHER);
+    assert!(!location.contains("error"), "{location}");
+    let (_, location) = sign_in(&base, "olivia@contoso.example", "wrong password!!").await;
+    assert!(location.contains("/login"), "{location}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn operator_commands_refuse_to_create_a_database() {
+    let dir = fresh_dir("no-db");
+    for args in [
+        vec!["outlook", "status"],
+        vec!["user", "add", "--operator", "olivia@contoso.example"],
+    ] {
+        let out = run_with_stdin(
+            {
+                let mut cmd = crm_host();
+                cmd.current_dir(&dir)
+                    .env_remove("CRM_DATABASE_URL")
+                    .env(
+                        "CRM_SEALING_KEY",
+                        SealingKey::generate().to_base64().expose_secret(),
+                    )
+                    .args(&args);
+                cmd
+            },
+            "correct horse battery staple\n",
+        );
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("no database at"), "{args:?}: {err}");
+    }
+    let left: Vec<_> = std::fs::read_dir(&dir).expect("dir").collect();
+    assert!(left.is_empty(), "created {left:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn demo_restart_keeps_the_settings_and_one_default_server_and_the_cli_finds_its_key() {
+    let dir = fresh_dir("demo");
+    let start = |port: u16| {
+        let child = crm_host()
+            .current_dir(&dir)
+            .env_remove("CRM_DATABASE_URL")
+            .env("CRM_LOG", "warn")
+            .args(["demo", "--bind", &format!("127.0.0.1:{port}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("demo");
+        Running(child)
+    };
+    let port = free_port();
+    let demo = start(port);
+    wait_healthy(&format!("http://127.0.0.1:{port}")).await;
+    drop(demo);
+
+    // The operator changes things while it is stopped: a tenant, a second server made default.
+    let url = format!("sqlite://{}/data/crm.db", dir.display());
+    let db = crm_host::db::connect(&url, 1).await.expect("db");
+    let key = SealingKey::from_file(&dir.join("data/sealing.key")).expect("key");
+    let sealer = Sealer::new(&key);
+    let mut tenant = std::collections::BTreeMap::new();
+    tenant.insert("tenant".to_string(), "contoso.example".to_string());
+    crm_host::settings::store(
+        &db,
+        &sealer,
+        "microsoft_outlook",
+        tenant,
+        Default::default(),
+    )
+    .await
+    .expect("tenant");
+    use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+    let servers = mail_server::Entity::find().all(&db).await.expect("servers");
+    assert_eq!(servers.len(), 1);
+    let mut renamed: mail_server::ActiveModel = servers[0].clone().into();
+    renamed.name = Set("Sales mailbox".into());
+    renamed.update(&db).await.expect("rename");
+    drop(db);
+
+    let port = free_port();
+    let demo = start(port);
+    wait_healthy(&format!("http://127.0.0.1:{port}")).await;
+    let db = crm_host::db::connect(&url, 1).await.expect("db");
+    let servers = mail_server::Entity::find().all(&db).await.expect("servers");
+    assert_eq!(servers.len(), 1, "no second demo server: {servers:?}");
+    let defaults = mail_server::Entity::find()
+        .filter(mail_server::Column::IsDefault.eq(true))
+        .all(&db)
+        .await
+        .expect("defaults");
+    assert_eq!(defaults.len(), 1);
+    assert_eq!(
+        defaults[0].name, "Sales mailbox",
+        "the operator's name is kept"
+    );
+    let values = {
+        use crm_sdk::SettingsStore;
+        crm_host::settings::DbSettingsStore::new(db.clone(), sealer.clone())
+            .load("microsoft_outlook")
+            .await
+            .expect("settings")
+    };
+    assert_eq!(values.get("tenant"), Some("contoso.example"));
+    drop(db);
+
+    // In the demo's folder the CLI finds the database and the key without variables.
+    let out = crm_host()
+        .current_dir(&dir)
+        .env_remove("CRM_DATABASE_URL")
+        .args(["outlook", "status", "--json"])
+        .output()
+        .expect("status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(rows.as_array().map(Vec::len), Some(1));
+    drop(demo);
+    let _ = std::fs::remove_dir_all(&dir);
+}

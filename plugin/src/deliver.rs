@@ -517,7 +517,8 @@ pub async fn deliver(
             retry_base_secs: 0,
             now: ctx.clock().now(),
         };
-        record(ctx, &row, &owner, attempt.failed(None, why).1).await?;
+        record(ctx, &row, &owner, attempt.failed(None, why.clone()).1).await?;
+        crate::failed_notice::mail_failed(ctx, &row, &why).await;
         return Ok(Delivered::Failed);
     };
     let limits = limits(ctx, shared).await;
@@ -551,12 +552,16 @@ pub async fn deliver(
         );
         return Ok(delivered);
     }
+    let why = o.last_error.clone();
     record(ctx, &row, &owner, o).await?;
     let queued_for = (ctx.clock().now() - row.created_at).num_milliseconds() as f64 / 1000.0;
     match delivered {
         Delivered::Sent => shared.metrics.sent(queued_for),
         Delivered::Failed => shared.metrics.failed(queued_for),
         _ => {}
+    }
+    if delivered == Delivered::Failed {
+        crate::failed_notice::mail_failed(ctx, &row, why.as_deref().unwrap_or_default()).await;
     }
     if delivered == Delivered::Sent {
         crate::health::succeeded(ctx, shared, server.id, None).await?;

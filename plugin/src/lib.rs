@@ -4,8 +4,10 @@
 pub mod aad;
 pub mod classify;
 pub mod compose;
+pub mod confirm;
 pub mod deliver;
 pub mod entities;
+pub mod failed_notice;
 pub mod health;
 pub mod jobs;
 pub mod mail_routes;
@@ -18,6 +20,7 @@ pub mod queue;
 pub mod runtime;
 pub mod servers;
 pub mod settings;
+pub mod setup_guide;
 pub mod smtp;
 pub mod status;
 pub mod test_connection;

@@ -1,7 +1,7 @@
 //! `impl Module`: what the host sees of the module.
 
 use async_trait::async_trait;
-use crm_sdk::{BoxError, FieldError, JobsHandle, Manifest, Module, ModuleContext, SettingsHint};
+use crm_sdk::{BoxError, FieldError, JobsHandle, Manifest, Module, ModuleContext, SettingsCheck};
 use microsoft_outlook_migrations::Migrator;
 use sea_orm::{DatabaseConnection, DbErr};
 use sea_orm_migration::MigratorTrait;
@@ -90,7 +90,7 @@ impl Module for OutlookModule {
     }
 
     fn validate_settings(&self, values: &BTreeMap<String, String>) -> Vec<FieldError> {
-        let mut errors = Vec::new();
+        let mut errors = crate::setup_guide::secret_field_errors(values);
         if let Some(url) = values.get("authority_url").filter(|u| !u.is_empty())
             && url.starts_with("http://")
             && !is_loopback_url(url)
@@ -116,7 +116,17 @@ impl Module for OutlookModule {
     fn configure(&self, cfg: &mut actix_web::web::ServiceConfig, ctx: &ModuleContext) {
         cfg.app_data(actix_web::web::Data::new(ctx.clone()))
             .app_data(actix_web::web::Data::from(self.shared.clone()))
+            .route(
+                "/assets/copy.js",
+                actix_web::web::get().to(|| async {
+                    actix_web::HttpResponse::Ok()
+                        .content_type("text/javascript; charset=utf-8")
+                        .insert_header(("Cache-Control", "public, max-age=3600"))
+                        .body(crate::setup_guide::COPY_SCRIPT)
+                }),
+            )
             .configure(crate::pages::routes)
+            .configure(crate::confirm::routes)
             .configure(crate::oauth::routes)
             .configure(crate::mail_routes::routes)
             .configure(crate::outbox_page::routes)
@@ -211,25 +221,16 @@ impl Module for OutlookModule {
         }
     }
 
-    async fn settings_hints(&self, ctx: &ModuleContext) -> Vec<SettingsHint> {
-        let mut hints = vec![SettingsHint {
-            label: "Redirect URI to register in Azure (type Web)".into(),
-            value: ctx.public_url(CONFIRM_PATH),
-        }];
-        if let Ok(settings) = crate::settings::OutlookSettings::load(ctx).await
-            && let Some(expires_on) = settings.secret_expires_on
-        {
-            let left = crate::jobs::days_left(expires_on, ctx.clock().now().date_naive());
-            hints.push(SettingsHint {
-                label: "Client secret".into(),
-                value: if left < 0 {
-                    format!("expired on {expires_on}: create a new one in Azure and paste it here")
-                } else {
-                    format!("{left} day(s) left (expires {expires_on})")
-                },
-            });
-        }
-        hints
+    async fn settings_guide(&self, ctx: &ModuleContext) -> Option<String> {
+        Some(crate::setup_guide::guide(ctx).await)
+    }
+
+    async fn verify_settings(&self, ctx: &ModuleContext) -> Option<SettingsCheck> {
+        crate::setup_guide::verify(ctx, &self.shared.http).await
+    }
+
+    async fn disable_consequences(&self, ctx: &ModuleContext) -> Vec<String> {
+        crate::setup_guide::disable_consequences(ctx).await
     }
 }
 

@@ -274,10 +274,7 @@ async fn server_page_body(
                 }
             }
             @if token.is_some() {
-                form.inline method="post" action=(format!("{}/disconnect", server_url(server))) {
-                    (csrf(user))
-                    " " button.secondary type="submit" { "Disconnect" }
-                }
+                " " a.button.secondary href=(format!("{}/disconnect", server_url(server))) { "Disconnect" }
             }
         }
         (crate::test_connection::section(server, user))
@@ -287,11 +284,8 @@ async fn server_page_body(
         }
         @if kind == ServerKind::Shared {
             section.card {
-                form method="post" action=(format!("{}/delete", server_url(server))) {
-                    (csrf(user))
-                    button.danger type="submit" { "Delete this server" }
-                    span.help { " Its tokens are forgotten." }
-                }
+                a.button.danger href=(format!("{}/delete", server_url(server))) { "Delete this server" }
+                span.help { " Asks first, and says what happens to its queued mail." }
             }
         }
     }
@@ -315,7 +309,23 @@ pub(crate) async fn managed_server(
     }
 }
 
-async fn list(ctx: web::Data<ModuleContext>, user: CurrentUser) -> HttpResponse {
+/// The flash of the list pages after a deletion.
+#[derive(Deserialize)]
+struct Deleted {
+    deleted: Option<String>,
+}
+
+fn deleted_flash(query: &Deleted) -> Option<Markup> {
+    query.deleted.as_ref().map(
+        |_| html! { p.flash.ok role="status" { "Deleted: the mail server and its tokens are gone." } },
+    )
+}
+
+async fn list(
+    ctx: web::Data<ModuleContext>,
+    user: CurrentUser,
+    query: web::Query<Deleted>,
+) -> HttpResponse {
     if !user.is_admin {
         return forbidden(&ctx, &user);
     }
@@ -366,6 +376,7 @@ async fn list(ctx: web::Data<ModuleContext>, user: CurrentUser) -> HttpResponse 
     let configured = OutlookSettings::load(&ctx).await;
     let body = html! {
         h1 { "Outgoing mail servers" }
+        @if let Some(flash) = deleted_flash(&query) { (flash) }
         @if let Err(problem) = &configured {
             p.flash.warn { (problem.to_string()) " " a href="/settings" { "Open settings" } }
         }
@@ -373,10 +384,10 @@ async fn list(ctx: web::Data<ModuleContext>, user: CurrentUser) -> HttpResponse 
             @if servers.is_empty() {
                 p { "No shared server yet. Add the Office 365 mailbox the CRM sends from." }
             } @else {
-                table {
+                div.scroll { table {
                     thead { tr { th { "Name" } th { "Mailbox" } th { "SMTP" } th { "Health" } th { "Waiting" } th { "Last refresh" } th { "Last error" } } }
                     tbody { @for r in rows { (r) } }
-                }
+                } }
             }
             p { a.button href="/microsoft_outlook/servers/new" { "Add a server" } }
         }
@@ -558,11 +569,18 @@ async fn delete(
         }
     }
     match deleted {
-        Ok(_) => see_other(if server.kind == "shared" {
-            "/microsoft_outlook/servers"
-        } else {
-            "/microsoft_outlook/my-mailbox"
-        }),
+        Ok(_) => {
+            tracing::info!(
+                server_id = server.id,
+                user_id = user.id,
+                "mail server deleted"
+            );
+            see_other(if server.kind == "shared" {
+                "/microsoft_outlook/servers?deleted=1"
+            } else {
+                "/microsoft_outlook/my-mailbox?deleted=1"
+            })
+        }
         Err(e) => db_down(&ctx, &user, e),
     }
 }
@@ -622,7 +640,11 @@ async fn disconnect(
     }
 }
 
-async fn my_mailbox(ctx: web::Data<ModuleContext>, user: CurrentUser) -> HttpResponse {
+async fn my_mailbox(
+    ctx: web::Data<ModuleContext>,
+    user: CurrentUser,
+    query: web::Query<Deleted>,
+) -> HttpResponse {
     match servers::personal_of(ctx.db(), user.id).await {
         Ok(Some(server)) => see_other(&server_url(&server)),
         Ok(None) => {
@@ -630,6 +652,7 @@ async fn my_mailbox(ctx: web::Data<ModuleContext>, user: CurrentUser) -> HttpRes
             form.smtp_host = cloud_smtp_host(&ctx).await;
             let body = html! {
                 h1 { "My mailbox" }
+                @if let Some(flash) = deleted_flash(&query) { (flash) }
                 section.card {
                     p { "Connect your own Office 365 mailbox to send CRM mail from it. Without one, mail goes out through the shared server." }
                     (server_form(&user, "/microsoft_outlook/my-mailbox", &form, ServerKind::Personal, &[]))

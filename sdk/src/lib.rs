@@ -19,7 +19,7 @@ pub use context::ModuleContext;
 pub use manifest::{
     FieldKind, HOST_API_VERSION, JobSpec, Manifest, ManifestError, MenuItem, SettingField,
 };
-pub use module::{BoxError, FieldError, JobsHandle, Module, SettingsHint};
+pub use module::{BoxError, FieldError, JobsHandle, Module, SettingsCheck, SettingsHint};
 pub use notify::{Audience, Notification, Notifier, NullNotifier};
 pub use records::{RecordAccess, RecordDirectory, RecordRef, RecordSummary};
 pub use sealing::{SealError, Sealer, SealingKey};

@@ -27,6 +27,20 @@ pub struct SettingsHint {
     pub value: String,
 }
 
+/// What a module found when it checked saved settings against the outside world (e.g. the
+/// client ID and secret against the identity platform's token endpoint).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettingsCheck {
+    /// Whether the settings work (`Some(true)`), do not (`Some(false)`), or could not be checked.
+    pub verified: Option<bool>,
+    /// One line saying what was found.
+    pub title: String,
+    /// What it means and what to do, in words.
+    pub detail: String,
+    /// The outside system's code, shown beside the words (e.g. `AADSTS7000215`).
+    pub code: Option<String>,
+}
+
 /// The running jobs of an enabled module; the host stops them on disable or shutdown.
 pub struct JobsHandle {
     names: Vec<String>,
@@ -90,7 +104,9 @@ pub trait Module: Send + Sync + 'static {
         Ok(())
     }
 
-    /// Cross-field checks of settings the host has already validated field by field.
+    /// Cross-field checks of settings the host has already validated field by field. `values`
+    /// holds the plain fields and the secret fields typed in this submission (a secret left
+    /// empty to keep the stored one is absent); nothing is saved when errors are returned.
     fn validate_settings(&self, _values: &BTreeMap<String, String>) -> Vec<FieldError> {
         Vec::new()
     }
@@ -98,6 +114,24 @@ pub trait Module: Send + Sync + 'static {
     /// Called after an operator saved the module's settings, while the module is enabled
     /// (e.g. to release work that waited for a fixed client secret).
     async fn settings_saved(&self, _ctx: &ModuleContext) {}
+
+    /// Checks the saved settings against the outside world after a save (the host shows the
+    /// result on the settings page); `None` when the module has nothing to check.
+    async fn verify_settings(&self, _ctx: &ModuleContext) -> Option<SettingsCheck> {
+        None
+    }
+
+    /// An HTML fragment (escaped by the module) the settings page shows above the module's
+    /// fields: a setup guide, warnings such as an expiring secret.
+    async fn settings_guide(&self, _ctx: &ModuleContext) -> Option<String> {
+        None
+    }
+
+    /// What disabling the module leaves behind, in words, for the confirmation page
+    /// (e.g. "12 queued mails stay queued until it is enabled again").
+    async fn disable_consequences(&self, _ctx: &ModuleContext) -> Vec<String> {
+        Vec::new()
+    }
 
     /// Lines the settings page shows under the module's section.
     async fn settings_hints(&self, _ctx: &ModuleContext) -> Vec<SettingsHint> {

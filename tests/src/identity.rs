@@ -160,6 +160,8 @@ struct RefreshGrant {
 
 struct State {
     authority: String,
+    /// Tenants added besides the built-in directory ([`KNOWN_TENANTS`], users' tenants and domains).
+    tenants: Vec<String>,
     apps: HashMap<String, AppRegistration>,
     users: Vec<TestUser>,
     signed_in: Option<String>,
@@ -265,6 +267,50 @@ fn wrong_cloud(tenant: &str, scope: &str) -> Option<String> {
     Some(format!(
         "AADSTS500011: The resource principal named https://{resource} was not found in the tenant named {tenant}. This can happen if the application has not been installed by the administrator of the tenant or consented to by any user in the tenant. You might have sent your authentication request to the wrong tenant."
     ))
+}
+
+/// The tenants the simulated directory knows besides its users' tenant ids and domains: the
+/// multi-tenant names and Contoso's domains in each cloud.
+pub const KNOWN_TENANTS: [&str; 7] = [
+    "common",
+    "organizations",
+    "consumers",
+    "contoso.example",
+    "contoso.onmicrosoft.com",
+    "contoso.onmicrosoft.us",
+    "contoso.partner.onmschina.cn",
+];
+
+/// Whether the directory knows `tenant` (a name, an id or a domain; case-insensitive).
+fn knows_tenant(state: &State, tenant: &str) -> bool {
+    let tenant = tenant.to_ascii_lowercase();
+    let domain_of = |address: &str| {
+        address
+            .rsplit_once('@')
+            .map(|(_, d)| d.to_ascii_lowercase())
+    };
+    KNOWN_TENANTS.contains(&tenant.as_str())
+        || state
+            .tenants
+            .iter()
+            .any(|t| t.eq_ignore_ascii_case(&tenant))
+        || state.users.iter().any(|u| {
+            u.tenant_id.eq_ignore_ascii_case(&tenant)
+                || domain_of(&u.username).as_deref() == Some(tenant.as_str())
+                || u.email.as_deref().and_then(domain_of).as_deref() == Some(tenant.as_str())
+        })
+}
+
+/// Microsoft's answer for a tenant it does not know (HTTP 400, AADSTS90002).
+fn unknown_tenant(tenant: &str) -> HttpResponse {
+    oauth_error(
+        400,
+        "invalid_request",
+        90002,
+        &format!(
+            "AADSTS90002: Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID and are signing into the correct cloud. Check with your subscription administrator, this may happen if there are no active subscriptions for the tenant."
+        ),
+    )
 }
 
 fn is_oidc_scope(s: &str) -> bool {
@@ -696,6 +742,7 @@ async fn token(
             tokio::time::sleep(delay).await;
             answer_token(
                 &state,
+                &tenant,
                 &grant_type,
                 client_id.as_deref(),
                 client_secret.as_deref(),
@@ -749,6 +796,8 @@ async fn token(
             }
             (r, Some(90033))
         }
+        // The tenant is resolved before anything else is looked at.
+        None if !knows_tenant(&lock(&state), &tenant) => (unknown_tenant(&tenant), Some(90002)),
         None => match wrong_cloud(&tenant, form.get("scope").map_or("", String::as_str)) {
             Some(description) => (
                 oauth_error(400, "invalid_resource", 500011, &description),
@@ -756,6 +805,7 @@ async fn token(
             ),
             None => answer_token(
                 &state,
+                &tenant,
                 &grant_type,
                 client_id.as_deref(),
                 client_secret.as_deref(),
@@ -775,6 +825,7 @@ async fn token(
 
 fn answer_token(
     state: &Shared,
+    tenant: &str,
     grant_type: &str,
     client_id: Option<&str>,
     client_secret: Option<&str>,
@@ -790,7 +841,9 @@ fn answer_token(
             400,
             "unauthorized_client",
             700016,
-            &format!("Application with identifier '{client_id}' was not found in the directory."),
+            &format!(
+                "AADSTS700016: Application with identifier '{client_id}' was not found in the directory '{tenant}'. This can happen if the application has not been installed by the administrator of the tenant or consented to by any user in the tenant. You may have sent your authentication request to the wrong tenant."
+            ),
         );
     };
     if client_secret != Some(app.client_secret.as_str()) {
@@ -1015,6 +1068,7 @@ impl IdentityPlatform {
         let authority = format!("http://{}", listener.local_addr()?);
         let state: Shared = Arc::new(Mutex::new(State {
             authority: authority.clone(),
+            tenants: Vec::new(),
             apps: HashMap::new(),
             users: Vec::new(),
             signed_in: None,
@@ -1066,6 +1120,11 @@ impl IdentityPlatform {
     /// Registers an application.
     pub fn register_app(&self, app: AppRegistration) {
         lock(&self.state).apps.insert(app.client_id.clone(), app);
+    }
+
+    /// Adds a tenant (an id or a domain) to the directory.
+    pub fn add_tenant(&self, tenant: &str) {
+        lock(&self.state).tenants.push(tenant.to_string());
     }
 
     /// Adds a user who can sign in.

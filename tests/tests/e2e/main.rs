@@ -9,6 +9,7 @@ mod fuzz;
 mod health;
 #[allow(dead_code)] // shared by every suite; not each suite uses each helper
 mod helpers;
+mod operator;
 mod security;
 mod send;
 mod tokens;

@@ -1,0 +1,48 @@
+//! Telling people that a mail failed for good: its author and the operators, once per mail,
+//! in the words of the classification table.
+
+use crm_sdk::{Audience, ModuleContext, Notification};
+
+use crate::entities::outbox;
+
+/// The incident key of a failed mail (one notice per mail and person).
+pub fn key(mail_id: i64) -> String {
+    format!("microsoft_outlook/mail/{mail_id}/failed")
+}
+
+/// Notifies the author and the operators that `mail` failed because of `why`.
+pub async fn mail_failed(ctx: &ModuleContext, mail: &outbox::Model, why: &str) {
+    let subject = format!("Mail not sent: \"{}\"", mail.subject);
+    let recipients = mail.recipients.lines().collect::<Vec<_>>().join(", ");
+    let author_body = format!(
+        "Your mail to {recipients} failed and will not be retried. {why} Correct what is said here and send it again from the record."
+    );
+    let operators_body = format!(
+        "Mail {} from {} to {recipients} (author: user {}) failed and will not be retried. {why}",
+        mail.id, mail.from_header, mail.author_user_id
+    );
+    let notices = [
+        Notification {
+            audience: Audience::User(mail.author_user_id),
+            subject: subject.clone(),
+            body: author_body,
+            link: Some(format!(
+                "/microsoft_outlook/records/{}/{}/mails",
+                mail.record_model, mail.record_id
+            )),
+            key: Some(key(mail.id)),
+        },
+        Notification {
+            audience: Audience::Operators,
+            subject,
+            body: operators_body,
+            link: Some(format!("/microsoft_outlook/servers/{}", mail.server_id)),
+            key: Some(key(mail.id)),
+        },
+    ];
+    for notice in notices {
+        if let Err(e) = ctx.notifier().notify(notice).await {
+            tracing::warn!(error = %e, outbox_id = mail.id, "a failed-mail notification was not recorded");
+        }
+    }
+}
