@@ -245,7 +245,8 @@ impl Application {
                 .configure(crate::settings::routes)
                 .configure(crate::modules_page::routes)
                 .configure(crate::records::routes)
-                .configure(crate::notifier::routes);
+                .configure(crate::notifier::routes)
+                .configure(crate::metrics::routes);
             for extra in &extra_routes {
                 let extra = extra.clone();
                 app = app.configure(move |cfg| extra(cfg));

@@ -36,6 +36,10 @@ pub struct Config {
     /// Seconds between checks of which modules are enabled, for several processes on one database.
     #[serde(default = "default_module_sync_secs")]
     pub module_sync_secs: u64,
+    /// The bearer token a scraper presents to read `GET /metrics` (`CRM_METRICS_TOKEN`); without
+    /// it only signed-in operators may read them.
+    #[serde(default)]
+    pub metrics_token: Option<SecretString>,
     /// Tunables of the microsoft_outlook module's workers (`CRM_OUTLOOK__...`).
     #[serde(default)]
     pub outlook: OutlookTuning,
@@ -90,6 +94,7 @@ impl Default for Config {
             log: default_log(),
             http_workers: 0,
             module_sync_secs: default_module_sync_secs(),
+            metrics_token: None,
             outlook: OutlookTuning::default(),
         }
     }

@@ -44,6 +44,9 @@ header{padding:.5rem .6rem;gap:.6rem}header .me{margin-left:0}
 section.card{padding:.8rem}
 table{display:block;overflow-x:auto;max-width:100%}th,td{min-width:6.5rem}
 }
+form.filters{display:grid;grid-template-columns:repeat(auto-fill,minmax(11rem,1fr));gap:0 .8rem}
+form.filters .wide{grid-column:1/-1}form.filters p{grid-column:1/-1;margin:.8rem 0 0}
+table.outbox td,table.outbox th{font-size:.9rem}table.fields th{width:9rem}
 "#;
 
 /// Where the stylesheet is served (a file, not inline: the Content-Security-Policy allows only

@@ -11,6 +11,7 @@ pub mod disabled;
 pub mod entities;
 pub mod html;
 pub mod inbox;
+pub mod metrics;
 pub mod modules_page;
 pub mod notifier;
 pub mod records;

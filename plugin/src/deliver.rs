@@ -48,7 +48,8 @@ pub fn backoff(base_secs: i64, attempts: i32) -> Duration {
 /// The delivery limits from settings.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    max_attempts: i32,
+    /// Attempts before a mail fails.
+    pub max_attempts: i32,
     per_minute: usize,
     /// The largest mail accepted at the queue route.
     pub max_bytes: usize,
@@ -553,6 +554,12 @@ pub async fn deliver(
     }
     let why = o.last_error.clone();
     record(ctx, &row, &owner, o).await?;
+    let queued_for = (ctx.clock().now() - row.created_at).num_milliseconds() as f64 / 1000.0;
+    match delivered {
+        Delivered::Sent => shared.metrics.sent(queued_for),
+        Delivered::Failed => shared.metrics.failed(queued_for),
+        _ => {}
+    }
     if delivered == Delivered::Failed {
         crate::failed_notice::mail_failed(ctx, &row, why.as_deref().unwrap_or_default()).await;
     }
@@ -629,6 +636,7 @@ async fn send_claimed(
                 },
             };
             let verdict = classify::smtp(f.observed(), &facts);
+            shared.metrics.outcome(&verdict);
             let reply = f.code.is_some().then(|| f.text.clone());
             attempt.apply(ctx, shared, &verdict, reply).await?
         }

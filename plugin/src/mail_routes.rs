@@ -131,7 +131,8 @@ fn waiting_of(m: &outbox::Model, waits: &HashMap<i32, String>) -> Option<String>
         .flatten()
 }
 
-fn wants_json(req: &HttpRequest) -> bool {
+/// Whether the request asks for (or sends) JSON.
+pub(crate) fn wants_json(req: &HttpRequest) -> bool {
     let header = |name: &str| {
         req.headers()
             .get(name)
@@ -143,7 +144,8 @@ fn wants_json(req: &HttpRequest) -> bool {
         || header("accept").starts_with("application/json")
 }
 
-fn json_refusal(status: StatusCode, errors: &[FieldError]) -> HttpResponse {
+/// A JSON refusal: `{"errors": [{"field", "message"}]}`.
+pub(crate) fn json_refusal(status: StatusCode, errors: &[FieldError]) -> HttpResponse {
     let errors: Vec<serde_json::Value> = errors
         .iter()
         .map(|e| serde_json::json!({"field": e.field, "message": e.message}))
@@ -155,7 +157,8 @@ fn record_path(model: &str, id: i64) -> String {
     format!("/microsoft_outlook/records/{model}/{id}/mails")
 }
 
-fn status_badge(status: &str) -> Markup {
+/// A mail's status as a badge.
+pub fn status_badge(status: &str) -> Markup {
     let class = match status {
         "sent" => "badge ok",
         "failed" | "needs_reconnect" => "badge bad",

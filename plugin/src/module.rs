@@ -128,7 +128,9 @@ impl Module for OutlookModule {
             .configure(crate::pages::routes)
             .configure(crate::confirm::routes)
             .configure(crate::oauth::routes)
-            .configure(crate::mail_routes::routes);
+            .configure(crate::mail_routes::routes)
+            .configure(crate::outbox_page::routes)
+            .configure(crate::test_connection::routes);
     }
 
     async fn start(&self, ctx: &ModuleContext) -> Result<JobsHandle, BoxError> {
@@ -207,6 +209,16 @@ impl Module for OutlookModule {
         user: &crm_sdk::CurrentUser,
     ) -> Option<String> {
         crate::mail_routes::record_panel(ctx, record, user).await
+    }
+
+    async fn metrics(&self, ctx: &ModuleContext) -> Option<String> {
+        match self.shared.metrics.render(ctx).await {
+            Ok(text) => Some(text),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the outbox for the metrics failed");
+                None
+            }
+        }
     }
 
     async fn settings_guide(&self, ctx: &ModuleContext) -> Option<String> {

@@ -285,6 +285,7 @@ async fn server_page_body(
                 " " a.button.secondary href=(format!("{}/disconnect", server_url(server))) { "Disconnect" }
             }
         }
+        (crate::test_connection::section(server, user))
         section.card {
             h2 { "Server" }
             (server_form(user, &server_url(server), form, kind, errors))
@@ -300,7 +301,7 @@ async fn server_page_body(
 
 /// The server `id` if `user` may manage it, else the 404 page (the same for "not yours" and
 /// "not there").
-async fn managed_server(
+pub(crate) async fn managed_server(
     ctx: &ModuleContext,
     user: &CurrentUser,
     id: i32,

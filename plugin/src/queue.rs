@@ -135,6 +135,21 @@ pub async fn queue_mail(
             errors,
         })?;
     let server = choose_server(ctx, author).await?;
+    queue_through(ctx, shared, author, &server, record, mail, false).await
+}
+
+/// Queues `mail` of `author` through `server`, filed under `record` (already checked): From is
+/// the author or the mailbox as the server says, or the mailbox itself when `as_mailbox` (a test
+/// mail of the server page).
+pub async fn queue_through(
+    ctx: &ModuleContext,
+    shared: &std::sync::Arc<Shared>,
+    author: &CurrentUser,
+    server: &mail_server::Model,
+    record: &RecordRef,
+    mail: OutgoingMail,
+    as_mailbox: bool,
+) -> Result<outbox::Model, Refusal> {
     let mailbox_address = server.mailbox.parse().map_err(|_| {
         refuse(
             StatusCode::CONFLICT,
@@ -142,25 +157,26 @@ pub async fn queue_mail(
             "the mail server's mailbox address is invalid",
         )
     })?;
-    let (from, envelope_from) = if server.kind == "personal" || server.send_as == "mailbox" {
-        (
-            Mailbox::new(Some(author.name.clone()), mailbox_address),
-            server.mailbox.clone(),
-        )
-    } else {
-        let author_address = author.email.parse().map_err(|_| {
-            refuse(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "from",
-                "your user's e-mail address is not valid",
+    let (from, envelope_from) =
+        if as_mailbox || server.kind == "personal" || server.send_as == "mailbox" {
+            (
+                Mailbox::new(Some(author.name.clone()), mailbox_address),
+                server.mailbox.clone(),
             )
-        })?;
-        (
-            Mailbox::new(Some(author.name.clone()), author_address),
-            author.email.clone(),
-        )
-    };
-    if !allowed_from(&server, from.email.as_ref()) {
+        } else {
+            let author_address = author.email.parse().map_err(|_| {
+                refuse(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "from",
+                    "your user's e-mail address is not valid",
+                )
+            })?;
+            (
+                Mailbox::new(Some(author.name.clone()), author_address),
+                author.email.clone(),
+            )
+        };
+    if !allowed_from(server, from.email.as_ref()) {
         return Err(refuse(
             StatusCode::UNPROCESSABLE_ENTITY,
             "from",

@@ -57,6 +57,8 @@ pub struct AppToken {
 pub struct Shared {
     /// The tunables.
     pub options: ModuleOptions,
+    /// The module's metrics (README › Metrics).
+    pub metrics: crate::metrics::Metrics,
     /// Where delivery jobs are pushed (set while the jobs run).
     pub queue: RwLock<Option<MailQueue>>,
     /// The SMTP client.
@@ -106,6 +108,7 @@ impl Shared {
         let slot_lease = std::time::Duration::from_secs(options.lease_secs.clamp(2, 120) as u64);
         Arc::new(Self {
             options,
+            metrics: crate::metrics::Metrics::new(),
             queue: RwLock::new(None),
             smtp: SmtpSender::new(&instance, slot_lease),
             http,

@@ -47,6 +47,21 @@ pub enum SendOutcome {
     LeaseLost,
 }
 
+/// How far opening a connection got: each step that succeeded, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Reached {
+    /// Nothing yet (no slot, or the TCP connection failed).
+    Nothing,
+    /// The TCP connection is open.
+    Connected,
+    /// The server greeted and answered EHLO.
+    Greeted,
+    /// TLS is up (STARTTLS, or TLS from the start).
+    Secured,
+    /// AUTH XOAUTH2 succeeded.
+    Authenticated,
+}
+
 /// A failed attempt as observed on the wire.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SmtpFailure {
@@ -487,13 +502,18 @@ impl SmtpSender {
         }
     }
 
+    /// Opens a connection and authenticates, noting in `reached` each step that succeeded.
     async fn open(
         &self,
         ctx: &ModuleContext,
         server: &mail_server::Model,
         token: &AccessToken,
+        reached: &mut Reached,
     ) -> Result<AsyncSmtpConnection, SendOutcome> {
-        let mut conn = self.connect(server).await.map_err(SendOutcome::Failed)?;
+        let mut conn = self
+            .connect(server, reached)
+            .await
+            .map_err(SendOutcome::Failed)?;
         if !conn
             .server_info()
             .supports_auth_mechanism(Mechanism::Xoauth2)
@@ -512,6 +532,7 @@ impl SmtpSender {
                     if i > 0 {
                         remember_identity(ctx, server.id, user).await;
                     }
+                    *reached = Reached::Authenticated;
                     return Ok(conn);
                 }
                 Err(f) if f.refused_token() => refused = Some(f),
@@ -524,10 +545,12 @@ impl SmtpSender {
         })))
     }
 
-    /// Connects, reads the greeting, says EHLO and starts TLS as the server is configured.
+    /// Connects, reads the greeting, says EHLO and starts TLS as the server is configured,
+    /// noting in `reached` each step that succeeded.
     async fn connect(
         &self,
         server: &mail_server::Model,
+        reached: &mut Reached,
     ) -> Result<AsyncSmtpConnection, SmtpFailure> {
         let smtp = |e: lettre::transport::smtp::Error| failure(Stage::Connect, &e);
         let tls = || -> Result<TlsParameters, lettre::transport::smtp::Error> {
@@ -538,7 +561,7 @@ impl SmtpSender {
             builder.build_rustls()
         };
         if server.security == "tls" {
-            return AsyncSmtpConnection::connect_tokio1(
+            let conn = AsyncSmtpConnection::connect_tokio1(
                 (server.smtp_host.as_str(), server.smtp_port as u16),
                 Some(IO_TIMEOUT),
                 &self.hello,
@@ -546,7 +569,9 @@ impl SmtpSender {
                 None,
             )
             .await
-            .map_err(smtp);
+            .map_err(smtp)?;
+            *reached = Reached::Secured;
+            return Ok(conn);
         }
         let address = format!("{}:{}", server.smtp_host, server.smtp_port);
         let network = |text: String| SmtpFailure::network(Stage::Connect, text);
@@ -559,13 +584,16 @@ impl SmtpSender {
         // lettre never sets TCP_NODELAY; without it each message waits ~40 ms for a delayed ACK.
         tcp.set_nodelay(true)
             .map_err(|e| network(format!("setting TCP_NODELAY: {e}")))?;
+        *reached = Reached::Connected;
         let mut conn = AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &self.hello)
             .await
             .map_err(smtp)?;
+        *reached = Reached::Greeted;
         if server.security == "starttls" {
             conn.starttls(tls().map_err(smtp)?, &self.hello)
                 .await
                 .map_err(smtp)?;
+            *reached = Reached::Secured;
         }
         Ok(conn)
     }
@@ -634,7 +662,7 @@ impl SmtpSender {
                 return outcome;
             }
         }
-        let mut conn = match self.open(ctx, server, token).await {
+        let mut conn = match self.open(ctx, server, token, &mut Reached::Nothing).await {
             Ok(c) => c,
             Err(outcome) => return outcome,
         };
@@ -645,6 +673,46 @@ impl SmtpSender {
         self.finish(&pool, conn, token.version, slot, &outcome);
         drop(permit);
         outcome
+    }
+
+    /// Opens a connection to `server` and authenticates with `token`, then says QUIT: the
+    /// "Test connection" of the server page. It takes a connection slot the way a send does
+    /// (the slot of an idle connection of this process, else a free one, waiting at most until
+    /// `deadline`) and frees it when it returns, so that a test never makes a fourth connection
+    /// to the mailbox. Says how far it got, and what failed.
+    pub(crate) async fn probe(
+        &self,
+        ctx: &ModuleContext,
+        server: &mail_server::Model,
+        token: &AccessToken,
+        deadline: Instant,
+    ) -> (Reached, Result<(), SendOutcome>) {
+        self.start_reaper(ctx);
+        let pool = self.pool(server.id);
+        let Ok(Ok(permit)) =
+            tokio::time::timeout_at(deadline.into(), pool.permits.clone().acquire_owned()).await
+        else {
+            return (Reached::Nothing, Err(busy()));
+        };
+        let idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let slot = match idle {
+            Some(i) if !i.slot.lost() => i.slot,
+            _ => match self.acquire_slot(ctx, server.id, deadline).await {
+                Ok(s) => s,
+                Err(outcome) => return (Reached::Nothing, Err(outcome)),
+            },
+        };
+        let mut reached = Reached::Nothing;
+        let result = match self.open(ctx, server, token, &mut reached).await {
+            Ok(mut conn) => {
+                let _ = tokio::time::timeout(Duration::from_secs(5), conn.quit()).await;
+                Ok(())
+            }
+            Err(outcome) => Err(outcome),
+        };
+        drop(slot);
+        drop(permit);
+        (reached, result)
     }
 
     /// Keeps a connection for reuse after a complete exchange with the server; drops it (and

@@ -347,6 +347,12 @@ pub async fn refresh_using(
             .map_err(db)?;
         if claimed.rows_affected == 1 {
             let result = refresh_holding_lease(ctx, shared, server, &row, settings).await;
+            shared.metrics.token_refresh(match &result {
+                Ok(_) => "ok",
+                Err(TokenProblem::Held(_)) => "held",
+                Err(TokenProblem::Transient { .. }) => "temporary",
+                Err(TokenProblem::Database(_)) => "database",
+            });
             if result.is_err() {
                 let _ = token::Entity::update_many()
                     .col_expr(

@@ -148,6 +148,12 @@ pub trait Module: Send + Sync + 'static {
         None
     }
 
+    /// The module's metrics in the Prometheus text format, for the host's `GET /metrics`
+    /// (`None`: the module has none, or they cannot be read now).
+    async fn metrics(&self, _ctx: &ModuleContext) -> Option<String> {
+        None
+    }
+
     /// Registers the module's routes; the host mounts them under the manifest's prefix.
     fn configure(&self, _cfg: &mut ServiceConfig, _ctx: &ModuleContext) {}
 

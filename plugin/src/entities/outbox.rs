@@ -9,7 +9,8 @@ pub struct Model {
     pub id: i64,
     /// The Message-ID (without angle brackets), fixed at queue time.
     pub message_id: String,
-    /// `queued`, `sending`, `sent`, `failed` or `needs_reconnect`.
+    /// `queued`, `sending`, `sent`, `failed` or `cancelled` (by a person, from the outbox: never
+    /// claimed, never sent).
     pub status: String,
     pub server_id: i32,
     pub author_user_id: i64,

@@ -3,6 +3,7 @@
 
 mod cluster;
 mod connect;
+mod console;
 mod foundation;
 mod fuzz;
 mod health;

@@ -1,0 +1,424 @@
+//! "Test connection" and "Send a test mail" on a server's page (operators, or the owner of a
+//! personal mailbox). The test connects, starts TLS, says EHLO and authenticates with the
+//! stored token (refreshed when due) exactly as a delivery does — the same code in
+//! [`crate::smtp`], taking one of the mailbox's connection slots only for the test — and shows
+//! each step with its result, and on failure the classification table's words. A test that
+//! authenticates ends a hold whose cause it proves fixed. A failed test holds nothing: it only
+//! reports (the next delivery classifies and holds as usual). The test mail is queued through
+//! the normal queue, from the mailbox itself, and shows in the outbox.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpRequest, HttpResponse, web};
+use crm_sdk::{CurrentUser, ModuleContext, RecordRef};
+use maud::{Markup, html};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::classify::{self, Facts, HoldReason};
+use crate::compose::{AddressInput, MailRequest, OutgoingMail};
+use crate::entities::mail_server;
+use crate::mail_routes::{classified_reply, json_refusal, wants_json};
+use crate::pages::{csrf, managed_server, page, page_with};
+use crate::runtime::Shared;
+use crate::smtp::{Reached, SendOutcome, SmtpFailure};
+use crate::token_service::{AccessToken, TokenProblem, fresh_access_token};
+
+/// Holds that a successful connect and AUTH prove fixed.
+const ENDED_BY_A_TEST: [HoldReason; 5] = [
+    HoldReason::TokenRefused,
+    HoldReason::SmtpAuthDisabled,
+    HoldReason::NoUsableAuth,
+    HoldReason::ServerRefused,
+    HoldReason::TlsRefused,
+];
+
+/// How long a test waits for one of the mailbox's connection slots.
+const SLOT_WAIT: Duration = Duration::from_secs(10);
+
+/// One step of a test.
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    /// What was tried.
+    pub name: String,
+    /// Whether it worked.
+    pub ok: bool,
+    /// What came of it.
+    pub detail: String,
+}
+
+/// What a test found.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Whether every step worked.
+    pub ok: bool,
+    /// The steps, in order, up to the one that failed.
+    pub steps: Vec<Step>,
+    /// On failure, the classification rule that matched.
+    pub rule: Option<String>,
+    /// On failure, what happened and what to do (the classification table's words).
+    pub words: Option<String>,
+    /// Whether the test ended a hold of the mailbox.
+    pub hold_ended: bool,
+}
+
+fn step(name: impl Into<String>, ok: bool, detail: impl Into<String>) -> Step {
+    Step {
+        name: name.into(),
+        ok,
+        detail: detail.into(),
+    }
+}
+
+/// The steps a connection went through, up to `reached`, and the failed one after it.
+fn connection_steps(
+    server: &mail_server::Model,
+    identity: &str,
+    reached: Reached,
+    failure: Option<String>,
+) -> Vec<Step> {
+    let address = format!("{}:{}", server.smtp_host, server.smtp_port);
+    let mut plan: Vec<(Reached, String)> = Vec::new();
+    if server.security == "tls" {
+        plan.push((
+            Reached::Secured,
+            format!("TLS connection to {address}, greeting and EHLO"),
+        ));
+    } else {
+        plan.push((Reached::Connected, format!("TCP connection to {address}")));
+        plan.push((Reached::Greeted, "Greeting and EHLO".into()));
+        if server.security == "starttls" {
+            plan.push((Reached::Secured, "STARTTLS".into()));
+        }
+    }
+    plan.push((
+        Reached::Authenticated,
+        format!("AUTH XOAUTH2 as {identity}"),
+    ));
+    let mut steps = Vec::new();
+    let mut failure = failure;
+    for (at, name) in plan {
+        if reached >= at {
+            steps.push(step(name, true, "ok"));
+        } else {
+            if let Some(why) = failure.take() {
+                steps.push(step(name, false, why));
+            }
+            break;
+        }
+    }
+    steps
+}
+
+fn shown_reply(f: &SmtpFailure, viewer: &CurrentUser) -> String {
+    match f.code {
+        Some(_) if !viewer.is_admin => classified_reply(&f.text),
+        _ => f.text.clone(),
+    }
+}
+
+/// Tests `server`'s connection as `viewer` sees it (non-operators see reply codes only).
+pub async fn test(
+    ctx: &ModuleContext,
+    shared: &Arc<Shared>,
+    server: &mail_server::Model,
+    viewer: &CurrentUser,
+) -> Report {
+    let mut steps = Vec::new();
+    let mut token = match fresh_access_token(ctx, shared, server, false).await {
+        Ok(t) => t,
+        Err(problem) => return token_failed(steps, &problem),
+    };
+    steps.push(token_step(&token));
+    let mut outcome = probe(ctx, shared, server, &token).await;
+    if let (_, Err(SendOutcome::Failed(f))) = &outcome
+        && f.refused_token()
+        && !token.refreshed
+    {
+        // As a delivery does: a refused token that was not just issued is refreshed once.
+        steps.push(step(
+            "AUTH XOAUTH2 with the stored token",
+            false,
+            format!(
+                "{} — refreshing the token and trying again",
+                shown_reply(f, viewer)
+            ),
+        ));
+        shared.smtp.forget(server.id);
+        token = match fresh_access_token(ctx, shared, server, true).await {
+            Ok(t) => t,
+            Err(problem) => return token_failed(steps, &problem),
+        };
+        steps.push(token_step(&token));
+        outcome = probe(ctx, shared, server, &token).await;
+    }
+    let identity = token
+        .identities
+        .first()
+        .cloned()
+        .unwrap_or_else(|| server.mailbox.clone());
+    let (reached, result) = outcome;
+    match result {
+        Ok(()) => {
+            steps.extend(connection_steps(server, &identity, reached, None));
+            let held_before = crate::health::get(ctx, server.id)
+                .await
+                .map(|h| h.reason().is_some_and(|r| ENDED_BY_A_TEST.contains(&r)))
+                .unwrap_or(false);
+            if held_before {
+                shared.server_changed(server.id);
+                if let Err(e) = crate::health::release(
+                    ctx,
+                    shared,
+                    server.id,
+                    Some(&ENDED_BY_A_TEST),
+                    crate::health::Release::IfHeld,
+                )
+                .await
+                {
+                    tracing::warn!(error = %e, "ending a hold after a successful test failed");
+                }
+            }
+            Report {
+                ok: true,
+                steps,
+                rule: None,
+                words: None,
+                hold_ended: held_before,
+            }
+        }
+        Err(SendOutcome::Failed(f)) => {
+            let facts = Facts {
+                mailbox: &server.mailbox,
+                from: &server.mailbox,
+                auth_user: if f.auth_user.is_empty() {
+                    &server.mailbox
+                } else {
+                    &f.auth_user
+                },
+            };
+            let verdict = classify::smtp(f.observed(), &facts);
+            let shown = shown_reply(&f, viewer);
+            steps.extend(connection_steps(server, &identity, reached, Some(shown)));
+            Report {
+                ok: false,
+                steps,
+                rule: Some(verdict.rule.to_string()),
+                words: Some(verdict.words()),
+                hold_ended: false,
+            }
+        }
+        Err(other) => {
+            let why = match other {
+                SendOutcome::Busy(why) => format!("{why}; try again in a moment"),
+                _ => "the test was interrupted".into(),
+            };
+            steps.push(step("A connection slot of the mailbox", false, why));
+            Report {
+                ok: false,
+                steps,
+                rule: None,
+                words: None,
+                hold_ended: false,
+            }
+        }
+    }
+}
+
+async fn probe(
+    ctx: &ModuleContext,
+    shared: &Arc<Shared>,
+    server: &mail_server::Model,
+    token: &AccessToken,
+) -> (Reached, Result<(), SendOutcome>) {
+    let deadline = Instant::now() + SLOT_WAIT;
+    shared.smtp.probe(ctx, server, token, deadline).await
+}
+
+fn token_step(token: &AccessToken) -> Step {
+    step(
+        "Access token",
+        true,
+        if token.refreshed {
+            "refreshed now"
+        } else {
+            "stored token still valid"
+        },
+    )
+}
+
+fn token_failed(mut steps: Vec<Step>, problem: &TokenProblem) -> Report {
+    let rule = match problem {
+        TokenProblem::Held(v) => Some(v.rule.to_string()),
+        TokenProblem::Transient { .. } => Some("token-endpoint-unavailable".to_string()),
+        TokenProblem::Database(_) => None,
+    };
+    steps.push(step("Access token", false, problem.to_string()));
+    Report {
+        ok: false,
+        steps,
+        rule,
+        words: Some(problem.to_string()),
+        hold_ended: false,
+    }
+}
+
+/// The "Test" section of a server's page.
+pub fn section(server: &mail_server::Model, user: &CurrentUser) -> Markup {
+    let base = format!("/microsoft_outlook/servers/{}", server.id);
+    html! {
+        section.card id="test" {
+            h2 { "Test" }
+            form.inline method="post" action=(format!("{base}/test")) {
+                (csrf(user))
+                button type="submit" { "Test connection" }
+                span.help { " Connects, starts TLS, says EHLO and authenticates with the stored token; sends nothing." }
+            }
+            form method="post" action=(format!("{base}/test-mail")) {
+                (csrf(user))
+                label for="test-to" { "Send a test mail to" }
+                input #test-to type="email" name="to" value=(user.email);
+                p { button.secondary type="submit" { "Send a test mail" } span.help { " From " (server.mailbox) ", through the normal queue; it shows in the outbox." } }
+            }
+        }
+    }
+}
+
+fn report_markup(report: &Report) -> Markup {
+    html! {
+        @if report.ok {
+            p.flash.ok role="status" { "Connection OK: the mailbox authenticates with its token." @if report.hold_ended { " The hold was ended: its waiting mails are being sent." } }
+        } @else {
+            p.flash.bad role="alert" { "The connection test failed." }
+        }
+        ol.steps {
+            @for s in &report.steps {
+                li class=(if s.ok { "ok" } else { "bad" }) {
+                    @if s.ok { span.badge.ok { "ok" } } @else { span.badge.bad { "failed" } }
+                    " " strong { (s.name) } @if !s.ok || s.detail != "ok" { ": " (s.detail) }
+                }
+            }
+        }
+        @if let Some(words) = &report.words {
+            div.words role="alert" {
+                @if let Some(rule) = &report.rule { p { "Classified as " code { (rule) } "." } }
+                p { (words) }
+            }
+        }
+    }
+}
+
+async fn run_test(
+    ctx: web::Data<ModuleContext>,
+    shared: web::Data<Shared>,
+    user: CurrentUser,
+    id: web::Path<i32>,
+    req: HttpRequest,
+) -> HttpResponse {
+    let server = match managed_server(&ctx, &user, id.into_inner()).await {
+        Ok(server) => server,
+        Err(refused) => return *refused,
+    };
+    let shared = shared.into_inner();
+    let report = test(&ctx, &shared, &server, &user).await;
+    tracing::info!(
+        server_id = server.id,
+        user_id = user.id,
+        ok = report.ok,
+        rule = report.rule.as_deref().unwrap_or("-"),
+        "connection test"
+    );
+    if wants_json(&req) {
+        return HttpResponse::Ok().json(&report);
+    }
+    let body = html! {
+        h1 { "Test connection: " (server.name) }
+        section.card id="test-result" { (report_markup(&report)) }
+        (section(&server, &user))
+        p { a href=(format!("/microsoft_outlook/servers/{}", server.id)) { "Back to the server" } }
+    };
+    page(&ctx, &user, "Test connection", body)
+}
+
+#[derive(Deserialize)]
+struct TestMailForm {
+    #[serde(default)]
+    to: String,
+}
+
+async fn test_mail(
+    ctx: web::Data<ModuleContext>,
+    shared: web::Data<Shared>,
+    user: CurrentUser,
+    id: web::Path<i32>,
+    req: HttpRequest,
+    body: web::Bytes,
+) -> HttpResponse {
+    let server = match managed_server(&ctx, &user, id.into_inner()).await {
+        Ok(server) => server,
+        Err(refused) => return *refused,
+    };
+    let json = wants_json(&req);
+    let form: TestMailForm = if json {
+        serde_json::from_slice(&body).unwrap_or(TestMailForm { to: String::new() })
+    } else {
+        serde_urlencoded::from_bytes(&body).unwrap_or(TestMailForm { to: String::new() })
+    };
+    let to = Some(form.to.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| user.email.clone());
+    let shared = shared.into_inner();
+    let request = MailRequest {
+        to: AddressInput::One(to.clone()),
+        cc: AddressInput::One(String::new()),
+        bcc: AddressInput::One(String::new()),
+        subject: format!("Test mail from the CRM ({})", server.name),
+        text_body: format!(
+            "This is a test mail sent by {} through the mailbox {} (mail server \"{}\").\r\nIf you read it, the CRM sends mail through this mailbox.",
+            user.name, server.mailbox, server.name
+        ),
+        html_body: None,
+        reply_to: None,
+    };
+    let max_bytes = crate::deliver::limits(&ctx, &shared).await.max_bytes;
+    let queued = match OutgoingMail::parse(&request, max_bytes) {
+        Ok(mail) => {
+            let record = RecordRef {
+                model: "mail_server".into(),
+                id: i64::from(server.id),
+            };
+            crate::queue::queue_through(&ctx, &shared, &user, &server, &record, mail, true)
+                .await
+                .map_err(|r| (r.status, r.errors))
+        }
+        Err(errors) => Err((StatusCode::UNPROCESSABLE_ENTITY, errors)),
+    };
+    match queued {
+        Ok(row) if json => HttpResponse::Created().json(serde_json::json!({
+            "id": row.id, "message_id": row.message_id, "status": row.status,
+        })),
+        Ok(row) => HttpResponse::SeeOther()
+            .insert_header((
+                "Location",
+                format!("/microsoft_outlook/outbox/{}?queued=1", row.id),
+            ))
+            .finish(),
+        Err((status, errors)) if json => json_refusal(status, &errors),
+        Err((status, errors)) => {
+            let body = html! {
+                h1 { "The test mail was not queued" }
+                section.card {
+                    ul { @for e in &errors { li { strong { (e.field) } ": " (e.message) } } }
+                    p { a href=(format!("/microsoft_outlook/servers/{}", server.id)) { "Back to the server" } }
+                }
+            };
+            page_with(status, &ctx, &user, "Not queued", body)
+        }
+    }
+}
+
+/// The test routes.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/servers/{id}/test", web::post().to(run_test))
+        .route("/servers/{id}/test-mail", web::post().to(test_mail));
+}
