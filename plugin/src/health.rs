@@ -293,6 +293,41 @@ async fn tell(ctx: &ModuleContext, server: &mail_server::Model, reason: HoldReas
             });
         }
     }
+    // The authors whose mail waits on it are told too, once, that nothing is needed from them
+    // (the owner of a personal mailbox was told above).
+    let authors: Vec<i64> = outbox::Entity::find()
+        .select_only()
+        .column(outbox::Column::AuthorUserId)
+        .distinct()
+        .filter(outbox::Column::ServerId.eq(server.id))
+        .filter(outbox::Column::Status.is_in(["queued", "sending"]))
+        .into_tuple()
+        .all(ctx.db())
+        .await
+        .unwrap_or_default();
+    for author in authors
+        .into_iter()
+        .filter(|a| Some(*a) != server.owner_user_id)
+    {
+        notices.push(Notification {
+            audience: Audience::User(author),
+            subject: format!("Your mail waits: {}", reason.title().to_lowercase()),
+            body: if reason == HoldReason::QuotaExceeded {
+                format!("{} Nothing is needed from you: sending resumes by itself. {waits}", v.what)
+            } else {
+                format!(
+                    "{} The CRM's operators have been told and will fix it; nothing is needed from you. {waits}",
+                    v.what
+                )
+            },
+            link: Some("/microsoft_outlook/outbox".into()),
+            key: Some(if module_wide(reason) {
+                settings_key(reason)
+            } else {
+                notification_key(server.id)
+            }),
+        });
+    }
     for n in notices {
         if let Err(e) = ctx.notifier().notify(n).await {
             tracing::warn!(error = %e, "a hold notification was not recorded");

@@ -74,22 +74,8 @@ pub async fn choose_server(
             .map_err(db_down)?
             .is_some()
     {
-        // Saved before the operator narrowed the list, or before the list existed.
-        let hosts = crate::settings::PersonalSmtpHosts::load(ctx).await;
-        let port = u16::try_from(personal.smtp_port).unwrap_or(0);
-        if !hosts.allows(&personal.smtp_host, port)
-            || (personal.security == "none" && !author.is_admin)
-        {
-            return Err(refuse(
-                StatusCode::CONFLICT,
-                "server",
-                format!(
-                    "your mailbox connects to {}:{}, which the operator does not allow for personal mailboxes (allowed: {}). Change it under My mailbox.",
-                    personal.smtp_host,
-                    personal.smtp_port,
-                    hosts.describe()
-                ),
-            ));
+        if let Some(why) = outbound_refusal(ctx, &personal, author).await {
+            return Err(refuse(StatusCode::CONFLICT, "server", why));
         }
         return Ok(personal);
     }
@@ -101,6 +87,31 @@ pub async fn choose_server(
             "No outgoing mail server is configured: an operator must add and connect one (Outgoing mail servers), or connect your own mailbox (My mailbox).",
         )
     })
+}
+
+/// Why the module must not connect to a personal mailbox's server for `user` (users never
+/// choose where the server connects): its host and port are not among those the operator
+/// allows, or it is unencrypted and `user` is not an operator. A server saved before the
+/// operator narrowed the list is caught here too. `None` for shared servers and allowed ones.
+pub async fn outbound_refusal(
+    ctx: &ModuleContext,
+    server: &mail_server::Model,
+    user: &CurrentUser,
+) -> Option<String> {
+    if server.kind != "personal" {
+        return None;
+    }
+    let hosts = crate::settings::PersonalSmtpHosts::load(ctx).await;
+    let port = u16::try_from(server.smtp_port).unwrap_or(0);
+    if hosts.allows(&server.smtp_host, port) && (server.security != "none" || user.is_admin) {
+        return None;
+    }
+    Some(format!(
+        "this mailbox connects to {}:{}, which the operator does not allow for personal mailboxes (allowed: {}). Change it under My mailbox.",
+        server.smtp_host,
+        server.smtp_port,
+        hosts.describe()
+    ))
 }
 
 /// Validates and queues a mail on `record` written by `author`; nothing is stored when refused.

@@ -319,6 +319,9 @@ async fn run_test(
         Ok(server) => server,
         Err(refused) => return *refused,
     };
+    if let Some(why) = crate::queue::outbound_refusal(&ctx, &server, &user).await {
+        return refused_host(&ctx, &user, &req, &why);
+    }
     let shared = shared.into_inner();
     let report = test(&ctx, &shared, &server, &user).await;
     tracing::info!(
@@ -340,6 +343,26 @@ async fn run_test(
     page(&ctx, &user, "Test connection", body)
 }
 
+/// The answer when the server's host is not one the operator allows (nothing was tried).
+fn refused_host(
+    ctx: &ModuleContext,
+    user: &CurrentUser,
+    req: &HttpRequest,
+    why: &str,
+) -> HttpResponse {
+    if wants_json(req) {
+        return HttpResponse::Conflict()
+            .json(serde_json::json!({ "errors": [{ "field": "server", "message": why }] }));
+    }
+    crate::pages::page_with(
+        StatusCode::CONFLICT,
+        ctx,
+        user,
+        "Not tried",
+        html! { h1 { "Nothing was tried" } p.flash.bad role="alert" { (why) } },
+    )
+}
+
 #[derive(Deserialize)]
 struct TestMailForm {
     #[serde(default)]
@@ -358,6 +381,9 @@ async fn test_mail(
         Ok(server) => server,
         Err(refused) => return *refused,
     };
+    if let Some(why) = crate::queue::outbound_refusal(&ctx, &server, &user).await {
+        return refused_host(&ctx, &user, &req, &why);
+    }
     let json = wants_json(&req);
     let form: TestMailForm = if json {
         serde_json::from_slice(&body).unwrap_or(TestMailForm { to: String::new() })
