@@ -664,3 +664,38 @@ async fn connect_is_a_post_with_a_csrf_token() {
     assert!(location.unwrap_or_default().contains("login_hint="));
     assert_eq!(states().await, 1);
 }
+
+/// Test connection and test mail on a personal mailbox keep the operator's rule: a host the
+/// operator stopped allowing is not connected to, and no test mail is queued through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_test_never_reaches_a_host_the_operator_does_not_allow() {
+    let env = env().await;
+    allow_personal_hosts(&env, "smtp.office365.com, localhost:2525").await;
+    let alice = env.app.signed_in(ALICE).await;
+    let id = create_personal(&alice, ALICE.0).await;
+    let (status, page, _) = alice
+        .post_form(
+            &format!("/microsoft_outlook/servers/{id}"),
+            &personal_fields("localhost", "2525", "starttls"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "{page}");
+    // The operator narrows the list afterwards.
+    allow_personal_hosts(&env, "smtp.office365.com").await;
+    for path in ["test", "test-mail"] {
+        let (status, page, _) = alice
+            .post_form(&format!("/microsoft_outlook/servers/{id}/{path}"), &[])
+            .await;
+        assert_eq!(status, StatusCode::CONFLICT, "{path}: {page}");
+        assert!(page.contains("does not allow"), "{path}: {page}");
+        assert!(page.contains("Nothing was tried"), "{path}: {page}");
+    }
+    assert_eq!(
+        microsoft_outlook::entities::outbox::Entity::find()
+            .count(&env.app.db)
+            .await
+            .expect("count"),
+        0,
+        "no test mail was queued"
+    );
+}
