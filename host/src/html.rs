@@ -43,6 +43,7 @@ main{margin:1rem auto;padding:0 .6rem}
 header{padding:.5rem .6rem;gap:.6rem}header .me{margin-left:0}
 section.card{padding:.8rem}
 table{display:block;overflow-x:auto;max-width:100%}th,td{min-width:6.5rem}
+td,code{overflow-wrap:anywhere}
 }
 form.filters{display:grid;grid-template-columns:repeat(auto-fill,minmax(11rem,1fr));gap:0 .8rem}
 form.filters .wide{grid-column:1/-1}form.filters p{grid-column:1/-1;margin:.8rem 0 0}

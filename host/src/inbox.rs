@@ -4,10 +4,10 @@
 use actix_web::{HttpResponse, web};
 use chrono::Utc;
 use crm_sdk::CurrentUser;
-use sea_orm::sea_query::Query;
+use sea_orm::sea_query::{Expr, OnConflict, Query, SelectStatement};
 use sea_orm::{
-    ColumnTrait, Condition, DatabaseConnection, DbErr, EntityTrait, PaginatorTrait, QueryFilter,
-    QuerySelect, Set,
+    ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait,
+    PaginatorTrait, QueryFilter, QuerySelect, QueryTrait, Set,
 };
 
 use crate::entities::{notification, notification_read};
@@ -28,8 +28,8 @@ pub fn visible_to(user: &CurrentUser) -> Condition {
     mine
 }
 
-/// Notifications `user` sees that are neither resolved nor read by them.
-pub async fn unread_count(db: &DatabaseConnection, user: &CurrentUser) -> Result<u64, DbErr> {
+/// The notifications `user` sees that are neither resolved nor read by them.
+fn unread(user: &CurrentUser) -> sea_orm::Select<notification::Entity> {
     notification::Entity::find()
         .filter(visible_to(user))
         .filter(notification::Column::ResolvedAt.is_null())
@@ -42,8 +42,42 @@ pub async fn unread_count(db: &DatabaseConnection, user: &CurrentUser) -> Result
                     .to_owned(),
             ),
         )
-        .count(db)
-        .await
+}
+
+/// Notifications `user` sees that are neither resolved nor read by them.
+pub async fn unread_count(db: &DatabaseConnection, user: &CurrentUser) -> Result<u64, DbErr> {
+    unread(user).count(db).await
+}
+
+/// Marks every unread notification of `user` read in one `INSERT … SELECT`: however many
+/// there are, no id travels (a list of ids as bind variables breaks SQLite's limit of
+/// 32766 variables).
+async fn mark_all(db: &DatabaseConnection, user: &CurrentUser) -> Result<(), DbErr> {
+    let select: SelectStatement = unread(user)
+        .select_only()
+        .column(notification::Column::Id)
+        .expr(Expr::val(user.id))
+        .expr(Expr::val(Utc::now()))
+        .into_query();
+    let mut insert = Query::insert();
+    insert
+        .into_table(notification_read::Entity)
+        .columns([
+            notification_read::Column::NotificationId,
+            notification_read::Column::UserId,
+            notification_read::Column::ReadAt,
+        ])
+        .select_from(select)
+        .map_err(|e| DbErr::Custom(e.to_string()))?
+        .on_conflict(
+            OnConflict::columns([
+                notification_read::Column::NotificationId,
+                notification_read::Column::UserId,
+            ])
+            .do_nothing()
+            .to_owned(),
+        );
+    db.execute(&insert).await.map(|_| ())
 }
 
 /// The ids among `ids` that `user` has read.
@@ -93,20 +127,20 @@ async fn mark(db: &DatabaseConnection, user: &CurrentUser, ids: Vec<i64>) -> Res
     .map(|_| ())
 }
 
-/// The ids of the notifications `user` sees (all of them, or the one `id`).
+/// The notification `id` if `user` sees it (as a list of its id, or empty).
 async fn visible_ids(
     db: &DatabaseConnection,
     user: &CurrentUser,
-    id: Option<i64>,
+    id: i64,
 ) -> Result<Vec<i64>, DbErr> {
-    let mut query = notification::Entity::find()
+    notification::Entity::find()
         .select_only()
         .column(notification::Column::Id)
-        .filter(visible_to(user));
-    if let Some(id) = id {
-        query = query.filter(notification::Column::Id.eq(id));
-    }
-    query.into_tuple::<i64>().all(db).await
+        .filter(visible_to(user))
+        .filter(notification::Column::Id.eq(id))
+        .into_tuple::<i64>()
+        .all(db)
+        .await
 }
 
 fn back(to: &str) -> HttpResponse {
@@ -121,7 +155,7 @@ async fn read_one(
     id: web::Path<i64>,
 ) -> HttpResponse {
     // Someone else's notification answers like a missing one.
-    match visible_ids(&state.db, &user, Some(id.into_inner())).await {
+    match visible_ids(&state.db, &user, id.into_inner()).await {
         Ok(ids) if ids.is_empty() => HttpResponse::NotFound().body("No such notification."),
         Ok(ids) => match mark(&state.db, &user, ids).await {
             Ok(()) => back("/notifications?read=1"),
@@ -132,11 +166,7 @@ async fn read_one(
 }
 
 async fn read_all(state: web::Data<AppState>, user: CurrentUser) -> HttpResponse {
-    let result = match visible_ids(&state.db, &user, None).await {
-        Ok(ids) => mark(&state.db, &user, ids).await,
-        Err(e) => Err(e),
-    };
-    match result {
+    match mark_all(&state.db, &user).await {
         Ok(()) => {
             tracing::info!(user_id = user.id, "notifications marked read");
             back("/notifications?read=all")

@@ -10,7 +10,7 @@ use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QuerySelect};
 
 use std::sync::Arc;
 
-use crate::classify::{self, Facts, Level, Verdict};
+use crate::classify::{self, Facts, Level, Verdict, Who};
 use crate::entities::{mail_server, outbox};
 use crate::runtime::Shared;
 use crate::smtp::SendOutcome;
@@ -97,6 +97,8 @@ struct Outcome {
     sent: bool,
     /// Give the attempt back (nothing was tried: e.g. the mailbox waits).
     uncount: bool,
+    /// Who must act on a failure (the author is told to correct the mail only when theirs).
+    who: Who,
 }
 
 /// Whether SQLite refused a write because another connection was writing (in WAL mode a
@@ -396,6 +398,7 @@ impl Attempt<'_> {
                 )),
                 sent: false,
                 uncount: false,
+                who: Who::Nobody,
             };
             (Delivered::Failed, o)
         } else {
@@ -406,6 +409,7 @@ impl Attempt<'_> {
                 last_error: Some(error),
                 sent: false,
                 uncount: false,
+                who: Who::Nobody,
             };
             (Delivered::Retry, o)
         }
@@ -420,10 +424,11 @@ impl Attempt<'_> {
             last_error: Some(why),
             sent: false,
             uncount: true,
+            who: Who::Nobody,
         }
     }
 
-    fn failed(&self, reply: Option<String>, why: String) -> (Delivered, Outcome) {
+    fn failed(&self, reply: Option<String>, why: String, who: Who) -> (Delivered, Outcome) {
         let o = Outcome {
             status: "failed",
             next_attempt_at: None,
@@ -431,6 +436,7 @@ impl Attempt<'_> {
             last_error: Some(why),
             sent: false,
             uncount: false,
+            who,
         };
         (Delivered::Failed, o)
     }
@@ -445,7 +451,7 @@ impl Attempt<'_> {
     ) -> Result<(Delivered, Outcome), sea_orm::DbErr> {
         let until = verdict.hold_for.map(|d| self.now + d);
         Ok(match verdict.level {
-            Level::MailFails => self.failed(reply, verdict.words()),
+            Level::MailFails => self.failed(reply, verdict.words(), verdict.who),
             Level::MailRetries => self.retry_or_fail(reply, verdict.words()),
             Level::MailboxHeld(reason) => {
                 crate::health::hold(ctx, shared, self.server, reason, verdict).await?;
@@ -517,8 +523,10 @@ pub async fn deliver(
             retry_base_secs: 0,
             now: ctx.clock().now(),
         };
-        record(ctx, &row, &owner, attempt.failed(None, why.clone()).1).await?;
-        crate::failed_notice::mail_failed(ctx, &row, &why).await;
+        // A deleted server is the operators' matter, not the author's.
+        let failed = attempt.failed(None, why.clone(), Who::Operator).1;
+        record(ctx, &row, &owner, failed).await?;
+        crate::failed_notice::mail_failed(ctx, &row, &why, Who::Operator).await;
         return Ok(Delivered::Failed);
     };
     let limits = limits(ctx, shared).await;
@@ -532,6 +540,7 @@ pub async fn deliver(
             last_error: None,
             sent: false,
             uncount: true,
+            who: Who::Nobody,
         };
         record(ctx, &row, &owner, o).await?;
         return Ok(Delivered::Retry);
@@ -552,7 +561,7 @@ pub async fn deliver(
         );
         return Ok(delivered);
     }
-    let why = o.last_error.clone();
+    let (why, who) = (o.last_error.clone(), o.who);
     record(ctx, &row, &owner, o).await?;
     let queued_for = (ctx.clock().now() - row.created_at).num_milliseconds() as f64 / 1000.0;
     match delivered {
@@ -561,7 +570,7 @@ pub async fn deliver(
         _ => {}
     }
     if delivered == Delivered::Failed {
-        crate::failed_notice::mail_failed(ctx, &row, why.as_deref().unwrap_or_default()).await;
+        crate::failed_notice::mail_failed(ctx, &row, why.as_deref().unwrap_or_default(), who).await;
     }
     if delivered == Delivered::Sent {
         crate::health::succeeded(ctx, shared, server.id, None).await?;
@@ -586,7 +595,8 @@ async fn send_claimed(
     let envelope = match envelope_of(row) {
         Ok(e) => e,
         Err(e) => {
-            return Ok(attempt.failed(None, format!("The stored envelope is invalid: {e}")));
+            let why = format!("The stored envelope is invalid: {e}");
+            return Ok(attempt.failed(None, why, Who::Operator));
         }
     };
     let raw = row.raw_message.as_bytes();
@@ -615,6 +625,7 @@ async fn send_claimed(
                 last_error: None,
                 sent: true,
                 uncount: false,
+                who: Who::Nobody,
             },
         ),
         SendOutcome::Busy(why) => {

@@ -3,6 +3,7 @@
 
 use crm_sdk::{Audience, ModuleContext, Notification};
 
+use crate::classify::Who;
 use crate::entities::outbox;
 
 /// The incident key of a failed mail (one notice per mail and person).
@@ -10,13 +11,24 @@ pub fn key(mail_id: i64) -> String {
     format!("microsoft_outlook/mail/{mail_id}/failed")
 }
 
-/// Notifies the author and the operators that `mail` failed because of `why`.
-pub async fn mail_failed(ctx: &ModuleContext, mail: &outbox::Model, why: &str) {
+/// The page both notices link to: the mail's detail page in the outbox (its author and the
+/// operators see it, whatever the mailbox or the record).
+pub fn link(mail_id: i64) -> String {
+    format!("/microsoft_outlook/outbox/{mail_id}")
+}
+
+/// Notifies the author and the operators that `mail` failed because of `why`; `who` must act
+/// (the author is told to correct the mail only when it is theirs to fix).
+pub async fn mail_failed(ctx: &ModuleContext, mail: &outbox::Model, why: &str, who: Who) {
     let subject = format!("Mail not sent: \"{}\"", mail.subject);
     let recipients = mail.recipients.lines().collect::<Vec<_>>().join(", ");
-    let author_body = format!(
-        "Your mail to {recipients} failed and will not be retried. {why} Correct what is said here and send it again from the record."
-    );
+    let advice = if who == Who::Author {
+        "Correct what is said here and send it again from the record."
+    } else {
+        "The CRM's operators have been told; nothing is needed from you until they have fixed it — then send it again."
+    };
+    let author_body =
+        format!("Your mail to {recipients} failed and will not be retried. {why} {advice}");
     let operators_body = format!(
         "Mail {} from {} to {recipients} (author: user {}) failed and will not be retried. {why}",
         mail.id, mail.from_header, mail.author_user_id
@@ -26,17 +38,14 @@ pub async fn mail_failed(ctx: &ModuleContext, mail: &outbox::Model, why: &str) {
             audience: Audience::User(mail.author_user_id),
             subject: subject.clone(),
             body: author_body,
-            link: Some(format!(
-                "/microsoft_outlook/records/{}/{}/mails",
-                mail.record_model, mail.record_id
-            )),
+            link: Some(link(mail.id)),
             key: Some(key(mail.id)),
         },
         Notification {
             audience: Audience::Operators,
             subject,
             body: operators_body,
-            link: Some(format!("/microsoft_outlook/servers/{}", mail.server_id)),
+            link: Some(link(mail.id)),
             key: Some(key(mail.id)),
         },
     ];

@@ -9,10 +9,10 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use chrono::{DateTime, NaiveDate, Utc};
 use crm_sdk::{CurrentUser, FieldError, ModuleContext};
 use maud::{Markup, html};
-use sea_orm::sea_query::{Expr, ExprTrait, Func, LikeExpr};
+use sea_orm::sea_query::{BinOper, Expr, ExprTrait};
 use sea_orm::{
-    ColumnTrait, Condition, EntityTrait, Iterable, PaginatorTrait, QueryFilter, QueryOrder,
-    QuerySelect, Select,
+    ColumnTrait, Condition, DbBackend, EntityTrait, Iterable, PaginatorTrait, QueryFilter,
+    QueryOrder, QuerySelect, Select,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -31,6 +31,17 @@ pub const PER_PAGE: u64 = 50;
 const OUTBOX: &str = "/microsoft_outlook/outbox";
 /// Statuses a mail may be retried or cancelled from.
 const ACTIONABLE: [&str; 2] = ["queued", "failed"];
+
+/// The statuses from which `user` may take `action` (`retry` or `cancel`): a user retries
+/// only failed mails (a queued one waits out its back-off); operators may make a queued mail
+/// due now too.
+fn actionable_by(user: &CurrentUser, action: &str) -> &'static [&'static str] {
+    if action == "retry" && !user.is_admin {
+        &["failed"]
+    } else {
+        &ACTIONABLE
+    }
+}
 
 /// The filter of the list, as typed (every field may be empty).
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -65,23 +76,72 @@ fn field_error(field: &str, message: String) -> FieldError {
     }
 }
 
-/// `%text%` for a case-insensitive LIKE, with the wildcards of `text` escaped.
-fn contains_pattern(text: &str) -> LikeExpr {
-    let escaped = text
-        .to_lowercase()
-        .replace('\\', "\\\\")
-        .replace('%', "\\%")
-        .replace('_', "\\_");
-    LikeExpr::new(format!("%{escaped}%")).escape('\\')
+/// The case forms of `c` that are one character each (`ä` → `ä`, `Ä`), `c` first.
+fn case_forms(c: char) -> Vec<char> {
+    fn single(mut chars: impl Iterator<Item = char>) -> Option<char> {
+        let first = chars.next()?;
+        chars.next().is_none().then_some(first)
+    }
+    let mut forms = vec![c];
+    for f in [single(c.to_lowercase()), single(c.to_uppercase())]
+        .into_iter()
+        .flatten()
+    {
+        if !forms.contains(&f) {
+            forms.push(f);
+        }
+    }
+    forms
 }
 
-fn lower_like(column: outbox::Column, text: &str) -> sea_orm::sea_query::SimpleExpr {
-    Expr::expr(Func::lower(Expr::col((outbox::Entity, column)))).like(contains_pattern(text))
+/// "Contains `text`, whatever the case", matched by the database itself on both backends.
+/// Neither SQLite's `LIKE` nor its `lower()` knows the case of non-ASCII letters (`Ä`), so
+/// every cased letter is matched by the set of its forms: a `GLOB` on SQLite, a regular
+/// expression (`~`) on PostgreSQL (which, unlike its `lower()`, does not depend on the
+/// cluster's locale). Every other character matches as itself.
+fn contains_any_case(
+    backend: DbBackend,
+    column: outbox::Column,
+    text: &str,
+) -> sea_orm::sea_query::SimpleExpr {
+    let mut pattern = String::new();
+    let postgres = backend == DbBackend::Postgres;
+    if !postgres {
+        pattern.push('*');
+    }
+    for c in text.chars() {
+        let forms = case_forms(c);
+        if forms.len() > 1 {
+            pattern.push('[');
+            pattern.extend(forms);
+            pattern.push(']');
+        } else if postgres && !c.is_alphanumeric() {
+            // In a PostgreSQL regular expression `\` and a non-alphanumeric character is
+            // that character.
+            pattern.push('\\');
+            pattern.push(c);
+        } else if !postgres && matches!(c, '*' | '?' | '[') {
+            // In a GLOB, a set of one is that character.
+            pattern.extend(['[', c, ']']);
+        } else {
+            pattern.push(c);
+        }
+    }
+    if !postgres {
+        pattern.push('*');
+    }
+    let operator = if postgres { "~" } else { "GLOB" };
+    Expr::col((outbox::Entity, column)).binary(BinOper::Custom(operator), Expr::val(pattern))
 }
 
 impl Filter {
-    /// The condition on outbox rows that `viewer` may see and that match; or what is wrong.
-    pub fn condition(&self, viewer: &CurrentUser) -> Result<Condition, Vec<FieldError>> {
+    /// The condition on outbox rows that `viewer` may see and that match on a `backend`
+    /// database; or what is wrong.
+    pub fn condition(
+        &self,
+        viewer: &CurrentUser,
+        backend: DbBackend,
+    ) -> Result<Condition, Vec<FieldError>> {
         let mut errors = Vec::new();
         let mut c = Condition::all();
         if !viewer.is_admin {
@@ -150,9 +210,9 @@ impl Filter {
         if !q.is_empty() {
             c = c.add(
                 Condition::any()
-                    .add(lower_like(outbox::Column::Recipients, q))
-                    .add(lower_like(outbox::Column::Subject, q))
-                    .add(lower_like(outbox::Column::MessageId, q)),
+                    .add(contains_any_case(backend, outbox::Column::Recipients, q))
+                    .add(contains_any_case(backend, outbox::Column::Subject, q))
+                    .add(contains_any_case(backend, outbox::Column::MessageId, q)),
             );
         }
         if errors.is_empty() {
@@ -250,6 +310,26 @@ async fn server_names(ctx: &ModuleContext) -> HashMap<i32, String> {
         .collect()
 }
 
+/// The mailboxes `user` may pick in the filter: every one for operators; the shared ones and
+/// their own personal mailbox for everybody else.
+async fn mailbox_choices(ctx: &ModuleContext, user: &CurrentUser) -> HashMap<i32, String> {
+    let mut query = mail_server::Entity::find();
+    if !user.is_admin {
+        query = query.filter(
+            Condition::any()
+                .add(mail_server::Column::Kind.eq("shared"))
+                .add(mail_server::Column::OwnerUserId.eq(user.id)),
+        );
+    }
+    query
+        .all(ctx.db())
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|s| (s.id, s.name))
+        .collect()
+}
+
 /// The authors of mails, with a name taken from their latest From header.
 async fn authors(ctx: &ModuleContext) -> Vec<(i64, String)> {
     let rows: Vec<(i64, String)> = outbox::Entity::find()
@@ -316,7 +396,8 @@ fn when(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%d %H:%M:%S").to_string()
 }
 
-/// The held and throttled mailboxes with waiting mail, each with "Release held mail".
+/// The held and throttled mailboxes, each held one with "Release held mail" (a throttled one
+/// sends again by itself when Exchange's wait is over).
 async fn held_mailboxes(ctx: &ModuleContext, user: &CurrentUser) -> Markup {
     let now = ctx.clock().now();
     let healths = crate::health::all(ctx).await.unwrap_or_default();
@@ -342,9 +423,13 @@ async fn held_mailboxes(ctx: &ModuleContext, user: &CurrentUser) -> Markup {
                                     @if let Health::Held { detail, .. } = health { p.help { (detail) } } }
                                 td { (waiting.get(id).copied().unwrap_or(0)) }
                                 td {
-                                    form.inline method="post" action=(format!("{OUTBOX}/release/{id}")) {
-                                        (csrf(user))
-                                        button type="submit" { "Release held mail" }
+                                    @match health {
+                                        Health::Held { .. } => form.inline method="post" action=(format!("{OUTBOX}/release/{id}")) {
+                                            (csrf(user))
+                                            button type="submit" { "Release held mail" }
+                                        },
+                                        Health::Throttled { until } => span.help { "Sends again by itself at " (when(*until)) " UTC." },
+                                        Health::Ready => {},
                                     }
                                 }
                             }
@@ -451,7 +536,8 @@ async fn list(
         .and_then(|p| p.parse::<u64>().ok())
         .unwrap_or(1);
     let page_no = Ord::max(page_no, 1);
-    let (condition, problems) = match filter.condition(&user) {
+    let backend = ctx.db().get_database_backend();
+    let (condition, problems) = match filter.condition(&user, backend) {
         Ok(c) => (c, Vec::new()),
         Err(problems) if wants_json(&req) => {
             return json_refusal(StatusCode::BAD_REQUEST, &problems);
@@ -459,7 +545,7 @@ async fn list(
         // The page shows what is wrong and the mails the viewer may see.
         Err(problems) => (
             Filter::default()
-                .condition(&user)
+                .condition(&user, backend)
                 .unwrap_or_else(|_| Condition::all()),
             problems,
         ),
@@ -518,7 +604,7 @@ async fn list(
         }
         @if !user.is_admin { p.help { "Your own mails: everything you sent from the CRM, newest first." } }
         @if user.is_admin { (held_mailboxes(&ctx, &user).await) }
-        section.card { (filter_form(&filter, &user, &servers, &authors)) }
+        section.card { (filter_form(&filter, &user, &mailbox_choices(&ctx, &user).await, &authors)) }
         section.card {
             p.count { (total) " mail(s)" @if pages > 1 { ", page " (page_no) " of " (pages) } }
             @if total > 0 {
@@ -528,7 +614,7 @@ async fn list(
                     button.secondary type="submit" name="action" value="retry" { "Retry these…" }
                     " "
                     button.secondary type="submit" name="action" value="cancel" { "Cancel these…" }
-                    span.help { " Applies to the queued and failed mails of this filter, after a confirmation." }
+                    span.help { @if user.is_admin { " Applies to the queued and failed mails of this filter, after a confirmation." } @else { " Retry applies to the failed mails of this filter, cancel to the queued and failed ones, after a confirmation." } }
                 }
                 (mails_table(&mails, &servers, &waits, &user))
             } @else {
@@ -588,11 +674,15 @@ async fn detail(
     ctx: web::Data<ModuleContext>,
     shared: web::Data<Shared>,
     user: CurrentUser,
-    id: web::Path<i64>,
+    id: web::Path<String>,
     flash: web::Query<DetailFlash>,
     req: HttpRequest,
 ) -> HttpResponse {
-    let mail = match visible_mail(&ctx, &user, id.into_inner()).await {
+    // Not a number: the module's "No such mail" page (not an empty 404).
+    let Ok(id) = id.parse::<i64>() else {
+        return not_found(&ctx, &user, &req);
+    };
+    let mail = match visible_mail(&ctx, &user, id).await {
         Ok(Some(m)) => for_viewer(m, &user),
         Ok(None) => return not_found(&ctx, &user, &req),
         Err(e) => return db_down(e),
@@ -621,7 +711,11 @@ async fn detail(
         });
         let classified = mail.last_reply.as_deref().map(classified_reply);
         let (envelope_from, raw_size) = (mail.envelope_from.clone(), mail.size_bytes);
-        let actionable = ACTIONABLE.contains(&mail.status.as_str());
+        let status = mail.status.as_str();
+        let (retry, cancel) = (
+            actionable_by(&user, "retry").contains(&status),
+            actionable_by(&user, "cancel").contains(&status),
+        );
         return HttpResponse::Ok().json(serde_json::json!({
             "mail": outbox_mail(mail, &servers, &waits),
             "envelope_from": envelope_from,
@@ -629,7 +723,7 @@ async fn detail(
             "headers": headers,
             "classified_reply": classified,
             "mailbox_health": health_view,
-            "actions": { "retry": actionable, "cancel": actionable },
+            "actions": { "retry": retry, "cancel": cancel },
         }));
     }
     let flash = if flash.retried.is_some() {
@@ -694,7 +788,7 @@ async fn detail(
                         (Health::Held { detail, .. }, true) => p { (detail) },
                         _ => p { (waits.get(&mail.server_id).cloned().unwrap_or_default()) },
                     }
-                    @if user.is_admin {
+                    @if user.is_admin && matches!(health, Health::Held { .. }) {
                         form.inline method="post" action=(format!("{OUTBOX}/release/{}", mail.server_id)) {
                             (csrf(&user))
                             button type="submit" { "Release held mail" }
@@ -718,6 +812,9 @@ fn refusal_words(why: &str) -> &'static str {
         "sending" => "This mail is being sent right now: it can no longer be cancelled or retried.",
         "sent" => "This mail was sent already.",
         "cancelled" => "This mail was cancelled.",
+        "queued" => {
+            "This mail is queued already: it is tried again by itself when its next attempt is due."
+        }
         _ => "Nothing was changed: the mail is not queued or failed.",
     }
 }
@@ -728,16 +825,18 @@ fn actions(mail: &outbox::Model, user: &CurrentUser) -> Markup {
         div.actions {
             @match mail.status.as_str() {
                 "queued" | "failed" => {
-                    form.inline method="post" action=(format!("{base}/retry")) {
-                        (csrf(user))
-                        button type="submit" { "Retry now" }
+                    @if actionable_by(user, "retry").contains(&mail.status.as_str()) {
+                        form.inline method="post" action=(format!("{base}/retry")) {
+                            (csrf(user))
+                            button type="submit" { "Retry now" }
+                        }
+                        " "
                     }
-                    " "
                     form.inline method="post" action=(format!("{base}/cancel")) {
                         (csrf(user))
                         button.danger type="submit" { "Cancel" }
                     }
-                    p.help { @if mail.status == "failed" { "Retry now gives it a new round of attempts. " } @else { "Retry now makes it due now (a held mailbox still holds it). " } "Cancel keeps it from ever being sent." }
+                    p.help { @if mail.status == "failed" { "Retry now gives it a new round of attempts. " } @else if user.is_admin { "Retry now makes it due now (a held mailbox still holds it). " } @else { "It is tried again by itself when its next attempt is due. " } "Cancel keeps it from ever being sent." }
                 }
                 "sending" => p.help { "This mail is being sent right now: it cannot be cancelled." },
                 _ => {}
@@ -762,14 +861,17 @@ pub async fn retry(
     condition: Condition,
 ) -> Result<Changed, sea_orm::DbErr> {
     let now = ctx.clock().now();
+    // Marked pushed only when there is a queue to push to (else the sweep takes them).
+    let pushed_at = shared.queue().is_some().then_some(now);
     let mut ids = Vec::new();
+    let mut were_failed = Vec::new();
     for status in ACTIONABLE {
         let candidates = ids_with(ctx, condition.clone(), status).await?;
         for chunk in candidates.chunks(500) {
             let mut update = outbox::Entity::update_many()
                 .col_expr(outbox::Column::Status, Expr::value("queued"))
                 .col_expr(outbox::Column::NextAttemptAt, Expr::value(now))
-                .col_expr(outbox::Column::PushedAt, Expr::value(now))
+                .col_expr(outbox::Column::PushedAt, Expr::value(pushed_at))
                 .col_expr(outbox::Column::UpdatedAt, Expr::value(now));
             if status == "failed" {
                 update = update
@@ -785,11 +887,15 @@ pub async fn retry(
                 .exec(ctx.db())
                 .await?;
         }
+        if status == "failed" {
+            were_failed.extend(candidates.iter().copied());
+        }
         ids.extend(candidates);
     }
     // Those whose update lost a race (claimed meanwhile) are not reported as retried.
     let mut ids = still_with(ctx, &ids, "queued").await?;
     ids.sort_unstable();
+    resolve_failed_notices(ctx, &were_failed, &ids).await;
     shared.push(&ids).await;
     for id in ids.iter().take(20) {
         shared.deliver_soon(ctx, *id);
@@ -806,8 +912,13 @@ pub async fn cancel(
 ) -> Result<Changed, sea_orm::DbErr> {
     let now = ctx.clock().now();
     let mut ids = Vec::new();
+    let mut were_failed = Vec::new();
     for status in ACTIONABLE {
-        ids.extend(ids_with(ctx, condition.clone(), status).await?);
+        let candidates = ids_with(ctx, condition.clone(), status).await?;
+        if status == "failed" {
+            were_failed.extend(candidates.iter().copied());
+        }
+        ids.extend(candidates);
     }
     for chunk in ids.chunks(500) {
         outbox::Entity::update_many()
@@ -828,7 +939,23 @@ pub async fn cancel(
     }
     let mut ids = still_with(ctx, &ids, "cancelled").await?;
     ids.sort_unstable();
+    resolve_failed_notices(ctx, &were_failed, &ids).await;
     Ok(Changed { ids })
+}
+
+/// Resolves the "Mail not sent" notices of the mails that were failed and have been changed
+/// (`changed`, sorted): retried or cancelled, nobody needs to act on them any more.
+async fn resolve_failed_notices(ctx: &ModuleContext, were_failed: &[i64], changed: &[i64]) {
+    for id in were_failed {
+        if changed.binary_search(id).is_ok()
+            && let Err(e) = ctx
+                .notifier()
+                .resolve(&crate::failed_notice::key(*id))
+                .await
+        {
+            tracing::warn!(error = %e, outbox_id = id, "a failed-mail notice was not resolved");
+        }
+    }
 }
 
 async fn ids_with(
@@ -872,16 +999,21 @@ async fn one(
     ctx: web::Data<ModuleContext>,
     shared: web::Data<Shared>,
     user: CurrentUser,
-    path: web::Path<(i64, String)>,
+    path: web::Path<(String, String)>,
     req: HttpRequest,
 ) -> HttpResponse {
     let (id, action) = path.into_inner();
+    let Ok(id) = id.parse::<i64>() else {
+        return not_found(&ctx, &user, &req);
+    };
     let mail = match visible_mail(&ctx, &user, id).await {
         Ok(Some(m)) => m,
         Ok(None) => return not_found(&ctx, &user, &req),
         Err(e) => return db_down(e),
     };
-    let only = Condition::all().add(outbox::Column::Id.eq(mail.id));
+    let only = Condition::all()
+        .add(outbox::Column::Id.eq(mail.id))
+        .add(outbox::Column::Status.is_in(actionable_by(&user, &action).iter().copied()));
     let shared = shared.into_inner();
     let done = match action.as_str() {
         "retry" => retry(&ctx, &shared, only).await,
@@ -973,14 +1105,14 @@ async fn bulk(
             &[field_error("action", "retry or cancel".into())],
         );
     }
-    let condition = match filter.condition(&user) {
-        Ok(c) => c,
+    let statuses = actionable_by(&user, &action);
+    let condition = match filter.condition(&user, ctx.db().get_database_backend()) {
+        Ok(c) => c.add(outbox::Column::Status.is_in(statuses.iter().copied())),
         Err(problems) => return json_refusal(StatusCode::BAD_REQUEST, &problems),
     };
     if !confirmed {
         let matching = without_message()
             .filter(condition.clone())
-            .filter(outbox::Column::Status.is_in(ACTIONABLE))
             .count(ctx.db())
             .await;
         let matching = match matching {
@@ -992,7 +1124,7 @@ async fn bulk(
                 "action": action, "confirmed": false, "matching": matching,
             }));
         }
-        return confirmation(&ctx, &user, &filter, &action, matching);
+        return confirmation(&ctx, &user, &filter, &action, statuses, matching);
     }
     let shared = shared.into_inner();
     let done = match action.as_str() {
@@ -1022,12 +1154,18 @@ fn confirmation(
     user: &CurrentUser,
     filter: &Filter,
     action: &str,
+    statuses: &[&str],
     matching: u64,
 ) -> HttpResponse {
+    let which = statuses.join(" or ");
     let (verb, effect) = if action == "retry" {
         (
             "Retry",
-            "Failed mails get a new round of attempts; queued mails become due now.",
+            if statuses.contains(&"queued") {
+                "Failed mails get a new round of attempts; queued mails become due now."
+            } else {
+                "They get a new round of attempts."
+            },
         )
     } else {
         (
@@ -1039,9 +1177,9 @@ fn confirmation(
         h1 { (verb) " " (matching) " mail(s)?" }
         section.card.confirm {
             @if matching == 0 {
-                p { "No queued or failed mail matches this filter: there is nothing to " (verb.to_lowercase()) "." }
+                p { "No " (which) " mail matches this filter: there is nothing to " (verb.to_lowercase()) "." }
             } @else {
-                p { (verb) " " strong { (matching) " queued or failed mail(s)" } " that match the filter? " (effect) }
+                p { (verb) " " strong { (matching) " " (which) " mail(s)" } " that match the filter? " (effect) }
                 form.inline method="post" action=(format!("{OUTBOX}/bulk")) {
                     (csrf(user))
                     (filter.hidden_fields())
@@ -1121,6 +1259,16 @@ mod tests {
                 ("To".to_string(), "c@d.example".to_string()),
             ]
         );
+    }
+
+    #[test]
+    fn a_letter_matches_in_either_case_and_other_characters_as_themselves() {
+        assert_eq!(case_forms('ä'), ['ä', 'Ä']);
+        assert_eq!(case_forms('Ä'), ['Ä', 'ä']);
+        assert_eq!(case_forms('a'), ['a', 'A']);
+        assert_eq!(case_forms('%'), ['%']);
+        // A letter whose other case is two characters keeps the forms that are one.
+        assert_eq!(case_forms('ß'), ['ß']);
     }
 
     #[test]

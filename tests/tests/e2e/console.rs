@@ -598,3 +598,310 @@ async fn metrics_count_mails_sends_latency_refreshes_and_mailboxes() {
         "{text}"
     );
 }
+
+/// The failed-mail notices of mail `id`: (audience is the author, body, link, resolved).
+async fn notices_of(app: &TestApp, id: i64) -> Vec<(bool, String, Option<String>, bool)> {
+    use crm_host::entities::notification;
+    notification::Entity::find()
+        .filter(notification::Column::IncidentKey.eq(microsoft_outlook::failed_notice::key(id)))
+        .all(&app.db)
+        .await
+        .expect("notifications")
+        .into_iter()
+        .map(|n| {
+            (
+                n.user_id == Some(app.alice_id),
+                n.body,
+                n.link,
+                n.resolved_at.is_some(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until both notices of the failed mail `id` (author's, operators') are recorded.
+async fn wait_notices(app: &TestApp, id: i64) {
+    for _ in 0..300 {
+        if notices_of(app, id).await.len() == 2 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("gave up waiting: the notices of mail {id}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_and_cancel_resolve_a_failed_mails_notices() {
+    let m = one_attempt().await;
+    let app = &m.env.app;
+    refuse_recipients(&m, 2);
+    let retried = queue(&m, "Retried later").await;
+    let cancelled = queue(&m, "Cancelled later").await;
+    for id in [retried, cancelled] {
+        wait_status(app, id, "failed").await;
+        wait_notices(app, id).await;
+        for (for_author, body, link, resolved) in notices_of(app, id).await {
+            assert_eq!(
+                link.as_deref(),
+                Some(format!("{OUTBOX}/{id}").as_str()),
+                "both notices link the mail's page"
+            );
+            assert!(!resolved);
+            if for_author {
+                // A refused recipient is the author's to correct.
+                assert!(body.contains("Correct what is said here"), "{body}");
+            }
+        }
+    }
+    let (_, page, _) = m.alice.get("/contacts").await;
+    assert!(page.contains(r#"aria-label="2 unread""#), "{page}");
+    // The linked page answers, for the author and for an operator.
+    for browser in [&m.alice, &m.env.admin] {
+        let (status, _, _) = browser.get(&format!("{OUTBOX}/{retried}")).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    let (status, body) = m
+        .alice
+        .post_json(&format!("{OUTBOX}/{retried}/retry"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        notices_of(app, retried).await.iter().all(|n| n.3),
+        "retried: resolved"
+    );
+    wait_status(app, retried, "sent").await;
+    let (_, page, _) = m.alice.get("/contacts").await;
+    assert!(page.contains(r#"aria-label="1 unread""#), "{page}");
+
+    let (status, _, _) = m
+        .alice
+        .post_form(&format!("{OUTBOX}/{cancelled}/cancel"), &[])
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert!(
+        notices_of(app, cancelled).await.iter().all(|n| n.3),
+        "cancelled: resolved"
+    );
+    let (_, page, _) = m.alice.get("/contacts").await;
+    assert!(!page.contains("badge unread"), "{page}");
+    let (_, page, _) = m.env.admin.get("/contacts").await;
+    assert!(!page.contains("badge unread"), "{page}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_only_an_administrator_can_fix_tells_the_author_to_wait() {
+    let m = one_attempt().await;
+    let app = &m.env.app;
+    m.smtp.inject(
+        Injected::Reply {
+            stage: Stage::MailFrom,
+            reply: "550 5.7.60 SMTP; Client does not have permissions to send as this sender"
+                .into(),
+        },
+        1,
+    );
+    let id = queue(&m, "Send-as denied").await;
+    wait_status(app, id, "failed").await;
+    wait_notices(app, id).await;
+    let (_, body, _, _) = notices_of(app, id)
+        .await
+        .into_iter()
+        .find(|n| n.0)
+        .expect("the author's notice");
+    assert!(
+        body.contains("5.7.60") || body.contains("Send As"),
+        "{body}"
+    );
+    assert!(
+        body.contains("The CRM's operators have been told; nothing is needed from you"),
+        "{body}"
+    );
+    assert!(!body.contains("Correct what is said here"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_retries_only_failed_mails_and_operators_also_queued_ones() {
+    let m = one_attempt().await;
+    let app = &m.env.app;
+    refuse_recipients(&m, 1);
+    let failed = queue(&m, "Failed first").await;
+    wait_status(app, failed, "failed").await;
+    disable_smtp_auth(&m, 100).await;
+    let waiting = queue(&m, "Waits its turn").await;
+    wait_held(app, m.env.server_id).await;
+    let due = row(app, waiting).await.next_attempt_at;
+
+    // A queued mail: no "Retry now" for its author, and a refusal that says why.
+    let (_, detail) = m.alice.get_json(&format!("{OUTBOX}/{waiting}")).await;
+    assert_eq!(detail["actions"]["retry"], false, "{detail}");
+    assert_eq!(detail["actions"]["cancel"], true, "{detail}");
+    let (_, page, _) = m.alice.get(&format!("{OUTBOX}/{waiting}")).await;
+    assert!(
+        !page.contains(&format!(r#"action="{OUTBOX}/{waiting}/retry""#)),
+        "{page}"
+    );
+    let (status, body) = m
+        .alice
+        .post_json(&format!("{OUTBOX}/{waiting}/retry"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("queued already"),
+        "{body}"
+    );
+    let (status, _, location) = m
+        .alice
+        .post_form(&format!("{OUTBOX}/{waiting}/retry"), &[])
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert!(location.expect("Location").contains("refused=queued"));
+    assert_eq!(row(app, waiting).await.next_attempt_at, due, "not made due");
+
+    // In bulk: only the failed one counts and changes.
+    let (_, body) = m
+        .alice
+        .post_json(&format!("{OUTBOX}/bulk"), &json!({"action": "retry"}))
+        .await;
+    assert_eq!(body["matching"], 1, "{body}");
+    let (status, page, _) = m
+        .alice
+        .post_form(&format!("{OUTBOX}/bulk"), &[("action", "retry")])
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("1 failed mail(s)"), "{page}");
+    let (_, body) = m
+        .alice
+        .post_json(
+            &format!("{OUTBOX}/bulk"),
+            &json!({"action": "retry", "confirm": true}),
+        )
+        .await;
+    assert_eq!(body["ids"], json!([failed]), "{body}");
+    assert_eq!(row(app, waiting).await.next_attempt_at, due, "not made due");
+    // Cancelling a queued mail stays the author's choice.
+    let (_, body) = m
+        .alice
+        .post_json(&format!("{OUTBOX}/bulk"), &json!({"action": "cancel"}))
+        .await;
+    assert_eq!(body["matching"], 2, "{body}");
+
+    // An operator may still make a queued mail due now.
+    let (_, detail) = m.env.admin.get_json(&format!("{OUTBOX}/{waiting}")).await;
+    assert_eq!(detail["actions"]["retry"], true, "{detail}");
+    let (status, body) = m
+        .env
+        .admin
+        .post_json(&format!("{OUTBOX}/{waiting}/retry"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+/// The options of the outbox filter's Mailbox list.
+fn mailbox_options(page: &str) -> String {
+    let from = page.find(r#"id="f-server""#).expect("the Mailbox list");
+    let to = page[from..].find("</select>").expect("its end") + from;
+    page[from..to].to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_picks_among_shared_mailboxes_and_their_own_only() {
+    let m = mailing().await;
+    let app = &m.env.app;
+    let bob = app.signed_in(BOB).await;
+    let bobs = crate::connect::create_personal(&bob, "bob@contoso.example").await;
+    let alices = crate::connect::create_personal(&m.alice, "alice@contoso.example").await;
+    let shared = format!(r#"value="{}""#, m.env.server_id);
+    let (bobs, alices) = (format!(r#"value="{bobs}""#), format!(r#"value="{alices}""#));
+
+    let (_, page, _) = m.alice.get(OUTBOX).await;
+    let options = mailbox_options(&page);
+    assert!(
+        options.contains(&shared) && options.contains(&alices),
+        "{options}"
+    );
+    assert!(
+        !options.contains(&bobs),
+        "not another user's mailbox\n{options}"
+    );
+    let (_, page, _) = m.env.admin.get(OUTBOX).await;
+    let options = mailbox_options(&page);
+    for id in [&shared, &alices, &bobs] {
+        assert!(
+            options.contains(id.as_str()),
+            "operators see all\n{options}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_finds_non_ascii_letters_in_any_case_and_a_bad_id_answers_the_404_page() {
+    let m = mailing().await;
+    let app = &m.env.app;
+    let id = queue(&m, "Ärger mit der Lieferung").await;
+    queue(&m, "Arger is not it").await;
+    let admin = &m.env.admin;
+    for q in ["ä", "Ä", "ärger", "ÄRGER", "LIEFERUNG"] {
+        let q = url::form_urlencoded::byte_serialize(q.as_bytes()).collect::<String>();
+        let found = outbox_json(admin, &format!("q={q}")).await;
+        assert_eq!(
+            subjects(&found),
+            ["Ärger mit der Lieferung"],
+            "q={q}\n{found}"
+        );
+    }
+    // Wildcards of either backend are searched as text.
+    for q in ["%25", "_", "*", "%3F", "%5B", "..", "a.%2B"] {
+        assert_eq!(
+            outbox_json(admin, &format!("q={q}")).await["total"],
+            0,
+            "q={q}"
+        );
+    }
+    wait_status(app, id, "sent").await;
+
+    for path in [format!("{OUTBOX}/abc"), format!("{OUTBOX}/12x")] {
+        let (status, page, _) = m.alice.get(&path).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(page.contains("No such mail"), "{page}");
+    }
+    let (status, page, _) = m.alice.post_form(&format!("{OUTBOX}/abc/retry"), &[]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(page.contains("No such mail"), "{page}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_mailbox_is_shown_but_offers_no_release() {
+    use sea_orm::{ActiveModelTrait, Set};
+    let m = mailing().await;
+    let app = &m.env.app;
+    let now = app.clock.now();
+    mailbox_health::ActiveModel {
+        server_id: Set(m.env.server_id),
+        state: Set("throttled".into()),
+        reason: Set(None),
+        detail: Set(Some("Exchange asked to slow down.".into())),
+        since: Set(Some(now)),
+        until: Set(Some(now + chrono::Duration::minutes(10))),
+        notified_at: Set(None),
+        updated_at: Set(now),
+    }
+    .insert(&app.db)
+    .await
+    .expect("throttle");
+    let id = queue(&m, "Waits out the throttle").await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(row(app, id).await.status, "queued");
+    let (_, page, _) = m.env.admin.get(OUTBOX).await;
+    assert!(
+        page.contains(&format!(r#"data-server="{}""#, m.env.server_id)),
+        "the throttled mailbox is listed\n{page}"
+    );
+    assert!(page.contains("Sends again by itself"), "{page}");
+    assert!(!page.contains("Release held mail"), "{page}");
+    let (_, page, _) = m.env.admin.get(&format!("{OUTBOX}/{id}")).await;
+    assert!(!page.contains("Release held mail"), "{page}");
+}
