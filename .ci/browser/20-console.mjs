@@ -2,29 +2,8 @@
 // demo.mjs connected the shared mailbox and sent a mail: the outbox with a filter, Retry of a
 // failed mail, "Release held mail" of a held mailbox, and Test connection on a healthy and on
 // a broken mailbox (the demo's simulated Exchange plays each fault once).
-import { chromium } from 'playwright-core';
+import { base, browser, check, finish, shots } from './lib/suite.mjs';
 
-const base = process.env.DEMO_URL ?? 'http://127.0.0.1:18080';
-const shots = process.env.SHOTS ?? '/tmp';
-let passed = 0;
-let failed = 0;
-
-async function check(name, fn) {
-  try {
-    await fn();
-    passed += 1;
-    console.log(`ok - ${name}`);
-  } catch (e) {
-    failed += 1;
-    console.log(`not ok - ${name}: ${e.message}`);
-  }
-}
-
-const browser = await chromium.launch({
-  executablePath: '/usr/bin/chromium',
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-    '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-});
 
 async function signIn(email, password) {
   const page = await browser.newPage();
@@ -163,6 +142,4 @@ await check('a user\'s outbox shows only their own mails, without release', asyn
   await alice.screenshot({ path: `${shots}/outbox-user.png`, fullPage: true });
 });
 
-await browser.close();
-console.log(`${passed} passed, ${failed} failed`);
-process.exit(failed === 0 ? 0 : 1);
+await finish();

@@ -1,29 +1,8 @@
 // The operator's console in a real browser against `crm-host demo` (after demo.mjs connected
 // the shared mailbox): the settings page as a setup guide that verifies the client secret,
 // careful actions, the unread count, and every page at 390 px wide without sideways scrolling.
-import { chromium } from 'playwright-core';
+import { base, browser, check, finish, shots } from './lib/suite.mjs';
 
-const base = process.env.DEMO_URL ?? 'http://127.0.0.1:18080';
-const shots = process.env.SHOTS ?? '/tmp';
-let passed = 0;
-let failed = 0;
-
-async function check(name, fn) {
-  try {
-    await fn();
-    passed += 1;
-    console.log(`ok - ${name}`);
-  } catch (e) {
-    failed += 1;
-    console.log(`not ok - ${name}: ${e.message}`);
-  }
-}
-
-const browser = await chromium.launch({
-  executablePath: '/usr/bin/chromium',
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-    '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-});
 
 async function signIn(email, password, viewport) {
   const context = await browser.newContext(viewport ? { viewport } : {});
@@ -231,6 +210,4 @@ await check('the login page (signed out) fits 390 px', async () => {
   await context.close();
 });
 
-await browser.close();
-console.log(`${passed} passed, ${failed} failed`);
-process.exit(failed === 0 ? 0 : 1);
+await finish();

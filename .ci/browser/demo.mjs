@@ -1,29 +1,8 @@
 // The operator's procedure, clicked through in a real browser against `crm-host demo`:
 // sign in, connect the shared mailbox at the (simulated) Microsoft consent page, see
 // "Outlook token validated", send a mail from a contact, and find it at the receiving server.
-import { chromium } from 'playwright-core';
+import { base, browser, check, finish, shots } from './lib/suite.mjs';
 
-const base = process.env.DEMO_URL ?? 'http://127.0.0.1:18080';
-const shots = process.env.SHOTS ?? '/tmp';
-let passed = 0;
-let failed = 0;
-
-async function check(name, fn) {
-  try {
-    await fn();
-    passed += 1;
-    console.log(`ok - ${name}`);
-  } catch (e) {
-    failed += 1;
-    console.log(`not ok - ${name}: ${e.message}`);
-  }
-}
-
-const browser = await chromium.launch({
-  executablePath: '/usr/bin/chromium',
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-    '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-});
 const page = await browser.newPage();
 page.setDefaultTimeout(20000);
 
@@ -134,6 +113,4 @@ await check('a mailbox Exchange refuses is shown held, the author is told, and R
   if (!(await page.textContent('td.health')).includes('Outlook token validated')) throw new Error('the server is not ready again');
 });
 
-await browser.close();
-console.log(`${passed} passed, ${failed} failed`);
-process.exit(failed === 0 ? 0 : 1);
+await finish();
