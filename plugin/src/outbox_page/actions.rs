@@ -1,0 +1,398 @@
+//! The outbox's actions: retry and cancel (one mail or a confirmed filtered set) and releasing a
+//! held mailbox.
+
+use super::*;
+
+/// What a retry or a cancel did.
+#[derive(Debug, Serialize)]
+pub struct Changed {
+    /// The mails changed.
+    pub ids: Vec<i64>,
+}
+
+/// Queues the mails matching `condition` again: a failed one gets a new round of attempts, a
+/// queued one is due now. Their jobs are pushed (and, in a delivering process, a few are sent
+/// at once). Only mails that are still queued or failed at the moment of the update change.
+pub async fn retry(
+    ctx: &ModuleContext,
+    shared: &Arc<Shared>,
+    condition: Condition,
+) -> Result<Changed, sea_orm::DbErr> {
+    let now = ctx.clock().now();
+    // Marked pushed only when there is a queue to push to (else the sweep takes them).
+    let pushed_at = shared.queue().is_some().then_some(now);
+    let mut ids = Vec::new();
+    let mut were_failed = Vec::new();
+    for status in ACTIONABLE {
+        let candidates = ids_with(ctx, condition.clone(), status).await?;
+        for chunk in candidates.chunks(500) {
+            let mut update = outbox::Entity::update_many()
+                .col_expr(outbox::Column::Status, Expr::value("queued"))
+                .col_expr(outbox::Column::NextAttemptAt, Expr::value(now))
+                .col_expr(outbox::Column::PushedAt, Expr::value(pushed_at))
+                .col_expr(outbox::Column::UpdatedAt, Expr::value(now));
+            if status == "failed" {
+                update = update
+                    .col_expr(outbox::Column::Attempts, Expr::value(0))
+                    .col_expr(
+                        outbox::Column::SentAt,
+                        Expr::value(Option::<DateTime<Utc>>::None),
+                    );
+            }
+            update
+                .filter(outbox::Column::Id.is_in(chunk.iter().copied()))
+                .filter(outbox::Column::Status.eq(status))
+                .exec(ctx.db())
+                .await?;
+        }
+        if status == "failed" {
+            were_failed.extend(candidates.iter().copied());
+        }
+        ids.extend(candidates);
+    }
+    // Those whose update lost a race (claimed meanwhile) are not reported as retried.
+    let mut ids = still_with(ctx, &ids, "queued").await?;
+    ids.sort_unstable();
+    resolve_failed_notices(ctx, &were_failed, &ids).await;
+    shared.push(&ids).await;
+    for id in ids.iter().take(20) {
+        shared.deliver_soon(ctx, *id);
+    }
+    Ok(Changed { ids })
+}
+
+/// Cancels the mails matching `condition` that are queued or failed: they are never claimed
+/// or sent. A mail being sent is not touched.
+pub async fn cancel(
+    ctx: &ModuleContext,
+    condition: Condition,
+    by: &CurrentUser,
+) -> Result<Changed, sea_orm::DbErr> {
+    let now = ctx.clock().now();
+    let mut ids = Vec::new();
+    let mut were_failed = Vec::new();
+    for status in ACTIONABLE {
+        let candidates = ids_with(ctx, condition.clone(), status).await?;
+        if status == "failed" {
+            were_failed.extend(candidates.iter().copied());
+        }
+        ids.extend(candidates);
+    }
+    for chunk in ids.chunks(500) {
+        outbox::Entity::update_many()
+            .col_expr(outbox::Column::Status, Expr::value("cancelled"))
+            .col_expr(outbox::Column::UpdatedAt, Expr::value(now))
+            .col_expr(
+                outbox::Column::LastError,
+                Expr::value(format!(
+                    "Cancelled by {} on {} UTC: it will not be sent.",
+                    by.name,
+                    now.format("%Y-%m-%d %H:%M")
+                )),
+            )
+            .filter(outbox::Column::Id.is_in(chunk.iter().copied()))
+            .filter(outbox::Column::Status.is_in(ACTIONABLE))
+            .exec(ctx.db())
+            .await?;
+    }
+    let mut ids = still_with(ctx, &ids, "cancelled").await?;
+    ids.sort_unstable();
+    resolve_failed_notices(ctx, &were_failed, &ids).await;
+    Ok(Changed { ids })
+}
+
+/// Resolves the "Mail not sent" notices of the mails that were failed and have been changed
+/// (`changed`, sorted): retried or cancelled, nobody needs to act on them any more.
+pub(super) async fn resolve_failed_notices(
+    ctx: &ModuleContext,
+    were_failed: &[i64],
+    changed: &[i64],
+) {
+    for id in were_failed {
+        if changed.binary_search(id).is_ok()
+            && let Err(e) = ctx
+                .notifier()
+                .resolve(&crate::failed_notice::key(*id))
+                .await
+        {
+            tracing::warn!(error = %e, outbox_id = id, "a failed-mail notice was not resolved");
+        }
+    }
+}
+
+pub(super) async fn ids_with(
+    ctx: &ModuleContext,
+    condition: Condition,
+    status: &str,
+) -> Result<Vec<i64>, sea_orm::DbErr> {
+    outbox::Entity::find()
+        .select_only()
+        .column(outbox::Column::Id)
+        .filter(condition)
+        .filter(outbox::Column::Status.eq(status))
+        .order_by_asc(outbox::Column::Id)
+        .into_tuple()
+        .all(ctx.db())
+        .await
+}
+
+pub(super) async fn still_with(
+    ctx: &ModuleContext,
+    ids: &[i64],
+    status: &str,
+) -> Result<Vec<i64>, sea_orm::DbErr> {
+    let mut kept = Vec::new();
+    for chunk in ids.chunks(500) {
+        let found: Vec<i64> = outbox::Entity::find()
+            .select_only()
+            .column(outbox::Column::Id)
+            .filter(outbox::Column::Id.is_in(chunk.iter().copied()))
+            .filter(outbox::Column::Status.eq(status))
+            .into_tuple()
+            .all(ctx.db())
+            .await?;
+        kept.extend(found);
+    }
+    Ok(kept)
+}
+
+/// A retry or a cancel of one mail.
+pub(super) async fn one(
+    ctx: web::Data<ModuleContext>,
+    shared: web::Data<Shared>,
+    user: CurrentUser,
+    path: web::Path<(String, String)>,
+    req: HttpRequest,
+) -> HttpResponse {
+    let (id, action) = path.into_inner();
+    let Ok(id) = id.parse::<i64>() else {
+        return not_found(&ctx, &user, &req);
+    };
+    let mail = match visible_mail(&ctx, &user, id).await {
+        Ok(Some(m)) => m,
+        Ok(None) => return not_found(&ctx, &user, &req),
+        Err(e) => return db_down(e),
+    };
+    let only = Condition::all()
+        .add(outbox::Column::Id.eq(mail.id))
+        .add(outbox::Column::Status.is_in(actionable_by(&user, &action).iter().copied()));
+    let shared = shared.into_inner();
+    let done = match action.as_str() {
+        "retry" => retry(&ctx, &shared, only).await,
+        "cancel" => cancel(&ctx, only, &user).await,
+        _ => return not_found(&ctx, &user, &req),
+    };
+    let changed = match done {
+        Ok(c) => !c.ids.is_empty(),
+        Err(e) => return db_down(e),
+    };
+    let now = outbox::Entity::find_by_id(mail.id)
+        .one(ctx.db())
+        .await
+        .ok()
+        .flatten()
+        .map_or(mail.status.clone(), |m| m.status);
+    tracing::info!(outbox_id = mail.id, user_id = user.id, action = %action, changed, "outbox action");
+    if wants_json(&req) {
+        let status = if changed {
+            StatusCode::OK
+        } else {
+            StatusCode::CONFLICT
+        };
+        return HttpResponse::build(status).json(serde_json::json!({
+            "id": mail.id,
+            "action": action,
+            "changed": changed,
+            "status": now,
+            "message": if changed { None } else { Some(refusal_words(&now)) },
+        }));
+    }
+    let flash = match (changed, action.as_str()) {
+        (true, "retry") => "retried=1".to_string(),
+        (true, _) => "cancelled=1".to_string(),
+        (false, _) => format!("refused={now}"),
+    };
+    see_other(&format!("{OUTBOX}/{}?{flash}", mail.id))
+}
+
+/// A bulk action's request: the filter, the action, and whether it is confirmed.
+#[derive(Deserialize)]
+pub(super) struct BulkForm {
+    #[serde(flatten)]
+    filter: Filter,
+    #[serde(default)]
+    action: String,
+    #[serde(default)]
+    confirm: String,
+}
+
+#[derive(Deserialize)]
+pub(super) struct BulkJson {
+    #[serde(default)]
+    filter: Filter,
+    action: String,
+    #[serde(default)]
+    confirm: bool,
+}
+
+pub(super) async fn bulk(
+    ctx: web::Data<ModuleContext>,
+    shared: web::Data<Shared>,
+    user: CurrentUser,
+    req: HttpRequest,
+    body: web::Bytes,
+) -> HttpResponse {
+    let json = wants_json(&req);
+    let parsed = if json {
+        serde_json::from_slice::<BulkJson>(&body)
+            .map(|b| (b.filter, b.action, b.confirm))
+            .map_err(|e| e.to_string())
+    } else {
+        serde_urlencoded::from_bytes::<BulkForm>(&body)
+            .map(|b| (b.filter, b.action, b.confirm == "yes"))
+            .map_err(|e| e.to_string())
+    };
+    let (filter, action, confirmed) = match parsed {
+        Ok(p) => p,
+        Err(e) => {
+            return json_refusal(
+                StatusCode::BAD_REQUEST,
+                &[field_error("body", format!("not a bulk action: {e}"))],
+            );
+        }
+    };
+    if !matches!(action.as_str(), "retry" | "cancel") {
+        return json_refusal(
+            StatusCode::BAD_REQUEST,
+            &[field_error("action", "retry or cancel".into())],
+        );
+    }
+    let statuses = actionable_by(&user, &action);
+    let condition = match filter.condition(&user, ctx.db().get_database_backend()) {
+        Ok(c) => c.add(outbox::Column::Status.is_in(statuses.iter().copied())),
+        Err(problems) => return json_refusal(StatusCode::BAD_REQUEST, &problems),
+    };
+    if !confirmed {
+        let matching = without_message()
+            .filter(condition.clone())
+            .count(ctx.db())
+            .await;
+        let matching = match matching {
+            Ok(n) => n,
+            Err(e) => return db_down(e),
+        };
+        if json {
+            return HttpResponse::Ok().json(serde_json::json!({
+                "action": action, "confirmed": false, "matching": matching,
+            }));
+        }
+        return confirmation(&ctx, &user, &filter, &action, statuses, matching);
+    }
+    let shared = shared.into_inner();
+    let done = match action.as_str() {
+        "retry" => retry(&ctx, &shared, condition).await,
+        _ => cancel(&ctx, condition, &user).await,
+    };
+    let changed = match done {
+        Ok(c) => c,
+        Err(e) => return db_down(e),
+    };
+    tracing::info!(user_id = user.id, action = %action, mails = changed.ids.len(), "outbox bulk action");
+    if json {
+        return HttpResponse::Ok().json(serde_json::json!({
+            "action": action, "confirmed": true, "changed": changed.ids.len(), "ids": changed.ids,
+        }));
+    }
+    let back = filter.query(1);
+    see_other(&format!(
+        "{OUTBOX}?{back}{}done={action}&n={}",
+        if back.is_empty() { "" } else { "&" },
+        changed.ids.len()
+    ))
+}
+
+pub(super) fn confirmation(
+    ctx: &ModuleContext,
+    user: &CurrentUser,
+    filter: &Filter,
+    action: &str,
+    statuses: &[&str],
+    matching: u64,
+) -> HttpResponse {
+    let which = statuses.join(" or ");
+    let (verb, effect) = if action == "retry" {
+        (
+            "Retry",
+            if statuses.contains(&"queued") {
+                "Failed mails get a new round of attempts; queued mails become due now."
+            } else {
+                "They get a new round of attempts."
+            },
+        )
+    } else {
+        (
+            "Cancel",
+            "They will never be sent. Mails being sent right now are not touched.",
+        )
+    };
+    let body = html! {
+        h1 { (verb) " " (matching) " mail(s)?" }
+        section.card.confirm {
+            @if matching == 0 {
+                p { "No " (which) " mail matches this filter: there is nothing to " (verb.to_lowercase()) "." }
+            } @else {
+                p { (verb) " " strong { (matching) " " (which) " mail(s)" } " that match the filter? " (effect) }
+                form.inline method="post" action=(format!("{OUTBOX}/bulk")) {
+                    (csrf(user))
+                    (filter.hidden_fields())
+                    input type="hidden" name="action" value=(action);
+                    input type="hidden" name="confirm" value="yes";
+                    button.danger[action == "cancel"] type="submit" { "Yes, " (verb.to_lowercase()) " " (matching) " mail(s)" }
+                }
+                " "
+            }
+            a.button.secondary href=(format!("{OUTBOX}?{}", filter.query(1))) { "Back to the outbox" }
+        }
+    };
+    page(ctx, user, "Confirm", body)
+}
+
+/// "Release held mail" for a mailbox (operators).
+pub(super) async fn release(
+    ctx: web::Data<ModuleContext>,
+    shared: web::Data<Shared>,
+    user: CurrentUser,
+    server_id: web::Path<i32>,
+    req: HttpRequest,
+) -> HttpResponse {
+    let server_id = server_id.into_inner();
+    let exists = mail_server::Entity::find_by_id(server_id)
+        .one(ctx.db())
+        .await
+        .ok()
+        .flatten()
+        .is_some();
+    if !user.is_admin || !exists {
+        return not_found(&ctx, &user, &req);
+    }
+    shared.server_changed(server_id);
+    match crate::health::release(
+        &ctx,
+        &shared.into_inner(),
+        server_id,
+        None,
+        crate::health::Release::Forced,
+    )
+    .await
+    {
+        Ok(ended) => {
+            tracing::info!(server_id, user_id = user.id, ended, "held mail released");
+            if wants_json(&req) {
+                return HttpResponse::Ok()
+                    .json(serde_json::json!({ "server_id": server_id, "hold_ended": ended }));
+            }
+            see_other(&format!("{OUTBOX}?released={server_id}"))
+        }
+        Err(e) => db_down(e),
+    }
+}

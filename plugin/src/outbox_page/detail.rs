@@ -1,0 +1,219 @@
+//! A mail's page in the outbox: envelope, headers, attempts and replies in words, its actions.
+
+use super::*;
+
+/// The mail `id` if `viewer` may see it (operators: every mail; others: their own).
+pub(super) async fn visible_mail(
+    ctx: &ModuleContext,
+    viewer: &CurrentUser,
+    id: i64,
+) -> Result<Option<outbox::Model>, sea_orm::DbErr> {
+    let found = outbox::Entity::find_by_id(id).one(ctx.db()).await?;
+    Ok(found.filter(|m| viewer.is_admin || m.author_user_id == viewer.id))
+}
+
+/// The header fields of a stored message, unfolded, in order.
+pub fn headers_of(raw: &str) -> Vec<(String, String)> {
+    let head = raw
+        .split("\r\n\r\n")
+        .next()
+        .unwrap_or("")
+        .split("\n\n")
+        .next()
+        .unwrap_or("");
+    let mut fields: Vec<(String, String)> = Vec::new();
+    for line in head.lines() {
+        if line.starts_with([' ', '\t']) {
+            if let Some((_, value)) = fields.last_mut() {
+                value.push(' ');
+                value.push_str(line.trim());
+            }
+        } else if let Some((name, value)) = line.split_once(':') {
+            fields.push((name.trim().to_string(), value.trim().to_string()));
+        }
+    }
+    fields
+}
+
+#[derive(Deserialize)]
+pub(super) struct DetailFlash {
+    retried: Option<String>,
+    cancelled: Option<String>,
+    queued: Option<String>,
+    refused: Option<String>,
+}
+
+pub(super) async fn detail(
+    ctx: web::Data<ModuleContext>,
+    shared: web::Data<Shared>,
+    user: CurrentUser,
+    id: web::Path<String>,
+    flash: web::Query<DetailFlash>,
+    req: HttpRequest,
+) -> HttpResponse {
+    // Not a number: the module's "No such mail" page (not an empty 404).
+    let Ok(id) = id.parse::<i64>() else {
+        return not_found(&ctx, &user, &req);
+    };
+    let mail = match visible_mail(&ctx, &user, id).await {
+        Ok(Some(m)) => for_viewer(m, &user),
+        Ok(None) => return not_found(&ctx, &user, &req),
+        Err(e) => return db_down(e),
+    };
+    let server = mail_server::Entity::find_by_id(mail.server_id)
+        .one(ctx.db())
+        .await
+        .ok()
+        .flatten();
+    let health = crate::health::get(&ctx, mail.server_id)
+        .await
+        .unwrap_or(Health::Ready);
+    let waits_on_mailbox =
+        matches!(mail.status.as_str(), "queued" | "sending") && health != Health::Ready;
+    let waits = crate::health::waiting_words(&ctx).await;
+    let headers = headers_of(&mail.raw_message);
+    let servers = server_names(&ctx).await;
+    if wants_json(&req) {
+        let health_view = serde_json::json!({
+            "state": health.state(),
+            "label": health.label(),
+            "detail": match &health {
+                Health::Held { detail, .. } if user.is_admin => Some(detail.clone()),
+                _ => waits.get(&mail.server_id).cloned(),
+            },
+        });
+        let classified = mail.last_reply.as_deref().map(classified_reply);
+        let (envelope_from, raw_size) = (mail.envelope_from.clone(), mail.size_bytes);
+        let status = mail.status.as_str();
+        let (retry, cancel) = (
+            actionable_by(&user, "retry").contains(&status),
+            actionable_by(&user, "cancel").contains(&status),
+        );
+        return HttpResponse::Ok().json(serde_json::json!({
+            "mail": outbox_mail(mail, &servers, &waits),
+            "envelope_from": envelope_from,
+            "size_bytes": raw_size,
+            "headers": headers,
+            "classified_reply": classified,
+            "mailbox_health": health_view,
+            "actions": { "retry": retry, "cancel": cancel },
+        }));
+    }
+    let flash = if flash.retried.is_some() {
+        Some(html! { p.flash.ok role="status" { "Queued again: it is being sent now." } })
+    } else if flash.cancelled.is_some() {
+        Some(html! { p.flash.ok role="status" { "Cancelled: this mail will not be sent." } })
+    } else if flash.queued.is_some() {
+        Some(
+            html! { p.flash.ok role="status" { "Test mail queued: it goes out through the normal queue." } },
+        )
+    } else {
+        flash
+            .refused
+            .as_deref()
+            .map(|why| html! { p.flash.bad role="alert" { (refusal_words(why)) } })
+    };
+    let record_link = match mail.record_model.as_str() {
+        "contact" => Some(format!("/contacts/{}", mail.record_id)),
+        "mail_server" => Some(format!("/microsoft_outlook/servers/{}", mail.record_id)),
+        _ => None,
+    };
+    let max_attempts = crate::deliver::limits(&ctx, &shared).await.max_attempts;
+    let body = html! {
+        h1 { @if mail.subject.is_empty() { "(no subject)" } @else { (mail.subject) } }
+        p { a href=(OUTBOX) { "← Outbox" } }
+        @if let Some(flash) = flash { (flash) }
+        section.card id="envelope" {
+            h2 { "Envelope" }
+            table.fields { tbody {
+                tr { th { "Status" } td.status { (status_badge(&mail.status)) } }
+                tr { th { "Message-ID" } td { code { "<" (mail.message_id) ">" } } }
+                tr { th { "MAIL FROM" } td { (mail.envelope_from) } }
+                tr { th { "RCPT TO" } td { @for r in mail.recipients.lines() { (r) br; } } }
+                tr { th { "From" } td { (mail.from_header) } }
+                tr { th { "Mailbox" } td { @match &server {
+                    Some(s) if user.is_admin || s.owner_user_id == Some(user.id) => a href=(format!("/microsoft_outlook/servers/{}", s.id)) { (s.name) " (" (s.mailbox) ")" },
+                    Some(s) => { (s.name) " (" (s.mailbox) ")" },
+                    None => "(deleted)",
+                } } }
+                tr { th { "Record" } td { @match &record_link {
+                    Some(link) => a href=(link) { (mail.record_model) " " (mail.record_id) },
+                    None => { (mail.record_model) " " (mail.record_id) },
+                } } }
+                tr { th { "Size" } td { (format!("{:.1} KB", mail.size_bytes as f64 / 1024.0)) } }
+                tr { th { "Queued" } td { (when(mail.created_at)) " UTC" } }
+                @if let Some(at) = mail.sent_at { @if mail.status == "sent" { tr { th { "Sent" } td { (when(at)) " UTC" } } } }
+            } }
+        }
+        section.card id="delivery" {
+            h2 { "Delivery" }
+            table.fields { tbody {
+                tr { th { "Attempts" } td { (mail.attempts) " of at most " (max_attempts) } }
+                @if mail.status == "queued" { tr { th { "Next attempt" } td { (when(mail.next_attempt_at)) " UTC" } } }
+                tr { th { "Last reply" } td.reply { (mail.last_reply.as_deref().unwrap_or("-")) } }
+                @if let Some(reply) = &mail.last_reply { tr { th { "Classified" } td { (classified_reply(reply)) } } }
+                @if let Some(words) = &mail.last_error { tr { th { "What happened" } td.words { (words) } } }
+            } }
+            @if waits_on_mailbox {
+                div.status.waiting {
+                    p { span.badge.bad { (health.label()) } }
+                    @match (&health, user.is_admin) {
+                        (Health::Held { detail, .. }, true) => p { (detail) },
+                        _ => p { (waits.get(&mail.server_id).cloned().unwrap_or_default()) },
+                    }
+                    @if user.is_admin && matches!(health, Health::Held { .. }) {
+                        form.inline method="post" action=(format!("{OUTBOX}/release/{}", mail.server_id)) {
+                            (csrf(&user))
+                            button type="submit" { "Release held mail" }
+                            span.help { " Ends the hold of this mailbox and sends its waiting mails now." }
+                        }
+                    }
+                }
+            }
+            (actions(&mail, &user))
+        }
+        section.card id="headers" {
+            h2 { "Headers of the stored message" }
+            table.headers { tbody { @for (name, value) in &headers { tr { th { (name) } td { (value) } } } } }
+        }
+    };
+    page(&ctx, &user, "Mail", body)
+}
+
+pub(super) fn refusal_words(why: &str) -> &'static str {
+    match why {
+        "sending" => "This mail is being sent right now: it can no longer be cancelled or retried.",
+        "sent" => "This mail was sent already.",
+        "cancelled" => "This mail was cancelled.",
+        "queued" => {
+            "This mail is queued already: it is tried again by itself when its next attempt is due."
+        }
+        _ => "Nothing was changed: the mail is not queued or failed.",
+    }
+}
+
+pub(super) fn actions(mail: &outbox::Model, user: &CurrentUser) -> Markup {
+    let base = format!("{OUTBOX}/{}", mail.id);
+    html! {
+        div.actions {
+            @match mail.status.as_str() {
+                "queued" | "failed" => {
+                    @if actionable_by(user, "retry").contains(&mail.status.as_str()) {
+                        form.inline method="post" action=(format!("{base}/retry")) {
+                            (csrf(user))
+                            button type="submit" { "Retry now" }
+                        }
+                        " "
+                    }
+                    form.inline method="post" action=(format!("{base}/cancel")) {
+                        (csrf(user))
+                        button.danger type="submit" { "Cancel" }
+                    }
+                    p.help { @if mail.status == "failed" { "Retry now gives it a new round of attempts. " } @else if user.is_admin { "Retry now makes it due now (a held mailbox still holds it). " } @else { "It is tried again by itself when its next attempt is due. " } "Cancel keeps it from ever being sent." }
+                }
+                "sending" => p.help { "This mail is being sent right now: it cannot be cancelled." },
+                _ => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,374 @@
+//! The outbox's list: the filter form, the held mailboxes, the mails, as a page or JSON.
+
+use super::*;
+
+/// One mail of the outbox as scripts see it.
+#[derive(Serialize)]
+pub struct OutboxMail {
+    #[serde(flatten)]
+    mail: MailView,
+    server_id: i32,
+    server: String,
+    author_user_id: i64,
+    record: String,
+    recipients: Vec<String>,
+    size_bytes: i64,
+}
+
+pub(super) fn outbox_mail(
+    m: outbox::Model,
+    servers: &HashMap<i32, String>,
+    waits: &HashMap<i32, String>,
+) -> OutboxMail {
+    let waiting = matches!(m.status.as_str(), "queued" | "sending")
+        .then(|| waits.get(&m.server_id).cloned())
+        .flatten();
+    OutboxMail {
+        server_id: m.server_id,
+        server: servers.get(&m.server_id).cloned().unwrap_or_default(),
+        author_user_id: m.author_user_id,
+        record: format!("{}:{}", m.record_model, m.record_id),
+        recipients: m.recipients.lines().map(str::to_string).collect(),
+        size_bytes: m.size_bytes,
+        mail: MailView {
+            waiting,
+            ..MailView::from(m)
+        },
+    }
+}
+
+pub(super) async fn server_names(ctx: &ModuleContext) -> HashMap<i32, String> {
+    mail_server::Entity::find()
+        .all(ctx.db())
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|s| (s.id, s.name))
+        .collect()
+}
+
+/// The mailboxes `user` may pick in the filter: every one for operators; the shared ones and
+/// their own personal mailbox for everybody else.
+pub(super) async fn mailbox_choices(
+    ctx: &ModuleContext,
+    user: &CurrentUser,
+) -> HashMap<i32, String> {
+    let mut query = mail_server::Entity::find();
+    if !user.is_admin {
+        query = query.filter(
+            Condition::any()
+                .add(mail_server::Column::Kind.eq("shared"))
+                .add(mail_server::Column::OwnerUserId.eq(user.id)),
+        );
+    }
+    query
+        .all(ctx.db())
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|s| (s.id, s.name))
+        .collect()
+}
+
+/// The authors of mails, with a name taken from their latest From header.
+pub(super) async fn authors(ctx: &ModuleContext) -> Vec<(i64, String)> {
+    let rows: Vec<(i64, String)> = outbox::Entity::find()
+        .select_only()
+        .column(outbox::Column::AuthorUserId)
+        .column_as(outbox::Column::FromHeader.max(), "from_header")
+        .group_by(outbox::Column::AuthorUserId)
+        .order_by_asc(outbox::Column::AuthorUserId)
+        .into_tuple()
+        .all(ctx.db())
+        .await
+        .unwrap_or_default();
+    rows.into_iter()
+        .map(|(id, from)| {
+            let name = from
+                .split('<')
+                .next()
+                .map(|n| n.trim().trim_matches('"').to_string())
+                .filter(|n| !n.is_empty())
+                .unwrap_or(from);
+            (id, name)
+        })
+        .collect()
+}
+
+pub(super) fn db_down(e: sea_orm::DbErr) -> HttpResponse {
+    tracing::error!(error = %e, "the outbox could not be read");
+    HttpResponse::ServiceUnavailable().body("The database did not answer. Try again in a moment.")
+}
+
+pub(super) fn not_found(
+    ctx: &ModuleContext,
+    user: &CurrentUser,
+    req: &HttpRequest,
+) -> HttpResponse {
+    if wants_json(req) {
+        return json_refusal(
+            StatusCode::NOT_FOUND,
+            &[field_error("mail", "there is no such mail".into())],
+        );
+    }
+    page_with(
+        StatusCode::NOT_FOUND,
+        ctx,
+        user,
+        "Not found",
+        html! { h1 { "No such mail" } p { a href=(OUTBOX) { "Back to the outbox" } } },
+    )
+}
+
+pub(super) fn see_other(to: &str) -> HttpResponse {
+    HttpResponse::SeeOther()
+        .insert_header(("Location", to))
+        .finish()
+}
+
+#[derive(Deserialize)]
+pub(super) struct ListQuery {
+    #[serde(flatten)]
+    filter: Filter,
+    page: Option<String>,
+    released: Option<String>,
+    done: Option<String>,
+    n: Option<String>,
+}
+
+pub(super) fn when(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S").to_string()
+}
+
+/// The held and throttled mailboxes, each held one with "Release held mail" (a throttled one
+/// sends again by itself when Exchange's wait is over).
+pub(super) async fn held_mailboxes(ctx: &ModuleContext, user: &CurrentUser) -> Markup {
+    let now = ctx.clock().now();
+    let healths = crate::health::all(ctx).await.unwrap_or_default();
+    let waiting = crate::health::waiting_counts(ctx).await.unwrap_or_default();
+    let names = server_names(ctx).await;
+    let mut held: Vec<(i32, Health)> = healths
+        .iter()
+        .map(|(id, row)| (*id, Health::of(Some(row), now)))
+        .filter(|(_, h)| *h != Health::Ready)
+        .collect();
+    held.sort_by_key(|(id, _)| *id);
+    html! {
+        @if !held.is_empty() {
+            section.card id="held" {
+                h2 { "Mailboxes that hold mail" }
+                table.held {
+                    thead { tr { th { "Mailbox" } th { "State" } th { "Waiting" } th {} } }
+                    tbody {
+                        @for (id, health) in &held {
+                            tr data-server=(id) {
+                                td { a href=(format!("/microsoft_outlook/servers/{id}")) { (names.get(id).map(String::as_str).unwrap_or("(deleted)")) } }
+                                td { span.badge.bad { (health.label()) }
+                                    @if let Health::Held { detail, .. } = health { p.help { (detail) } } }
+                                td { (waiting.get(id).copied().unwrap_or(0)) }
+                                td {
+                                    @match health {
+                                        Health::Held { .. } => form.inline method="post" action=(format!("{OUTBOX}/release/{id}")) {
+                                            (csrf(user))
+                                            button type="submit" { "Release held mail" }
+                                        },
+                                        Health::Throttled { until } => span.help { "Sends again by itself at " (when(*until)) " UTC." },
+                                        Health::Ready => {},
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                p.help { "Releasing ends the hold and sends the waiting mails now, in queue order. If the cause is not fixed the mailbox is held again at the first refusal." }
+            }
+        }
+    }
+}
+
+pub(super) fn filter_form(
+    filter: &Filter,
+    user: &CurrentUser,
+    servers: &HashMap<i32, String>,
+    authors: &[(i64, String)],
+) -> Markup {
+    let mut servers: Vec<(&i32, &String)> = servers.iter().collect();
+    servers.sort();
+    html! {
+        form.filters method="get" action=(OUTBOX) {
+            div.wide { label for="f-q" { "Search recipient, subject or Message-ID" }
+                input #f-q name="q" value=(filter.q); }
+            div { label for="f-status" { "Status" }
+                select #f-status name="status" {
+                    option value="" { "any" }
+                    @for s in crate::metrics::STATUSES {
+                        option value=(s) selected[filter.status == s] { (s) }
+                    }
+                } }
+            div { label for="f-server" { "Mailbox" }
+                select #f-server name="server" {
+                    option value="" { "any" }
+                    @for (id, name) in servers {
+                        option value=(id) selected[filter.server == id.to_string()] { (name) }
+                    }
+                } }
+            @if user.is_admin {
+                div { label for="f-author" { "Author" }
+                    select #f-author name="author" {
+                        option value="" { "anyone" }
+                        @for (id, name) in authors {
+                            option value=(id) selected[filter.author == id.to_string()] { (name) }
+                        }
+                    } }
+            }
+            div { label for="f-record" { "Record (model:id)" }
+                input #f-record name="record" value=(filter.record) placeholder="contact:12"; }
+            div { label for="f-from" { "Queued from" }
+                input #f-from type="date" name="from" value=(filter.from); }
+            div { label for="f-to" { "Queued until" }
+                input #f-to type="date" name="to" value=(filter.to); }
+            p { button type="submit" { "Filter" } " " a.button.secondary href=(OUTBOX) { "Clear" } }
+        }
+    }
+}
+
+pub(super) fn mails_table(
+    mails: &[outbox::Model],
+    servers: &HashMap<i32, String>,
+    waits: &HashMap<i32, String>,
+    viewer: &CurrentUser,
+) -> Markup {
+    html! {
+        div.scroll { table.outbox {
+            thead { tr { th { "Queued" } th { "Subject" } th { "To" } th { "From" } th { "Mailbox" } th { "Status" } th { "Attempts" } th { "Last reply" } } }
+            tbody {
+                @for m in mails {
+                    tr data-id=(m.id) data-message-id=(m.message_id) {
+                        td { (when(m.created_at)) }
+                        td { a href=(format!("{OUTBOX}/{}", m.id)) { @if m.subject.is_empty() { "(no subject)" } @else { (m.subject) } } }
+                        td { (m.recipients.lines().next().unwrap_or(""))
+                            @let more = m.recipients.lines().count().saturating_sub(1);
+                            @if more > 0 { " +" (more) } }
+                        td { (m.from_header) }
+                        td { (servers.get(&m.server_id).map(String::as_str).unwrap_or("(deleted)")) }
+                        td.status { (status_badge(&m.status))
+                            @if matches!(m.status.as_str(), "queued" | "sending") {
+                                @if let Some(w) = waits.get(&m.server_id) {
+                                    p.help.waiting { @if viewer.is_admin { "Waits for its mailbox (see above)." } @else { (w) } }
+                                }
+                            } }
+                        td { (m.attempts) }
+                        td { (m.last_reply.as_deref().map(classified_reply).unwrap_or_default()) }
+                    }
+                }
+            }
+        } }
+    }
+}
+
+pub(super) async fn list(
+    ctx: web::Data<ModuleContext>,
+    user: CurrentUser,
+    query: web::Query<ListQuery>,
+    req: HttpRequest,
+) -> HttpResponse {
+    let query = query.into_inner();
+    let filter = query.filter;
+    let page_no = query
+        .page
+        .as_deref()
+        .and_then(|p| p.parse::<u64>().ok())
+        .unwrap_or(1);
+    let page_no = Ord::max(page_no, 1);
+    let backend = ctx.db().get_database_backend();
+    let (condition, problems) = match filter.condition(&user, backend) {
+        Ok(c) => (c, Vec::new()),
+        Err(problems) if wants_json(&req) => {
+            return json_refusal(StatusCode::BAD_REQUEST, &problems);
+        }
+        // The page shows what is wrong and the mails the viewer may see.
+        Err(problems) => (
+            Filter::default()
+                .condition(&user, backend)
+                .unwrap_or_else(|_| Condition::all()),
+            problems,
+        ),
+    };
+    let paginator = without_message()
+        .filter(condition)
+        .order_by_desc(outbox::Column::Id)
+        .paginate(ctx.db(), PER_PAGE);
+    let total = match paginator.num_items().await {
+        Ok(n) => n,
+        Err(e) => return db_down(e),
+    };
+    let mails: Vec<outbox::Model> = match paginator.fetch_page(page_no - 1).await {
+        Ok(rows) => rows.into_iter().map(|m| for_viewer(m, &user)).collect(),
+        Err(e) => return db_down(e),
+    };
+    let servers = server_names(&ctx).await;
+    let waits = crate::health::waiting_words(&ctx).await;
+    let pages = Ord::max(total.div_ceil(PER_PAGE), 1);
+    if wants_json(&req) {
+        let mails: Vec<OutboxMail> = mails
+            .into_iter()
+            .map(|m| outbox_mail(m, &servers, &waits))
+            .collect();
+        return HttpResponse::Ok().json(serde_json::json!({
+            "page": page_no,
+            "pages": pages,
+            "per_page": PER_PAGE,
+            "total": total,
+            "mails": mails,
+        }));
+    }
+    let authors = if user.is_admin {
+        authors(&ctx).await
+    } else {
+        Vec::new()
+    };
+    let flash = match (&query.released, &query.done, &query.n) {
+        (Some(_), _, _) => Some(
+            "Released: the hold was lifted and the waiting mails are being sent in queue order."
+                .to_string(),
+        ),
+        (_, Some(action), Some(n)) if action == "retry" => Some(format!(
+            "{n} mail(s) queued again: they are being sent now."
+        )),
+        (_, Some(action), Some(n)) if action == "cancel" => {
+            Some(format!("{n} mail(s) cancelled: they will not be sent."))
+        }
+        _ => None,
+    };
+    let body = html! {
+        h1 { "Outbox" }
+        @if let Some(flash) = flash { p.flash.ok role="status" { (flash) } }
+        @if !problems.is_empty() {
+            div.flash.bad role="alert" { "The filter was not applied:" ul { @for p in &problems { li { strong { (p.field) } ": " (p.message) } } } }
+        }
+        @if !user.is_admin { p.help { "Your own mails: everything you sent from the CRM, newest first." } }
+        @if user.is_admin { (held_mailboxes(&ctx, &user).await) }
+        section.card { (filter_form(&filter, &user, &mailbox_choices(&ctx, &user).await, &authors)) }
+        section.card {
+            p.count { (total) " mail(s)" @if pages > 1 { ", page " (page_no) " of " (pages) } }
+            @if total > 0 {
+                form.inline method="post" action=(format!("{OUTBOX}/bulk")) {
+                    (csrf(&user))
+                    (filter.hidden_fields())
+                    button.secondary type="submit" name="action" value="retry" { "Retry these…" }
+                    " "
+                    button.secondary type="submit" name="action" value="cancel" { "Cancel these…" }
+                    span.help { @if user.is_admin { " Applies to the queued and failed mails of this filter, after a confirmation." } @else { " Retry applies to the failed mails of this filter, cancel to the queued and failed ones, after a confirmation." } }
+                }
+                (mails_table(&mails, &servers, &waits, &user))
+            } @else {
+                p.help { "No mail matches." }
+            }
+            p.pages {
+                @if page_no > 1 { a href=(format!("{OUTBOX}?{}", filter.query(page_no - 1))) { "← Newer" } " " }
+                @if page_no < pages { a href=(format!("{OUTBOX}?{}", filter.query(page_no + 1))) { "Older →" } }
+            }
+        }
+    };
+    page(&ctx, &user, "Outbox", body)
+}
