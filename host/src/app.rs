@@ -277,6 +277,10 @@ impl Application {
             app
         })
         .shutdown_timeout(30)
+        // Idle keep-alive connections stay open 75 s (nginx's default), longer than
+        // the idle time clients usually keep them pooled, so a client seldom reuses
+        // a connection the server is closing at that instant.
+        .keep_alive(Duration::from_secs(75))
         .listen(listener)?;
         if config.http_workers > 0 {
             server = server.workers(config.http_workers);

@@ -195,6 +195,9 @@ impl TestApp {
             client: reqwest::Client::builder()
                 .cookie_store(true)
                 .redirect(reqwest::redirect::Policy::none())
+                // Shorter than the host's keep-alive, so a pooled connection is
+                // never one the server is closing (hyper's `IncompleteMessage`).
+                .pool_idle_timeout(std::time::Duration::from_secs(20))
                 .build()
                 .expect("client"),
         }

@@ -408,6 +408,7 @@ async fn jar_of(app: &TestApp, who: (&str, &str)) -> std::sync::Arc<reqwest::coo
         client: reqwest::Client::builder()
             .cookie_provider(jar.clone())
             .redirect(reqwest::redirect::Policy::none())
+            .pool_idle_timeout(std::time::Duration::from_secs(20))
             .build()
             .expect("client"),
     };
