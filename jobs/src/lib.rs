@@ -1,5 +1,5 @@
 //! The module's apalis jobs: the nightly token refresh, the client-secret expiry check, the
-//! outbox sweep and the outbound mail workers. Generic over [`OutlookJobs`], which the plugin
+//! outbox sweep and the drains of mailboxes with due mail. Generic over [`OutlookJobs`], which the plugin
 //! implements; the jobs only schedule, queue and retry.
 
 use apalis::prelude::*;
@@ -14,8 +14,8 @@ use tokio::sync::oneshot;
 
 pub use apalis::prelude::BoxDynError;
 
-/// The apalis queue that carries mails to deliver.
-pub const DELIVER_QUEUE: &str = "microsoft_outlook.deliver_mail";
+/// The apalis queue that carries mailboxes to drain.
+pub const DRAIN_QUEUE: &str = "microsoft_outlook.drain_mailbox";
 
 /// The work the jobs do, implemented by the plugin.
 pub trait OutlookJobs: Clone + Send + Sync + 'static {
@@ -23,17 +23,18 @@ pub trait OutlookJobs: Clone + Send + Sync + 'static {
     fn refresh_tokens(&self) -> impl Future<Output = Result<String, BoxDynError>> + Send;
     /// Warns operators before the client secret expires.
     fn check_client_secret(&self) -> impl Future<Output = Result<(), BoxDynError>> + Send;
-    /// Delivers one outbox row (claims it first; a row already handled is skipped).
-    fn deliver(&self, outbox_id: i64) -> impl Future<Output = Result<(), BoxDynError>> + Send;
-    /// Re-queues due retries and rows whose lease expired.
+    /// Drains one mailbox: sends its due mails, batch after batch (a mailbox being drained in
+    /// this process already is only told that more mail came).
+    fn drain(&self, server_id: i32) -> impl Future<Output = Result<(), BoxDynError>> + Send;
+    /// Wakes the drains of mailboxes with due mail nobody is draining (retries, expired leases).
     fn sweep_outbox(&self) -> impl Future<Output = Result<(), BoxDynError>> + Send;
 }
 
-/// An apalis job: deliver this outbox row.
+/// An apalis job: drain this mailbox (a job per mailbox with due mail, not per mail).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DeliverMail {
-    /// The outbox row.
-    pub outbox_id: i64,
+pub struct DrainMailbox {
+    /// The mailbox (mail server id).
+    pub server_id: i32,
 }
 
 /// The database pool the queue lives in (the same one sea-orm uses).
@@ -52,27 +53,27 @@ pub enum QueueError {
     #[error("setting up the job queue failed: {0}")]
     Setup(String),
     /// Pushing a job failed.
-    #[error("queuing a delivery job failed: {0}")]
+    #[error("queuing a drain job failed: {0}")]
     Push(String),
 }
 
-/// Where delivery jobs are pushed.
+/// Where drain jobs are pushed.
 #[derive(Clone)]
 pub enum MailQueue {
     /// apalis-sqlite.
-    Sqlite(SqliteStorage<DeliverMail>),
+    Sqlite(SqliteStorage<DrainMailbox>),
     /// apalis-postgres.
-    Postgres(PostgresStorage<DeliverMail>),
+    Postgres(PostgresStorage<DrainMailbox>),
 }
 
-fn sqlite_storage(pool: &sqlx::SqlitePool) -> SqliteStorage<DeliverMail> {
-    SqliteStorage::<DeliverMail>::new(pool)
-        .with_config(apalis_sqlite::Config::default().queue(DELIVER_QUEUE))
+fn sqlite_storage(pool: &sqlx::SqlitePool) -> SqliteStorage<DrainMailbox> {
+    SqliteStorage::<DrainMailbox>::new(pool)
+        .with_config(apalis_sqlite::Config::default().queue(DRAIN_QUEUE))
 }
 
-fn postgres_storage(pool: &sqlx::PgPool) -> PostgresStorage<DeliverMail> {
-    PostgresStorage::<DeliverMail>::new(pool)
-        .with_config(apalis_postgres::Config::default().queue(DELIVER_QUEUE))
+fn postgres_storage(pool: &sqlx::PgPool) -> PostgresStorage<DrainMailbox> {
+    PostgresStorage::<DrainMailbox>::new(pool)
+        .with_config(apalis_postgres::Config::default().queue(DRAIN_QUEUE))
 }
 
 impl MailQueue {
@@ -94,12 +95,12 @@ impl MailQueue {
         }
     }
 
-    /// Pushes one delivery job per outbox row.
-    pub async fn push(&self, outbox_ids: &[i64]) -> Result<(), QueueError> {
-        let tasks: Vec<_> = outbox_ids
+    /// Pushes one drain job per mailbox.
+    pub async fn push(&self, server_ids: &[i32]) -> Result<(), QueueError> {
+        let tasks: Vec<_> = server_ids
             .iter()
             .map(|id| {
-                TaskBuilder::new(DeliverMail { outbox_id: *id })
+                TaskBuilder::new(DrainMailbox { server_id: *id })
                     .max_attempts(3)
                     .build()
             })
@@ -129,7 +130,7 @@ pub struct Schedules {
     pub check_client_secret: String,
     /// The outbox sweep (default every 10 seconds).
     pub sweep_outbox: String,
-    /// Mails delivered concurrently by this process.
+    /// Mailboxes drained concurrently by this process.
     pub delivery_concurrency: usize,
     /// A unique suffix for this process's worker names.
     pub instance: String,
@@ -162,8 +163,8 @@ async fn sweep_tick<S: OutlookJobs>(_tick: Tick, svc: Data<S>) -> Result<(), Box
     svc.sweep_outbox().await
 }
 
-async fn deliver_job<S: OutlookJobs>(job: DeliverMail, svc: Data<S>) -> Result<(), BoxDynError> {
-    svc.deliver(job.outbox_id).await
+async fn drain_job<S: OutlookJobs>(job: DrainMailbox, svc: Data<S>) -> Result<(), BoxDynError> {
+    svc.drain(job.server_id).await
 }
 
 /// A worker's name for its `restarts`-th run (names must not repeat within a queue).
@@ -204,7 +205,7 @@ impl RunningJobs {
     }
 }
 
-/// Starts the cron workers and the delivery workers on an apalis monitor.
+/// Starts the cron workers and the drain workers on an apalis monitor.
 pub fn start<S: OutlookJobs>(
     svc: S,
     schedules: &Schedules,
@@ -218,7 +219,7 @@ pub fn start<S: OutlookJobs>(
         name("refresh_tokens"),
         name("check_client_secret"),
         name("sweep_outbox"),
-        name("deliver_mail"),
+        name("drain_mailbox"),
     ];
     let concurrency = schedules.delivery_concurrency.max(1);
     let (stop, stopped) = oneshot::channel::<()>();
@@ -260,7 +261,7 @@ pub fn start<S: OutlookJobs>(
                     .data(s3.clone())
                     .concurrency(concurrency)
                     .parallelize(tokio::spawn)
-                    .build(deliver_job::<S>)
+                    .build(drain_job::<S>)
             })
         }
         QueuePool::Postgres(p) => {
@@ -271,7 +272,7 @@ pub fn start<S: OutlookJobs>(
                     .data(s3.clone())
                     .concurrency(concurrency)
                     .parallelize(tokio::spawn)
-                    .build(deliver_job::<S>)
+                    .build(drain_job::<S>)
             })
         }
     }

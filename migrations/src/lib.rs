@@ -7,6 +7,7 @@ mod m0002_outbox;
 mod m0003_token_refresh_lease;
 mod m0004_several_processes;
 mod m0005_mailbox_health;
+mod m0006_outbox_bodies;
 
 /// The module's migrator; it keeps its own history table beside the host's.
 pub struct Migrator;
@@ -20,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0003_token_refresh_lease::Migration),
             Box::new(m0004_several_processes::Migration),
             Box::new(m0005_mailbox_health::Migration),
+            Box::new(m0006_outbox_bodies::Migration),
         ]
     }
 

@@ -398,7 +398,10 @@ pub async fn release(
     how: Release,
 ) -> Result<bool, sea_orm::DbErr> {
     let (ended, waiting) = end_hold(ctx, shared, server_id, only, how).await?;
-    shared.deliver_in_order(ctx, waiting);
+    if !waiting.is_empty() {
+        // The mailbox's drain claims in queue order: the waiting mails go before later ones.
+        shared.wake(server_id).await;
+    }
     Ok(ended)
 }
 
@@ -506,13 +509,16 @@ pub async fn release_reasons(
         let (was_held, ids) =
             end_hold(ctx, shared, server_id, Some(reasons), Release::IfHeld).await?;
         ended += usize::from(was_held);
-        waiting.extend(ids);
+        if !ids.is_empty() {
+            waiting.push(server_id);
+        }
     }
     for reason in reasons {
         end_settings_incident_if_over(ctx, *reason).await?;
     }
-    waiting.sort_unstable();
-    shared.deliver_in_order(ctx, waiting);
+    for server_id in waiting {
+        shared.wake(server_id).await;
+    }
     Ok(ended)
 }
 

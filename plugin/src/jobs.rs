@@ -261,15 +261,15 @@ impl OutlookJobs for JobServices {
         check_client_secret(&self.ctx).await.map(|_| ())
     }
 
-    async fn deliver(&self, outbox_id: i64) -> Result<(), BoxDynError> {
+    async fn drain(&self, server_id: i32) -> Result<(), BoxDynError> {
         // The database may be restarting: wait for it (about half a minute) rather than let
-        // the job fail; the outbox row stays the truth either way.
+        // the job fail; the outbox rows stay the truth either way.
         let mut wait = std::time::Duration::from_secs(1);
         loop {
-            match self.shared.deliver_in_turn(&self.ctx, outbox_id).await {
-                Ok(_) => return Ok(()),
+            match crate::delivery::drains::run(&self.ctx, &self.shared, server_id).await {
+                Ok(()) => return Ok(()),
                 Err(e) if wait <= std::time::Duration::from_secs(16) => {
-                    tracing::warn!(error = %e, outbox_id, "delivery hit a database error; trying again");
+                    tracing::warn!(error = %e, server_id, "a drain hit a database error; trying again");
                     tokio::time::sleep(wait).await;
                     wait *= 2;
                 }
@@ -282,16 +282,20 @@ impl OutlookJobs for JobServices {
         // Twice the lease timeout (1 to 10 minutes): a job still waiting then is taken as lost.
         let repush_after =
             chrono::Duration::seconds((self.shared.options.lease_secs * 2).clamp(60, 600));
-        // In chunks, so that one statement never touches thousands of rows.
-        for _ in 0..20 {
-            let due = crate::deliver::to_push(&self.ctx, 500, repush_after).await?;
-            if !due.is_empty() {
-                tracing::debug!(count = due.len(), "outbox sweep queues due mails");
-                self.shared.push(&due).await;
-            }
-            if due.len() < 500 {
-                break;
-            }
+        // One statement of at most 500 rows a tick: a mailbox woken drains all its due mail.
+        let servers = crate::outbox::claims::to_wake(&self.ctx, 500, repush_after).await?;
+        if !servers.is_empty() {
+            tracing::debug!(
+                count = servers.len(),
+                "outbox sweep wakes mailboxes with due mail"
+            );
+            self.shared.push(&servers).await;
+        }
+        // Sent mails' texts past the retention go, a few hundred a tick.
+        let limits = crate::delivery::limits::limits(&self.ctx, &self.shared).await;
+        if limits.keep_sent_days > 0 {
+            let before = self.ctx.clock().now() - chrono::Duration::days(limits.keep_sent_days);
+            crate::outbox::claims::prune_bodies(&self.ctx, before, 500).await?;
         }
         Ok(())
     }

@@ -169,7 +169,7 @@ impl Module for OutlookModule {
         let queue = microsoft_outlook_jobs::MailQueue::setup(&pool).await?;
         *self.shared.queue.write().unwrap_or_else(|e| e.into_inner()) = Some(queue);
         if !self.shared.options.workers {
-            // Web-only: mail is queued and its jobs pushed; worker processes deliver it.
+            // Web-only: mail is queued and drain jobs pushed; worker processes deliver it.
             tracing::info!(
                 "microsoft_outlook: web-only process, no workers or scheduled jobs here"
             );
@@ -187,10 +187,25 @@ impl Module for OutlookModule {
             &schedules,
             &pool,
         )?;
+        crate::delivery::drains::start(ctx, &self.shared);
+        // Mail that waited while no process delivered goes now, not at the sweep's first tick.
+        let (first_ctx, first_shared) = (ctx.clone(), self.shared.clone());
+        tokio::spawn(async move {
+            let repush_after = chrono::Duration::zero();
+            match crate::outbox::claims::to_wake(&first_ctx, 500, repush_after).await {
+                Ok(servers) => {
+                    for server_id in servers {
+                        first_shared.wake(server_id).await;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "looking for waiting mail at start failed"),
+            }
+        });
         let shared = self.shared.clone();
         let db = ctx.db().clone();
         Ok(JobsHandle::new(running.names(), move || {
             *shared.queue.write().unwrap_or_else(|e| e.into_inner()) = None;
+            crate::delivery::drains::stop(&shared);
             Box::pin(async move {
                 running.stop().await;
                 shared

@@ -1,14 +1,15 @@
-//! Queuing a mail from a record: validation, choosing the sender, the outbox row, the job.
+//! Queuing a mail from a record: validation, choosing the sender, the outbox row and its body,
+//! the wake of the mailbox's drain.
 
 use actix_web::http::StatusCode;
 use chrono::Utc;
 use crm_sdk::{CurrentUser, FieldError, ModuleContext, RecordAccess, RecordRef};
 use lettre::message::Mailbox;
 use rand::Rng;
-use sea_orm::{ActiveModelTrait, EntityTrait, Set};
+use sea_orm::{ActiveModelTrait, EntityTrait, Set, TransactionTrait};
 
 use crate::compose::{MailRequest, OutgoingMail};
-use crate::entities::{mail_server, outbox, token};
+use crate::entities::{mail_server, outbox, outbox_body, token};
 use crate::runtime::Shared;
 use crate::servers;
 
@@ -140,11 +141,14 @@ pub async fn queue_mail(
             ));
         }
     }
-    let mail = OutgoingMail::parse(request, crate::deliver::limits(ctx, shared).await.max_bytes)
-        .map_err(|errors| Refusal {
-            status: StatusCode::UNPROCESSABLE_ENTITY,
-            errors,
-        })?;
+    let mail = OutgoingMail::parse(
+        request,
+        crate::delivery::limits::limits(ctx, shared).await.max_bytes,
+    )
+    .map_err(|errors| Refusal {
+        status: StatusCode::UNPROCESSABLE_ENTITY,
+        errors,
+    })?;
     let server = choose_server(ctx, author).await?;
     queue_through(ctx, shared, author, &server, record, mail, false).await
 }
@@ -225,6 +229,14 @@ pub async fn queue_through(
     let raw = String::from_utf8_lossy(&message.formatted()).into_owned();
     let recipients: Vec<String> = mail.recipients().map(|a| a.to_string()).collect();
     let immediate = shared.delivers_here();
+    let unavailable = |e: sea_orm::DbErr| {
+        refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "record",
+            format!("the database did not answer; nothing was queued ({e})"),
+        )
+    };
+    let size = raw.len() as i64;
     let row = outbox::ActiveModel {
         message_id: Set(message_id),
         status: Set("queued".into()),
@@ -236,8 +248,7 @@ pub async fn queue_through(
         envelope_from: Set(envelope_from),
         recipients: Set(recipients.join("\n")),
         subject: Set(mail.subject.clone()),
-        size_bytes: Set(raw.len() as i64),
-        raw_message: Set(raw),
+        size_bytes: Set(size),
         attempts: Set(0),
         next_attempt_at: Set(now),
         lease_until: Set(None),
@@ -247,30 +258,28 @@ pub async fn queue_through(
         created_at: Set(now),
         updated_at: Set(Utc::now()),
         sent_at: Set(None),
-        // Delivered at once in this process: no job now; if that delivery dies, the sweep
-        // pushes one (a mail never pushed is due for the sweep).
+        // Drained at once in this process: no job now; if that drain dies, the sweep wakes
+        // the mailbox (a mail never pushed is due for the sweep).
         pushed_at: Set((!immediate && shared.queue().is_some()).then_some(now)),
         ..Default::default()
-    }
-    .insert(ctx.db())
+    };
+    // The row and its body together, or neither.
+    let txn = ctx.db().begin().await.map_err(unavailable)?;
+    let row = row.insert(&txn).await.map_err(unavailable)?;
+    outbox_body::Entity::insert(outbox_body::ActiveModel {
+        outbox_id: Set(row.id),
+        raw: Set(raw),
+    })
+    .exec_without_returning(&txn)
     .await
-    .map_err(|e| {
-        refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "record",
-            format!("the database did not answer; nothing was queued ({e})"),
-        )
-    })?;
+    .map_err(unavailable)?;
+    txn.commit().await.map_err(unavailable)?;
     tracing::info!(
         outbox_id = row.id,
         server_id = server.id,
         user_id = author.id,
         "mail queued"
     );
-    if immediate {
-        shared.deliver_soon(ctx, row.id);
-    } else {
-        shared.push(&[row.id]).await;
-    }
+    shared.wake(server.id).await;
     Ok(row)
 }

@@ -12,7 +12,7 @@ use crate::smtp::SmtpSender;
 pub struct ModuleOptions {
     /// When the outbox sweep runs (cron with seconds).
     pub sweep_schedule: String,
-    /// Mails this process delivers at once.
+    /// Mailboxes this process drains at once.
     pub delivery_concurrency: usize,
     /// How long a claimed mail belongs to its worker before others may take it over.
     pub lease_secs: i64,
@@ -67,13 +67,13 @@ pub struct Shared {
     pub http: oauth2::reqwest::Client,
     /// This process's name for leases and workers.
     pub instance: String,
-    /// Immediate deliveries running now (waited for on stop).
+    /// Drain tasks running now (waited for on stop).
     in_flight: std::sync::atomic::AtomicUsize,
-    /// Signalled when an immediate delivery ends.
+    /// Signalled when a drain task ends.
     in_flight_done: tokio::sync::Notify,
     /// The delivery limits read from settings, and when (read again after two seconds, and
     /// at once after settings are saved in this process).
-    pub limits: std::sync::Mutex<Option<(std::time::Instant, crate::deliver::Limits)>>,
+    pub limits: std::sync::Mutex<Option<(std::time::Instant, crate::delivery::limits::Limits)>>,
     /// Mail server rows read by deliveries, kept two seconds (edits made in this process apply
     /// at once, in others within two seconds).
     servers: std::sync::Mutex<
@@ -87,16 +87,16 @@ pub struct Shared {
     pub app_token: tokio::sync::Mutex<Option<AppToken>>,
     /// Mailboxes seen ready, and when (read again after two seconds).
     ready: std::sync::Mutex<std::collections::HashMap<i32, std::time::Instant>>,
-    /// Held by a release while it sends a mailbox's waiting mails in queue order; every other
-    /// delivery of this process waits for it, so that mail queued later does not overtake them.
-    turn: Arc<tokio::sync::RwLock<()>>,
+    /// The mailboxes being drained in this process, each with its "more mail came" flag.
+    pub active:
+        std::sync::Mutex<std::collections::HashMap<i32, Arc<std::sync::atomic::AtomicBool>>>,
+    /// Mailboxes drained at once by this process (`delivery_concurrency`).
+    pub drain_permits: Arc<tokio::sync::Semaphore>,
+    /// The dispatcher of this process's drains, while the jobs run here.
+    wake_tx: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<i32>>>,
+    /// Set while the drains are stopped (they end after their current batch).
+    stopping: std::sync::atomic::AtomicBool,
 }
-
-/// How many waiting mails a release sends itself, one after another, before the queue's
-/// workers take the rest.
-const RELEASED_IN_ORDER: usize = 50;
-/// How long a release may keep the other deliveries of its process waiting.
-const RELEASED_IN_ORDER_FOR: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Shared {
     /// Fresh shared state.
@@ -106,6 +106,7 @@ impl Shared {
         let instance = format!("{}-{suffix:08x}", std::process::id());
         // A crashed process's connection slots come free after this long.
         let slot_lease = std::time::Duration::from_secs(options.lease_secs.clamp(2, 120) as u64);
+        let concurrency = options.delivery_concurrency;
         Arc::new(Self {
             options,
             metrics: crate::metrics::Metrics::new(),
@@ -121,7 +122,10 @@ impl Shared {
             in_flight_done: tokio::sync::Notify::new(),
             app_token: tokio::sync::Mutex::new(None),
             ready: std::sync::Mutex::new(std::collections::HashMap::new()),
-            turn: Arc::new(tokio::sync::RwLock::new(())),
+            active: std::sync::Mutex::new(std::collections::HashMap::new()),
+            drain_permits: Arc::new(tokio::sync::Semaphore::new(Ord::max(concurrency, 1))),
+            wake_tx: std::sync::Mutex::new(None),
+            stopping: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -197,93 +201,54 @@ impl Shared {
             .remove(&server_id);
     }
 
-    /// Delivers `outbox_id` when no release is sending waiting mails in queue order.
-    pub async fn deliver_in_turn(
-        self: &Arc<Self>,
-        ctx: &crm_sdk::ModuleContext,
-        outbox_id: i64,
-    ) -> Result<crate::deliver::Delivered, sea_orm::DbErr> {
-        let _turn = self.turn.read().await;
-        crate::deliver::deliver(ctx, self, outbox_id).await
-    }
-
-    /// After a hold ended: in a process that delivers, sends the first of the waiting mails
-    /// `ids` (in queue order) one after another before anything queued later, for at most
-    /// [`RELEASED_IN_ORDER_FOR`]; the jobs of the others are pushed at once, and those of the
-    /// first ones still waiting after that. (Not async: the task it starts delivers, and
-    /// delivering may end a hold.)
-    pub fn deliver_in_order(self: &Arc<Self>, ctx: &crm_sdk::ModuleContext, ids: Vec<i64>) {
-        if ids.is_empty() {
-            return;
-        }
-        let shared = self.clone();
-        if !self.delivers_here() {
-            tokio::spawn(async move { shared.push(&ids).await });
-            return;
-        }
-        // Taken now when nothing is being delivered (a release from a page or the settings),
-        // else as soon as the deliveries running now (one of them may be this caller) end.
-        let now = self.turn.clone().try_write_owned().ok();
-        let ctx = ctx.clone();
-        self.in_flight
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        tokio::spawn(async move {
-            let split = Ord::min(RELEASED_IN_ORDER, ids.len());
-            let (first, rest) = ids.split_at(split);
-            shared.push(rest).await;
-            let turn = match now {
-                Some(turn) => turn,
-                None => shared.turn.clone().write_owned().await,
-            };
-            let deadline = tokio::time::Instant::now() + RELEASED_IN_ORDER_FOR;
-            for id in first {
-                if !shared.delivers_here() || tokio::time::Instant::now() >= deadline {
-                    break;
-                }
-                if let Err(e) = crate::deliver::deliver(&ctx, &shared, *id).await {
-                    tracing::warn!(error = %e, outbox_id = id, "a released mail waits for the queue");
-                    break;
-                }
-            }
-            drop(turn);
-            // Whatever of the first ones is still due goes through the queue (a sent one is
-            // skipped at its claim).
-            shared.push(first).await;
-            shared
-                .in_flight
-                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-            shared.in_flight_done.notify_waiters();
-        });
-    }
-
     /// Whether this process delivers mail now (its workers run).
     pub fn delivers_here(&self) -> bool {
         self.options.workers && self.queue().is_some()
     }
 
-    /// Starts delivering `outbox_id` right away in this process, while the jobs run. The apalis
-    /// job pushed with it stays the durable path: whichever claims the row first sends it, the
-    /// other finds it taken (a freshly pushed job can wait for the queue's next poll).
-    pub fn deliver_soon(self: &Arc<Self>, ctx: &crm_sdk::ModuleContext, outbox_id: i64) {
-        if !self.delivers_here() {
-            return;
-        }
-        let (shared, ctx) = (self.clone(), ctx.clone());
-        self.in_flight
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        tokio::spawn(async move {
-            if let Err(e) = shared.deliver_in_turn(&ctx, outbox_id).await {
-                tracing::warn!(error = %e, outbox_id, "immediate delivery failed; the queue will retry");
-            }
-            shared
-                .in_flight
-                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-            shared.in_flight_done.notify_waiters();
-        });
+    /// Whether this process is stopping its drains (they end after their current batch).
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Waits (at most `limit`) until the immediate deliveries in flight have finished; a mail
-    /// cut off after that keeps its lease and is taken over when the lease runs out.
+    /// Wakes the drain of `server_id`: in a process that delivers, its drain here starts (or,
+    /// running already, takes the new mail in its next batch); elsewhere a drain job is pushed
+    /// for the worker processes. Mail nobody drains is found by the sweep.
+    pub async fn wake(&self, server_id: i32) {
+        let sent = self
+            .wake_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|tx| tx.send(server_id).is_ok());
+        if !sent {
+            self.push(&[server_id]).await;
+        }
+    }
+
+    /// Where the dispatcher of this process's drains listens (`None`: it is not running).
+    pub fn set_wake(&self, tx: Option<tokio::sync::mpsc::UnboundedSender<i32>>) {
+        let stopping = tx.is_none();
+        *self.wake_tx.lock().unwrap_or_else(|e| e.into_inner()) = tx;
+        self.stopping
+            .store(stopping, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Counts a drain task started by this process (waited for on stop).
+    pub fn task_started(&self) {
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Counts a drain task of this process as ended.
+    pub fn task_ended(&self) {
+        self.in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.in_flight_done.notify_waiters();
+    }
+
+    /// Waits (at most `limit`) until the drain tasks of this process have finished their
+    /// batches; a mail cut off after that keeps its lease and is taken over when it runs out.
     pub async fn drain_in_flight(&self, limit: std::time::Duration) {
         let deadline = tokio::time::Instant::now() + limit;
         while self.in_flight.load(std::sync::atomic::Ordering::SeqCst) > 0 {
@@ -292,20 +257,19 @@ impl Shared {
                 break;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                tracing::warn!(
-                    "immediate deliveries still running at shutdown; their leases will expire"
-                );
+                tracing::warn!("drains still running at shutdown; their leases will expire");
                 break;
             }
         }
     }
 
-    /// Pushes delivery jobs; when the jobs are stopped the rows wait for the sweep.
-    pub async fn push(&self, ids: &[i64]) {
+    /// Pushes drain jobs for the mailboxes `server_ids`; when the jobs are stopped, their
+    /// mail waits for the sweep.
+    pub async fn push(&self, server_ids: &[i32]) {
         if let Some(queue) = self.queue()
-            && let Err(e) = queue.push(ids).await
+            && let Err(e) = queue.push(server_ids).await
         {
-            tracing::warn!(error = %e, "pushing delivery jobs failed; the sweep will pick the mails up");
+            tracing::warn!(error = %e, "pushing drain jobs failed; the sweep will pick the mails up");
         }
     }
 }

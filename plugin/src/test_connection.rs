@@ -406,7 +406,9 @@ async fn test_mail(
         html_body: None,
         reply_to: None,
     };
-    let max_bytes = crate::deliver::limits(&ctx, &shared).await.max_bytes;
+    let max_bytes = crate::delivery::limits::limits(&ctx, &shared)
+        .await
+        .max_bytes;
     let queued = match OutgoingMail::parse(&request, max_bytes) {
         Ok(mail) => {
             let record = RecordRef {

@@ -5,5 +5,6 @@ pub mod mail_server;
 pub mod mailbox_health;
 pub mod oauth_state;
 pub mod outbox;
+pub mod outbox_body;
 pub mod smtp_slot;
 pub mod token;

@@ -23,8 +23,6 @@ pub struct Model {
     /// Envelope recipients (to, cc and bcc), one per line.
     pub recipients: String,
     pub subject: String,
-    /// The message as sent (RFC 5322), built at queue time.
-    pub raw_message: String,
     pub size_bytes: i64,
     pub attempts: i32,
     pub next_attempt_at: ChronoDateTimeUtc,

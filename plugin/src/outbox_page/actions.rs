@@ -11,8 +11,8 @@ pub struct Changed {
 }
 
 /// Queues the mails matching `condition` again: a failed one gets a new round of attempts, a
-/// queued one is due now. Their jobs are pushed (and, in a delivering process, a few are sent
-/// at once). Only mails that are still queued or failed at the moment of the update change.
+/// queued one is due now. Their mailboxes' drains are woken. Only mails that are still queued
+/// or failed at the moment of the update change.
 pub async fn retry(
     ctx: &ModuleContext,
     shared: &Arc<Shared>,
@@ -54,9 +54,23 @@ pub async fn retry(
     let mut ids = still_with(ctx, &ids, "queued").await?;
     ids.sort_unstable();
     resolve_failed_notices(ctx, &were_failed, &ids).await;
-    shared.push(&ids).await;
-    for id in ids.iter().take(20) {
-        shared.deliver_soon(ctx, *id);
+    let mut servers: Vec<i32> = Vec::new();
+    for chunk in ids.chunks(500) {
+        servers.extend(
+            outbox::Entity::find()
+                .select_only()
+                .column(outbox::Column::ServerId)
+                .distinct()
+                .filter(outbox::Column::Id.is_in(chunk.iter().copied()))
+                .into_tuple::<i32>()
+                .all(ctx.db())
+                .await?,
+        );
+    }
+    servers.sort_unstable();
+    servers.dedup();
+    for server_id in servers {
+        shared.wake(server_id).await;
     }
     Ok(Changed { ids })
 }
@@ -273,7 +287,7 @@ pub(super) async fn bulk(
         Err(problems) => return json_refusal(StatusCode::BAD_REQUEST, &problems),
     };
     if !confirmed {
-        let matching = without_message()
+        let matching = outbox::Entity::find()
             .filter(condition.clone())
             .count(ctx.db())
             .await;

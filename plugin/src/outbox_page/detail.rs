@@ -71,7 +71,16 @@ pub(super) async fn detail(
     let waits_on_mailbox =
         matches!(mail.status.as_str(), "queued" | "sending") && health != Health::Ready;
     let waits = crate::health::waiting_words(&ctx).await;
-    let headers = headers_of(&mail.raw_message);
+    let body = outbox_body::Entity::find_by_id(mail.id)
+        .one(ctx.db())
+        .await
+        .ok()
+        .flatten();
+    let body_kept = body.is_some();
+    let headers = body
+        .as_ref()
+        .map(|b| headers_of(&b.raw))
+        .unwrap_or_default();
     let servers = server_names(&ctx).await;
     if wants_json(&req) {
         let health_view = serde_json::json!({
@@ -118,7 +127,9 @@ pub(super) async fn detail(
         "mail_server" => Some(format!("/microsoft_outlook/servers/{}", mail.record_id)),
         _ => None,
     };
-    let max_attempts = crate::deliver::limits(&ctx, &shared).await.max_attempts;
+    let max_attempts = crate::delivery::limits::limits(&ctx, &shared)
+        .await
+        .max_attempts;
     let body = html! {
         h1 { @if mail.subject.is_empty() { "(no subject)" } @else { (mail.subject) } }
         p { a href=(OUTBOX) { "← Outbox" } }
@@ -174,7 +185,11 @@ pub(super) async fn detail(
         }
         section.card id="headers" {
             h2 { "Headers of the stored message" }
-            table.headers { tbody { @for (name, value) in &headers { tr { th { (name) } td { (value) } } } } }
+            @if body_kept {
+                table.headers { tbody { @for (name, value) in &headers { tr { th { (name) } td { (value) } } } } }
+            } @else {
+                p.help { "The text of this mail is no longer kept: sent mail keeps it for the days set in Settings › Microsoft Outlook › Keep sent messages. Its addresses, subject and outcome stay." }
+            }
         }
     };
     page(&ctx, &user, "Mail", body)

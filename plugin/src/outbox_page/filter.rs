@@ -215,11 +215,3 @@ impl Filter {
         }
     }
 }
-
-/// Outbox rows without their message (lists never need it, and it may be megabytes).
-pub(super) fn without_message() -> Select<outbox::Entity> {
-    outbox::Entity::find()
-        .select_only()
-        .columns(outbox::Column::iter().filter(|c| !matches!(c, outbox::Column::RawMessage)))
-        .column_as(Expr::val(""), "raw_message")
-}

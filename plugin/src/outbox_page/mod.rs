@@ -11,14 +11,14 @@ use crm_sdk::{CurrentUser, FieldError, ModuleContext};
 use maud::{Markup, html};
 use sea_orm::sea_query::{BinOper, Expr, ExprTrait};
 use sea_orm::{
-    ColumnTrait, Condition, DbBackend, EntityTrait, Iterable, PaginatorTrait, QueryFilter,
-    QueryOrder, QuerySelect, Select,
+    ColumnTrait, Condition, DbBackend, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::entities::{mail_server, outbox};
+use crate::entities::{mail_server, outbox, outbox_body};
 use crate::health::Health;
 use crate::mail_routes::{
     MailView, classified_reply, for_viewer, json_refusal, status_badge, wants_json,

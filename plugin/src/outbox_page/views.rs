@@ -294,7 +294,7 @@ pub(super) async fn list(
             problems,
         ),
     };
-    let paginator = without_message()
+    let paginator = outbox::Entity::find()
         .filter(condition)
         .order_by_desc(outbox::Column::Id)
         .paginate(ctx.db(), PER_PAGE);

@@ -1,0 +1,72 @@
+//! The delivery limits operators set (attempts, per-minute share, size, retention), read at
+//! most every two seconds per process, and the retry back-off.
+
+use chrono::Duration;
+use crm_sdk::ModuleContext;
+use rand::Rng;
+
+use crate::runtime::Shared;
+
+/// The default number of attempts before a mail is failed.
+pub const DEFAULT_MAX_ATTEMPTS: i32 = 8;
+
+/// The default days a sent mail's text is kept.
+pub const DEFAULT_KEEP_SENT_DAYS: i64 = 30;
+
+/// The retry delay after `attempts` failed attempts: exponential from `base_secs`, at most an
+/// hour, with ±20 % jitter so that retries of many mails spread out.
+pub fn backoff(base_secs: i64, attempts: i32) -> Duration {
+    let exp = Ord::min(
+        base_secs.saturating_mul(1_i64 << attempts.clamp(1, 16).saturating_sub(1)),
+        3600,
+    );
+    let jitter = rand::rng().random_range(0.8..1.2);
+    Duration::milliseconds((exp as f64 * 1000.0 * jitter) as i64)
+}
+
+/// The delivery limits from settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Attempts before a mail fails (`max_attempts`, 1–100).
+    pub max_attempts: i32,
+    /// Sends a minute per mailbox (`mailbox_rate_per_minute`; 0 = no limit).
+    pub per_minute: usize,
+    /// The largest mail accepted at the queue route, in bytes (`max_message_kb` × 1024).
+    pub max_bytes: usize,
+    /// Days a sent mail's text is kept (`keep_sent_days`; 0 = deleted once sent).
+    pub keep_sent_days: i64,
+}
+
+/// How long a process goes on using the limits it read (settings saved in another process
+/// apply within this time; in this one, at once).
+const LIMITS_FOR: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The delivery limits from settings, read at most every [`LIMITS_FOR`].
+pub async fn limits(ctx: &ModuleContext, shared: &Shared) -> Limits {
+    if let Some((at, cached)) = *shared.limits.lock().unwrap_or_else(|e| e.into_inner())
+        && at.elapsed() < LIMITS_FOR
+    {
+        return cached;
+    }
+    let fresh = read_limits(ctx).await;
+    *shared.limits.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some((std::time::Instant::now(), fresh));
+    fresh
+}
+
+async fn read_limits(ctx: &ModuleContext) -> Limits {
+    let settings = ctx.settings().load(ctx.module_id()).await.ok();
+    let get = |field: &str| {
+        settings
+            .as_ref()
+            .and_then(|s| s.get(field).and_then(|v| v.parse::<i64>().ok()))
+    };
+    Limits {
+        max_attempts: get("max_attempts").map_or(DEFAULT_MAX_ATTEMPTS, |n| n.clamp(1, 100) as i32),
+        per_minute: get("mailbox_rate_per_minute").map_or(30, |n| Ord::max(n, 0) as usize),
+        max_bytes: get("max_message_kb").map_or(crate::compose::DEFAULT_MAX_BYTES, |kb| {
+            Ord::max(kb, 1) as usize * 1024
+        }),
+        keep_sent_days: get("keep_sent_days").map_or(DEFAULT_KEEP_SENT_DAYS, |d| d.clamp(0, 3650)),
+    }
+}

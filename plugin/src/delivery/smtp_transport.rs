@@ -1,0 +1,128 @@
+//! The SMTP side of the transport seam: a batch goes out over up to three of the mailbox's
+//! connections at once (Exchange Online's limit per mailbox, counted across processes by the
+//! connection slots), each reused from one message to the next, and every refusal is
+//! classified by the SMTP table ([`crate::classify::smtp`]).
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+
+use crate::classify::{self, Facts, Level};
+use crate::delivery::transport::{Batch, BatchResult, MessageResult, Stop, Transport};
+use crate::smtp::{CONNECTIONS_PER_MAILBOX, SendOutcome, SmtpFailure, SmtpSender};
+
+/// How long one message waits for a free connection before the rest of the batch waits in
+/// the queue instead.
+const CONNECTION_WAIT: Duration = Duration::from_secs(20);
+
+/// The batch's shared progress: the next message to take, the results, and the stop.
+struct Progress {
+    next: AtomicUsize,
+    results: Mutex<Vec<MessageResult>>,
+    stop: Mutex<Option<Stop>>,
+}
+
+impl Progress {
+    fn stopped(&self) -> bool {
+        self.stop
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    fn stop(&self, why: Stop) {
+        let mut stop = self.stop.lock().unwrap_or_else(|e| e.into_inner());
+        if stop.is_none() {
+            *stop = Some(why);
+        }
+    }
+
+    fn set(&self, index: usize, result: MessageResult) {
+        self.results.lock().unwrap_or_else(|e| e.into_inner())[index] = result;
+    }
+}
+
+/// What one failed send means: a result for the message, or a stop of the batch.
+fn classify_failure(batch: &Batch<'_>, from: &str, f: &SmtpFailure) -> Result<MessageResult, Stop> {
+    if f.refused_token() && !batch.token.refreshed {
+        return Err(Stop::TokenRefused);
+    }
+    let server = batch.server;
+    let facts = Facts {
+        mailbox: &server.mailbox,
+        from,
+        auth_user: if f.auth_user.is_empty() {
+            &server.mailbox
+        } else {
+            &f.auth_user
+        },
+    };
+    let verdict = classify::smtp(f.observed(), &facts);
+    let reply = f.code.is_some().then(|| f.text.clone());
+    match verdict.level {
+        Level::MailFails | Level::MailRetries => Ok(MessageResult::Refused { verdict, reply }),
+        Level::MailboxHeld(_) | Level::MailboxThrottled => Err(Stop::Mailbox { verdict, reply }),
+    }
+}
+
+/// One connection's share of the batch: takes the next message until none is left or the
+/// batch stopped.
+async fn lane(sender: &SmtpSender, batch: &Batch<'_>, progress: &Progress) {
+    loop {
+        if progress.stopped() {
+            return;
+        }
+        let index = progress.next.fetch_add(1, Ordering::SeqCst);
+        let Some(message) = batch.messages.get(index) else {
+            return;
+        };
+        let deadline = Instant::now() + CONNECTION_WAIT;
+        let outcome = sender
+            .send(
+                batch.ctx,
+                batch.server,
+                batch.token,
+                &message.envelope,
+                message.raw.as_bytes(),
+                deadline,
+                batch.lease_lost,
+            )
+            .await;
+        match outcome {
+            SendOutcome::Sent(reply) => progress.set(index, MessageResult::Sent(reply)),
+            SendOutcome::Failed(f) => match classify_failure(batch, &message.from, &f) {
+                Ok(result) => progress.set(index, result),
+                Err(stop) => progress.stop(stop),
+            },
+            SendOutcome::Busy(_) => progress.stop(Stop::Busy),
+            SendOutcome::LeaseLost => progress.stop(Stop::LeaseLost),
+        }
+    }
+}
+
+impl Transport for SmtpSender {
+    fn send<'a>(&'a self, batch: Batch<'a>) -> BoxFuture<'a, BatchResult> {
+        Box::pin(async move {
+            let count = batch.messages.len();
+            let progress = Progress {
+                next: AtomicUsize::new(0),
+                results: Mutex::new(vec![MessageResult::NotTried; count]),
+                stop: Mutex::new(None),
+            };
+            let lanes = Ord::min(CONNECTIONS_PER_MAILBOX, count).max(1);
+            futures::future::join_all((0..lanes).map(|_| lane(self, &batch, &progress))).await;
+            BatchResult {
+                results: progress
+                    .results
+                    .into_inner()
+                    .unwrap_or_else(|e| e.into_inner()),
+                stop: progress
+                    .stop
+                    .into_inner()
+                    .unwrap_or_else(|e| e.into_inner()),
+            }
+        })
+    }
+}

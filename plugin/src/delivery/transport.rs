@@ -1,0 +1,93 @@
+//! The transport seam: how a batch of one mailbox's prepared messages leaves, whatever carries
+//! it (SMTP with XOAUTH2 now; Microsoft Graph next). A transport sends and classifies; the drain
+//! decides what each outcome does to the outbox rows and to the mailbox's health.
+
+use std::sync::atomic::AtomicBool;
+
+use crm_sdk::ModuleContext;
+use futures::future::BoxFuture;
+use lettre::address::Envelope;
+
+use crate::classify::Verdict;
+use crate::entities::mail_server;
+use crate::token_service::AccessToken;
+
+/// One message ready to go: its outbox id, envelope (RFC 5321 MAIL FROM and RCPT TO) and
+/// bytes (RFC 5322, as built at queue time).
+pub struct Prepared {
+    /// The outbox row.
+    pub id: i64,
+    /// The envelope sender and recipients.
+    pub envelope: Envelope,
+    /// The envelope sender as stored (for the classification's facts).
+    pub from: String,
+    /// The message.
+    pub raw: String,
+}
+
+/// What the transport says of one message.
+#[derive(Debug, Clone)]
+pub enum MessageResult {
+    /// The server took it; its reply (`250 2.0.0 OK ...`, or Graph's `202 Accepted`).
+    Sent(String),
+    /// The server refused this message; the verdict is of the message's level (it fails or is
+    /// retried), with the server's reply when there was one.
+    Refused {
+        /// The classification.
+        verdict: Verdict,
+        /// The reply as it came, if any.
+        reply: Option<String>,
+    },
+    /// Not tried: the batch stopped before it ([`Stop`] says why).
+    NotTried,
+}
+
+/// Why a batch stopped before its end: the messages not tried wait (no attempt spent).
+#[derive(Debug, Clone)]
+pub enum Stop {
+    /// The server refused the token itself and the token was not just issued: refresh it once
+    /// and send the rest again.
+    TokenRefused,
+    /// A refusal of the mailbox (its token, account, tenant or quota): hold or throttle it.
+    Mailbox {
+        /// The classification (its level is `MailboxHeld` or `MailboxThrottled`).
+        verdict: Verdict,
+        /// The reply as it came, if any.
+        reply: Option<String>,
+    },
+    /// No connection came free in time (every one of the mailbox's connections is in use, by
+    /// this process or others): the rest wait a moment.
+    Busy,
+    /// This drain's claim ran out and another worker took the mails over: they are theirs.
+    LeaseLost,
+}
+
+/// What became of a batch: one result per message, in the batch's order, and why it stopped
+/// early, if it did.
+#[derive(Debug)]
+pub struct BatchResult {
+    /// One per message of the batch.
+    pub results: Vec<MessageResult>,
+    /// Set when the batch stopped before its end.
+    pub stop: Option<Stop>,
+}
+
+/// A batch to send through one mailbox.
+pub struct Batch<'a> {
+    /// The module's context.
+    pub ctx: &'a ModuleContext,
+    /// The mailbox (mail server row).
+    pub server: &'a mail_server::Model,
+    /// A fresh access token for it.
+    pub token: &'a AccessToken,
+    /// The messages, in queue order.
+    pub messages: &'a [Prepared],
+    /// Set when the drain's claim on the batch was lost: nothing more may be sent.
+    pub lease_lost: &'a AtomicBool,
+}
+
+/// Sends a batch of one mailbox's messages and classifies each outcome.
+pub trait Transport: Send + Sync {
+    /// Sends `batch`; never fails as a whole (a problem is a [`Stop`] or per-message result).
+    fn send<'a>(&'a self, batch: Batch<'a>) -> BoxFuture<'a, BatchResult>;
+}

@@ -1,0 +1,497 @@
+//! Claims and outcomes, a batch at a time: one statement claims a mailbox's due mails under a
+//! lease (SKIP LOCKED on PostgreSQL), one reads their bodies, one writes the outcomes of every
+//! sent mail, and one more per other kind of outcome. The outbox row stays the truth: only the
+//! claim's owner writes an outcome, and a claim whose lease ran out is taken over.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use chrono::{DateTime, Duration, Utc};
+use crm_sdk::ModuleContext;
+use sea_orm::sea_query::{CaseStatement, Expr, ExprTrait, LockBehavior, LockType, Query};
+use sea_orm::{
+    ColumnTrait, Condition, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    TransactionTrait,
+};
+
+use crate::entities::{outbox, outbox_body, smtp_slot};
+use crate::runtime::Shared;
+
+/// Mails claimed at once from one mailbox.
+pub const BATCH: u64 = 100;
+
+/// A claimed batch: the rows (in queue order, `attempts` already counting this attempt) and
+/// the claim's owner name, unique per claim.
+pub struct Claimed {
+    /// The owner written in `lease_owner`.
+    pub owner: String,
+    /// The rows, by id.
+    pub rows: Vec<outbox::Model>,
+}
+
+/// What a claim found.
+pub enum Claim {
+    /// No due mail (or the mailbox is held or throttled).
+    Nothing,
+    /// The mailbox sent its per-minute share: its due mails were moved to this time.
+    AtLimit(DateTime<Utc>),
+    /// A batch to send.
+    Batch(Claimed),
+}
+
+/// Whether SQLite refused a write because another connection was writing (in WAL mode a
+/// statement whose snapshot went stale is refused at once, not waited for).
+fn is_busy(e: &sea_orm::DbErr) -> bool {
+    let text = e.to_string();
+    text.contains("database is locked") || text.contains("database is busy")
+}
+
+/// Runs a write, again a few times if SQLite says the database is busy: an outcome after the
+/// server's `250` must not be lost (the mail would be sent again once its lease ran out).
+pub async fn persist<T, F, Fut>(mut write: F) -> Result<T, sea_orm::DbErr>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sea_orm::DbErr>>,
+{
+    let mut wait = std::time::Duration::from_millis(5);
+    for _ in 0..10 {
+        match write().await {
+            Err(e) if is_busy(&e) => {
+                tokio::time::sleep(wait).await;
+                wait = Ord::min(wait * 2, std::time::Duration::from_millis(500));
+            }
+            done => return done,
+        }
+    }
+    write().await
+}
+
+/// Due mails: queued and due, or claimed by a worker whose lease ran out.
+fn due(now: DateTime<Utc>) -> Condition {
+    Condition::any()
+        .add(
+            Condition::all()
+                .add(outbox::Column::Status.eq("queued"))
+                .add(outbox::Column::NextAttemptAt.lte(now)),
+        )
+        .add(
+            Condition::all()
+                .add(outbox::Column::Status.eq("sending"))
+                .add(outbox::Column::LeaseUntil.lt(now)),
+        )
+}
+
+/// Claims up to `limit` due mails of `server_id` whose mailbox is claimable, in queue order;
+/// `admitted` also marks them `sent_at` (the per-minute count includes mails in flight).
+async fn claim_rows<C: ConnectionTrait>(
+    db: &C,
+    shared: &Shared,
+    now: DateTime<Utc>,
+    server_id: i32,
+    limit: u64,
+    admitted: bool,
+) -> Result<Claimed, sea_orm::DbErr> {
+    let owner = format!(
+        "{}:{}",
+        shared.instance,
+        shared.claims.fetch_add(1, Ordering::Relaxed)
+    );
+    let mut pick = Query::select();
+    pick.column(outbox::Column::Id)
+        .from(outbox::Entity)
+        .and_where(outbox::Column::ServerId.eq(server_id))
+        .cond_where(due(now))
+        .and_where(crate::health::claimable(now))
+        .order_by(outbox::Column::Id, sea_orm::Order::Asc)
+        .limit(limit);
+    if db.get_database_backend() == sea_orm::DbBackend::Postgres {
+        // Rows another process is claiming right now are skipped, not waited for.
+        pick.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
+    }
+    let mut claim = outbox::Entity::update_many()
+        .col_expr(outbox::Column::Status, Expr::value("sending"))
+        .col_expr(
+            outbox::Column::LeaseUntil,
+            Expr::value(now + Duration::seconds(shared.options.lease_secs)),
+        )
+        .col_expr(outbox::Column::LeaseOwner, Expr::value(owner.clone()))
+        .col_expr(
+            outbox::Column::Attempts,
+            Expr::col(outbox::Column::Attempts).add(1),
+        )
+        .col_expr(outbox::Column::UpdatedAt, Expr::value(now));
+    if admitted {
+        claim = claim.col_expr(outbox::Column::SentAt, Expr::value(now));
+    }
+    let mut rows = claim
+        .filter(outbox::Column::Id.in_subquery(pick))
+        .exec_with_returning(db)
+        .await?;
+    rows.sort_unstable_by_key(|r| r.id);
+    Ok(Claimed { owner, rows })
+}
+
+/// Claims a batch of `server_id`'s due mails. With a per-minute limit (`per_minute` > 0,
+/// counted over every process on the database), only as many as the last minute leaves room
+/// for; when none is left, the due mails wait for the window to free, spending no attempt.
+pub async fn claim_batch(
+    ctx: &ModuleContext,
+    shared: &Shared,
+    server_id: i32,
+    per_minute: usize,
+) -> Result<Claim, sea_orm::DbErr> {
+    let claimed = if per_minute == 0 {
+        let now = ctx.clock().now();
+        persist(|| claim_rows(ctx.db(), shared, now, server_id, BATCH, false)).await?
+    } else {
+        shared.smtp.ensure_slot_rows(ctx, server_id).await?;
+        match persist(|| admit_and_claim(ctx, shared, server_id, per_minute)).await? {
+            Ok(claimed) => claimed,
+            Err(until) => return Ok(Claim::AtLimit(until)),
+        }
+    };
+    Ok(if claimed.rows.is_empty() {
+        Claim::Nothing
+    } else {
+        Claim::Batch(claimed)
+    })
+}
+
+/// In one transaction, serialised per mailbox by a row lock: counts the mailbox's sends of the
+/// last minute and claims what is left of its share; or, with none left, moves its due mails
+/// to when the window frees and says when.
+async fn admit_and_claim(
+    ctx: &ModuleContext,
+    shared: &Shared,
+    server_id: i32,
+    per_minute: usize,
+) -> Result<Result<Claimed, DateTime<Utc>>, sea_orm::DbErr> {
+    let txn = ctx.db().begin().await?;
+    // The mailbox's first slot row is the lock (a write that changes nothing).
+    smtp_slot::Entity::update_many()
+        .col_expr(
+            smtp_slot::Column::Holder,
+            Expr::col(smtp_slot::Column::Holder),
+        )
+        .filter(smtp_slot::Column::ServerId.eq(server_id))
+        .filter(smtp_slot::Column::Slot.eq(0))
+        .exec(&txn)
+        .await?;
+    let now = ctx.clock().now();
+    let window_start = now - Duration::seconds(60);
+    let in_window = outbox::Entity::find()
+        .select_only()
+        .column(outbox::Column::SentAt)
+        .filter(outbox::Column::ServerId.eq(server_id))
+        .filter(outbox::Column::SentAt.gt(window_start))
+        .order_by_asc(outbox::Column::SentAt)
+        .into_tuple::<DateTime<Utc>>()
+        .all(&txn)
+        .await?;
+    let room = per_minute.saturating_sub(in_window.len()) as u64;
+    if room > 0 {
+        let claimed = claim_rows(&txn, shared, now, server_id, Ord::min(room, BATCH), true).await?;
+        txn.commit().await?;
+        return Ok(Ok(claimed));
+    }
+    // The oldest send of the window leaves it first.
+    let until = in_window.first().map_or(now + Duration::seconds(5), |t| {
+        Ord::max(*t + Duration::seconds(60), now + Duration::seconds(1))
+    });
+    outbox::Entity::update_many()
+        .col_expr(outbox::Column::NextAttemptAt, Expr::value(until))
+        .filter(outbox::Column::ServerId.eq(server_id))
+        .filter(outbox::Column::Status.eq("queued"))
+        .filter(outbox::Column::NextAttemptAt.lt(until))
+        .exec(&txn)
+        .await?;
+    txn.commit().await?;
+    Ok(Err(until))
+}
+
+/// The bodies of the mails `ids`, by id (a mail without one is missing from the map).
+pub async fn bodies(
+    ctx: &ModuleContext,
+    ids: &[i64],
+) -> Result<HashMap<i64, String>, sea_orm::DbErr> {
+    let rows = outbox_body::Entity::find()
+        .filter(outbox_body::Column::OutboxId.is_in(ids.iter().copied()))
+        .all(ctx.db())
+        .await?;
+    Ok(rows.into_iter().map(|b| (b.outbox_id, b.raw)).collect())
+}
+
+/// Keeps a drain's claim on its batch alive: a task extends the lease of the batch's mails
+/// still unrecorded every third of its length, and says when the claim was lost (another
+/// worker took some of them over), so that this drain sends no more. Dropping it stops it.
+pub struct LeaseKeeper {
+    /// Set once the claim was lost.
+    pub lost: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LeaseKeeper {
+    /// Starts keeping `claimed` for `length`.
+    pub fn start(ctx: &ModuleContext, claimed: &Claimed, length: std::time::Duration) -> Self {
+        let lost = Arc::new(AtomicBool::new(false));
+        let ids: Vec<i64> = claimed.rows.iter().map(|r| r.id).collect();
+        let (ctx, owner, flag) = (ctx.clone(), claimed.owner.clone(), lost.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(length / 3).await;
+                let now = ctx.clock().now();
+                let until = now + Duration::from_std(length).unwrap_or(Duration::minutes(5));
+                let extended = outbox::Entity::update_many()
+                    .col_expr(outbox::Column::LeaseUntil, Expr::value(until))
+                    .filter(outbox::Column::Id.is_in(ids.iter().copied()))
+                    .filter(outbox::Column::Status.eq("sending"))
+                    .filter(outbox::Column::LeaseOwner.eq(owner.as_str()))
+                    .exec(ctx.db())
+                    .await;
+                match extended {
+                    // All of them are still this drain's (outcomes are written only at the end).
+                    Ok(r) if r.rows_affected as usize == ids.len() => {}
+                    Ok(_) => {
+                        flag.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                    // The database is away: try again; if the lease runs out meanwhile, the
+                    // next extension finds it taken over.
+                    Err(e) => tracing::warn!(error = %e, "extending a batch's lease failed"),
+                }
+            }
+        });
+        Self { lost, task }
+    }
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The outcome of one claimed mail, to be written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// The outbox row.
+    pub id: i64,
+    /// `sent`, `queued` (again) or `failed`.
+    pub status: &'static str,
+    /// When it is due again (queued only).
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    /// The server's reply, if any (kept from before when `None`).
+    pub last_reply: Option<String>,
+    /// What went wrong, in words.
+    pub last_error: Option<String>,
+    /// Give the attempt back: nothing was tried (the mailbox waits).
+    pub uncount: bool,
+}
+
+impl Outcome {
+    /// Outcomes that can be written by one statement share this.
+    fn shape(
+        &self,
+    ) -> (
+        &'static str,
+        Option<DateTime<Utc>>,
+        Option<&str>,
+        Option<&str>,
+        bool,
+    ) {
+        let reply = if self.status == "sent" {
+            None
+        } else {
+            self.last_reply.as_deref()
+        };
+        (
+            self.status,
+            self.next_attempt_at,
+            reply,
+            self.last_error.as_deref(),
+            self.uncount,
+        )
+    }
+}
+
+/// Writes the outcomes of a claimed batch (only where `owner` still holds the claim): every
+/// sent mail in one statement (their replies by a `CASE`), the others one statement per shape
+/// (a hold makes the whole rest of a batch wait alike). Bodies of sent mails are deleted at
+/// once when `keep_sent_days` is 0.
+pub async fn record(
+    ctx: &ModuleContext,
+    owner: &str,
+    outcomes: &[Outcome],
+    delete_sent_bodies: bool,
+) -> Result<(), sea_orm::DbErr> {
+    let now = ctx.clock().now();
+    let mut groups: Vec<(_, Vec<&Outcome>)> = Vec::new();
+    for o in outcomes {
+        match groups.iter_mut().find(|(shape, _)| *shape == o.shape()) {
+            Some((_, members)) => members.push(o),
+            None => groups.push((o.shape(), vec![o])),
+        }
+    }
+    for (_, members) in groups {
+        for chunk in members.chunks(BATCH as usize) {
+            persist(|| write_group(ctx, owner, now, chunk)).await?;
+        }
+    }
+    if delete_sent_bodies {
+        let sent: Vec<i64> = outcomes
+            .iter()
+            .filter(|o| o.status == "sent")
+            .map(|o| o.id)
+            .collect();
+        if !sent.is_empty() {
+            persist(|| {
+                outbox_body::Entity::delete_many()
+                    .filter(outbox_body::Column::OutboxId.is_in(sent.iter().copied()))
+                    .exec(ctx.db())
+            })
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// One statement for outcomes of one shape.
+async fn write_group(
+    ctx: &ModuleContext,
+    owner: &str,
+    now: DateTime<Utc>,
+    members: &[&Outcome],
+) -> Result<(), sea_orm::DbErr> {
+    let Some(first) = members.first() else {
+        return Ok(());
+    };
+    let sent = first.status == "sent";
+    let mut update = outbox::Entity::update_many()
+        .col_expr(outbox::Column::Status, Expr::value(first.status))
+        .col_expr(
+            outbox::Column::LeaseUntil,
+            Expr::value(Option::<DateTime<Utc>>::None),
+        )
+        .col_expr(
+            outbox::Column::LeaseOwner,
+            Expr::value(Option::<String>::None),
+        )
+        .col_expr(outbox::Column::UpdatedAt, Expr::value(now))
+        .col_expr(
+            outbox::Column::LastError,
+            Expr::value(first.last_error.clone()),
+        )
+        // Sent now; otherwise not sent (an admission under the per-minute limit is taken back).
+        .col_expr(outbox::Column::SentAt, Expr::value(sent.then_some(now)));
+    if let Some(at) = first.next_attempt_at {
+        update = update.col_expr(outbox::Column::NextAttemptAt, Expr::value(at));
+    }
+    if sent {
+        let mut replies = CaseStatement::new();
+        for o in members {
+            replies = replies.case(
+                Expr::col(outbox::Column::Id).eq(o.id),
+                Expr::value(o.last_reply.clone()),
+            );
+        }
+        let replies = replies.finally(Expr::col(outbox::Column::LastReply));
+        update = update.col_expr(outbox::Column::LastReply, replies.into());
+    } else if first.last_reply.is_some() {
+        update = update.col_expr(
+            outbox::Column::LastReply,
+            Expr::value(first.last_reply.clone()),
+        );
+    }
+    if first.uncount {
+        update = update.col_expr(
+            outbox::Column::Attempts,
+            Expr::col(outbox::Column::Attempts).sub(1),
+        );
+    }
+    update
+        .filter(outbox::Column::Id.is_in(members.iter().map(|o| o.id)))
+        .filter(outbox::Column::LeaseOwner.eq(owner))
+        .exec(ctx.db())
+        .await
+        .map(|_| ())
+}
+
+/// The mailboxes that have mail needing a drain now that nobody is draining, each once: the
+/// rows are marked pushed in the same statement, so that the sweeps of several processes find
+/// each once — queued and due, or claimed by a worker whose lease ran out, and not pushed
+/// since (or pushed longer than `repush_after` ago: that drain may be lost).
+pub async fn to_wake(
+    ctx: &ModuleContext,
+    limit: u64,
+    repush_after: Duration,
+) -> Result<Vec<i32>, sea_orm::DbErr> {
+    let now = ctx.clock().now();
+    let not_pushed_since = |since: outbox::Column| {
+        Condition::any()
+            .add(outbox::Column::PushedAt.is_null())
+            .add(Expr::col(outbox::Column::PushedAt).lt(Expr::col(since)))
+            .add(outbox::Column::PushedAt.lt(now - repush_after))
+    };
+    let due = Condition::any()
+        .add(
+            Condition::all()
+                .add(outbox::Column::Status.eq("queued"))
+                .add(outbox::Column::NextAttemptAt.lte(now))
+                .add(not_pushed_since(outbox::Column::NextAttemptAt)),
+        )
+        .add(
+            Condition::all()
+                .add(outbox::Column::Status.eq("sending"))
+                .add(outbox::Column::LeaseUntil.lt(now))
+                .add(not_pushed_since(outbox::Column::LeaseUntil)),
+        );
+    let mut pick = Query::select();
+    pick.column(outbox::Column::Id)
+        .from(outbox::Entity)
+        .cond_where(due)
+        .and_where(crate::health::claimable(now))
+        .limit(limit);
+    if ctx.db().get_database_backend() == sea_orm::DbBackend::Postgres {
+        pick.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
+    }
+    let update = Query::update()
+        .table(outbox::Entity)
+        .value(outbox::Column::PushedAt, now)
+        .and_where(outbox::Column::Id.in_subquery(pick))
+        .returning_col(outbox::Column::ServerId)
+        .to_owned();
+    let rows = ctx.db().query_all(&update).await?;
+    let mut servers = rows
+        .iter()
+        .map(|r| r.try_get::<i32>("", "server_id"))
+        .collect::<Result<Vec<_>, _>>()?;
+    servers.sort_unstable();
+    servers.dedup();
+    Ok(servers)
+}
+
+/// Deletes the bodies of mails sent before `before`, at most `limit` of them; returns how many.
+pub async fn prune_bodies(
+    ctx: &ModuleContext,
+    before: DateTime<Utc>,
+    limit: u64,
+) -> Result<u64, sea_orm::DbErr> {
+    let old = Query::select()
+        .column((outbox_body::Entity, outbox_body::Column::OutboxId))
+        .from(outbox_body::Entity)
+        .inner_join(
+            outbox::Entity,
+            Expr::col((outbox::Entity, outbox::Column::Id))
+                .equals((outbox_body::Entity, outbox_body::Column::OutboxId)),
+        )
+        .and_where(Expr::col((outbox::Entity, outbox::Column::Status)).eq("sent"))
+        .and_where(Expr::col((outbox::Entity, outbox::Column::SentAt)).lt(before))
+        .limit(limit)
+        .to_owned();
+    let deleted = outbox_body::Entity::delete_many()
+        .filter(outbox_body::Column::OutboxId.in_subquery(old))
+        .exec(ctx.db())
+        .await?;
+    Ok(deleted.rows_affected)
+}

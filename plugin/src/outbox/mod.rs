@@ -1,0 +1,3 @@
+//! The outbox: the truth of every mail. Claims and outcomes, a batch at a time.
+
+pub mod claims;
