@@ -5,7 +5,7 @@ use anyhow::Context as _;
 use futures::StreamExt;
 use microsoft_outlook::entities::token;
 use microsoft_outlook::jobs::{RefreshOptions, refresh_all};
-use microsoft_outlook_tests::identity::TestUser;
+use microsoft_simulators::identity::TestUser;
 use sea_orm::EntityTrait;
 use sea_orm::sea_query::Expr;
 use std::time::Instant;

@@ -261,7 +261,8 @@ pub fn render(results: &Results, s: &Setup, findings: &str) -> String {
         "Every ratio is the module's figure over a baseline measured **in the same run on the same \
          machine**; each figure is the median of {} runs (every run's figure is listed), the \
          module's runs interleaved with its baselines' so that both see the same load. Release \
-         builds; the simulated services are the `tests` crate's, each on a tokio runtime of its own.\n",
+         builds; the simulated services are the `simulators` crate's, each on a tokio runtime of \
+         its own.\n",
         s.runs
     );
     let _ = writeln!(out, "## Drain\n");
@@ -269,11 +270,11 @@ pub fn render(results: &Results, s: &Setup, findings: &str) -> String {
         out,
         "{} queued mails of {} bytes (whole message) over {} mailboxes, per-mailbox throttling off \
          (`mailbox_rate_per_minute` = 0; the 3-connection cap stays), {} concurrent sends into the \
-         `tests` crate's SMTP sink on loopback (plain text, any XOAUTH2 accepted, bodies not kept). \
-         The module's figure goes through `deliver::deliver` (claim with a lease, token lookup and \
-         unsealing, XOAUTH2 over its own `TCP_NODELAY` connections reused per mailbox, status \
-         update) from {} tokio tasks over the queued ids; the apalis line drives the same function \
-         through the module's apalis delivery workers.\n",
+         `simulators` crate's SMTP sink on loopback (plain text, any XOAUTH2 accepted, bodies not \
+         kept). The module's figure goes through `deliver::deliver` (claim with a lease, token \
+         lookup and unsealing, XOAUTH2 over its own `TCP_NODELAY` connections reused per mailbox, \
+         status update) from {} tokio tasks over the queued ids; the apalis line drives the same \
+         function through the module's apalis delivery workers.\n",
         s.messages, s.size, s.mailboxes, s.concurrency, s.concurrency
     );
     drain_section(&mut out, "SQLite", &results.drain_sqlite, s);

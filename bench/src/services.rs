@@ -1,10 +1,10 @@
-//! The simulated services of the `tests` crate, each on a tokio runtime of its own (its own
+//! The simulated services of the `simulators` crate, each on a tokio runtime of its own (its own
 //! threads, as a separate server would have), so that the clients measured do not share a
 //! scheduler with them.
 
 use anyhow::Context as _;
-use microsoft_outlook_tests::identity::{AppRegistration, IdentityPlatform};
-use microsoft_outlook_tests::smtp::{SmtpConfig, SmtpServer, TlsMode};
+use microsoft_simulators::identity::{AppRegistration, IdentityPlatform};
+use microsoft_simulators::smtp::{SmtpConfig, SmtpServer, TlsMode};
 use std::future::Future;
 use std::sync::Arc;
 
@@ -74,8 +74,8 @@ impl Drop for Background {
     }
 }
 
-/// The fast SMTP sink: the `tests` crate's simulated Exchange server in plain text, accepting
-/// any XOAUTH2 (no validator) or no AUTH at all, keeping no bodies.
+/// The fast SMTP sink: the `simulators` crate's simulated Exchange server in plain text,
+/// accepting any XOAUTH2 (no validator) or no AUTH at all, keeping no bodies.
 pub struct Sink {
     server: Arc<SmtpServer>,
     runtime: Background,

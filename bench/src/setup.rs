@@ -205,7 +205,7 @@ impl App {
     /// A random application.
     pub fn random() -> Self {
         Self {
-            client_id: microsoft_outlook_tests::identity::guid(),
+            client_id: microsoft_simulators::identity::guid(),
             client_secret: format!("bench~{}", suffix()),
         }
     }

@@ -7,10 +7,8 @@ use anyhow::Context;
 use crm_sdk::CurrentUser;
 use maud::html;
 use microsoft_outlook::entities::{mail_server, token};
-use microsoft_outlook_tests::identity::{
-    AppRegistration, AuthorizeMode, IdentityPlatform, TestUser,
-};
-use microsoft_outlook_tests::smtp::{SmtpConfig, SmtpServer};
+use microsoft_simulators::identity::{AppRegistration, AuthorizeMode, IdentityPlatform, TestUser};
+use microsoft_simulators::smtp::{SmtpConfig, SmtpServer};
 use rand::Rng;
 use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, Set};
 use secrecy::ExposeSecret;
@@ -398,7 +396,7 @@ async fn play_fault(
     user: CurrentUser,
     form: web::Form<FaultForm>,
 ) -> HttpResponse {
-    use microsoft_outlook_tests::smtp::{Injected, Stage};
+    use microsoft_simulators::smtp::{Injected, Stage};
     if !user.is_admin {
         return HttpResponse::Forbidden().body("Operators only.");
     }

@@ -1,7 +1,5 @@
-//! Simulated Microsoft services (identity platform, SMTP submission, Graph) for the tests and
-//! the demo, plus test support shared by the end-to-end suites.
+//! Test support shared by the end-to-end suites: a cluster of host processes and test
+//! databases. The simulated Microsoft services are the `microsoft-simulators` crate's.
 
 pub mod cluster;
-pub mod identity;
-pub mod smtp;
 pub mod testdb;

@@ -3,7 +3,7 @@
 
 use crate::helpers::{ADMIN, ALICE, Browser, TestApp, captured_logs, spawn_app};
 use crm_sdk::Sealer;
-use microsoft_outlook_tests::identity::{
+use microsoft_simulators::identity::{
     AppRegistration, AuthorizeMode, IdentityPlatform, TestUser, TokenFault,
 };
 use reqwest::StatusCode;

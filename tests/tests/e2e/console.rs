@@ -6,7 +6,7 @@ use crate::helpers::{ADMIN, BOB, TestApp, eventually};
 use crate::send::{Mailing, mailing, queue, row, settings, wait_status};
 use crm_sdk::Clock;
 use microsoft_outlook::entities::{mailbox_health, token};
-use microsoft_outlook_tests::smtp::{Injected, Stage};
+use microsoft_simulators::smtp::{Injected, Stage};
 use reqwest::StatusCode;
 use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};

@@ -13,8 +13,8 @@ use crate::send::{Mailing, point_server_at, queue, row, settings, wait_status, w
 use crm_host::entities::notification;
 use crm_sdk::Clock;
 use microsoft_outlook::entities::{mailbox_health, token};
-use microsoft_outlook_tests::identity::{AppRegistration, TestUser, TokenFault};
-use microsoft_outlook_tests::smtp::{
+use microsoft_simulators::identity::{AppRegistration, TestUser, TokenFault};
+use microsoft_simulators::smtp::{
     Injected, RFC_COMMAND_LINE_LIMIT, SmtpConfig, SmtpServer, Stage, XOAUTH2_CHALLENGE_FINAL_REPLY,
 };
 use reqwest::StatusCode;

@@ -5,7 +5,7 @@
 use crate::connect::{CLIENT_ID, CLIENT_SECRET, env};
 use crate::helpers::{ADMIN, ALICE, eventually};
 use crate::send::{mailing, mails_path, queue, wait_status};
-use microsoft_outlook_tests::smtp::{Injected, Stage};
+use microsoft_simulators::smtp::{Injected, Stage};
 use reqwest::StatusCode;
 
 async fn save(env: &crate::connect::Env, fields: &[(&str, &str)]) -> (StatusCode, String) {

@@ -7,7 +7,7 @@ use crate::helpers::{ADMIN, ALICE, BOB, Browser, TestApp, captured_logs, csrf_in
 use crate::send::{mailing, settings, wait_status};
 use crm_host::throttle::{ACCOUNT_BURST, ADDRESS_BURST};
 use microsoft_outlook::entities::{mail_server, oauth_state, outbox};
-use microsoft_outlook_tests::smtp::{Injected, Stage};
+use microsoft_simulators::smtp::{Injected, Stage};
 use proptest::prelude::*;
 use reqwest::StatusCode;
 use sea_orm::{EntityTrait, PaginatorTrait};

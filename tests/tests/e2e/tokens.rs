@@ -7,7 +7,7 @@ use crate::send::settings;
 use crm_sdk::{Clock, Sealer};
 use microsoft_outlook::entities::{mail_server, mailbox_health, token};
 use microsoft_outlook::jobs::{RefreshOptions, refresh_all};
-use microsoft_outlook_tests::identity::TokenFault;
+use microsoft_simulators::identity::TokenFault;
 use reqwest::StatusCode;
 use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};

@@ -1,0 +1,7 @@
+//! The simulated Microsoft services — the Microsoft identity platform (Entra ID v2 authorize and
+//! token endpoints) and Exchange Online SMTP submission — used by the demo (`crm-host demo`),
+//! the end-to-end tests and the benchmarks. They answer as ../shared/MICROSOFT.md says
+//! Microsoft does, errors included.
+
+pub mod identity;
+pub mod smtp;
