@@ -335,7 +335,8 @@ async fn one_535_refreshes_the_token_and_sends() {
     );
 }
 
-/// Waits until the mailbox of `server_id` is held for `reason`; its health row.
+/// Waits until the mailbox of `server_id` is held for `reason` and none of its mails is being
+/// sent any more (the outcomes of the batch that met the refusal are written); its health row.
 pub(crate) async fn wait_held(
     app: &TestApp,
     server_id: i32,
@@ -343,16 +344,23 @@ pub(crate) async fn wait_held(
 ) -> mailbox_health::Model {
     let db = app.db.clone();
     eventually(
-        &format!("mailbox {server_id} to be held ({reason})"),
+        &format!("mailbox {server_id} to be held ({reason}) with no mail in flight"),
         || {
             let db = db.clone();
             async move {
-                mailbox_health::Entity::find_by_id(server_id)
+                let held = mailbox_health::Entity::find_by_id(server_id)
                     .one(&db)
                     .await
                     .ok()
                     .flatten()
-                    .is_some_and(|h| h.state == "held" && h.reason.as_deref() == Some(reason))
+                    .is_some_and(|h| h.state == "held" && h.reason.as_deref() == Some(reason));
+                let in_flight = outbox::Entity::find()
+                    .filter(outbox::Column::ServerId.eq(server_id))
+                    .filter(outbox::Column::Status.eq("sending"))
+                    .count(&db)
+                    .await
+                    .unwrap_or(1);
+                held && in_flight == 0
             }
         },
     )
