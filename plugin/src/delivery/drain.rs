@@ -14,7 +14,9 @@ use rand::Rng;
 
 use crate::classify::{Level, Verdict, Who};
 use crate::delivery::limits::{Limits, backoff, limits};
-use crate::delivery::transport::{Batch, BatchResult, MessageResult, Prepared, Stop, Transport};
+use crate::delivery::transport::{
+    Batch, BatchResult, MessageResult, Prepared, Report, Stop, Transport,
+};
 use crate::entities::{mail_server, outbox};
 use crate::outbox::claims::{self, Claim, Claimed, LeaseKeeper, Outcome};
 use crate::runtime::Shared;
@@ -29,6 +31,14 @@ pub struct Drained {
     pub failed: usize,
     /// Mails to be tried again, or waiting for their mailbox.
     pub again: usize,
+}
+
+impl Drained {
+    fn add(&mut self, other: Drained) {
+        self.sent += other.sent;
+        self.failed += other.failed;
+        self.again += other.again;
+    }
 }
 
 /// Drains `server_id`: batch after batch until none of its mails is due, its mailbox is held
@@ -51,9 +61,7 @@ pub async fn drain(
             Claim::Batch(claimed) => claimed,
         };
         let (step, go_on) = send_batch(ctx, shared, server_id, &claimed, &limits).await?;
-        total.sent += step.sent;
-        total.failed += step.failed;
-        total.again += step.again;
+        total.add(step);
         if !go_on {
             break;
         }
@@ -189,8 +197,10 @@ impl Attempt<'_> {
     }
 }
 
-/// Sends one claimed batch and writes its outcomes; says what happened and whether the drain
-/// goes on (not after a stop: a held or throttled mailbox, no free connection, a lost claim).
+/// Sends one claimed batch and writes its outcomes as they come (a group of them at a time:
+/// whatever arrived while the previous write ran), then those of the mails not tried; says
+/// what happened and whether the drain goes on (not after a stop: a held or throttled
+/// mailbox, no free connection, a lost claim, a token problem).
 async fn send_batch(
     ctx: &ModuleContext,
     shared: &Arc<Shared>,
@@ -201,87 +211,77 @@ async fn send_batch(
     let lease_length =
         std::time::Duration::from_secs(Ord::max(shared.options.lease_secs, 1) as u64);
     let lease = LeaseKeeper::start(ctx, claimed, lease_length);
-    let now = ctx.clock().now();
-    let attempt = |row| Attempt {
-        row,
-        max_attempts: limits.max_attempts,
-        retry_base_secs: shared.options.retry_base_secs,
-        now,
+    let w = Writer {
+        ctx,
+        shared,
+        claimed,
+        lease: &lease,
+        limits,
+        now: ctx.clock().now(),
     };
     let Some(server) = shared.server(ctx, server_id).await? else {
         // A deleted server is the operators' matter, not the authors'.
+        let why = "The mail server of this mail was deleted.";
         let decided = claimed
             .rows
             .iter()
-            .map(|row| {
-                let why = "The mail server of this mail was deleted.".to_string();
-                attempt(row).failed(None, why, Who::Operator)
-            })
+            .map(|row| w.attempt(row).failed(None, why.to_string(), Who::Operator))
             .collect();
-        return finish(ctx, shared, claimed, decided, limits, None).await;
+        return Ok((w.write(decided).await?, true));
     };
-    let mut decided: Vec<Option<Decided>> = claimed.rows.iter().map(|_| None).collect();
-    let mut bodies =
-        claims::bodies(ctx, &claimed.rows.iter().map(|r| r.id).collect::<Vec<_>>()).await?;
-    let mut prepared = Vec::new();
-    let mut index_of = Vec::new();
-    for (i, row) in claimed.rows.iter().enumerate() {
-        match (envelope_of(row), bodies.remove(&row.id)) {
-            (Ok(envelope), Some(raw)) => {
-                prepared.push(Prepared {
-                    id: row.id,
-                    envelope,
-                    from: row.envelope_from.clone(),
-                    raw,
-                });
-                index_of.push(i);
+    let (prepared, mut rest) = w.prepare().await?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (server_ref, prepared_ref, lease_ref) = (&server, &prepared, &lease);
+    let sending = async move {
+        let sent = match fresh_access_token(ctx, shared, server_ref, false).await {
+            Ok(token) => {
+                send_with_one_refresh(ctx, shared, server_ref, token, prepared_ref, lease_ref, &tx)
+                    .await
             }
-            (Err(e), _) => {
-                let why = format!("The stored envelope is invalid: {e}");
-                decided[i] = Some(attempt(row).failed(None, why, Who::Operator));
-            }
-            (_, None) => {
-                let why = "The text of this mail is no longer stored.".to_string();
-                decided[i] = Some(attempt(row).failed(None, why, Who::Operator));
-            }
-        }
-    }
-    let sent = match fresh_access_token(ctx, shared, &server, false).await {
-        Ok(token) => send_with_one_refresh(ctx, shared, &server, token, &prepared, &lease).await,
-        Err(problem) => Err(problem),
+            Err(problem) => Err(problem),
+        };
+        drop(tx);
+        sent
     };
-    let mut stop = None;
-    match sent {
+    let (sent, written) = tokio::join!(sending, w.write_as_reported(rx));
+    let mut drained = written?;
+    let go_on = match sent {
         Err(problem) => {
-            for &i in &index_of {
-                decided[i] = Some(attempt(&claimed.rows[i]).token_problem(&problem));
+            for p in &prepared {
+                rest.push(w.attempt(w.row(p.id)).token_problem(&problem));
             }
-            stop = Some(None);
+            false
         }
         Ok(result) => {
-            let words = stop_words(ctx, shared, &server, now, result.stop.as_ref()).await?;
-            for (k, message) in result.results.into_iter().enumerate() {
-                let i = index_of[k];
-                let a = attempt(&claimed.rows[i]);
-                decided[i] = match message {
-                    MessageResult::Sent(reply) => Some(a.sent(reply)),
-                    MessageResult::Refused { verdict, reply } => {
-                        shared.metrics.outcome(&verdict);
-                        Some(a.refused(&verdict, reply))
+            let now = w.now;
+            if let Some((until, reply, why)) =
+                stop_words(ctx, shared, &server, now, result.stop.as_ref()).await?
+            {
+                for (p, r) in prepared.iter().zip(&result.results) {
+                    if matches!(r, MessageResult::NotTried) {
+                        let a = w.attempt(w.row(p.id));
+                        rest.push(a.wait(until, reply.clone(), why.clone()));
                     }
-                    MessageResult::NotTried => words
-                        .as_ref()
-                        .map(|(until, reply, why)| a.wait(*until, reply.clone(), why.clone())),
-                };
+                }
             }
-            if result.stop.is_some() {
-                stop = Some(result.stop);
+            if matches!(result.stop, Some(Stop::Busy)) {
+                wake_at(ctx, shared, server_id, now + Duration::seconds(3));
             }
+            result.stop.is_none()
         }
+    };
+    drained.add(w.write(rest).await?);
+    if drained.sent > 0 {
+        crate::health::succeeded(ctx, shared, server.id, None).await?;
     }
-    let decided = decided.into_iter().flatten().collect();
-    let (drained, _) = finish(ctx, shared, claimed, decided, limits, Some(&server)).await?;
-    Ok((drained, stop.is_none()))
+    tracing::info!(
+        server_id,
+        sent = drained.sent,
+        failed = drained.failed,
+        again = drained.again,
+        "drained a batch"
+    );
+    Ok((drained, go_on))
 }
 
 /// Sends the batch; when the server refused a token that was not just issued, refreshes it
@@ -293,6 +293,7 @@ async fn send_with_one_refresh(
     token: AccessToken,
     prepared: &[Prepared],
     lease: &LeaseKeeper,
+    report: &Report,
 ) -> Result<BatchResult, TokenProblem> {
     let transport: &dyn Transport = &shared.smtp;
     let batch = |token| Batch {
@@ -301,6 +302,7 @@ async fn send_with_one_refresh(
         token,
         messages: prepared,
         lease_lost: &lease.lost,
+        report,
     };
     let mut result = transport.send(batch(&token)).await;
     if !matches!(result.stop, Some(Stop::TokenRefused)) {
@@ -311,15 +313,7 @@ async fn send_with_one_refresh(
     let rest: Vec<usize> = (0..prepared.len())
         .filter(|&k| matches!(result.results[k], MessageResult::NotTried))
         .collect();
-    let again: Vec<Prepared> = rest
-        .iter()
-        .map(|&k| Prepared {
-            id: prepared[k].id,
-            envelope: prepared[k].envelope.clone(),
-            from: prepared[k].from.clone(),
-            raw: prepared[k].raw.clone(),
-        })
-        .collect();
+    let again: Vec<Prepared> = rest.iter().map(|&k| prepared[k].clone()).collect();
     let second = transport
         .send(Batch {
             messages: &again,
@@ -369,51 +363,146 @@ async fn stop_words(
     })
 }
 
-/// Writes the outcomes, tells the people a failure concerns, counts, and notes a success in
-/// the mailbox's health.
-async fn finish(
-    ctx: &ModuleContext,
-    shared: &Arc<Shared>,
-    claimed: &Claimed,
-    decided: Vec<Decided>,
-    limits: &Limits,
-    server: Option<&mail_server::Model>,
-) -> Result<(Drained, bool), sea_orm::DbErr> {
-    let outcomes: Vec<Outcome> = decided.iter().map(|d| d.outcome.clone()).collect();
-    claims::record(ctx, &claimed.owner, &outcomes, limits.keep_sent_days == 0).await?;
-    let now = ctx.clock().now();
-    let mut drained = Drained::default();
-    for d in &decided {
-        let Some(row) = claimed.rows.iter().find(|r| r.id == d.outcome.id) else {
-            continue;
-        };
-        let queued_for = (now - row.created_at).num_milliseconds() as f64 / 1000.0;
-        match d.outcome.status {
-            "sent" => {
-                drained.sent += 1;
-                shared.metrics.sent(queued_for);
-            }
-            "failed" => {
-                drained.failed += 1;
-                shared.metrics.failed(queued_for);
-                let why = d.outcome.last_error.as_deref().unwrap_or_default();
-                let who = d.failed_for.unwrap_or(Who::Nobody);
-                crate::failed_notice::mail_failed(ctx, row, why, who).await;
-            }
-            _ => drained.again += 1,
+/// Writes a batch's outcomes: the claim, the limits and the time of the attempt.
+struct Writer<'a> {
+    ctx: &'a ModuleContext,
+    shared: &'a Arc<Shared>,
+    claimed: &'a Claimed,
+    lease: &'a LeaseKeeper,
+    limits: &'a Limits,
+    now: DateTime<Utc>,
+}
+
+impl Writer<'_> {
+    fn attempt<'r>(&self, row: &'r outbox::Model) -> Attempt<'r> {
+        Attempt {
+            row,
+            max_attempts: self.limits.max_attempts,
+            retry_base_secs: self.shared.options.retry_base_secs,
+            now: self.now,
         }
     }
-    if let Some(server) = server
-        && drained.sent > 0
-    {
-        crate::health::succeeded(ctx, shared, server.id, None).await?;
+
+    /// The claimed row `id` (every reported id is one of the batch's).
+    fn row(&self, id: i64) -> &outbox::Model {
+        let at = self
+            .claimed
+            .rows
+            .binary_search_by_key(&id, |r| r.id)
+            .unwrap_or_default();
+        &self.claimed.rows[at]
     }
-    tracing::info!(
-        server_id = claimed.rows.first().map(|r| r.server_id),
-        sent = drained.sent,
-        failed = drained.failed,
-        again = drained.again,
-        "drained a batch"
-    );
-    Ok((drained, true))
+
+    /// The batch's messages ready to send, and the outcomes of the mails that cannot be (an
+    /// invalid envelope, a text no longer stored).
+    async fn prepare(&self) -> Result<(Vec<Prepared>, Vec<Decided>), sea_orm::DbErr> {
+        let ids: Vec<i64> = self.claimed.rows.iter().map(|r| r.id).collect();
+        let mut bodies = claims::bodies(self.ctx, &ids).await?;
+        let (mut prepared, mut failed) = (Vec::new(), Vec::new());
+        for row in &self.claimed.rows {
+            match (envelope_of(row), bodies.remove(&row.id)) {
+                (Ok(envelope), Some(raw)) => prepared.push(Prepared {
+                    id: row.id,
+                    envelope,
+                    from: row.envelope_from.clone(),
+                    raw,
+                }),
+                (Err(e), _) => {
+                    let why = format!("The stored envelope is invalid: {e}");
+                    failed.push(self.attempt(row).failed(None, why, Who::Operator));
+                }
+                (_, None) => {
+                    let why = "The text of this mail is no longer stored.".to_string();
+                    failed.push(self.attempt(row).failed(None, why, Who::Operator));
+                }
+            }
+        }
+        Ok((prepared, failed))
+    }
+
+    /// Writes the results the transport reports while it sends, a group at a time. On a
+    /// database error the batch stops (nothing more is sent without its outcome written).
+    async fn write_as_reported(
+        &self,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<(i64, MessageResult)>,
+    ) -> Result<Drained, sea_orm::DbErr> {
+        let mut drained = Drained::default();
+        while let Some(first) = rx.recv().await {
+            let mut group = vec![first];
+            while let Ok(next) = rx.try_recv() {
+                group.push(next);
+            }
+            let decided = group
+                .into_iter()
+                .filter_map(|(id, result)| {
+                    let a = self.attempt(self.row(id));
+                    match result {
+                        MessageResult::Sent(reply) => Some(a.sent(reply)),
+                        MessageResult::Refused { verdict, reply } => {
+                            self.shared.metrics.outcome(&verdict);
+                            Some(a.refused(&verdict, reply))
+                        }
+                        MessageResult::NotTried => None,
+                    }
+                })
+                .collect();
+            match self.write(decided).await {
+                Ok(d) => drained.add(d),
+                Err(e) => {
+                    self.lease
+                        .lost
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(drained)
+    }
+
+    /// Writes outcomes (trying again for about half a minute while the database is away: an
+    /// outcome after the server's `250` must not be lost), tells the people a failure
+    /// concerns, and counts.
+    async fn write(&self, decided: Vec<Decided>) -> Result<Drained, sea_orm::DbErr> {
+        let mut drained = Drained::default();
+        if decided.is_empty() {
+            return Ok(drained);
+        }
+        let outcomes: Vec<Outcome> = decided.iter().map(|d| d.outcome.clone()).collect();
+        let delete_bodies = self.limits.keep_sent_days == 0;
+        let mut wait = std::time::Duration::from_millis(500);
+        loop {
+            match claims::record(self.ctx, &self.claimed.owner, &outcomes, delete_bodies).await {
+                Ok(()) => break,
+                Err(e) if wait <= std::time::Duration::from_secs(8) => {
+                    tracing::warn!(error = %e, "writing outcomes failed; trying again");
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.lease
+            .written
+            .fetch_add(outcomes.len(), std::sync::atomic::Ordering::SeqCst);
+        let now = self.ctx.clock().now();
+        for d in &decided {
+            let row = self.row(d.outcome.id);
+            let queued_for = (now - row.created_at).num_milliseconds() as f64 / 1000.0;
+            match d.outcome.status {
+                "sent" => {
+                    drained.sent += 1;
+                    self.shared.metrics.sent(queued_for);
+                }
+                "failed" => {
+                    drained.failed += 1;
+                    self.shared.metrics.failed(queued_for);
+                    let why = d.outcome.last_error.as_deref().unwrap_or_default();
+                    let who = d.failed_for.unwrap_or(Who::Nobody);
+                    crate::failed_notice::mail_failed(self.ctx, row, why, who).await;
+                }
+                _ => drained.again += 1,
+            }
+        }
+        Ok(drained)
+    }
 }

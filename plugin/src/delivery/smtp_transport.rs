@@ -39,7 +39,10 @@ impl Progress {
         }
     }
 
-    fn set(&self, index: usize, result: MessageResult) {
+    fn set(&self, batch: &Batch<'_>, index: usize, result: MessageResult) {
+        let _ = batch
+            .report
+            .send((batch.messages[index].id, result.clone()));
         self.results.lock().unwrap_or_else(|e| e.into_inner())[index] = result;
     }
 }
@@ -91,9 +94,9 @@ async fn lane(sender: &SmtpSender, batch: &Batch<'_>, progress: &Progress) {
             )
             .await;
         match outcome {
-            SendOutcome::Sent(reply) => progress.set(index, MessageResult::Sent(reply)),
+            SendOutcome::Sent(reply) => progress.set(batch, index, MessageResult::Sent(reply)),
             SendOutcome::Failed(f) => match classify_failure(batch, &message.from, &f) {
-                Ok(result) => progress.set(index, result),
+                Ok(result) => progress.set(batch, index, result),
                 Err(stop) => progress.stop(stop),
             },
             SendOutcome::Busy(_) => progress.stop(Stop::Busy),

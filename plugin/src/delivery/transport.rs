@@ -14,6 +14,7 @@ use crate::token_service::AccessToken;
 
 /// One message ready to go: its outbox id, envelope (RFC 5321 MAIL FROM and RCPT TO) and
 /// bytes (RFC 5322, as built at queue time).
+#[derive(Clone)]
 pub struct Prepared {
     /// The outbox row.
     pub id: i64,
@@ -62,8 +63,8 @@ pub enum Stop {
     LeaseLost,
 }
 
-/// What became of a batch: one result per message, in the batch's order, and why it stopped
-/// early, if it did.
+/// What became of a batch: one result per message, in the batch's order (each also reported as
+/// it came), and why it stopped early, if it did.
 #[derive(Debug)]
 pub struct BatchResult {
     /// One per message of the batch.
@@ -84,7 +85,13 @@ pub struct Batch<'a> {
     pub messages: &'a [Prepared],
     /// Set when the drain's claim on the batch was lost: nothing more may be sent.
     pub lease_lost: &'a AtomicBool,
+    /// Where each message's result goes as soon as it is known (by outbox id), so that the
+    /// drain writes outcomes while the batch is still being sent.
+    pub report: &'a Report,
 }
+
+/// The channel a transport reports each message's result on, as it comes.
+pub type Report = tokio::sync::mpsc::UnboundedSender<(i64, MessageResult)>;
 
 /// Sends a batch of one mailbox's messages and classifies each outcome.
 pub trait Transport: Send + Sync {

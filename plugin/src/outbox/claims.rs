@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use chrono::{DateTime, Duration, Utc};
 use crm_sdk::ModuleContext;
@@ -223,11 +223,14 @@ pub async fn bodies(
 }
 
 /// Keeps a drain's claim on its batch alive: a task extends the lease of the batch's mails
-/// still unrecorded every third of its length, and says when the claim was lost (another
-/// worker took some of them over), so that this drain sends no more. Dropping it stops it.
+/// whose outcome is not written yet every third of its length, and says when the claim was
+/// lost (another worker took some of them over), so that this drain sends no more. Dropping
+/// it stops it.
 pub struct LeaseKeeper {
     /// Set once the claim was lost.
     pub lost: Arc<AtomicBool>,
+    /// Outcomes written so far (their rows are no longer this claim's).
+    pub written: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -235,8 +238,10 @@ impl LeaseKeeper {
     /// Starts keeping `claimed` for `length`.
     pub fn start(ctx: &ModuleContext, claimed: &Claimed, length: std::time::Duration) -> Self {
         let lost = Arc::new(AtomicBool::new(false));
+        let written = Arc::new(AtomicUsize::new(0));
         let ids: Vec<i64> = claimed.rows.iter().map(|r| r.id).collect();
         let (ctx, owner, flag) = (ctx.clone(), claimed.owner.clone(), lost.clone());
+        let done = written.clone();
         let task = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(length / 3).await;
@@ -245,13 +250,13 @@ impl LeaseKeeper {
                 let extended = outbox::Entity::update_many()
                     .col_expr(outbox::Column::LeaseUntil, Expr::value(until))
                     .filter(outbox::Column::Id.is_in(ids.iter().copied()))
-                    .filter(outbox::Column::Status.eq("sending"))
                     .filter(outbox::Column::LeaseOwner.eq(owner.as_str()))
                     .exec(ctx.db())
                     .await;
+                // A written outcome clears the owner: every row not written yet must be ours.
+                let unwritten = ids.len().saturating_sub(done.load(Ordering::SeqCst));
                 match extended {
-                    // All of them are still this drain's (outcomes are written only at the end).
-                    Ok(r) if r.rows_affected as usize == ids.len() => {}
+                    Ok(r) if r.rows_affected as usize >= unwritten => {}
                     Ok(_) => {
                         flag.store(true, Ordering::SeqCst);
                         return;
@@ -262,7 +267,11 @@ impl LeaseKeeper {
                 }
             }
         });
-        Self { lost, task }
+        Self {
+            lost,
+            written,
+            task,
+        }
     }
 }
 
