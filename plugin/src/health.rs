@@ -247,7 +247,7 @@ async fn tell(ctx: &ModuleContext, server: &mail_server::Model, reason: HoldReas
     };
     let mut notices = Vec::new();
     if module_wide(reason) {
-        let first = crate::jobs::remember_once(ctx, &settings_key(reason), &v.what)
+        let first = crate::alerts::remember_once(ctx, &settings_key(reason), &v.what)
             .await
             .unwrap_or(false);
         if first {
@@ -479,7 +479,7 @@ async fn end_settings_incident_if_over(
         .count(ctx.db())
         .await?;
     if still == 0 {
-        crate::jobs::forget_alert(ctx, &settings_key(reason)).await?;
+        crate::alerts::forget_alert(ctx, &settings_key(reason)).await?;
         if let Err(e) = ctx.notifier().resolve(&settings_key(reason)).await {
             tracing::warn!(error = %e, "resolving a settings notification failed");
         }
@@ -551,6 +551,28 @@ pub async fn succeeded(
         shared.remember_ready(server_id);
     }
     Ok(())
+}
+
+/// How many mailboxes are ready, throttled and held.
+pub async fn counts(
+    ctx: &ModuleContext,
+) -> Result<std::collections::BTreeMap<&'static str, i64>, sea_orm::DbErr> {
+    let servers: Vec<i32> = mail_server::Entity::find()
+        .select_only()
+        .column(mail_server::Column::Id)
+        .into_tuple()
+        .all(ctx.db())
+        .await?;
+    let healths = all(ctx).await?;
+    let now = ctx.clock().now();
+    let mut counts: std::collections::BTreeMap<&'static str, i64> =
+        [("ready", 0), ("throttled", 0), ("held", 0)].into();
+    for id in servers {
+        *counts
+            .entry(Health::of(healths.get(&id), now).state())
+            .or_default() += 1;
+    }
+    Ok(counts)
 }
 
 /// Forgets a deleted mailbox's health (its mails then fail as "server deleted").

@@ -3,10 +3,10 @@
 use chrono::NaiveDate;
 use crm_sdk::{Audience, ModuleContext, Notification};
 use microsoft_outlook_jobs::{BoxDynError, OutlookJobs};
-use sea_orm::sea_query::OnConflict;
-use sea_orm::{EntityTrait, Set};
+use sea_orm::EntityTrait;
 
-use crate::entities::{alert, token};
+use crate::alerts::remember_once;
+use crate::entities::token;
 use crate::settings::OutlookSettings;
 
 /// The days before the client secret expires at which operators are warned.
@@ -24,35 +24,6 @@ pub struct JobServices {
 /// Days from `today` until `expires_on` (negative once past).
 pub fn days_left(expires_on: NaiveDate, today: NaiveDate) -> i64 {
     (expires_on - today).num_days()
-}
-
-/// Records `key` once; returns whether it was new (so the caller notifies once).
-pub async fn remember_once(
-    ctx: &ModuleContext,
-    key: &str,
-    value: &str,
-) -> Result<bool, sea_orm::DbErr> {
-    let inserted = alert::Entity::insert(alert::ActiveModel {
-        key: Set(key.to_string()),
-        value: Set(value.to_string()),
-        at: Set(ctx.clock().now()),
-    })
-    .on_conflict(
-        OnConflict::column(alert::Column::Key)
-            .do_nothing()
-            .to_owned(),
-    )
-    .exec_without_returning(ctx.db())
-    .await?;
-    Ok(inserted > 0)
-}
-
-/// Forgets that `key` was told (the incident ended; a new one is told again).
-pub async fn forget_alert(ctx: &ModuleContext, key: &str) -> Result<(), sea_orm::DbErr> {
-    alert::Entity::delete_by_id(key.to_string())
-        .exec(ctx.db())
-        .await?;
-    Ok(())
 }
 
 /// Warns operators once per threshold (30, 7, 1 days) before the client secret expires.
@@ -120,30 +91,7 @@ impl std::fmt::Display for RefreshSummary {
     }
 }
 
-/// How a refresh run behaves.
-#[derive(Debug, Clone)]
-pub struct RefreshOptions {
-    /// Refreshes in flight at once.
-    pub concurrency: usize,
-    /// Each refresh waits a random time up to this before starting, to spread the load.
-    pub max_jitter: std::time::Duration,
-    /// Transient failures are retried this many times within the run.
-    pub transient_retries: u32,
-    /// A token refreshed less than this long ago is skipped (by a delivery, or by the same run
-    /// in another process: several processes running the nightly job refresh each token once).
-    pub skip_refreshed_within: std::time::Duration,
-}
-
-impl Default for RefreshOptions {
-    fn default() -> Self {
-        Self {
-            concurrency: 8,
-            max_jitter: std::time::Duration::from_secs(2),
-            transient_retries: 2,
-            skip_refreshed_within: std::time::Duration::from_secs(3600),
-        }
-    }
-}
+pub use crate::runtime::RefreshOptions;
 
 enum One {
     Refreshed,

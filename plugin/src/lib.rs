@@ -2,6 +2,7 @@
 //! OAuth2 and send CRM mail through them.
 
 pub mod aad;
+pub mod alerts;
 pub mod classify;
 pub mod compose;
 pub mod confirm;
@@ -10,6 +11,7 @@ pub mod entities;
 pub mod failed_notice;
 pub mod health;
 pub mod jobs;
+pub mod layout;
 pub mod mail_routes;
 pub mod metrics;
 mod module;
@@ -31,3 +33,6 @@ pub mod token_store;
 pub mod xoauth2;
 
 pub use module::{CONFIRM_PATH, MANIFEST_TOML, OutlookModule, is_loopback_url};
+
+#[cfg(test)]
+mod structure_test;

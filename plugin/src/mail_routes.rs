@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use crate::compose::{AddressInput, MailRequest};
 use crate::entities::outbox;
-use crate::pages::{csrf, page_with};
+use crate::layout::{csrf, page_with};
 use crate::queue::{Refusal, queue_mail};
 use crate::runtime::Shared;
 
@@ -314,7 +314,7 @@ async fn list(
         h1 { "Mails of " a href=(summary.url) { (summary.title) } }
         section.card { (mails_table(&mails, &crate::health::waiting_words(&ctx).await)) }
     };
-    crate::pages::page(&ctx, &user, "Mails", body)
+    crate::layout::page(&ctx, &user, "Mails", body)
 }
 
 fn refusal_response(

@@ -15,8 +15,7 @@ use metrics_exporter_prometheus::{
 use sea_orm::{ColumnTrait, EntityTrait, QuerySelect};
 
 use crate::classify::{Level, Verdict};
-use crate::entities::{mail_server, outbox};
-use crate::health::Health;
+use crate::entities::outbox;
 
 /// Mails by status (gauge, read at scrape time).
 pub const MAILS: &str = "microsoft_outlook_mails";
@@ -115,15 +114,20 @@ impl Metrics {
         });
     }
 
-    /// The registry in the Prometheus text format, with the gauges read from the database now.
-    pub async fn render(&self, ctx: &ModuleContext) -> Result<String, sea_orm::DbErr> {
+    /// The registry in the Prometheus text format, with the mail gauges read from the database
+    /// now and the mailbox gauges from `by_health` (state → number of mailboxes, as the health
+    /// module counts them).
+    pub async fn render(
+        &self,
+        ctx: &ModuleContext,
+        by_health: &BTreeMap<&'static str, i64>,
+    ) -> Result<String, sea_orm::DbErr> {
         let by_status = mails_by_status(ctx).await?;
-        let by_health = mailboxes_by_health(ctx).await?;
         ::metrics::with_local_recorder(&self.recorder, || {
             for (status, n) in &by_status {
                 ::metrics::gauge!(MAILS, "status" => status.clone()).set(*n as f64);
             }
-            for (state, n) in &by_health {
+            for (state, n) in by_health {
                 ::metrics::gauge!(MAILBOXES, "state" => *state).set(*n as f64);
             }
         });
@@ -144,28 +148,6 @@ async fn mails_by_status(ctx: &ModuleContext) -> Result<BTreeMap<String, i64>, s
         .await?;
     let mut counts: BTreeMap<String, i64> = STATUSES.iter().map(|s| (s.to_string(), 0)).collect();
     counts.extend(rows);
-    Ok(counts)
-}
-
-/// How many mailboxes are ready, throttled and held.
-async fn mailboxes_by_health(
-    ctx: &ModuleContext,
-) -> Result<BTreeMap<&'static str, i64>, sea_orm::DbErr> {
-    let servers: Vec<i32> = mail_server::Entity::find()
-        .select_only()
-        .column(mail_server::Column::Id)
-        .into_tuple()
-        .all(ctx.db())
-        .await?;
-    let healths = crate::health::all(ctx).await?;
-    let now = ctx.clock().now();
-    let mut counts: BTreeMap<&'static str, i64> =
-        [("ready", 0), ("throttled", 0), ("held", 0)].into();
-    for id in servers {
-        *counts
-            .entry(Health::of(healths.get(&id), now).state())
-            .or_default() += 1;
-    }
     Ok(counts)
 }
 

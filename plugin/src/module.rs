@@ -227,7 +227,11 @@ impl Module for OutlookModule {
     }
 
     async fn metrics(&self, ctx: &ModuleContext) -> Option<String> {
-        match self.shared.metrics.render(ctx).await {
+        let rendered = match crate::health::counts(ctx).await {
+            Ok(by_health) => self.shared.metrics.render(ctx, &by_health).await,
+            Err(e) => Err(e),
+        };
+        match rendered {
             Ok(text) => Some(text),
             Err(e) => {
                 tracing::warn!(error = %e, "reading the outbox for the metrics failed");

@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use crate::CONFIRM_PATH;
 use crate::aad::{AadFailure, aadsts_code, explain};
 use crate::entities::{mail_server, oauth_state};
-use crate::pages::page_with;
+use crate::layout::page_with;
 use crate::servers::may_manage;
 use crate::settings::OutlookSettings;
 use crate::token_client::{self, Grant};

@@ -2,40 +2,16 @@
 //! with its connection status.
 
 use actix_web::{HttpResponse, web};
-use crm_sdk::{CSRF_FIELD, CurrentUser, FieldError, ModuleContext};
+use crm_sdk::{CurrentUser, FieldError, ModuleContext};
 use maud::{Markup, html};
 use sea_orm::EntityTrait;
 use serde::Deserialize;
 
 use crate::entities::{mail_server, token};
 use crate::health::Health;
-use crate::servers::{self, OutboundRules, ServerForm, ServerInput, ServerKind, may_manage};
+use crate::layout::{csrf, managed_server, page, page_with};
+use crate::servers::{self, OutboundRules, ServerForm, ServerInput, ServerKind};
 use crate::settings::{OutlookSettings, PersonalSmtpHosts};
-
-/// A full page in the host's frame.
-pub fn page(ctx: &ModuleContext, user: &CurrentUser, title: &str, body: Markup) -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/html; charset=utf-8")
-        .body(ctx.page(title, Some(user), &body.into_string()))
-}
-
-/// A page with another status (refusals, errors).
-pub fn page_with(
-    status: actix_web::http::StatusCode,
-    ctx: &ModuleContext,
-    user: &CurrentUser,
-    title: &str,
-    body: Markup,
-) -> HttpResponse {
-    HttpResponse::build(status)
-        .content_type("text/html; charset=utf-8")
-        .body(ctx.page(title, Some(user), &body.into_string()))
-}
-
-/// The hidden CSRF field.
-pub fn csrf(user: &CurrentUser) -> Markup {
-    html! { input type="hidden" name=(CSRF_FIELD) value=(user.csrf_token); }
-}
 
 fn forbidden(ctx: &ModuleContext, user: &CurrentUser) -> HttpResponse {
     page_with(
@@ -47,16 +23,6 @@ fn forbidden(ctx: &ModuleContext, user: &CurrentUser) -> HttpResponse {
             h1 { "You cannot manage this mail server" }
             p { "Shared servers are managed by operators; a personal mailbox only by its owner." }
         },
-    )
-}
-
-fn not_found(ctx: &ModuleContext, user: &CurrentUser) -> HttpResponse {
-    page_with(
-        actix_web::http::StatusCode::NOT_FOUND,
-        ctx,
-        user,
-        "Not found",
-        html! { h1 { "No such mail server" } p { a href="/microsoft_outlook/servers" { "Back to mail servers" } } },
     )
 }
 
@@ -296,24 +262,6 @@ async fn server_page_body(
                 span.help { " Asks first, and says what happens to its queued mail." }
             }
         }
-    }
-}
-
-/// The server `id` if `user` may manage it, else the 404 page (the same for "not yours" and
-/// "not there").
-pub(crate) async fn managed_server(
-    ctx: &ModuleContext,
-    user: &CurrentUser,
-    id: i32,
-) -> Result<mail_server::Model, Box<HttpResponse>> {
-    let found = mail_server::Entity::find_by_id(id)
-        .one(ctx.db())
-        .await
-        .ok()
-        .flatten();
-    match found {
-        Some(server) if may_manage(user, &server) => Ok(server),
-        _ => Err(Box::new(not_found(ctx, user))),
     }
 }
 

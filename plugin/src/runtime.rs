@@ -19,7 +19,7 @@ pub struct ModuleOptions {
     /// The first retry delay; each further retry doubles it (with jitter), up to an hour.
     pub retry_base_secs: i64,
     /// How the nightly refresh runs.
-    pub refresh: crate::jobs::RefreshOptions,
+    pub refresh: RefreshOptions,
     /// How long one request to the token endpoint may take.
     pub token_timeout: std::time::Duration,
     /// Whether this process delivers mail and runs the scheduled jobs. A web-only process
@@ -34,11 +34,49 @@ impl Default for ModuleOptions {
             delivery_concurrency: 16,
             lease_secs: 300,
             retry_base_secs: 60,
-            refresh: crate::jobs::RefreshOptions::default(),
+            refresh: RefreshOptions::default(),
             token_timeout: crate::token_client::TOKEN_TIMEOUT,
             workers: true,
         }
     }
+}
+
+/// How a refresh run behaves.
+#[derive(Debug, Clone)]
+pub struct RefreshOptions {
+    /// Refreshes in flight at once.
+    pub concurrency: usize,
+    /// Each refresh waits a random time up to this before starting, to spread the load.
+    pub max_jitter: std::time::Duration,
+    /// Transient failures are retried this many times within the run.
+    pub transient_retries: u32,
+    /// A token refreshed less than this long ago is skipped (by a delivery, or by the same run
+    /// in another process: several processes running the nightly job refresh each token once).
+    pub skip_refreshed_within: std::time::Duration,
+}
+
+impl Default for RefreshOptions {
+    fn default() -> Self {
+        Self {
+            concurrency: 8,
+            max_jitter: std::time::Duration::from_secs(2),
+            transient_retries: 2,
+            skip_refreshed_within: std::time::Duration::from_secs(3600),
+        }
+    }
+}
+
+/// The delivery limits from settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Attempts before a mail fails (`max_attempts`, 1–100).
+    pub max_attempts: i32,
+    /// Sends a minute per mailbox (`mailbox_rate_per_minute`; 0 = no limit).
+    pub per_minute: usize,
+    /// The largest mail accepted at the queue route, in bytes (`max_message_kb` × 1024).
+    pub max_bytes: usize,
+    /// Days a sent mail's text is kept (`keep_sent_days`; 0 = deleted once sent).
+    pub keep_sent_days: i64,
 }
 
 /// A cached client-credentials token.
@@ -73,7 +111,7 @@ pub struct Shared {
     in_flight_done: tokio::sync::Notify,
     /// The delivery limits read from settings, and when (read again after two seconds, and
     /// at once after settings are saved in this process).
-    pub limits: std::sync::Mutex<Option<(std::time::Instant, crate::delivery::limits::Limits)>>,
+    pub limits: std::sync::Mutex<Option<(std::time::Instant, Limits)>>,
     /// Mail server rows read by deliveries, kept two seconds (edits made in this process apply
     /// at once, in others within two seconds).
     servers: std::sync::Mutex<

@@ -134,20 +134,11 @@ fn is_loopback_host(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-pub(crate) fn valid_host(host: &str) -> bool {
-    !host.is_empty()
-        && host.len() <= 253
-        && (host.parse::<std::net::IpAddr>().is_ok()
-            || host
-                .split('.')
-                .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')))
-}
-
 /// Parses an allow-list entry: an address or `@domain`.
 fn allow_entry(entry: &str) -> Option<String> {
     let entry = entry.trim().to_ascii_lowercase();
     if let Some(domain) = entry.strip_prefix('@') {
-        return (valid_host(domain) && domain.contains('.')).then_some(entry);
+        return (crate::settings::valid_host(domain) && domain.contains('.')).then_some(entry);
     }
     entry
         .parse::<Address>()
@@ -164,7 +155,7 @@ impl ServerInput {
             errors.push(err("name", "Name is required (at most 120 characters)."));
         }
         let smtp_host = form.smtp_host.trim().to_ascii_lowercase();
-        if !valid_host(&smtp_host) {
+        if !crate::settings::valid_host(&smtp_host) {
             errors.push(err(
                 "smtp_host",
                 "SMTP host must be a host name such as smtp.office365.com.",

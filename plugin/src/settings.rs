@@ -136,7 +136,7 @@ impl PersonalSmtpHosts {
                 None => (entry, None),
             };
             let host = host.to_ascii_lowercase();
-            if !crate::servers::valid_host(&host) {
+            if !valid_host(&host) {
                 return Err(format!("\"{entry}\" is not a host name or host:port"));
             }
             entries.push((host, port));
@@ -316,4 +316,14 @@ mod tests {
         assert!(PersonalSmtpHosts::parse("smtp.example:x").is_err());
         assert!(PersonalSmtpHosts::parse("evil example").is_err());
     }
+}
+
+/// Whether `host` is a DNS name (letters, digits and hyphens between dots) or an IP address.
+pub(crate) fn valid_host(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && (host.parse::<std::net::IpAddr>().is_ok()
+            || host
+                .split('.')
+                .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')))
 }

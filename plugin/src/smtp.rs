@@ -21,7 +21,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::classify::{Observed, Stage};
 use crate::entities::{mail_server, smtp_slot, token};
-use crate::token_service::AccessToken;
+use crate::token_store::AccessToken;
 
 /// Exchange Online's limit of concurrent SMTP connections per mailbox.
 pub const CONNECTIONS_PER_MAILBOX: usize = 3;

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use crate::classify::{self, Facts, HoldReason};
 use crate::compose::{AddressInput, MailRequest, OutgoingMail};
 use crate::entities::mail_server;
+use crate::layout::{csrf, managed_server, page, page_with};
 use crate::mail_routes::{classified_reply, json_refusal, wants_json};
-use crate::pages::{csrf, managed_server, page, page_with};
 use crate::runtime::Shared;
 use crate::smtp::{Reached, SendOutcome, SmtpFailure};
 use crate::token_service::{AccessToken, TokenProblem, fresh_access_token};
@@ -354,7 +354,7 @@ fn refused_host(
         return HttpResponse::Conflict()
             .json(serde_json::json!({ "errors": [{ "field": "server", "message": why }] }));
     }
-    crate::pages::page_with(
+    crate::layout::page_with(
         StatusCode::CONFLICT,
         ctx,
         user,

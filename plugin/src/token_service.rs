@@ -19,18 +19,7 @@ use crate::token_store::{access_context, refresh_context};
 /// Refresh when the access token expires within this many minutes.
 pub const REFRESH_MARGIN_MINUTES: i64 = 5;
 
-/// An access token ready to use.
-pub struct AccessToken {
-    /// The bearer token.
-    pub token: SecretString,
-    /// The row version it belongs to (connections are reused per version).
-    pub version: i64,
-    /// Whether this call refreshed it.
-    pub refreshed: bool,
-    /// The `user=` identities SMTP AUTH may use, the one known to work first (the mailbox
-    /// address, the signed-in UPN).
-    pub identities: Vec<String>,
-}
+pub use crate::token_store::AccessToken;
 
 /// Why no access token could be had.
 #[derive(Debug, Clone)]

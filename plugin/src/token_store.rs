@@ -78,3 +78,16 @@ pub async fn store_connected(
         .await?
         .ok_or_else(|| DbErr::RecordNotFound(format!("token of server {server_id}")))
 }
+
+/// An access token ready to use.
+pub struct AccessToken {
+    /// The bearer token.
+    pub token: SecretString,
+    /// The row version it belongs to (connections are reused per version).
+    pub version: i64,
+    /// Whether this call refreshed it.
+    pub refreshed: bool,
+    /// The `user=` identities SMTP AUTH may use, the one known to work first (the mailbox
+    /// address, the signed-in UPN).
+    pub identities: Vec<String>,
+}

@@ -24,18 +24,7 @@ pub fn backoff(base_secs: i64, attempts: i32) -> Duration {
     Duration::milliseconds((exp as f64 * 1000.0 * jitter) as i64)
 }
 
-/// The delivery limits from settings.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// Attempts before a mail fails (`max_attempts`, 1–100).
-    pub max_attempts: i32,
-    /// Sends a minute per mailbox (`mailbox_rate_per_minute`; 0 = no limit).
-    pub per_minute: usize,
-    /// The largest mail accepted at the queue route, in bytes (`max_message_kb` × 1024).
-    pub max_bytes: usize,
-    /// Days a sent mail's text is kept (`keep_sent_days`; 0 = deleted once sent).
-    pub keep_sent_days: i64,
-}
+pub use crate::runtime::Limits;
 
 /// How long a process goes on using the limits it read (settings saved in another process
 /// apply within this time; in this one, at once).

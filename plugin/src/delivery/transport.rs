@@ -10,7 +10,7 @@ use lettre::address::Envelope;
 
 use crate::classify::Verdict;
 use crate::entities::mail_server;
-use crate::token_service::AccessToken;
+use crate::token_store::AccessToken;
 
 /// One message ready to go: its outbox id, envelope (RFC 5321 MAIL FROM and RCPT TO) and
 /// bytes (RFC 5322, as built at queue time).

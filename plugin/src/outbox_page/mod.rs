@@ -20,10 +20,10 @@ use std::sync::Arc;
 
 use crate::entities::{mail_server, outbox, outbox_body};
 use crate::health::Health;
+use crate::layout::{csrf, page, page_with};
 use crate::mail_routes::{
     MailView, classified_reply, for_viewer, json_refusal, status_badge, wants_json,
 };
-use crate::pages::{csrf, page, page_with};
 use crate::runtime::Shared;
 
 /// Mails per page.
