@@ -53,7 +53,7 @@ pub async fn run(kind: DbKind, pg: &str, n: usize, max_conns: u32) -> anyhow::Re
         ctx.settings().load(ctx.module_id()).await?;
     });
     time!("fresh_access_token", |i, id| {
-        let _ = microsoft_outlook::token_service::fresh_access_token(
+        let _ = microsoft_outlook::tokens::service::fresh_access_token(
             ctx,
             &a.shared,
             &servers[i % 10],

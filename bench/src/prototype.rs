@@ -10,7 +10,7 @@ use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::AsyncSmtpConnection;
 use lettre::transport::smtp::extension::ClientId;
 use microsoft_outlook::entities::{outbox, token};
-use microsoft_outlook::token_store::access_context;
+use microsoft_outlook::tokens::store::access_context;
 use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType, Query};
 use sea_orm::{ColumnTrait, ConnectionTrait, DbBackend, EntityTrait};
 use secrecy::ExposeSecret;

@@ -6,10 +6,10 @@ use chrono::{Duration, Utc};
 use crm_host::{Config, HostOptions};
 use crm_sdk::{ModuleContext, Sealer, SealingKey, SystemClock};
 use microsoft_outlook::OutlookModule;
-use microsoft_outlook::compose::{AddressInput, MailRequest, OutgoingMail};
 use microsoft_outlook::entities::{mail_server, outbox, token};
+use microsoft_outlook::outbox::compose::{AddressInput, MailRequest, OutgoingMail};
 use microsoft_outlook::runtime::{ModuleOptions, Shared};
-use microsoft_outlook::token_store::{access_context, refresh_context};
+use microsoft_outlook::tokens::store::{access_context, refresh_context};
 use rand::Rng;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
@@ -366,7 +366,7 @@ fn build_raw(
 ) -> anyhow::Result<(String, String)> {
     let mail = OutgoingMail::parse(
         &mail_request(subject, body),
-        microsoft_outlook::compose::DEFAULT_MAX_BYTES,
+        microsoft_outlook::outbox::compose::DEFAULT_MAX_BYTES,
     )
     .map_err(|e| anyhow::anyhow!("the bench mail is invalid: {e:?}"))?;
     let from = lettre::message::Mailbox::new(Some("Bench Author".into()), server.mailbox.parse()?);

@@ -181,11 +181,11 @@ async fn main() -> anyhow::Result<()> {
             let ctx = &entry.ctx;
             match command {
                 OutlookCommand::Status { json } => {
-                    let rows = microsoft_outlook::status::all(ctx).await?;
+                    let rows = microsoft_outlook::web::status::all(ctx).await?;
                     if json {
                         println!("{}", serde_json::to_string_pretty(&rows)?);
                     } else {
-                        print!("{}", microsoft_outlook::status::table(&rows));
+                        print!("{}", microsoft_outlook::web::status::table(&rows));
                     }
                 }
                 OutlookCommand::Refresh { mailbox, all: _ } => {
@@ -200,7 +200,7 @@ async fn main() -> anyhow::Result<()> {
                         microsoft_outlook::jobs::refresh_all(ctx, &shared, mailbox, &options)
                             .await?;
                     println!("{summary}");
-                    for row in microsoft_outlook::status::all(ctx).await? {
+                    for row in microsoft_outlook::web::status::all(ctx).await? {
                         if mailbox.is_none_or(|m| m == row.id) {
                             println!(
                                 "  {} {}: {}{}",

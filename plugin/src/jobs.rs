@@ -108,7 +108,7 @@ async fn refresh_one(
     settings: Option<&OutlookSettings>,
     options: &RefreshOptions,
 ) -> One {
-    use crate::token_service::{TokenProblem, refresh_using};
+    use crate::tokens::service::{TokenProblem, refresh_using};
     let seen_version = seen.version;
     let mut first = Some(seen);
     if !options.max_jitter.is_zero() {

@@ -1,36 +1,26 @@
 //! The `microsoft_outlook` CRM module: connect Microsoft 365 / Exchange Online mailboxes with
 //! OAuth2 and send CRM mail through them.
+//!
+//! The rooms, top to bottom (no module imports one above it):
+//! - [`web`]: pages and routes; [`jobs`]: what the scheduled jobs do;
+//! - [`delivery`]: drains, mailbox health, classification, transports (SMTP);
+//! - [`outbox`]: compose, queue, claims and outcomes; [`connect`]: the OAuth2 flow;
+//!   [`tokens`]: the sealed token store and fresh tokens;
+//! - [`runtime`]: what routes and jobs share; [`settings`], [`alerts`], [`metrics`],
+//!   [`entities`]: the tables.
 
-pub mod aad;
 pub mod alerts;
-pub mod classify;
-pub mod compose;
-pub mod confirm;
+pub mod connect;
 pub mod delivery;
 pub mod entities;
-pub mod failed_notice;
-pub mod health;
 pub mod jobs;
-pub mod layout;
-pub mod mail_routes;
 pub mod metrics;
 mod module;
-pub mod oauth;
 pub mod outbox;
-pub mod outbox_page;
-pub mod pages;
-pub mod queue;
 pub mod runtime;
-pub mod servers;
 pub mod settings;
-pub mod setup_guide;
-pub mod smtp;
-pub mod status;
-pub mod test_connection;
-pub mod token_client;
-pub mod token_service;
-pub mod token_store;
-pub mod xoauth2;
+pub mod tokens;
+pub mod web;
 
 pub use module::{CONFIRM_PATH, MANIFEST_TOML, OutlookModule, is_loopback_url};
 

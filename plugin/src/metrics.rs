@@ -14,7 +14,7 @@ use metrics_exporter_prometheus::{
 };
 use sea_orm::{ColumnTrait, EntityTrait, QuerySelect};
 
-use crate::classify::{Level, Verdict};
+use crate::delivery::classify::{Level, Verdict};
 use crate::entities::outbox;
 
 /// Mails by status (gauge, read at scrape time).

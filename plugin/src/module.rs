@@ -76,11 +76,12 @@ impl Module for OutlookModule {
         // Saved settings apply at once in this process (other processes read them within
         // two seconds), and end the holds that waited for them.
         *self.shared.limits.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        let reasons: Vec<crate::classify::HoldReason> = crate::classify::HoldReason::ALL
-            .into_iter()
-            .filter(|r| r.ends_on_settings_saved())
-            .collect();
-        match crate::health::release_reasons(ctx, &self.shared, &reasons).await {
+        let reasons: Vec<crate::delivery::classify::HoldReason> =
+            crate::delivery::classify::HoldReason::ALL
+                .into_iter()
+                .filter(|r| r.ends_on_settings_saved())
+                .collect();
+        match crate::delivery::health::release_reasons(ctx, &self.shared, &reasons).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(mailboxes = n, "settings saved: held mailboxes released"),
             Err(e) => {
@@ -90,7 +91,7 @@ impl Module for OutlookModule {
     }
 
     fn validate_settings(&self, values: &BTreeMap<String, String>) -> Vec<FieldError> {
-        let mut errors = crate::setup_guide::secret_field_errors(values);
+        let mut errors = crate::web::setup_guide::secret_field_errors(values);
         if let Some(url) = values.get("authority_url").filter(|u| !u.is_empty())
             && url.starts_with("http://")
             && !is_loopback_url(url)
@@ -122,15 +123,15 @@ impl Module for OutlookModule {
                     actix_web::HttpResponse::Ok()
                         .content_type("text/javascript; charset=utf-8")
                         .insert_header(("Cache-Control", "public, max-age=3600"))
-                        .body(crate::setup_guide::COPY_SCRIPT)
+                        .body(crate::web::setup_guide::COPY_SCRIPT)
                 }),
             )
-            .configure(crate::pages::routes)
-            .configure(crate::confirm::routes)
-            .configure(crate::oauth::routes)
-            .configure(crate::mail_routes::routes)
-            .configure(crate::outbox_page::routes)
-            .configure(crate::test_connection::routes);
+            .configure(crate::web::pages::routes)
+            .configure(crate::connect::confirm::routes)
+            .configure(crate::connect::oauth::routes)
+            .configure(crate::web::mail_routes::routes)
+            .configure(crate::web::outbox_page::routes)
+            .configure(crate::web::test_connection::routes);
     }
 
     async fn start(&self, ctx: &ModuleContext) -> Result<JobsHandle, BoxError> {
@@ -223,11 +224,11 @@ impl Module for OutlookModule {
         record: &crm_sdk::RecordRef,
         user: &crm_sdk::CurrentUser,
     ) -> Option<String> {
-        crate::mail_routes::record_panel(ctx, record, user).await
+        crate::web::mail_routes::record_panel(ctx, record, user).await
     }
 
     async fn metrics(&self, ctx: &ModuleContext) -> Option<String> {
-        let rendered = match crate::health::counts(ctx).await {
+        let rendered = match crate::delivery::health::counts(ctx).await {
             Ok(by_health) => self.shared.metrics.render(ctx, &by_health).await,
             Err(e) => Err(e),
         };
@@ -241,15 +242,15 @@ impl Module for OutlookModule {
     }
 
     async fn settings_guide(&self, ctx: &ModuleContext) -> Option<String> {
-        Some(crate::setup_guide::guide(ctx).await)
+        Some(crate::web::setup_guide::guide(ctx).await)
     }
 
     async fn verify_settings(&self, ctx: &ModuleContext) -> Option<SettingsCheck> {
-        crate::setup_guide::verify(ctx, &self.shared.http).await
+        crate::web::setup_guide::verify(ctx, &self.shared.http).await
     }
 
     async fn disable_consequences(&self, ctx: &ModuleContext) -> Vec<String> {
-        crate::setup_guide::disable_consequences(ctx).await
+        crate::web::setup_guide::disable_consequences(ctx).await
     }
 }
 

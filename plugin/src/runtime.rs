@@ -5,7 +5,7 @@ use std::sync::{Arc, RwLock};
 
 use microsoft_outlook_jobs::MailQueue;
 
-use crate::smtp::SmtpSender;
+use crate::delivery::smtp::SmtpSender;
 
 /// Tunables that are not operator settings (tests and benchmarks change them).
 #[derive(Debug, Clone)]
@@ -35,7 +35,7 @@ impl Default for ModuleOptions {
             lease_secs: 300,
             retry_base_secs: 60,
             refresh: RefreshOptions::default(),
-            token_timeout: crate::token_client::TOKEN_TIMEOUT,
+            token_timeout: crate::connect::token_client::TOKEN_TIMEOUT,
             workers: true,
         }
     }
@@ -139,7 +139,7 @@ pub struct Shared {
 impl Shared {
     /// Fresh shared state.
     pub fn new(options: ModuleOptions) -> Arc<Self> {
-        let http = crate::token_client::http_client(options.token_timeout);
+        let http = crate::connect::token_client::http_client(options.token_timeout);
         let suffix: u32 = rand::random();
         let instance = format!("{}-{suffix:08x}", std::process::id());
         // A crashed process's connection slots come free after this long.

@@ -12,7 +12,7 @@ use lettre::Address;
 use lettre::address::Envelope;
 use rand::Rng;
 
-use crate::classify::{Level, Verdict, Who};
+use crate::delivery::classify::{Level, Verdict, Who};
 use crate::delivery::limits::{Limits, backoff, limits};
 use crate::delivery::transport::{
     Batch, BatchResult, MessageResult, Prepared, Report, Stop, Transport,
@@ -20,7 +20,7 @@ use crate::delivery::transport::{
 use crate::entities::{mail_server, outbox};
 use crate::outbox::claims::{self, Claim, Claimed, LeaseKeeper, Outcome};
 use crate::runtime::Shared;
-use crate::token_service::{AccessToken, TokenProblem, fresh_access_token};
+use crate::tokens::service::{AccessToken, TokenProblem, fresh_access_token};
 
 /// What a drain did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -272,7 +272,7 @@ async fn send_batch(
     };
     drained.add(w.write(rest).await?);
     if drained.sent > 0 {
-        crate::health::succeeded(ctx, shared, server.id, None).await?;
+        crate::delivery::health::succeeded(ctx, shared, server.id, None).await?;
     }
     tracing::info!(
         server_id,
@@ -343,13 +343,19 @@ async fn stop_words(
             shared.metrics.outcome(verdict);
             let until = match verdict.level {
                 Level::MailboxHeld(reason) => {
-                    crate::health::hold(ctx, shared, server, reason, verdict).await?;
+                    crate::delivery::health::hold(ctx, shared, server, reason, verdict).await?;
                     verdict.hold_for.map(|d| now + d)
                 }
                 _ => {
                     let until = now + verdict.hold_for.unwrap_or(Duration::seconds(60));
-                    crate::health::throttle(ctx, shared, server.id, until, &verdict.words())
-                        .await?;
+                    crate::delivery::health::throttle(
+                        ctx,
+                        shared,
+                        server.id,
+                        until,
+                        &verdict.words(),
+                    )
+                    .await?;
                     Some(until)
                 }
             };
@@ -498,7 +504,7 @@ impl Writer<'_> {
                     self.shared.metrics.failed(queued_for);
                     let why = d.outcome.last_error.as_deref().unwrap_or_default();
                     let who = d.failed_for.unwrap_or(Who::Nobody);
-                    crate::failed_notice::mail_failed(self.ctx, row, why, who).await;
+                    crate::outbox::failed_notice::mail_failed(self.ctx, row, why, who).await;
                 }
                 _ => drained.again += 1,
             }

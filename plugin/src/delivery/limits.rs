@@ -53,7 +53,7 @@ async fn read_limits(ctx: &ModuleContext) -> Limits {
     Limits {
         max_attempts: get("max_attempts").map_or(DEFAULT_MAX_ATTEMPTS, |n| n.clamp(1, 100) as i32),
         per_minute: get("mailbox_rate_per_minute").map_or(30, |n| Ord::max(n, 0) as usize),
-        max_bytes: get("max_message_kb").map_or(crate::compose::DEFAULT_MAX_BYTES, |kb| {
+        max_bytes: get("max_message_kb").map_or(crate::outbox::compose::DEFAULT_MAX_BYTES, |kb| {
             Ord::max(kb, 1) as usize * 1024
         }),
         keep_sent_days: get("keep_sent_days").map_or(DEFAULT_KEEP_SENT_DAYS, |d| d.clamp(0, 3650)),

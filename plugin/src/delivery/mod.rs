@@ -1,8 +1,13 @@
-//! Delivery: the drains of mailboxes with due mail, the limits they keep, and the transports
-//! that carry a batch (SMTP with XOAUTH2; Microsoft Graph next).
+//! Delivery: the drains of mailboxes with due mail, each mailbox's health (ready, throttled,
+//! held), the classification of what servers answer, the limits the drains keep, and the
+//! transports that carry a batch (SMTP with XOAUTH2; Microsoft Graph next).
 
+pub mod classify;
 pub mod drain;
 pub mod drains;
+pub mod health;
 pub mod limits;
+pub mod smtp;
 pub mod smtp_transport;
 pub mod transport;
+pub mod xoauth2;

@@ -1,7 +1,7 @@
 //! The SMTP side of the transport seam: a batch goes out over up to three of the mailbox's
 //! connections at once (Exchange Online's limit per mailbox, counted across processes by the
 //! connection slots), each reused from one message to the next, and every refusal is
-//! classified by the SMTP table ([`crate::classify::smtp`]).
+//! classified by the SMTP table ([`crate::delivery::classify::smtp`]).
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 
-use crate::classify::{self, Facts, Level};
+use crate::delivery::classify::{self, Facts, Level};
+use crate::delivery::smtp::{CONNECTIONS_PER_MAILBOX, SendOutcome, SmtpFailure, SmtpSender};
 use crate::delivery::transport::{Batch, BatchResult, MessageResult, Stop, Transport};
-use crate::smtp::{CONNECTIONS_PER_MAILBOX, SendOutcome, SmtpFailure, SmtpSender};
 
 /// How long one message waits for a free connection before the rest of the batch waits in
 /// the queue instead.

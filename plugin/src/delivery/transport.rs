@@ -8,9 +8,9 @@ use crm_sdk::ModuleContext;
 use futures::future::BoxFuture;
 use lettre::address::Envelope;
 
-use crate::classify::Verdict;
+use crate::delivery::classify::Verdict;
 use crate::entities::mail_server;
-use crate::token_store::AccessToken;
+use crate::tokens::store::AccessToken;
 
 /// One message ready to go: its outbox id, envelope (RFC 5321 MAIL FROM and RCPT TO) and
 /// bytes (RFC 5322, as built at queue time).

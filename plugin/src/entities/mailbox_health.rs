@@ -9,7 +9,7 @@ pub struct Model {
     pub server_id: i32,
     /// `ready`, `throttled` or `held`.
     pub state: String,
-    /// Why it is held (a [`crate::classify::HoldReason`] name), or throttled.
+    /// Why it is held (a [`crate::delivery::classify::HoldReason`] name), or throttled.
     pub reason: Option<String>,
     /// What happened and what to do, in words.
     pub detail: Option<String>,

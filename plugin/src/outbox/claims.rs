@@ -102,7 +102,7 @@ async fn claim_rows<C: ConnectionTrait>(
         .from(outbox::Entity)
         .and_where(outbox::Column::ServerId.eq(server_id))
         .cond_where(due(now))
-        .and_where(crate::health::claimable(now))
+        .and_where(crate::delivery::health::claimable(now))
         .order_by(outbox::Column::Id, sea_orm::Order::Asc)
         .limit(limit);
     if db.get_database_backend() == sea_orm::DbBackend::Postgres {
@@ -459,7 +459,7 @@ pub async fn to_wake(
     pick.column(outbox::Column::Id)
         .from(outbox::Entity)
         .cond_where(due)
-        .and_where(crate::health::claimable(now))
+        .and_where(crate::delivery::health::claimable(now))
         .limit(limit);
     if ctx.db().get_database_backend() == sea_orm::DbBackend::Postgres {
         pick.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);

@@ -1,3 +1,7 @@
-//! The outbox: the truth of every mail. Claims and outcomes, a batch at a time.
+//! The outbox: the truth of every mail. Composing a mail, queuing it with its body, claims and
+//! outcomes a batch at a time, and telling people when a mail failed.
 
 pub mod claims;
+pub mod compose;
+pub mod failed_notice;
+pub mod queue;

@@ -263,7 +263,7 @@ async fn operator_connects_the_shared_server_and_sees_the_token_validated() {
     let access = sealer
         .unseal(
             &row.access_token_sealed,
-            &microsoft_outlook::token_store::access_context(env.server_id),
+            &microsoft_outlook::tokens::store::access_context(env.server_id),
         )
         .expect("unseal");
     let refresh = sealer
@@ -271,7 +271,7 @@ async fn operator_connects_the_shared_server_and_sees_the_token_validated() {
             row.refresh_token_sealed
                 .as_deref()
                 .expect("a refresh token"),
-            &microsoft_outlook::token_store::refresh_context(env.server_id),
+            &microsoft_outlook::tokens::store::refresh_context(env.server_id),
         )
         .expect("unseal");
     let info = env

@@ -757,12 +757,12 @@ async fn mailbox_refusals_hold_the_mailbox_and_message_refusals_fail_the_mail() 
         );
         // Fixed: the hold ends and the mail goes out.
         m.smtp.clear_injections();
-        microsoft_outlook::health::release(
+        microsoft_outlook::delivery::health::release(
             &ctx,
             &shared,
             server_id,
             None,
-            microsoft_outlook::health::Release::Forced,
+            microsoft_outlook::delivery::health::Release::Forced,
         )
         .await
         .expect("release");

@@ -188,7 +188,7 @@ async fn a_user_queues_a_mail_on_a_contact_and_it_is_delivered_with_xoauth2() {
     let access = Sealer::new(&m.env.app.key)
         .unseal(
             &stored.access_token_sealed,
-            &microsoft_outlook::token_store::access_context(m.env.server_id),
+            &microsoft_outlook::tokens::store::access_context(m.env.server_id),
         )
         .expect("unseal");
     let expected = format!(
@@ -490,7 +490,7 @@ async fn a_token_expiring_within_five_minutes_is_refreshed_first_and_rotation_is
         .expect("q")
         .expect("row");
     let sealer = Sealer::new(&m.env.app.key);
-    let refresh_context = microsoft_outlook::token_store::refresh_context(m.env.server_id);
+    let refresh_context = microsoft_outlook::tokens::store::refresh_context(m.env.server_id);
     let old_refresh = sealer
         .unseal(
             before.refresh_token_sealed.as_deref().expect("rt"),
@@ -529,7 +529,7 @@ async fn a_token_expiring_within_five_minutes_is_refreshed_first_and_rotation_is
     let access = sealer
         .unseal(
             &after.access_token_sealed,
-            &microsoft_outlook::token_store::access_context(m.env.server_id),
+            &microsoft_outlook::tokens::store::access_context(m.env.server_id),
         )
         .expect("unseal");
     assert!(

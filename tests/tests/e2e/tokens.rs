@@ -89,8 +89,10 @@ async fn four_workers_refreshing_one_mailbox_for_200_rounds_never_lose_the_grant
         for _ in 0..4 {
             let (ctx, shared, server) = (ctx.clone(), shared.clone(), server.clone());
             workers.push(tokio::spawn(async move {
-                microsoft_outlook::token_service::fresh_access_token(&ctx, &shared, &server, false)
-                    .await
+                microsoft_outlook::tokens::service::fresh_access_token(
+                    &ctx, &shared, &server, false,
+                )
+                .await
             }));
         }
         for worker in workers {
@@ -217,7 +219,7 @@ async fn refresh_failures_are_classified() {
     let ctx = ctx(&env);
     let shared = env.app.module.shared();
     let sealer = Sealer::new(&env.app.key);
-    let refresh_ctx = microsoft_outlook::token_store::refresh_context(env.server_id);
+    let refresh_ctx = microsoft_outlook::tokens::store::refresh_context(env.server_id);
 
     // Transient: a 503 and a 429 with Retry-After are retried within the run.
     env.idp

@@ -18,13 +18,13 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::delivery::health::Health;
 use crate::entities::{mail_server, outbox, outbox_body};
-use crate::health::Health;
-use crate::layout::{csrf, page, page_with};
-use crate::mail_routes::{
+use crate::runtime::Shared;
+use crate::web::layout::{csrf, page, page_with};
+use crate::web::mail_routes::{
     MailView, classified_reply, for_viewer, json_refusal, status_badge, wants_json,
 };
-use crate::runtime::Shared;
 
 /// Mails per page.
 pub const PER_PAGE: u64 = 50;

@@ -5,8 +5,8 @@ use crm_sdk::ModuleContext;
 use sea_orm::{EntityTrait, QueryOrder};
 use serde::Serialize;
 
+use crate::delivery::health::Health;
 use crate::entities::{mail_server, token};
-use crate::health::Health;
 
 /// One mail server's state.
 #[derive(Debug, Clone, Serialize)]
@@ -47,8 +47,8 @@ pub async fn all(ctx: &ModuleContext) -> Result<Vec<ServerStatus>, sea_orm::DbEr
         .all(ctx.db())
         .await?;
     let tokens = token::Entity::find().all(ctx.db()).await?;
-    let healths = crate::health::all(ctx).await?;
-    let waiting = crate::health::waiting_counts(ctx).await?;
+    let healths = crate::delivery::health::all(ctx).await?;
+    let waiting = crate::delivery::health::waiting_counts(ctx).await?;
     let now = ctx.clock().now();
     Ok(servers
         .into_iter()

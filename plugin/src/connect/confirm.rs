@@ -7,8 +7,8 @@ use maud::{Markup, html};
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 
 use crate::entities::{mail_server, outbox, token};
-use crate::layout::{csrf, page};
-use crate::servers::may_manage;
+use crate::web::layout::{csrf, page};
+use crate::web::servers::may_manage;
 
 /// Mails of `server_id` not yet sent or failed.
 pub async fn queued_mails(ctx: &ModuleContext, server_id: i32) -> u64 {
@@ -28,7 +28,7 @@ async fn server_of(
     match mail_server::Entity::find_by_id(id).one(ctx.db()).await {
         Ok(Some(server)) if may_manage(user, &server) => Ok(server),
         // Not yours and not there answer alike.
-        _ => Err(Box::new(crate::layout::page_with(
+        _ => Err(Box::new(crate::web::layout::page_with(
             actix_web::http::StatusCode::NOT_FOUND,
             ctx,
             user,

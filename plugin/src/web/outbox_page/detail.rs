@@ -65,12 +65,12 @@ pub(super) async fn detail(
         .await
         .ok()
         .flatten();
-    let health = crate::health::get(&ctx, mail.server_id)
+    let health = crate::delivery::health::get(&ctx, mail.server_id)
         .await
         .unwrap_or(Health::Ready);
     let waits_on_mailbox =
         matches!(mail.status.as_str(), "queued" | "sending") && health != Health::Ready;
-    let waits = crate::health::waiting_words(&ctx).await;
+    let waits = crate::delivery::health::waiting_words(&ctx).await;
     let body = outbox_body::Entity::find_by_id(mail.id)
         .one(ctx.db())
         .await

@@ -7,11 +7,11 @@ use maud::{Markup, html};
 use sea_orm::EntityTrait;
 use serde::Deserialize;
 
+use crate::delivery::health::Health;
 use crate::entities::{mail_server, token};
-use crate::health::Health;
-use crate::layout::{csrf, managed_server, page, page_with};
-use crate::servers::{self, OutboundRules, ServerForm, ServerInput, ServerKind};
 use crate::settings::{OutlookSettings, PersonalSmtpHosts};
+use crate::web::layout::{csrf, managed_server, page, page_with};
+use crate::web::servers::{self, OutboundRules, ServerForm, ServerInput, ServerKind};
 
 fn forbidden(ctx: &ModuleContext, user: &CurrentUser) -> HttpResponse {
     page_with(
@@ -212,10 +212,10 @@ async fn server_page_body(
         .await
         .ok()
         .flatten();
-    let health = crate::health::get(ctx, server.id)
+    let health = crate::delivery::health::get(ctx, server.id)
         .await
         .unwrap_or(Health::Ready);
-    let waiting = crate::health::waiting_counts(ctx)
+    let waiting = crate::delivery::health::waiting_counts(ctx)
         .await
         .ok()
         .and_then(|w| w.get(&server.id).copied())
@@ -251,7 +251,7 @@ async fn server_page_body(
                 " " a.button.secondary href=(format!("{}/disconnect", server_url(server))) { "Disconnect" }
             }
         }
-        (crate::test_connection::section(server, user))
+        (crate::web::test_connection::section(server, user))
         section.card {
             h2 { "Server" }
             (server_form(user, &server_url(server), form, kind, errors))
@@ -286,8 +286,8 @@ async fn list(
         return forbidden(&ctx, &user);
     }
     let servers = servers::shared(ctx.db()).await.unwrap_or_default();
-    let healths = crate::health::all(&ctx).await.unwrap_or_default();
-    let waiting = crate::health::waiting_counts(&ctx)
+    let healths = crate::delivery::health::all(&ctx).await.unwrap_or_default();
+    let waiting = crate::delivery::health::waiting_counts(&ctx)
         .await
         .unwrap_or_default();
     let tokens: std::collections::HashMap<i32, token::Model> = token::Entity::find()
@@ -513,15 +513,15 @@ async fn delete(
     if deleted.is_ok() {
         // Its waiting mails are not held any more: they fail as "server deleted", in words.
         let shared = shared.clone().into_inner();
-        let released = crate::health::release(
+        let released = crate::delivery::health::release(
             &ctx,
             &shared,
             server.id,
             None,
-            crate::health::Release::Forced,
+            crate::delivery::health::Release::Forced,
         )
         .await;
-        if let Err(e) = released.and(crate::health::forget(&ctx, server.id).await) {
+        if let Err(e) = released.and(crate::delivery::health::forget(&ctx, server.id).await) {
             tracing::warn!(error = %e, "forgetting a deleted server's health failed");
         }
     }
@@ -556,12 +556,12 @@ async fn retry(
         Err(refused) => return *refused,
     };
     shared.server_changed(server.id);
-    match crate::health::release(
+    match crate::delivery::health::release(
         &ctx,
         &shared.clone().into_inner(),
         server.id,
         None,
-        crate::health::Release::Forced,
+        crate::delivery::health::Release::Forced,
     )
     .await
     {

@@ -10,11 +10,11 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::compose::{AddressInput, MailRequest};
 use crate::entities::outbox;
-use crate::layout::{csrf, page_with};
-use crate::queue::{Refusal, queue_mail};
+use crate::outbox::compose::{AddressInput, MailRequest};
+use crate::outbox::queue::{Refusal, queue_mail};
 use crate::runtime::Shared;
+use crate::web::layout::{csrf, page_with};
 
 #[derive(Deserialize)]
 struct MailForm {
@@ -260,7 +260,7 @@ pub async fn record_panel(
                 h2 { "Send a mail" }
                 (compose_form(user, record, &to, &[]))
                 h2 { "Mails" }
-                (mails_table(&mails, &crate::health::waiting_words(ctx).await))
+                (mails_table(&mails, &crate::delivery::health::waiting_words(ctx).await))
                 p { a href=(record_path(&record.model, record.id)) { "All mails of this record" } }
             }
         }
@@ -297,7 +297,7 @@ async fn list(
     };
     let mails = recent(&ctx, &record, 500, &user).await;
     if wants_json(&req) {
-        let waits = crate::health::waiting_words(&ctx).await;
+        let waits = crate::delivery::health::waiting_words(&ctx).await;
         let views: Vec<MailView> = mails
             .into_iter()
             .map(|m| {
@@ -312,9 +312,9 @@ async fn list(
     }
     let body = html! {
         h1 { "Mails of " a href=(summary.url) { (summary.title) } }
-        section.card { (mails_table(&mails, &crate::health::waiting_words(&ctx).await)) }
+        section.card { (mails_table(&mails, &crate::delivery::health::waiting_words(&ctx).await)) }
     };
-    crate::layout::page(&ctx, &user, "Mails", body)
+    crate::web::layout::page(&ctx, &user, "Mails", body)
 }
 
 fn refusal_response(

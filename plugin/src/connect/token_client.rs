@@ -6,7 +6,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use std::time::Duration;
 
-use crate::aad::{AadFailure, FailureClass, aadsts_code, classify};
+use crate::connect::aad::{AadFailure, FailureClass, aadsts_code, classify};
 use crate::settings::OutlookSettings;
 
 /// How long one token request may take.

@@ -8,18 +8,18 @@ use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use secrecy::SecretString;
 use std::sync::Arc;
 
-use crate::aad::FailureClass;
-use crate::classify::{self, HoldReason, Level, Verdict, Who};
+use crate::connect::aad::FailureClass;
+use crate::connect::token_client::{self, Grant};
+use crate::delivery::classify::{self, HoldReason, Level, Verdict, Who};
 use crate::entities::{mail_server, token};
 use crate::runtime::Shared;
 use crate::settings::OutlookSettings;
-use crate::token_client::{self, Grant};
-use crate::token_store::{access_context, refresh_context};
+use crate::tokens::store::{access_context, refresh_context};
 
 /// Refresh when the access token expires within this many minutes.
 pub const REFRESH_MARGIN_MINUTES: i64 = 5;
 
-pub use crate::token_store::AccessToken;
+pub use crate::tokens::store::AccessToken;
 
 /// Why no access token could be had.
 #[derive(Debug, Clone)]
@@ -83,7 +83,7 @@ pub async fn hold(
     if let Err(e) = row.exec(ctx.db()).await {
         return db(e);
     }
-    if let Err(e) = crate::health::hold(ctx, shared, server, reason, &verdict).await {
+    if let Err(e) = crate::delivery::health::hold(ctx, shared, server, reason, &verdict).await {
         return db(e);
     }
     TokenProblem::Held(verdict)
@@ -167,7 +167,7 @@ pub async fn app_only_token(
             });
             drop(cached);
             tracing::info!("app-only token fetched");
-            crate::health::succeeded(ctx, shared, server.id, Some(&ENDED_BY_A_TOKEN))
+            crate::delivery::health::succeeded(ctx, shared, server.id, Some(&ENDED_BY_A_TOKEN))
                 .await
                 .map_err(db)?;
             Ok(AccessToken {
@@ -484,7 +484,7 @@ async fn refresh_holding_lease(
     match answer {
         Ok(tokens) => {
             let token = store_refreshed(ctx, server, row, tokens).await?;
-            crate::health::succeeded(ctx, shared, server.id, Some(&ENDED_BY_A_TOKEN))
+            crate::delivery::health::succeeded(ctx, shared, server.id, Some(&ENDED_BY_A_TOKEN))
                 .await
                 .map_err(db)?;
             Ok(token)

@@ -8,7 +8,7 @@
 
 use chrono::Duration;
 
-use crate::aad::{AadFailure, FailureClass, explain};
+use crate::connect::aad::{AadFailure, FailureClass, explain};
 
 /// Where a failure is handled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -835,7 +835,7 @@ mod tests {
 
     #[test]
     fn every_rule_is_documented_in_the_readme() {
-        let readme = include_str!("../../README.md");
+        let readme = include_str!("../../../README.md");
         for id in rule_ids() {
             assert!(
                 readme.contains(&format!("`{id}`")),

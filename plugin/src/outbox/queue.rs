@@ -8,10 +8,10 @@ use lettre::message::Mailbox;
 use rand::Rng;
 use sea_orm::{ActiveModelTrait, EntityTrait, Set, TransactionTrait};
 
-use crate::compose::{MailRequest, OutgoingMail};
 use crate::entities::{mail_server, outbox, outbox_body, token};
+use crate::outbox::compose::{MailRequest, OutgoingMail};
 use crate::runtime::Shared;
-use crate::servers;
+use crate::web::servers;
 
 /// A refused mail: the HTTP status and what is wrong, per field.
 #[derive(Debug, Clone)]

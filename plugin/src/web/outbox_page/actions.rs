@@ -126,7 +126,7 @@ pub(super) async fn resolve_failed_notices(
         if changed.binary_search(id).is_ok()
             && let Err(e) = ctx
                 .notifier()
-                .resolve(&crate::failed_notice::key(*id))
+                .resolve(&crate::outbox::failed_notice::key(*id))
                 .await
         {
             tracing::warn!(error = %e, outbox_id = id, "a failed-mail notice was not resolved");
@@ -390,12 +390,12 @@ pub(super) async fn release(
         return not_found(&ctx, &user, &req);
     }
     shared.server_changed(server_id);
-    match crate::health::release(
+    match crate::delivery::health::release(
         &ctx,
         &shared.into_inner(),
         server_id,
         None,
-        crate::health::Release::Forced,
+        crate::delivery::health::Release::Forced,
     )
     .await
     {

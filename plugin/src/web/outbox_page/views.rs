@@ -144,8 +144,10 @@ pub(super) fn when(t: DateTime<Utc>) -> String {
 /// sends again by itself when Exchange's wait is over).
 pub(super) async fn held_mailboxes(ctx: &ModuleContext, user: &CurrentUser) -> Markup {
     let now = ctx.clock().now();
-    let healths = crate::health::all(ctx).await.unwrap_or_default();
-    let waiting = crate::health::waiting_counts(ctx).await.unwrap_or_default();
+    let healths = crate::delivery::health::all(ctx).await.unwrap_or_default();
+    let waiting = crate::delivery::health::waiting_counts(ctx)
+        .await
+        .unwrap_or_default();
     let names = server_names(ctx).await;
     let mut held: Vec<(i32, Health)> = healths
         .iter()
@@ -307,7 +309,7 @@ pub(super) async fn list(
         Err(e) => return db_down(e),
     };
     let servers = server_names(&ctx).await;
-    let waits = crate::health::waiting_words(&ctx).await;
+    let waits = crate::delivery::health::waiting_words(&ctx).await;
     let pages = Ord::max(total.div_ceil(PER_PAGE), 1);
     if wants_json(&req) {
         let mails: Vec<OutboxMail> = mails

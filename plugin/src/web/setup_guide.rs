@@ -6,16 +6,16 @@ use chrono::NaiveDate;
 use crm_sdk::{FieldError, ModuleContext, SettingsCheck};
 use maud::{Markup, html};
 
-use crate::aad::{FailureClass, explain};
+use crate::connect::aad::{FailureClass, explain};
+use crate::connect::token_client::{Grant, request};
 use crate::settings::OutlookSettings;
-use crate::token_client::{Grant, request};
 
 /// Where the copy button's script is served (a file: the Content-Security-Policy allows no
 /// inline script).
 pub const COPY_SCRIPT_PATH: &str = "/microsoft_outlook/assets/copy.js";
 
 /// The copy button's script.
-pub const COPY_SCRIPT: &str = include_str!("assets/copy.js");
+pub const COPY_SCRIPT: &str = include_str!("../assets/copy.js");
 
 /// Microsoft Entra admin center › App registrations.
 pub const PORTAL_APP_REGISTRATIONS: &str =

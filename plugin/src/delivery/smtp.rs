@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::classify::{Observed, Stage};
+use crate::delivery::classify::{Observed, Stage};
 use crate::entities::{mail_server, smtp_slot, token};
-use crate::token_store::AccessToken;
+use crate::tokens::store::AccessToken;
 
 /// Exchange Online's limit of concurrent SMTP connections per mailbox.
 pub const CONNECTIONS_PER_MAILBOX: usize = 3;
@@ -38,7 +38,7 @@ const IO_TIMEOUT: Duration = Duration::from_secs(60);
 pub enum SendOutcome {
     /// `250`: the server took it.
     Sent(String),
-    /// It did not go out: what was observed, for [`crate::classify::smtp`].
+    /// It did not go out: what was observed, for [`crate::delivery::classify::smtp`].
     Failed(SmtpFailure),
     /// Every connection slot of the mailbox stayed taken (by other processes): nothing was
     /// tried, the mail waits a little without spending an attempt.
@@ -207,7 +207,7 @@ fn failure(stage: Stage, e: &lettre::transport::smtp::Error) -> SmtpFailure {
 }
 
 /// A raw command line for [`AsyncSmtpConnection::command`].
-struct Raw<'a>(&'a crate::xoauth2::Line);
+struct Raw<'a>(&'a crate::delivery::xoauth2::Line);
 
 impl std::fmt::Display for Raw<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -215,13 +215,13 @@ impl std::fmt::Display for Raw<'_> {
     }
 }
 
-/// One SASL XOAUTH2 exchange on `conn` as `user` (the exchange itself is [`crate::xoauth2`]).
+/// One SASL XOAUTH2 exchange on `conn` as `user` (the exchange itself is [`crate::delivery::xoauth2`]).
 async fn authenticate(
     conn: &mut AsyncSmtpConnection,
     user: &str,
     token: &secrecy::SecretString,
 ) -> Result<(), SmtpFailure> {
-    let mut exchange = crate::xoauth2::Exchange::new(user, token);
+    let mut exchange = crate::delivery::xoauth2::Exchange::new(user, token);
     let mut line = exchange.start();
     loop {
         let (code, text) = match conn.command(Raw(&line)).await {
@@ -242,9 +242,9 @@ async fn authenticate(
             },
         };
         match exchange.on_reply(code, &text) {
-            crate::xoauth2::Step::Send(next) => line = next,
-            crate::xoauth2::Step::Authenticated => return Ok(()),
-            crate::xoauth2::Step::Refused {
+            crate::delivery::xoauth2::Step::Send(next) => line = next,
+            crate::delivery::xoauth2::Step::Authenticated => return Ok(()),
+            crate::delivery::xoauth2::Step::Refused {
                 code,
                 reply,
                 challenge,

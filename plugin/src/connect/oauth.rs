@@ -14,12 +14,12 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::CONFIRM_PATH;
-use crate::aad::{AadFailure, aadsts_code, explain};
+use crate::connect::aad::{AadFailure, aadsts_code, explain};
+use crate::connect::token_client::{self, Grant};
 use crate::entities::{mail_server, oauth_state};
-use crate::layout::page_with;
-use crate::servers::may_manage;
 use crate::settings::OutlookSettings;
-use crate::token_client::{self, Grant};
+use crate::web::layout::page_with;
+use crate::web::servers::may_manage;
 
 /// How long a started sign-in may take.
 pub const STATE_LIFETIME_MINUTES: i64 = 10;
@@ -69,9 +69,8 @@ fn aad_failure_page(
 ) -> HttpResponse {
     let (what, fix) = explain(&failure.error, failure.code, &ctx.public_url(CONFIRM_PATH));
     let status = match failure.class {
-        crate::aad::FailureClass::Transient | crate::aad::FailureClass::NotOAuth => {
-            StatusCode::BAD_GATEWAY
-        }
+        crate::connect::aad::FailureClass::Transient
+        | crate::connect::aad::FailureClass::NotOAuth => StatusCode::BAD_GATEWAY,
         _ => StatusCode::BAD_REQUEST,
     };
     failure_page(
@@ -301,7 +300,7 @@ async fn confirm(
         let description = query.error_description.clone().unwrap_or_default();
         let code = aadsts_code(&description);
         let failure = AadFailure {
-            class: crate::aad::classify(error, code),
+            class: crate::connect::aad::classify(error, code),
             error: error.to_string(),
             code,
             description,
@@ -428,7 +427,7 @@ async fn confirm(
         .as_deref()
         .or(claims.upn.as_deref())
         .unwrap_or(signed_in_as);
-    match crate::token_store::store_connected(&ctx, server.id, &tokens, sign_in_name).await {
+    match crate::tokens::store::store_connected(&ctx, server.id, &tokens, sign_in_name).await {
         Ok(_) => {
             tracing::info!(
                 server_id = server.id,
@@ -437,12 +436,12 @@ async fn confirm(
             );
             shared.server_changed(server.id);
             // Whatever held the mailbox, a new connection is the fix to try: its mails go out.
-            if let Err(e) = crate::health::release(
+            if let Err(e) = crate::delivery::health::release(
                 &ctx,
                 &shared.clone().into_inner(),
                 server.id,
                 None,
-                crate::health::Release::Forced,
+                crate::delivery::health::Release::Forced,
             )
             .await
             {

@@ -1,7 +1,7 @@
 //! "Test connection" and "Send a test mail" on a server's page (operators, or the owner of a
 //! personal mailbox). The test connects, starts TLS, says EHLO and authenticates with the
 //! stored token (refreshed when due) exactly as a delivery does — the same code in
-//! [`crate::smtp`], taking one of the mailbox's connection slots only for the test — and shows
+//! [`crate::delivery::smtp`], taking one of the mailbox's connection slots only for the test — and shows
 //! each step with its result, and on failure the classification table's words. A test that
 //! authenticates ends a hold whose cause it proves fixed. A failed test holds nothing: it only
 //! reports (the next delivery classifies and holds as usual). The test mail is queued through
@@ -15,14 +15,14 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::classify::{self, Facts, HoldReason};
-use crate::compose::{AddressInput, MailRequest, OutgoingMail};
+use crate::delivery::classify::{self, Facts, HoldReason};
+use crate::delivery::smtp::{Reached, SendOutcome, SmtpFailure};
 use crate::entities::mail_server;
-use crate::layout::{csrf, managed_server, page, page_with};
-use crate::mail_routes::{classified_reply, json_refusal, wants_json};
+use crate::outbox::compose::{AddressInput, MailRequest, OutgoingMail};
 use crate::runtime::Shared;
-use crate::smtp::{Reached, SendOutcome, SmtpFailure};
-use crate::token_service::{AccessToken, TokenProblem, fresh_access_token};
+use crate::tokens::service::{AccessToken, TokenProblem, fresh_access_token};
+use crate::web::layout::{csrf, managed_server, page, page_with};
+use crate::web::mail_routes::{classified_reply, json_refusal, wants_json};
 
 /// Holds that a successful connect and AUTH prove fixed.
 const ENDED_BY_A_TEST: [HoldReason; 5] = [
@@ -161,18 +161,18 @@ pub async fn test(
     match result {
         Ok(()) => {
             steps.extend(connection_steps(server, &identity, reached, None));
-            let held_before = crate::health::get(ctx, server.id)
+            let held_before = crate::delivery::health::get(ctx, server.id)
                 .await
                 .map(|h| h.reason().is_some_and(|r| ENDED_BY_A_TEST.contains(&r)))
                 .unwrap_or(false);
             if held_before {
                 shared.server_changed(server.id);
-                if let Err(e) = crate::health::release(
+                if let Err(e) = crate::delivery::health::release(
                     ctx,
                     shared,
                     server.id,
                     Some(&ENDED_BY_A_TEST),
-                    crate::health::Release::IfHeld,
+                    crate::delivery::health::Release::IfHeld,
                 )
                 .await
                 {
@@ -319,7 +319,7 @@ async fn run_test(
         Ok(server) => server,
         Err(refused) => return *refused,
     };
-    if let Some(why) = crate::queue::outbound_refusal(&ctx, &server, &user).await {
+    if let Some(why) = crate::outbox::queue::outbound_refusal(&ctx, &server, &user).await {
         return refused_host(&ctx, &user, &req, &why);
     }
     let shared = shared.into_inner();
@@ -354,7 +354,7 @@ fn refused_host(
         return HttpResponse::Conflict()
             .json(serde_json::json!({ "errors": [{ "field": "server", "message": why }] }));
     }
-    crate::layout::page_with(
+    crate::web::layout::page_with(
         StatusCode::CONFLICT,
         ctx,
         user,
@@ -381,7 +381,7 @@ async fn test_mail(
         Ok(server) => server,
         Err(refused) => return *refused,
     };
-    if let Some(why) = crate::queue::outbound_refusal(&ctx, &server, &user).await {
+    if let Some(why) = crate::outbox::queue::outbound_refusal(&ctx, &server, &user).await {
         return refused_host(&ctx, &user, &req, &why);
     }
     let json = wants_json(&req);
@@ -415,7 +415,7 @@ async fn test_mail(
                 model: "mail_server".into(),
                 id: i64::from(server.id),
             };
-            crate::queue::queue_through(&ctx, &shared, &user, &server, &record, mail, true)
+            crate::outbox::queue::queue_through(&ctx, &shared, &user, &server, &record, mail, true)
                 .await
                 .map_err(|r| (r.status, r.errors))
         }

@@ -3,7 +3,7 @@
 
 use crm_sdk::{Audience, ModuleContext, Notification};
 
-use crate::classify::Who;
+use crate::delivery::classify::Who;
 use crate::entities::outbox;
 
 /// The incident key of a failed mail (one notice per mail and person).

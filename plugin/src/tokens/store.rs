@@ -6,8 +6,8 @@ use sea_orm::sea_query::OnConflict;
 use sea_orm::{DbErr, EntityTrait, Set};
 use secrecy::SecretString;
 
+use crate::connect::token_client::Tokens;
 use crate::entities::token;
-use crate::token_client::Tokens;
 
 /// The seal context of a server's access token.
 pub fn access_context(server_id: i32) -> String {

@@ -11,7 +11,7 @@ use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query, SimpleExpr};
 use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set};
 use std::collections::HashMap;
 
-use crate::classify::{HoldReason, Verdict};
+use crate::delivery::classify::{HoldReason, Verdict};
 use crate::entities::{mail_server, mailbox_health, outbox};
 use crate::runtime::Shared;
 

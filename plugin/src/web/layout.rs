@@ -8,7 +8,7 @@ use maud::{Markup, html};
 use sea_orm::EntityTrait;
 
 use crate::entities::mail_server;
-use crate::servers::may_manage;
+use crate::web::servers::may_manage;
 
 /// A full page in the host's frame.
 pub fn page(ctx: &ModuleContext, user: &CurrentUser, title: &str, body: Markup) -> HttpResponse {
