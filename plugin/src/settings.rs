@@ -296,6 +296,16 @@ impl OutlookSettings {
     }
 }
 
+/// Whether `host` is a DNS name (letters, digits and hyphens between dots) or an IP address.
+pub(crate) fn valid_host(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && (host.parse::<std::net::IpAddr>().is_ok()
+            || host
+                .split('.')
+                .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,14 +326,4 @@ mod tests {
         assert!(PersonalSmtpHosts::parse("smtp.example:x").is_err());
         assert!(PersonalSmtpHosts::parse("evil example").is_err());
     }
-}
-
-/// Whether `host` is a DNS name (letters, digits and hyphens between dots) or an IP address.
-pub(crate) fn valid_host(host: &str) -> bool {
-    !host.is_empty()
-        && host.len() <= 253
-        && (host.parse::<std::net::IpAddr>().is_ok()
-            || host
-                .split('.')
-                .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')))
 }

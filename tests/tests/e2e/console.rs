@@ -81,6 +81,760 @@ async fn wait_held(app: &TestApp, server_id: i32) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_lists_filters_searches_and_shows_a_mail() {
+    let m = mailing().await;
+    let app = &m.env.app;
+    let ids = [
+        queue(&m, "Alpha quote").await,
+        queue(&m, "Beta invoice").await,
+        queue(&m, "Gamma reminder").await,
+    ];
+    for id in ids {
+        wait_status(app, id, "sent").await;
+    }
+    let admin = &m.env.admin;
+    let all = outbox_json(admin, "").await;
+    assert_eq!(all["total"], 3);
+    assert_eq!(
+        subjects(&all),
+        ["Gamma reminder", "Beta invoice", "Alpha quote"],
+        "newest first"
+    );
+    assert_eq!(all["mails"][0]["server"], "Office 365");
+    assert_eq!(all["mails"][0]["record"], format!("contact:{}", m.contact));
+    assert_eq!(outbox_json(admin, "status=sent").await["total"], 3);
+    assert_eq!(outbox_json(admin, "status=failed").await["total"], 0);
+    assert_eq!(
+        subjects(&outbox_json(admin, "q=ALPHA").await),
+        ["Alpha quote"],
+        "search is case-insensitive"
+    );
+    assert_eq!(
+        outbox_json(admin, "q=dana%40fabrikam").await["total"],
+        3,
+        "search by recipient"
+    );
+    let message_id = row(app, ids[1]).await.message_id;
+    let by_id = outbox_json(admin, &format!("q=%3C{message_id}%3E")).await;
+    assert_eq!(subjects(&by_id), ["Beta invoice"], "search by Message-ID");
+    assert_eq!(
+        outbox_json(admin, &format!("record=contact:{}", m.contact)).await["total"],
+        3
+    );
+    assert_eq!(
+        outbox_json(admin, &format!("server={}", m.env.server_id)).await["total"],
+        3
+    );
+    assert_eq!(
+        outbox_json(admin, &format!("author={}", app.alice_id)).await["total"],
+        3
+    );
+    let today = app.clock.now().date_naive();
+    let yesterday = today.pred_opt().expect("yesterday");
+    assert_eq!(
+        outbox_json(admin, &format!("from={today}&to={today}")).await["total"],
+        3
+    );
+    assert_eq!(
+        outbox_json(admin, &format!("to={yesterday}")).await["total"],
+        0
+    );
+    let (status, refused) = admin.get_json(&format!("{OUTBOX}?record=contact")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    assert_eq!(refused["errors"][0]["field"], "record");
+    // Wildcards are searched as text.
+    assert_eq!(outbox_json(admin, "q=%25").await["total"], 0);
+
+    let (status, page, _) = admin.get(&format!("{OUTBOX}?status=sent")).await;
+    assert_eq!(status, StatusCode::OK);
+    for subject in ["Alpha quote", "Beta invoice", "Gamma reminder"] {
+        assert!(page.contains(subject), "{page}");
+    }
+    assert!(page.contains("3 mail(s)"), "{page}");
+
+    let (status, detail) = admin.get_json(&format!("{OUTBOX}/{}", ids[1])).await;
+    assert_eq!(status, StatusCode::OK, "{detail}");
+    assert_eq!(detail["mail"]["status"], "sent");
+    assert_eq!(detail["envelope_from"], "alice@contoso.example");
+    assert_eq!(detail["classified_reply"], "250 2.0.0");
+    let headers = detail["headers"].as_array().expect("headers");
+    assert!(
+        headers
+            .iter()
+            .any(|h| h[0] == "Subject" && h[1] == "Beta invoice"),
+        "{headers:?}"
+    );
+    assert!(
+        headers
+            .iter()
+            .any(|h| h[0] == "Message-ID" && h[1] == format!("<{message_id}>")),
+        "{headers:?}"
+    );
+    assert_eq!(
+        detail["actions"]["retry"], false,
+        "a sent mail is not retried"
+    );
+    let (_, page, _) = admin.get(&format!("{OUTBOX}/{}", ids[1])).await;
+    assert!(
+        page.contains("Envelope") && page.contains(&message_id),
+        "{page}"
+    );
+    assert!(page.contains("Headers of the stored message"), "{page}");
+    assert!(!page.contains("Retry now"), "{page}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_sees_only_their_own_mails_and_another_s_is_not_there() {
+    let m = mailing().await;
+    let app = &m.env.app;
+    let mine = queue(&m, "Alice's mail").await;
+    let bob = app.signed_in(BOB).await;
+    let bobs_contact = crm_host::seed::create_contact(
+        &app.db,
+        "Erin Northwind",
+        Some("erin@northwind.example"),
+        None,
+        app.bob_id,
+        false,
+    )
+    .await
+    .expect("contact");
+    let (status, body) = bob
+        .post_json(
+            &format!("/microsoft_outlook/records/contact/{bobs_contact}/mails"),
+            &json!({"to": "erin@northwind.example", "subject": "Bob's mail", "text_body": "Hi"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let bobs = body["id"].as_i64().expect("id");
+    wait_status(app, mine, "sent").await;
+    wait_status(app, bobs, "sent").await;
+
+    assert_eq!(subjects(&outbox_json(&m.alice, "").await), ["Alice's mail"]);
+    // Naming another author changes nothing: a user's outbox is their own.
+    assert_eq!(
+        subjects(&outbox_json(&m.alice, &format!("author={}", app.bob_id)).await),
+        Vec::<String>::new()
+    );
+    assert_eq!(outbox_json(&m.env.admin, "").await["total"], 2);
+    let (status, _) = m.alice.get_json(&format!("{OUTBOX}/{bobs}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = m.alice.get_json(&format!("{OUTBOX}/999999")).await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "the same answer as a missing one"
+    );
+    let (status, _) = m
+        .alice
+        .post_json(&format!("{OUTBOX}/{bobs}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, page, _) = m.alice.get(OUTBOX).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        page.contains("Alice's mail") && !page.contains("Bob's mail"),
+        "{page}"
+    );
+    assert!(!page.contains("Release held mail"), "{page}");
+    let (status, _) = m
+        .alice
+        .post_json(&format!("{OUTBOX}/release/{}", m.env.server_id), &json!({}))
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "users do not release mailboxes"
+    );
+    let (_, page, _) = m.alice.get("/contacts").await;
+    assert!(page.contains(OUTBOX), "the menu has the outbox");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_of_a_failed_mail_gives_it_a_new_round_and_sends_it() {
+    let m = one_attempt().await;
+    let app = &m.env.app;
+    refuse_recipients(&m, 1);
+    let id = queue(&m, "Refused once").await;
+    let failed = wait_status(app, id, "failed").await;
+    assert!(
+        failed
+            .last_reply
+            .as_deref()
+            .unwrap_or_default()
+            .contains("5.1.10"),
+        "{failed:?}"
+    );
+    let (_, detail) = m.alice.get_json(&format!("{OUTBOX}/{id}")).await;
+    assert_eq!(detail["classified_reply"], "550 5.1.10");
+    assert_eq!(
+        detail["mail"]["last_reply"], "550 5.1.10",
+        "a user sees the classified codes only"
+    );
+    // The author retries their own mail from the outbox.
+    let (status, body) = m
+        .alice
+        .post_json(&format!("{OUTBOX}/{id}/retry"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["changed"], true);
+    let sent = wait_status(app, id, "sent").await;
+    assert_eq!(sent.attempts, 1, "a new round of attempts");
+    assert_eq!(m.smtp.received_count(), 1);
+    // A sent mail is not retried again.
+    let (status, body) = m
+        .alice
+        .post_json(&format!("{OUTBOX}/{id}/retry"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_mail_is_never_sent_and_releasing_the_mailbox_sends_the_others() {
+    let m = one_attempt().await;
+    let app = &m.env.app;
+    disable_smtp_auth(&m, 100).await;
+    let first = queue(&m, "Waits then goes").await;
+    wait_held(app, m.env.server_id).await;
+    let second = queue(&m, "Cancelled while waiting").await;
+    let (status, page, _) = m.env.admin.get(OUTBOX).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("Release held mail"), "{page}");
+    assert!(page.contains("Held: SMTP AUTH disabled"), "{page}");
+    let (_, page, _) = m.env.admin.get(&format!("{OUTBOX}/{first}")).await;
+    assert!(page.contains("Release held mail"), "{page}");
+    // Cancel, as a form from the mail's page.
+    let (status, _, location) = m
+        .alice
+        .post_form(&format!("{OUTBOX}/{second}/cancel"), &[])
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert!(location.expect("Location").contains("cancelled=1"));
+    assert_eq!(row(app, second).await.status, "cancelled");
+    let (_, page, _) = m.alice.get(&format!("{OUTBOX}/{second}?cancelled=1")).await;
+    assert!(page.contains("will not be sent"), "{page}");
+    // Exchange lets the mailbox in again; the operator releases its held mail.
+    m.smtp.clear_injections();
+    let (status, _, location) = m
+        .env
+        .admin
+        .post_form(&format!("{OUTBOX}/release/{}", m.env.server_id), &[])
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert!(location.expect("Location").contains("released="));
+    wait_status(app, first, "sent").await;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(row(app, second).await.status, "cancelled");
+    let received: Vec<String> = m
+        .smtp
+        .received()
+        .iter()
+        .filter_map(|r| r.message_id.clone())
+        .collect();
+    assert_eq!(
+        received,
+        [row(app, first).await.message_id],
+        "only the first"
+    );
+    assert!(!held(app, m.env.server_id).await);
+    let list = outbox_json(&m.env.admin, "status=cancelled").await;
+    assert_eq!(subjects(&list), ["Cancelled while waiting"]);
+    let (status, body) = m
+        .alice
+        .post_json(&format!("{OUTBOX}/{first}/cancel"), &json!({}))
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "a sent mail is not cancelled: {body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_retry_confirms_how_many_then_sends_the_filtered_failed_mails() {
+    let m = one_attempt().await;
+    let app = &m.env.app;
+    refuse_recipients(&m, 3);
+    let ids = [
+        queue(&m, "Bulk one").await,
+        queue(&m, "Bulk two").await,
+        queue(&m, "Bulk three").await,
+    ];
+    for id in ids {
+        wait_status(app, id, "failed").await;
+    }
+    let admin = &m.env.admin;
+    // The form asks first, and says how many.
+    let (status, page, _) = admin
+        .post_form(
+            &format!("{OUTBOX}/bulk"),
+            &[("status", "failed"), ("q", "bulk"), ("action", "retry")],
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("Retry 3 mail(s)?"), "{page}");
+    assert_eq!(row(app, ids[0]).await.status, "failed", "nothing done yet");
+    let (status, body) = admin
+        .post_json(
+            &format!("{OUTBOX}/bulk"),
+            &json!({"action": "retry", "filter": {"status": "failed"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["matching"], 3);
+    assert_eq!(body["confirmed"], false);
+    let (status, _, location) = admin
+        .post_form(
+            &format!("{OUTBOX}/bulk"),
+            &[
+                ("status", "failed"),
+                ("q", "bulk"),
+                ("action", "retry"),
+                ("confirm", "yes"),
+            ],
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert!(location.expect("Location").contains("n=3"));
+    for id in ids {
+        wait_status(app, id, "sent").await;
+    }
+    assert_eq!(m.smtp.received_count(), 3);
+    let (_, body) = admin
+        .post_json(
+            &format!("{OUTBOX}/bulk"),
+            &json!({"action": "cancel", "filter": {"status": "sent"}, "confirm": true}),
+        )
+        .await;
+    assert_eq!(body["changed"], 0, "sent mails are not cancelled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_connection_shows_each_step_and_the_words_of_a_refusal() {
+    let m = one_attempt().await;
+    let app = &m.env.app;
+    let test = format!("/microsoft_outlook/servers/{}/test", m.env.server_id);
+    let (status, report) = m.env.admin.post_json(&test, &json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(report["ok"], true, "{report}");
+    let steps: Vec<&str> = report["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|s| s["name"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(steps.len(), 5, "{steps:?}");
+    assert!(
+        steps[3] == "STARTTLS" && steps[4].starts_with("AUTH XOAUTH2"),
+        "{steps:?}"
+    );
+    let (_, page, _) = m
+        .env
+        .admin
+        .get(&format!("/microsoft_outlook/servers/{}", m.env.server_id))
+        .await;
+    assert!(
+        page.contains("Test connection") && page.contains("Send a test mail"),
+        "{page}"
+    );
+    let (status, page, _) = m.env.admin.post_form(&test, &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("Connection OK"), "{page}");
+    assert_eq!(m.smtp.received_count(), 0, "a test sends nothing");
+
+    // Exchange refuses SMTP AUTH: the test says where and why, in the table's words.
+    disable_smtp_auth(&m, 1).await;
+    let (_, page, _) = m.env.admin.post_form(&test, &[]).await;
+    assert!(page.contains("The connection test failed"), "{page}");
+    assert!(page.contains("5.7.139"), "{page}");
+    assert!(page.contains("smtp-auth-disabled"), "{page}");
+    assert!(page.contains("Authenticated SMTP"), "{page}");
+    assert!(!held(app, m.env.server_id).await, "a test holds nothing");
+    disable_smtp_auth(&m, 1).await;
+    let (_, report) = m.env.admin.post_json(&test, &json!({})).await;
+    assert_eq!(report["ok"], false);
+    assert_eq!(report["rule"], "smtp-auth-disabled");
+    let last = report["steps"].as_array().expect("steps").last().cloned();
+    assert_eq!(last.as_ref().map(|s| s["ok"].clone()), Some(json!(false)));
+
+    // A held mailbox whose test passes is released: its waiting mail goes out.
+    disable_smtp_auth(&m, 1).await;
+    let id = queue(&m, "Waits for the test").await;
+    wait_held(app, m.env.server_id).await;
+    assert_eq!(row(app, id).await.status, "queued");
+    let (_, report) = m.env.admin.post_json(&test, &json!({})).await;
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["hold_ended"], true, "{report}");
+    wait_status(app, id, "sent").await;
+    // Users test only their own mailboxes.
+    let (status, _, _) = m.alice.post_form(&test, &[]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_test_mail_goes_through_the_queue_shows_in_the_outbox_and_arrives() {
+    let m = mailing().await;
+    let app = &m.env.app;
+    let path = format!("/microsoft_outlook/servers/{}/test-mail", m.env.server_id);
+    let (status, page, location) = m
+        .env
+        .admin
+        .post_form(&path, &[("to", "postmaster@fabrikam.example")])
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "{page}");
+    let location = location.expect("Location");
+    assert!(location.starts_with(OUTBOX), "{location}");
+    let smtp = &m.smtp;
+    eventually("the test mail to arrive", || async {
+        smtp.received_count() == 1
+    })
+    .await;
+    let received = smtp.received().remove(0);
+    assert_eq!(received.rcpt_to, ["postmaster@fabrikam.example"]);
+    assert_eq!(
+        received.mail_from,
+        crate::connect::MAILBOX,
+        "from the mailbox itself"
+    );
+    let list = outbox_json(
+        &m.env.admin,
+        &format!("record=mail_server:{}", m.env.server_id),
+    )
+    .await;
+    assert_eq!(list["total"], 1);
+    assert!(
+        list["mails"][0]["subject"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("Test mail from the CRM"),
+        "{list}"
+    );
+    let (_, page, _) = m.env.admin.get(&location).await;
+    assert!(page.contains("Test mail queued"), "{page}");
+    let id = list["mails"][0]["id"].as_i64().expect("id");
+    wait_status(app, id, "sent").await;
+    // An address that is not one is refused, and nothing is queued.
+    let (status, _, _) = m
+        .env
+        .admin
+        .post_form(&path, &[("to", "not an address")])
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(outbox_json(&m.env.admin, "").await["total"], 1);
+}
+
+/// The value of the series `name{labels}` in a Prometheus text page.
+fn series(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_mails_sends_latency_refreshes_and_mailboxes() {
+    let m = one_attempt().await;
+    let app = &m.env.app;
+    // The next mail refreshes the token first.
+    token::Entity::update_many()
+        .col_expr(
+            token::Column::AccessExpiresAt,
+            Expr::value(app.clock.now() + chrono::Duration::minutes(1)),
+        )
+        .filter(token::Column::ServerId.eq(m.env.server_id))
+        .exec(&app.db)
+        .await
+        .expect("update");
+    let sent = queue(&m, "Counted").await;
+    wait_status(app, sent, "sent").await;
+    refuse_recipients(&m, 1);
+    let failed = queue(&m, "Refused").await;
+    wait_status(app, failed, "failed").await;
+
+    let anonymous = app.browser();
+    let (status, _, _) = anonymous.get("/metrics").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _, _) = m.alice.get("/metrics").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let admin = app.signed_in(ADMIN).await;
+    let (status, text, _) = admin.get("/metrics").await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let expect = [
+        ("microsoft_outlook_mails{status=\"sent\"}", 1.0),
+        ("microsoft_outlook_mails{status=\"failed\"}", 1.0),
+        ("microsoft_outlook_mails{status=\"queued\"}", 0.0),
+        ("microsoft_outlook_mails{status=\"cancelled\"}", 0.0),
+        (
+            "microsoft_outlook_sends_total{rule=\"sent\",level=\"sent\"}",
+            1.0,
+        ),
+        (
+            "microsoft_outlook_sends_total{rule=\"mail-refused\",level=\"mail_fails\"}",
+            1.0,
+        ),
+        (
+            "microsoft_outlook_drain_seconds_count{outcome=\"sent\"}",
+            1.0,
+        ),
+        (
+            "microsoft_outlook_drain_seconds_count{outcome=\"failed\"}",
+            1.0,
+        ),
+        (
+            "microsoft_outlook_token_refreshes_total{outcome=\"ok\"}",
+            1.0,
+        ),
+        ("microsoft_outlook_mailboxes{state=\"ready\"}", 1.0),
+        ("microsoft_outlook_mailboxes{state=\"held\"}", 0.0),
+    ];
+    for (name, value) in expect {
+        assert_eq!(series(&text, name), Some(value), "{name}\n{text}");
+    }
+    assert!(
+        text.contains("# TYPE microsoft_outlook_drain_seconds histogram"),
+        "{text}"
+    );
+}
+
+/// The failed-mail notices of mail `id`: (audience is the author, body, link, resolved).
+async fn notices_of(app: &TestApp, id: i64) -> Vec<(bool, String, Option<String>, bool)> {
+    use crm_host::entities::notification;
+    notification::Entity::find()
+        .filter(
+            notification::Column::IncidentKey.eq(microsoft_outlook::outbox::failed_notice::key(id)),
+        )
+        .all(&app.db)
+        .await
+        .expect("notifications")
+        .into_iter()
+        .map(|n| {
+            (
+                n.user_id == Some(app.alice_id),
+                n.body,
+                n.link,
+                n.resolved_at.is_some(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until both notices of the failed mail `id` (author's, operators') are recorded.
+async fn wait_notices(app: &TestApp, id: i64) {
+    for _ in 0..300 {
+        if notices_of(app, id).await.len() == 2 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("gave up waiting: the notices of mail {id}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_and_cancel_resolve_a_failed_mails_notices() {
+    let m = one_attempt().await;
+    let app = &m.env.app;
+    refuse_recipients(&m, 2);
+    let retried = queue(&m, "Retried later").await;
+    let cancelled = queue(&m, "Cancelled later").await;
+    for id in [retried, cancelled] {
+        wait_status(app, id, "failed").await;
+        wait_notices(app, id).await;
+        for (for_author, body, link, resolved) in notices_of(app, id).await {
+            assert_eq!(
+                link.as_deref(),
+                Some(format!("{OUTBOX}/{id}").as_str()),
+                "both notices link the mail's page"
+            );
+            assert!(!resolved);
+            if for_author {
+                // A refused recipient is the author's to correct.
+                assert!(body.contains("Correct what is said here"), "{body}");
+            }
+        }
+    }
+    let (_, page, _) = m.alice.get("/contacts").await;
+    assert!(page.contains(r#"aria-label="2 unread""#), "{page}");
+    // The linked page answers, for the author and for an operator.
+    for browser in [&m.alice, &m.env.admin] {
+        let (status, _, _) = browser.get(&format!("{OUTBOX}/{retried}")).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    let (status, body) = m
+        .alice
+        .post_json(&format!("{OUTBOX}/{retried}/retry"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        notices_of(app, retried).await.iter().all(|n| n.3),
+        "retried: resolved"
+    );
+    wait_status(app, retried, "sent").await;
+    let (_, page, _) = m.alice.get("/contacts").await;
+    assert!(page.contains(r#"aria-label="1 unread""#), "{page}");
+
+    let (status, _, _) = m
+        .alice
+        .post_form(&format!("{OUTBOX}/{cancelled}/cancel"), &[])
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert!(
+        notices_of(app, cancelled).await.iter().all(|n| n.3),
+        "cancelled: resolved"
+    );
+    let (_, page, _) = m.alice.get("/contacts").await;
+    assert!(!page.contains("badge unread"), "{page}");
+    let (_, page, _) = m.env.admin.get("/contacts").await;
+    assert!(!page.contains("badge unread"), "{page}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_only_an_administrator_can_fix_tells_the_author_to_wait() {
+    let m = one_attempt().await;
+    let app = &m.env.app;
+    m.smtp.inject(
+        Injected::Reply {
+            stage: Stage::MailFrom,
+            reply: "550 5.7.60 SMTP; Client does not have permissions to send as this sender"
+                .into(),
+        },
+        1,
+    );
+    let id = queue(&m, "Send-as denied").await;
+    wait_status(app, id, "failed").await;
+    wait_notices(app, id).await;
+    let (_, body, _, _) = notices_of(app, id)
+        .await
+        .into_iter()
+        .find(|n| n.0)
+        .expect("the author's notice");
+    assert!(
+        body.contains("5.7.60") || body.contains("Send As"),
+        "{body}"
+    );
+    assert!(
+        body.contains("The CRM's operators have been told; nothing is needed from you"),
+        "{body}"
+    );
+    assert!(!body.contains("Correct what is said here"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_retries_only_failed_mails_and_operators_also_queued_ones() {
+    let m = one_attempt().await;
+    let app = &m.env.app;
+    refuse_recipients(&m, 1);
+    let failed = queue(&m, "Failed first").await;
+    wait_status(app, failed, "failed").await;
+    disable_smtp_auth(&m, 100).await;
+    let waiting = queue(&m, "Waits its turn").await;
+    wait_held(app, m.env.server_id).await;
+    let due = row(app, waiting).await.next_attempt_at;
+
+    // A queued mail: no "Retry now" for its author, and a refusal that says why.
+    let (_, detail) = m.alice.get_json(&format!("{OUTBOX}/{waiting}")).await;
+    assert_eq!(detail["actions"]["retry"], false, "{detail}");
+    assert_eq!(detail["actions"]["cancel"], true, "{detail}");
+    let (_, page, _) = m.alice.get(&format!("{OUTBOX}/{waiting}")).await;
+    assert!(
+        !page.contains(&format!(r#"action="{OUTBOX}/{waiting}/retry""#)),
+        "{page}"
+    );
+    let (status, body) = m
+        .alice
+        .post_json(&format!("{OUTBOX}/{waiting}/retry"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("queued already"),
+        "{body}"
+    );
+    let (status, _, location) = m
+        .alice
+        .post_form(&format!("{OUTBOX}/{waiting}/retry"), &[])
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert!(location.expect("Location").contains("refused=queued"));
+    assert_eq!(row(app, waiting).await.next_attempt_at, due, "not made due");
+
+    // In bulk: only the failed one counts and changes.
+    let (_, body) = m
+        .alice
+        .post_json(&format!("{OUTBOX}/bulk"), &json!({"action": "retry"}))
+        .await;
+    assert_eq!(body["matching"], 1, "{body}");
+    let (status, page, _) = m
+        .alice
+        .post_form(&format!("{OUTBOX}/bulk"), &[("action", "retry")])
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("1 failed mail(s)"), "{page}");
+    let (_, body) = m
+        .alice
+        .post_json(
+            &format!("{OUTBOX}/bulk"),
+            &json!({"action": "retry", "confirm": true}),
+        )
+        .await;
+    assert_eq!(body["ids"], json!([failed]), "{body}");
+    assert_eq!(row(app, waiting).await.next_attempt_at, due, "not made due");
+    // Cancelling a queued mail stays the author's choice.
+    let (_, body) = m
+        .alice
+        .post_json(&format!("{OUTBOX}/bulk"), &json!({"action": "cancel"}))
+        .await;
+    assert_eq!(body["matching"], 2, "{body}");
+
+    // An operator may still make a queued mail due now.
+    let (_, detail) = m.env.admin.get_json(&format!("{OUTBOX}/{waiting}")).await;
+    assert_eq!(detail["actions"]["retry"], true, "{detail}");
+    let (status, body) = m
+        .env
+        .admin
+        .post_json(&format!("{OUTBOX}/{waiting}/retry"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+/// The options of the outbox filter's Mailbox list.
+fn mailbox_options(page: &str) -> String {
+    let from = page.find(r#"id="f-server""#).expect("the Mailbox list");
+    let to = page[from..].find("</select>").expect("its end") + from;
+    page[from..to].to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_picks_among_shared_mailboxes_and_their_own_only() {
+    let m = mailing().await;
+    let app = &m.env.app;
+    let bob = app.signed_in(BOB).await;
+    let bobs = crate::connect::create_personal(&bob, "bob@contoso.example").await;
+    let alices = crate::connect::create_personal(&m.alice, "alice@contoso.example").await;
+    let shared = format!(r#"value="{}""#, m.env.server_id);
+    let (bobs, alices) = (format!(r#"value="{bobs}""#), format!(r#"value="{alices}""#));
+
+    let (_, page, _) = m.alice.get(OUTBOX).await;
+    let options = mailbox_options(&page);
+    assert!(
+        options.contains(&shared) && options.contains(&alices),
+        "{options}"
+    );
+    assert!(
+        !options.contains(&bobs),
+        "not another user's mailbox\n{options}"
+    );
+    let (_, page, _) = m.env.admin.get(OUTBOX).await;
+    let options = mailbox_options(&page);
+    for id in [&shared, &alices, &bobs] {
+        assert!(
+            options.contains(id.as_str()),
+            "operators see all\n{options}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn search_finds_non_ascii_letters_in_any_case_and_a_bad_id_answers_the_404_page() {
     let m = mailing().await;
     let app = &m.env.app;
