@@ -238,6 +238,48 @@ pub async fn hold(
     Ok(began)
 }
 
+/// The authors whose mail waits on `server` are told too, once, that nothing is needed from
+/// them (the owner of a personal mailbox is told by [`tell`] itself).
+async fn author_notices(
+    ctx: &ModuleContext,
+    server: &mail_server::Model,
+    reason: HoldReason,
+    v: &Verdict,
+    waits: &str,
+) -> Vec<Notification> {
+    let authors: Vec<i64> = outbox::Entity::find()
+        .select_only()
+        .column(outbox::Column::AuthorUserId)
+        .distinct()
+        .filter(outbox::Column::ServerId.eq(server.id))
+        .filter(outbox::Column::Status.is_in(["queued", "sending"]))
+        .into_tuple()
+        .all(ctx.db())
+        .await
+        .unwrap_or_default();
+    let nothing_needed = if reason == HoldReason::QuotaExceeded {
+        "Nothing is needed from you: sending resumes by itself."
+    } else {
+        "The CRM's operators have been told and will fix it; nothing is needed from you."
+    };
+    let key = if module_wide(reason) {
+        settings_key(reason)
+    } else {
+        notification_key(server.id)
+    };
+    authors
+        .into_iter()
+        .filter(|a| Some(*a) != server.owner_user_id)
+        .map(|author| Notification {
+            audience: Audience::User(author),
+            subject: format!("Your mail waits: {}", reason.title().to_lowercase()),
+            body: format!("{} {nothing_needed} {waits}", v.what),
+            link: Some("/microsoft_outlook/outbox".into()),
+            key: Some(key.clone()),
+        })
+        .collect()
+}
+
 /// Tells the people who can fix a hold, once.
 async fn tell(ctx: &ModuleContext, server: &mail_server::Model, reason: HoldReason, v: &Verdict) {
     let waits = if module_wide(reason) {
@@ -293,41 +335,7 @@ async fn tell(ctx: &ModuleContext, server: &mail_server::Model, reason: HoldReas
             });
         }
     }
-    // The authors whose mail waits on it are told too, once, that nothing is needed from them
-    // (the owner of a personal mailbox was told above).
-    let authors: Vec<i64> = outbox::Entity::find()
-        .select_only()
-        .column(outbox::Column::AuthorUserId)
-        .distinct()
-        .filter(outbox::Column::ServerId.eq(server.id))
-        .filter(outbox::Column::Status.is_in(["queued", "sending"]))
-        .into_tuple()
-        .all(ctx.db())
-        .await
-        .unwrap_or_default();
-    for author in authors
-        .into_iter()
-        .filter(|a| Some(*a) != server.owner_user_id)
-    {
-        notices.push(Notification {
-            audience: Audience::User(author),
-            subject: format!("Your mail waits: {}", reason.title().to_lowercase()),
-            body: if reason == HoldReason::QuotaExceeded {
-                format!("{} Nothing is needed from you: sending resumes by itself. {waits}", v.what)
-            } else {
-                format!(
-                    "{} The CRM's operators have been told and will fix it; nothing is needed from you. {waits}",
-                    v.what
-                )
-            },
-            link: Some("/microsoft_outlook/outbox".into()),
-            key: Some(if module_wide(reason) {
-                settings_key(reason)
-            } else {
-                notification_key(server.id)
-            }),
-        });
-    }
+    notices.extend(author_notices(ctx, server, reason, v, waits).await);
     for n in notices {
         if let Err(e) = ctx.notifier().notify(n).await {
             tracing::warn!(error = %e, "a hold notification was not recorded");

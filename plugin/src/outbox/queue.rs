@@ -153,18 +153,14 @@ pub async fn queue_mail(
     queue_through(ctx, shared, author, &server, record, mail, false).await
 }
 
-/// Queues `mail` of `author` through `server`, filed under `record` (already checked): From is
-/// the author or the mailbox as the server says, or the mailbox itself when `as_mailbox` (a test
-/// mail of the server page).
-pub async fn queue_through(
-    ctx: &ModuleContext,
-    shared: &std::sync::Arc<Shared>,
-    author: &CurrentUser,
+/// The From header and the envelope sender of a mail of `author` through `server`: the author,
+/// or the mailbox as the server says (always the mailbox when `as_mailbox`), refused when the
+/// server may not send as it.
+fn sender(
     server: &mail_server::Model,
-    record: &RecordRef,
-    mail: OutgoingMail,
+    author: &CurrentUser,
     as_mailbox: bool,
-) -> Result<outbox::Model, Refusal> {
+) -> Result<(Mailbox, String), Refusal> {
     let mailbox_address = server.mailbox.parse().map_err(|_| {
         refuse(
             StatusCode::CONFLICT,
@@ -201,6 +197,54 @@ pub async fn queue_through(
             ),
         ));
     }
+    Ok((from, envelope_from))
+}
+
+/// Inserts the outbox row and its body together, or neither (503 when the database fails).
+async fn insert(
+    ctx: &ModuleContext,
+    shared: &Shared,
+    mut row: outbox::ActiveModel,
+    raw: String,
+) -> Result<outbox::Model, Refusal> {
+    // Drained at once in this process: no job now; if that drain dies, the sweep wakes the
+    // mailbox (a mail never pushed is due for the sweep).
+    if !shared.delivers_here() && shared.queue().is_some() {
+        row.pushed_at = Set(Some(ctx.clock().now()));
+    }
+    let unavailable = |e: sea_orm::DbErr| {
+        refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "record",
+            format!("the database did not answer; nothing was queued ({e})"),
+        )
+    };
+    let txn = ctx.db().begin().await.map_err(unavailable)?;
+    let row = row.insert(&txn).await.map_err(unavailable)?;
+    outbox_body::Entity::insert(outbox_body::ActiveModel {
+        outbox_id: Set(row.id),
+        raw: Set(raw),
+    })
+    .exec_without_returning(&txn)
+    .await
+    .map_err(unavailable)?;
+    txn.commit().await.map_err(unavailable)?;
+    Ok(row)
+}
+
+/// Queues `mail` of `author` through `server`, filed under `record` (already checked): From is
+/// the author or the mailbox as the server says, or the mailbox itself when `as_mailbox` (a test
+/// mail of the server page).
+pub async fn queue_through(
+    ctx: &ModuleContext,
+    shared: &std::sync::Arc<Shared>,
+    author: &CurrentUser,
+    server: &mail_server::Model,
+    record: &RecordRef,
+    mail: OutgoingMail,
+    as_mailbox: bool,
+) -> Result<outbox::Model, Refusal> {
+    let (from, envelope_from) = sender(server, author, as_mailbox)?;
     let mut mail = mail;
     if server.send_as == "mailbox" && server.kind == "shared" && mail.reply_to.is_none() {
         mail.reply_to = author
@@ -228,15 +272,6 @@ pub async fn queue_through(
         })?;
     let raw = String::from_utf8_lossy(&message.formatted()).into_owned();
     let recipients: Vec<String> = mail.recipients().map(|a| a.to_string()).collect();
-    let immediate = shared.delivers_here();
-    let unavailable = |e: sea_orm::DbErr| {
-        refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "record",
-            format!("the database did not answer; nothing was queued ({e})"),
-        )
-    };
-    let size = raw.len() as i64;
     let row = outbox::ActiveModel {
         message_id: Set(message_id),
         status: Set("queued".into()),
@@ -248,32 +283,14 @@ pub async fn queue_through(
         envelope_from: Set(envelope_from),
         recipients: Set(recipients.join("\n")),
         subject: Set(mail.subject.clone()),
-        size_bytes: Set(size),
+        size_bytes: Set(raw.len() as i64),
         attempts: Set(0),
         next_attempt_at: Set(now),
-        lease_until: Set(None),
-        lease_owner: Set(None),
-        last_reply: Set(None),
-        last_error: Set(None),
         created_at: Set(now),
         updated_at: Set(Utc::now()),
-        sent_at: Set(None),
-        // Drained at once in this process: no job now; if that drain dies, the sweep wakes
-        // the mailbox (a mail never pushed is due for the sweep).
-        pushed_at: Set((!immediate && shared.queue().is_some()).then_some(now)),
         ..Default::default()
     };
-    // The row and its body together, or neither.
-    let txn = ctx.db().begin().await.map_err(unavailable)?;
-    let row = row.insert(&txn).await.map_err(unavailable)?;
-    outbox_body::Entity::insert(outbox_body::ActiveModel {
-        outbox_id: Set(row.id),
-        raw: Set(raw),
-    })
-    .exec_without_returning(&txn)
-    .await
-    .map_err(unavailable)?;
-    txn.commit().await.map_err(unavailable)?;
+    let row = insert(ctx, shared, row, raw).await?;
     tracing::info!(
         outbox_id = row.id,
         server_id = server.id,
