@@ -58,7 +58,7 @@ pub async fn drain(
                 wake_at(ctx, shared, server_id, until);
                 break;
             }
-            Claim::Batch(claimed) => claimed,
+            Claim::Batch(claimed) => claims::keep_within(ctx, claimed, claims::BATCH_BYTES).await?,
         };
         let (step, go_on) = send_batch(ctx, shared, server_id, &claimed, &limits).await?;
         total.add(step);

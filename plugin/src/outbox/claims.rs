@@ -21,6 +21,11 @@ use crate::runtime::Shared;
 /// Mails claimed at once from one mailbox.
 pub const BATCH: u64 = 100;
 
+/// Bytes of message text a batch holds at most (by the rows' `size_bytes`): a batch is cut
+/// after the mail that would pass it, so a drain keeps about this much of mail text in memory,
+/// or one mail when a single one is larger.
+pub const BATCH_BYTES: i64 = 16 * 1024 * 1024;
+
 /// A claimed batch: the rows (in queue order, `attempts` already counting this attempt) and
 /// the claim's owner name, unique per claim.
 pub struct Claimed {
@@ -208,6 +213,55 @@ async fn admit_and_claim(
         .await?;
     txn.commit().await?;
     Ok(Err(until))
+}
+
+/// Keeps the first mails of `claimed` whose sizes add up to at most `max_bytes` (at least one)
+/// and gives the others back at once: queued and due as before, their attempt and admission
+/// returned, for the drain's next batch.
+pub async fn keep_within(
+    ctx: &ModuleContext,
+    mut claimed: Claimed,
+    max_bytes: i64,
+) -> Result<Claimed, sea_orm::DbErr> {
+    let mut total = 0_i64;
+    let keep = claimed
+        .rows
+        .iter()
+        .position(|r| {
+            total += r.size_bytes;
+            total > max_bytes
+        })
+        .map_or(claimed.rows.len(), |cut| Ord::max(cut, 1));
+    if keep == claimed.rows.len() {
+        return Ok(claimed);
+    }
+    let back: Vec<i64> = claimed.rows[keep..].iter().map(|r| r.id).collect();
+    persist(|| {
+        outbox::Entity::update_many()
+            .col_expr(outbox::Column::Status, Expr::value("queued"))
+            .col_expr(
+                outbox::Column::LeaseUntil,
+                Expr::value(Option::<DateTime<Utc>>::None),
+            )
+            .col_expr(
+                outbox::Column::LeaseOwner,
+                Expr::value(Option::<String>::None),
+            )
+            .col_expr(
+                outbox::Column::SentAt,
+                Expr::value(Option::<DateTime<Utc>>::None),
+            )
+            .col_expr(
+                outbox::Column::Attempts,
+                Expr::col(outbox::Column::Attempts).sub(1),
+            )
+            .filter(outbox::Column::Id.is_in(back.iter().copied()))
+            .filter(outbox::Column::LeaseOwner.eq(claimed.owner.as_str()))
+            .exec(ctx.db())
+    })
+    .await?;
+    claimed.rows.truncate(keep);
+    Ok(claimed)
 }
 
 /// The bodies of the mails `ids`, by id (a mail without one is missing from the map).
