@@ -12,6 +12,12 @@ const BODIES: &str = "microsoft_outlook_outbox_bodies";
 
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
+    /// In one transaction on SQLite too (its DDL is transactional): the copy and the dropped
+    /// column go together or not at all.
+    fn use_transaction(&self) -> Option<bool> {
+        Some(true)
+    }
+
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         manager
             .create_table(
@@ -26,7 +32,8 @@ impl MigrationTrait for Migration {
         if manager.has_column(OUTBOX, "raw_message").await? {
             let db = manager.get_connection();
             db.execute_unprepared(&format!(
-                "INSERT INTO {BODIES} (outbox_id, raw) SELECT id, raw_message FROM {OUTBOX}"
+                "INSERT INTO {BODIES} (outbox_id, raw) SELECT id, raw_message FROM {OUTBOX} WHERE true \
+                 ON CONFLICT (outbox_id) DO NOTHING"
             ))
             .await?;
             manager

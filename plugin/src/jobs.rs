@@ -241,10 +241,8 @@ impl OutlookJobs for JobServices {
         }
         // Sent mails' texts past the retention go, a few hundred a tick.
         let limits = crate::delivery::limits::limits(&self.ctx, &self.shared).await;
-        if limits.keep_sent_days > 0 {
-            let before = self.ctx.clock().now() - chrono::Duration::days(limits.keep_sent_days);
-            crate::outbox::claims::prune_bodies(&self.ctx, before, 500).await?;
-        }
+        let before = self.ctx.clock().now() - chrono::Duration::days(limits.keep_sent_days);
+        crate::outbox::claims::prune_bodies(&self.ctx, before, 500).await?;
         Ok(())
     }
 }

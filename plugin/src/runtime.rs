@@ -249,6 +249,11 @@ impl Shared {
         self.stopping.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// The flag [`Shared::stopping`] reads, for senders that check it between messages.
+    pub fn stopping_flag(&self) -> &std::sync::atomic::AtomicBool {
+        &self.stopping
+    }
+
     /// Wakes the drain of `server_id`: in a process that delivers, its drain here starts (or,
     /// running already, takes the new mail in its next batch); elsewhere a drain job is pushed
     /// for the worker processes. Mail nobody drains is found by the sweep.

@@ -217,7 +217,6 @@ async fn send_batch(
         claimed,
         lease: &lease,
         limits,
-        now: ctx.clock().now(),
     };
     let Some(server) = shared.server(ctx, server_id).await? else {
         // A deleted server is the operators' matter, not the authors'.
@@ -238,7 +237,7 @@ async fn send_batch(
                 send_with_one_refresh(ctx, shared, server_ref, token, prepared_ref, lease_ref, &tx)
                     .await
             }
-            Err(problem) => Err(problem),
+            Err(problem) => Err((None, problem)),
         };
         drop(tx);
         sent
@@ -246,14 +245,20 @@ async fn send_batch(
     let (sent, written) = tokio::join!(sending, w.write_as_reported(rx));
     let mut drained = written?;
     let go_on = match sent {
-        Err(problem) => {
-            for p in &prepared {
-                rest.push(w.attempt(w.row(p.id)).token_problem(&problem));
+        Err((first, problem)) => {
+            // Only the mails not tried (the first pass may have sent some before the refusal).
+            for (k, p) in prepared.iter().enumerate() {
+                let tried = first
+                    .as_ref()
+                    .is_some_and(|r| !matches!(r.results[k], MessageResult::NotTried));
+                if !tried {
+                    rest.push(w.attempt(w.row(p.id)).token_problem(&problem));
+                }
             }
             false
         }
         Ok(result) => {
-            let now = w.now;
+            let now = ctx.clock().now();
             if let Some((until, reply, why)) =
                 stop_words(ctx, shared, &server, now, result.stop.as_ref()).await?
             {
@@ -294,14 +299,15 @@ async fn send_with_one_refresh(
     prepared: &[Prepared],
     lease: &LeaseKeeper,
     report: &Report,
-) -> Result<BatchResult, TokenProblem> {
+) -> Result<BatchResult, (Option<BatchResult>, TokenProblem)> {
     let transport: &dyn Transport = &shared.smtp;
     let batch = |token| Batch {
         ctx,
         server,
         token,
         messages: prepared,
-        lease_lost: &lease.lost,
+        halt: &lease.lost,
+        stopping: shared.stopping_flag(),
         report,
     };
     let mut result = transport.send(batch(&token)).await;
@@ -309,7 +315,10 @@ async fn send_with_one_refresh(
         return Ok(result);
     }
     shared.smtp.forget(server.id);
-    let token = fresh_access_token(ctx, shared, server, true).await?;
+    let token = match fresh_access_token(ctx, shared, server, true).await {
+        Ok(token) => token,
+        Err(problem) => return Err((Some(result), problem)),
+    };
     let rest: Vec<usize> = (0..prepared.len())
         .filter(|&k| matches!(result.results[k], MessageResult::NotTried))
         .collect();
@@ -328,8 +337,7 @@ async fn send_with_one_refresh(
 }
 
 /// What the mails not tried get after a stop, recording the mailbox's hold or throttle first:
-/// when they are due again, the reply and the words. `None`: they get no outcome (another
-/// worker took them over).
+/// when they are due again, the reply and the words (`None`: nothing to write).
 async fn stop_words(
     ctx: &ModuleContext,
     shared: &Arc<Shared>,
@@ -338,7 +346,8 @@ async fn stop_words(
     stop: Option<&Stop>,
 ) -> Result<Option<(Option<DateTime<Utc>>, Option<String>, Option<String>)>, sea_orm::DbErr> {
     Ok(match stop {
-        Some(Stop::LeaseLost) => None,
+        // Given back, due now (a row another worker took over is not this claim's to write).
+        Some(Stop::Halted) => Some((Some(now), None, None)),
         Some(Stop::Mailbox { verdict, reply }) => {
             shared.metrics.outcome(verdict);
             let until = match verdict.level {
@@ -376,7 +385,6 @@ struct Writer<'a> {
     claimed: &'a Claimed,
     lease: &'a LeaseKeeper,
     limits: &'a Limits,
-    now: DateTime<Utc>,
 }
 
 impl Writer<'_> {
@@ -385,7 +393,8 @@ impl Writer<'_> {
             row,
             max_attempts: self.limits.max_attempts,
             retry_base_secs: self.shared.options.retry_base_secs,
-            now: self.now,
+            // The time of the decision: a batch may take a while to send.
+            now: self.ctx.clock().now(),
         }
     }
 
@@ -454,12 +463,7 @@ impl Writer<'_> {
                 .collect();
             match self.write(decided).await {
                 Ok(d) => drained.add(d),
-                Err(e) => {
-                    self.lease
-                        .lost
-                        .store(true, std::sync::atomic::Ordering::SeqCst);
-                    return Err(e);
-                }
+                Err(e) => return Err(e),
             }
         }
         Ok(drained)
@@ -476,10 +480,15 @@ impl Writer<'_> {
         let outcomes: Vec<Outcome> = decided.iter().map(|d| d.outcome.clone()).collect();
         let delete_bodies = self.limits.keep_sent_days == 0;
         let mut wait = std::time::Duration::from_millis(500);
+        let counting = self.lease.writing.lock().await;
         loop {
             match claims::record(self.ctx, &self.claimed.owner, &outcomes, delete_bodies).await {
                 Ok(()) => break,
                 Err(e) if wait <= std::time::Duration::from_secs(8) => {
+                    // Nothing more is sent while outcomes cannot be written.
+                    self.lease
+                        .lost
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
                     tracing::warn!(error = %e, "writing outcomes failed; trying again");
                     tokio::time::sleep(wait).await;
                     wait *= 2;
@@ -490,6 +499,7 @@ impl Writer<'_> {
         self.lease
             .written
             .fetch_add(outcomes.len(), std::sync::atomic::Ordering::SeqCst);
+        drop(counting);
         let now = self.ctx.clock().now();
         for d in &decided {
             let row = self.row(d.outcome.id);

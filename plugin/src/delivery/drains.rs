@@ -22,15 +22,30 @@ pub fn start(ctx: &ModuleContext, shared: &Arc<Shared>) {
                 continue;
             }
             let (ctx, shared) = (ctx.clone(), shared.clone());
-            shared.task_started();
             tokio::spawn(async move {
+                let _counted = Counted::new(&shared);
                 if let Err(e) = run(&ctx, &shared, server_id).await {
                     tracing::warn!(error = %e, server_id, "a drain hit a database error; the sweep will wake it again");
                 }
-                shared.task_ended();
             });
         }
     });
+}
+
+/// A drain task of this process, counted while it runs (however it ends, a panic included).
+struct Counted<'a>(&'a Shared);
+
+impl<'a> Counted<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        shared.task_started();
+        Self(shared)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.task_ended();
+    }
 }
 
 /// Stops waking drains here; the running ones end after their current batch.

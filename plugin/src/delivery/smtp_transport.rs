@@ -77,6 +77,10 @@ async fn lane(sender: &SmtpSender, batch: &Batch<'_>, progress: &Progress) {
         if progress.stopped() {
             return;
         }
+        if batch.halt.load(Ordering::SeqCst) || batch.stopping.load(Ordering::SeqCst) {
+            progress.stop(Stop::Halted);
+            return;
+        }
         let index = progress.next.fetch_add(1, Ordering::SeqCst);
         let Some(message) = batch.messages.get(index) else {
             return;
@@ -90,7 +94,7 @@ async fn lane(sender: &SmtpSender, batch: &Batch<'_>, progress: &Progress) {
                 &message.envelope,
                 message.raw.as_bytes(),
                 deadline,
-                batch.lease_lost,
+                batch.halt,
             )
             .await;
         match outcome {
@@ -100,7 +104,7 @@ async fn lane(sender: &SmtpSender, batch: &Batch<'_>, progress: &Progress) {
                 Err(stop) => progress.stop(stop),
             },
             SendOutcome::Busy(_) => progress.stop(Stop::Busy),
-            SendOutcome::LeaseLost => progress.stop(Stop::LeaseLost),
+            SendOutcome::LeaseLost => progress.stop(Stop::Halted),
         }
     }
 }

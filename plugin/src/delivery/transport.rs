@@ -59,8 +59,10 @@ pub enum Stop {
     /// No connection came free in time (every one of the mailbox's connections is in use, by
     /// this process or others): the rest wait a moment.
     Busy,
-    /// This drain's claim ran out and another worker took the mails over: they are theirs.
-    LeaseLost,
+    /// Nothing more may be sent: the drain's claim was lost, its outcomes cannot be written
+    /// now, or the process is stopping. The mails not tried wait (another worker's claim, if
+    /// any, keeps them).
+    Halted,
 }
 
 /// What became of a batch: one result per message, in the batch's order (each also reported as
@@ -83,8 +85,10 @@ pub struct Batch<'a> {
     pub token: &'a AccessToken,
     /// The messages, in queue order.
     pub messages: &'a [Prepared],
-    /// Set when the drain's claim on the batch was lost: nothing more may be sent.
-    pub lease_lost: &'a AtomicBool,
+    /// Set when nothing more may be sent (the claim was lost, outcomes cannot be written).
+    pub halt: &'a AtomicBool,
+    /// Set when the process stops its drains.
+    pub stopping: &'a AtomicBool,
     /// Where each message's result goes as soon as it is known (by outbox id), so that the
     /// drain writes outcomes while the batch is still being sent.
     pub report: &'a Report,

@@ -251,6 +251,11 @@ pub async fn keep_within(
                 outbox::Column::SentAt,
                 Expr::value(Option::<DateTime<Utc>>::None),
             )
+            // Due for the sweep too, should this drain stop before its next batch.
+            .col_expr(
+                outbox::Column::PushedAt,
+                Expr::value(Option::<DateTime<Utc>>::None),
+            )
             .col_expr(
                 outbox::Column::Attempts,
                 Expr::col(outbox::Column::Attempts).sub(1),
@@ -285,6 +290,9 @@ pub struct LeaseKeeper {
     pub lost: Arc<AtomicBool>,
     /// Outcomes written so far (their rows are no longer this claim's).
     pub written: Arc<AtomicUsize>,
+    /// Held while outcomes are written and counted, and while the lease is extended and
+    /// compared, so that an extension never sees rows written but not yet counted.
+    pub writing: Arc<tokio::sync::Mutex<()>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -296,9 +304,12 @@ impl LeaseKeeper {
         let ids: Vec<i64> = claimed.rows.iter().map(|r| r.id).collect();
         let (ctx, owner, flag) = (ctx.clone(), claimed.owner.clone(), lost.clone());
         let done = written.clone();
+        let writing = Arc::new(tokio::sync::Mutex::new(()));
+        let busy = writing.clone();
         let task = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(length / 3).await;
+                let _writes = busy.lock().await;
                 let now = ctx.clock().now();
                 let until = now + Duration::from_std(length).unwrap_or(Duration::minutes(5));
                 let extended = outbox::Entity::update_many()
@@ -324,6 +335,7 @@ impl LeaseKeeper {
         Self {
             lost,
             written,
+            writing,
             task,
         }
     }
@@ -408,9 +420,16 @@ pub async fn record(
             .map(|o| o.id)
             .collect();
         if !sent.is_empty() {
+            // Only of rows that are sent now (a row another worker took over keeps its text).
+            let really_sent = Query::select()
+                .column(outbox::Column::Id)
+                .from(outbox::Entity)
+                .and_where(outbox::Column::Id.is_in(sent.iter().copied()))
+                .and_where(outbox::Column::Status.eq("sent"))
+                .to_owned();
             persist(|| {
                 outbox_body::Entity::delete_many()
-                    .filter(outbox_body::Column::OutboxId.is_in(sent.iter().copied()))
+                    .filter(outbox_body::Column::OutboxId.in_subquery(really_sent.clone()))
                     .exec(ctx.db())
             })
             .await?;
