@@ -421,3 +421,55 @@ fn a_bad_manifest_fails_with_the_field_and_the_problem() {
         assert!(message.contains(problem), "{message} should say {problem}");
     }
 }
+
+/// An outbox that holds mail when the module is upgraded keeps every mail's text: the bodies
+/// move to their own table, the old column goes, and running the migrations again is harmless.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrading_moves_queued_mail_texts_to_their_own_table() {
+    use microsoft_outlook::entities::{outbox, outbox_body};
+    use microsoft_outlook_migrations::Migrator;
+    use sea_orm::EntityTrait;
+    use sea_orm_migration::{MigratorTrait, SchemaManager};
+    let test_db = microsoft_outlook_tests::testdb::TestDb::create()
+        .await
+        .expect("a database");
+    let db = sea_orm::Database::connect(&test_db.url)
+        .await
+        .expect("connect");
+    // The schema as it was before the bodies moved (the first five migrations).
+    Migrator::up(&db, Some(5)).await.expect("m0001–m0005");
+    let text =
+        "Subject: Before the upgrade\r\n\r\nThe text must survive, accents \u{e9}t\u{e9} too.\r\n";
+    db.execute_unprepared(&format!(
+        "INSERT INTO microsoft_outlook_outbox (message_id, status, server_id, author_user_id, \
+         record_model, record_id, from_header, envelope_from, recipients, subject, raw_message, \
+         size_bytes, attempts, next_attempt_at, created_at, updated_at) VALUES ('old@crm', \
+         'queued', 1, 1, 'contact', 1, 'a@contoso.example', 'a@contoso.example', \
+         'b@fabrikam.example', 'Before the upgrade', '{text}', {}, 0, \
+         '2026-11-30T00:00:00Z', '2026-11-30T00:00:00Z', '2026-11-30T00:00:00Z')",
+        text.len()
+    ))
+    .await
+    .expect("an old outbox row");
+    Migrator::up(&db, None).await.expect("m0006");
+    Migrator::up(&db, None).await.expect("again: nothing to do");
+    let row = outbox::Entity::find()
+        .one(&db)
+        .await
+        .expect("the outbox reads with the new columns")
+        .expect("the row is still there");
+    let body = outbox_body::Entity::find_by_id(row.id)
+        .one(&db)
+        .await
+        .expect("bodies")
+        .expect("its body moved");
+    assert_eq!(body.raw, text);
+    let manager = SchemaManager::new(&db);
+    assert!(
+        !manager
+            .has_column("microsoft_outlook_outbox", "raw_message")
+            .await
+            .expect("schema"),
+        "the old column is gone"
+    );
+}
