@@ -1,19 +1,20 @@
-//! Drain: the module's per-mail path (claim, token lookup, XOAUTH2 send, status update) versus
-//! a raw lettre loop and Postfix's `smtp-source`, all into the same sink.
+//! Drain: the module's drain (claim a batch of one mailbox's due mails, token once per batch,
+//! XOAUTH2 sends over up to three connections, outcomes written per kind) versus a raw lettre
+//! loop and Postfix's `smtp-source`, all into the same sink.
 
 use anyhow::Context as _;
 use lettre::address::Envelope;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::AsyncSmtpConnection;
 use lettre::transport::smtp::extension::ClientId;
-use microsoft_outlook::deliver::{Delivered, deliver};
+use microsoft_outlook::delivery::drains;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::services::Sink;
-use crate::setup::{Assembled, MODULE, count_status};
+use crate::setup::{Assembled, count_status};
 
 /// One timed run.
 #[derive(Debug, Clone, Copy, Default)]
@@ -73,92 +74,64 @@ pub async fn settle(
     }
 }
 
-/// Delivers `ids` with the module's `deliver::deliver` from `concurrency` tokio tasks.
-pub async fn module_direct(
+/// The module's real drain, in this process: `delivery::drains::run` for every mailbox at
+/// once (one tokio task per mailbox, as the dispatcher starts them), each claiming batches of
+/// its mailbox's due mails, taking the token once per batch, sending over up to three
+/// connections and writing the outcomes per kind. Timed until every task ended (no mail of its
+/// mailbox due), every mail reached the sink and every row is `sent`.
+pub async fn module_drains(
     a: &Assembled,
-    ids: &[i64],
-    concurrency: usize,
+    server_ids: &[i32],
+    count: usize,
     sink: &Sink,
 ) -> anyhow::Result<Run> {
     let before = sink.received();
-    let ids = Arc::new(ids.to_vec());
-    let next = Arc::new(AtomicUsize::new(0));
+    let copies_before = sink.copies();
+    // The drains run only while the module is started (`stopping` is false): a wake channel
+    // does that without starting the apalis workers or the sweep. Wakes sent to it (a mailbox
+    // at its per-minute limit; none here) are dropped.
+    let (wake_tx, wake_rx) = tokio::sync::mpsc::unbounded_channel::<i32>();
+    a.shared.set_wake(Some(wake_tx));
     let started = Instant::now();
-    let tasks: Vec<_> = (0..concurrency)
-        .map(|_| {
-            let (ids, next) = (ids.clone(), next.clone());
+    let tasks: Vec<_> = server_ids
+        .iter()
+        .map(|&server_id| {
             let (ctx, shared) = (a.ctx.clone(), a.shared.clone());
-            tokio::spawn(async move {
-                let mut problems = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(id) = ids.get(i) else { break };
-                    match deliver(&ctx, &shared, *id).await {
-                        Ok(Delivered::Sent) => {}
-                        Ok(other) => problems.push(format!("mail {id}: {other:?}")),
-                        Err(e) => problems.push(format!("mail {id}: {e}")),
-                    }
-                }
-                problems
-            })
+            tokio::spawn(async move { drains::run(&ctx, &shared, server_id).await })
         })
         .collect();
     let mut problems = Vec::new();
     for task in tasks {
-        problems.extend(task.await?);
+        if let Err(e) = task.await? {
+            problems.push(e.to_string());
+        }
     }
+    let waited = async {
+        sink.wait_for(before + count, Duration::from_secs(60))
+            .await
+            .context("the sink did not get every mail")?;
+        settle(&a.db, count, Duration::from_secs(10)).await
+    }
+    .await;
     let secs = started.elapsed().as_secs_f64();
-    sink.wait_for(before + ids.len(), Duration::from_secs(10))
-        .await
-        .with_context(|| {
-            format!(
-                "{} deliveries did not end in Sent (first: {})",
-                problems.len(),
-                problems.first().map_or("none", String::as_str)
-            )
-        })?;
-    let unsettled = settle(&a.db, ids.len(), Duration::from_secs(5)).await?;
+    a.shared.set_wake(None);
+    drop(wake_rx);
+    // Its connections' slots are given back, so that the next path (a serve process on the same
+    // database) finds every slot free.
+    a.shared.smtp.close_all(&a.db).await;
     if let Some(first) = problems.first() {
-        eprintln!(
-            "  {} deliveries returned an error after the send (first: {first})",
+        anyhow::bail!(
+            "{} drain(s) ended with a database error (first: {first})",
             problems.len()
         );
     }
+    let unsettled = waited?;
+    let duplicates = sink.duplicates_since(&copies_before);
+    if duplicates > 0 {
+        eprintln!("  the sink received {duplicates} mail(s) of the module's drains twice");
+    }
     Ok(Run {
-        count: ids.len(),
-        secs,
-        unsettled,
-    })
-}
-
-/// Pushes one apalis job per mail while the module is stopped, then enables it (which starts
-/// its apalis delivery workers with `delivery_concurrency`) and times until every mail reached
-/// the sink and its row was settled.
-pub async fn module_apalis(a: &Assembled, ids: &[i64], sink: &Sink) -> anyhow::Result<Run> {
-    let before = sink.received();
-    let pool = match a.db.get_database_backend() {
-        sea_orm::DbBackend::Postgres => {
-            microsoft_outlook_jobs::QueuePool::Postgres(a.db.get_postgres_connection_pool().clone())
-        }
-        _ => microsoft_outlook_jobs::QueuePool::Sqlite(a.db.get_sqlite_connection_pool().clone()),
-    };
-    let queue = microsoft_outlook_jobs::MailQueue::setup(&pool).await?;
-    queue.push(ids).await?;
-    let started = Instant::now();
-    a.registry.enable(MODULE).await?;
-    sink.wait_for(before + ids.len(), Duration::from_secs(300))
-        .await?;
-    let unsettled = settle(&a.db, ids.len(), Duration::from_secs(10)).await?;
-    let secs = started.elapsed().as_secs_f64();
-    a.registry.disable(MODULE).await?;
-    anyhow::ensure!(
-        sink.received() - before == ids.len(),
-        "the sink received {} messages, {} expected",
-        sink.received() - before,
-        ids.len()
-    );
-    Ok(Run {
-        count: ids.len(),
+        count,
         secs,
         unsettled,
     })

@@ -6,18 +6,18 @@
 
 mod drain;
 mod enqueue;
-mod memory;
 mod probe;
-mod prototype;
 mod refresh;
 mod report;
+mod serve;
 mod services;
 mod setup;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use crm_sdk::SealingKey;
-use std::path::PathBuf;
+use microsoft_outlook::runtime::ModuleOptions;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -25,7 +25,7 @@ use report::{Drain, Refresh, Results, median_rate, rates};
 use services::{Idp, Sink};
 use setup::{
     App, BenchDb, DbKind, add_servers, add_tokens, assemble, configure_module, host_config,
-    mailbox_address, module_options, queue_mails, requeue_all,
+    mailbox_address, mark_enabled, module_options, queue_afresh, queue_mails,
 };
 
 /// What BENCHMARKS.md says besides the figures (profiling notes, what was tried).
@@ -39,13 +39,14 @@ const FINDINGS: &str = include_str!("findings.md");
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// Mails per drain (and in the memory benchmark).
+    /// Mails per drain (the serve runs' figure is also the memory benchmark's).
     #[arg(long, global = true, default_value_t = 10_000)]
     messages: usize,
     /// Mailboxes the mails are spread over.
     #[arg(long, global = true, default_value_t = 10)]
     mailboxes: usize,
-    /// Concurrent sends (module tasks, raw-loop tasks, smtp-source sessions, wrk connections).
+    /// Concurrent sends of the baselines (raw-loop tasks, smtp-source sessions) and wrk
+    /// connections. The module's drains send over up to 3 connections per mailbox.
     #[arg(long, global = true, default_value_t = 16)]
     concurrency: usize,
     /// Bytes per mail (the whole message).
@@ -84,17 +85,24 @@ enum Command {
         #[arg(long, default_value_t = 10_000)]
         refresh_mailboxes: usize,
     },
-    /// Drain: the module versus the raw loop (and smtp-source on SQLite).
+    /// Drain: the module (in this process, and as `crm-host serve`) versus the raw loop (and
+    /// smtp-source on SQLite).
     Drain {
         /// The database.
         #[arg(long, value_enum, default_value = "sqlite")]
         db: DbKind,
-        /// Also drain once through the module's apalis workers.
-        #[arg(long)]
-        apalis: bool,
-        /// Only the module (no baselines), for profiling.
+        /// Only the module's paths (no baselines), for profiling.
         #[arg(long)]
         module_only: bool,
+        /// Leave out the `crm-host serve` path.
+        #[arg(long)]
+        no_serve: bool,
+        /// Leave out the in-process drain.
+        #[arg(long)]
+        no_in_process: bool,
+        /// The release crm-host binary (default: beside this one).
+        #[arg(long)]
+        host_bin: Option<PathBuf>,
     },
     /// Refresh: refresh_all versus a raw loop of the same POSTs.
     Refresh {
@@ -108,7 +116,7 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         secs: u64,
     },
-    /// Profiling: the latency of each statement of the delivery path, one at a time.
+    /// Profiling: the latency of each database step of the drain, batch by batch, no sending.
     Probe {
         /// The database.
         #[arg(long, value_enum, default_value = "sqlite")]
@@ -117,118 +125,136 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         conns: u32,
     },
-    /// Memory: peak RSS of crm-host serve draining the queued mails.
-    Memory {
-        /// The release crm-host binary (default: beside this one).
-        #[arg(long)]
-        host_bin: Option<PathBuf>,
-    },
+}
+
+/// Which paths a drain benchmark runs.
+#[derive(Debug, Clone, Copy)]
+struct Paths<'a> {
+    /// The raw lettre loop (a).
+    raw: bool,
+    /// smtp-source (b).
+    source: bool,
+    /// The module's drains in this process.
+    in_process: bool,
+    /// `crm-host serve`, with this binary.
+    serve: Option<&'a Path>,
 }
 
 async fn drain_bench(
     cli: &Cli,
     kind: DbKind,
     sink: &Sink,
-    with_source: bool,
-    with_apalis: bool,
-    module_only: bool,
+    paths: Paths<'_>,
 ) -> anyhow::Result<Drain> {
     let db = BenchDb::create(kind, &cli.pg).await?;
-    let result = drain_on(cli, &db, sink, with_source, with_apalis, module_only).await;
+    let result = drain_on(cli, &db, sink, paths).await;
     db.remove().await?;
     result
 }
 
-async fn drain_on(
-    cli: &Cli,
-    db: &BenchDb,
-    sink: &Sink,
-    with_source: bool,
-    with_apalis: bool,
-    module_only: bool,
-) -> anyhow::Result<Drain> {
+async fn drain_on(cli: &Cli, db: &BenchDb, sink: &Sink, paths: Paths<'_>) -> anyhow::Result<Drain> {
     let key = SealingKey::generate();
-    // The sweep is left out of the timed drains (the apalis drain pushes every job itself).
+    // The in-process drains need neither the sweep nor the apalis workers (the module is not
+    // enabled in this process); `delivery_concurrency` is the default, 16 (>= the mailboxes).
     let a = assemble(
         &host_config(&db.url),
         &key,
-        module_options(cli.concurrency, "0 0 0 1 1 *"),
+        module_options(ModuleOptions::default().delivery_concurrency, "0 0 0 1 1 *"),
     )
     .await?;
     configure_module(&a.db, &a.sealer, &App::random(), "http://127.0.0.1:9").await?;
     let servers = add_servers(&a.db, cli.mailboxes, sink.port()).await?;
     add_tokens(&a.db, &a.sealer, &servers, None).await?;
     let ids = queue_mails(&a.db, &servers, cli.messages, cli.size).await?;
+    // A `crm-host serve` started on this database resumes the module.
+    mark_enabled(&a.db).await?;
     let messages = Arc::new(setup::prebuilt_messages(&a.db).await?);
     let mailboxes: Vec<String> = servers.iter().map(|s| s.mailbox.clone()).collect();
+    let server_ids: Vec<i32> = servers.iter().map(|s| s.id).collect();
+    let log_dir = match db.dir() {
+        Some(dir) => dir.to_path_buf(),
+        None => std::env::temp_dir().join(format!(
+            "crm-bench-serve-{}-{}",
+            db.kind.name(),
+            std::process::id()
+        )),
+    };
     let mut figures = Drain::default();
     let name = db.kind.name();
-    for round in 0..cli.runs.max(1) {
-        if !module_only {
-            let raw = drain::raw_loop(
-                messages.clone(),
-                &mailboxes,
-                sink.port(),
-                cli.concurrency,
-                sink,
-            )
-            .await
-            .context("raw loop")?;
-            println!(
-                "drain-{name} run {}: raw loop {:.0} mails/s",
-                round + 1,
-                raw.rate()
-            );
-            figures.raw.push(raw);
-            if with_source {
+    // Whether the outbox holds the mails just queued (each module path drains a fresh queue).
+    let mut fresh = true;
+    let result = async {
+        for round in 0..cli.runs.max(1) {
+            let n = round + 1;
+            if paths.raw {
+                let raw = drain::raw_loop(
+                    messages.clone(),
+                    &mailboxes,
+                    sink.port(),
+                    cli.concurrency,
+                    sink,
+                )
+                .await
+                .context("raw loop")?;
+                println!("drain-{name} run {n}: raw loop {:.0} mails/s", raw.rate());
+                figures.raw.push(raw);
+            }
+            if paths.source {
                 let source = drain::smtp_source(cli.messages, cli.concurrency, cli.size, sink)
                     .await
                     .context("smtp-source")?;
                 println!(
-                    "drain-{name} run {}: smtp-source {:.0} mails/s",
-                    round + 1,
+                    "drain-{name} run {n}: smtp-source {:.0} mails/s",
                     source.rate()
                 );
                 figures.source.push(source);
             }
+            if paths.in_process {
+                if !fresh {
+                    queue_afresh(&a.db, &servers, cli.messages, cli.size).await?;
+                }
+                fresh = false;
+                let module = drain::module_drains(&a, &server_ids, ids.len(), sink)
+                    .await
+                    .context("the module's drains in this process")?;
+                println!(
+                    "drain-{name} run {n}: module in process {:.0} mails/s",
+                    module.rate()
+                );
+                figures.module.push(module);
+            }
+            if let Some(host_bin) = paths.serve {
+                if !fresh {
+                    queue_afresh(&a.db, &servers, cli.messages, cli.size).await?;
+                }
+                fresh = false;
+                let serve = serve::run(&db.url, &key, host_bin, sink, ids.len(), &log_dir)
+                    .await
+                    .context("crm-host serve")?;
+                println!(
+                    "drain-{name} run {n}: crm-host serve {:.0} mails/s (first claim to last \
+                     outcome {:.3} s; by the module's timestamps {:.3} s; first claim {:.2} s \
+                     after spawn; {} sent when it was seen), peak RSS {:.1} MiB (at the first claim \
+                     {:.1} MiB)",
+                    serve.run().rate(),
+                    serve.secs,
+                    serve.stamped_secs,
+                    serve.startup_secs,
+                    serve.sent_when_seen,
+                    serve.peak_mib,
+                    serve.claim_rss_mib
+                );
+                figures.serve.push(serve);
+            }
         }
-        if round > 0 {
-            requeue_all(&a.db).await?;
-        }
-        let module = drain::module_direct(&a, &ids, cli.concurrency, sink)
-            .await
-            .context("module drain")?;
-        println!(
-            "drain-{name} run {}: module {:.0} mails/s",
-            round + 1,
-            module.rate()
-        );
-        figures.module.push(module);
+        anyhow::Ok(())
     }
-    if with_apalis {
-        requeue_all(&a.db).await?;
-        let apalis = drain::module_apalis(&a, &ids, sink)
-            .await
-            .context("module drain through apalis")?;
-        println!(
-            "drain-{name}: module through apalis workers {:.0} mails/s",
-            apalis.rate()
-        );
-        figures.apalis = Some(apalis);
-    }
-    if !module_only {
-        requeue_all(&a.db).await?;
-        let sketch = prototype::drain(&a, &servers, ids.len(), sink.port(), cli.concurrency, sink)
-            .await
-            .context("batched prototype")?;
-        println!(
-            "drain-{name}: batched prototype (not the module) {:.0} mails/s",
-            sketch.rate()
-        );
-        figures.prototype = Some(sketch);
+    .await;
+    if db.dir().is_none() {
+        let _ = std::fs::remove_dir_all(&log_dir);
     }
     a.db.close().await?;
-    Ok(figures)
+    result.map(|()| figures)
 }
 
 async fn refresh_bench(cli: &Cli, mailboxes: usize) -> anyhow::Result<Refresh> {
@@ -286,24 +312,44 @@ async fn refresh_on(cli: &Cli, db: &BenchDb, mailboxes: usize) -> anyhow::Result
 }
 
 fn print_drain(name: &str, d: &Drain) {
-    let stuck = report::unsettled(&d.module) + d.apalis.map_or(0, |r| r.unsettled);
+    let stuck = report::unsettled(&d.module) + d.serve.iter().map(|r| r.unsettled).sum::<usize>();
     if stuck > 0 {
         println!("drain-{name}: {stuck} mails sent but left `sending` (status write failed)");
     }
-    let module = median_rate(&d.module);
     let raw = median_rate(&d.raw);
+    let ratio = |x: f64, base: f64| if base > 0.0 { x / base } else { 0.0 };
     println!(
-        "drain-{name}: module {module:.0} mails/s [{}], raw loop {raw:.0} [{}], ratio {:.2}",
-        rates(&d.module),
-        rates(&d.raw),
-        if raw > 0.0 { module / raw } else { 0.0 }
+        "drain-{name}: raw loop {raw:.0} mails/s [{}]",
+        rates(&d.raw)
     );
+    if !d.module.is_empty() {
+        let module = median_rate(&d.module);
+        println!(
+            "drain-{name}: module in process {module:.0} mails/s [{}], ratio {:.2}",
+            rates(&d.module),
+            ratio(module, raw)
+        );
+    }
+    if !d.serve.is_empty() {
+        let serve = median_rate(&d.serve_runs());
+        let peaks: Vec<String> = d
+            .serve
+            .iter()
+            .map(|r| format!("{:.1}", r.peak_mib))
+            .collect();
+        println!(
+            "drain-{name}: crm-host serve {serve:.0} mails/s [{}], ratio {:.2}; peak RSS MiB [{}]",
+            rates(&d.serve_runs()),
+            ratio(serve, raw),
+            peaks.join(", ")
+        );
+    }
     if !d.source.is_empty() {
         let source = median_rate(&d.source);
         println!(
-            "drain-{name}: smtp-source {source:.0} mails/s [{}], ratio {:.2}",
+            "drain-{name}: smtp-source {source:.0} mails/s [{}], module in process / smtp-source {:.2}",
             rates(&d.source),
-            if source > 0.0 { module / source } else { 0.0 }
+            ratio(median_rate(&d.module), source)
         );
     }
 }
@@ -320,7 +366,8 @@ fn print_enqueue(e: &enqueue::Figures) {
         );
     }
     println!(
-        "enqueue: ratio {:.2} (queued {} mails)",
+        "enqueue: route / trivial in host {:.2}, route / bare actix {:.2} (queued {} mails)",
+        e.route.rps / e.trivial_in_host.rps.max(1e-9),
         e.route.rps / e.trivial.rps.max(1e-9),
         e.queued
     );
@@ -344,13 +391,19 @@ async fn all(
     let started = Instant::now();
     let host_bin = match host_bin {
         Some(p) => p,
-        None => memory::default_host_bin()?,
+        None => serve::default_host_bin()?,
     };
     let sink = Sink::start(cli.sink_threads).await?;
+    let paths = Paths {
+        raw: true,
+        source: true,
+        in_process: true,
+        serve: Some(&host_bin),
+    };
     let mut results = Results::default();
     println!("== drain on SQLite");
     let r = keep(
-        drain_bench(cli, DbKind::Sqlite, &sink, true, true, false).await,
+        drain_bench(cli, DbKind::Sqlite, &sink, paths).await,
         "drain-sqlite",
     );
     if let Ok(d) = &r {
@@ -359,7 +412,7 @@ async fn all(
     results.drain_sqlite = Some(r);
     println!("== drain on PostgreSQL");
     let r = keep(
-        drain_bench(cli, DbKind::Postgres, &sink, true, true, false).await,
+        drain_bench(cli, DbKind::Postgres, &sink, paths).await,
         "drain-postgres",
     );
     if let Ok(d) = &r {
@@ -377,18 +430,6 @@ async fn all(
         print_enqueue(e);
     }
     results.enqueue = Some(r);
-    println!("== memory");
-    let r = keep(
-        memory::run(&sink, &host_bin, cli.messages, cli.mailboxes, cli.size).await,
-        "memory",
-    );
-    if let Ok(m) = &r {
-        println!(
-            "memory: peak {:.1} MiB (after start-up {:.1} MiB), drained {} in {:.1} s, {} left sending",
-            m.peak_mib, m.idle_mib, m.count, m.secs, m.unsettled
-        );
-    }
-    results.memory = Some(r);
     sink.stop().await;
     let setup = report::Setup {
         messages: cli.messages,
@@ -411,7 +452,6 @@ async fn all(
         results.drain_postgres.as_ref().map(|r| r.is_err()),
         results.refresh.as_ref().map(|r| r.is_err()),
         results.enqueue.as_ref().map(|r| r.is_err()),
-        results.memory.as_ref().map(|r| r.is_err()),
     ]
     .into_iter()
     .filter(|f| *f == Some(true))
@@ -449,12 +489,23 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Drain {
             db,
-            apalis,
             module_only,
+            no_serve,
+            no_in_process,
+            host_bin,
         } => {
+            let host_bin = match host_bin {
+                Some(p) => p.clone(),
+                None => serve::default_host_bin()?,
+            };
+            let paths = Paths {
+                raw: !module_only,
+                source: !module_only,
+                in_process: !no_in_process,
+                serve: (!no_serve).then_some(host_bin.as_path()),
+            };
             let sink = Sink::start(cli.sink_threads).await?;
-            let with_source = !module_only;
-            let d = drain_bench(&cli, *db, &sink, with_source, *apalis, *module_only).await;
+            let d = drain_bench(&cli, *db, &sink, paths).await;
             sink.stop().await;
             print_drain(db.name(), &d?);
             Ok(())
@@ -477,21 +528,8 @@ async fn main() -> anyhow::Result<()> {
             print_enqueue(&e?);
             Ok(())
         }
-        Command::Probe { db, conns } => probe::run(*db, &cli.pg, cli.messages, *conns).await,
-        Command::Memory { host_bin } => {
-            let host_bin = match host_bin {
-                Some(p) => p.clone(),
-                None => memory::default_host_bin()?,
-            };
-            let sink = Sink::start(cli.sink_threads).await?;
-            let m = memory::run(&sink, &host_bin, cli.messages, cli.mailboxes, cli.size).await;
-            sink.stop().await;
-            let m = m?;
-            println!(
-                "memory: peak {:.1} MiB (after start-up {:.1} MiB), drained {} in {:.1} s, {} left sending",
-                m.peak_mib, m.idle_mib, m.count, m.secs, m.unsettled
-            );
-            Ok(())
+        Command::Probe { db, conns } => {
+            probe::run(*db, &cli.pg, cli.messages, cli.mailboxes, *conns).await
         }
     }
 }

@@ -110,12 +110,21 @@ impl Sink {
         self.server.received_count()
     }
 
-    /// How many Message-IDs it accepted more than once (extra copies).
-    pub fn duplicates(&self) -> usize {
+    /// How many copies of each Message-ID it accepted so far.
+    pub fn copies(&self) -> std::collections::HashMap<String, usize> {
+        self.server.count_by_message_id()
+    }
+
+    /// Extra copies accepted since `before` (a [`Sink::copies`]): a Message-ID accepted more
+    /// than once since then counts once for each extra copy.
+    pub fn duplicates_since(&self, before: &std::collections::HashMap<String, usize>) -> usize {
         self.server
             .count_by_message_id()
-            .values()
-            .map(|n| n.saturating_sub(1))
+            .iter()
+            .map(|(id, n)| {
+                n.saturating_sub(before.get(id).copied().unwrap_or(0))
+                    .saturating_sub(1)
+            })
             .sum()
     }
 

@@ -6,12 +6,11 @@ use chrono::{Duration, Utc};
 use crm_host::{Config, HostOptions};
 use crm_sdk::{ModuleContext, Sealer, SealingKey, SystemClock};
 use microsoft_outlook::OutlookModule;
-use microsoft_outlook::entities::{mail_server, outbox, token};
+use microsoft_outlook::entities::{mail_server, outbox, outbox_body, token};
 use microsoft_outlook::outbox::compose::{AddressInput, MailRequest, OutgoingMail};
 use microsoft_outlook::runtime::{ModuleOptions, Shared};
 use microsoft_outlook::tokens::store::{access_context, refresh_context};
 use rand::Rng;
-use sea_orm::sea_query::Expr;
 use sea_orm::{
     ColumnTrait, ConnectionTrait, Database, DatabaseConnection, EntityTrait, PaginatorTrait,
     QueryFilter, QueryOrder, QuerySelect, Set,
@@ -154,8 +153,6 @@ pub struct Assembled {
     pub ctx: ModuleContext,
     /// The module's shared state (SMTP sender, HTTP client, queue).
     pub shared: Arc<Shared>,
-    /// The registry (to enable the module, which starts its apalis workers).
-    pub registry: Arc<crm_host::registry::Registry>,
     /// The database.
     pub db: DatabaseConnection,
     /// The sealer of `key`.
@@ -187,7 +184,6 @@ pub async fn assemble(
     Ok(Assembled {
         ctx: entry.ctx.clone(),
         shared: module.shared(),
-        registry: assembled.registry.clone(),
         db: assembled.db,
         sealer: assembled.sealer,
     })
@@ -378,8 +374,8 @@ fn build_raw(
 }
 
 /// Queues `n` mails of about `size` bytes (the whole RFC 5322 message), round-robin over
-/// `servers`, as outbox rows like `queue_mail` writes them (built with the module's composer);
-/// returns their ids.
+/// `servers`, as `queue_mail` stores them (built with the module's composer): the outbox rows
+/// in bulk, then their bodies in `outbox_body` in bulk; returns their ids.
 pub async fn queue_mails(
     db: &DatabaseConnection,
     servers: &[mail_server::Model],
@@ -398,6 +394,7 @@ pub async fn queue_mails(
     )?;
     let body_len = (size + 1).saturating_sub(probe.len()).max(1);
     let mut rows = Vec::with_capacity(n);
+    let mut raws = std::collections::HashMap::with_capacity(n);
     for i in 0..n {
         let server = &servers[i % servers.len()];
         let id: u128 = rand::rng().random();
@@ -405,7 +402,7 @@ pub async fn queue_mails(
         let subject = format!("Quote {i:05}");
         let (raw, from_header) = build_raw(server, &subject, text_of(body_len), &message_id)?;
         rows.push(outbox::ActiveModel {
-            message_id: Set(message_id),
+            message_id: Set(message_id.clone()),
             status: Set("queued".into()),
             server_id: Set(server.id),
             author_user_id: Set(1),
@@ -416,7 +413,6 @@ pub async fn queue_mails(
             recipients: Set(RECIPIENT.into()),
             subject: Set(subject),
             size_bytes: Set(raw.len() as i64),
-            raw_message: Set(raw),
             attempts: Set(0),
             next_attempt_at: Set(now - Duration::seconds(1)),
             lease_until: Set(None),
@@ -426,53 +422,59 @@ pub async fn queue_mails(
             created_at: Set(now),
             updated_at: Set(now),
             sent_at: Set(None),
+            pushed_at: Set(None),
             ..Default::default()
         });
+        raws.insert(message_id, raw);
     }
     for chunk in rows.chunks(500) {
         outbox::Entity::insert_many(chunk.to_vec())
             .exec_without_returning(db)
             .await?;
     }
-    Ok(outbox::Entity::find()
+    let stored: Vec<(i64, String)> = outbox::Entity::find()
         .select_only()
         .column(outbox::Column::Id)
+        .column(outbox::Column::MessageId)
         .filter(outbox::Column::Status.eq("queued"))
         .order_by_asc(outbox::Column::Id)
-        .into_tuple::<i64>()
+        .into_tuple()
         .all(db)
-        .await?)
+        .await?;
+    let mut bodies = Vec::with_capacity(stored.len());
+    for (id, message_id) in &stored {
+        if let Some(raw) = raws.remove(message_id) {
+            bodies.push(outbox_body::ActiveModel {
+                outbox_id: Set(*id),
+                raw: Set(raw),
+            });
+        }
+    }
+    anyhow::ensure!(
+        bodies.len() == n,
+        "{} bodies for {n} queued mails",
+        bodies.len()
+    );
+    for chunk in bodies.chunks(500) {
+        outbox_body::Entity::insert_many(chunk.to_vec())
+            .exec_without_returning(db)
+            .await?;
+    }
+    Ok(stored.into_iter().map(|(id, _)| id).collect())
 }
 
-/// Puts every outbox row back in the queue, due now (to drain the same mails again).
-pub async fn requeue_all(db: &DatabaseConnection) -> anyhow::Result<()> {
-    let now = Utc::now();
-    outbox::Entity::update_many()
-        .col_expr(outbox::Column::Status, Expr::value("queued"))
-        .col_expr(outbox::Column::Attempts, Expr::value(0))
-        .col_expr(
-            outbox::Column::NextAttemptAt,
-            Expr::value(now - Duration::seconds(1)),
-        )
-        .col_expr(
-            outbox::Column::LeaseUntil,
-            Expr::value(Option::<chrono::DateTime<Utc>>::None),
-        )
-        .col_expr(
-            outbox::Column::LeaseOwner,
-            Expr::value(Option::<String>::None),
-        )
-        .col_expr(
-            outbox::Column::SentAt,
-            Expr::value(Option::<chrono::DateTime<Utc>>::None),
-        )
-        .col_expr(
-            outbox::Column::LastReply,
-            Expr::value(Option::<String>::None),
-        )
-        .exec(db)
-        .await?;
-    Ok(())
+/// Deletes every outbox row and body, then queues `n` new mails as [`queue_mails`] does (the
+/// rows in insertion order, as mail queued over time lies, rather than in the order the last
+/// drain left the rewritten rows); returns their ids.
+pub async fn queue_afresh(
+    db: &DatabaseConnection,
+    servers: &[mail_server::Model],
+    n: usize,
+    size: usize,
+) -> anyhow::Result<Vec<i64>> {
+    outbox_body::Entity::delete_many().exec(db).await?;
+    outbox::Entity::delete_many().exec(db).await?;
+    queue_mails(db, servers, n, size).await
 }
 
 /// How many outbox rows have `status`.
@@ -496,7 +498,8 @@ pub async fn statuses(db: &DatabaseConnection) -> String {
     parts.join(", ")
 }
 
-/// The queued mails as the raw loop sends them: envelope and message bytes, prebuilt.
+/// The queued mails as the raw loop sends them: envelope (from the outbox row) and message
+/// bytes (from `outbox_body`), prebuilt, in id order.
 pub async fn prebuilt_messages(
     db: &DatabaseConnection,
 ) -> anyhow::Result<Vec<(lettre::address::Envelope, Vec<u8>)>> {
@@ -504,6 +507,12 @@ pub async fn prebuilt_messages(
         .order_by_asc(outbox::Column::Id)
         .all(db)
         .await?;
+    let mut bodies: std::collections::HashMap<i64, String> = outbox_body::Entity::find()
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|b| (b.outbox_id, b.raw))
+        .collect();
     rows.into_iter()
         .map(|row| {
             let from: lettre::Address = row.envelope_from.parse()?;
@@ -512,9 +521,12 @@ pub async fn prebuilt_messages(
                 .lines()
                 .map(str::parse)
                 .collect::<Result<_, _>>()?;
+            let raw = bodies
+                .remove(&row.id)
+                .with_context(|| format!("mail {} has no body", row.id))?;
             Ok((
                 lettre::address::Envelope::new(Some(from), to)?,
-                row.raw_message.into_bytes(),
+                raw.into_bytes(),
             ))
         })
         .collect()
