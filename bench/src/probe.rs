@@ -111,7 +111,7 @@ async fn run_on(db: &BenchDb, n: usize, mailboxes: usize, max_conns: u32) -> any
                 })
                 .collect();
             let t = Instant::now();
-            claims::record(ctx, &claimed.owner, &outcomes, false).await?;
+            claims::record(ctx, shared, &claimed.owner, &outcomes, false).await?;
             record.add(t);
         }
     }

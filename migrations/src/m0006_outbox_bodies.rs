@@ -45,18 +45,6 @@ impl MigrationTrait for Migration {
                 )
                 .await?;
         }
-        // Sent mails whose bodies are past the retention are found by index.
-        manager
-            .create_index(
-                Index::create()
-                    .name("microsoft_outlook_outbox_status_sent_at")
-                    .table(OUTBOX)
-                    .col("status")
-                    .col("sent_at")
-                    .if_not_exists()
-                    .to_owned(),
-            )
-            .await?;
         Ok(())
     }
 
@@ -75,14 +63,6 @@ impl MigrationTrait for Migration {
              WHERE id IN (SELECT outbox_id FROM {BODIES})"
         ))
         .await?;
-        manager
-            .drop_index(
-                Index::drop()
-                    .name("microsoft_outlook_outbox_status_sent_at")
-                    .table(OUTBOX)
-                    .to_owned(),
-            )
-            .await?;
         manager
             .drop_table(Table::drop().table(BODIES).to_owned())
             .await

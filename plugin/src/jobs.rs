@@ -230,8 +230,7 @@ impl OutlookJobs for JobServices {
         // Twice the lease timeout (1 to 10 minutes): a job still waiting then is taken as lost.
         let repush_after =
             chrono::Duration::seconds((self.shared.options.lease_secs * 2).clamp(60, 600));
-        // One statement of at most 500 rows a tick: a mailbox woken drains all its due mail.
-        let servers = crate::outbox::claims::to_wake(&self.ctx, 500, repush_after).await?;
+        let servers = crate::outbox::claims::to_wake(&self.ctx, &self.shared, repush_after).await?;
         if !servers.is_empty() {
             tracing::debug!(
                 count = servers.len(),
@@ -239,10 +238,25 @@ impl OutlookJobs for JobServices {
             );
             self.shared.push(&servers).await;
         }
-        // Sent mails' texts past the retention go, a few hundred a tick.
-        let limits = crate::delivery::limits::limits(&self.ctx, &self.shared).await;
-        let before = self.ctx.clock().now() - chrono::Duration::days(limits.keep_sent_days);
-        crate::outbox::claims::prune_bodies(&self.ctx, before, 500).await?;
+        // Sent mails' texts past the retention go, a few hundred at a time, hourly.
+        let due = {
+            let mut last = self
+                .shared
+                .last_prune
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let due = last.is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(3600));
+            if due {
+                *last = Some(std::time::Instant::now());
+            }
+            due
+        };
+        if due {
+            let limits = crate::delivery::limits::limits(&self.ctx, &self.shared).await;
+            let before = self.ctx.clock().now() - chrono::Duration::days(limits.keep_sent_days);
+            let _gate = self.shared.write_gate(&self.ctx).await;
+            while crate::outbox::claims::prune_bodies(&self.ctx, before, 500).await? == 500 {}
+        }
         Ok(())
     }
 }

@@ -134,6 +134,12 @@ pub struct Shared {
     wake_tx: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<i32>>>,
     /// Set while the drains are stopped (they end after their current batch).
     stopping: std::sync::atomic::AtomicBool,
+    /// On SQLite, the module's writes of this process take turns here: a writer waiting for
+    /// SQLite's single write lock would sleep in its busy handler (1 to 100 ms) instead of
+    /// being woken when the lock frees.
+    write_gate: Arc<tokio::sync::Mutex<()>>,
+    /// When the sweep last deleted the texts of mails past the retention.
+    pub last_prune: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Shared {
@@ -164,6 +170,8 @@ impl Shared {
             drain_permits: Arc::new(tokio::sync::Semaphore::new(Ord::max(concurrency, 1))),
             wake_tx: std::sync::Mutex::new(None),
             stopping: std::sync::atomic::AtomicBool::new(true),
+            write_gate: Arc::new(tokio::sync::Mutex::new(())),
+            last_prune: std::sync::Mutex::new(None),
         })
     }
 
@@ -247,6 +255,19 @@ impl Shared {
     /// Whether this process is stopping its drains (they end after their current batch).
     pub fn stopping(&self) -> bool {
         self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits for this process's turn to write on SQLite (`None` on PostgreSQL, whose writers
+    /// do not exclude each other); the turn lasts as long as the guard.
+    pub async fn write_gate(
+        &self,
+        ctx: &crm_sdk::ModuleContext,
+    ) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        if ctx.db().get_database_backend() == sea_orm::DbBackend::Sqlite {
+            Some(self.write_gate.clone().lock_owned().await)
+        } else {
+            None
+        }
     }
 
     /// The flag [`Shared::stopping`] reads, for senders that check it between messages.

@@ -58,7 +58,9 @@ pub async fn drain(
                 wake_at(ctx, shared, server_id, until);
                 break;
             }
-            Claim::Batch(claimed) => claims::keep_within(ctx, claimed, claims::BATCH_BYTES).await?,
+            Claim::Batch(claimed) => {
+                claims::keep_within(ctx, shared, claimed, claims::BATCH_BYTES).await?
+            }
         };
         let (step, go_on) = send_batch(ctx, shared, server_id, &claimed, &limits).await?;
         total.add(step);
@@ -210,7 +212,7 @@ async fn send_batch(
 ) -> Result<(Drained, bool), sea_orm::DbErr> {
     let lease_length =
         std::time::Duration::from_secs(Ord::max(shared.options.lease_secs, 1) as u64);
-    let lease = LeaseKeeper::start(ctx, claimed, lease_length);
+    let lease = LeaseKeeper::start(ctx, shared, claimed, lease_length);
     let w = Writer {
         ctx,
         shared,
@@ -482,7 +484,15 @@ impl Writer<'_> {
         let mut wait = std::time::Duration::from_millis(500);
         let counting = self.lease.writing.lock().await;
         loop {
-            match claims::record(self.ctx, &self.claimed.owner, &outcomes, delete_bodies).await {
+            match claims::record(
+                self.ctx,
+                self.shared,
+                &self.claimed.owner,
+                &outcomes,
+                delete_bodies,
+            )
+            .await
+            {
                 Ok(()) => break,
                 Err(e) if wait <= std::time::Duration::from_secs(8) => {
                     // Nothing more is sent while outcomes cannot be written.

@@ -15,6 +15,7 @@ use sea_orm::{
     TransactionTrait,
 };
 
+use crate::delivery::health::Health;
 use crate::entities::{outbox, outbox_body, smtp_slot};
 use crate::runtime::Shared;
 
@@ -72,23 +73,10 @@ where
     write().await
 }
 
-/// Due mails: queued and due, or claimed by a worker whose lease ran out.
-fn due(now: DateTime<Utc>) -> Condition {
-    Condition::any()
-        .add(
-            Condition::all()
-                .add(outbox::Column::Status.eq("queued"))
-                .add(outbox::Column::NextAttemptAt.lte(now)),
-        )
-        .add(
-            Condition::all()
-                .add(outbox::Column::Status.eq("sending"))
-                .add(outbox::Column::LeaseUntil.lt(now)),
-        )
-}
-
-/// Claims up to `limit` due mails of `server_id` whose mailbox is claimable, in queue order;
-/// `admitted` also marks them `sent_at` (the per-minute count includes mails in flight).
+/// Claims up to `limit` due mails of `server_id` in queue order (the index on server, status
+/// and id walks them in that order); `admitted` also marks them `sent_at` (the per-minute
+/// count includes mails in flight). Mails whose claim ran out are put back by the sweep
+/// ([`to_wake`]), so only queued ones are looked at here.
 async fn claim_rows<C: ConnectionTrait>(
     db: &C,
     shared: &Shared,
@@ -106,8 +94,8 @@ async fn claim_rows<C: ConnectionTrait>(
     pick.column(outbox::Column::Id)
         .from(outbox::Entity)
         .and_where(outbox::Column::ServerId.eq(server_id))
-        .cond_where(due(now))
-        .and_where(crate::delivery::health::claimable(now))
+        .and_where(outbox::Column::Status.eq("queued"))
+        .and_where(outbox::Column::NextAttemptAt.lte(now))
         .order_by(outbox::Column::Id, sea_orm::Order::Asc)
         .limit(limit);
     if db.get_database_backend() == sea_orm::DbBackend::Postgres {
@@ -146,12 +134,25 @@ pub async fn claim_batch(
     server_id: i32,
     per_minute: usize,
 ) -> Result<Claim, sea_orm::DbErr> {
-    let claimed = if per_minute == 0 {
-        let now = ctx.clock().now();
-        persist(|| claim_rows(ctx.db(), shared, now, server_id, BATCH, false)).await?
-    } else {
+    // The mailbox's health decides, read once per batch: held or throttled, nothing; a hold
+    // whose probe time has passed, only its oldest waiting mail (the probe: if it goes out the
+    // hold ends and the others follow in queue order).
+    let now = ctx.clock().now();
+    let limit = match crate::delivery::health::get(ctx, server_id).await? {
+        Health::Ready => BATCH,
+        Health::Held {
+            until: Some(until), ..
+        } if until <= now => 1,
+        Health::Held { .. } | Health::Throttled { .. } => return Ok(Claim::Nothing),
+    };
+    if per_minute > 0 {
         shared.smtp.ensure_slot_rows(ctx, server_id).await?;
-        match persist(|| admit_and_claim(ctx, shared, server_id, per_minute)).await? {
+    }
+    let _gate = shared.write_gate(ctx).await;
+    let claimed = if per_minute == 0 {
+        persist(|| claim_rows(ctx.db(), shared, now, server_id, limit, false)).await?
+    } else {
+        match persist(|| admit_and_claim(ctx, shared, server_id, per_minute, limit)).await? {
             Ok(claimed) => claimed,
             Err(until) => return Ok(Claim::AtLimit(until)),
         }
@@ -171,6 +172,7 @@ async fn admit_and_claim(
     shared: &Shared,
     server_id: i32,
     per_minute: usize,
+    limit: u64,
 ) -> Result<Result<Claimed, DateTime<Utc>>, sea_orm::DbErr> {
     let txn = ctx.db().begin().await?;
     // The mailbox's first slot row is the lock (a write that changes nothing).
@@ -196,7 +198,7 @@ async fn admit_and_claim(
         .await?;
     let room = per_minute.saturating_sub(in_window.len()) as u64;
     if room > 0 {
-        let claimed = claim_rows(&txn, shared, now, server_id, Ord::min(room, BATCH), true).await?;
+        let claimed = claim_rows(&txn, shared, now, server_id, Ord::min(room, limit), true).await?;
         txn.commit().await?;
         return Ok(Ok(claimed));
     }
@@ -220,6 +222,7 @@ async fn admit_and_claim(
 /// returned, for the drain's next batch.
 pub async fn keep_within(
     ctx: &ModuleContext,
+    shared: &Shared,
     mut claimed: Claimed,
     max_bytes: i64,
 ) -> Result<Claimed, sea_orm::DbErr> {
@@ -236,6 +239,7 @@ pub async fn keep_within(
         return Ok(claimed);
     }
     let back: Vec<i64> = claimed.rows[keep..].iter().map(|r| r.id).collect();
+    let _gate = shared.write_gate(ctx).await;
     persist(|| {
         outbox::Entity::update_many()
             .col_expr(outbox::Column::Status, Expr::value("queued"))
@@ -298,7 +302,12 @@ pub struct LeaseKeeper {
 
 impl LeaseKeeper {
     /// Starts keeping `claimed` for `length`.
-    pub fn start(ctx: &ModuleContext, claimed: &Claimed, length: std::time::Duration) -> Self {
+    pub fn start(
+        ctx: &ModuleContext,
+        shared: &Arc<Shared>,
+        claimed: &Claimed,
+        length: std::time::Duration,
+    ) -> Self {
         let lost = Arc::new(AtomicBool::new(false));
         let written = Arc::new(AtomicUsize::new(0));
         let ids: Vec<i64> = claimed.rows.iter().map(|r| r.id).collect();
@@ -306,10 +315,12 @@ impl LeaseKeeper {
         let done = written.clone();
         let writing = Arc::new(tokio::sync::Mutex::new(()));
         let busy = writing.clone();
+        let shared = shared.clone();
         let task = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(length / 3).await;
                 let _writes = busy.lock().await;
+                let _gate = shared.write_gate(&ctx).await;
                 let now = ctx.clock().now();
                 let until = now + Duration::from_std(length).unwrap_or(Duration::minutes(5));
                 let extended = outbox::Entity::update_many()
@@ -396,10 +407,12 @@ impl Outcome {
 /// once when `keep_sent_days` is 0.
 pub async fn record(
     ctx: &ModuleContext,
+    shared: &Shared,
     owner: &str,
     outcomes: &[Outcome],
     delete_sent_bodies: bool,
 ) -> Result<(), sea_orm::DbErr> {
+    let _gate = shared.write_gate(ctx).await;
     let now = ctx.clock().now();
     let mut groups: Vec<(_, Vec<&Outcome>)> = Vec::new();
     for o in outcomes {
@@ -499,58 +512,88 @@ async fn write_group(
         .map(|_| ())
 }
 
-/// The mailboxes that have mail needing a drain now that nobody is draining, each once: the
-/// rows are marked pushed in the same statement, so that the sweeps of several processes find
-/// each once — queued and due, or claimed by a worker whose lease ran out, and not pushed
-/// since (or pushed longer than `repush_after` ago: that drain may be lost).
+/// The mailboxes whose due mail nobody is draining, each once. First, mails whose claim ran
+/// out (their drain died, or lost its database for longer than the lease) are put back in the
+/// queue, their attempt spent. Then the mailboxes with queued, due mail that was not pushed
+/// since it became due (or was pushed longer than `repush_after` ago: that drain may be lost)
+/// are marked pushed, so that the sweeps of several processes wake each about once.
 pub async fn to_wake(
     ctx: &ModuleContext,
-    limit: u64,
+    shared: &Shared,
     repush_after: Duration,
 ) -> Result<Vec<i32>, sea_orm::DbErr> {
     let now = ctx.clock().now();
-    let not_pushed_since = |since: outbox::Column| {
-        Condition::any()
-            .add(outbox::Column::PushedAt.is_null())
-            .add(Expr::col(outbox::Column::PushedAt).lt(Expr::col(since)))
-            .add(outbox::Column::PushedAt.lt(now - repush_after))
-    };
-    let due = Condition::any()
-        .add(
-            Condition::all()
-                .add(outbox::Column::Status.eq("queued"))
-                .add(outbox::Column::NextAttemptAt.lte(now))
-                .add(not_pushed_since(outbox::Column::NextAttemptAt)),
-        )
-        .add(
-            Condition::all()
-                .add(outbox::Column::Status.eq("sending"))
-                .add(outbox::Column::LeaseUntil.lt(now))
-                .add(not_pushed_since(outbox::Column::LeaseUntil)),
-        );
-    let mut pick = Query::select();
-    pick.column(outbox::Column::Id)
-        .from(outbox::Entity)
-        .cond_where(due)
-        .and_where(crate::delivery::health::claimable(now))
-        .limit(limit);
-    if ctx.db().get_database_backend() == sea_orm::DbBackend::Postgres {
-        pick.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
+    {
+        let _gate = shared.write_gate(ctx).await;
+        persist(|| {
+            outbox::Entity::update_many()
+                .col_expr(outbox::Column::Status, Expr::value("queued"))
+                .col_expr(
+                    outbox::Column::LeaseOwner,
+                    Expr::value(Option::<String>::None),
+                )
+                .col_expr(
+                    outbox::Column::LeaseUntil,
+                    Expr::value(Option::<DateTime<Utc>>::None),
+                )
+                .col_expr(
+                    outbox::Column::SentAt,
+                    Expr::value(Option::<DateTime<Utc>>::None),
+                )
+                .col_expr(outbox::Column::NextAttemptAt, Expr::value(now))
+                .filter(outbox::Column::Status.eq("sending"))
+                .filter(outbox::Column::LeaseUntil.lt(now))
+                .exec(ctx.db())
+        })
+        .await?;
     }
-    let update = Query::update()
-        .table(outbox::Entity)
-        .value(outbox::Column::PushedAt, now)
-        .and_where(outbox::Column::Id.in_subquery(pick))
-        .returning_col(outbox::Column::ServerId)
-        .to_owned();
-    let rows = ctx.db().query_all(&update).await?;
-    let mut servers = rows
-        .iter()
-        .map(|r| r.try_get::<i32>("", "server_id"))
-        .collect::<Result<Vec<_>, _>>()?;
-    servers.sort_unstable();
-    servers.dedup();
+    let waiting = || {
+        Condition::all()
+            .add(outbox::Column::Status.eq("queued"))
+            .add(outbox::Column::NextAttemptAt.lte(now))
+            .add(
+                Condition::any()
+                    .add(outbox::Column::PushedAt.is_null())
+                    .add(
+                        Expr::col(outbox::Column::PushedAt)
+                            .lt(Expr::col(outbox::Column::NextAttemptAt)),
+                    )
+                    .add(outbox::Column::PushedAt.lt(now - repush_after)),
+            )
+    };
+    let servers: Vec<i32> = outbox::Entity::find()
+        .select_only()
+        .column(outbox::Column::ServerId)
+        .distinct()
+        .filter(waiting())
+        .filter(crate::delivery::health::claimable(now))
+        .into_tuple()
+        .all(ctx.db())
+        .await?;
+    if !servers.is_empty() {
+        let _gate = shared.write_gate(ctx).await;
+        persist(|| {
+            outbox::Entity::update_many()
+                .col_expr(outbox::Column::PushedAt, Expr::value(now))
+                .filter(waiting())
+                .filter(outbox::Column::ServerId.is_in(servers.iter().copied()))
+                .exec(ctx.db())
+        })
+        .await?;
+    }
     Ok(servers)
+}
+
+/// Every mailbox with mail queued or being sent (a process starting wakes them all).
+pub async fn with_mail(ctx: &ModuleContext) -> Result<Vec<i32>, sea_orm::DbErr> {
+    outbox::Entity::find()
+        .select_only()
+        .column(outbox::Column::ServerId)
+        .distinct()
+        .filter(outbox::Column::Status.is_in(["queued", "sending"]))
+        .into_tuple()
+        .all(ctx.db())
+        .await
 }
 
 /// Deletes the bodies of mails sent before `before`, at most `limit` of them; returns how many.

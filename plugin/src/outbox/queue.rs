@@ -219,6 +219,7 @@ async fn insert(
             format!("the database did not answer; nothing was queued ({e})"),
         )
     };
+    let _gate = shared.write_gate(ctx).await;
     let txn = ctx.db().begin().await.map_err(unavailable)?;
     let row = row.insert(&txn).await.map_err(unavailable)?;
     outbox_body::Entity::insert(outbox_body::ActiveModel {
