@@ -117,10 +117,20 @@ pub async fn run(
     loop {
         entry.more.store(false, Ordering::SeqCst);
         crate::delivery::drain::drain(ctx, shared, server_id).await?;
-        let mut active = shared.active.lock().unwrap_or_else(|e| e.into_inner());
-        if shared.stopping() || !entry.more.load(Ordering::SeqCst) {
+        let more = {
+            let mut active = shared.active.lock().unwrap_or_else(|e| e.into_inner());
+            let more = entry.more.load(Ordering::SeqCst);
+            if !shared.stopping() && more {
+                continue;
+            }
             active.remove(&server_id);
-            return Ok(());
+            more
+        };
+        if more {
+            // Mail came while the jobs were restarting: the new dispatcher (or, with none, a
+            // worker process) takes it.
+            shared.wake(server_id).await;
         }
+        return Ok(());
     }
 }

@@ -19,8 +19,8 @@ pub async fn retry(
     condition: Condition,
 ) -> Result<Changed, sea_orm::DbErr> {
     let now = ctx.clock().now();
-    // Marked pushed only when there is a queue to push to (else the sweep takes them).
-    let pushed_at = shared.queue().is_some().then_some(now);
+    // Not marked pushed: the wake below sends them; should it reach no drain, the sweep does.
+    let pushed_at = Option::<DateTime<Utc>>::None;
     let mut ids = Vec::new();
     let mut were_failed = Vec::new();
     for status in ACTIONABLE {
