@@ -249,12 +249,34 @@ async fn send_batch(
     let go_on = match sent {
         Err((first, problem)) => {
             // Only the mails not tried (the first pass may have sent some before the refusal).
+            // A passing problem (the token endpoint or the database away) costs the first of
+            // them an attempt; the others wait as long without spending one.
+            let mut paced: Option<Decided> = None;
             for (k, p) in prepared.iter().enumerate() {
                 let tried = first
                     .as_ref()
                     .is_some_and(|r| !matches!(r.results[k], MessageResult::NotTried));
-                if !tried {
-                    rest.push(w.attempt(w.row(p.id)).token_problem(&problem));
+                if tried {
+                    continue;
+                }
+                let a = w.attempt(w.row(p.id));
+                match (&problem, &paced) {
+                    (TokenProblem::Held(_), _) | (_, None) => {
+                        let d = a.token_problem(&problem);
+                        if !matches!(problem, TokenProblem::Held(_)) && d.outcome.status == "queued"
+                        {
+                            paced = Some(Decided {
+                                outcome: d.outcome.clone(),
+                                failed_for: None,
+                            });
+                        }
+                        rest.push(d);
+                    }
+                    (_, Some(probe)) => rest.push(a.wait(
+                        probe.outcome.next_attempt_at,
+                        None,
+                        probe.outcome.last_error.clone(),
+                    )),
                 }
             }
             false
@@ -371,6 +393,11 @@ async fn stop_words(
                 }
             };
             Some((until, reply.clone(), Some(verdict.words())))
+        }
+        // The server could not be reached: the rest wait as long as a first retry would.
+        Some(Stop::Unreachable { verdict }) => {
+            let until = now + backoff(shared.options.retry_base_secs, 1);
+            Some((Some(until), None, Some(verdict.words())))
         }
         // Nothing was tried: wait a moment, quietly.
         Some(Stop::Busy) | Some(Stop::TokenRefused) | None => {

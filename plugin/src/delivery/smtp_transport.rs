@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 
-use crate::delivery::classify::{self, Facts, Level};
+use crate::delivery::classify::{self, Facts, Level, Stage};
 use crate::delivery::smtp::{CONNECTIONS_PER_MAILBOX, SendOutcome, SmtpFailure, SmtpSender};
 use crate::delivery::transport::{Batch, BatchResult, MessageResult, Stop, Transport};
 
@@ -70,10 +70,10 @@ fn classify_failure(batch: &Batch<'_>, from: &str, f: &SmtpFailure) -> Result<Me
     }
 }
 
-/// One connection's share of the batch: takes the next message until none is left or the
-/// batch stopped.
-async fn lane(sender: &SmtpSender, batch: &Batch<'_>, progress: &Progress) {
-    loop {
+/// One connection's share of the batch: takes the next message until none is left, the batch
+/// stopped, or (`once`) one message was tried.
+async fn lane(sender: &SmtpSender, batch: &Batch<'_>, progress: &Progress, once: bool) {
+    for _ in 0.. {
         if progress.stopped() {
             return;
         }
@@ -100,11 +100,23 @@ async fn lane(sender: &SmtpSender, batch: &Batch<'_>, progress: &Progress) {
         match outcome {
             SendOutcome::Sent(reply) => progress.set(batch, index, MessageResult::Sent(reply)),
             SendOutcome::Failed(f) => match classify_failure(batch, &message.from, &f) {
-                Ok(result) => progress.set(batch, index, result),
+                Ok(result) => {
+                    // Nothing reached the server: the rest of the batch would meet the same.
+                    let unreachable = f.code.is_none() && f.stage == Stage::Connect;
+                    if let (true, MessageResult::Refused { verdict, .. }) = (unreachable, &result) {
+                        progress.stop(Stop::Unreachable {
+                            verdict: verdict.clone(),
+                        });
+                    }
+                    progress.set(batch, index, result);
+                }
                 Err(stop) => progress.stop(stop),
             },
             SendOutcome::Busy(_) => progress.stop(Stop::Busy),
             SendOutcome::LeaseLost => progress.stop(Stop::Halted),
+        }
+        if once {
+            return;
         }
     }
 }
@@ -118,8 +130,12 @@ impl Transport for SmtpSender {
                 results: Mutex::new(vec![MessageResult::NotTried; count]),
                 stop: Mutex::new(None),
             };
-            let lanes = Ord::min(CONNECTIONS_PER_MAILBOX, count).max(1);
-            futures::future::join_all((0..lanes).map(|_| lane(self, &batch, &progress))).await;
+            // One message first: the others fan out over more connections only once the
+            // server was reached (an unreachable one then costs one attempt, not three).
+            lane(self, &batch, &progress, true).await;
+            let lanes = Ord::min(CONNECTIONS_PER_MAILBOX, count.saturating_sub(1));
+            futures::future::join_all((0..lanes).map(|_| lane(self, &batch, &progress, false)))
+                .await;
             BatchResult {
                 results: progress
                     .results

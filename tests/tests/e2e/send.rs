@@ -807,3 +807,59 @@ async fn an_app_only_server_fetches_one_client_credentials_token_for_many_mails(
         assert!(info.app_only, "sent with the app-only token");
     }
 }
+
+/// A server that cannot be reached is a matter of the mailbox, not of each mail: a batch that
+/// meets it spends one attempt (its first mail's), and the rest of the batch waits as long
+/// without spending any.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_server_costs_one_attempt_per_batch_not_one_per_mail() {
+    let m = mailing().await;
+    let app = &m.env.app;
+    // One mail a minute: the first goes, the next three wait together for the window.
+    settings(&m.env, &[("mailbox_rate_per_minute", "1")]).await;
+    let first = queue(&m, "Goes at once").await;
+    wait_status(app, first, "sent").await;
+    m.smtp.stop().await;
+    let waiting = [
+        queue(&m, "Waits one").await,
+        queue(&m, "Waits two").await,
+        queue(&m, "Waits three").await,
+    ];
+    for id in waiting {
+        let r = row(app, id).await;
+        assert_eq!((r.status.as_str(), r.attempts), ("queued", 0), "{r:?}");
+    }
+    // The window frees; the three go out as one batch and meet a closed port.
+    settings(&m.env, &[("mailbox_rate_per_minute", "0")]).await;
+    app.clock.advance(chrono::Duration::seconds(61));
+    eventually("the batch to meet the closed port", || async {
+        let mut tried = 0;
+        for id in waiting {
+            let r = row(app, id).await;
+            if r.status == "queued" && r.last_error.is_some() {
+                tried += 1;
+            }
+        }
+        tried == waiting.len()
+    })
+    .await;
+    let mut attempts = Vec::new();
+    for id in waiting {
+        let r = row(app, id).await;
+        assert!(
+            r.last_error
+                .as_deref()
+                .unwrap_or_default()
+                .contains("connection"),
+            "{r:?}"
+        );
+        assert!(r.next_attempt_at > app.clock.now(), "{r:?}");
+        attempts.push(r.attempts);
+    }
+    attempts.sort_unstable();
+    assert_eq!(
+        attempts,
+        [0, 0, 1],
+        "one attempt for the batch, none for the others"
+    );
+}
