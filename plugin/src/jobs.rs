@@ -230,7 +230,7 @@ impl OutlookJobs for JobServices {
         // Twice the lease timeout (1 to 10 minutes): a job still waiting then is taken as lost.
         let repush_after =
             chrono::Duration::seconds((self.shared.options.lease_secs * 2).clamp(60, 600));
-        let servers = crate::outbox::claims::to_wake(&self.ctx, &self.shared, repush_after).await?;
+        let servers = crate::outbox::sweep::to_wake(&self.ctx, &self.shared, repush_after).await?;
         if !servers.is_empty() {
             tracing::debug!(
                 count = servers.len(),
@@ -255,7 +255,7 @@ impl OutlookJobs for JobServices {
             let limits = crate::delivery::limits::limits(&self.ctx, &self.shared).await;
             let before = self.ctx.clock().now() - chrono::Duration::days(limits.keep_sent_days);
             let _gate = self.shared.write_gate(&self.ctx).await;
-            while crate::outbox::claims::prune_bodies(&self.ctx, before, 500).await? == 500 {}
+            while crate::outbox::sweep::prune_bodies(&self.ctx, before, 500).await? == 500 {}
         }
         Ok(())
     }

@@ -192,7 +192,7 @@ impl Module for OutlookModule {
         // Mail that waited while no process delivered goes now, not at the sweep's first tick.
         let (first_ctx, first_shared) = (ctx.clone(), self.shared.clone());
         tokio::spawn(async move {
-            match crate::outbox::claims::with_mail(&first_ctx).await {
+            match crate::outbox::sweep::with_mail(&first_ctx).await {
                 Ok(servers) => {
                     for server_id in servers {
                         first_shared.wake(server_id).await;

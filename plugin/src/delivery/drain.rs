@@ -12,13 +12,15 @@ use lettre::Address;
 use lettre::address::Envelope;
 use rand::Rng;
 
-use crate::delivery::classify::{Level, Verdict, Who};
+use crate::delivery::attempt::{Attempt, Decided};
+use crate::delivery::classify::{Level, Who};
 use crate::delivery::limits::{Limits, backoff, limits};
 use crate::delivery::transport::{
     Batch, BatchResult, MessageResult, Prepared, Report, Stop, Transport,
 };
 use crate::entities::{mail_server, outbox};
-use crate::outbox::claims::{self, Claim, Claimed, LeaseKeeper, Outcome};
+use crate::outbox::claims::{self, Claim, Claimed, Outcome};
+use crate::outbox::lease::LeaseKeeper;
 use crate::runtime::Shared;
 use crate::tokens::service::{AccessToken, TokenProblem, fresh_access_token};
 
@@ -93,110 +95,6 @@ fn envelope_of(row: &outbox::Model) -> Result<Envelope, lettre::error::Error> {
         .filter_map(|r| r.parse().ok())
         .collect();
     Envelope::new(from, to)
-}
-
-/// One claimed mail's attempt, and what it may spend.
-struct Attempt<'a> {
-    row: &'a outbox::Model,
-    max_attempts: i32,
-    retry_base_secs: i64,
-    now: DateTime<Utc>,
-}
-
-/// An outcome, and who must act when the mail failed for good.
-struct Decided {
-    outcome: Outcome,
-    failed_for: Option<Who>,
-}
-
-impl Attempt<'_> {
-    fn outcome(
-        &self,
-        status: &'static str,
-        reply: Option<String>,
-        error: Option<String>,
-    ) -> Outcome {
-        Outcome {
-            id: self.row.id,
-            status,
-            next_attempt_at: None,
-            last_reply: reply,
-            last_error: error,
-            uncount: false,
-        }
-    }
-
-    fn sent(&self, reply: String) -> Decided {
-        Decided {
-            outcome: self.outcome("sent", Some(reply), None),
-            failed_for: None,
-        }
-    }
-
-    fn failed(&self, reply: Option<String>, why: String, who: Who) -> Decided {
-        Decided {
-            outcome: self.outcome("failed", reply, Some(why)),
-            failed_for: Some(who),
-        }
-    }
-
-    fn retry_or_fail(&self, reply: Option<String>, error: String) -> Decided {
-        if self.row.attempts >= self.max_attempts {
-            let why = format!("Gave up after {} attempts: {error}", self.row.attempts);
-            return self.failed(reply, why, Who::Nobody);
-        }
-        let mut outcome = self.outcome("queued", reply, Some(error));
-        outcome.next_attempt_at = Some(self.now + backoff(self.retry_base_secs, self.row.attempts));
-        Decided {
-            outcome,
-            failed_for: None,
-        }
-    }
-
-    /// The mail waits for its mailbox, spending no attempt.
-    fn wait(
-        &self,
-        until: Option<DateTime<Utc>>,
-        reply: Option<String>,
-        why: Option<String>,
-    ) -> Decided {
-        let mut outcome = self.outcome("queued", reply, why);
-        outcome.next_attempt_at = Some(until.unwrap_or(self.now));
-        outcome.uncount = true;
-        Decided {
-            outcome,
-            failed_for: None,
-        }
-    }
-
-    /// What a token problem does to the mail (a hold was recorded by the token service).
-    fn token_problem(&self, problem: &TokenProblem) -> Decided {
-        match problem {
-            TokenProblem::Held(v) => {
-                let until = v.hold_for.map(|d| self.now + d);
-                self.wait(until, None, Some(v.words()))
-            }
-            TokenProblem::Transient {
-                retry_after_secs, ..
-            } => {
-                let mut d = self.retry_or_fail(None, problem.to_string());
-                if let (Some(secs), Some(at)) = (retry_after_secs, d.outcome.next_attempt_at) {
-                    d.outcome.next_attempt_at =
-                        Some(Ord::max(at, self.now + Duration::seconds(*secs as i64)));
-                }
-                d
-            }
-            TokenProblem::Database(_) => self.retry_or_fail(None, problem.to_string()),
-        }
-    }
-
-    /// What a message-level refusal does to the mail.
-    fn refused(&self, verdict: &Verdict, reply: Option<String>) -> Decided {
-        match verdict.level {
-            Level::MailFails => self.failed(reply, verdict.words(), verdict.who),
-            _ => self.retry_or_fail(reply, verdict.words()),
-        }
-    }
 }
 
 /// Sends one claimed batch and writes its outcomes as they come (a group of them at a time:

@@ -2,6 +2,7 @@
 //! held), the classification of what servers answer, the limits the drains keep, and the
 //! transports that carry a batch (SMTP with XOAUTH2; Microsoft Graph next).
 
+pub mod attempt;
 pub mod classify;
 pub mod drain;
 pub mod drains;

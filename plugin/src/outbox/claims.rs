@@ -4,14 +4,13 @@
 //! claim's owner writes an outcome, and a claim whose lease ran out is taken over.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 use chrono::{DateTime, Duration, Utc};
 use crm_sdk::ModuleContext;
 use sea_orm::sea_query::{CaseStatement, Expr, ExprTrait, LockBehavior, LockType, Query};
 use sea_orm::{
-    ColumnTrait, Condition, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
     TransactionTrait,
 };
 
@@ -76,7 +75,7 @@ where
 /// Claims up to `limit` due mails of `server_id` in queue order (the index on server, status
 /// and id walks them in that order); `admitted` also marks them `sent_at` (the per-minute
 /// count includes mails in flight). Mails whose claim ran out are put back by the sweep
-/// ([`to_wake`]), so only queued ones are looked at here.
+/// ([`crate::outbox::sweep::to_wake`]), so only queued ones are looked at here.
 async fn claim_rows<C: ConnectionTrait>(
     db: &C,
     shared: &Shared,
@@ -241,20 +240,7 @@ pub async fn keep_within(
     let back: Vec<i64> = claimed.rows[keep..].iter().map(|r| r.id).collect();
     let _gate = shared.write_gate(ctx).await;
     persist(|| {
-        outbox::Entity::update_many()
-            .col_expr(outbox::Column::Status, Expr::value("queued"))
-            .col_expr(
-                outbox::Column::LeaseUntil,
-                Expr::value(Option::<DateTime<Utc>>::None),
-            )
-            .col_expr(
-                outbox::Column::LeaseOwner,
-                Expr::value(Option::<String>::None),
-            )
-            .col_expr(
-                outbox::Column::SentAt,
-                Expr::value(Option::<DateTime<Utc>>::None),
-            )
+        back_in_queue()
             // Due for the sweep too, should this drain stop before its next batch.
             .col_expr(
                 outbox::Column::PushedAt,
@@ -273,6 +259,25 @@ pub async fn keep_within(
     Ok(claimed)
 }
 
+/// An update that puts claimed mails back in the queue: no owner, no lease, not counted as
+/// sent in the per-minute window.
+pub(crate) fn back_in_queue() -> sea_orm::UpdateMany<outbox::Entity> {
+    outbox::Entity::update_many()
+        .col_expr(outbox::Column::Status, Expr::value("queued"))
+        .col_expr(
+            outbox::Column::LeaseUntil,
+            Expr::value(Option::<DateTime<Utc>>::None),
+        )
+        .col_expr(
+            outbox::Column::LeaseOwner,
+            Expr::value(Option::<String>::None),
+        )
+        .col_expr(
+            outbox::Column::SentAt,
+            Expr::value(Option::<DateTime<Utc>>::None),
+        )
+}
+
 /// The bodies of the mails `ids`, by id (a mail without one is missing from the map).
 pub async fn bodies(
     ctx: &ModuleContext,
@@ -283,79 +288,6 @@ pub async fn bodies(
         .all(ctx.db())
         .await?;
     Ok(rows.into_iter().map(|b| (b.outbox_id, b.raw)).collect())
-}
-
-/// Keeps a drain's claim on its batch alive: a task extends the lease of the batch's mails
-/// whose outcome is not written yet every third of its length, and says when the claim was
-/// lost (another worker took some of them over), so that this drain sends no more. Dropping
-/// it stops it.
-pub struct LeaseKeeper {
-    /// Set once the claim was lost.
-    pub lost: Arc<AtomicBool>,
-    /// Outcomes written so far (their rows are no longer this claim's).
-    pub written: Arc<AtomicUsize>,
-    /// Held while outcomes are written and counted, and while the lease is extended and
-    /// compared, so that an extension never sees rows written but not yet counted.
-    pub writing: Arc<tokio::sync::Mutex<()>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl LeaseKeeper {
-    /// Starts keeping `claimed` for `length`.
-    pub fn start(
-        ctx: &ModuleContext,
-        shared: &Arc<Shared>,
-        claimed: &Claimed,
-        length: std::time::Duration,
-    ) -> Self {
-        let lost = Arc::new(AtomicBool::new(false));
-        let written = Arc::new(AtomicUsize::new(0));
-        let ids: Vec<i64> = claimed.rows.iter().map(|r| r.id).collect();
-        let (ctx, owner, flag) = (ctx.clone(), claimed.owner.clone(), lost.clone());
-        let done = written.clone();
-        let writing = Arc::new(tokio::sync::Mutex::new(()));
-        let busy = writing.clone();
-        let shared = shared.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(length / 3).await;
-                let _writes = busy.lock().await;
-                let _gate = shared.write_gate(&ctx).await;
-                let now = ctx.clock().now();
-                let until = now + Duration::from_std(length).unwrap_or(Duration::minutes(5));
-                let extended = outbox::Entity::update_many()
-                    .col_expr(outbox::Column::LeaseUntil, Expr::value(until))
-                    .filter(outbox::Column::Id.is_in(ids.iter().copied()))
-                    .filter(outbox::Column::LeaseOwner.eq(owner.as_str()))
-                    .exec(ctx.db())
-                    .await;
-                // A written outcome clears the owner: every row not written yet must be ours.
-                let unwritten = ids.len().saturating_sub(done.load(Ordering::SeqCst));
-                match extended {
-                    Ok(r) if r.rows_affected as usize >= unwritten => {}
-                    Ok(_) => {
-                        flag.store(true, Ordering::SeqCst);
-                        return;
-                    }
-                    // The database is away: try again; if the lease runs out meanwhile, the
-                    // next extension finds it taken over.
-                    Err(e) => tracing::warn!(error = %e, "extending a batch's lease failed"),
-                }
-            }
-        });
-        Self {
-            lost,
-            written,
-            writing,
-            task,
-        }
-    }
-}
-
-impl Drop for LeaseKeeper {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 /// The outcome of one claimed mail, to be written.
@@ -510,113 +442,4 @@ async fn write_group(
         .exec(ctx.db())
         .await
         .map(|_| ())
-}
-
-/// The mailboxes whose due mail nobody is draining, each once. First, mails whose claim ran
-/// out (their drain died, or lost its database for longer than the lease) are put back in the
-/// queue, their attempt spent. Then the mailboxes with queued, due mail that was not pushed
-/// since it became due (or was pushed longer than `repush_after` ago: that drain may be lost)
-/// are marked pushed, so that the sweeps of several processes wake each about once.
-pub async fn to_wake(
-    ctx: &ModuleContext,
-    shared: &Shared,
-    repush_after: Duration,
-) -> Result<Vec<i32>, sea_orm::DbErr> {
-    let now = ctx.clock().now();
-    {
-        let _gate = shared.write_gate(ctx).await;
-        persist(|| {
-            outbox::Entity::update_many()
-                .col_expr(outbox::Column::Status, Expr::value("queued"))
-                .col_expr(
-                    outbox::Column::LeaseOwner,
-                    Expr::value(Option::<String>::None),
-                )
-                .col_expr(
-                    outbox::Column::LeaseUntil,
-                    Expr::value(Option::<DateTime<Utc>>::None),
-                )
-                .col_expr(
-                    outbox::Column::SentAt,
-                    Expr::value(Option::<DateTime<Utc>>::None),
-                )
-                .col_expr(outbox::Column::NextAttemptAt, Expr::value(now))
-                .filter(outbox::Column::Status.eq("sending"))
-                .filter(outbox::Column::LeaseUntil.lt(now))
-                .exec(ctx.db())
-        })
-        .await?;
-    }
-    let waiting = || {
-        Condition::all()
-            .add(outbox::Column::Status.eq("queued"))
-            .add(outbox::Column::NextAttemptAt.lte(now))
-            .add(
-                Condition::any()
-                    .add(outbox::Column::PushedAt.is_null())
-                    .add(
-                        Expr::col(outbox::Column::PushedAt)
-                            .lt(Expr::col(outbox::Column::NextAttemptAt)),
-                    )
-                    .add(outbox::Column::PushedAt.lt(now - repush_after)),
-            )
-    };
-    let servers: Vec<i32> = outbox::Entity::find()
-        .select_only()
-        .column(outbox::Column::ServerId)
-        .distinct()
-        .filter(waiting())
-        .filter(crate::delivery::health::claimable(now))
-        .into_tuple()
-        .all(ctx.db())
-        .await?;
-    if !servers.is_empty() {
-        let _gate = shared.write_gate(ctx).await;
-        persist(|| {
-            outbox::Entity::update_many()
-                .col_expr(outbox::Column::PushedAt, Expr::value(now))
-                .filter(waiting())
-                .filter(outbox::Column::ServerId.is_in(servers.iter().copied()))
-                .exec(ctx.db())
-        })
-        .await?;
-    }
-    Ok(servers)
-}
-
-/// Every mailbox with mail queued or being sent (a process starting wakes them all).
-pub async fn with_mail(ctx: &ModuleContext) -> Result<Vec<i32>, sea_orm::DbErr> {
-    outbox::Entity::find()
-        .select_only()
-        .column(outbox::Column::ServerId)
-        .distinct()
-        .filter(outbox::Column::Status.is_in(["queued", "sending"]))
-        .into_tuple()
-        .all(ctx.db())
-        .await
-}
-
-/// Deletes the bodies of mails sent before `before`, at most `limit` of them; returns how many.
-pub async fn prune_bodies(
-    ctx: &ModuleContext,
-    before: DateTime<Utc>,
-    limit: u64,
-) -> Result<u64, sea_orm::DbErr> {
-    let old = Query::select()
-        .column((outbox_body::Entity, outbox_body::Column::OutboxId))
-        .from(outbox_body::Entity)
-        .inner_join(
-            outbox::Entity,
-            Expr::col((outbox::Entity, outbox::Column::Id))
-                .equals((outbox_body::Entity, outbox_body::Column::OutboxId)),
-        )
-        .and_where(Expr::col((outbox::Entity, outbox::Column::Status)).eq("sent"))
-        .and_where(Expr::col((outbox::Entity, outbox::Column::SentAt)).lt(before))
-        .limit(limit)
-        .to_owned();
-    let deleted = outbox_body::Entity::delete_many()
-        .filter(outbox_body::Column::OutboxId.in_subquery(old))
-        .exec(ctx.db())
-        .await?;
-    Ok(deleted.rows_affected)
 }

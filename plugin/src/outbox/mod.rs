@@ -4,4 +4,6 @@
 pub mod claims;
 pub mod compose;
 pub mod failed_notice;
+pub mod lease;
 pub mod queue;
+pub mod sweep;

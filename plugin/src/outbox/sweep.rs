@@ -1,0 +1,108 @@
+//! What the sweep finds: mails whose claim ran out (put back in the queue), the mailboxes whose
+//! due mail nobody drains (woken), every mailbox with mail at start, and the texts of sent mail
+//! past the retention (deleted).
+
+use chrono::{DateTime, Duration, Utc};
+use crm_sdk::ModuleContext;
+use sea_orm::sea_query::{Expr, ExprTrait, Query};
+use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QuerySelect};
+
+use crate::entities::{outbox, outbox_body};
+use crate::outbox::claims::{back_in_queue, persist};
+use crate::runtime::Shared;
+
+/// The mailboxes whose due mail nobody is draining, each once. First, mails whose claim ran
+/// out (their drain died, or lost its database for longer than the lease) are put back in the
+/// queue, their attempt spent. Then the mailboxes with queued, due mail that was not pushed
+/// since it became due (or was pushed longer than `repush_after` ago: that drain may be lost)
+/// are marked pushed, so that the sweeps of several processes wake each about once.
+pub async fn to_wake(
+    ctx: &ModuleContext,
+    shared: &Shared,
+    repush_after: Duration,
+) -> Result<Vec<i32>, sea_orm::DbErr> {
+    let now = ctx.clock().now();
+    {
+        let _gate = shared.write_gate(ctx).await;
+        persist(|| {
+            back_in_queue()
+                .col_expr(outbox::Column::NextAttemptAt, Expr::value(now))
+                .filter(outbox::Column::Status.eq("sending"))
+                .filter(outbox::Column::LeaseUntil.lt(now))
+                .exec(ctx.db())
+        })
+        .await?;
+    }
+    let waiting = || {
+        Condition::all()
+            .add(outbox::Column::Status.eq("queued"))
+            .add(outbox::Column::NextAttemptAt.lte(now))
+            .add(
+                Condition::any()
+                    .add(outbox::Column::PushedAt.is_null())
+                    .add(
+                        Expr::col(outbox::Column::PushedAt)
+                            .lt(Expr::col(outbox::Column::NextAttemptAt)),
+                    )
+                    .add(outbox::Column::PushedAt.lt(now - repush_after)),
+            )
+    };
+    let servers: Vec<i32> = outbox::Entity::find()
+        .select_only()
+        .column(outbox::Column::ServerId)
+        .distinct()
+        .filter(waiting())
+        .filter(crate::delivery::health::claimable(now))
+        .into_tuple()
+        .all(ctx.db())
+        .await?;
+    if !servers.is_empty() {
+        let _gate = shared.write_gate(ctx).await;
+        persist(|| {
+            outbox::Entity::update_many()
+                .col_expr(outbox::Column::PushedAt, Expr::value(now))
+                .filter(waiting())
+                .filter(outbox::Column::ServerId.is_in(servers.iter().copied()))
+                .exec(ctx.db())
+        })
+        .await?;
+    }
+    Ok(servers)
+}
+
+/// Every mailbox with mail queued or being sent (a process starting wakes them all).
+pub async fn with_mail(ctx: &ModuleContext) -> Result<Vec<i32>, sea_orm::DbErr> {
+    outbox::Entity::find()
+        .select_only()
+        .column(outbox::Column::ServerId)
+        .distinct()
+        .filter(outbox::Column::Status.is_in(["queued", "sending"]))
+        .into_tuple()
+        .all(ctx.db())
+        .await
+}
+
+/// Deletes the bodies of mails sent before `before`, at most `limit` of them; returns how many.
+pub async fn prune_bodies(
+    ctx: &ModuleContext,
+    before: DateTime<Utc>,
+    limit: u64,
+) -> Result<u64, sea_orm::DbErr> {
+    let old = Query::select()
+        .column((outbox_body::Entity, outbox_body::Column::OutboxId))
+        .from(outbox_body::Entity)
+        .inner_join(
+            outbox::Entity,
+            Expr::col((outbox::Entity, outbox::Column::Id))
+                .equals((outbox_body::Entity, outbox_body::Column::OutboxId)),
+        )
+        .and_where(Expr::col((outbox::Entity, outbox::Column::Status)).eq("sent"))
+        .and_where(Expr::col((outbox::Entity, outbox::Column::SentAt)).lt(before))
+        .limit(limit)
+        .to_owned();
+    let deleted = outbox_body::Entity::delete_many()
+        .filter(outbox_body::Column::OutboxId.in_subquery(old))
+        .exec(ctx.db())
+        .await?;
+    Ok(deleted.rows_affected)
+}
