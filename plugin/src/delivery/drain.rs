@@ -406,7 +406,9 @@ impl Writer<'_> {
         }
         let outcomes: Vec<Outcome> = decided.iter().map(|d| d.outcome.clone()).collect();
         let delete_bodies = self.limits.keep_sent_days == 0;
-        let mut wait = std::time::Duration::from_millis(500);
+        // Every quarter second for half a minute: written as soon as the database is back,
+        // before the sweep of another process gives these mails to another drain.
+        let mut tries = 0;
         let counting = self.lease.writing.lock().await;
         loop {
             match claims::record(
@@ -419,14 +421,16 @@ impl Writer<'_> {
             .await
             {
                 Ok(()) => break,
-                Err(e) if wait <= std::time::Duration::from_secs(8) => {
+                Err(e) if tries < 120 => {
                     // Nothing more is sent while outcomes cannot be written.
                     self.lease
                         .lost
                         .store(true, std::sync::atomic::Ordering::SeqCst);
-                    tracing::warn!(error = %e, "writing outcomes failed; trying again");
-                    tokio::time::sleep(wait).await;
-                    wait *= 2;
+                    if tries % 20 == 0 {
+                        tracing::warn!(error = %e, "writing outcomes failed; trying again");
+                    }
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
                 }
                 Err(e) => return Err(e),
             }

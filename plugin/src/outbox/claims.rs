@@ -10,7 +10,7 @@ use chrono::{DateTime, Duration, Utc};
 use crm_sdk::ModuleContext;
 use sea_orm::sea_query::{CaseStatement, Expr, ExprTrait, LockBehavior, LockType, Query};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    ColumnTrait, Condition, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
     TransactionTrait,
 };
 
@@ -438,7 +438,15 @@ async fn write_group(
     }
     update
         .filter(outbox::Column::Id.is_in(members.iter().map(|o| o.id)))
-        .filter(outbox::Column::LeaseOwner.eq(owner))
+        .filter(if sent {
+            // A mail the server took is sent, also when the sweep put it back in the queue
+            // meanwhile (the outcome came late) and no other drain has claimed it yet.
+            Condition::any()
+                .add(outbox::Column::LeaseOwner.eq(owner))
+                .add(outbox::Column::Status.eq("queued"))
+        } else {
+            Condition::all().add(outbox::Column::LeaseOwner.eq(owner))
+        })
         .exec(ctx.db())
         .await
         .map(|_| ())

@@ -28,7 +28,9 @@ pub async fn to_wake(
             back_in_queue()
                 .col_expr(outbox::Column::NextAttemptAt, Expr::value(now))
                 .filter(outbox::Column::Status.eq("sending"))
-                .filter(outbox::Column::LeaseUntil.lt(now))
+                // A grace of a few seconds past the lease: a drain whose database was away
+                // writes its outcomes first.
+                .filter(outbox::Column::LeaseUntil.lt(now - Duration::seconds(5)))
                 .exec(ctx.db())
         })
         .await?;
