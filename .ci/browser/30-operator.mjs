@@ -102,7 +102,7 @@ await check('a failed mail tells its author and the operators; the navigation co
   await user.fill('#mail-subject', 'Bounce check');
   await user.fill('#mail-body', 'This one is refused by the server.');
   await user.click('button:has-text("Send")');
-  await user.waitForURL(/\/mails/);
+  await user.waitForSelector('[data-compose-status]:not([hidden])');
   let found = false;
   for (let i = 0; i < 40 && !found; i += 1) {
     await user.goto(`${base}/notifications`);

@@ -361,8 +361,10 @@ fn build_raw(
     message_id: &str,
 ) -> anyhow::Result<(String, String)> {
     let mail = OutgoingMail::parse(
-        &mail_request(subject, body),
-        microsoft_outlook::outbox::compose::DEFAULT_MAX_BYTES,
+        mail_request(subject, body),
+        microsoft_outlook::outbox::compose::SizeLimits::text_only(
+            microsoft_outlook::outbox::compose::DEFAULT_MAX_BYTES,
+        ),
     )
     .map_err(|e| anyhow::anyhow!("the bench mail is invalid: {e:?}"))?;
     let from = lettre::message::Mailbox::new(Some("Bench Author".into()), server.mailbox.parse()?);

@@ -27,6 +27,9 @@ const ANON_CSRF_COOKIE: &str = "crm_csrf";
 const SESSION_DAYS: i64 = 14;
 /// The largest form the CSRF check reads for a signed-in user (the compose form carries a mail).
 const SIGNED_IN_FORM_BYTES: usize = 32 * 1024 * 1024;
+/// The largest upload form (`multipart/form-data`, files attached to a mail) it reads for a
+/// signed-in user without a CSRF header, in bytes.
+const SIGNED_IN_UPLOAD_BYTES: usize = 64 * 1024 * 1024;
 /// The largest form it reads for anyone else (the sign-in form).
 const ANONYMOUS_FORM_BYTES: usize = 64 * 1024;
 
@@ -111,6 +114,31 @@ fn csrf_refused() -> HttpResponse {
         )
 }
 
+/// The text of the part `name` of a `multipart/form-data` body (an upload form's CSRF field).
+async fn upload_field(
+    headers: &actix_web::http::header::HeaderMap,
+    body: web::Bytes,
+    name: &str,
+) -> Option<String> {
+    let stream =
+        futures::stream::once(async move { Ok::<_, actix_web::error::PayloadError>(body) });
+    let mut form = actix_multipart::Multipart::new(headers, stream);
+    while let Some(Ok(mut part)) = form.next().await {
+        if part.name() != Some(name) {
+            continue;
+        }
+        let mut value = Vec::new();
+        while let Some(Ok(chunk)) = part.next().await {
+            value.extend_from_slice(&chunk);
+            if value.len() > 1024 {
+                return None;
+            }
+        }
+        return String::from_utf8(value).ok();
+    }
+    None
+}
+
 fn form_field(body: &[u8], name: &str) -> Option<String> {
     url::form_urlencoded::parse(body)
         .find(|(k, _)| k == name)
@@ -146,6 +174,28 @@ pub async fn session_middleware(
         let is_form = req
             .content_type()
             .eq_ignore_ascii_case("application/x-www-form-urlencoded");
+        let is_upload = req
+            .content_type()
+            .eq_ignore_ascii_case("multipart/form-data");
+        if presented.is_none() && is_upload && user.is_some() {
+            if declared_length(&req).is_some_and(|n| n > SIGNED_IN_UPLOAD_BYTES) {
+                return Ok(req.into_response(too_large()));
+            }
+            let mut payload = req.take_payload();
+            let mut body = web::BytesMut::new();
+            while let Some(chunk) = payload.next().await {
+                let chunk = chunk?;
+                if body.len() + chunk.len() > SIGNED_IN_UPLOAD_BYTES {
+                    return Ok(req.into_response(too_large()));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            let body = body.freeze();
+            presented = upload_field(req.headers(), body.clone(), CSRF_FIELD).await;
+            let (_, mut replay) = actix_http::h1::Payload::create(true);
+            replay.unread_data(body);
+            req.set_payload(Payload::from(replay));
+        }
         if presented.is_none() && is_form {
             // Large forms only from a signed-in user; the declared length is refused unread.
             let limit = if user.is_some() {

@@ -75,6 +75,8 @@ pub struct Limits {
     pub per_minute: usize,
     /// The largest mail accepted at the queue route, in bytes (`max_message_kb` × 1024).
     pub max_bytes: usize,
+    /// The files of one mail together, in bytes (`max_attachments_mb` × 1,000,000).
+    pub max_attachment_bytes: usize,
     /// Days a sent mail's text is kept (`keep_sent_days`; 0 = deleted once sent).
     pub keep_sent_days: i64,
 }

@@ -56,6 +56,10 @@ async fn read_limits(ctx: &ModuleContext) -> Limits {
         max_bytes: get("max_message_kb").map_or(crate::outbox::compose::DEFAULT_MAX_BYTES, |kb| {
             Ord::max(kb, 1) as usize * 1024
         }),
+        max_attachment_bytes: get("max_attachments_mb").map_or(
+            crate::outbox::attachments::DEFAULT_MAX_ATTACHMENT_BYTES,
+            |mb| Ord::max(mb, 0) as usize * 1_000_000,
+        ),
         keep_sent_days: get("keep_sent_days").map_or(DEFAULT_KEEP_SENT_DAYS, |d| d.clamp(0, 3650)),
     }
 }

@@ -1,12 +1,14 @@
 //! A mail as an author writes it, validated at the boundary: addresses parsed, no control
-//! characters but tab in header fields and no NUL anywhere, at most 500 recipients, within the
-//! size limit.
+//! characters but tab in header fields and no NUL anywhere, at most 500 recipients, text and
+//! files within their size limits; every problem in words, against its field.
 
 use crm_sdk::FieldError;
 use lettre::message::header::ContentType;
-use lettre::message::{Mailbox, Mailboxes, MultiPart, SinglePart};
+use lettre::message::{Mailbox, MultiPart, SinglePart};
 use lettre::{Address, Message};
 use serde::Deserialize;
+
+use crate::outbox::attachments::{self, Attachment, AttachmentInput, Upload};
 
 /// Exchange Online's limit of recipients per message.
 pub const MAX_RECIPIENTS: usize = 500;
@@ -55,6 +57,35 @@ pub struct MailRequest {
     pub html_body: Option<String>,
     #[serde(default)]
     pub reply_to: Option<String>,
+    /// The body as Markdown (the compose box): sent as its own plain text and as the HTML it
+    /// renders to. Excludes `text_body` and `html_body`.
+    #[serde(default)]
+    pub markdown_body: Option<String>,
+    /// Files, base64 in JSON.
+    #[serde(default)]
+    pub attachments: Vec<AttachmentInput>,
+    /// Files uploaded by the compose form (multipart).
+    #[serde(skip)]
+    pub uploads: Vec<Upload>,
+}
+
+/// How large a mail may be, in bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct SizeLimits {
+    /// Subject and bodies together (`max_message_kb` × 1024).
+    pub text: usize,
+    /// All files together, before encoding (`max_attachments_mb` × 1,000,000).
+    pub attachments: usize,
+}
+
+impl SizeLimits {
+    /// Room for `text` bytes of text and no files (test mails).
+    pub fn text_only(text: usize) -> Self {
+        Self {
+            text,
+            attachments: 0,
+        }
+    }
 }
 
 /// A validated mail, not yet bound to a sender.
@@ -67,6 +98,7 @@ pub struct OutgoingMail {
     pub text_body: String,
     pub html_body: Option<String>,
     pub reply_to: Option<Mailbox>,
+    pub attachments: Vec<Attachment>,
 }
 
 fn err(field: &str, message: impl Into<String>) -> FieldError {
@@ -83,40 +115,123 @@ pub fn unfit_for_header(text: &str) -> bool {
         .any(|c| (c.is_ascii_control() && c != '\t') || c == '\u{7f}')
 }
 
-const UNFIT_FOR_HEADER: &str = "must not contain line breaks or control characters";
-const NUL_IN_BODY: &str = "must not contain NUL characters";
+const UNFIT_FOR_HEADER: &str = "This field must not contain line breaks or control characters";
+const NUL_IN_BODY: &str = "The message must not contain NUL characters";
 
+/// The items of an address list: split at commas outside quotes and angle brackets
+/// (`"Adams, Alice" <a@x>, b@y` is two).
+fn split_list(list: &str) -> Vec<&str> {
+    let (mut items, mut start, mut quoted, mut angle) = (Vec::new(), 0, false, false);
+    for (i, c) in list.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            '<' if !quoted => angle = true,
+            '>' if !quoted => angle = false,
+            ',' | ';' if !quoted && !angle => {
+                items.push(&list[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    items.push(&list[start..]);
+    items
+        .into_iter()
+        .map(str::trim)
+        .filter(|i| !i.is_empty())
+        .collect()
+}
+
+/// The mailboxes of `field`; each bad one is named in its error.
 fn parse_list(field: &str, input: &AddressInput, errors: &mut Vec<FieldError>) -> Vec<Mailbox> {
     let mut out = Vec::new();
     for item in input.items() {
-        if item.trim().is_empty() {
-            continue;
-        }
         if unfit_for_header(item) {
             errors.push(err(field, UNFIT_FOR_HEADER));
             continue;
         }
-        match item.parse::<Mailboxes>() {
-            Ok(list) => out.extend(list),
-            Err(_) => errors.push(err(
-                field,
-                format!("\"{}\" is not a valid address list (use name@example.com, separated by commas)", item.trim()),
-            )),
+        for one in split_list(item) {
+            match one.parse::<Mailbox>() {
+                Ok(m) => out.push(m),
+                Err(_) => errors.push(err(
+                    field,
+                    format!("Recipient \"{one}\" is not an e-mail address (write name@example.com; separate several with commas)"),
+                )),
+            }
         }
     }
     out
 }
 
+/// The Reply-To mailbox, if one is given.
+fn parse_reply_to(given: Option<&str>, errors: &mut Vec<FieldError>) -> Option<Mailbox> {
+    let given = given.filter(|r| !r.trim().is_empty())?;
+    if unfit_for_header(given) {
+        errors.push(err("reply_to", UNFIT_FOR_HEADER));
+        return None;
+    }
+    let given = given.trim();
+    match given.parse::<Mailbox>() {
+        Ok(m) => Some(m),
+        Err(_) => {
+            errors.push(err(
+                "reply_to",
+                format!("Reply-To \"{given}\" is not an e-mail address"),
+            ));
+            None
+        }
+    }
+}
+
+/// The plain text and the HTML to send, and the field the body came in: Markdown renders to
+/// both; otherwise the text and the HTML as given.
+fn bodies(
+    request: &MailRequest,
+    errors: &mut Vec<FieldError>,
+) -> (String, Option<String>, &'static str) {
+    let html_given = request.html_body.clone().filter(|h| !h.trim().is_empty());
+    if let Some(markdown) = &request.markdown_body {
+        if !request.text_body.trim().is_empty() || html_given.is_some() {
+            errors.push(err(
+                "markdown_body",
+                "Give the body once: markdown_body, or text_body and html_body",
+            ));
+        }
+        if markdown.contains('\0') {
+            errors.push(err("markdown_body", NUL_IN_BODY));
+        } else if markdown.trim().is_empty() {
+            errors.push(err("markdown_body", "Write a message"));
+        } else {
+            return (
+                markdown.clone(),
+                Some(crate::outbox::markdown::to_html(markdown)),
+                "markdown_body",
+            );
+        }
+        return (String::new(), None, "markdown_body");
+    }
+    if request.text_body.contains('\0') {
+        errors.push(err("text_body", NUL_IN_BODY));
+    }
+    if html_given.as_ref().is_some_and(|h| h.contains('\0')) {
+        errors.push(err("html_body", NUL_IN_BODY));
+    }
+    if request.text_body.trim().is_empty() && html_given.is_none() {
+        errors.push(err("text_body", "Write a message"));
+    }
+    (request.text_body.clone(), html_given, "text_body")
+}
+
 impl OutgoingMail {
-    /// Validates a request; every problem is reported against its field.
-    pub fn parse(request: &MailRequest, max_bytes: usize) -> Result<Self, Vec<FieldError>> {
+    /// Validates a request; every problem is reported against its field, in words.
+    pub fn parse(request: MailRequest, limits: SizeLimits) -> Result<Self, Vec<FieldError>> {
         let mut errors = Vec::new();
         let to = parse_list("to", &request.to, &mut errors);
         let cc = parse_list("cc", &request.cc, &mut errors);
         let bcc = parse_list("bcc", &request.bcc, &mut errors);
         let total = to.len() + cc.len() + bcc.len();
         if errors.is_empty() && total == 0 {
-            errors.push(err("to", "at least one recipient is required"));
+            errors.push(err("to", "Add at least one recipient"));
         }
         if total > MAX_RECIPIENTS {
             errors.push(err(
@@ -128,51 +243,29 @@ impl OutgoingMail {
         if unfit_for_header(&request.subject) {
             errors.push(err("subject", UNFIT_FOR_HEADER));
         } else if subject.is_empty() {
-            errors.push(err("subject", "is required"));
+            errors.push(err("subject", "Write a subject"));
         } else if subject.chars().count() > 998 {
-            errors.push(err("subject", "is too long (at most 998 characters)"));
-        }
-        let reply_to = match request
-            .reply_to
-            .as_deref()
-            .map(str::trim)
-            .filter(|r| !r.is_empty())
-        {
-            None => None,
-            Some(_) if request.reply_to.as_deref().is_some_and(unfit_for_header) => {
-                errors.push(err("reply_to", UNFIT_FOR_HEADER));
-                None
-            }
-            Some(r) => match r.parse::<Mailbox>() {
-                Ok(m) => Some(m),
-                Err(_) => {
-                    errors.push(err("reply_to", format!("\"{r}\" is not a valid address")));
-                    None
-                }
-            },
-        };
-        let html_body = request.html_body.clone().filter(|h| !h.trim().is_empty());
-        if request.text_body.contains('\0') {
-            errors.push(err("text_body", NUL_IN_BODY));
-        }
-        if html_body.as_ref().is_some_and(|h| h.contains('\0')) {
-            errors.push(err("html_body", NUL_IN_BODY));
-        }
-        if request.text_body.trim().is_empty() && html_body.is_none() {
-            errors.push(err("text_body", "is required"));
-        }
-        let size =
-            subject.len() + request.text_body.len() + html_body.as_ref().map_or(0, String::len);
-        if size > max_bytes {
             errors.push(err(
-                "text_body",
+                "subject",
+                "The subject is too long (at most 998 characters)",
+            ));
+        }
+        let reply_to = parse_reply_to(request.reply_to.as_deref(), &mut errors);
+        let (text_body, html_body, body_field) = bodies(&request, &mut errors);
+        let size = subject.len() + text_body.len() + html_body.as_ref().map_or(0, String::len);
+        if size > limits.text {
+            errors.push(err(
+                body_field,
                 format!(
-                    "the mail is {} KB; the limit is {} KB",
-                    size / 1024,
-                    max_bytes / 1024
+                    "The text is {}; the limit is {} (files are counted apart)",
+                    attachments::size_words(size),
+                    attachments::size_words(limits.text)
                 ),
             ));
         }
+        let mut uploads = attachments::decode(&request.attachments, &mut errors);
+        uploads.extend(request.uploads);
+        let attachments = attachments::check(uploads, limits.attachments, &mut errors);
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -181,9 +274,10 @@ impl OutgoingMail {
             cc,
             bcc,
             subject,
-            text_body: request.text_body.clone(),
+            text_body,
             html_body,
             reply_to,
+            attachments,
         })
     }
 
@@ -196,9 +290,10 @@ impl OutgoingMail {
             .map(|m| &m.email)
     }
 
-    /// Builds the message to send: From, optional Sender, a fixed Message-ID and Date.
+    /// Builds the message to send: From, optional Sender, a fixed Message-ID and Date; the
+    /// text (and HTML as `multipart/alternative`), then the files (`multipart/mixed`).
     pub fn build(
-        &self,
+        self,
         from: Mailbox,
         sender: Option<Mailbox>,
         message_id: &str,
@@ -206,37 +301,50 @@ impl OutgoingMail {
     ) -> Result<Message, lettre::error::Error> {
         let mut builder = Message::builder()
             .from(from)
-            .subject(self.subject.clone())
+            .subject(self.subject)
             .message_id(Some(format!("<{message_id}>")))
             .date(date);
         if let Some(sender) = sender {
             builder = builder.sender(sender);
         }
-        for m in &self.to {
-            builder = builder.to(m.clone());
+        for m in self.to {
+            builder = builder.to(m);
         }
-        for m in &self.cc {
-            builder = builder.cc(m.clone());
+        for m in self.cc {
+            builder = builder.cc(m);
         }
-        for m in &self.bcc {
-            builder = builder.bcc(m.clone());
+        for m in self.bcc {
+            builder = builder.bcc(m);
         }
-        if let Some(r) = &self.reply_to {
-            builder = builder.reply_to(r.clone());
+        if let Some(r) = self.reply_to {
+            builder = builder.reply_to(r);
         }
         let text = SinglePart::builder()
             .header(ContentType::TEXT_PLAIN)
-            .body(self.text_body.clone());
-        match &self.html_body {
-            Some(html) => builder.multipart(
-                MultiPart::alternative().singlepart(text).singlepart(
+            .body(self.text_body);
+        let alternative = self.html_body.map(|html| {
+            MultiPart::alternative()
+                .singlepart(text.clone())
+                .singlepart(
                     SinglePart::builder()
                         .header(ContentType::TEXT_HTML)
-                        .body(html.clone()),
-                ),
-            ),
-            None => builder.singlepart(text),
+                        .body(html),
+                )
+        });
+        if self.attachments.is_empty() {
+            return match alternative {
+                Some(alternative) => builder.multipart(alternative),
+                None => builder.singlepart(text),
+            };
         }
+        let mut mixed = match alternative {
+            Some(alternative) => MultiPart::mixed().multipart(alternative),
+            None => MultiPart::mixed().singlepart(text),
+        };
+        for file in self.attachments {
+            mixed = mixed.singlepart(file.into_part());
+        }
+        builder.multipart(mixed)
     }
 }
 
@@ -266,36 +374,48 @@ mod tests {
     fn refuses_injection_bad_addresses_and_too_many() {
         assert!(
             OutgoingMail::parse(
-                &request("Dana <dana@fabrikam.example>, evan@northwind.example", "Hi"),
-                1024
+                request("Dana <dana@fabrikam.example>, evan@northwind.example", "Hi"),
+                SizeLimits::text_only(1024)
             )
             .is_ok()
         );
         assert_eq!(
             fields(OutgoingMail::parse(
-                &request("a@b.example", "Hi\r\nBcc: victim@x.example"),
-                1024
+                request("a@b.example", "Hi\r\nBcc: victim@x.example"),
+                SizeLimits::text_only(1024)
             )),
             ["subject"]
         );
         assert_eq!(
             fields(OutgoingMail::parse(
-                &request("a@b.example\r\nBcc: v@x.example", "Hi"),
-                1024
+                request("a@b.example\r\nBcc: v@x.example", "Hi"),
+                SizeLimits::text_only(1024)
             )),
             ["to"]
         );
         assert_eq!(
-            fields(OutgoingMail::parse(&request("not an address", "Hi"), 1024)),
+            fields(OutgoingMail::parse(
+                request("not an address", "Hi"),
+                SizeLimits::text_only(1024)
+            )),
             ["to"]
         );
         let many: Vec<String> = (0..501).map(|i| format!("r{i}@x.example")).collect();
         let mut r = request("", "Hi");
         r.to = AddressInput::Many(many);
-        assert_eq!(fields(OutgoingMail::parse(&r, 1 << 20)), ["to"]);
+        assert_eq!(
+            fields(OutgoingMail::parse(
+                r.clone(),
+                SizeLimits::text_only(1 << 20)
+            )),
+            ["to"]
+        );
         let mut big = request("a@b.example", "Hi");
         big.text_body = "x".repeat(2048);
-        assert_eq!(fields(OutgoingMail::parse(&big, 1024)), ["text_body"]);
+        assert_eq!(
+            fields(OutgoingMail::parse(big, SizeLimits::text_only(1024))),
+            ["text_body"]
+        );
     }
 
     #[test]
@@ -303,16 +423,16 @@ mod tests {
         for bad in ["\u{b}", "\u{c}", "\0", "\u{1b}[31m", "\r", "\n", "\u{7f}"] {
             assert_eq!(
                 fields(OutgoingMail::parse(
-                    &request("a@b.example", &format!("Hi{bad}there")),
-                    1024
+                    request("a@b.example", &format!("Hi{bad}there")),
+                    SizeLimits::text_only(1024)
                 )),
                 ["subject"],
                 "{bad:?}"
             );
             assert_eq!(
                 fields(OutgoingMail::parse(
-                    &request(&format!("Dana{bad} <a@b.example>"), "Hi"),
-                    1024
+                    request(&format!("Dana{bad} <a@b.example>"), "Hi"),
+                    SizeLimits::text_only(1024)
                 )),
                 ["to"],
                 "{bad:?}"
@@ -321,23 +441,29 @@ mod tests {
             r.cc = AddressInput::Many(vec![format!("c{bad}@b.example")]);
             r.reply_to = Some(format!("r@b.example{bad}"));
             assert_eq!(
-                fields(OutgoingMail::parse(&r, 1024)),
+                fields(OutgoingMail::parse(r.clone(), SizeLimits::text_only(1024))),
                 ["cc", "reply_to"],
                 "{bad:?}"
             );
         }
-        assert!(OutgoingMail::parse(&request("a@b.example", "Tab\there"), 1024).is_ok());
+        assert!(
+            OutgoingMail::parse(
+                request("a@b.example", "Tab\there"),
+                SizeLimits::text_only(1024)
+            )
+            .is_ok()
+        );
         let mut r = request("a@b.example", "Hi");
         r.text_body = "Hello\0world".into();
         r.html_body = Some("<p>\0</p>".into());
         assert_eq!(
-            fields(OutgoingMail::parse(&r, 1024)),
+            fields(OutgoingMail::parse(r.clone(), SizeLimits::text_only(1024))),
             ["text_body", "html_body"]
         );
         // Other controls stay allowed in bodies (a form feed in a text body is harmless).
         r.text_body = "Page\u{c}two".into();
         r.html_body = None;
-        assert!(OutgoingMail::parse(&r, 1024).is_ok());
+        assert!(OutgoingMail::parse(r.clone(), SizeLimits::text_only(1024)).is_ok());
     }
 
     #[test]
@@ -345,12 +471,13 @@ mod tests {
         let mut r = request("dana@fabrikam.example", "Quote");
         r.bcc = AddressInput::One("boss@contoso.example".into());
         r.html_body = Some("<p>Hello</p>".into());
-        let mail = OutgoingMail::parse(&r, 1 << 20)
+        let mail = OutgoingMail::parse(r.clone(), SizeLimits::text_only(1 << 20))
             .ok()
             .unwrap_or_else(|| panic!("valid"));
         let from: Mailbox = "Alice <alice@contoso.example>"
             .parse()
             .unwrap_or_else(|_| panic!("mailbox"));
+        assert_eq!(mail.recipients().count(), 2);
         let message = mail
             .build(from, None, "abc@crm.example", std::time::SystemTime::now())
             .unwrap_or_else(|e| panic!("{e}"));
@@ -361,6 +488,71 @@ mod tests {
             !raw.contains("boss@contoso.example"),
             "Bcc is not in the headers"
         );
-        assert_eq!(mail.recipients().count(), 2);
+    }
+
+    #[test]
+    fn names_the_bad_recipient_and_keeps_quoted_commas() {
+        let r = request(
+            "\"Adams, Alice\" <alice@contoso.example>; dana@fabrikam.example, bob@",
+            "Hi",
+        );
+        let errors = OutgoingMail::parse(r, SizeLimits::text_only(1024))
+            .err()
+            .unwrap_or_default();
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0]
+                .message
+                .starts_with("Recipient \"bob@\" is not an e-mail address"),
+            "{}",
+            errors[0].message
+        );
+        let ok = OutgoingMail::parse(
+            request(
+                "\"Adams, Alice\" <alice@contoso.example>, dana@fabrikam.example",
+                "Hi",
+            ),
+            SizeLimits::text_only(1024),
+        )
+        .ok()
+        .unwrap_or_else(|| panic!("valid"));
+        assert_eq!(ok.recipients().count(), 2);
+    }
+
+    #[test]
+    fn markdown_becomes_text_and_html_and_files_ride_along_in_mixed() {
+        let mut r = request("dana@fabrikam.example", "Quote");
+        r.text_body = String::new();
+        r.markdown_body = Some("**Total**: 1 EUR".into());
+        r.uploads = vec![Upload {
+            filename: "Angebot Müller.pdf".into(),
+            content_type: None,
+            bytes: vec![0, 159, 146, 150, 255],
+        }];
+        let limits = SizeLimits {
+            text: 1024,
+            attachments: 1024,
+        };
+        let mail = OutgoingMail::parse(r, limits)
+            .ok()
+            .unwrap_or_else(|| panic!("valid"));
+        assert_eq!(
+            mail.html_body
+                .as_deref()
+                .map(|h| h.contains("<strong>Total</strong>")),
+            Some(true)
+        );
+        let from: Mailbox = "a@contoso.example"
+            .parse()
+            .unwrap_or_else(|_| panic!("mailbox"));
+        let raw = mail
+            .build(from, None, "m@crm.example", std::time::SystemTime::now())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .formatted();
+        let raw = String::from_utf8(raw).unwrap_or_default();
+        assert!(raw.contains("multipart/mixed"), "{raw}");
+        assert!(raw.contains("multipart/alternative"), "{raw}");
+        assert!(raw.contains("filename*"), "RFC 2231 name\n{raw}");
+        assert!(raw.contains("Content-Transfer-Encoding: base64"), "{raw}");
     }
 }

@@ -1,9 +1,11 @@
 //! The outbox: the truth of every mail. Composing a mail, queuing it with its body, claims and
 //! outcomes a batch at a time, and telling people when a mail failed.
 
+pub mod attachments;
 pub mod claims;
 pub mod compose;
 pub mod failed_notice;
 pub mod lease;
+pub mod markdown;
 pub mod queue;
 pub mod sweep;

@@ -9,7 +9,7 @@ use rand::Rng;
 use sea_orm::{ActiveModelTrait, EntityTrait, Set, TransactionTrait};
 
 use crate::entities::{mail_server, outbox, outbox_body, token};
-use crate::outbox::compose::{MailRequest, OutgoingMail};
+use crate::outbox::compose::{MailRequest, OutgoingMail, SizeLimits};
 use crate::runtime::Shared;
 use crate::web::servers;
 
@@ -31,6 +31,9 @@ fn refuse(status: StatusCode, field: &str, message: impl Into<String>) -> Refusa
         }],
     }
 }
+
+/// Exchange Online's fixed maximum message size, encoded (its `SIZE` extension's value).
+pub const EXCHANGE_MAX_MESSAGE_BYTES: usize = 35_882_577;
 
 /// Whether `address` may be used as From on `server`.
 pub fn allowed_from(server: &mail_server::Model, address: &str) -> bool {
@@ -121,7 +124,7 @@ pub async fn queue_mail(
     shared: &std::sync::Arc<Shared>,
     author: &CurrentUser,
     record: &RecordRef,
-    request: &MailRequest,
+    request: MailRequest,
 ) -> Result<outbox::Model, Refusal> {
     match ctx.records().find(record, author).await {
         Ok(RecordAccess::Visible(_)) => {}
@@ -141,11 +144,12 @@ pub async fn queue_mail(
             ));
         }
     }
-    let mail = OutgoingMail::parse(
-        request,
-        crate::delivery::limits::limits(ctx, shared).await.max_bytes,
-    )
-    .map_err(|errors| Refusal {
+    let limits = crate::delivery::limits::limits(ctx, shared).await;
+    let sizes = SizeLimits {
+        text: limits.max_bytes,
+        attachments: limits.max_attachment_bytes,
+    };
+    let mail = OutgoingMail::parse(request, sizes).map_err(|errors| Refusal {
         status: StatusCode::UNPROCESSABLE_ENTITY,
         errors,
     })?;
@@ -262,6 +266,8 @@ pub async fn queue_through(
     let id: u128 = rand::rng().random();
     let message_id = format!("{id:032x}@{host}");
     let now = ctx.clock().now();
+    let recipients: Vec<String> = mail.recipients().map(|a| a.to_string()).collect();
+    let subject = mail.subject.clone();
     let message = mail
         .build(from.clone(), None, &message_id, now.into())
         .map_err(|e| {
@@ -271,8 +277,20 @@ pub async fn queue_through(
                 format!("the mail cannot be built: {e}"),
             )
         })?;
-    let raw = String::from_utf8_lossy(&message.formatted()).into_owned();
-    let recipients: Vec<String> = mail.recipients().map(|a| a.to_string()).collect();
+    let raw = String::from_utf8(message.formatted())
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+    drop(message);
+    if raw.len() > EXCHANGE_MAX_MESSAGE_BYTES {
+        return Err(refuse(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "attachments",
+            format!(
+                "Encoded for sending, the mail is {}; Exchange Online accepts at most {} per message. Attach fewer or smaller files.",
+                crate::outbox::attachments::size_words(raw.len()),
+                crate::outbox::attachments::size_words(EXCHANGE_MAX_MESSAGE_BYTES)
+            ),
+        ));
+    }
     let row = outbox::ActiveModel {
         message_id: Set(message_id),
         status: Set("queued".into()),
@@ -283,7 +301,7 @@ pub async fn queue_through(
         from_header: Set(from.to_string()),
         envelope_from: Set(envelope_from),
         recipients: Set(recipients.join("\n")),
-        subject: Set(mail.subject.clone()),
+        subject: Set(subject),
         size_bytes: Set(raw.len() as i64),
         attempts: Set(0),
         next_attempt_at: Set(now),

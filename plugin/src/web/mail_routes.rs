@@ -10,11 +10,12 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::entities::outbox;
+use crate::entities::{mail_server, outbox};
 use crate::outbox::compose::{AddressInput, MailRequest};
 use crate::outbox::queue::{Refusal, queue_mail};
 use crate::runtime::Shared;
-use crate::web::layout::{csrf, page_with};
+use crate::web::compose_box::{COMPOSE_SCRIPT, Typed, compose_form, read_upload};
+use crate::web::layout::page_with;
 
 #[derive(Deserialize)]
 struct MailForm {
@@ -31,6 +32,8 @@ struct MailForm {
     #[serde(default)]
     html_body: String,
     #[serde(default)]
+    markdown_body: Option<String>,
+    #[serde(default)]
     reply_to: String,
 }
 
@@ -44,6 +47,8 @@ impl From<MailForm> for MailRequest {
             text_body: f.text_body,
             html_body: Some(f.html_body).filter(|h| !h.trim().is_empty()),
             reply_to: Some(f.reply_to).filter(|r| !r.trim().is_empty()),
+            markdown_body: f.markdown_body,
+            ..MailRequest::default()
         }
     }
 }
@@ -65,6 +70,10 @@ pub struct MailView {
     pub sent_at: Option<DateTime<Utc>>,
     /// Why a queued mail waits on its mailbox (held or throttled), in words; else `null`.
     pub waiting: Option<String>,
+    /// The status in words ("Delivered to Exchange").
+    pub status_words: String,
+    /// Where the mail's page is.
+    pub url: String,
 }
 
 /// The classified words of a remote SMTP reply: its code and enhanced status code
@@ -107,6 +116,7 @@ pub fn for_viewer(mut m: outbox::Model, viewer: &CurrentUser) -> outbox::Model {
 impl From<outbox::Model> for MailView {
     fn from(m: outbox::Model) -> Self {
         Self {
+            status_words: status_words(&m.status).to_string(),
             id: m.id,
             message_id: m.message_id,
             status: m.status,
@@ -120,6 +130,8 @@ impl From<outbox::Model> for MailView {
             next_attempt_at: m.next_attempt_at,
             sent_at: m.sent_at,
             waiting: None,
+
+            url: format!("/microsoft_outlook/outbox/{}", m.id),
         }
     }
 }
@@ -157,7 +169,19 @@ fn record_path(model: &str, id: i64) -> String {
     format!("/microsoft_outlook/records/{model}/{id}/mails")
 }
 
-/// A mail's status as a badge.
+/// A mail's status in words, as its author reads it.
+pub fn status_words(status: &str) -> &'static str {
+    match status {
+        "queued" => "Queued",
+        "sending" => "Sending",
+        "sent" => "Delivered to Exchange",
+        "failed" => "Not sent",
+        "needs_reconnect" => "Waiting for the mailbox to be connected again",
+        _ => "Unknown",
+    }
+}
+
+/// A mail's status as a badge, in words; `data-status` keeps the status itself.
 pub fn status_badge(status: &str) -> Markup {
     let class = match status {
         "sent" => "badge ok",
@@ -165,24 +189,67 @@ pub fn status_badge(status: &str) -> Markup {
         "sending" => "badge warn",
         _ => "badge muted",
     };
-    html! { span class=(class) { (status.replace('_', " ")) } }
+    html! { span class=(class) data-status=(status) { (status_words(status)) } }
 }
 
-/// The table of a record's mails.
-pub fn mails_table(mails: &[outbox::Model], waits: &HashMap<i32, String>) -> Markup {
+/// Which mailbox a mail goes out from, and as whom: "sales@contoso.example as Alice Adams"
+/// (the From address too when it is not the mailbox's).
+pub fn via_words(mailbox: &str, from_header: &str) -> String {
+    let Ok(from) = from_header.parse::<lettre::message::Mailbox>() else {
+        return format!("{mailbox} as {from_header}");
+    };
+    let address = from.email.to_string();
+    let same = address.eq_ignore_ascii_case(mailbox);
+    match from.name.filter(|n| !n.trim().is_empty()) {
+        Some(name) if same => format!("{mailbox} as {name}"),
+        Some(name) => format!("{mailbox} as {name} <{address}>"),
+        None if same => mailbox.to_string(),
+        None => format!("{mailbox} as {address}"),
+    }
+}
+
+/// The mailbox address of each mail server, by id.
+pub async fn mailboxes(ctx: &ModuleContext) -> HashMap<i32, String> {
+    mail_server::Entity::find()
+        .all(ctx.db())
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|s| (s.id, s.mailbox))
+        .collect()
+}
+
+/// What the author reads after Send.
+pub fn queued_words(mailbox: &str, from_header: &str) -> String {
+    format!(
+        "Queued — it will go out from {}.",
+        via_words(mailbox, from_header)
+    )
+}
+
+/// The table of a record's mails, in words: the status (and why it waits), the mailbox it goes
+/// out from and as whom; the remote server's reply is on each mail's own page.
+pub fn mails_table(
+    mails: &[outbox::Model],
+    waits: &HashMap<i32, String>,
+    mailboxes: &HashMap<i32, String>,
+) -> Markup {
     html! {
         @if mails.is_empty() {
             p.help { "No mail sent from this record yet." }
         } @else {
             table.mails {
-                thead { tr { th { "Subject" } th { "Status" } th { "Attempts" } th { "Last reply" } th { "Queued" } th { "Updated" } } }
+                thead { tr { th { "Subject" } th { "Status" } th { "Sent via" } th { "Queued" } th { "Updated" } } }
                 tbody {
                     @for m in mails {
-                        tr data-message-id=(m.message_id) {
-                            td { (m.subject) }
-                            td { (status_badge(&m.status)) @if let Some(w) = waiting_of(m, waits) { p.help.waiting { (w) } } }
-                            td { (m.attempts) }
-                            td { (m.last_reply.as_deref().unwrap_or("")) @if let Some(e) = &m.last_error { p.help { (e) } } }
+                        tr data-message-id=(m.message_id) data-status=(m.status) {
+                            td { a href=(format!("/microsoft_outlook/outbox/{}", m.id)) { (m.subject) } }
+                            td {
+                                (status_badge(&m.status))
+                                @if let Some(w) = waiting_of(m, waits) { p.help.waiting { (w) } }
+                                @if m.status == "failed" { @if let Some(e) = &m.last_error { p.help { (e) } } }
+                            }
+                            td { (via_words(mailboxes.get(&m.server_id).map_or("", String::as_str), &m.from_header)) }
                             td { (m.created_at.format("%Y-%m-%d %H:%M:%S")) }
                             td { (m.updated_at.format("%Y-%m-%d %H:%M:%S")) }
                         }
@@ -193,32 +260,20 @@ pub fn mails_table(mails: &[outbox::Model], waits: &HashMap<i32, String>) -> Mar
     }
 }
 
-/// The compose form for a record.
-pub fn compose_form(
-    user: &CurrentUser,
+/// The record's mails as the panel shows them (the compose script reloads this part).
+async fn mails_part(
+    ctx: &ModuleContext,
     record: &RecordRef,
-    to: &str,
-    errors: &[FieldError],
+    user: &CurrentUser,
+    limit: u64,
 ) -> Markup {
-    let error = |field: &str| html! { @for e in errors.iter().filter(|e| e.field == field) { p.error role="alert" { (e.message) } } };
+    let mails = recent(ctx, record, limit, user).await;
+    let waits = crate::delivery::health::waiting_words(ctx).await;
+    let mailboxes = mailboxes(ctx).await;
     html! {
-        form method="post" action=(record_path(&record.model, record.id)) {
-            (csrf(user))
-            label for="mail-to" { "To" }
-            input #mail-to name="to" value=(to);
-            (error("to"))
-            label for="mail-cc" { "Cc" }
-            input #mail-cc name="cc";
-            (error("cc"))
-            label for="mail-subject" { "Subject" }
-            input #mail-subject name="subject";
-            (error("subject"))
-            label for="mail-body" { "Message" }
-            textarea #mail-body name="text_body" {}
-            (error("text_body"))
-            (error("from"))
-            (error("server"))
-            p { button type="submit" { "Send" } }
+        div.mails-part id=(format!("mails-{}-{}", record.model, record.id))
+            data-src=(format!("{}?part=table", record_path(&record.model, record.id))) {
+            (mails_table(&mails, &waits, &mailboxes))
         }
     }
 }
@@ -253,25 +308,35 @@ pub async fn record_panel(
         Ok(RecordAccess::Visible(summary)) => summary.email.unwrap_or_default(),
         _ => return None,
     };
-    let mails = recent(ctx, record, 20, user).await;
+    let action = record_path(&record.model, record.id);
     Some(
         html! {
             section.card id="mails" {
                 h2 { "Send a mail" }
-                (compose_form(user, record, &to, &[]))
+                (compose_form(user, record, &action, &Typed::to(&to), &[]))
                 h2 { "Mails" }
-                (mails_table(&mails, &crate::delivery::health::waiting_words(ctx).await))
-                p { a href=(record_path(&record.model, record.id)) { "All mails of this record" } }
+                (mails_part(ctx, record, user, 20).await)
+                p { a href=(action) { "All mails of this record" } }
             }
         }
         .into_string(),
     )
 }
 
+/// `?part=table` asks for the table alone; `?queued=ID` follows a Send without the script.
+#[derive(Deserialize, Default)]
+struct ListQuery {
+    #[serde(default)]
+    part: Option<String>,
+    #[serde(default)]
+    queued: Option<i64>,
+}
+
 async fn list(
     ctx: web::Data<ModuleContext>,
     user: CurrentUser,
     path: web::Path<(String, i64)>,
+    query: web::Query<ListQuery>,
     req: HttpRequest,
 ) -> HttpResponse {
     let (model, id) = path.into_inner();
@@ -280,21 +345,22 @@ async fn list(
         Ok(RecordAccess::Visible(s)) => s,
         // Hidden or missing: the same answer.
         _ => {
-            return refusal_response(
-                &ctx,
-                &user,
-                &req,
-                &record,
-                Refusal {
-                    status: StatusCode::NOT_FOUND,
-                    errors: vec![FieldError {
-                        field: "record".into(),
-                        message: format!("there is no {} {}", record.model, record.id),
-                    }],
-                },
-            );
+            let errors = [FieldError {
+                field: "record".into(),
+                message: format!("there is no {} {}", record.model, record.id),
+            }];
+            if wants_json(&req) {
+                return json_refusal(StatusCode::NOT_FOUND, &errors);
+            }
+            return record_not_found(&ctx, &user);
         }
     };
+    if query.part.as_deref() == Some("table") {
+        return HttpResponse::Ok()
+            .content_type("text/html; charset=utf-8")
+            .insert_header(("Cache-Control", "no-store"))
+            .body(mails_part(&ctx, &record, &user, 20).await.into_string());
+    }
     let mails = recent(&ctx, &record, 500, &user).await;
     if wants_json(&req) {
         let waits = crate::delivery::health::waiting_words(&ctx).await;
@@ -310,11 +376,28 @@ async fn list(
             .collect();
         return HttpResponse::Ok().json(views);
     }
+    let mailboxes = mailboxes(&ctx).await;
+    let queued = query
+        .queued
+        .and_then(|id| mails.iter().find(|m| m.id == id))
+        .map(|m| {
+            queued_words(
+                mailboxes.get(&m.server_id).map_or("", String::as_str),
+                &m.from_header,
+            )
+        });
     let body = html! {
         h1 { "Mails of " a href=(summary.url) { (summary.title) } }
-        section.card { (mails_table(&mails, &crate::delivery::health::waiting_words(&ctx).await)) }
+        @if let Some(words) = queued { p.flash.ok role="status" { (words) } }
+        section.card { (mails_table(&mails, &crate::delivery::health::waiting_words(&ctx).await, &mailboxes)) }
     };
     crate::web::layout::page(&ctx, &user, "Mails", body)
+}
+
+/// The page for a record that is missing or hidden from `user` (the same for both).
+fn record_not_found(ctx: &ModuleContext, user: &CurrentUser) -> HttpResponse {
+    let body = html! { h1 { "Not found" } section.card { p { "There is no such record, or it is not yours to see." } } };
+    page_with(StatusCode::NOT_FOUND, ctx, user, "Not found", body)
 }
 
 fn refusal_response(
@@ -323,19 +406,107 @@ fn refusal_response(
     req: &HttpRequest,
     record: &RecordRef,
     refusal: Refusal,
+    typed: &Typed,
 ) -> HttpResponse {
     if wants_json(req) {
         return json_refusal(refusal.status, &refusal.errors);
     }
+    if refusal.status == StatusCode::NOT_FOUND {
+        return record_not_found(ctx, user);
+    }
+    let action = record_path(&record.model, record.id);
     let body = html! {
-        h1 { "The mail was not queued" }
+        h1 { "The mail was not sent yet" }
         section.card {
-            p.flash.bad role="alert" { "Nothing was queued:" }
-            ul { @for e in &refusal.errors { li { strong { (e.field) } ": " (e.message) } } }
+            p.flash.bad role="alert" { "Nothing was queued. Correct what is marked below and send again; your text is kept." }
+            (compose_form(user, record, &action, typed, &refusal.errors))
             p { a href=(format!("/contacts/{}", record.id)) { "Back to the record" } }
         }
     };
     page_with(refusal.status, ctx, user, "Not queued", body)
+}
+
+/// The content type of `req`, lowercased, without parameters.
+fn content_type(req: &HttpRequest) -> String {
+    req.headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+fn refused(status: StatusCode, field: &str, message: String) -> (Refusal, MailRequest) {
+    let errors = vec![FieldError {
+        field: field.into(),
+        message,
+    }];
+    (Refusal { status, errors }, MailRequest::default())
+}
+
+/// The largest JSON or URL-encoded mail read, in bytes: 25 MB of files in base64 and the text.
+const MAX_REQUEST_BYTES: usize = 64_000_000;
+
+/// The mail a request carries: JSON, the compose form's upload, or a URL-encoded form. A
+/// refusal comes with what could be read, to refill the form.
+async fn read_request(
+    ctx: &ModuleContext,
+    shared: &Shared,
+    req: &HttpRequest,
+    payload: web::Payload,
+) -> Result<MailRequest, (Refusal, MailRequest)> {
+    let kind = content_type(req);
+    if kind == "multipart/form-data" {
+        let limit = crate::delivery::limits::limits(ctx, shared)
+            .await
+            .max_attachment_bytes;
+        let form = actix_multipart::Multipart::new(req.headers(), payload);
+        let (request, errors) = read_upload(form, limit).await;
+        if errors.is_empty() {
+            return Ok(request);
+        }
+        let status = if errors.iter().any(|e| e.message.contains("limit")) {
+            StatusCode::PAYLOAD_TOO_LARGE
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        return Err((Refusal { status, errors }, request));
+    }
+    let body = match payload.to_bytes_limited(MAX_REQUEST_BYTES).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(e)) => {
+            let why = format!("The request could not be read ({e}); nothing was queued");
+            return Err(refused(StatusCode::BAD_REQUEST, "body", why));
+        }
+        Err(_) => {
+            let why = format!(
+                "The request is over {} MB; nothing was queued",
+                MAX_REQUEST_BYTES / 1_000_000
+            );
+            return Err(refused(StatusCode::PAYLOAD_TOO_LARGE, "attachments", why));
+        }
+    };
+    if kind == "application/json" {
+        return serde_json::from_slice(&body).map_err(|e| {
+            refused(
+                StatusCode::BAD_REQUEST,
+                "body",
+                format!("not a mail in JSON: {e}"),
+            )
+        });
+    }
+    serde_urlencoded::from_bytes::<MailForm>(&body)
+        .map(Into::into)
+        .map_err(|e| {
+            refused(
+                StatusCode::BAD_REQUEST,
+                "body",
+                format!("not a mail form: {e}"),
+            )
+        })
 }
 
 async fn create(
@@ -344,65 +515,66 @@ async fn create(
     user: CurrentUser,
     path: web::Path<(String, i64)>,
     req: HttpRequest,
-    body: web::Bytes,
+    payload: web::Payload,
 ) -> HttpResponse {
     let (model, id) = path.into_inner();
     let record = RecordRef { model, id };
-    let json = req
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.to_ascii_lowercase().starts_with("application/json"));
-    let request: MailRequest = if json {
-        match serde_json::from_slice(&body) {
-            Ok(r) => r,
-            Err(e) => {
-                return json_refusal(
-                    StatusCode::BAD_REQUEST,
-                    &[FieldError {
-                        field: "body".into(),
-                        message: format!("not a mail in JSON: {e}"),
-                    }],
-                );
-            }
-        }
-    } else {
-        match serde_urlencoded::from_bytes::<MailForm>(&body) {
-            Ok(f) => f.into(),
-            Err(e) => {
-                let refusal = Refusal {
-                    status: StatusCode::BAD_REQUEST,
-                    errors: vec![FieldError {
-                        field: "body".into(),
-                        message: format!("not a mail form: {e}"),
-                    }],
-                };
-                return refusal_response(&ctx, &user, &req, &record, refusal);
-            }
+    let json = wants_json(&req);
+    let shared: Arc<Shared> = shared.into_inner();
+    let request = match read_request(&ctx, &shared, &req, payload).await {
+        Ok(r) => r,
+        Err((refusal, partial)) => {
+            let typed = Typed::of(&partial);
+            return refusal_response(&ctx, &user, &req, &record, refusal, &typed);
         }
     };
-    let shared: Arc<Shared> = shared.into_inner();
-    match queue_mail(&ctx, &shared, &user, &record, &request).await {
-        Ok(row) if json => HttpResponse::Created().json(serde_json::json!({
-            "id": row.id,
-            "message_id": row.message_id,
-            "status": row.status,
-        })),
-        Ok(_) => HttpResponse::SeeOther()
+    let typed = Typed::of(&request);
+    match queue_mail(&ctx, &shared, &user, &record, request).await {
+        Ok(row) if json => {
+            let mailbox = mail_server::Entity::find_by_id(row.server_id)
+                .one(ctx.db())
+                .await
+                .ok()
+                .flatten()
+                .map(|s| s.mailbox)
+                .unwrap_or_default();
+            HttpResponse::Created().json(serde_json::json!({
+                "id": row.id,
+                "message_id": row.message_id,
+                "status": row.status,
+                "status_words": status_words(&row.status),
+                "via": via_words(&mailbox, &row.from_header),
+                "confirmation": queued_words(&mailbox, &row.from_header),
+                "url": format!("/microsoft_outlook/outbox/{}", row.id),
+            }))
+        }
+        Ok(row) => HttpResponse::SeeOther()
             .insert_header((
                 "Location",
-                format!("{}?queued=1", record_path(&record.model, record.id)),
+                format!(
+                    "{}?queued={}",
+                    record_path(&record.model, record.id),
+                    row.id
+                ),
             ))
             .finish(),
-        Err(refusal) => refusal_response(&ctx, &user, &req, &record, refusal),
+        Err(refusal) => refusal_response(&ctx, &user, &req, &record, refusal, &typed),
     }
 }
 
-/// The mail routes.
+/// The mail routes, and the compose box's script.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.app_data(web::PayloadConfig::new(64 * 1024 * 1024))
-        .route("/records/{model}/{id}/mails", web::post().to(create))
-        .route("/records/{model}/{id}/mails", web::get().to(list));
+    cfg.route("/records/{model}/{id}/mails", web::post().to(create))
+        .route("/records/{model}/{id}/mails", web::get().to(list))
+        .route(
+            "/assets/compose.js",
+            web::get().to(|| async {
+                HttpResponse::Ok()
+                    .content_type("text/javascript; charset=utf-8")
+                    .insert_header(("Cache-Control", "public, max-age=3600"))
+                    .body(COMPOSE_SCRIPT)
+            }),
+        );
 }
 
 #[cfg(test)]

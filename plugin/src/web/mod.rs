@@ -1,6 +1,7 @@
 //! The module's pages and routes: mail servers and personal mailboxes, the outbox console, the
 //! queue route of the records, the connection test, the status API and the setup guide.
 
+pub mod compose_box;
 pub mod layout;
 pub mod mail_routes;
 pub mod outbox_page;

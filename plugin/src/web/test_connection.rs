@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use crate::delivery::classify::{self, Facts, HoldReason};
 use crate::delivery::smtp::{Reached, SendOutcome, SmtpFailure};
 use crate::entities::mail_server;
-use crate::outbox::compose::{AddressInput, MailRequest, OutgoingMail};
+use crate::outbox::compose::{AddressInput, MailRequest, OutgoingMail, SizeLimits};
 use crate::runtime::Shared;
 use crate::tokens::service::{AccessToken, TokenProblem, fresh_access_token};
 use crate::web::layout::{csrf, managed_server, page, page_with};
@@ -403,13 +403,12 @@ async fn test_mail(
             "This is a test mail sent by {} through the mailbox {} (mail server \"{}\").\r\nIf you read it, the CRM sends mail through this mailbox.",
             user.name, server.mailbox, server.name
         ),
-        html_body: None,
-        reply_to: None,
+        ..MailRequest::default()
     };
     let max_bytes = crate::delivery::limits::limits(&ctx, &shared)
         .await
         .max_bytes;
-    let queued = match OutgoingMail::parse(&request, max_bytes) {
+    let queued = match OutgoingMail::parse(request, SizeLimits::text_only(max_bytes)) {
         Ok(mail) => {
             let record = RecordRef {
                 model: "mail_server".into(),

@@ -319,6 +319,42 @@ impl Browser {
         )
     }
 
+    /// POSTs the compose form's upload (`multipart/form-data`) as a browser without script
+    /// does: the CSRF token as a form field, `files` as `attachments` parts (name, type, bytes).
+    pub async fn post_upload(
+        &self,
+        path: &str,
+        fields: &[(&str, &str)],
+        files: &[(&str, &str, Vec<u8>)],
+    ) -> (StatusCode, String, Option<String>) {
+        let token = self.csrf().await;
+        let mut form = reqwest::multipart::Form::new().text("csrf_token", token);
+        for (k, v) in fields {
+            form = form.text(k.to_string(), v.to_string());
+        }
+        for (name, ty, bytes) in files {
+            let part = reqwest::multipart::Part::bytes(bytes.clone())
+                .file_name(name.to_string())
+                .mime_str(ty)
+                .expect("mime");
+            form = form.part("attachments", part);
+        }
+        let response = self
+            .client
+            .post(self.url(path))
+            .multipart(form)
+            .send()
+            .await
+            .expect("POST");
+        let status = response.status();
+        let location = response
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        (status, response.text().await.unwrap_or_default(), location)
+    }
+
     /// POSTs a form exactly as given (no CSRF token added).
     pub async fn post_raw(
         &self,

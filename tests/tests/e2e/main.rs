@@ -2,6 +2,7 @@
 //! PostgreSQL when TEST_DATABASE_URL names a server).
 
 mod cluster;
+mod compose;
 mod connect;
 mod console;
 mod foundation;

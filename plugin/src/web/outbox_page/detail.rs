@@ -1,5 +1,6 @@
 //! A mail's page in the outbox: envelope, headers, attempts and replies in words, its actions.
 
+use super::message::MessageView;
 use super::*;
 
 /// The mail `id` if `viewer` may see it (operators: every mail; others: their own).
@@ -81,6 +82,8 @@ pub(super) async fn detail(
         .as_ref()
         .map(|b| headers_of(&b.raw))
         .unwrap_or_default();
+    let message = body.as_ref().and_then(|b| MessageView::of(&b.raw));
+    drop(body);
     let servers = server_names(&ctx).await;
     if wants_json(&req) {
         let health_view = serde_json::json!({
@@ -103,6 +106,7 @@ pub(super) async fn detail(
             "envelope_from": envelope_from,
             "size_bytes": raw_size,
             "headers": headers,
+            "message": message,
             "classified_reply": classified,
             "mailbox_health": health_view,
             "actions": { "retry": retry, "cancel": cancel },
@@ -182,6 +186,12 @@ pub(super) async fn detail(
                 }
             }
             (actions(&mail, &user))
+        }
+        @if let Some(message) = &message {
+            section.card id="message" {
+                h2 { "Message" }
+                (message.render())
+            }
         }
         section.card id="headers" {
             h2 { "Headers of the stored message" }

@@ -46,6 +46,7 @@ fn actionable_by(user: &CurrentUser, action: &str) -> &'static [&'static str] {
 mod actions;
 mod detail;
 mod filter;
+mod message;
 mod views;
 
 use actions::*;
