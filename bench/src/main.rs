@@ -104,6 +104,12 @@ enum Command {
         #[arg(long)]
         host_bin: Option<PathBuf>,
     },
+    /// Memory with large files: `crm-host serve` draining 100 mails of 20 MB files.
+    Attachments {
+        /// The release crm-host binary (default: beside this one).
+        #[arg(long)]
+        host_bin: Option<PathBuf>,
+    },
     /// Refresh: refresh_all versus a raw loop of the same POSTs.
     Refresh {
         /// Connected mailboxes.
@@ -255,6 +261,56 @@ async fn drain_on(cli: &Cli, db: &BenchDb, sink: &Sink, paths: Paths<'_>) -> any
     }
     a.db.close().await?;
     result.map(|()| figures)
+}
+
+/// Mails in the attachments benchmark, and the size of each one's file (the issue's figure).
+const FILE_MAILS: usize = 100;
+const FILE_BYTES: usize = 20_000_000;
+
+/// Memory with large files: a release `crm-host serve` on SQLite draining [`FILE_MAILS`] mails
+/// that each carry a [`FILE_BYTES`] file, with its peak RSS.
+async fn attachments_bench(
+    cli: &Cli,
+    sink: &Sink,
+    host_bin: &Path,
+) -> anyhow::Result<report::Attach> {
+    let db = BenchDb::create(DbKind::Sqlite, &cli.pg).await?;
+    let result = async {
+        let key = SealingKey::generate();
+        let a = assemble(
+            &host_config(&db.url),
+            &key,
+            module_options(ModuleOptions::default().delivery_concurrency, "0 0 0 1 1 *"),
+        )
+        .await?;
+        configure_module(&a.db, &a.sealer, &App::random(), "http://127.0.0.1:9").await?;
+        let servers = add_servers(&a.db, cli.mailboxes.min(FILE_MAILS), sink.port()).await?;
+        add_tokens(&a.db, &a.sealer, &servers, None).await?;
+        let message_bytes = setup::queue_with_file(&a.db, &servers, FILE_MAILS, FILE_BYTES).await?;
+        mark_enabled(&a.db).await?;
+        a.db.close().await?;
+        let log_dir = db.dir().map_or_else(std::env::temp_dir, Path::to_path_buf);
+        let run = serve::run(&db.url, &key, host_bin, sink, FILE_MAILS, &log_dir)
+            .await
+            .context("crm-host serve")?;
+        println!(
+            "attachments: {FILE_MAILS} mails of {:.1} MB ({} MB files) drained by crm-host serve in \
+             {:.1} s, peak RSS {:.1} MiB",
+            message_bytes as f64 / 1e6,
+            FILE_BYTES / 1_000_000,
+            run.secs,
+            run.peak_mib
+        );
+        anyhow::Ok(report::Attach {
+            mails: FILE_MAILS,
+            file_bytes: FILE_BYTES,
+            message_bytes,
+            run,
+        })
+    }
+    .await;
+    db.remove().await?;
+    result
 }
 
 async fn refresh_bench(cli: &Cli, mailboxes: usize) -> anyhow::Result<Refresh> {
@@ -419,6 +475,14 @@ async fn all(
         print_drain("postgres", d);
     }
     results.drain_postgres = Some(r);
+    println!(
+        "== attachments (memory with {FILE_MAILS} mails of {} MB files)",
+        FILE_BYTES / 1_000_000
+    );
+    results.attachments = Some(keep(
+        attachments_bench(cli, &sink, &host_bin).await,
+        "attachments",
+    ));
     println!("== refresh");
     results.refresh = Some(keep(refresh_bench(cli, refresh_mailboxes).await, "refresh"));
     println!("== enqueue");
@@ -452,6 +516,7 @@ async fn all(
         results.drain_postgres.as_ref().map(|r| r.is_err()),
         results.refresh.as_ref().map(|r| r.is_err()),
         results.enqueue.as_ref().map(|r| r.is_err()),
+        results.attachments.as_ref().map(|r| r.is_err()),
     ]
     .into_iter()
     .filter(|f| *f == Some(true))
@@ -509,6 +574,16 @@ async fn main() -> anyhow::Result<()> {
             sink.stop().await;
             print_drain(db.name(), &d?);
             Ok(())
+        }
+        Command::Attachments { host_bin } => {
+            let host_bin = match host_bin {
+                Some(p) => p.clone(),
+                None => serve::default_host_bin()?,
+            };
+            let sink = Sink::start(cli.sink_threads).await?;
+            let r = attachments_bench(&cli, &sink, &host_bin).await;
+            sink.stop().await;
+            r.map(|_| ())
         }
         Command::Refresh { mailboxes } => {
             let r = refresh_bench(&cli, *mailboxes).await?;

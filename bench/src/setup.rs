@@ -12,8 +12,8 @@ use microsoft_outlook::runtime::{ModuleOptions, Shared};
 use microsoft_outlook::tokens::store::{access_context, refresh_context};
 use rand::Rng;
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, Database, DatabaseConnection, EntityTrait, PaginatorTrait,
-    QueryFilter, QueryOrder, QuerySelect, Set,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, Database, DatabaseConnection, EntityTrait,
+    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Set,
 };
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -463,6 +463,81 @@ pub async fn queue_mails(
             .await?;
     }
     Ok(stored.into_iter().map(|(id, _)| id).collect())
+}
+
+/// Queues `n` mails, each carrying one file of `file_bytes` random bytes, built by the module's
+/// composer as the queue route builds them (base64 in `multipart/mixed`), a row and its body at
+/// a time (the bench never holds more than one message); returns the size of one message as
+/// stored, in bytes.
+pub async fn queue_with_file(
+    db: &DatabaseConnection,
+    servers: &[mail_server::Model],
+    n: usize,
+    file_bytes: usize,
+) -> anyhow::Result<usize> {
+    anyhow::ensure!(!servers.is_empty(), "no mail servers");
+    let host = "crm.contoso.example";
+    let mut file = vec![0u8; file_bytes];
+    rand::rng().fill(&mut file[..]);
+    let mut size = 0;
+    for i in 0..n {
+        let server = &servers[i % servers.len()];
+        let id: u128 = rand::rng().random();
+        let message_id = format!("{id:032x}@{host}");
+        let subject = format!("Contract {i:03}");
+        let mut request = mail_request(&subject, "The signed contract is attached.".into());
+        request.uploads = vec![microsoft_outlook::outbox::attachments::Upload {
+            filename: format!("Contract {i:03}.pdf"),
+            content_type: Some("application/pdf".into()),
+            bytes: file.clone(),
+        }];
+        let limits = microsoft_outlook::outbox::compose::SizeLimits {
+            text: microsoft_outlook::outbox::compose::DEFAULT_MAX_BYTES,
+            attachments: file_bytes,
+        };
+        let mail = OutgoingMail::parse(request, limits)
+            .map_err(|e| anyhow::anyhow!("the bench mail is invalid: {e:?}"))?;
+        let from =
+            lettre::message::Mailbox::new(Some("Bench Author".into()), server.mailbox.parse()?);
+        let raw = String::from_utf8(
+            mail.build(
+                from.clone(),
+                None,
+                &message_id,
+                std::time::SystemTime::now(),
+            )?
+            .formatted(),
+        )?;
+        size = raw.len();
+        let now = Utc::now();
+        let row = outbox::ActiveModel {
+            message_id: Set(message_id),
+            status: Set("queued".into()),
+            server_id: Set(server.id),
+            author_user_id: Set(1),
+            record_model: Set("contact".into()),
+            record_id: Set(1),
+            from_header: Set(from.to_string()),
+            envelope_from: Set(server.mailbox.clone()),
+            recipients: Set(RECIPIENT.into()),
+            subject: Set(subject),
+            size_bytes: Set(raw.len() as i64),
+            attempts: Set(0),
+            next_attempt_at: Set(now - Duration::seconds(1)),
+            created_at: Set(now),
+            updated_at: Set(now),
+            ..Default::default()
+        }
+        .insert(db)
+        .await?;
+        outbox_body::Entity::insert(outbox_body::ActiveModel {
+            outbox_id: Set(row.id),
+            raw: Set(raw),
+        })
+        .exec_without_returning(db)
+        .await?;
+    }
+    Ok(size)
 }
 
 /// Deletes every outbox row and body, then queues `n` new mails as [`queue_mails`] does (the

@@ -93,6 +93,11 @@ pub struct AppToken {
     pub version: i64,
 }
 
+/// The message text all drains of a process hold at once, in KiB: 48 MiB, more than a batch of
+/// small mails (16 MiB at most) and more than one message of Exchange Online's largest size
+/// (35 MB), so a batch never waits for itself.
+pub const IN_FLIGHT_BODY_KIB: u32 = 48 * 1024;
+
 /// State shared by routes and jobs.
 pub struct Shared {
     /// The tunables.
@@ -132,6 +137,10 @@ pub struct Shared {
         std::sync::Mutex<std::collections::HashMap<i32, Arc<std::sync::atomic::AtomicBool>>>,
     /// Mailboxes drained at once by this process (`delivery_concurrency`).
     pub drain_permits: Arc<tokio::sync::Semaphore>,
+    /// The message text this process's drains hold at once, in KiB ([`IN_FLIGHT_BODY_KIB`]):
+    /// a batch takes its size before it loads its bodies, so mails with large files go one
+    /// or two at a time however many mailboxes drain.
+    pub body_budget: Arc<tokio::sync::Semaphore>,
     /// The dispatcher of this process's drains, while the jobs run here.
     wake_tx: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<i32>>>,
     /// Set while the drains are stopped (they end after their current batch).
@@ -170,6 +179,7 @@ impl Shared {
             ready: std::sync::Mutex::new(std::collections::HashMap::new()),
             active: std::sync::Mutex::new(std::collections::HashMap::new()),
             drain_permits: Arc::new(tokio::sync::Semaphore::new(Ord::max(concurrency, 1))),
+            body_budget: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_BODY_KIB as usize)),
             wake_tx: std::sync::Mutex::new(None),
             stopping: std::sync::atomic::AtomicBool::new(true),
             write_gate: Arc::new(tokio::sync::Mutex::new(())),

@@ -128,6 +128,14 @@ async fn send_batch(
             .collect();
         return Ok((w.write(decided).await?, true));
     };
+    // The batch's share of the process's message budget, taken before its bodies are read.
+    let kib: i64 = claimed.rows.iter().map(|r| r.size_bytes / 1024 + 1).sum();
+    let kib = u32::try_from(kib)
+        .unwrap_or(u32::MAX)
+        .min(crate::runtime::IN_FLIGHT_BODY_KIB);
+    let Ok(_budget) = shared.body_budget.clone().acquire_many_owned(kib).await else {
+        return Ok((Drained::default(), false));
+    };
     let (prepared, mut rest) = w.prepare().await?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let (server_ref, prepared_ref, lease_ref) = (&server, &prepared, &lease);
