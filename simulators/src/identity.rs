@@ -241,16 +241,36 @@ fn is_global_outlook_scope(s: &str) -> bool {
     s.starts_with("https://outlook.office.com/") || s.starts_with("https://outlook.office365.com/")
 }
 
-/// An Outlook resource of any cloud (global, US Government, China).
-fn is_outlook_scope(s: &str) -> bool {
-    is_global_outlook_scope(s)
-        || s.starts_with("https://outlook.office365.us/")
-        || s.starts_with("https://partner.outlook.cn/")
+/// Microsoft Graph in each cloud (MICROSOFT.md, "National clouds").
+const GRAPH_RESOURCES: [&str; 4] = [
+    "https://graph.microsoft.com/",
+    "https://graph.microsoft.us/",
+    "https://dod-graph.microsoft.us/",
+    "https://microsoftgraph.chinacloudapi.cn/",
+];
+
+/// A Microsoft Graph scope: one of [`GRAPH_RESOURCES`], or a bare name (`Mail.Send`), which
+/// Microsoft reads as Graph's.
+fn is_graph_scope(s: &str) -> bool {
+    GRAPH_RESOURCES.iter().any(|r| s.starts_with(r)) || (!s.contains("://") && !is_oidc_scope(s))
+}
+
+/// The resource a scope belongs to: the Outlook resource of the global cloud has two names,
+/// Graph's bare scopes and its hosts are one resource; any other is its `scheme://host`.
+fn resource_of(scope: &str) -> String {
+    if is_global_outlook_scope(scope) {
+        "https://outlook.office.com".into()
+    } else if is_graph_scope(scope) {
+        "graph".into()
+    } else {
+        let (scheme, rest) = scope.split_once("://").unwrap_or(("", scope));
+        format!("{scheme}://{}", rest.split('/').next().unwrap_or_default())
+    }
 }
 
 /// A national-cloud tenant (its domain ends in `.us` or `.cn`) asked for a global-cloud
-/// Outlook scope: Microsoft answers AADSTS500011 (the resource principal is not in that
-/// cloud's directory). The description, if so.
+/// Outlook or Graph scope: Microsoft answers AADSTS500011 (the resource principal is not in
+/// that cloud's directory). The description, if so.
 fn wrong_cloud(tenant: &str, scope: &str) -> Option<String> {
     let tenant = tenant.to_ascii_lowercase();
     if !(tenant.ends_with(".us") || tenant.ends_with(".cn")) {
@@ -258,7 +278,7 @@ fn wrong_cloud(tenant: &str, scope: &str) -> Option<String> {
     }
     let resource = scope
         .split_whitespace()
-        .find(|s| is_global_outlook_scope(s))?;
+        .find(|s| is_global_outlook_scope(s) || s.starts_with("https://graph.microsoft.com/"))?;
     let resource = resource
         .trim_start_matches("https://")
         .split('/')
@@ -317,15 +337,16 @@ fn is_oidc_scope(s: &str) -> bool {
     matches!(s, "openid" | "email" | "profile" | "offline_access")
 }
 
-/// Scopes from more than one resource (Outlook and Graph) in one request.
+/// Scopes from more than one resource (e.g. Outlook and Graph) in one request (AADSTS28000).
 fn mixes_resources(scope: &str) -> bool {
-    let resources: Vec<&str> = scope
+    let mut resources: Vec<String> = scope
         .split_whitespace()
         .filter(|s| !is_oidc_scope(s))
+        .map(resource_of)
         .collect();
-    let outlook = resources.iter().any(|s| is_outlook_scope(s));
-    let other = resources.iter().any(|s| !is_outlook_scope(s));
-    outlook && other
+    resources.sort();
+    resources.dedup();
+    resources.len() > 1
 }
 
 fn error_body(error: &str, code: u32, description: &str) -> serde_json::Value {
@@ -1243,6 +1264,23 @@ impl IdentityPlatform {
         )
     }
 
+    /// A validator for the simulated Graph server: a live token whose scopes are all Microsoft
+    /// Graph's (any cloud's Graph host, bare names, or `.default` of the client-credentials
+    /// grant) is accepted; an Outlook-resource token is not (MICROSOFT.md: "A Graph access
+    /// token is for the Graph resource only"), nor an expired or unknown one.
+    pub fn graph_validator(&self) -> crate::graph::GraphValidator {
+        let idp = self.clone();
+        Arc::new(move |bearer: &str| {
+            let info = idp.validate_access_token(bearer)?;
+            let graph = !info.scopes.is_empty() && info.scopes.iter().all(|s| is_graph_scope(s));
+            graph.then_some(crate::graph::GraphPrincipal {
+                user: info.username,
+                scopes: info.scopes,
+                app_only: info.app_only,
+            })
+        })
+    }
+
     /// Makes an access token expire now.
     pub fn expire_access_token(&self, token: &str) {
         if let Some(info) = lock(&self.state).access.get_mut(token) {
@@ -1253,5 +1291,80 @@ impl IdentityPlatform {
     /// Stops the server.
     pub async fn stop(&self) {
         self.go_down().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_resource_per_request() {
+        let graph = "https://graph.microsoft.com/Mail.Send https://graph.microsoft.com/Mail.Read";
+        assert!(!mixes_resources(&format!("{graph} offline_access openid")));
+        assert!(!mixes_resources("Mail.Send User.Read offline_access"));
+        assert!(!mixes_resources(
+            "Mail.Send https://graph.microsoft.com/Mail.Read"
+        ));
+        assert!(!mixes_resources(
+            "https://outlook.office.com/SMTP.Send https://outlook.office365.com/IMAP.AccessAsUser.All"
+        ));
+        assert!(mixes_resources(
+            "https://outlook.office.com/SMTP.Send https://graph.microsoft.com/Mail.Send"
+        ));
+        assert!(mixes_resources(
+            "https://outlook.office.com/SMTP.Send Mail.Send"
+        ));
+        assert!(mixes_resources(
+            "https://outlook.office365.us/SMTP.Send https://graph.microsoft.us/Mail.Send"
+        ));
+    }
+
+    #[test]
+    fn graph_scopes_of_every_cloud() {
+        for scope in [
+            "https://graph.microsoft.com/Mail.Send",
+            "https://graph.microsoft.us/Mail.Send",
+            "https://dod-graph.microsoft.us/Mail.Send",
+            "https://microsoftgraph.chinacloudapi.cn/Mail.Send",
+            "https://graph.microsoft.com/.default",
+            "Mail.Send",
+        ] {
+            assert!(is_graph_scope(scope), "{scope}");
+        }
+        for scope in [
+            "https://outlook.office.com/SMTP.Send",
+            "https://outlook.office365.com/.default",
+            "https://partner.outlook.cn/SMTP.Send",
+            "openid",
+            "api://other/scope",
+        ] {
+            assert!(!is_graph_scope(scope), "{scope}");
+        }
+    }
+
+    #[test]
+    fn global_graph_scope_in_a_national_tenant_is_another_cloud() {
+        let found = wrong_cloud(
+            "contoso.onmicrosoft.us",
+            "https://graph.microsoft.com/Mail.Send offline_access",
+        );
+        assert!(found.is_some_and(|d| d.starts_with(
+            "AADSTS500011: The resource principal named https://graph.microsoft.com"
+        )));
+        assert!(
+            wrong_cloud(
+                "contoso.onmicrosoft.us",
+                "https://graph.microsoft.us/Mail.Send"
+            )
+            .is_none()
+        );
+        assert!(
+            wrong_cloud(
+                "contoso.onmicrosoft.com",
+                "https://graph.microsoft.com/Mail.Send"
+            )
+            .is_none()
+        );
     }
 }

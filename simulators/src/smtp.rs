@@ -1270,18 +1270,22 @@ async fn read_content<S: AsyncRead + AsyncWrite + Unpin>(
     end
 }
 
-/// The `Message-ID` header of a message (unfolded, without `<>`).
-fn parse_message_id(data: &[u8]) -> Option<String> {
-    const NAME: &[u8] = b"message-id:";
+/// The first header `name` (without the colon, case-insensitive) of a message, unfolded and
+/// trimmed; `None` when the header section has none.
+pub(crate) fn header_value(data: &[u8], name: &str) -> Option<String> {
+    let name = name.as_bytes();
     let mut lines = data.split(|&b| b == b'\n').map(trim_line_end).peekable();
     while let Some(line) = lines.next() {
         if line.is_empty() {
             return None;
         }
-        if line.len() < NAME.len() || !line[..NAME.len()].eq_ignore_ascii_case(NAME) {
+        let matches = line.len() > name.len()
+            && line[..name.len()].eq_ignore_ascii_case(name)
+            && line[name.len()] == b':';
+        if !matches {
             continue;
         }
-        let mut value = String::from_utf8_lossy(&line[NAME.len()..]).into_owned();
+        let mut value = String::from_utf8_lossy(&line[name.len() + 1..]).into_owned();
         while let Some(next) = lines.peek() {
             if next.first().is_some_and(|b| *b == b' ' || *b == b'\t') {
                 value.push_str(&String::from_utf8_lossy(next));
@@ -1290,15 +1294,20 @@ fn parse_message_id(data: &[u8]) -> Option<String> {
                 break;
             }
         }
-        let value = value.trim();
-        let id = match value.strip_prefix('<') {
-            Some(inner) => inner.split('>').next().unwrap_or_default(),
-            None => value,
-        }
-        .trim();
-        return (!id.is_empty()).then(|| id.to_string());
+        return Some(value.trim().to_string());
     }
     None
+}
+
+/// The `Message-ID` header of a message (unfolded, without `<>`).
+pub(crate) fn parse_message_id(data: &[u8]) -> Option<String> {
+    let value = header_value(data, "message-id")?;
+    let id = match value.strip_prefix('<') {
+        Some(inner) => inner.split('>').next().unwrap_or_default(),
+        None => value.as_str(),
+    }
+    .trim();
+    (!id.is_empty()).then(|| id.to_string())
 }
 
 async fn data<S: AsyncRead + AsyncWrite + Unpin>(
