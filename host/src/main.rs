@@ -124,13 +124,26 @@ fn sealing_key(config: &Config) -> anyhow::Result<SealingKey> {
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const MALLOC_TUNABLE: &str = "glibc.malloc.mmap_threshold=131072";
 
+/// Set in the re-executed process: it never re-executes again (a loader that drops
+/// `GLIBC_TUNABLES`, as for a binary with file capabilities, would otherwise loop).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const REEXECUTED: &str = "CRM_MALLOC_TUNED";
+
 /// Re-executes this binary with [`MALLOC_TUNABLE`] added to `GLIBC_TUNABLES` (same process id,
-/// arguments and environment otherwise), unless it is there already or the variable names an
-/// mmap threshold of its own. Returns if the exec fails (the host runs on with the defaults).
+/// `argv[0]`, arguments and environment otherwise), once, unless the variable names an mmap
+/// threshold of its own or is not UTF-8. Returns if the exec fails (the host runs on with
+/// glibc's defaults).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn with_malloc_tunable() {
     use std::os::unix::process::CommandExt;
-    let current = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
+    if std::env::var_os(REEXECUTED).is_some() {
+        return;
+    }
+    let current = match std::env::var("GLIBC_TUNABLES") {
+        Ok(v) => v,
+        Err(std::env::VarError::NotPresent) => String::new(),
+        Err(std::env::VarError::NotUnicode(_)) => return,
+    };
     if current.contains("glibc.malloc.mmap_threshold") {
         return;
     }
@@ -142,9 +155,15 @@ fn with_malloc_tunable() {
     } else {
         format!("{current}:{MALLOC_TUNABLE}")
     };
-    let error = std::process::Command::new(exe)
-        .args(std::env::args_os().skip(1))
+    let mut args = std::env::args_os();
+    let mut command = std::process::Command::new(exe);
+    if let Some(arg0) = args.next() {
+        command.arg0(arg0);
+    }
+    let error = command
+        .args(args)
         .env("GLIBC_TUNABLES", tunables)
+        .env(REEXECUTED, "1")
         .exec();
     eprintln!("note: running with glibc's default malloc settings ({error})");
 }

@@ -223,7 +223,7 @@ impl Module for OutlookModule {
         record: &crm_sdk::RecordRef,
         user: &crm_sdk::CurrentUser,
     ) -> Option<String> {
-        crate::web::mail_routes::record_panel(ctx, record, user).await
+        crate::web::mail_routes::record_panel(ctx, &self.shared, record, user).await
     }
 
     async fn metrics(&self, ctx: &ModuleContext) -> Option<String> {

@@ -42,29 +42,76 @@
     return part.querySelector('tr[data-status="queued"], tr[data-status="sending"]') !== null;
   }
 
-  // Reloads the table of mails from the server until no mail is queued or sending.
+  // Reloads the table of mails from the server until no mail is queued or sending. Only the
+  // module's own table part is taken: a sign-in page (the session ended) or an error stops it.
   function watch(part) {
     if (!part || part.dataset.watching === "1") return;
     part.dataset.watching = "1";
+    var delay = POLL_MS;
+    function stop(words) {
+      part.dataset.watching = "";
+      if (words) {
+        var note = document.createElement("p");
+        note.className = "help";
+        note.textContent = words;
+        part.appendChild(note);
+      }
+    }
     function tick() {
-      fetch(part.dataset.src, { credentials: "same-origin", cache: "no-store" })
-        .then(function (r) { return r.ok ? r.text() : null; })
+      fetch(part.dataset.src, { credentials: "same-origin", cache: "no-store", redirect: "manual" })
+        .then(function (r) {
+          if (r.type === "opaqueredirect" || r.status === 401 || r.status === 403) return "signed-out";
+          return r.ok ? r.text() : null;
+        })
         .then(function (html) {
+          if (html === "signed-out") {
+            stop("Sign in again to see the statuses update.");
+            return;
+          }
+          var fresh = null;
           if (html !== null) {
             var holder = document.createElement("div");
             holder.innerHTML = html;
-            var fresh = holder.firstElementChild;
-            if (fresh) part.innerHTML = fresh.innerHTML;
+            fresh = holder.querySelector(".mails-part");
           }
+          if (!fresh) {
+            stop("The statuses could not be updated: reload the page to see them.");
+            return;
+          }
+          part.innerHTML = fresh.innerHTML;
           if (pending(part)) {
-            setTimeout(tick, POLL_MS);
+            // A mail that waits on its mailbox may wait long: ask less often as time goes on.
+            delay = Math.min(delay * 1.25, 15000);
+            setTimeout(tick, delay);
           } else {
-            part.dataset.watching = "";
+            stop(null);
           }
         })
         .catch(function () { setTimeout(tick, POLL_MS * 4); });
     }
-    setTimeout(tick, POLL_MS);
+    setTimeout(tick, delay);
+  }
+
+  function sizeWords(n) {
+    if (n < 1000) return n + " bytes";
+    if (n < 1000000) return Math.floor(n / 1000) + " KB";
+    return (n / 1000000).toFixed(1) + " MB";
+  }
+
+  // The files' total against the limit, before anything is sent (the server checks again).
+  function filesTooLarge(form) {
+    var input = form.querySelector('[name="attachments"]');
+    var max = parseInt(form.dataset.maxFileBytes || "0", 10);
+    if (!input || !input.files || !max) return null;
+    var total = 0;
+    for (var i = 0; i < input.files.length; i += 1) {
+      total += input.files[i].size;
+      if (total > max) {
+        return "\"" + input.files[i].name + "\" brings the attachments to " + sizeWords(total) +
+          "; the limit is " + sizeWords(max) + " per mail";
+      }
+    }
+    return null;
   }
 
   function send(form, event) {
@@ -74,6 +121,11 @@
     var part = document.querySelector(form.dataset.mails);
     clearErrors(form);
     status.hidden = true;
+    var tooLarge = filesTooLarge(form);
+    if (tooLarge) {
+      showErrors(form, [{ field: "attachments", message: tooLarge }]);
+      return;
+    }
     button.disabled = true;
     var label = button.textContent;
     button.textContent = "Sending…";
@@ -104,11 +156,13 @@
         } else if (answer.body && answer.body.errors) {
           showErrors(form, answer.body.errors);
         } else {
-          showErrors(form, [{ field: "general", message: "The CRM did not answer as expected (HTTP " + answer.status + "). Nothing was queued and your text is still here: send again." }]);
+          showErrors(form, [{ field: "general", message: "The CRM did not answer as expected (HTTP " + answer.status + "). The mail may have been queued: check the list of mails below before sending again. Your text is still here." }]);
+          if (part) { part.dataset.watching = ""; watch(part); }
         }
       })
       .catch(function () {
-        showErrors(form, [{ field: "general", message: "The CRM could not be reached. Nothing was queued and your text is still here: send again when the connection is back." }]);
+        showErrors(form, [{ field: "general", message: "The CRM could not be reached. The mail may have been queued: check the list of mails below before sending again. Your text is still here." }]);
+        if (part) { part.dataset.watching = ""; watch(part); }
       })
       .then(function () {
         button.disabled = false;

@@ -116,9 +116,15 @@ fn base_name(name: &str) -> &str {
 /// the filename's extension; else `application/octet-stream`. Only a label for the recipient:
 /// the module never opens, runs or renders a file.
 fn content_type_of(filename: &str, given: Option<&str>) -> ContentType {
+    // A container type would make the file's bytes a MIME structure of their own (and base64
+    // is not allowed on them, RFC 2045 §6.4): such a file goes as opaque bytes.
     let given = given
         .map(str::trim)
         .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case("application/octet-stream"))
+        .filter(|t| {
+            let t = t.to_ascii_lowercase();
+            !t.starts_with("multipart/") && !t.starts_with("message/")
+        })
         .and_then(|t| ContentType::parse(t).ok());
     given.unwrap_or_else(|| {
         let guess = mime_guess::from_path(filename).first_or_octet_stream();

@@ -190,7 +190,11 @@ fn bodies(
     errors: &mut Vec<FieldError>,
 ) -> (String, Option<String>, &'static str) {
     let html_given = request.html_body.clone().filter(|h| !h.trim().is_empty());
-    if let Some(markdown) = &request.markdown_body {
+    // A blank Markdown field beside a text or HTML body is no body at all (forms send it empty).
+    let markdown = request.markdown_body.as_ref().filter(|m| {
+        !m.trim().is_empty() || (request.text_body.trim().is_empty() && html_given.is_none())
+    });
+    if let Some(markdown) = markdown {
         if !request.text_body.trim().is_empty() || html_given.is_some() {
             errors.push(err(
                 "markdown_body",

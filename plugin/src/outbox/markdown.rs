@@ -19,11 +19,25 @@ pub fn to_html(markdown: &str) -> String {
     )
 }
 
-/// `html` without what could run or load in the CRM's pages: `<script>`, `<style>`, event
-/// handler attributes, `javascript:` and other non-web URLs, frames and forms (`ammonia`'s
-/// defaults; links get `rel="noopener noreferrer"`).
+/// `html` without what could run in a reader's mail client or the CRM: `<script>`, `<style>`,
+/// event handler attributes, `javascript:` and other non-web URLs, frames and forms
+/// (`ammonia`'s defaults; links get `rel="noopener noreferrer"`), and relative URLs.
 pub fn sanitize(html: &str) -> String {
-    ammonia::clean(html)
+    ammonia::Builder::default()
+        .url_relative(ammonia::UrlRelative::Deny)
+        .clean(html)
+        .to_string()
+}
+
+/// `html` as the CRM shows it: [`sanitize`]d, and without images (a remote image would tell
+/// its sender who read the mail, and a same-site one would send a request with the reader's
+/// session).
+pub fn for_display(html: &str) -> String {
+    ammonia::Builder::default()
+        .url_relative(ammonia::UrlRelative::Deny)
+        .rm_tags(&["img"])
+        .clean(html)
+        .to_string()
 }
 
 #[cfg(test)]

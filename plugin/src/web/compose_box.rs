@@ -16,9 +16,6 @@ pub const COMPOSE_SCRIPT_PATH: &str = "/microsoft_outlook/assets/compose.js";
 /// The compose script (served as a file: the Content-Security-Policy allows no inline script).
 pub const COMPOSE_SCRIPT: &str = include_str!("../assets/compose.js");
 
-/// The longest text field read from an upload form, in bytes (beyond any text limit).
-const MAX_TEXT_FIELD: usize = 64 * 1024 * 1024;
-
 /// What the author typed, to put back in the form after a refusal.
 #[derive(Debug, Clone, Default)]
 pub struct Typed {
@@ -90,6 +87,7 @@ pub fn compose_form(
     action: &str,
     typed: &Typed,
     errors: &[FieldError],
+    max_file_bytes: usize,
 ) -> Markup {
     let error = |field: &str| {
         let messages: Vec<&str> = errors
@@ -111,7 +109,8 @@ pub fn compose_form(
         .collect();
     html! {
         form.compose method="post" action=(action) enctype="multipart/form-data" data-compose
-            data-mails=(format!("#mails-{}-{}", record.model, record.id)) novalidate {
+            data-mails=(format!("#mails-{}-{}", record.model, record.id))
+            data-max-file-bytes=(max_file_bytes) novalidate {
             (csrf(user))
             label for="mail-to" { "To" }
             input #mail-to name="to" value=(typed.to) autocomplete="off" aria-describedby="mail-to-help";
@@ -143,27 +142,69 @@ pub fn compose_form(
     }
 }
 
+/// How much of an upload is read, in bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct UploadLimits {
+    /// The files together (`max_attachments_mb`).
+    pub files: usize,
+    /// Each text field (`max_message_kb`).
+    pub text: usize,
+}
+
+impl UploadLimits {
+    /// The most read of one request: the files, the text fields, and 1 MB of framing. Past it
+    /// reading stops (a longer body is not drained: the request is refused unread).
+    fn read_cap(self) -> usize {
+        self.files
+            .saturating_add(self.text.saturating_mul(2))
+            .saturating_add(1_000_000)
+    }
+}
+
+/// A refusal of an upload: what went wrong and the status to answer.
+#[derive(Debug, Clone)]
+pub struct UploadRefusal {
+    /// 400 (unreadable) or 413 (over a limit).
+    pub status: actix_web::http::StatusCode,
+    /// The problem, against its field.
+    pub error: FieldError,
+}
+
 /// Reads the compose form's multipart upload: its text fields and its files (a part named
-/// `attachments` with a filename), and what went wrong reading it. Reading stops keeping files
-/// once they pass `max_file_bytes` together; the error then names the file that crossed it.
-pub async fn read_upload(form: Multipart, max_file_bytes: usize) -> (MailRequest, Vec<FieldError>) {
+/// `attachments` with a filename), and what went wrong reading it. Files stop being kept once
+/// they pass `limits.files` together (the error names the file that crossed it), a text field
+/// past `limits.text` is refused, and nothing is read past [`UploadLimits::read_cap`].
+pub async fn read_upload(
+    form: Multipart,
+    limits: UploadLimits,
+) -> (MailRequest, Option<UploadRefusal>) {
     let mut request = MailRequest::default();
-    let errors = match read_parts(form, max_file_bytes, &mut request).await {
-        Ok(None) => Vec::new(),
-        Ok(Some(e)) | Err(e) => vec![e],
-    };
-    (request, errors)
+    let refusal = read_parts(form, limits, &mut request).await;
+    (request, refusal)
+}
+
+fn too_large(field: &str, message: String) -> UploadRefusal {
+    UploadRefusal {
+        status: actix_web::http::StatusCode::PAYLOAD_TOO_LARGE,
+        error: FieldError {
+            field: field.into(),
+            message,
+        },
+    }
 }
 
 async fn read_parts(
     mut form: Multipart,
-    max_file_bytes: usize,
+    limits: UploadLimits,
     request: &mut MailRequest,
-) -> Result<Option<FieldError>, FieldError> {
-    let mut files_total = 0usize;
-    let mut over: Option<FieldError> = None;
+) -> Option<UploadRefusal> {
+    let (mut files_total, mut read) = (0usize, 0usize);
+    let mut refusal: Option<UploadRefusal> = None;
     while let Some(part) = form.next().await {
-        let mut part = part.map_err(upload_error)?;
+        let mut part = match part {
+            Ok(part) => part,
+            Err(e) => return refusal.or(Some(upload_error(e))),
+        };
         let name = part.name().unwrap_or("").to_string();
         let filename = part
             .content_disposition()
@@ -171,37 +212,51 @@ async fn read_parts(
             .map(str::to_string);
         let content_type = part.content_type().map(|m| m.essence_str().to_string());
         let mut bytes = Vec::new();
+        let mut keep = true;
         while let Some(chunk) = part.next().await {
-            let chunk = chunk.map_err(upload_error)?;
-            if filename.is_some() {
-                files_total += chunk.len();
-                if over.is_some() || files_total > max_file_bytes {
-                    if over.is_none() {
-                        over = Some(FieldError {
-                            field: "attachments".into(),
-                            message: format!(
-                                "\"{}\" brings the attachments over {}, the limit per mail",
-                                filename.as_deref().unwrap_or(""),
-                                size_words(max_file_bytes)
-                            ),
-                        });
-                    }
-                    continue;
-                }
-            } else if bytes.len() + chunk.len() > MAX_TEXT_FIELD {
-                return Err(FieldError {
-                    field: name,
-                    message: "This field is too long".into(),
-                });
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(e) => return refusal.or(Some(upload_error(e))),
+            };
+            read += chunk.len();
+            if read > limits.read_cap() {
+                let why = format!(
+                    "The form is over {}; nothing was queued",
+                    size_words(limits.read_cap())
+                );
+                return refusal.or(Some(too_large("attachments", why)));
             }
-            bytes.extend_from_slice(&chunk);
+            if let Some(filename) = &filename {
+                files_total += chunk.len();
+                if keep && files_total > limits.files {
+                    keep = false;
+                    if refusal.is_none() {
+                        refusal = Some(too_large(
+                            "attachments",
+                            format!(
+                                "\"{filename}\" brings the attachments over {}, the limit per mail",
+                                size_words(limits.files)
+                            ),
+                        ));
+                    }
+                }
+            } else if keep && bytes.len() + chunk.len() > limits.text {
+                keep = false;
+                if refusal.is_none() {
+                    let why = format!("This field is over {}", size_words(limits.text));
+                    refusal = Some(too_large(&name, why));
+                }
+            }
+            if keep && (filename.is_none() || refusal.is_none()) {
+                bytes.extend_from_slice(&chunk);
+            }
+        }
+        if !keep || (refusal.is_some() && filename.is_some()) {
+            continue;
         }
         match (name.as_str(), filename) {
             ("attachments", Some(filename)) => {
-                if filename.is_empty() && bytes.is_empty() {
-                    continue; // the file input left empty
-                }
-                if over.is_none() {
+                if !(filename.is_empty() && bytes.is_empty()) {
                     request.uploads.push(Upload {
                         filename,
                         content_type,
@@ -209,31 +264,45 @@ async fn read_parts(
                     });
                 }
             }
-            (_, _) => {
-                let text = String::from_utf8(bytes).map_err(|_| FieldError {
-                    field: name.clone(),
-                    message: "This field is not UTF-8 text".into(),
-                })?;
-                match name.as_str() {
-                    "to" => request.to = AddressInput::One(text),
-                    "cc" => request.cc = AddressInput::One(text),
-                    "bcc" => request.bcc = AddressInput::One(text),
-                    "subject" => request.subject = text,
-                    "markdown_body" => request.markdown_body = Some(text),
-                    "text_body" => request.text_body = text,
-                    "html_body" => request.html_body = Some(text).filter(|h| !h.trim().is_empty()),
-                    "reply_to" => request.reply_to = Some(text).filter(|r| !r.trim().is_empty()),
-                    _ => {}
+            (_, _) => match String::from_utf8(bytes) {
+                Ok(text) => set_field(request, &name, text),
+                Err(_) => {
+                    refusal = refusal.or(Some(UploadRefusal {
+                        status: actix_web::http::StatusCode::BAD_REQUEST,
+                        error: FieldError {
+                            field: name,
+                            message: "This field is not UTF-8 text".into(),
+                        },
+                    }));
                 }
-            }
+            },
         }
     }
-    Ok(over)
+    refusal
 }
 
-fn upload_error(e: actix_multipart::MultipartError) -> FieldError {
-    FieldError {
-        field: "attachments".into(),
-        message: format!("The upload could not be read ({e}); nothing was queued. Send it again."),
+fn set_field(request: &mut MailRequest, name: &str, text: String) {
+    match name {
+        "to" => request.to = AddressInput::One(text),
+        "cc" => request.cc = AddressInput::One(text),
+        "bcc" => request.bcc = AddressInput::One(text),
+        "subject" => request.subject = text,
+        "markdown_body" => request.markdown_body = Some(text),
+        "text_body" => request.text_body = text,
+        "html_body" => request.html_body = Some(text).filter(|h| !h.trim().is_empty()),
+        "reply_to" => request.reply_to = Some(text).filter(|r| !r.trim().is_empty()),
+        _ => {}
+    }
+}
+
+fn upload_error(e: actix_multipart::MultipartError) -> UploadRefusal {
+    UploadRefusal {
+        status: actix_web::http::StatusCode::BAD_REQUEST,
+        error: FieldError {
+            field: "attachments".into(),
+            message: format!(
+                "The upload could not be read ({e}); nothing was queued. Send it again."
+            ),
+        },
     }
 }

@@ -14,7 +14,7 @@ use crate::entities::{mail_server, outbox};
 use crate::outbox::compose::{AddressInput, MailRequest};
 use crate::outbox::queue::{Refusal, queue_mail};
 use crate::runtime::Shared;
-use crate::web::compose_box::{COMPOSE_SCRIPT, Typed, compose_form, read_upload};
+use crate::web::compose_box::{COMPOSE_SCRIPT, Typed, UploadLimits, compose_form, read_upload};
 use crate::web::layout::page_with;
 
 #[derive(Deserialize)]
@@ -195,6 +195,9 @@ pub fn status_badge(status: &str) -> Markup {
 /// Which mailbox a mail goes out from, and as whom: "sales@contoso.example as Alice Adams"
 /// (the From address too when it is not the mailbox's).
 pub fn via_words(mailbox: &str, from_header: &str) -> String {
+    if mailbox.is_empty() {
+        return from_header.to_string();
+    }
     let Ok(from) = from_header.parse::<lettre::message::Mailbox>() else {
         return format!("{mailbox} as {from_header}");
     };
@@ -233,7 +236,11 @@ pub fn mails_table(
     mails: &[outbox::Model],
     waits: &HashMap<i32, String>,
     mailboxes: &HashMap<i32, String>,
+    viewer: &CurrentUser,
 ) -> Markup {
+    // A colleague's mail on a shared record: no link to a page they may not open, and not the
+    // colleague's own mailbox address.
+    let own = |m: &outbox::Model| viewer.is_admin || m.author_user_id == viewer.id;
     html! {
         @if mails.is_empty() {
             p.help { "No mail sent from this record yet." }
@@ -243,13 +250,19 @@ pub fn mails_table(
                 tbody {
                     @for m in mails {
                         tr data-message-id=(m.message_id) data-status=(m.status) {
-                            td { a href=(format!("/microsoft_outlook/outbox/{}", m.id)) { (m.subject) } }
+                            td {
+                                @if own(m) { a href=(format!("/microsoft_outlook/outbox/{}", m.id)) { (m.subject) } }
+                                @else { (m.subject) }
+                            }
                             td {
                                 (status_badge(&m.status))
                                 @if let Some(w) = waiting_of(m, waits) { p.help.waiting { (w) } }
                                 @if m.status == "failed" { @if let Some(e) = &m.last_error { p.help { (e) } } }
                             }
-                            td { (via_words(mailboxes.get(&m.server_id).map_or("", String::as_str), &m.from_header)) }
+                            td {
+                                @if own(m) { (via_words(mailboxes.get(&m.server_id).map_or("", String::as_str), &m.from_header)) }
+                                @else { "—" }
+                            }
                             td { (m.created_at.format("%Y-%m-%d %H:%M:%S")) }
                             td { (m.updated_at.format("%Y-%m-%d %H:%M:%S")) }
                         }
@@ -273,7 +286,7 @@ async fn mails_part(
     html! {
         div.mails-part id=(format!("mails-{}-{}", record.model, record.id))
             data-src=(format!("{}?part=table", record_path(&record.model, record.id))) {
-            (mails_table(&mails, &waits, &mailboxes))
+            (mails_table(&mails, &waits, &mailboxes, user))
         }
     }
 }
@@ -301,6 +314,7 @@ async fn recent(
 /// The panel the host shows on a record's page.
 pub async fn record_panel(
     ctx: &ModuleContext,
+    shared: &Shared,
     record: &RecordRef,
     user: &CurrentUser,
 ) -> Option<String> {
@@ -309,11 +323,14 @@ pub async fn record_panel(
         _ => return None,
     };
     let action = record_path(&record.model, record.id);
+    let max_files = crate::delivery::limits::limits(ctx, shared)
+        .await
+        .max_attachment_bytes;
     Some(
         html! {
             section.card id="mails" {
                 h2 { "Send a mail" }
-                (compose_form(user, record, &action, &Typed::to(&to), &[]))
+                (compose_form(user, record, &action, &Typed::to(&to), &[], max_files))
                 h2 { "Mails" }
                 (mails_part(ctx, record, user, 20).await)
                 p { a href=(action) { "All mails of this record" } }
@@ -389,7 +406,7 @@ async fn list(
     let body = html! {
         h1 { "Mails of " a href=(summary.url) { (summary.title) } }
         @if let Some(words) = queued { p.flash.ok role="status" { (words) } }
-        section.card { (mails_table(&mails, &crate::delivery::health::waiting_words(&ctx).await, &mailboxes)) }
+        section.card { (mails_table(&mails, &crate::delivery::health::waiting_words(&ctx).await, &mailboxes, &user)) }
     };
     crate::web::layout::page(&ctx, &user, "Mails", body)
 }
@@ -400,8 +417,9 @@ fn record_not_found(ctx: &ModuleContext, user: &CurrentUser) -> HttpResponse {
     page_with(StatusCode::NOT_FOUND, ctx, user, "Not found", body)
 }
 
-fn refusal_response(
+async fn refusal_response(
     ctx: &ModuleContext,
+    shared: &Shared,
     user: &CurrentUser,
     req: &HttpRequest,
     record: &RecordRef,
@@ -415,11 +433,14 @@ fn refusal_response(
         return record_not_found(ctx, user);
     }
     let action = record_path(&record.model, record.id);
+    let max_files = crate::delivery::limits::limits(ctx, shared)
+        .await
+        .max_attachment_bytes;
     let body = html! {
-        h1 { "The mail was not sent yet" }
+        h1 { "The mail was not sent" }
         section.card {
             p.flash.bad role="alert" { "Nothing was queued. Correct what is marked below and send again; your text is kept." }
-            (compose_form(user, record, &action, typed, &refusal.errors))
+            (compose_form(user, record, &action, typed, &refusal.errors, max_files))
             p { a href=(format!("/contacts/{}", record.id)) { "Back to the record" } }
         }
     };
@@ -460,20 +481,22 @@ async fn read_request(
 ) -> Result<MailRequest, (Refusal, MailRequest)> {
     let kind = content_type(req);
     if kind == "multipart/form-data" {
-        let limit = crate::delivery::limits::limits(ctx, shared)
-            .await
-            .max_attachment_bytes;
+        let limits = crate::delivery::limits::limits(ctx, shared).await;
         let form = actix_multipart::Multipart::new(req.headers(), payload);
-        let (request, errors) = read_upload(form, limit).await;
-        if errors.is_empty() {
-            return Ok(request);
-        }
-        let status = if errors.iter().any(|e| e.message.contains("limit")) {
-            StatusCode::PAYLOAD_TOO_LARGE
-        } else {
-            StatusCode::BAD_REQUEST
+        let upload = UploadLimits {
+            files: limits.max_attachment_bytes,
+            text: limits.max_bytes,
         };
-        return Err((Refusal { status, errors }, request));
+        return match read_upload(form, upload).await {
+            (request, None) => Ok(request),
+            (request, Some(r)) => Err((
+                Refusal {
+                    status: r.status,
+                    errors: vec![r.error],
+                },
+                request,
+            )),
+        };
     }
     let body = match payload.to_bytes_limited(MAX_REQUEST_BYTES).await {
         Ok(Ok(body)) => body,
@@ -525,7 +548,7 @@ async fn create(
         Ok(r) => r,
         Err((refusal, partial)) => {
             let typed = Typed::of(&partial);
-            return refusal_response(&ctx, &user, &req, &record, refusal, &typed);
+            return refusal_response(&ctx, &shared, &user, &req, &record, refusal, &typed).await;
         }
     };
     let typed = Typed::of(&request);
@@ -558,7 +581,9 @@ async fn create(
                 ),
             ))
             .finish(),
-        Err(refusal) => refusal_response(&ctx, &user, &req, &record, refusal, &typed),
+        Err(refusal) => {
+            refusal_response(&ctx, &shared, &user, &req, &record, refusal, &typed).await
+        }
     }
 }
 

@@ -256,8 +256,13 @@ async fn sent_html_is_shown_in_the_crm_only_sanitised() {
     let id = body["id"].as_i64().expect("id");
     let mail = wait_status(&m.env.app, id, "sent").await;
     // Sent as given: the module does not rewrite the author's HTML.
-    let raw = String::from_utf8_lossy(&received(&m.smtp, &mail.message_id)).to_string();
-    assert!(raw.contains("text/html"), "{raw}");
+    let data = received(&m.smtp, &mail.message_id);
+    let message = MessageParser::default().parse(&data).expect("parses");
+    let sent = match &message.html_part(0).expect("html part").body {
+        PartType::Html(h) => h.to_string(),
+        other => panic!("not an HTML part: {other:?}"),
+    };
+    assert_eq!(sent.trim_end(), hostile, "the API's HTML goes as given");
     for viewer in [&m.alice, &m.env.admin] {
         let (status, page, _) = viewer.get(&format!("/microsoft_outlook/outbox/{id}")).await;
         assert_eq!(status, StatusCode::OK);
@@ -312,8 +317,7 @@ async fn a_refused_form_shows_each_error_beside_its_field_and_keeps_the_text() {
         .nth(1)
         .expect("an error beside To");
     assert!(
-        to_error.starts_with(">Recipient \"bob@\" is not an e-mail address")
-            || to_error.contains("Recipient &quot;bob@&quot; is not an e-mail address"),
+        to_error.starts_with(">Recipient &quot;bob@&quot; is not an e-mail address"),
         "{to_error}"
     );
     assert!(
@@ -340,6 +344,25 @@ async fn a_refused_form_shows_each_error_beside_its_field_and_keeps_the_text() {
         .filter_map(|e| e["field"].as_str())
         .collect();
     assert_eq!(fields, ["to", "subject"], "{body}");
+    // An upload form without its CSRF token, or with another session's, is refused unread.
+    for token in [None, Some("not-the-session-token")] {
+        let mut form = reqwest::multipart::Form::new()
+            .text("to", "dana@fabrikam.example")
+            .text("subject", "Forged")
+            .text("markdown_body", "x");
+        if let Some(token) = token {
+            form = form.text("csrf_token", token);
+        }
+        let response = m
+            .alice
+            .client
+            .post(m.alice.url(&mails_path(m.contact)))
+            .multipart(form)
+            .send()
+            .await
+            .expect("POST");
+        assert_eq!(response.status(), StatusCode::FORBIDDEN, "{token:?}");
+    }
     assert_eq!(outbox_count(&m.env.app).await, before);
 }
 
@@ -359,7 +382,7 @@ async fn the_record_shows_statuses_in_words_and_the_mailbox_it_goes_out_from() {
         "sent via which mailbox, as whom\n{table}"
     );
     assert!(
-        !table.contains("250"),
+        !table.contains("2.0.0") && !table.contains("Hostname="),
         "no raw SMTP reply on the record\n{table}"
     );
     // The raw reply stays on the mail's own page.

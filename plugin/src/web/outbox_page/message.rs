@@ -38,7 +38,7 @@ impl MessageView {
             _ => None,
         });
         let html_body = message.html_part(0).and_then(|p| match &p.body {
-            PartType::Html(h) => Some(crate::outbox::markdown::sanitize(h)),
+            PartType::Html(h) => Some(crate::outbox::markdown::for_display(h)),
             _ => None,
         });
         let attachments = message
