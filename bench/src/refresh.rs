@@ -133,7 +133,8 @@ pub async fn raw_loop(
     let http = a.shared.http.clone();
     let url = format!("{}/common/oauth2/v2.0/token", idp.platform.authority_url());
     let concurrency = options().concurrency.max(1);
-    let refresh_scope = microsoft_outlook::settings::Cloud::Global.refresh_scope();
+    let refresh_scope = microsoft_outlook::settings::Cloud::Global
+        .refresh_scope(microsoft_outlook::settings::Resource::Outlook);
     let refresh_scope = &refresh_scope;
     let started = Instant::now();
     let results: Vec<anyhow::Result<()>> = futures::stream::iter(refresh_tokens)

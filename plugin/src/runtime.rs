@@ -85,6 +85,8 @@ pub struct Limits {
 pub struct AppToken {
     /// For which application (client id).
     pub client_id: String,
+    /// For which resource (Outlook for SMTP, Graph).
+    pub resource: crate::settings::Resource,
     /// The bearer token.
     pub token: secrecy::SecretString,
     /// When it expires.
@@ -107,7 +109,9 @@ pub struct Shared {
     /// Where delivery jobs are pushed (set while the jobs run).
     pub queue: RwLock<Option<MailQueue>>,
     /// The SMTP client.
-    pub smtp: SmtpSender,
+    pub smtp: Arc<SmtpSender>,
+    /// The Microsoft Graph transport (sharing the SMTP sender's per-mailbox sending slots).
+    pub graph: crate::delivery::graph::GraphSender,
     /// The identity platform's HTTP client.
     pub http: oauth2::reqwest::Client,
     /// This process's name for leases and workers.
@@ -162,11 +166,13 @@ impl Shared {
         // A crashed process's connection slots come free after this long.
         let slot_lease = std::time::Duration::from_secs(options.lease_secs.clamp(2, 120) as u64);
         let concurrency = options.delivery_concurrency;
+        let smtp = Arc::new(SmtpSender::new(&instance, slot_lease));
         Arc::new(Self {
             options,
             metrics: crate::metrics::Metrics::new(),
             queue: RwLock::new(None),
-            smtp: SmtpSender::new(&instance, slot_lease),
+            graph: crate::delivery::graph::GraphSender::new(smtp.clone()),
+            smtp,
             http,
             instance,
             starts: std::sync::atomic::AtomicU32::new(0),

@@ -7,6 +7,42 @@ use secrecy::SecretString;
 /// The default authority (Microsoft's global cloud).
 pub const DEFAULT_AUTHORITY: &str = "https://login.microsoftonline.com";
 
+/// The resource an access token is for: one token cannot serve both (MICROSOFT.md › Microsoft
+/// Graph mail). A mail server's transport decides which it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Resource {
+    /// Exchange Online's Outlook resource (`SMTP.Send`), for SMTP with XOAUTH2.
+    #[default]
+    Outlook,
+    /// Microsoft Graph (`Mail.Send`, `Mail.Send.Shared`, `Mail.ReadWrite`), for Graph sendMail.
+    Graph,
+}
+
+impl Resource {
+    /// Whether a token granted `scopes` (space-separated, as stored) is for this resource. Every
+    /// cloud's Graph host names "graph" and every Outlook resource "outlook"; a bare scope name
+    /// (`Mail.Send`) is Graph's, as Microsoft reads it.
+    pub fn granted_in(self, scopes: &str) -> bool {
+        let graph = |s: &str| s.contains("graph") || !s.contains("://");
+        scopes
+            .split_whitespace()
+            .filter(|s| !matches!(*s, "openid" | "email" | "profile" | "offline_access"))
+            .any(|s| match self {
+                Resource::Graph => graph(s),
+                Resource::Outlook => !graph(s),
+            })
+    }
+
+    /// The resource a server's transport (`smtp` or `graph`) sends with.
+    pub fn of_transport(transport: &str) -> Self {
+        if transport == "graph" {
+            Resource::Graph
+        } else {
+            Resource::Outlook
+        }
+    }
+}
+
 /// A Microsoft cloud: every endpoint and resource the module uses follows one choice
 /// (MICROSOFT.md › National clouds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -55,12 +91,16 @@ impl Cloud {
     }
 
     /// The app-only (client credentials) scope of Exchange Online.
-    pub fn app_only_scope(self) -> &'static str {
+    pub fn app_only_scope(self, resource: Resource) -> String {
+        if resource == Resource::Graph {
+            return format!("{}/.default", self.graph());
+        }
         match self {
             Cloud::Global => "https://outlook.office365.com/.default",
             Cloud::UsGov | Cloud::UsDod => "https://outlook.office365.us/.default",
             Cloud::China => "https://partner.outlook.cn/.default",
         }
+        .into()
     }
 
     /// The SMTP submission host.
@@ -82,20 +122,35 @@ impl Cloud {
         }
     }
 
-    /// The delegated scopes of the connect flow: sign-in, a refresh token, SMTP sending.
-    pub fn delegated_scopes(self) -> Vec<String> {
-        vec![
-            "openid".into(),
-            "email".into(),
-            "offline_access".into(),
-            format!("{}SMTP.Send", self.outlook_resource()),
-        ]
+    /// The scopes of `resource` a mailbox's grant needs: SMTP sending; or Graph sending (its own
+    /// mailbox and shared ones) and reading Sent Items (to find a mail whose answer was lost).
+    pub fn resource_scopes(self, resource: Resource) -> Vec<String> {
+        match resource {
+            Resource::Outlook => vec![format!("{}SMTP.Send", self.outlook_resource())],
+            Resource::Graph => ["Mail.Send", "Mail.Send.Shared", "Mail.ReadWrite"]
+                .iter()
+                .map(|s| format!("{}/{s}", self.graph()))
+                .collect(),
+        }
     }
 
-    /// The scope repeated on every refresh (Microsoft refuses a refresh without one:
-    /// AADSTS900144).
-    pub fn refresh_scope(self) -> String {
-        format!("offline_access {}SMTP.Send", self.outlook_resource())
+    /// The delegated scopes of the connect flow: sign-in, a refresh token, and `resource`'s.
+    pub fn delegated_scopes(self, resource: Resource) -> Vec<String> {
+        let mut scopes: Vec<String> =
+            vec!["openid".into(), "email".into(), "offline_access".into()];
+        scopes.extend(self.resource_scopes(resource));
+        scopes
+    }
+
+    /// The scope sent with every refresh, for a token of `resource` (Microsoft refuses a
+    /// refresh without one, AADSTS900144, and one token request is for one resource).
+    pub fn refresh_scope(self, resource: Resource) -> String {
+        let mut scope = String::from("offline_access");
+        for s in self.resource_scopes(resource) {
+            scope.push(' ');
+            scope.push_str(&s);
+        }
+        scope
     }
 }
 /// The default nightly refresh schedule.
@@ -211,6 +266,8 @@ pub struct OutlookSettings {
     pub cloud: Cloud,
     /// The identity platform's base URL.
     pub authority_url: String,
+    /// Microsoft Graph's base URL (the cloud's, unless the operator set another address).
+    pub graph_url: String,
     /// When tokens are refreshed.
     pub refresh_schedule: String,
 }
@@ -241,6 +298,15 @@ fn authority(cloud: Cloud, configured: Option<&str>) -> String {
     }
 }
 
+/// The Graph base URL to use: the configured one when set (a proxy, the simulated Graph), else
+/// the chosen cloud's.
+fn graph_url(cloud: Cloud, configured: Option<&str>) -> String {
+    match configured.map(|u| u.trim().trim_end_matches('/')) {
+        Some(url) if !url.is_empty() => url.to_string(),
+        _ => cloud.graph().to_string(),
+    }
+}
+
 impl OutlookSettings {
     /// Loads and checks the settings.
     pub async fn load(ctx: &ModuleContext) -> Result<Self, NotConfigured> {
@@ -263,6 +329,10 @@ impl OutlookSettings {
                 authority_url: authority(
                     Cloud::parse(values.get("cloud").unwrap_or("global")),
                     values.get("authority_url"),
+                ),
+                graph_url: graph_url(
+                    Cloud::parse(values.get("cloud").unwrap_or("global")),
+                    values.get("graph_url"),
                 ),
                 refresh_schedule: values
                     .get("refresh_schedule")

@@ -17,7 +17,7 @@ use crate::CONFIRM_PATH;
 use crate::connect::aad::{AadFailure, aadsts_code, explain};
 use crate::connect::token_client::{self, Grant};
 use crate::entities::{mail_server, oauth_state};
-use crate::settings::OutlookSettings;
+use crate::settings::{OutlookSettings, Resource};
 use crate::web::layout::page_with;
 use crate::web::servers::may_manage;
 
@@ -194,7 +194,7 @@ async fn connect(
         .add_scopes(
             settings
                 .cloud
-                .delegated_scopes()
+                .delegated_scopes(Resource::of_transport(&server.transport))
                 .into_iter()
                 .map(Scope::new),
         )
@@ -355,6 +355,7 @@ async fn confirm(
             redirect_uri: &redirect_uri,
             verifier: verifier.expose_secret(),
         },
+        Resource::of_transport(&server.transport),
     )
     .await
     {

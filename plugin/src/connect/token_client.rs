@@ -7,7 +7,7 @@ use serde::Deserialize;
 use std::time::Duration;
 
 use crate::connect::aad::{AadFailure, FailureClass, aadsts_code, classify};
-use crate::settings::OutlookSettings;
+use crate::settings::{OutlookSettings, Resource};
 
 /// How long one token request may take.
 pub const TOKEN_TIMEOUT: Duration = Duration::from_secs(20);
@@ -101,14 +101,16 @@ pub async fn request(
     http: &reqwest::Client,
     settings: &OutlookSettings,
     grant: Grant<'_>,
+    resource: Resource,
 ) -> Result<Tokens, AadFailure> {
     let secret = settings.client_secret.expose_secret();
     let mut form: Vec<(&str, &str)> = vec![
         ("client_id", &settings.client_id),
         ("client_secret", secret),
     ];
-    let scope_all = settings.cloud.delegated_scopes().join(" ");
-    let refresh_scope = settings.cloud.refresh_scope();
+    let scope_all = settings.cloud.delegated_scopes(resource).join(" ");
+    let refresh_scope = settings.cloud.refresh_scope(resource);
+    let app_only_scope = settings.cloud.app_only_scope(resource);
     match &grant {
         Grant::AuthorizationCode {
             code,
@@ -128,7 +130,7 @@ pub async fn request(
         ]),
         Grant::ClientCredentials => form.extend([
             ("grant_type", "client_credentials"),
-            ("scope", settings.cloud.app_only_scope()),
+            ("scope", app_only_scope.as_str()),
         ]),
     }
     let body = url::form_urlencoded::Serializer::new(String::new())

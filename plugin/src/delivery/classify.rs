@@ -50,11 +50,18 @@ pub enum HoldReason {
     QuotaExceeded,
     /// The tenant is blocked for sending (`550 5.7.708`).
     TenantBlocked,
+    /// Microsoft Graph denies sending from the mailbox (`403 ErrorAccessDenied`: consent or an
+    /// application access policy).
+    GraphAccessDenied,
+    /// The mailbox is not an Exchange Online mailbox (`MailboxNotEnabledForRESTAPI`).
+    NotExchangeOnline,
+    /// The mailbox is full (`ErrorQuotaExceeded`): Exchange cannot save the sent mail.
+    MailboxFull,
 }
 
 impl HoldReason {
     /// Every reason, for parsing and documentation.
-    pub const ALL: [HoldReason; 11] = [
+    pub const ALL: [HoldReason; 14] = [
         HoldReason::GrantDead,
         HoldReason::TokenRefused,
         HoldReason::SmtpAuthDisabled,
@@ -66,6 +73,9 @@ impl HoldReason {
         HoldReason::TokenEndpointNotOAuth,
         HoldReason::QuotaExceeded,
         HoldReason::TenantBlocked,
+        HoldReason::GraphAccessDenied,
+        HoldReason::NotExchangeOnline,
+        HoldReason::MailboxFull,
     ];
 
     /// The stored name.
@@ -82,6 +92,9 @@ impl HoldReason {
             HoldReason::TokenEndpointNotOAuth => "token_endpoint_not_oauth",
             HoldReason::QuotaExceeded => "quota_exceeded",
             HoldReason::TenantBlocked => "tenant_blocked",
+            HoldReason::GraphAccessDenied => "graph_access_denied",
+            HoldReason::NotExchangeOnline => "not_exchange_online",
+            HoldReason::MailboxFull => "mailbox_full",
         }
     }
 
@@ -104,12 +117,18 @@ impl HoldReason {
             HoldReason::TokenEndpointNotOAuth => "Token endpoint unreachable",
             HoldReason::QuotaExceeded => "Sending quota exceeded",
             HoldReason::TenantBlocked => "Tenant blocked",
+            HoldReason::GraphAccessDenied => "Graph permission missing",
+            HoldReason::NotExchangeOnline => "Not an Exchange Online mailbox",
+            HoldReason::MailboxFull => "Mailbox full",
         }
     }
 
     /// Whether an operator (not the mailbox's owner) must act. A quota ends by itself.
     pub fn needs_operator(self) -> bool {
-        !matches!(self, HoldReason::GrantDead | HoldReason::QuotaExceeded)
+        !matches!(
+            self,
+            HoldReason::GrantDead | HoldReason::QuotaExceeded | HoldReason::MailboxFull
+        )
     }
 
     /// After how long a held mailbox is tried again by itself (one mail is the probe: if it
@@ -124,6 +143,10 @@ impl HoldReason {
             | HoldReason::NoUsableAuth
             | HoldReason::ServerRefused => Some(Duration::minutes(15)),
             HoldReason::TlsRefused | HoldReason::TenantBlocked => Some(Duration::hours(1)),
+            HoldReason::GraphAccessDenied | HoldReason::NotExchangeOnline => {
+                Some(Duration::minutes(15))
+            }
+            HoldReason::MailboxFull => Some(Duration::hours(1)),
             // The quota window: 24 hours from the first refusal unless the server said otherwise.
             HoldReason::QuotaExceeded => Some(Duration::hours(24)),
         }

@@ -138,19 +138,29 @@ async fn send_batch(
     };
     let (prepared, mut rest) = w.prepare().await?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let window = tokio::sync::Semaphore::new(crate::delivery::transport::UNWRITTEN_PER_MAILBOX);
+    let window_ref = &window;
     let (server_ref, prepared_ref, lease_ref) = (&server, &prepared, &lease);
     let sending = async move {
         let sent = match fresh_access_token(ctx, shared, server_ref, false).await {
             Ok(token) => {
-                send_with_one_refresh(ctx, shared, server_ref, token, prepared_ref, lease_ref, &tx)
-                    .await
+                send_with_one_refresh(
+                    ctx,
+                    shared,
+                    server_ref,
+                    token,
+                    prepared_ref,
+                    lease_ref,
+                    (&tx, window_ref),
+                )
+                .await
             }
             Err(problem) => Err((None, problem)),
         };
         drop(tx);
         sent
     };
-    let (sent, written) = tokio::join!(sending, w.write_as_reported(rx));
+    let (sent, written) = tokio::join!(sending, w.write_as_reported(rx, &window));
     let mut drained = written?;
     let go_on = match sent {
         Err((first, problem)) => {
@@ -228,9 +238,13 @@ async fn send_with_one_refresh(
     token: AccessToken,
     prepared: &[Prepared],
     lease: &LeaseKeeper,
-    report: &Report,
+    (report, window): (&Report, &tokio::sync::Semaphore),
 ) -> Result<BatchResult, (Option<BatchResult>, TokenProblem)> {
-    let transport: &dyn Transport = &shared.smtp;
+    let transport: &dyn Transport = if server.transport == "graph" {
+        &shared.graph
+    } else {
+        shared.smtp.as_ref()
+    };
     let batch = |token| Batch {
         ctx,
         server,
@@ -239,6 +253,7 @@ async fn send_with_one_refresh(
         halt: &lease.lost,
         stopping: shared.stopping_flag(),
         report,
+        window,
     };
     let mut result = transport.send(batch(&token)).await;
     if !matches!(result.stop, Some(Stop::TokenRefused)) {
@@ -356,6 +371,8 @@ impl Writer<'_> {
                     envelope,
                     from: row.envelope_from.clone(),
                     raw,
+                    message_id: row.message_id.clone(),
+                    attempts: row.attempts,
                 }),
                 (Err(e), _) => {
                     let why = format!("The stored envelope is invalid: {e}");
@@ -375,6 +392,7 @@ impl Writer<'_> {
     async fn write_as_reported(
         &self,
         mut rx: tokio::sync::mpsc::UnboundedReceiver<(i64, MessageResult)>,
+        window: &tokio::sync::Semaphore,
     ) -> Result<Drained, sea_orm::DbErr> {
         let mut drained = Drained::default();
         while let Some(first) = rx.recv().await {
@@ -382,6 +400,7 @@ impl Writer<'_> {
             while let Ok(next) = rx.try_recv() {
                 group.push(next);
             }
+            let turns = group.len();
             let decided = group
                 .into_iter()
                 .filter_map(|(id, result)| {
@@ -400,6 +419,8 @@ impl Writer<'_> {
                 Ok(d) => drained.add(d),
                 Err(e) => return Err(e),
             }
+            // Written: their turns to send come back.
+            window.add_permits(turns);
         }
         Ok(drained)
     }

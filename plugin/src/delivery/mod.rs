@@ -6,6 +6,8 @@ pub mod attempt;
 pub mod classify;
 pub mod drain;
 pub mod drains;
+pub mod graph;
+pub mod graph_replies;
 pub mod health;
 pub mod limits;
 pub mod smtp;

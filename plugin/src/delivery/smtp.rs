@@ -158,6 +158,16 @@ impl Drop for Slot {
     }
 }
 
+/// A mailbox's sending slot held by a transport other than SMTP; dropping it frees it.
+pub struct MailboxSlot(Slot);
+
+impl MailboxSlot {
+    /// Whether its lease was lost (another process may take it): stop sending.
+    pub fn lost(&self) -> bool {
+        self.0.lost()
+    }
+}
+
 struct Idle {
     conn: AsyncSmtpConnection,
     version: i64,
@@ -424,6 +434,21 @@ impl SmtpSender {
             .await?;
         pool.rows_ready.store(true, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Takes one of the mailbox's sending slots for another transport (Microsoft Graph): the
+    /// same [`CONNECTIONS_PER_MAILBOX`] slots, so that every process together sends at most
+    /// that many requests to a mailbox at once. Waits until `deadline`; `Busy` after it.
+    pub async fn mailbox_slot(
+        &self,
+        ctx: &ModuleContext,
+        server_id: i32,
+        deadline: Instant,
+    ) -> Result<MailboxSlot, SendOutcome> {
+        self.start_reaper(ctx);
+        self.acquire_slot(ctx, server_id, deadline)
+            .await
+            .map(MailboxSlot)
     }
 
     /// Takes one of the mailbox's connection slots, waiting (polling) until `deadline` while

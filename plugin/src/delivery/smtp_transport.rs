@@ -85,6 +85,10 @@ async fn lane(sender: &SmtpSender, batch: &Batch<'_>, progress: &Progress, once:
         let Some(message) = batch.messages.get(index) else {
             return;
         };
+        let Some(turn) = batch.turn().await else {
+            progress.stop(Stop::Halted);
+            return;
+        };
         let deadline = Instant::now() + CONNECTION_WAIT;
         let outcome = sender
             .send(
@@ -114,6 +118,13 @@ async fn lane(sender: &SmtpSender, batch: &Batch<'_>, progress: &Progress, once:
             },
             SendOutcome::Busy(_) => progress.stop(Stop::Busy),
             SendOutcome::LeaseLost => progress.stop(Stop::Halted),
+        }
+        if !matches!(
+            progress.results.lock().unwrap_or_else(|e| e.into_inner())[index],
+            MessageResult::NotTried
+        ) {
+            // Reported: the drain gives the turn back once the outcome is written.
+            turn.forget();
         }
         if once {
             return;

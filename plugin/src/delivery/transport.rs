@@ -24,6 +24,10 @@ pub struct Prepared {
     pub from: String,
     /// The message.
     pub raw: String,
+    /// Its `Message-ID`, without `<>` (Graph's Sent Items are searched by it).
+    pub message_id: String,
+    /// Attempts so far, this one included (more than 1: it was tried before).
+    pub attempts: i32,
 }
 
 /// What the transport says of one message.
@@ -99,6 +103,34 @@ pub struct Batch<'a> {
     /// Where each message's result goes as soon as it is known (by outbox id), so that the
     /// drain writes outcomes while the batch is still being sent.
     pub report: &'a Report,
+    /// Turns to send: one is taken before a message is sent and comes back once its outcome
+    /// is written ([`UNWRITTEN_PER_MAILBOX`] in all), so that a process killed at any moment
+    /// leaves at most that many of a mailbox's mails accepted by the server but not recorded
+    /// (those are sent again).
+    pub window: &'a tokio::sync::Semaphore,
+}
+
+/// At most this many of a mailbox's mails are sent and not yet recorded, per process.
+pub const UNWRITTEN_PER_MAILBOX: usize = 6;
+
+impl Batch<'_> {
+    /// Waits for a turn to send one message; `None` once the batch must halt or the process
+    /// stops. The caller forgets the permit when the message's result was reported (the
+    /// drain gives it back after writing the outcome) and drops it otherwise.
+    pub async fn turn(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        use std::sync::atomic::Ordering;
+        loop {
+            if self.halt.load(Ordering::SeqCst) || self.stopping.load(Ordering::SeqCst) {
+                return None;
+            }
+            let wait = std::time::Duration::from_millis(250);
+            match tokio::time::timeout(wait, self.window.acquire()).await {
+                Ok(Ok(permit)) => return Some(permit),
+                Ok(Err(_)) => return None,
+                Err(_) => continue,
+            }
+        }
+    }
 }
 
 /// The channel a transport reports each message's result on, as it comes.

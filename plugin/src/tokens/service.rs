@@ -13,7 +13,7 @@ use crate::connect::token_client::{self, Grant};
 use crate::delivery::classify::{self, HoldReason, Level, Verdict, Who};
 use crate::entities::{mail_server, token};
 use crate::runtime::Shared;
-use crate::settings::OutlookSettings;
+use crate::settings::{OutlookSettings, Resource};
 use crate::tokens::store::{access_context, refresh_context};
 
 /// Refresh when the access token expires within this many minutes.
@@ -142,11 +142,13 @@ pub async fn app_only_token(
     force: bool,
 ) -> Result<AccessToken, TokenProblem> {
     let settings = settings_or_hold(ctx, shared, server).await?;
+    let resource = Resource::of_transport(&server.transport);
     let mut cached = shared.app_token.lock().await;
     let margin = Duration::minutes(REFRESH_MARGIN_MINUTES);
     if let Some(t) = cached.as_ref()
         && !force
         && t.client_id == settings.client_id
+        && t.resource == resource
         && t.expires_at > ctx.clock().now() + margin
     {
         return Ok(AccessToken {
@@ -156,11 +158,12 @@ pub async fn app_only_token(
             identities: vec![server.mailbox.clone()],
         });
     }
-    match token_client::request(&shared.http, &settings, Grant::ClientCredentials).await {
+    match token_client::request(&shared.http, &settings, Grant::ClientCredentials, resource).await {
         Ok(tokens) => {
             let version = cached.as_ref().map_or(1, |t| t.version + 1);
             *cached = Some(crate::runtime::AppToken {
                 client_id: settings.client_id.clone(),
+                resource,
                 token: tokens.access_token.clone(),
                 expires_at: ctx.clock().now() + Duration::seconds(tokens.expires_in),
                 version,
@@ -241,7 +244,10 @@ pub async fn fresh_access_token(
         return Err(hold(ctx, shared, server, dead_grant(&row)).await);
     }
     let margin = Duration::minutes(REFRESH_MARGIN_MINUTES);
-    if !force && row.access_expires_at > ctx.clock().now() + margin {
+    // The stored access token is for one resource; a server whose transport needs the other
+    // (switched from SMTP to Graph) gets one from the same grant.
+    let for_transport = Resource::of_transport(&server.transport).granted_in(&row.scopes);
+    if !force && for_transport && row.access_expires_at > ctx.clock().now() + margin {
         return Ok(AccessToken {
             token: unseal(ctx, &row.access_token_sealed, &access_context(server.id))?,
             version: row.version,
@@ -479,8 +485,13 @@ async fn refresh_holding_lease(
         return Err(hold(ctx, shared, server, verdict).await);
     };
     let refresh_token = unseal(ctx, sealed_refresh, &refresh_context(server.id))?;
-    let answer =
-        token_client::request(&shared.http, settings, Grant::RefreshToken(&refresh_token)).await;
+    let answer = token_client::request(
+        &shared.http,
+        settings,
+        Grant::RefreshToken(&refresh_token),
+        Resource::of_transport(&server.transport),
+    )
+    .await;
     match answer {
         Ok(tokens) => {
             let token = store_refreshed(ctx, server, row, tokens).await?;

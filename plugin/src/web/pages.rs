@@ -171,7 +171,12 @@ fn server_form(
                 }
                 (field_error(errors, "auth"))
             }
-            input type="hidden" name="transport" value="smtp";
+            label for="transport" { "Send through" }
+            select #transport name="transport" {
+                option value="smtp" selected[form.transport != "graph"] { "SMTP with OAuth (SMTP.Send) — the tenant allows SMTP AUTH" }
+                option value="graph" selected[form.transport == "graph"] { "Microsoft Graph (Mail.Send) — the tenant keeps SMTP AUTH off" }
+            }
+            p.help { "Choose SMTP where the tenant allows authenticated SMTP (it is off by default in new tenants; Exchange then answers 535 5.7.139). Choose Microsoft Graph where it stays off: the same message goes through Graph's sendMail. Graph needs the Mail.Send, Mail.Send.Shared and Mail.ReadWrite permissions and a new Connect after switching. Host, port and security apply to SMTP only." }
             (field_error(errors, "transport"))
             label for="send_as" { "Send as" }
             select #send_as name="send_as" {
@@ -484,9 +489,23 @@ async fn update(
         }
         Ok(input) => {
             let owner = server.owner_user_id;
+            let transport_before = server.transport.clone();
             match servers::save(ctx.db(), Some(server), input, kind, owner).await {
                 Ok(saved) => {
                     shared.server_changed(saved.id);
+                    if saved.transport != transport_before {
+                        // A hold of the old transport (SMTP AUTH disabled, Graph denied...)
+                        // says nothing of the new one: its waiting mail is tried again.
+                        let shared = shared.clone().into_inner();
+                        let _ = crate::delivery::health::release(
+                            &ctx,
+                            &shared,
+                            saved.id,
+                            Some(&TRANSPORT_HOLDS),
+                            crate::delivery::health::Release::Forced,
+                        )
+                        .await;
+                    }
                     see_other(&format!("{}?saved=1", server_url(&saved)))
                 }
                 Err(e) => db_down(&ctx, &user, e),
@@ -494,6 +513,21 @@ async fn update(
         }
     }
 }
+
+/// The holds that belong to one transport and end when a server switches to the other.
+const TRANSPORT_HOLDS: [crate::delivery::classify::HoldReason; 8] = {
+    use crate::delivery::classify::HoldReason as R;
+    [
+        R::TokenRefused,
+        R::SmtpAuthDisabled,
+        R::NoUsableAuth,
+        R::ServerRefused,
+        R::TlsRefused,
+        R::GraphAccessDenied,
+        R::NotExchangeOnline,
+        R::MailboxFull,
+    ]
+};
 
 async fn delete(
     ctx: web::Data<ModuleContext>,

@@ -254,6 +254,7 @@ pub async fn verify(ctx: &ModuleContext, http: &oauth2::reqwest::Client) -> Opti
             redirect_uri: &redirect_uri,
             verifier: PROBE_VERIFIER,
         },
+        crate::settings::Resource::Outlook,
     )
     .await;
     let code_text = |code: Option<u32>| code.map(|c| format!("AADSTS{c}"));

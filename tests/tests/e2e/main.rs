@@ -7,6 +7,7 @@ mod connect;
 mod console;
 mod foundation;
 mod fuzz;
+mod graph;
 mod health;
 #[allow(dead_code)] // shared by every suite; not each suite uses each helper
 mod helpers;

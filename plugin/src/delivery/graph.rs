@@ -1,0 +1,342 @@
+//! The Microsoft Graph side of the transport seam: each message goes as
+//! `POST {graph}/v1.0/{me|users/{mailbox}}/sendMail` with the same RFC 5322 bytes the SMTP path
+//! sends (base64, `Content-Type: text/plain`), `202 Accepted` meaning sent. A batch goes over
+//! at most [`CONNECTIONS_PER_MAILBOX`] requests at once, counted across processes by the
+//! mailbox's sending slots (Graph allows 4 per mailbox). sendMail is not idempotent: a message
+//! tried before is first looked for in the mailbox's Sent Items by its `internetMessageId`, and
+//! recorded as sent when it is there. Source: MICROSOFT.md › Microsoft Graph mail.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use futures::future::BoxFuture;
+use secrecy::ExposeSecret;
+
+use crate::delivery::classify::Level;
+use crate::delivery::graph_replies::{self, GraphReply};
+use crate::delivery::smtp::{CONNECTIONS_PER_MAILBOX, SendOutcome, SmtpSender};
+use crate::delivery::transport::{Batch, BatchResult, MessageResult, Prepared, Stop, Transport};
+use crate::settings::OutlookSettings;
+
+/// Graph's limit of one request's body, in bytes (MICROSOFT.md: 4 MB).
+pub const GRAPH_REQUEST_LIMIT: usize = 4 * 1024 * 1024;
+
+/// How long one request may take before its answer counts as lost.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a message waits for a free sending slot before the rest of the batch waits in the
+/// queue instead.
+const SLOT_WAIT: Duration = Duration::from_secs(20);
+
+/// Sends through Microsoft Graph.
+pub struct GraphSender {
+    http: reqwest::Client,
+    slots: std::sync::Arc<SmtpSender>,
+}
+
+/// What one request came to.
+enum Answer {
+    /// `202 Accepted`, or found in Sent Items.
+    Sent(String),
+    /// A Graph error answer.
+    Refused(GraphReply),
+    /// Nothing was sent (the connection was not made).
+    Unreachable(String),
+    /// Sent, but no answer came: it may have been taken.
+    Unknown(String),
+}
+
+impl GraphSender {
+    /// A sender whose requests share `slots`' per-mailbox sending slots.
+    pub fn new(slots: std::sync::Arc<SmtpSender>) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(Duration::from_secs(10))
+            .tcp_nodelay(true)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap_or_default();
+        Self { http, slots }
+    }
+
+    /// `{graph}/v1.0/users/{mailbox}`: the server's mailbox by address, whoever signed in (the
+    /// mailbox itself, a delegate with `Mail.Send.Shared`, or the app with an app-only token).
+    fn mailbox_url(base: &str, mailbox: &str) -> String {
+        format!(
+            "{base}/v1.0/users/{}",
+            url::form_urlencoded::byte_serialize(mailbox.as_bytes()).collect::<String>()
+        )
+    }
+
+    /// Whether `message_id` is in the mailbox's Sent Items (`$filter=internetMessageId eq`).
+    async fn in_sent_items(&self, url: &str, batch: &Batch<'_>, message_id: &str) -> Answer {
+        let filter = format!(
+            "internetMessageId eq '<{}>'",
+            message_id.replace('\'', "''")
+        );
+        let response = self
+            .http
+            .get(format!("{url}/mailFolders/SentItems/messages"))
+            .query(&[
+                ("$filter", filter.as_str()),
+                ("$select", "id,internetMessageId"),
+            ])
+            .bearer_auth(batch.token.token.expose_secret())
+            .send()
+            .await;
+        match response {
+            Ok(r) if r.status().is_success() => {
+                let found = r
+                    .json::<serde_json::Value>()
+                    .await
+                    .ok()
+                    .and_then(|v| v["value"].as_array().map(|a| !a.is_empty()))
+                    .unwrap_or(false);
+                if found {
+                    Answer::Sent("found in Sent Items (sent by an earlier attempt)".into())
+                } else {
+                    Answer::Sent(String::new())
+                }
+            }
+            Ok(r) => Answer::Refused(reply_of(r).await),
+            Err(e) if e.is_connect() => Answer::Unreachable(e.to_string()),
+            Err(e) => Answer::Unknown(e.to_string()),
+        }
+    }
+
+    /// Sends one message (after looking for it in Sent Items if it was tried before).
+    async fn send_one(&self, url: &str, batch: &Batch<'_>, message: &Prepared) -> Answer {
+        if message.attempts > 1 {
+            match self.in_sent_items(url, batch, &message.message_id).await {
+                Answer::Sent(found) if !found.is_empty() => return Answer::Sent(found),
+                Answer::Sent(_) => {}
+                other => return other,
+            }
+        }
+        let body = base64::engine::general_purpose::STANDARD.encode(message.raw.as_bytes());
+        if body.len() > GRAPH_REQUEST_LIMIT {
+            return Answer::Refused(GraphReply {
+                status: 413,
+                code: "ErrorMessageSizeExceeded".into(),
+                message: format!(
+                    "the message is {} bytes in base64, over Graph's {GRAPH_REQUEST_LIMIT}-byte request limit; send it over SMTP",
+                    body.len()
+                ),
+                retry_after_secs: None,
+            });
+        }
+        let response = self
+            .http
+            .post(format!("{url}/sendMail"))
+            .bearer_auth(batch.token.token.expose_secret())
+            .header("content-type", "text/plain")
+            .body(body)
+            .send()
+            .await;
+        match response {
+            Ok(r) if r.status().as_u16() == 202 => Answer::Sent("202 Accepted".into()),
+            Ok(r) => Answer::Refused(reply_of(r).await),
+            Err(e) if e.is_connect() => Answer::Unreachable(e.to_string()),
+            Err(e) => Answer::Unknown(e.to_string()),
+        }
+    }
+}
+
+/// Graph's error answer: status, `error.code`, `error.message`, `Retry-After`.
+async fn reply_of(response: reqwest::Response) -> GraphReply {
+    let status = response.status().as_u16();
+    let retry_after_secs = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<i64>().ok());
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    GraphReply {
+        status,
+        code: body["error"]["code"].as_str().unwrap_or("").to_string(),
+        message: body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .chars()
+            .take(300)
+            .collect(),
+        retry_after_secs,
+    }
+}
+
+/// The batch's shared progress: the next message, the results, the stop.
+struct Progress {
+    next: AtomicUsize,
+    results: Mutex<Vec<MessageResult>>,
+    stop: Mutex<Option<Stop>>,
+}
+
+impl Progress {
+    fn stopped(&self) -> bool {
+        self.stop
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    fn stop(&self, why: Stop) {
+        let mut stop = self.stop.lock().unwrap_or_else(|e| e.into_inner());
+        if stop.is_none() {
+            *stop = Some(why);
+        }
+    }
+
+    fn set(&self, batch: &Batch<'_>, index: usize, result: MessageResult) {
+        let _ = batch
+            .report
+            .send((batch.messages[index].id, result.clone()));
+        self.results.lock().unwrap_or_else(|e| e.into_inner())[index] = result;
+    }
+}
+
+/// What an answer means for the message and the batch.
+fn settle(batch: &Batch<'_>, progress: &Progress, index: usize, answer: Answer) {
+    let message = &batch.messages[index];
+    match answer {
+        Answer::Sent(reply) => progress.set(batch, index, MessageResult::Sent(reply)),
+        Answer::Refused(reply) if reply.refused_token() && !batch.token.refreshed => {
+            progress.stop(Stop::TokenRefused);
+        }
+        Answer::Refused(reply) => {
+            let verdict = graph_replies::classify(&reply, &batch.server.mailbox, &message.from);
+            match verdict.level {
+                Level::MailFails | Level::MailRetries => progress.set(
+                    batch,
+                    index,
+                    MessageResult::Refused {
+                        verdict,
+                        reply: Some(reply.text()),
+                    },
+                ),
+                Level::MailboxHeld(_) | Level::MailboxThrottled => progress.stop(Stop::Mailbox {
+                    verdict,
+                    reply: Some(reply.text()),
+                }),
+            }
+        }
+        Answer::Unreachable(detail) => {
+            let verdict = graph_replies::unreachable(&detail);
+            progress.stop(Stop::Unreachable {
+                verdict: verdict.clone(),
+            });
+            progress.set(
+                batch,
+                index,
+                MessageResult::Refused {
+                    verdict,
+                    reply: None,
+                },
+            );
+        }
+        Answer::Unknown(detail) => {
+            let verdict = graph_replies::unknown(&detail);
+            progress.set(
+                batch,
+                index,
+                MessageResult::Refused {
+                    verdict,
+                    reply: None,
+                },
+            );
+        }
+    }
+}
+
+/// One sending slot's share of the batch: the next message until none is left or the batch
+/// stopped; only one message when `once`.
+async fn lane(sender: &GraphSender, url: &str, batch: &Batch<'_>, progress: &Progress, once: bool) {
+    let slot = match sender
+        .slots
+        .mailbox_slot(batch.ctx, batch.server.id, Instant::now() + SLOT_WAIT)
+        .await
+    {
+        Ok(slot) => slot,
+        Err(SendOutcome::Busy(_)) => {
+            progress.stop(Stop::Busy);
+            return;
+        }
+        Err(_) => {
+            progress.stop(Stop::Halted);
+            return;
+        }
+    };
+    loop {
+        if progress.stopped() {
+            return;
+        }
+        if slot.lost() || batch.halt.load(Ordering::SeqCst) || batch.stopping.load(Ordering::SeqCst)
+        {
+            progress.stop(Stop::Halted);
+            return;
+        }
+        let index = progress.next.fetch_add(1, Ordering::SeqCst);
+        let Some(message) = batch.messages.get(index) else {
+            return;
+        };
+        let Some(turn) = batch.turn().await else {
+            progress.stop(Stop::Halted);
+            return;
+        };
+        let answer = sender.send_one(url, batch, message).await;
+        settle(batch, progress, index, answer);
+        if !matches!(
+            progress.results.lock().unwrap_or_else(|e| e.into_inner())[index],
+            MessageResult::NotTried
+        ) {
+            // Reported: the drain gives the turn back once the outcome is written.
+            turn.forget();
+        }
+        if once {
+            return;
+        }
+    }
+}
+
+impl Transport for GraphSender {
+    fn send<'a>(&'a self, batch: Batch<'a>) -> BoxFuture<'a, BatchResult> {
+        Box::pin(async move {
+            let count = batch.messages.len();
+            let progress = Progress {
+                next: AtomicUsize::new(0),
+                results: Mutex::new(vec![MessageResult::NotTried; count]),
+                stop: Mutex::new(None),
+            };
+            let Ok(settings) = OutlookSettings::load(batch.ctx).await else {
+                // The token step checks the settings first; should they go meanwhile, wait.
+                progress.stop(Stop::Halted);
+                return BatchResult {
+                    results: vec![MessageResult::NotTried; count],
+                    stop: Some(Stop::Halted),
+                };
+            };
+            let url = Self::mailbox_url(
+                settings.graph_url.trim_end_matches('/'),
+                &batch.server.mailbox,
+            );
+            // One message first: the others fan out only once Graph was reached.
+            lane(self, &url, &batch, &progress, true).await;
+            let lanes = Ord::min(CONNECTIONS_PER_MAILBOX, count.saturating_sub(1));
+            futures::future::join_all(
+                (0..lanes).map(|_| lane(self, &url, &batch, &progress, false)),
+            )
+            .await;
+            BatchResult {
+                results: progress
+                    .results
+                    .into_inner()
+                    .unwrap_or_else(|e| e.into_inner()),
+                stop: progress
+                    .stop
+                    .into_inner()
+                    .unwrap_or_else(|e| e.into_inner()),
+            }
+        })
+    }
+}

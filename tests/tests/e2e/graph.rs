@@ -1,0 +1,266 @@
+//! Sending through Microsoft Graph where SMTP AUTH is off: the same message bytes as SMTP,
+//! Graph tokens from the same connection flow, each Graph answer at its level, and no mail
+//! sent twice when Graph's answer is lost.
+
+use crate::connect::{Env, MAILBOX, connect_through, env};
+use crate::helpers::{ALICE, Browser, eventually};
+use crate::send::{
+    Mailing, mailing, mails_path, point_server_at, queue, row, settings, wait_held, wait_status,
+};
+use crm_sdk::Clock;
+use microsoft_outlook::entities::{mailbox_health, outbox_body};
+use microsoft_simulators::graph::{GraphFault, GraphServer};
+use microsoft_simulators::smtp::{Injected, SmtpConfig, SmtpServer, Stage};
+use reqwest::StatusCode;
+use sea_orm::EntityTrait;
+use serde_json::json;
+use std::time::Duration;
+
+struct GraphMailing {
+    env: Env,
+    graph: GraphServer,
+    alice: Browser,
+    contact: i64,
+}
+
+/// Switches `env`'s server to Graph (the simulated one) and connects it.
+async fn to_graph(env: &Env, smtp: &SmtpServer, graph: &GraphServer) {
+    point_server_at(env, smtp, &[("transport", "graph")]).await;
+    let url = graph.base_url();
+    settings(
+        env,
+        &[
+            ("mailbox_rate_per_minute", "0"),
+            ("graph_url", url.as_str()),
+        ],
+    )
+    .await;
+    let (status, page, _) = connect_through(&env.admin, env.server_id).await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "{page}");
+}
+
+async fn graph_mailing() -> GraphMailing {
+    let env = env().await;
+    // An SMTP server only for the form's host and port: a Graph server never connects to it.
+    let smtp = SmtpServer::start(SmtpConfig::default())
+        .await
+        .expect("smtp");
+    let graph = GraphServer::start(env.idp.graph_validator())
+        .await
+        .expect("graph");
+    to_graph(&env, &smtp, &graph).await;
+    let contact = crm_host::seed::create_contact(
+        &env.app.db,
+        "Dana Fabrikam",
+        Some("dana@fabrikam.example"),
+        Some("Fabrikam"),
+        env.app.alice_id,
+        false,
+    )
+    .await
+    .expect("contact");
+    let alice = env.app.signed_in(ALICE).await;
+    GraphMailing {
+        env,
+        graph,
+        alice,
+        contact,
+    }
+}
+
+async fn queue_graph(m: &GraphMailing, subject: &str) -> i64 {
+    let (status, body) = m
+        .alice
+        .post_json(
+            &mails_path(m.contact),
+            &json!({"to": "Dana <dana@fabrikam.example>", "subject": subject, "markdown_body": "Hello **Dana**",
+                    "attachments": [{"filename": "Préavis.pdf", "content_base64": "JVBERi0xLjcKJeLjz9MK"}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    body["id"].as_i64().expect("id")
+}
+
+fn advance(m: &GraphMailing, secs: i64) {
+    m.env.app.clock.advance(chrono::Duration::seconds(secs));
+}
+
+async fn health_state(m: &GraphMailing) -> Option<(String, Option<String>)> {
+    mailbox_health::Entity::find_by_id(m.env.server_id)
+        .one(&m.env.app.db)
+        .await
+        .expect("query")
+        .map(|h| (h.state, h.reason))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mail_over_graph_carries_the_bytes_smtp_would_send() {
+    let m = graph_mailing().await;
+    // The connect flow asked for Graph's scopes, and the token is Graph's.
+    let requests = m.env.idp.token_requests();
+    let code = requests
+        .iter()
+        .rev()
+        .find(|r| r.grant_type == "authorization_code")
+        .expect("a code exchange");
+    let scope = code.scope.clone().unwrap_or_default();
+    assert!(
+        scope.contains("https://graph.microsoft.com/Mail.Send"),
+        "{scope}"
+    );
+    assert!(
+        !scope.contains("SMTP.Send"),
+        "one resource per token: {scope}"
+    );
+    let id = queue_graph(&m, "Through Graph").await;
+    let mail = wait_status(&m.env.app, id, "sent").await;
+    let sent = m.graph.sent_items(MAILBOX);
+    assert_eq!(sent.len(), 1);
+    let stored = outbox_body::Entity::find_by_id(id)
+        .one(&m.env.app.db)
+        .await
+        .expect("query")
+        .expect("the text is kept");
+    assert!(
+        sent[0].mime == stored.raw.as_bytes(),
+        "Graph got the very RFC 5322 bytes the SMTP path sends"
+    );
+    assert_eq!(
+        sent[0].internet_message_id.as_deref(),
+        Some(mail.message_id.as_str())
+    );
+    assert_eq!(mail.last_reply.as_deref(), Some("202 Accepted"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graph_answers_land_at_their_level() {
+    let m = graph_mailing().await;
+    // 400 ErrorInvalidRecipients: this mail fails; the mailbox stays ready.
+    m.graph.inject(GraphFault::InvalidRecipients, 1);
+    let id = queue_graph(&m, "Bad recipients").await;
+    let failed = wait_status(&m.env.app, id, "failed").await;
+    assert!(
+        failed
+            .last_error
+            .unwrap_or_default()
+            .contains("ErrorInvalidRecipients"),
+        "the reply is kept"
+    );
+    assert_ne!(health_state(&m).await.map(|h| h.0).as_deref(), Some("held"));
+    // 503: the mail is tried again later and goes out.
+    m.graph.inject(GraphFault::ServiceUnavailable, 1);
+    let id = queue_graph(&m, "Graph busy").await;
+    let again = wait_status(&m.env.app, id, "queued").await;
+    assert_eq!(again.attempts, 1);
+    advance(&m, 3600);
+    wait_status(&m.env.app, id, "sent").await;
+    // 401 InvalidAuthenticationToken: refreshed once, then sent.
+    let refreshes = |m: &GraphMailing| {
+        m.env
+            .idp
+            .token_requests()
+            .iter()
+            .filter(|r| r.grant_type == "refresh_token")
+            .count()
+    };
+    let before = refreshes(&m);
+    m.graph.inject(GraphFault::TokenExpired, 1);
+    let id = queue_graph(&m, "Stale token").await;
+    wait_status(&m.env.app, id, "sent").await;
+    assert_eq!(refreshes(&m), before + 1);
+    // 403 ErrorAccessDenied: the mailbox is held, the mail waits without spending attempts.
+    m.graph.inject(GraphFault::AccessDenied, 1);
+    let id = queue_graph(&m, "Denied").await;
+    wait_held(&m.env.app, m.env.server_id, "graph_access_denied").await;
+    let waiting = row(&m.env.app, id).await;
+    assert_eq!((waiting.status.as_str(), waiting.attempts), ("queued", 0));
+    assert!(
+        waiting.last_error.unwrap_or_default().contains("Mail.Send"),
+        "the admin step in words"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_429_is_honoured_and_a_mailbox_that_is_not_exchange_online_is_held() {
+    let m = graph_mailing().await;
+    m.graph.inject(
+        GraphFault::Throttled {
+            retry_after_secs: 120,
+        },
+        1,
+    );
+    let id = queue_graph(&m, "Throttled").await;
+    let app = &m.env.app;
+    eventually("the mailbox to be throttled", || async {
+        health_state(&m).await.map(|h| h.0).as_deref() == Some("throttled")
+    })
+    .await;
+    let waiting = wait_status(app, id, "queued").await;
+    assert_eq!(waiting.attempts, 0, "a throttle spends no attempt");
+    assert!(
+        waiting.next_attempt_at >= app.clock.now() + chrono::Duration::seconds(100),
+        "Retry-After (120 s) is honoured"
+    );
+    advance(&m, 121);
+    wait_status(app, id, "sent").await;
+    m.graph.inject(GraphFault::MailboxNotEnabledForRestApi, 1);
+    let id = queue_graph(&m, "Not Exchange Online").await;
+    wait_held(app, m.env.server_id, "not_exchange_online").await;
+    assert_eq!(row(app, id).await.status, "queued");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mail_graph_took_without_answering_is_found_in_sent_items_not_sent_twice() {
+    let m = graph_mailing().await;
+    m.graph.inject(
+        GraphFault::TimeoutAfterAccepting {
+            hold: Duration::from_millis(300),
+        },
+        1,
+    );
+    let id = queue_graph(&m, "Lost answer").await;
+    let unknown = wait_status(&m.env.app, id, "queued").await;
+    assert_eq!(unknown.attempts, 1);
+    assert!(
+        unknown
+            .last_error
+            .unwrap_or_default()
+            .contains("Sent Items"),
+        "the author is told it is checked before sending again"
+    );
+    advance(&m, 3600);
+    let sent = wait_status(&m.env.app, id, "sent").await;
+    assert!(
+        sent.last_reply.unwrap_or_default().contains("Sent Items"),
+        "recorded as sent from Sent Items"
+    );
+    let counts = m.graph.count_by_message_id();
+    assert_eq!(counts.get(&sent.message_id), Some(&1), "sent once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mailbox_held_for_smtp_auth_disabled_switched_to_graph_sends_its_waiting_mail() {
+    let Mailing {
+        env,
+        smtp,
+        alice,
+        contact,
+    } = mailing().await;
+    smtp.inject(Injected::Reply { stage: Stage::Auth, reply: "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information.".into() }, 10);
+    let m = Mailing {
+        env,
+        smtp,
+        alice,
+        contact,
+    };
+    let id = queue(&m, "Waits for Graph").await;
+    wait_held(&m.env.app, m.env.server_id, "smtp_auth_disabled").await;
+    let graph = GraphServer::start(m.env.idp.graph_validator())
+        .await
+        .expect("graph");
+    to_graph(&m.env, &m.smtp, &graph).await;
+    let sent = wait_status(&m.env.app, id, "sent").await;
+    assert_eq!(sent.attempts, 1, "the hold spent no attempt");
+    assert_eq!(graph.sent_items(MAILBOX).len(), 1);
+    assert_eq!(m.smtp.received_count(), 0);
+}
