@@ -264,3 +264,43 @@ async fn a_mailbox_held_for_smtp_auth_disabled_switched_to_graph_sends_its_waiti
     assert_eq!(graph.sent_items(MAILBOX).len(), 1);
     assert_eq!(m.smtp.received_count(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mail_over_graphs_request_limit_goes_as_a_draft_with_an_upload_session() {
+    use base64::Engine;
+    let m = graph_mailing().await;
+    let big: Vec<u8> = (0..10_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let small = b"Terms and conditions".to_vec();
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let (status, body) = m
+        .alice
+        .post_json(
+            &mails_path(m.contact),
+            &json!({"to": "dana@fabrikam.example", "subject": "The scans", "markdown_body": "Ten megabytes of scans.",
+                    "attachments": [
+                        {"filename": "Scans März.pdf", "content_type": "application/pdf", "content_base64": b64(&big)},
+                        {"filename": "terms.txt", "content_base64": b64(&small)},
+                    ]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let id = body["id"].as_i64().expect("id");
+    let mail = wait_status(&m.env.app, id, "sent").await;
+    let sent = m.graph.sent_items(MAILBOX);
+    assert_eq!(sent.len(), 1);
+    let item = &sent[0];
+    assert_eq!(item.via, microsoft_simulators::graph::SendPath::DraftSend);
+    assert_eq!(
+        item.internet_message_id.as_deref(),
+        Some(mail.message_id.as_str()),
+        "the draft keeps the Message-ID"
+    );
+    let files: Vec<(&str, &[u8])> = item
+        .attachments
+        .iter()
+        .map(|(name, _, bytes)| (name.as_str(), bytes.as_slice()))
+        .collect();
+    assert_eq!(files.len(), 2, "{:?}", files.iter().map(|f| f.0).collect::<Vec<_>>());
+    assert!(files.contains(&("Scans März.pdf", big.as_slice())), "the 10 MB file, byte for byte");
+    assert!(files.contains(&("terms.txt", small.as_slice())));
+}
