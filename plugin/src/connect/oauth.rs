@@ -135,10 +135,14 @@ fn state_failure(ctx: &ModuleContext, user: &CurrentUser, what: &str) -> HttpRes
 #[derive(Deserialize)]
 struct ConnectForm {
     server: Option<String>,
+    /// `graph`: switch the server to Microsoft Graph first (the held-for-5.7.139 button), so
+    /// that this sign-in grants Graph's permissions.
+    switch_to: Option<String>,
 }
 
 async fn connect(
     ctx: web::Data<ModuleContext>,
+    shared: web::Data<crate::runtime::Shared>,
     user: CurrentUser,
     form: web::Form<ConnectForm>,
 ) -> HttpResponse {
@@ -163,6 +167,23 @@ async fn connect(
     let settings = match OutlookSettings::load(&ctx).await {
         Ok(s) => s,
         Err(problem) => return not_configured_page(&ctx, &user, &problem),
+    };
+    let server = match form.switch_to.as_deref() {
+        Some("graph") if server.transport != "graph" => {
+            let shared = shared.into_inner();
+            match crate::web::servers::switch_transport(&ctx, &shared, server, "graph").await {
+                Ok(switched) => switched,
+                Err(e) => {
+                    tracing::error!(error = %e, "switching the server to Graph failed");
+                    return state_failure(
+                        &ctx,
+                        &user,
+                        "The server could not be switched to Microsoft Graph: the database did not answer. Nothing changed; try again.",
+                    );
+                }
+            }
+        }
+        _ => server,
     };
     let redirect_uri = ctx.public_url(CONFIRM_PATH);
     let (auth_url, redirect) = match (

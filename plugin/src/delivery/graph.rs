@@ -239,9 +239,10 @@ impl GraphSender {
         {
             Ok(r) if r.status().is_success() => {
                 let v: serde_json::Value = r.json().await.unwrap_or_default();
-                v["uploadUrl"].as_str().map(str::to_string).ok_or_else(|| {
-                    Answer::Unknown("the upload session has no uploadUrl".into())
-                })?
+                v["uploadUrl"]
+                    .as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| Answer::Unknown("the upload session has no uploadUrl".into()))?
             }
             Ok(r) => return Err(Answer::Refused(reply_of(r).await)),
             Err(e) if e.is_connect() => return Err(Answer::Unreachable(e.to_string())),
@@ -550,8 +551,14 @@ mod tests {
             .multipart(
                 MultiPart::mixed()
                     .singlepart(SinglePart::plain("Hello".to_string()))
-                    .singlepart(Attachment::new("Grüße.pdf".into()).body(pdf.clone(), ContentType::parse("application/pdf").expect("pdf")))
-                    .singlepart(Attachment::new("b.txt".into()).body(b"two".to_vec(), ContentType::TEXT_PLAIN)),
+                    .singlepart(Attachment::new("Grüße.pdf".into()).body(
+                        pdf.clone(),
+                        ContentType::parse("application/pdf").expect("pdf"),
+                    ))
+                    .singlepart(
+                        Attachment::new("b.txt".into())
+                            .body(b"two".to_vec(), ContentType::TEXT_PLAIN),
+                    ),
             )
             .expect("message");
         let raw = String::from_utf8(message.formatted()).expect("ascii");

@@ -103,6 +103,17 @@ pub fn status_block(
                     @if *health == Health::Ready && waiting > 0 { p.help { (waiting) " mail(s) queued." } }
                 }
             }
+            @if server.transport != "graph"
+                && matches!(health, Health::Held { reason: crate::delivery::classify::HoldReason::SmtpAuthDisabled, .. })
+                && servers::may_manage(user, server) {
+                form.inline method="post" action="/microsoft_outlook/connect" {
+                    (csrf(user))
+                    input type="hidden" name="server" value=(server.id);
+                    input type="hidden" name="switch_to" value="graph";
+                    button type="submit" { "Switch this server to Microsoft Graph" }
+                    span.help { " The tenant keeps SMTP AUTH off: send this mailbox's mail through Graph's sendMail instead. You sign in at Microsoft once more to grant Mail.Send; the waiting mail then goes out." }
+                }
+            }
             @if user.is_admin && *health != Health::Ready {
                 form.inline method="post" action=(format!("{}/retry", server_url(server))) {
                     (csrf(user))
@@ -494,17 +505,8 @@ async fn update(
                 Ok(saved) => {
                     shared.server_changed(saved.id);
                     if saved.transport != transport_before {
-                        // A hold of the old transport (SMTP AUTH disabled, Graph denied...)
-                        // says nothing of the new one: its waiting mail is tried again.
                         let shared = shared.clone().into_inner();
-                        let _ = crate::delivery::health::release(
-                            &ctx,
-                            &shared,
-                            saved.id,
-                            Some(&TRANSPORT_HOLDS),
-                            crate::delivery::health::Release::Forced,
-                        )
-                        .await;
+                        let _ = servers::transport_switched(&ctx, &shared, saved.id).await;
                     }
                     see_other(&format!("{}?saved=1", server_url(&saved)))
                 }
@@ -513,21 +515,6 @@ async fn update(
         }
     }
 }
-
-/// The holds that belong to one transport and end when a server switches to the other.
-const TRANSPORT_HOLDS: [crate::delivery::classify::HoldReason; 8] = {
-    use crate::delivery::classify::HoldReason as R;
-    [
-        R::TokenRefused,
-        R::SmtpAuthDisabled,
-        R::NoUsableAuth,
-        R::ServerRefused,
-        R::TlsRefused,
-        R::GraphAccessDenied,
-        R::NotExchangeOnline,
-        R::MailboxFull,
-    ]
-};
 
 async fn delete(
     ctx: web::Data<ModuleContext>,

@@ -1,7 +1,7 @@
 //! Mail servers: the input an operator or user gives, validated into a server to store.
 
 use chrono::Utc;
-use crm_sdk::{CurrentUser, FieldError};
+use crm_sdk::{CurrentUser, FieldError, ModuleContext};
 use lettre::Address;
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder,
@@ -9,6 +9,7 @@ use sea_orm::{
 };
 use serde::Deserialize;
 
+use crate::delivery::classify::HoldReason;
 use crate::entities::mail_server;
 
 /// Who a server belongs to.
@@ -408,6 +409,53 @@ pub async fn save(
             .exec(db)
             .await?;
     }
+    Ok(saved)
+}
+
+/// The holds that belong to one transport and end when a server switches to the other.
+pub const TRANSPORT_HOLDS: [HoldReason; 8] = [
+    HoldReason::TokenRefused,
+    HoldReason::SmtpAuthDisabled,
+    HoldReason::NoUsableAuth,
+    HoldReason::ServerRefused,
+    HoldReason::TlsRefused,
+    HoldReason::GraphAccessDenied,
+    HoldReason::NotExchangeOnline,
+    HoldReason::MailboxFull,
+];
+
+/// After `server_id`'s transport changed: a hold of the old transport (SMTP AUTH disabled,
+/// Graph denied...) says nothing of the new one, so it ends and the waiting mail is tried.
+pub async fn transport_switched(
+    ctx: &ModuleContext,
+    shared: &std::sync::Arc<crate::runtime::Shared>,
+    server_id: i32,
+) -> Result<bool, DbErr> {
+    shared.server_changed(server_id);
+    crate::delivery::health::release(
+        ctx,
+        shared,
+        server_id,
+        Some(&TRANSPORT_HOLDS),
+        crate::delivery::health::Release::Forced,
+    )
+    .await
+}
+
+/// Sets `server`'s transport to `transport` (`smtp` or `graph`) and ends the old transport's
+/// hold; the server as saved.
+pub async fn switch_transport(
+    ctx: &ModuleContext,
+    shared: &std::sync::Arc<crate::runtime::Shared>,
+    server: mail_server::Model,
+    transport: &str,
+) -> Result<mail_server::Model, DbErr> {
+    let id = server.id;
+    let mut model: mail_server::ActiveModel = server.into();
+    model.transport = Set(transport.to_string());
+    model.updated_at = Set(Utc::now());
+    let saved = model.update(ctx.db()).await?;
+    transport_switched(ctx, shared, id).await?;
     Ok(saved)
 }
 

@@ -258,7 +258,48 @@ async fn a_mailbox_held_for_smtp_auth_disabled_switched_to_graph_sends_its_waiti
     let graph = GraphServer::start(m.env.idp.graph_validator())
         .await
         .expect("graph");
-    to_graph(&m.env, &m.smtp, &graph).await;
+    let url = graph.base_url();
+    settings(
+        &m.env,
+        &[
+            ("mailbox_rate_per_minute", "0"),
+            ("graph_url", url.as_str()),
+        ],
+    )
+    .await;
+    // The held server's page offers the switch; one click switches and starts the sign-in
+    // that grants Graph's permissions.
+    let server_page = format!("/microsoft_outlook/servers/{}", m.env.server_id);
+    let (_, page, _) = m.env.admin.get(&server_page).await;
+    assert!(
+        page.contains("Switch this server to Microsoft Graph"),
+        "{page}"
+    );
+    let (status, page, location) = m
+        .env
+        .admin
+        .post_form(
+            "/microsoft_outlook/connect",
+            &[
+                ("server", &m.env.server_id.to_string()),
+                ("switch_to", "graph"),
+            ],
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "{page}");
+    let authorize_url = url::Url::parse(&location.expect("Location")).expect("url");
+    let scope: String = authorize_url
+        .query_pairs()
+        .find(|(k, _)| k == "scope")
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default();
+    assert!(
+        scope.contains("https://graph.microsoft.com/Mail.Send"),
+        "{scope}"
+    );
+    let callback = crate::connect::authorize(&authorize_url).await;
+    let (status, page, _) = m.env.admin.get(&callback).await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "{page}");
     let sent = wait_status(&m.env.app, id, "sent").await;
     assert_eq!(sent.attempts, 1, "the hold spent no attempt");
     assert_eq!(graph.sent_items(MAILBOX).len(), 1);
@@ -269,7 +310,9 @@ async fn a_mailbox_held_for_smtp_auth_disabled_switched_to_graph_sends_its_waiti
 async fn a_mail_over_graphs_request_limit_goes_as_a_draft_with_an_upload_session() {
     use base64::Engine;
     let m = graph_mailing().await;
-    let big: Vec<u8> = (0..10_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let big: Vec<u8> = (0..10_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     let small = b"Terms and conditions".to_vec();
     let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
     let (status, body) = m
@@ -300,7 +343,15 @@ async fn a_mail_over_graphs_request_limit_goes_as_a_draft_with_an_upload_session
         .iter()
         .map(|(name, _, bytes)| (name.as_str(), bytes.as_slice()))
         .collect();
-    assert_eq!(files.len(), 2, "{:?}", files.iter().map(|f| f.0).collect::<Vec<_>>());
-    assert!(files.contains(&("Scans März.pdf", big.as_slice())), "the 10 MB file, byte for byte");
+    assert_eq!(
+        files.len(),
+        2,
+        "{:?}",
+        files.iter().map(|f| f.0).collect::<Vec<_>>()
+    );
+    assert!(
+        files.contains(&("Scans März.pdf", big.as_slice())),
+        "the 10 MB file, byte for byte"
+    );
     assert!(files.contains(&("terms.txt", small.as_slice())));
 }
