@@ -300,10 +300,13 @@ impl GraphSender {
     }
 }
 
+/// A file taken out of a message: name, content type, decoded bytes.
+pub type File = (String, String, Vec<u8>);
+
 /// The files of a message and the message without them: the draft's MIME stays under Graph's
 /// request limit, and each file goes on its own (MICROSOFT.md: a draft, its attachments, then
 /// send). A file is (name, content type, decoded bytes).
-pub fn split_files(raw: &str) -> Option<(String, Vec<(String, String, Vec<u8>)>)> {
+pub fn split_files(raw: &str) -> Option<(String, Vec<File>)> {
     use mail_parser::{MessageParser, MimeHeaders};
     let message = MessageParser::default().parse(raw.as_bytes())?;
     let mut cuts: Vec<(usize, usize)> = Vec::new();
