@@ -273,6 +273,8 @@ struct State {
     usage: HashMap<String, Usage>,
     rate_limit: (usize, Duration),
     max_message_bytes: Option<usize>,
+    /// How long each request under `/v1.0` takes once admitted.
+    processing: Duration,
     drafts: HashMap<String, Draft>,
     sessions: HashMap<String, UploadSession>,
     sent: Vec<GraphSentMail>,
@@ -336,6 +338,7 @@ impl GraphServer {
                 usage: HashMap::new(),
                 rate_limit: (MAX_REQUESTS_PER_WINDOW, REQUEST_WINDOW),
                 max_message_bytes: Some(crate::smtp::EXCHANGE_MAX_MESSAGE_BYTES),
+                processing: Duration::ZERO,
                 drafts: HashMap::new(),
                 sessions: HashMap::new(),
                 sent: Vec::new(),
@@ -391,6 +394,12 @@ impl GraphServer {
     /// nothing is kept.
     pub fn set_down(&self, down: bool) {
         self.shared.state().down = down;
+    }
+
+    /// Makes each admitted request take `each` before it is answered (real Graph takes tens to
+    /// hundreds of milliseconds), so that concurrent requests overlap; default none.
+    pub fn set_processing_time(&self, each: Duration) {
+        self.shared.state().processing = each;
     }
 
     /// Allows `requests` per mailbox in `window` (default [`MAX_REQUESTS_PER_WINDOW`] in
@@ -992,6 +1001,11 @@ async fn api(
         )));
     }
     let _slot = Slot::take(shared, &mailbox, body.len())?;
+    // Graph takes its time with a request (the slot stays taken meanwhile).
+    let processing = shared.state().processing;
+    if !processing.is_zero() {
+        tokio::time::sleep(processing).await;
+    }
     let fault = shared.state().take_fault(&op);
     if let Some(error) = fault.as_ref().and_then(GraphFault::error) {
         return Err(error);

@@ -13,6 +13,7 @@ use microsoft_outlook::entities::{outbox, token};
 use microsoft_outlook::runtime::ModuleOptions;
 use microsoft_outlook_tests::cluster::{HostProcess, pg_ctl};
 use microsoft_outlook_tests::testdb::TestDb;
+use microsoft_simulators::graph::GraphServer;
 use microsoft_simulators::identity::{AppRegistration, IdentityPlatform, TokenFault};
 use microsoft_simulators::smtp::{Injected, SmtpConfig, SmtpServer, Stage};
 use reqwest::StatusCode;
@@ -48,6 +49,8 @@ struct Cluster {
     app: TestApp,
     idp: IdentityPlatform,
     smtp: SmtpServer,
+    /// The simulated Graph, when the mailboxes send through it.
+    graph: Option<GraphServer>,
     senders: Vec<Sender>,
     contact: i64,
     procs: Vec<HostProcess>,
@@ -67,6 +70,11 @@ impl Drop for AbortOnDrop {
 const LEASE_SECS: &str = "10";
 
 async fn cluster(mailboxes: usize) -> Cluster {
+    cluster_over(mailboxes, "smtp").await
+}
+
+/// A cluster whose mailboxes send through `transport` (`smtp` or `graph`).
+async fn cluster_over(mailboxes: usize, transport: &str) -> Cluster {
     let test_db = Arc::new(TestDb::create().await.expect("test database"));
     let web_only = ModuleOptions {
         workers: false,
@@ -94,16 +102,35 @@ async fn cluster(mailboxes: usize) -> Cluster {
     })
     .await
     .expect("smtp");
+    let graph = if transport == "graph" {
+        Some(
+            GraphServer::start(idp.graph_validator())
+                .await
+                .expect("graph"),
+        )
+    } else {
+        None
+    };
     let mut c = Cluster {
         app,
         idp,
         smtp,
+        graph,
         senders: Vec::new(),
         contact: 0,
         procs: Vec::new(),
         _clock: AbortOnDrop(follow),
     };
-    c.settings(&[("client_secret", CLIENT_SECRET)]).await;
+    let graph_url = c
+        .graph
+        .as_ref()
+        .map(GraphServer::base_url)
+        .unwrap_or_default();
+    c.settings(&[
+        ("client_secret", CLIENT_SECRET),
+        ("graph_url", graph_url.as_str()),
+    ])
+    .await;
     let port = c.smtp.port().to_string();
     let pem = c.smtp.ca_pem();
     for i in 1..=mailboxes {
@@ -130,6 +157,7 @@ async fn cluster(mailboxes: usize) -> Cluster {
                     ("security", "starttls"),
                     ("extra_ca_pem", pem.as_str()),
                     ("send_as", "mailbox"),
+                    ("transport", transport),
                 ],
             )
             .await;
@@ -324,7 +352,10 @@ impl Cluster {
             .all(&self.app.db)
             .await
             .expect("outbox");
-        let at_sink = self.smtp.count_by_message_id();
+        let at_sink = match &self.graph {
+            Some(graph) => graph.count_by_message_id(),
+            None => self.smtp.count_by_message_id(),
+        };
         let mut tally = Tally {
             mails: ids.len(),
             sent: 0,
@@ -348,7 +379,10 @@ impl Cluster {
     fn max_connections_per_mailbox(&self) -> usize {
         self.senders
             .iter()
-            .map(|s| self.smtp.max_concurrent_connections_for(&s.address))
+            .map(|s| match &self.graph {
+                Some(graph) => graph.max_concurrent_for(&s.address),
+                None => self.smtp.max_concurrent_connections_for(&s.address),
+            })
             .max()
             .unwrap_or(0)
     }
@@ -390,6 +424,42 @@ fn refresh_runs(log: &str) -> Vec<usize> {
         .filter_map(|l| l.split("token refresh: refreshed=").nth(1))
         .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
         .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_processes_send_3000_mails_over_graph_exactly_once_within_its_limits() {
+    if skip("graph-scale") {
+        return;
+    }
+    const PROCESSES: usize = 3;
+    const MAILS: usize = 3000;
+    const MAILBOXES: usize = 10;
+    let mut c = cluster_over(MAILBOXES, "graph").await;
+    // Each request takes a while, as at Microsoft: a mailbox's requests overlap.
+    if let Some(graph) = &c.graph {
+        graph.set_processing_time(Duration::from_millis(20));
+    }
+    let ids = c.queue(MAILS, "graph-scale").await;
+    c.start_processes(PROCESSES).await;
+    c.wait_all_sent(&ids, Duration::from_secs(600), "graph-scale")
+        .await;
+    c.assert_healthy();
+    let tally = c.tally(&ids).await;
+    let max_requests = c.max_connections_per_mailbox();
+    println!(
+        "graph-scale: processes={PROCESSES} mails={} sent={} duplicates={} lost={} max_requests_per_mailbox={max_requests}",
+        tally.mails, tally.sent, tally.duplicates, tally.lost
+    );
+    assert_eq!(
+        (tally.sent, tally.lost, tally.duplicates),
+        (MAILS, 0, 0),
+        "{tally:?}"
+    );
+    assert!(
+        (2..=4).contains(&max_requests),
+        "a mailbox had at most {max_requests} Graph requests at once (Graph allows 4; the drains use several)"
+    );
+    assert_eq!(c.smtp.received_count(), 0, "nothing went over SMTP");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
