@@ -153,6 +153,9 @@ struct CodeGrant {
 struct RefreshGrant {
     client_id: String,
     username: String,
+    /// The resource scopes the user consented to at sign-in (a refresh may ask for any of
+    /// them, one resource at a time, and for nothing else: AADSTS65001).
+    consented: String,
     superseded: bool,
     /// When the sign-in it descends from happened (rotation keeps it).
     signed_in_at: DateTime<Utc>,
@@ -335,6 +338,21 @@ fn unknown_tenant(tenant: &str) -> HttpResponse {
 
 fn is_oidc_scope(s: &str) -> bool {
     matches!(s, "openid" | "email" | "profile" | "offline_access")
+}
+
+/// The first scope of `requested` (a refresh's) the sign-in did not consent to, if any; the
+/// OpenID scopes and `offline_access` need none, and a `.default` scope stands for what was
+/// consented on its resource.
+fn not_consented(requested: &str, consented: &str) -> Option<String> {
+    let consented: Vec<String> = consented
+        .split_whitespace()
+        .map(str::to_ascii_lowercase)
+        .collect();
+    requested
+        .split_whitespace()
+        .filter(|s| !is_oidc_scope(s) && !s.ends_with("/.default"))
+        .find(|s| !consented.contains(&s.to_ascii_lowercase()))
+        .map(str::to_string)
 }
 
 /// Scopes from more than one resource (e.g. Outlook and Graph) in one request (AADSTS28000).
@@ -655,11 +673,13 @@ fn id_token(authority: &str, client_id: &str, user: &TestUser, with_email: bool)
     )
 }
 
+#[allow(clippy::too_many_arguments)]
 fn token_answer(
     state: &mut State,
     client_id: &str,
     username: Option<&str>,
     scope: &str,
+    consented: &str,
     with_refresh: bool,
     id_token: Option<String>,
     signed_in_at: DateTime<Utc>,
@@ -707,6 +727,7 @@ fn token_answer(
             RefreshGrant {
                 client_id: client_id.to_string(),
                 username: user.to_string(),
+                consented: consented.to_string(),
                 superseded: false,
                 signed_in_at,
             },
@@ -965,6 +986,7 @@ fn answer_token(
                     &client_id,
                     Some(&username),
                     &granted,
+                    &granted,
                     with_refresh,
                     id,
                     Utc::now(),
@@ -1026,6 +1048,17 @@ fn answer_token(
                     "Provided value for the input parameter scope is not valid because it contains more than one resource.",
                 );
             }
+            let consented = grant.consented.clone();
+            if let Some(missing) = not_consented(&scope, &consented) {
+                return fail(
+                    400,
+                    "invalid_grant",
+                    65001,
+                    &format!(
+                        "The user or administrator has not consented to use the application with ID '{client_id}'. Send an interactive authorization request for this user and resource. Missing: {missing}."
+                    ),
+                );
+            }
             let username = grant.username.clone();
             let signed_in_at = grant.signed_in_at;
             let with_refresh = !s.omit_refresh;
@@ -1043,6 +1076,7 @@ fn answer_token(
                     &client_id,
                     Some(&username),
                     &granted,
+                    &consented,
                     with_refresh,
                     None,
                     signed_in_at,
@@ -1064,7 +1098,16 @@ fn answer_token(
                 );
             }
             (
-                token_answer(&mut s, &client_id, None, &scope, false, None, Utc::now()),
+                token_answer(
+                    &mut s,
+                    &client_id,
+                    None,
+                    &scope,
+                    "",
+                    false,
+                    None,
+                    Utc::now(),
+                ),
                 None,
             )
         }

@@ -355,3 +355,36 @@ async fn a_mail_over_graphs_request_limit_goes_as_a_draft_with_an_upload_session
     );
     assert!(files.contains(&("terms.txt", small.as_slice())));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_switched_to_graph_without_a_new_sign_in_waits_for_the_consent() {
+    let m = mailing().await;
+    let graph = GraphServer::start(m.env.idp.graph_validator())
+        .await
+        .expect("graph");
+    point_server_at(&m.env, &m.smtp, &[("transport", "graph")]).await;
+    let url = graph.base_url();
+    settings(
+        &m.env,
+        &[
+            ("mailbox_rate_per_minute", "0"),
+            ("graph_url", url.as_str()),
+        ],
+    )
+    .await;
+    // The grant was consented for SMTP.Send only: Microsoft refuses a Graph token from it
+    // (AADSTS65001) and the mailbox waits for a new sign-in.
+    let id = queue(&m, "Needs Graph consent").await;
+    wait_held(&m.env.app, m.env.server_id, "grant_dead").await;
+    let waiting = row(&m.env.app, id).await;
+    assert_eq!((waiting.status.as_str(), waiting.attempts), ("queued", 0));
+    assert!(
+        waiting.last_error.unwrap_or_default().contains("65001"),
+        "Microsoft's code is kept"
+    );
+    let (status, page, _) = connect_through(&m.env.admin, m.env.server_id).await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "{page}");
+    wait_status(&m.env.app, id, "sent").await;
+    assert_eq!(graph.sent_items(MAILBOX).len(), 1);
+    assert_eq!(m.smtp.received_count(), 0);
+}
