@@ -372,7 +372,9 @@ impl Writer<'_> {
                     from: row.envelope_from.clone(),
                     raw,
                     message_id: row.message_id.clone(),
-                    attempts: row.attempts,
+                    tried_before: row.attempts > 1
+                        || row.last_error.is_some()
+                        || row.last_reply.is_some(),
                 }),
                 (Err(e), _) => {
                     let why = format!("The stored envelope is invalid: {e}");

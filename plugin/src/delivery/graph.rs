@@ -100,25 +100,27 @@ impl GraphSender {
                     .json::<serde_json::Value>()
                     .await
                     .ok()
-                    .and_then(|v| v["value"].as_array().map(|a| !a.is_empty()))
-                    .unwrap_or(false);
-                if found {
-                    Answer::Sent("found in Sent Items (sent by an earlier attempt)".into())
-                } else {
-                    Answer::Sent(String::new())
+                    .and_then(|v| v["value"].as_array().map(|a| !a.is_empty()));
+                match found {
+                    Some(true) => {
+                        Answer::Sent("found in Sent Items (sent by an earlier attempt)".into())
+                    }
+                    Some(false) => Answer::Sent(String::new()),
+                    // Not knowing is not "not there": the mail is not sent again yet.
+                    None => Answer::Unknown("the Sent Items answer could not be read".into()),
                 }
             }
             Ok(r) => Answer::Refused(reply_of(r).await),
-            Err(e) if e.is_connect() => Answer::Unreachable(e.to_string()),
-            Err(e) => Answer::Unknown(e.to_string()),
+            Err(e) if e.is_connect() => Answer::Unreachable(words(e)),
+            Err(e) => Answer::Unknown(words(e)),
         }
     }
 
     /// A message over the request limit: a draft of the message without its files, each file
     /// added (a single POST under [`UPLOAD_SESSION_FROM`], else an upload session in chunks),
     /// then `send`. A draft left by a failure is deleted (best effort).
-    async fn send_as_draft(&self, url: &str, batch: &Batch<'_>, message: &Prepared) -> Answer {
-        let Some((rest, files)) = split_files(&message.raw) else {
+    async fn send_as_draft(&self, url: &str, batch: &Batch<'_>, raw: &str) -> Answer {
+        let Some((rest, files)) = split_files(raw) else {
             return Answer::Refused(GraphReply {
                 status: 400,
                 code: "ErrorMimeContentInvalid".into(),
@@ -145,8 +147,8 @@ impl GraphSender {
                 }
             }
             Ok(r) => return Answer::Refused(reply_of(r).await),
-            Err(e) if e.is_connect() => return Answer::Unreachable(e.to_string()),
-            Err(e) => return Answer::Unknown(e.to_string()),
+            Err(e) if e.is_connect() => return Answer::Unreachable(words(e)),
+            Err(e) => return Answer::Unknown(words(e)),
         };
         let item = format!(
             "{url}/messages/{}",
@@ -181,8 +183,11 @@ impl GraphSender {
                 let _ = self.http.delete(&item).bearer_auth(bearer).send().await;
                 Answer::Refused(reply)
             }
-            Err(e) if e.is_connect() => Answer::Unreachable(e.to_string()),
-            Err(e) => Answer::Unknown(e.to_string()),
+            Err(e) if e.is_connect() => {
+                let _ = self.http.delete(&item).bearer_auth(bearer).send().await;
+                Answer::Unreachable(words(e))
+            }
+            Err(e) => Answer::Unknown(words(e)),
         }
     }
 
@@ -211,8 +216,8 @@ impl GraphSender {
         {
             Ok(r) if r.status().is_success() => Ok(()),
             Ok(r) => Err(Answer::Refused(reply_of(r).await)),
-            Err(e) if e.is_connect() => Err(Answer::Unreachable(e.to_string())),
-            Err(e) => Err(Answer::Unknown(e.to_string())),
+            Err(e) if e.is_connect() => Err(Answer::Unreachable(words(e))),
+            Err(e) => Err(Answer::Unknown(words(e))),
         }
     }
 
@@ -245,8 +250,8 @@ impl GraphSender {
                     .ok_or_else(|| Answer::Unknown("the upload session has no uploadUrl".into()))?
             }
             Ok(r) => return Err(Answer::Refused(reply_of(r).await)),
-            Err(e) if e.is_connect() => return Err(Answer::Unreachable(e.to_string())),
-            Err(e) => return Err(Answer::Unknown(e.to_string())),
+            Err(e) if e.is_connect() => return Err(Answer::Unreachable(words(e))),
+            Err(e) => return Err(Answer::Unknown(words(e))),
         };
         let total = bytes.len();
         for (k, chunk) in bytes.chunks(UPLOAD_CHUNK).enumerate() {
@@ -262,8 +267,8 @@ impl GraphSender {
             {
                 Ok(r) if r.status().is_success() => {}
                 Ok(r) => return Err(Answer::Refused(reply_of(r).await)),
-                Err(e) if e.is_connect() => return Err(Answer::Unreachable(e.to_string())),
-                Err(e) => return Err(Answer::Unknown(e.to_string())),
+                Err(e) if e.is_connect() => return Err(Answer::Unreachable(words(e))),
+                Err(e) => return Err(Answer::Unknown(words(e))),
             }
         }
         Ok(())
@@ -271,17 +276,18 @@ impl GraphSender {
 
     /// Sends one message (after looking for it in Sent Items if it was tried before).
     async fn send_one(&self, url: &str, batch: &Batch<'_>, message: &Prepared) -> Answer {
-        if message.attempts > 1 {
+        if message.tried_before {
             match self.in_sent_items(url, batch, &message.message_id).await {
                 Answer::Sent(found) if !found.is_empty() => return Answer::Sent(found),
                 Answer::Sent(_) => {}
                 other => return other,
             }
         }
-        let body = base64::engine::general_purpose::STANDARD.encode(message.raw.as_bytes());
+        let raw = with_bcc(message);
+        let body = base64::engine::general_purpose::STANDARD.encode(raw.as_bytes());
         if body.len() > GRAPH_REQUEST_LIMIT {
             drop(body);
-            return self.send_as_draft(url, batch, message).await;
+            return self.send_as_draft(url, batch, &raw).await;
         }
         let response = self
             .http
@@ -294,8 +300,8 @@ impl GraphSender {
         match response {
             Ok(r) if r.status().as_u16() == 202 => Answer::Sent("202 Accepted".into()),
             Ok(r) => Answer::Refused(reply_of(r).await),
-            Err(e) if e.is_connect() => Answer::Unreachable(e.to_string()),
-            Err(e) => Answer::Unknown(e.to_string()),
+            Err(e) if e.is_connect() => Answer::Unreachable(words(e)),
+            Err(e) => Answer::Unknown(words(e)),
         }
     }
 }
@@ -324,10 +330,25 @@ pub fn split_files(raw: &str) -> Option<(String, Vec<File>)> {
                 None => t.ctype().to_string(),
             })
             .unwrap_or_else(|| "application/octet-stream".into());
+        // The bytes as sent: the part's base64 undone, not decoded by charset (a text file in
+        // Windows-1252 stays as it is); other transfer encodings as the parser decodes them.
+        let bytes = match part.content_transfer_encoding() {
+            Some(cte) if cte.eq_ignore_ascii_case("base64") => {
+                let body: Vec<u8> = raw
+                    .get(part.offset_body as usize..end)?
+                    .bytes()
+                    .filter(|b| !b.is_ascii_whitespace())
+                    .collect();
+                base64::engine::general_purpose::STANDARD
+                    .decode(body)
+                    .ok()?
+            }
+            _ => part.contents().to_vec(),
+        };
         files.push((
             part.attachment_name().unwrap_or("attachment").to_string(),
             content_type,
-            part.contents().to_vec(),
+            bytes,
         ));
     }
     let mut rest = String::with_capacity(raw.len());
@@ -338,6 +359,40 @@ pub fn split_files(raw: &str) -> Option<(String, Vec<File>)> {
     }
     rest.push_str(raw.get(at..)?);
     Some((rest, files))
+}
+
+/// A transport error in words, without its URL (an upload session's URL carries a token).
+fn words(e: reqwest::Error) -> String {
+    e.without_url().to_string()
+}
+
+/// The message as Graph must get it: the stored bytes, with a `Bcc:` field naming the envelope
+/// recipients that no To or Cc field names (lettre leaves Bcc out of the message, and Graph
+/// reads the recipients from the message; Exchange removes the field before delivery).
+fn with_bcc(message: &Prepared) -> std::borrow::Cow<'_, str> {
+    let Some(parsed) = mail_parser::MessageParser::default().parse_headers(message.raw.as_bytes())
+    else {
+        return std::borrow::Cow::Borrowed(&message.raw);
+    };
+    let mut named: Vec<String> = Vec::new();
+    for list in [parsed.to(), parsed.cc()].into_iter().flatten() {
+        for a in list.iter() {
+            if let Some(address) = a.address() {
+                named.push(address.to_ascii_lowercase());
+            }
+        }
+    }
+    let bcc: Vec<String> = message
+        .envelope
+        .to()
+        .iter()
+        .map(|a| a.to_string())
+        .filter(|a| !named.contains(&a.to_ascii_lowercase()))
+        .collect();
+    if bcc.is_empty() {
+        return std::borrow::Cow::Borrowed(&message.raw);
+    }
+    std::borrow::Cow::Owned(format!("Bcc: {}\r\n{}", bcc.join(", "), message.raw))
 }
 
 /// Graph's error answer: status, `error.code`, `error.message`, `Retry-After`.

@@ -71,6 +71,14 @@ pub fn classify(reply: &GraphReply, mailbox: &str, from: &str) -> Verdict {
             "An Exchange administrator must give the mailbox an Exchange Online licence, or an operator must send this server's mail over SMTP.",
             HoldReason::NotExchangeOnline.probe_after(),
         ),
+        (_, "errorinvaliduser" | "resourcenotfound" | "mailboxnotfound") => verdict(
+            "graph-mailbox-unknown",
+            Level::MailboxHeld(HoldReason::NotExchangeOnline),
+            Who::Operator,
+            format!("Microsoft Graph does not know the mailbox {mailbox} ({said})."),
+            "A CRM operator must check the mailbox address on the server page (it must be the mailbox's primary address in Exchange Online).",
+            HoldReason::NotExchangeOnline.probe_after(),
+        ),
         (400, "errorinvalidrecipients") => verdict(
             "graph-invalid-recipients",
             Level::MailFails,
@@ -86,7 +94,7 @@ pub fn classify(reply: &GraphReply, mailbox: &str, from: &str) -> Verdict {
             format!(
                 "Microsoft Graph refuses the mailbox's access token even just after it was renewed ({said})."
             ),
-            "Connect the mail server again so that the Graph permissions (Mail.Send) are granted.",
+            "Connect the mail server again so that the Graph permissions (Mail.Send) are granted; for an app-only server, an administrator must grant the app Mail.Send as an application permission with admin consent.",
             HoldReason::TokenRefused.probe_after(),
         ),
         (403, "errorsendasdenied") if !from.eq_ignore_ascii_case(mailbox) => verdict(
@@ -128,7 +136,7 @@ pub fn classify(reply: &GraphReply, mailbox: &str, from: &str) -> Verdict {
             Level::MailboxHeld(HoldReason::MailboxFull),
             Who::MailboxOwner,
             format!("The mailbox {mailbox} is full: Exchange cannot save the sent mail ({said})."),
-            "Empty the mailbox's Sent Items or Deleted Items, or ask an Exchange administrator to raise its quota; then click Retry now on the server page.",
+            "Empty the mailbox's Sent Items or Deleted Items, or ask an Exchange administrator to raise its quota; the waiting mail is tried again within the hour.",
             HoldReason::MailboxFull.probe_after(),
         ),
         (500..=599, _) => verdict(
@@ -224,6 +232,10 @@ mod tests {
         );
         assert_eq!(level(503, "serviceNotAvailable", m), Level::MailRetries);
         assert_eq!(level(504, "UnknownError", m), Level::MailRetries);
+        assert_eq!(
+            level(404, "ErrorInvalidUser", m),
+            Level::MailboxHeld(HoldReason::NotExchangeOnline)
+        );
         assert!(reply(401, "InvalidAuthenticationToken").refused_token());
         assert!(!reply(401, "MailboxNotEnabledForRESTAPI").refused_token());
     }

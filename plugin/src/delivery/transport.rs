@@ -26,8 +26,10 @@ pub struct Prepared {
     pub raw: String,
     /// Its `Message-ID`, without `<>` (Graph's Sent Items are searched by it).
     pub message_id: String,
-    /// Attempts so far, this one included (more than 1: it was tried before).
-    pub attempts: i32,
+    /// Whether it may have been sent already: tried in an earlier attempt (attempts counts this
+    /// one), or given an outcome before and queued again from the outbox (Retry resets the
+    /// attempts, not the last reply or error).
+    pub tried_before: bool,
 }
 
 /// What the transport says of one message.

@@ -442,8 +442,9 @@ pub async fn transport_switched(
     .await
 }
 
-/// Sets `server`'s transport to `transport` (`smtp` or `graph`) and ends the old transport's
-/// hold; the server as saved.
+/// Sets `server`'s transport to `transport` (`smtp` or `graph`) as the sign-in that follows
+/// starts; the server as saved. Its hold stays until that sign-in is stored (the confirm step
+/// ends every hold), so that its mail does not meet a grant without the new consent first.
 pub async fn switch_transport(
     ctx: &ModuleContext,
     shared: &std::sync::Arc<crate::runtime::Shared>,
@@ -455,7 +456,7 @@ pub async fn switch_transport(
     model.transport = Set(transport.to_string());
     model.updated_at = Set(Utc::now());
     let saved = model.update(ctx.db()).await?;
-    transport_switched(ctx, shared, id).await?;
+    shared.server_changed(id);
     Ok(saved)
 }
 

@@ -85,6 +85,20 @@ fn advance(m: &GraphMailing, secs: i64) {
     m.env.app.clock.advance(chrono::Duration::seconds(secs));
 }
 
+/// The mail `id` once an attempt gave it back to the queue (queued, with the reason kept).
+async fn wait_tried(m: &GraphMailing, id: i64) -> microsoft_outlook::entities::outbox::Model {
+    let app = &m.env.app;
+    eventually(
+        &format!("mail {id} to be queued again after an attempt"),
+        || async {
+            let r = row(app, id).await;
+            r.status == "queued" && r.attempts >= 1 && r.last_error.is_some()
+        },
+    )
+    .await;
+    row(app, id).await
+}
+
 async fn health_state(m: &GraphMailing) -> Option<(String, Option<String>)> {
     mailbox_health::Entity::find_by_id(m.env.server_id)
         .one(&m.env.app.db)
@@ -150,7 +164,7 @@ async fn graph_answers_land_at_their_level() {
     // 503: the mail is tried again later and goes out.
     m.graph.inject(GraphFault::ServiceUnavailable, 1);
     let id = queue_graph(&m, "Graph busy").await;
-    let again = wait_status(&m.env.app, id, "queued").await;
+    let again = wait_tried(&m, id).await;
     assert_eq!(again.attempts, 1);
     advance(&m, 3600);
     wait_status(&m.env.app, id, "sent").await;
@@ -219,7 +233,7 @@ async fn a_mail_graph_took_without_answering_is_found_in_sent_items_not_sent_twi
         1,
     );
     let id = queue_graph(&m, "Lost answer").await;
-    let unknown = wait_status(&m.env.app, id, "queued").await;
+    let unknown = wait_tried(&m, id).await;
     assert_eq!(unknown.attempts, 1);
     assert!(
         unknown
@@ -354,6 +368,40 @@ async fn a_mail_over_graphs_request_limit_goes_as_a_draft_with_an_upload_session
         "the 10 MB file, byte for byte"
     );
     assert!(files.contains(&("terms.txt", small.as_slice())));
+    assert!(
+        m.graph
+            .requests()
+            .iter()
+            .any(|r| r.path.ends_with("/attachments/createUploadSession")),
+        "the 10 MB file went through an upload session"
+    );
+    let text = String::from_utf8_lossy(&item.mime).to_string();
+    assert!(
+        text.contains("Ten megabytes of scans."),
+        "the draft carries the text"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bcc_recipients_reach_graph_which_reads_them_from_the_message() {
+    let m = graph_mailing().await;
+    let (status, body) = m
+        .alice
+        .post_json(
+            &mails_path(m.contact),
+            &json!({"to": "dana@fabrikam.example", "bcc": "boss@contoso.example", "subject": "With a Bcc", "text_body": "Hi"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    wait_status(&m.env.app, body["id"].as_i64().expect("id"), "sent").await;
+    let sent = m.graph.sent_items(MAILBOX);
+    let mime = String::from_utf8_lossy(&sent[0].mime).to_string();
+    let head = mime.split("\r\n\r\n").next().unwrap_or_default();
+    assert!(head.contains("Bcc: boss@contoso.example"), "{head}");
+    assert!(
+        !head.contains("Bcc: dana"),
+        "To is not repeated in Bcc: {head}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
