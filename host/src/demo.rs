@@ -1,12 +1,13 @@
-//! `crm-host demo` without an Azure account: the simulated Microsoft identity platform and
-//! Exchange submission server on loopback, the module pointed at them, and a page that shows
-//! the mails they received.
+//! `crm-host demo` without an Azure account: the simulated Microsoft identity platform,
+//! Exchange submission server and Microsoft Graph on loopback, the module pointed at them, a
+//! shared server for each transport, and a page that shows the mails they received.
 
 use actix_web::{HttpResponse, web};
 use anyhow::Context;
 use crm_sdk::CurrentUser;
 use maud::html;
 use microsoft_outlook::entities::{mail_server, token};
+use microsoft_simulators::graph::{GraphFault, GraphServer, SendPath};
 use microsoft_simulators::identity::{AppRegistration, AuthorizeMode, IdentityPlatform, TestUser};
 use microsoft_simulators::smtp::{SmtpConfig, SmtpServer};
 use rand::Rng;
@@ -24,6 +25,8 @@ use crate::state::AppState;
 /// The shared mailbox the demo's outgoing server signs in as.
 pub const DEMO_MAILBOX: &str = "crm@contoso.example";
 const DEMO_SERVER_NAME: &str = "Office 365 (simulated)";
+/// The demo's shared server that sends through the simulated Microsoft Graph.
+pub const DEMO_GRAPH_SERVER_NAME: &str = "Office 365 via Graph (simulated)";
 
 /// The running simulated services.
 #[derive(Clone)]
@@ -32,6 +35,8 @@ pub struct DemoServices {
     pub idp: IdentityPlatform,
     /// The SMTP submission server.
     pub smtp: Arc<SmtpServer>,
+    /// The Microsoft Graph mail API.
+    pub graph: Arc<GraphServer>,
     /// The simulated app registration, as the portal shows it (for /demo/azure).
     pub app: DemoApp,
 }
@@ -170,6 +175,7 @@ pub async fn start(
             tenant_id: "72f988bf-86f1-41af-91ab-2d7cd011db47".into(),
         });
     }
+    let graph = GraphServer::start_on("127.0.0.1:0", idp.graph_validator()).await?;
     // A restart keeps what the operator changed: only what is unset, and the simulated
     // services' addresses (new ports on every run), are written.
     let mut plain = BTreeMap::new();
@@ -177,6 +183,7 @@ pub async fn start(
         plain.insert("client_id".to_string(), client_id);
     }
     plain.insert("authority_url".to_string(), idp.authority_url());
+    plain.insert("graph_url".to_string(), graph.base_url());
     if values.get("tenant").is_none() {
         plain.insert("tenant".to_string(), "common".to_string());
     }
@@ -205,32 +212,69 @@ pub async fn start(
     );
     crate::settings::store(db, sealer, "microsoft_outlook", hosts, BTreeMap::new()).await?;
 
-    // The simulated services forget their tokens when the demo stops: point the demo's servers
-    // at the new ones and ask for a fresh Connect.
-    let now = chrono::Utc::now();
-    let existing = demo_server(db).await?;
-    // Exactly one default: a new demo server is the default only when there is none.
+    seed_servers(db, &smtp).await?;
+    Ok(Some(DemoServices {
+        idp,
+        smtp: Arc::new(smtp),
+        graph: Arc::new(graph),
+        app,
+    }))
+}
+
+/// The demo's shared servers, created or (from an earlier run) pointed at the new simulated
+/// services: one sending over SMTP, one through Microsoft Graph, both from [`DEMO_MAILBOX`].
+/// The simulated services forget their tokens when the demo stops, so each asks for a fresh
+/// Connect.
+async fn seed_servers(db: &sea_orm::DatabaseConnection, smtp: &SmtpServer) -> anyhow::Result<()> {
+    let over_smtp = demo_server(db, DEMO_SERVER_NAME, "smtp", DEMO_GRAPH_SERVER_NAME, None).await?;
+    let over_graph = demo_server(
+        db,
+        DEMO_GRAPH_SERVER_NAME,
+        "graph",
+        DEMO_SERVER_NAME,
+        over_smtp.as_ref().map(|m| m.id),
+    )
+    .await?;
+    // Exactly one default: a new SMTP server is the default only when there is none; the
+    // Graph server is made default by the operator only.
     let has_default = mail_server::Entity::find()
         .filter(mail_server::Column::Kind.eq("shared"))
         .filter(mail_server::Column::IsDefault.eq(true))
         .one(db)
         .await?
         .is_some();
+    save_demo_server(db, over_smtp, DEMO_SERVER_NAME, "smtp", !has_default, smtp).await?;
+    save_demo_server(db, over_graph, DEMO_GRAPH_SERVER_NAME, "graph", false, smtp).await?;
+    Ok(())
+}
+
+/// Stores the demo server `existing` (its token forgotten), or a new one named `name` with
+/// `transport`; either way its SMTP settings point at the simulated Exchange (a Graph server
+/// keeps them for a switch back to SMTP).
+async fn save_demo_server(
+    db: &sea_orm::DatabaseConnection,
+    existing: Option<mail_server::Model>,
+    name: &str,
+    transport: &str,
+    is_default: bool,
+    smtp: &SmtpServer,
+) -> anyhow::Result<()> {
+    let now = chrono::Utc::now();
     let mut model: mail_server::ActiveModel = match existing {
         Some(m) => {
             token::Entity::delete_by_id(m.id).exec(db).await?;
             m.into()
         }
         None => mail_server::ActiveModel {
-            name: Set(DEMO_SERVER_NAME.into()),
+            name: Set(name.into()),
             kind: Set("shared".into()),
             owner_user_id: Set(None),
             mailbox: Set(DEMO_MAILBOX.into()),
             auth: Set("delegated".into()),
-            transport: Set("smtp".into()),
+            transport: Set(transport.into()),
             send_as: Set("author".into()),
             from_allow_list: Set(String::new()),
-            is_default: Set(!has_default),
+            is_default: Set(is_default),
             created_at: Set(now),
             ..Default::default()
         },
@@ -241,31 +285,36 @@ pub async fn start(
     model.extra_ca_pem = Set(Some(smtp.ca_pem()));
     model.updated_at = Set(now);
     model.save(db).await?;
-    Ok(Some(DemoServices {
-        idp,
-        smtp: Arc::new(smtp),
-        app,
-    }))
+    Ok(())
 }
 
-/// The demo's shared server from an earlier run: by its name, or (renamed by the operator) by
-/// its mailbox on the simulated server.
+/// The demo's shared server `name` from an earlier run: by its name, or (renamed by the
+/// operator) by its mailbox on the simulated server and its `transport`, never the one named
+/// `other` nor the row `except` (the other demo server).
 async fn demo_server(
     db: &sea_orm::DatabaseConnection,
+    name: &str,
+    transport: &str,
+    other: &str,
+    except: Option<i32>,
 ) -> Result<Option<mail_server::Model>, sea_orm::DbErr> {
     if let Some(found) = mail_server::Entity::find()
-        .filter(mail_server::Column::Name.eq(DEMO_SERVER_NAME))
+        .filter(mail_server::Column::Name.eq(name))
         .one(db)
         .await?
     {
         return Ok(Some(found));
     }
-    mail_server::Entity::find()
+    let mut query = mail_server::Entity::find()
         .filter(mail_server::Column::Kind.eq("shared"))
         .filter(mail_server::Column::Mailbox.eq(DEMO_MAILBOX))
         .filter(mail_server::Column::SmtpHost.eq("localhost"))
-        .one(db)
-        .await
+        .filter(mail_server::Column::Transport.eq(transport))
+        .filter(mail_server::Column::Name.ne(other));
+    if let Some(id) = except {
+        query = query.filter(mail_server::Column::Id.ne(id));
+    }
+    query.one(db).await
 }
 
 /// The personal SMTP hosts setting with the simulated server's new port: the operator's
@@ -288,9 +337,12 @@ async fn received(
 ) -> HttpResponse {
     let mut mails = demo.smtp.received();
     mails.reverse();
+    let mut through_graph = demo.graph.all_sent();
+    through_graph.reverse();
     let body = html! {
         h1 { "Simulated Exchange: received mail" }
-        section.card {
+        section.card id="received-smtp" {
+            h2 { "Over SMTP" }
             p.help { "Every message the simulated smtp.office365.com accepted in this demo run, newest first." }
             @if mails.is_empty() { p { "Nothing yet. Open a contact and send a mail; it appears here within seconds." } }
             @else {
@@ -308,6 +360,30 @@ async fn received(
                         }
                     }
                 }
+            }
+        }
+        section.card id="received-graph" {
+            h2 { "Through Microsoft Graph" }
+            p.help { "Every message the simulated graph.microsoft.com sent in this demo run (its senders' Sent Items), newest first." }
+            @if through_graph.is_empty() { p { "Nothing yet. Make " strong { (DEMO_GRAPH_SERVER_NAME) } " the default server, or send its test mail; it appears here within seconds." } }
+            @else {
+                div.scroll { table {
+                    thead { tr { th { "Mailbox" } th { "Message-ID" } th { "Subject" } th { "Size" } th { "Received" } } }
+                    tbody {
+                        @for m in &through_graph {
+                            tr {
+                                td { (m.mailbox) }
+                                td { code { (m.internet_message_id.as_deref().unwrap_or("-")) } }
+                                td { (m.subject) }
+                                td { (m.mime.len()) " bytes" }
+                                td { @match m.via {
+                                    SendPath::SendMail => "via Graph (sendMail)",
+                                    SendPath::DraftSend => "via Graph (draft, then send)",
+                                } }
+                            }
+                        }
+                    }
+                } }
             }
         }
     };
@@ -349,8 +425,8 @@ async fn azure_page(
     ok(state.chrome.render("Simulated Entra ID", Some(&user), body))
 }
 
-/// The faults the demo's simulated Exchange can be told to play (operators only), so that an
-/// operator can see what the module shows when Exchange refuses.
+/// The faults the demo's simulated Exchange can be told to play over SMTP (operators only), so
+/// that an operator can see what the module shows when Exchange refuses.
 const FAULTS: [(&str, &str); 3] = [
     (
         "smtp-auth-disabled",
@@ -366,21 +442,60 @@ const FAULTS: [(&str, &str); 3] = [
     ),
 ];
 
+/// The faults the demo's simulated Microsoft Graph can be told to play (operators only).
+const GRAPH_FAULTS: [&str; 3] = [
+    "graph-invalid-recipients",
+    "graph-access-denied",
+    "graph-throttled",
+];
+
+/// The Graph fault played by the id `id` of [`GRAPH_FAULTS`].
+fn graph_fault(id: &str) -> Option<GraphFault> {
+    match id {
+        "graph-invalid-recipients" => Some(GraphFault::InvalidRecipients),
+        "graph-access-denied" => Some(GraphFault::AccessDenied),
+        "graph-throttled" => Some(GraphFault::Throttled {
+            retry_after_secs: 30,
+        }),
+        _ => None,
+    }
+}
+
+/// One button of the faults page.
+fn fault_form(user: &CurrentUser, id: &str, answer: &str) -> maud::Markup {
+    html! {
+        form method="post" action="/demo/faults" {
+            input type="hidden" name="csrf_token" value=(user.csrf_token);
+            input type="hidden" name="fault" value=(id);
+            p { button type="submit" { "Play " (id) } " " code { (answer) } }
+        }
+    }
+}
+
 async fn faults_page(state: web::Data<AppState>, user: CurrentUser) -> HttpResponse {
     if !user.is_admin {
         return HttpResponse::Forbidden().body("Operators only.");
     }
+    let graph_faults = GRAPH_FAULTS.iter().filter_map(|id| {
+        let fault = graph_fault(id)?;
+        let answer = format!(
+            "{} {}",
+            fault.status().unwrap_or_default(),
+            fault.code().unwrap_or_default()
+        );
+        Some((*id, answer))
+    });
     let body = html! {
         h1 { "Simulated Exchange: play a fault" }
         section.card {
+            h2 { "Over SMTP" }
             p.help { "The next attempt of the simulated smtp.office365.com answers with the reply chosen here, once." }
-            @for (id, reply) in FAULTS {
-                form method="post" action="/demo/faults" {
-                    input type="hidden" name="csrf_token" value=(user.csrf_token);
-                    input type="hidden" name="fault" value=(id);
-                    p { button type="submit" { "Play " (id) } " " code { (reply) } }
-                }
-            }
+            @for (id, reply) in FAULTS { (fault_form(&user, id, reply)) }
+        }
+        section.card {
+            h2 { "Through Microsoft Graph" }
+            p.help { "The next request of the simulated graph.microsoft.com that the answer fits (a send for invalid recipients, any request for the others, a Test connection too) gets the answer chosen here, once." }
+            @for (id, answer) in graph_faults { (fault_form(&user, id, &answer)) }
         }
     };
     ok(state.chrome.render("Faults", Some(&user), body))
@@ -399,6 +514,10 @@ async fn play_fault(
     use microsoft_simulators::smtp::{Injected, Stage};
     if !user.is_admin {
         return HttpResponse::Forbidden().body("Operators only.");
+    }
+    if let Some(fault) = graph_fault(&form.fault) {
+        demo.graph.inject(fault, 1);
+        return played();
     }
     let Some((id, reply)) = FAULTS.iter().find(|(id, _)| *id == form.fault) else {
         return HttpResponse::BadRequest().body("No such fault.");
@@ -419,6 +538,11 @@ async fn play_fault(
     if stage == Stage::Auth {
         demo.smtp.close_connections().await;
     }
+    played()
+}
+
+/// Back to the faults page, which says a fault was played.
+fn played() -> HttpResponse {
     HttpResponse::SeeOther()
         .insert_header(("Location", "/demo/faults?played=1"))
         .finish()

@@ -350,9 +350,10 @@ async fn run() -> anyhow::Result<()> {
                         "No Azure app is configured: the simulated Microsoft services run on loopback"
                     );
                     println!(
-                        "  identity platform {}   SMTP submission localhost:{}",
+                        "  identity platform {}   SMTP submission localhost:{}   Microsoft Graph {}",
                         services.idp.authority_url(),
-                        services.smtp.port()
+                        services.smtp.port(),
+                        services.graph.base_url()
                     );
                     println!(
                         "Try it: sign in as the operator, open Outgoing mail servers › {} › Connect,",
@@ -360,6 +361,10 @@ async fn run() -> anyhow::Result<()> {
                     );
                     println!(
                         "accept at the simulated Microsoft page, then send a mail from a contact and see it at {url}/demo/received"
+                    );
+                    println!(
+                        "{} sends the same mail through the simulated Microsoft Graph (Connect it, then make it the default).",
+                        crm_host::demo::DEMO_GRAPH_SERVER_NAME
                     );
                 }
                 None => println!(

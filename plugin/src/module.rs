@@ -103,6 +103,17 @@ impl Module for OutlookModule {
                         .into(),
             });
         }
+        // Graph gets the bearer tokens: never over plain http beyond this machine.
+        if let Some(url) = values.get("graph_url").filter(|u| !u.is_empty())
+            && url.starts_with("http://")
+            && !is_loopback_url(url)
+        {
+            errors.push(FieldError {
+                field: "graph_url".into(),
+                message: "must use https (plain http is only accepted for a loopback test Graph)"
+                    .into(),
+            });
+        }
         if let Some(hosts) = values.get("personal_smtp_hosts")
             && let Err(problem) = crate::settings::PersonalSmtpHosts::parse(hosts)
         {

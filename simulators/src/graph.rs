@@ -193,6 +193,8 @@ pub struct GraphSentMail {
     pub id: String,
     /// Its `Message-ID` without `<>` (from the MIME or the JSON, else one Exchange made up).
     pub internet_message_id: Option<String>,
+    /// Its subject, RFC 2047 encoded-words decoded (as Graph gives `subject`).
+    pub subject: String,
     /// The decoded MIME message, byte for byte (empty for the JSON form).
     pub mime: Vec<u8>,
     /// The JSON `message` of the JSON form.
@@ -1218,12 +1220,15 @@ impl Call<'_> {
     /// `200` with `value` (`$select` and the rest of the query are ignored).
     fn list_messages(&self, folder: &str) -> Result<HttpResponse, GraphError> {
         let wanted = parse_filter(self.req.query_string())?;
+        let top = parse_top(self.req.query_string())?;
         let matches = |id: &str| wanted.as_deref().is_none_or(|w| w == format!("<{id}>"));
         let state = self.shared.state();
-        let value: Vec<Value> = match folder.to_ascii_lowercase().as_str() {
+        let mut value: Vec<Value> = match folder.to_ascii_lowercase().as_str() {
+            // Newest first, as Graph lists a folder by default.
             "sentitems" => state
                 .sent
                 .iter()
+                .rev()
                 .filter(|m| m.mailbox == self.mailbox && m.saved_to_sent_items)
                 .filter(|m| m.internet_message_id.as_deref().is_some_and(matches))
                 .map(|m| {
@@ -1244,6 +1249,9 @@ impl Call<'_> {
                 .collect(),
             _ => return Err(GraphError::not_found()),
         };
+        if let Some(top) = top {
+            value.truncate(top);
+        }
         Ok(HttpResponse::Ok().json(json!({
             "@odata.context": format!("{}/v1.0/$metadata#users('{}')/mailFolders('{folder}')/messages", self.shared.base_url, self.mailbox),
             "value": value,
@@ -1323,7 +1331,9 @@ fn read_content(req: &HttpRequest, body: &[u8], wrapped: bool) -> Result<Content
             .any(|h| header_value(&mime, h).is_some_and(|v| !v.is_empty()));
         return Ok(Content {
             internet_message_id: parse_message_id(&mime).unwrap_or_else(made_up_message_id),
-            subject: header_value(&mime, "subject").unwrap_or_default(),
+            subject: header_value(&mime, "subject")
+                .map(|v| decode_encoded_words(&v))
+                .unwrap_or_default(),
             mime,
             json: None,
             has_recipients,
@@ -1398,6 +1408,7 @@ fn record_sent(
         mailbox: mailbox.to_string(),
         id: item_id(),
         internet_message_id: Some(content.internet_message_id),
+        subject: content.subject,
         mime: content.mime,
         json: content.json,
         attachments,
@@ -1435,6 +1446,94 @@ fn parse_filter(query: &str) -> Result<Option<String>, GraphError> {
         .and_then(|r| r.strip_suffix('\''))
         .ok_or_else(invalid)?;
     Ok(Some(quoted.replace("''", "'")))
+}
+
+/// The value of `$top` (how many items a list answers at most), `None` without one, `400` for
+/// one that is not a whole number.
+fn parse_top(query: &str) -> Result<Option<usize>, GraphError> {
+    let Some(top) = url::form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k.eq_ignore_ascii_case("$top"))
+        .map(|(_, v)| v.into_owned())
+    else {
+        return Ok(None);
+    };
+    top.trim().parse::<usize>().map(Some).map_err(|_| {
+        GraphError::bad_request(format!(
+            "Invalid $top value '{top}': it must be a non-negative integer."
+        ))
+    })
+}
+
+/// A header value with its RFC 2047 encoded-words (`=?UTF-8?B?...?=`, `=?UTF-8?Q?...?=`)
+/// decoded; whitespace between two encoded-words is dropped. Other charsets and broken words
+/// stay as they are.
+fn decode_encoded_words(value: &str) -> String {
+    let mut out = String::new();
+    let mut rest = value;
+    let mut after_word = false;
+    while let Some(start) = rest.find("=?") {
+        let (before, word) = rest.split_at(start);
+        let decoded = decode_encoded_word(word);
+        match decoded {
+            Some((text, len)) => {
+                if !(after_word && before.trim().is_empty()) {
+                    out.push_str(before);
+                }
+                out.push_str(&text);
+                rest = &word[len..];
+                after_word = true;
+            }
+            None => {
+                out.push_str(before);
+                out.push_str("=?");
+                rest = &word[2..];
+                after_word = false;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The text of the encoded-word `word` starts with (`=?charset?encoding?text?=`) and its
+/// length; `None` when it is not one this decodes.
+fn decode_encoded_word(word: &str) -> Option<(String, usize)> {
+    let inner = word.strip_prefix("=?")?;
+    let (charset, rest) = inner.split_once('?')?;
+    let (encoding, rest) = rest.split_once('?')?;
+    let end = rest.find("?=")?;
+    let text = &rest[..end];
+    let charset = charset.split('*').next().unwrap_or(charset);
+    if !(charset.eq_ignore_ascii_case("utf-8") || charset.eq_ignore_ascii_case("us-ascii")) {
+        return None;
+    }
+    let bytes = match encoding {
+        "B" | "b" => STANDARD.decode(text).ok()?,
+        "Q" | "q" => decode_q(text)?,
+        _ => return None,
+    };
+    let len = word.len() - rest.len() + end + 2;
+    Some((String::from_utf8(bytes).ok()?, len))
+}
+
+/// The bytes of an RFC 2047 "Q" encoded text (`_` is a space, `=XX` a byte).
+fn decode_q(text: &str) -> Option<Vec<u8>> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'_' => out.push(b' '),
+            b'=' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    Some(out)
 }
 
 /// `bytes {start}-{end}/{total}`.
@@ -2016,6 +2115,87 @@ mod tests {
         assert_eq!(
             (status, error["code"].as_str()),
             (403, Some("ErrorAccessDenied"))
+        );
+    }
+
+    #[tokio::test]
+    async fn sent_items_are_listed_newest_first_and_top_limits_the_answer() {
+        let server = server().await;
+        for id in ["first@contoso.example", "second@contoso.example"] {
+            let response = send_mime(&server, "me/sendMail", "send", &message(id)).await;
+            assert_eq!(response.status().as_u16(), 202);
+        }
+        let list = |query: &'static str| {
+            let url = format!(
+                "{}/v1.0/users/{ALICE}/mailFolders/SentItems/messages{query}",
+                server.base_url()
+            );
+            async move {
+                reqwest::Client::new()
+                    .get(url)
+                    .bearer_auth("send-read")
+                    .send()
+                    .await
+                    .expect("request")
+            }
+        };
+        let ids = |body: &Value| -> Vec<String> {
+            body["value"]
+                .as_array()
+                .expect("value")
+                .iter()
+                .map(|m| {
+                    m["internetMessageId"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string()
+                })
+                .collect()
+        };
+        let all: Value = list("").await.json().await.expect("json");
+        assert_eq!(
+            ids(&all),
+            ["<second@contoso.example>", "<first@contoso.example>"]
+        );
+        let response = list("?$top=1").await;
+        assert_eq!(response.status().as_u16(), 200);
+        let one: Value = response.json().await.expect("json");
+        assert_eq!(ids(&one), ["<second@contoso.example>"]);
+        let none: Value = list("?%24top=0").await.json().await.expect("json");
+        assert_eq!(none["value"], json!([]));
+        let (status, error) = error_of(list("?$top=many").await).await;
+        assert_eq!((status, error["code"].as_str()), (400, Some("BadRequest")));
+        // Reading Sent Items needs a read permission: Mail.Send alone is denied.
+        let denied = reqwest::Client::new()
+            .get(format!(
+                "{}/v1.0/me/mailFolders/SentItems/messages?$top=1",
+                server.base_url()
+            ))
+            .bearer_auth("send")
+            .send()
+            .await
+            .expect("request");
+        let (status, error) = error_of(denied).await;
+        assert_eq!(
+            (status, error["code"].as_str()),
+            (403, Some("ErrorAccessDenied"))
+        );
+    }
+
+    #[tokio::test]
+    async fn the_subject_of_a_mime_send_is_kept_decoded() {
+        let server = server().await;
+        let mime = b"To: dana@fabrikam.example\r\nSubject: =?utf-8?b?UHLDqWF2aXM=?= =?UTF-8?Q?_f=C3=BCr_Dana?= =?utf-8?q?=C3=A0?= and more\r\nMessage-ID: <subject@contoso.example>\r\n\r\nHello\r\n";
+        let response = send_mime(&server, "me/sendMail", "send", mime).await;
+        assert_eq!(response.status().as_u16(), 202);
+        assert_eq!(
+            server.sent_items(ALICE)[0].subject,
+            "Préavis für Danaà and more"
+        );
+        assert_eq!(decode_encoded_words("Plain =?x?"), "Plain =?x?");
+        assert_eq!(
+            decode_encoded_words("=?iso-8859-1?q?caf=E9?="),
+            "=?iso-8859-1?q?caf=E9?="
         );
     }
 

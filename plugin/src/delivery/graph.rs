@@ -19,6 +19,7 @@ use crate::delivery::graph_replies::{self, GraphReply};
 use crate::delivery::smtp::{CONNECTIONS_PER_MAILBOX, SendOutcome, SmtpSender};
 use crate::delivery::transport::{Batch, BatchResult, MessageResult, Prepared, Stop, Transport};
 use crate::settings::OutlookSettings;
+use crate::tokens::store::AccessToken;
 
 /// Graph's limit of one request's body, in bytes (MICROSOFT.md: 4 MB).
 pub const GRAPH_REQUEST_LIMIT: usize = 4 * 1024 * 1024;
@@ -393,6 +394,43 @@ fn with_bcc(message: &Prepared) -> std::borrow::Cow<'_, str> {
         return std::borrow::Cow::Borrowed(&message.raw);
     }
     std::borrow::Cow::Owned(format!("Bcc: {}\r\n{}", bcc.join(", "), message.raw))
+}
+
+/// What a connection test's read of a mailbox's Sent Items came to.
+#[derive(Debug, Clone)]
+pub enum GraphProbe {
+    /// Graph answered the read (`200 OK`): the token works on the mailbox.
+    Read {
+        /// The HTTP status.
+        status: u16,
+    },
+    /// A Graph error answer.
+    Refused(GraphReply),
+    /// Graph could not be reached, or gave no answer.
+    Unreachable(String),
+}
+
+impl GraphSender {
+    /// `GET {graph}/v1.0/users/{mailbox}/mailFolders/SentItems/messages?$top=1`: proves that
+    /// `token` works on the mailbox (it needs the Mail.ReadWrite the connect flow asks for);
+    /// sends nothing.
+    pub async fn probe(&self, graph_url: &str, mailbox: &str, token: &AccessToken) -> GraphProbe {
+        let url = Self::mailbox_url(graph_url.trim_end_matches('/'), mailbox);
+        let response = self
+            .http
+            .get(format!("{url}/mailFolders/SentItems/messages"))
+            .query(&[("$top", "1"), ("$select", "id")])
+            .bearer_auth(token.token.expose_secret())
+            .send()
+            .await;
+        match response {
+            Ok(r) if r.status().is_success() => GraphProbe::Read {
+                status: r.status().as_u16(),
+            },
+            Ok(r) => GraphProbe::Refused(reply_of(r).await),
+            Err(e) => GraphProbe::Unreachable(words(e)),
+        }
+    }
 }
 
 /// Graph's error answer: status, `error.code`, `error.message`, `Retry-After`.

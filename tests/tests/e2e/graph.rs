@@ -436,3 +436,102 @@ async fn a_server_switched_to_graph_without_a_new_sign_in_waits_for_the_consent(
     assert_eq!(graph.sent_items(MAILBOX).len(), 1);
     assert_eq!(m.smtp.received_count(), 0);
 }
+
+/// The names of a connection test's steps.
+fn step_names(report: &serde_json::Value) -> Vec<String> {
+    report["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|s| s["name"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_connection_of_a_graph_server_reads_the_mailbox_and_words_a_refusal() {
+    let m = graph_mailing().await;
+    let admin = &m.env.admin;
+    let test = format!("/microsoft_outlook/servers/{}/test", m.env.server_id);
+    let read = format!("GET /v1.0/users/{MAILBOX}/mailFolders/SentItems/messages?$top=1");
+    let (status, report) = admin.post_json(&test, &json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(
+        step_names(&report),
+        [
+            "Settings",
+            "Access token for Microsoft Graph",
+            read.as_str()
+        ],
+        "Graph's steps, not SMTP's"
+    );
+    let reads: Vec<_> = m
+        .graph
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET" && r.path.ends_with("/mailFolders/SentItems/messages"))
+        .collect();
+    assert_eq!(reads.len(), 1, "{reads:?}");
+    assert_eq!(reads[0].status, 200);
+    assert_eq!(reads[0].mailbox.as_deref(), Some(MAILBOX));
+    let (_, page, _) = admin
+        .get(&format!("/microsoft_outlook/servers/{}", m.env.server_id))
+        .await;
+    assert!(page.contains("Sent Items with it; sends nothing"), "{page}");
+    let (status, page, _) = admin.post_form(&test, &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        page.contains("Connection OK: Microsoft Graph accepts"),
+        "{page}"
+    );
+    assert!(m.graph.all_sent().is_empty(), "a test sends nothing");
+
+    // Graph denies the mailbox: the status and code, the rule and the table's words.
+    m.graph.inject(GraphFault::AccessDenied, 1);
+    let (_, page, _) = admin.post_form(&test, &[]).await;
+    assert!(page.contains("The connection test failed"), "{page}");
+    assert!(page.contains("403 ErrorAccessDenied"), "{page}");
+    assert!(page.contains("graph-access-denied"), "{page}");
+    assert!(page.contains("Mail.Send.Shared"), "{page}");
+    assert_ne!(
+        health_state(&m).await.map(|h| h.0).as_deref(),
+        Some("held"),
+        "a test holds nothing"
+    );
+    m.graph.inject(GraphFault::AccessDenied, 1);
+    let (_, report) = admin.post_json(&test, &json!({})).await;
+    assert_eq!(report["ok"], false, "{report}");
+    assert_eq!(report["rule"], "graph-access-denied");
+    let last = report["steps"]
+        .as_array()
+        .and_then(|s| s.last())
+        .cloned()
+        .expect("a last step");
+    assert_eq!(last["ok"], false);
+    assert!(
+        last["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("403 ErrorAccessDenied: Access is denied"),
+        "{last}"
+    );
+
+    // A token Graph refuses is refreshed once, as a delivery does, and the test passes.
+    m.graph.inject(GraphFault::TokenExpired, 1);
+    let (_, report) = admin.post_json(&test, &json!({})).await;
+    assert_eq!(report["ok"], true, "{report}");
+    let steps = report["steps"].as_array().cloned().unwrap_or_default();
+    assert_eq!(steps.len(), 5, "{report}");
+    assert!(
+        steps[2]["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("401 InvalidAuthenticationToken"),
+        "{report}"
+    );
+    assert_eq!(steps[3]["detail"], "refreshed now");
+
+    // A shared server is tested by operators only.
+    let (status, _, _) = m.alice.post_form(&test, &[]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}

@@ -2,10 +2,13 @@
 //! personal mailbox). The test connects, starts TLS, says EHLO and authenticates with the
 //! stored token (refreshed when due) exactly as a delivery does — the same code in
 //! [`crate::delivery::smtp`], taking one of the mailbox's connection slots only for the test — and shows
-//! each step with its result, and on failure the classification table's words. A test that
+//! each step with its result, and on failure the classification table's words. A server that
+//! sends through Microsoft Graph is tested with Graph's steps instead ([`graph`]). A test that
 //! authenticates ends a hold whose cause it proves fixed. A failed test holds nothing: it only
 //! reports (the next delivery classifies and holds as usual). The test mail is queued through
 //! the normal queue, from the mailbox itself, and shows in the outbox.
+
+mod graph;
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -117,19 +120,23 @@ fn shown_reply(f: &SmtpFailure, viewer: &CurrentUser) -> String {
     }
 }
 
-/// Tests `server`'s connection as `viewer` sees it (non-operators see reply codes only).
+/// Tests `server`'s connection as `viewer` sees it (non-operators see reply codes only):
+/// SMTP's steps, or Microsoft Graph's for a server whose transport is `graph`.
 pub async fn test(
     ctx: &ModuleContext,
     shared: &Arc<Shared>,
     server: &mail_server::Model,
     viewer: &CurrentUser,
 ) -> Report {
+    if server.transport == "graph" {
+        return graph::test(ctx, shared, server, viewer).await;
+    }
     let mut steps = Vec::new();
     let mut token = match fresh_access_token(ctx, shared, server, false).await {
         Ok(t) => t,
-        Err(problem) => return token_failed(steps, &problem),
+        Err(problem) => return token_failed(steps, SMTP_TOKEN_STEP, &problem),
     };
-    steps.push(token_step(&token));
+    steps.push(token_step(SMTP_TOKEN_STEP, &token));
     let mut outcome = probe(ctx, shared, server, &token).await;
     if let (_, Err(SendOutcome::Failed(f))) = &outcome
         && f.refused_token()
@@ -147,9 +154,9 @@ pub async fn test(
         shared.smtp.forget(server.id);
         token = match fresh_access_token(ctx, shared, server, true).await {
             Ok(t) => t,
-            Err(problem) => return token_failed(steps, &problem),
+            Err(problem) => return token_failed(steps, SMTP_TOKEN_STEP, &problem),
         };
-        steps.push(token_step(&token));
+        steps.push(token_step(SMTP_TOKEN_STEP, &token));
         outcome = probe(ctx, shared, server, &token).await;
     }
     let identity = token
@@ -161,30 +168,13 @@ pub async fn test(
     match result {
         Ok(()) => {
             steps.extend(connection_steps(server, &identity, reached, None));
-            let held_before = crate::delivery::health::get(ctx, server.id)
-                .await
-                .map(|h| h.reason().is_some_and(|r| ENDED_BY_A_TEST.contains(&r)))
-                .unwrap_or(false);
-            if held_before {
-                shared.server_changed(server.id);
-                if let Err(e) = crate::delivery::health::release(
-                    ctx,
-                    shared,
-                    server.id,
-                    Some(&ENDED_BY_A_TEST),
-                    crate::delivery::health::Release::IfHeld,
-                )
-                .await
-                {
-                    tracing::warn!(error = %e, "ending a hold after a successful test failed");
-                }
-            }
+            let hold_ended = end_hold(ctx, shared, server, &ENDED_BY_A_TEST).await;
             Report {
                 ok: true,
                 steps,
                 rule: None,
                 words: None,
-                hold_ended: held_before,
+                hold_ended,
             }
         }
         Err(SendOutcome::Failed(f)) => {
@@ -208,20 +198,52 @@ pub async fn test(
                 hold_ended: false,
             }
         }
-        Err(other) => {
-            let why = match other {
-                SendOutcome::Busy(why) => format!("{why}; try again in a moment"),
-                _ => "the test was interrupted".into(),
-            };
-            steps.push(step("A connection slot of the mailbox", false, why));
-            Report {
-                ok: false,
-                steps,
-                rule: None,
-                words: None,
-                hold_ended: false,
-            }
+        Err(other) => no_slot(steps, "A connection slot of the mailbox", other),
+    }
+}
+
+/// Ends `server`'s hold when its reason is one of `ended` (a passed test proves it fixed);
+/// whether there was such a hold.
+async fn end_hold(
+    ctx: &ModuleContext,
+    shared: &Arc<Shared>,
+    server: &mail_server::Model,
+    ended: &[HoldReason],
+) -> bool {
+    let held_before = crate::delivery::health::get(ctx, server.id)
+        .await
+        .map(|h| h.reason().is_some_and(|r| ended.contains(&r)))
+        .unwrap_or(false);
+    if held_before {
+        shared.server_changed(server.id);
+        if let Err(e) = crate::delivery::health::release(
+            ctx,
+            shared,
+            server.id,
+            Some(ended),
+            crate::delivery::health::Release::IfHeld,
+        )
+        .await
+        {
+            tracing::warn!(error = %e, "ending a hold after a successful test failed");
         }
+    }
+    held_before
+}
+
+/// The report when no sending slot of the mailbox was free (`slot` names the step).
+fn no_slot(mut steps: Vec<Step>, slot: &str, outcome: SendOutcome) -> Report {
+    let why = match outcome {
+        SendOutcome::Busy(why) => format!("{why}; try again in a moment"),
+        _ => "the test was interrupted".into(),
+    };
+    steps.push(step(slot, false, why));
+    Report {
+        ok: false,
+        steps,
+        rule: None,
+        words: None,
+        hold_ended: false,
     }
 }
 
@@ -235,9 +257,12 @@ async fn probe(
     shared.smtp.probe(ctx, server, token, deadline).await
 }
 
-fn token_step(token: &AccessToken) -> Step {
+/// The name of the SMTP test's token step.
+const SMTP_TOKEN_STEP: &str = "Access token";
+
+fn token_step(name: &str, token: &AccessToken) -> Step {
     step(
-        "Access token",
+        name,
         true,
         if token.refreshed {
             "refreshed now"
@@ -247,13 +272,13 @@ fn token_step(token: &AccessToken) -> Step {
     )
 }
 
-fn token_failed(mut steps: Vec<Step>, problem: &TokenProblem) -> Report {
+fn token_failed(mut steps: Vec<Step>, name: &str, problem: &TokenProblem) -> Report {
     let rule = match problem {
         TokenProblem::Held(v) => Some(v.rule.to_string()),
         TokenProblem::Transient { .. } => Some("token-endpoint-unavailable".to_string()),
         TokenProblem::Database(_) => None,
     };
-    steps.push(step("Access token", false, problem.to_string()));
+    steps.push(step(name, false, problem.to_string()));
     Report {
         ok: false,
         steps,
@@ -272,7 +297,11 @@ pub fn section(server: &mail_server::Model, user: &CurrentUser) -> Markup {
             form.inline method="post" action=(format!("{base}/test")) {
                 (csrf(user))
                 button type="submit" { "Test connection" }
-                span.help { " Connects, starts TLS, says EHLO and authenticates with the stored token; sends nothing." }
+                @if server.transport == "graph" {
+                    span.help { " Gets an access token for Microsoft Graph and reads one item of the mailbox's Sent Items with it; sends nothing." }
+                } @else {
+                    span.help { " Connects, starts TLS, says EHLO and authenticates with the stored token; sends nothing." }
+                }
             }
             form method="post" action=(format!("{base}/test-mail")) {
                 (csrf(user))
@@ -284,10 +313,15 @@ pub fn section(server: &mail_server::Model, user: &CurrentUser) -> Markup {
     }
 }
 
-fn report_markup(report: &Report) -> Markup {
+fn report_markup(server: &mail_server::Model, report: &Report) -> Markup {
+    let passed = if server.transport == "graph" {
+        "Connection OK: Microsoft Graph accepts the mailbox's token."
+    } else {
+        "Connection OK: the mailbox authenticates with its token."
+    };
     html! {
         @if report.ok {
-            p.flash.ok role="status" { "Connection OK: the mailbox authenticates with its token." @if report.hold_ended { " The hold was ended: its waiting mails are being sent." } }
+            p.flash.ok role="status" { (passed) @if report.hold_ended { " The hold was ended: its waiting mails are being sent." } }
         } @else {
             p.flash.bad role="alert" { "The connection test failed." }
         }
@@ -336,7 +370,7 @@ async fn run_test(
     }
     let body = html! {
         h1 { "Test connection: " (server.name) }
-        section.card id="test-result" { (report_markup(&report)) }
+        section.card id="test-result" { (report_markup(&server, &report)) }
         (section(&server, &user))
         p { a href=(format!("/microsoft_outlook/servers/{}", server.id)) { "Back to the server" } }
     };
