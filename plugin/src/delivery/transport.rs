@@ -112,8 +112,12 @@ pub struct Batch<'a> {
     pub window: &'a tokio::sync::Semaphore,
 }
 
-/// At most this many of a mailbox's mails are sent and not yet recorded, per process.
-pub const UNWRITTEN_PER_MAILBOX: usize = 6;
+/// At most this many of a mailbox's mails are sent and not yet recorded, per process. Large
+/// enough that a mailbox's connections never wait for the database in normal operation (a
+/// window of 6 cut the drain on SQLite from about 10,000 to 4,100 mails/s: every lane waited
+/// for each commit), small enough to bound what a process killed while its writes lag can
+/// send twice.
+pub const UNWRITTEN_PER_MAILBOX: usize = 64;
 
 impl Batch<'_> {
     /// Waits for a turn to send one message; `None` once the batch must halt or the process

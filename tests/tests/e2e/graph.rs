@@ -535,3 +535,24 @@ async fn test_connection_of_a_graph_server_reads_the_mailbox_and_words_a_refusal
     let (status, _, _) = m.alice.post_form(&test, &[]).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_as_denied_fails_the_mail_and_a_full_mailbox_holds_the_mailbox() {
+    let m = graph_mailing().await;
+    // The server sends as the author (alice@), not as the mailbox: Exchange's Send As refusal
+    // is about this mail's From, so this mail fails and the mailbox stays ready.
+    m.graph.inject(GraphFault::SendAsDenied, 1);
+    let id = queue_graph(&m, "Send As").await;
+    let failed = wait_status(&m.env.app, id, "failed").await;
+    assert!(
+        failed.last_error.unwrap_or_default().contains("Send As"),
+        "the admin step in words"
+    );
+    assert_ne!(health_state(&m).await.map(|h| h.0).as_deref(), Some("held"));
+    // ErrorQuotaExceeded: the mailbox is full; its mail waits, spending no attempt.
+    m.graph.inject(GraphFault::QuotaExceeded, 1);
+    let id = queue_graph(&m, "Mailbox full").await;
+    wait_held(&m.env.app, m.env.server_id, "mailbox_full").await;
+    let waiting = row(&m.env.app, id).await;
+    assert_eq!((waiting.status.as_str(), waiting.attempts), ("queued", 0));
+}
