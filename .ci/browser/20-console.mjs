@@ -2,19 +2,9 @@
 // demo.mjs connected the shared mailbox and sent a mail: the outbox with a filter, Retry of a
 // failed mail, "Release held mail" of a held mailbox, and Test connection on a healthy and on
 // a broken mailbox (the demo's simulated Exchange plays each fault once).
-import { base, browser, check, finish, shots } from './lib/suite.mjs';
+import { base, browser, check, finish, shots, signIn } from './lib/suite.mjs';
 
 
-async function signIn(email, password) {
-  const page = await browser.newPage();
-  page.setDefaultTimeout(20000);
-  await page.goto(`${base}/login`);
-  await page.fill('#email', email);
-  await page.fill('#password', password);
-  await page.click('button[type=submit]');
-  await page.waitForURL(/\/contacts/);
-  return page;
-}
 
 const admin = await signIn('admin@contoso.example', 'operator-demo');
 const alice = await signIn('alice@contoso.example', 'alice-demo');

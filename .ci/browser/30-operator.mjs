@@ -1,20 +1,9 @@
 // The operator's console in a real browser against `crm-host demo` (after demo.mjs connected
 // the shared mailbox): the settings page as a setup guide that verifies the client secret,
 // careful actions, the unread count, and every page at 390 px wide without sideways scrolling.
-import { base, browser, check, finish, shots } from './lib/suite.mjs';
+import { base, browser, check, finish, shots, signIn } from './lib/suite.mjs';
 
 
-async function signIn(email, password, viewport) {
-  const context = await browser.newContext(viewport ? { viewport } : {});
-  const page = await context.newPage();
-  page.setDefaultTimeout(20000);
-  await page.goto(`${base}/login`);
-  await page.fill('#email', email);
-  await page.fill('#password', password);
-  await page.click('button[type=submit]');
-  await page.waitForURL(/\/contacts/);
-  return page;
-}
 
 const page = await signIn('admin@contoso.example', 'operator-demo', { width: 1200, height: 900 });
 // The demo's simulated app registration: the secret's Value (to restore it) and its Secret ID.

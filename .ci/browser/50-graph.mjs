@@ -3,21 +3,11 @@
 // page, tests its connection (Graph's steps, passing, then a 403 in words), makes it the
 // default; Alice's mail from a contact goes out through the simulated Graph and shows on
 // /demo/received. At the end the SMTP server is the default again, as the other suites expect.
-import { base, browser, check, finish, shots } from './lib/suite.mjs';
+import { base, browser, check, finish, shots, signIn } from './lib/suite.mjs';
 
 const GRAPH_SERVER = 'Office 365 via Graph (simulated)';
 const SMTP_SERVER = 'Office 365 (simulated)';
 
-async function signIn(email, password) {
-  const page = await browser.newPage();
-  page.setDefaultTimeout(20000);
-  await page.goto(`${base}/login`);
-  await page.fill('#email', email);
-  await page.fill('#password', password);
-  await page.click('button[type=submit]');
-  await page.waitForURL(/\/contacts/);
-  return page;
-}
 
 const admin = await signIn('admin@contoso.example', 'operator-demo');
 

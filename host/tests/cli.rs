@@ -390,8 +390,13 @@ async fn demo_restart_keeps_the_settings_and_one_default_server_and_the_cli_find
     .expect("tenant");
     use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
     let servers = mail_server::Entity::find().all(&db).await.expect("servers");
-    assert_eq!(servers.len(), 1);
-    let mut renamed: mail_server::ActiveModel = servers[0].clone().into();
+    // The demo's two shared servers: one over SMTP (the default), one over Microsoft Graph.
+    assert_eq!(servers.len(), 2, "{servers:?}");
+    let smtp = servers
+        .iter()
+        .find(|s| s.transport == "smtp")
+        .expect("the SMTP server");
+    let mut renamed: mail_server::ActiveModel = smtp.clone().into();
     renamed.name = Set("Sales mailbox".into());
     renamed.update(&db).await.expect("rename");
     drop(db);
@@ -401,7 +406,7 @@ async fn demo_restart_keeps_the_settings_and_one_default_server_and_the_cli_find
     wait_healthy(&format!("http://127.0.0.1:{port}")).await;
     let db = crm_host::db::connect(&url, 1).await.expect("db");
     let servers = mail_server::Entity::find().all(&db).await.expect("servers");
-    assert_eq!(servers.len(), 1, "no second demo server: {servers:?}");
+    assert_eq!(servers.len(), 2, "no third demo server: {servers:?}");
     let defaults = mail_server::Entity::find()
         .filter(mail_server::Column::IsDefault.eq(true))
         .all(&db)
@@ -435,7 +440,7 @@ async fn demo_restart_keeps_the_settings_and_one_default_server_and_the_cli_find
         String::from_utf8_lossy(&out.stderr)
     );
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    assert_eq!(rows.as_array().map(Vec::len), Some(1));
+    assert_eq!(rows.as_array().map(Vec::len), Some(2));
     drop(demo);
     let _ = std::fs::remove_dir_all(&dir);
 }

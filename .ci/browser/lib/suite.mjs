@@ -26,6 +26,20 @@ export const browser = await chromium.launch({
     '--disable-background-networking', '--disable-component-update', '--disable-sync'],
 });
 
+/** Signs in as `email` in a page of its own (a fresh context: its own cookies, and
+ * `viewport` if given); returns the page on the contacts list. */
+export async function signIn(email, password, viewport) {
+  const context = await browser.newContext(viewport ? { viewport } : {});
+  const page = await context.newPage();
+  page.setDefaultTimeout(20000);
+  await page.goto(`${base}/login`);
+  await page.fill('#email', email);
+  await page.fill('#password', password);
+  await page.click('button[type=submit]');
+  await page.waitForURL(/\/contacts/);
+  return page;
+}
+
 /** Closes the browser, prints the closing line and exits non-zero if a check failed. */
 export async function finish() {
   await browser.close();

@@ -6,8 +6,7 @@
 //! tried before is first looked for in the mailbox's Sent Items by its `internetMessageId`, and
 //! recorded as sent when it is there. Source: MICROSOFT.md › Microsoft Graph mail.
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -17,7 +16,9 @@ use secrecy::ExposeSecret;
 use crate::delivery::classify::Level;
 use crate::delivery::graph_replies::{self, GraphReply};
 use crate::delivery::smtp::{CONNECTIONS_PER_MAILBOX, SendOutcome, SmtpSender};
-use crate::delivery::transport::{Batch, BatchResult, MessageResult, Prepared, Stop, Transport};
+use crate::delivery::transport::{
+    Batch, BatchResult, MessageResult, Prepared, Progress, Stop, Transport,
+};
 use crate::settings::OutlookSettings;
 use crate::tokens::store::AccessToken;
 
@@ -455,36 +456,6 @@ async fn reply_of(response: reqwest::Response) -> GraphReply {
     }
 }
 
-/// The batch's shared progress: the next message, the results, the stop.
-struct Progress {
-    next: AtomicUsize,
-    results: Mutex<Vec<MessageResult>>,
-    stop: Mutex<Option<Stop>>,
-}
-
-impl Progress {
-    fn stopped(&self) -> bool {
-        self.stop
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
-    }
-
-    fn stop(&self, why: Stop) {
-        let mut stop = self.stop.lock().unwrap_or_else(|e| e.into_inner());
-        if stop.is_none() {
-            *stop = Some(why);
-        }
-    }
-
-    fn set(&self, batch: &Batch<'_>, index: usize, result: MessageResult) {
-        let _ = batch
-            .report
-            .send((batch.messages[index].id, result.clone()));
-        self.results.lock().unwrap_or_else(|e| e.into_inner())[index] = result;
-    }
-}
-
 /// What an answer means for the message and the batch.
 fn settle(batch: &Batch<'_>, progress: &Progress, index: usize, answer: Answer) {
     let message = &batch.messages[index];
@@ -565,7 +536,7 @@ async fn lane(sender: &GraphSender, url: &str, batch: &Batch<'_>, progress: &Pro
             progress.stop(Stop::Halted);
             return;
         }
-        let index = progress.next.fetch_add(1, Ordering::SeqCst);
+        let index = progress.take_next();
         let Some(message) = batch.messages.get(index) else {
             return;
         };
@@ -575,10 +546,7 @@ async fn lane(sender: &GraphSender, url: &str, batch: &Batch<'_>, progress: &Pro
         };
         let answer = sender.send_one(url, batch, message).await;
         settle(batch, progress, index, answer);
-        if !matches!(
-            progress.results.lock().unwrap_or_else(|e| e.into_inner())[index],
-            MessageResult::NotTried
-        ) {
+        if progress.reported(index) {
             // Reported: the drain gives the turn back once the outcome is written.
             turn.forget();
         }
@@ -592,11 +560,7 @@ impl Transport for GraphSender {
     fn send<'a>(&'a self, batch: Batch<'a>) -> BoxFuture<'a, BatchResult> {
         Box::pin(async move {
             let count = batch.messages.len();
-            let progress = Progress {
-                next: AtomicUsize::new(0),
-                results: Mutex::new(vec![MessageResult::NotTried; count]),
-                stop: Mutex::new(None),
-            };
+            let progress = Progress::new(count);
             let Ok(settings) = OutlookSettings::load(batch.ctx).await else {
                 // The token step checks the settings first; should they go meanwhile, wait.
                 progress.stop(Stop::Halted);
@@ -616,16 +580,7 @@ impl Transport for GraphSender {
                 (0..lanes).map(|_| lane(self, &url, &batch, &progress, false)),
             )
             .await;
-            BatchResult {
-                results: progress
-                    .results
-                    .into_inner()
-                    .unwrap_or_else(|e| e.into_inner()),
-                stop: progress
-                    .stop
-                    .into_inner()
-                    .unwrap_or_else(|e| e.into_inner()),
-            }
+            progress.into_result()
         })
     }
 }

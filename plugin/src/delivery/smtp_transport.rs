@@ -3,49 +3,18 @@
 //! connection slots), each reused from one message to the next, and every refusal is
 //! classified by the SMTP table ([`crate::delivery::classify::smtp`]).
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 
 use crate::delivery::classify::{self, Facts, Level, Stage};
 use crate::delivery::smtp::{CONNECTIONS_PER_MAILBOX, SendOutcome, SmtpFailure, SmtpSender};
-use crate::delivery::transport::{Batch, BatchResult, MessageResult, Stop, Transport};
+use crate::delivery::transport::{Batch, BatchResult, MessageResult, Progress, Stop, Transport};
 
 /// How long one message waits for a free connection before the rest of the batch waits in
 /// the queue instead.
 const CONNECTION_WAIT: Duration = Duration::from_secs(20);
-
-/// The batch's shared progress: the next message to take, the results, and the stop.
-struct Progress {
-    next: AtomicUsize,
-    results: Mutex<Vec<MessageResult>>,
-    stop: Mutex<Option<Stop>>,
-}
-
-impl Progress {
-    fn stopped(&self) -> bool {
-        self.stop
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
-    }
-
-    fn stop(&self, why: Stop) {
-        let mut stop = self.stop.lock().unwrap_or_else(|e| e.into_inner());
-        if stop.is_none() {
-            *stop = Some(why);
-        }
-    }
-
-    fn set(&self, batch: &Batch<'_>, index: usize, result: MessageResult) {
-        let _ = batch
-            .report
-            .send((batch.messages[index].id, result.clone()));
-        self.results.lock().unwrap_or_else(|e| e.into_inner())[index] = result;
-    }
-}
 
 /// What one failed send means: a result for the message, or a stop of the batch.
 fn classify_failure(batch: &Batch<'_>, from: &str, f: &SmtpFailure) -> Result<MessageResult, Stop> {
@@ -81,7 +50,7 @@ async fn lane(sender: &SmtpSender, batch: &Batch<'_>, progress: &Progress, once:
             progress.stop(Stop::Halted);
             return;
         }
-        let index = progress.next.fetch_add(1, Ordering::SeqCst);
+        let index = progress.take_next();
         let Some(message) = batch.messages.get(index) else {
             return;
         };
@@ -119,10 +88,7 @@ async fn lane(sender: &SmtpSender, batch: &Batch<'_>, progress: &Progress, once:
             SendOutcome::Busy(_) => progress.stop(Stop::Busy),
             SendOutcome::LeaseLost => progress.stop(Stop::Halted),
         }
-        if !matches!(
-            progress.results.lock().unwrap_or_else(|e| e.into_inner())[index],
-            MessageResult::NotTried
-        ) {
+        if progress.reported(index) {
             // Reported: the drain gives the turn back once the outcome is written.
             turn.forget();
         }
@@ -136,27 +102,14 @@ impl Transport for SmtpSender {
     fn send<'a>(&'a self, batch: Batch<'a>) -> BoxFuture<'a, BatchResult> {
         Box::pin(async move {
             let count = batch.messages.len();
-            let progress = Progress {
-                next: AtomicUsize::new(0),
-                results: Mutex::new(vec![MessageResult::NotTried; count]),
-                stop: Mutex::new(None),
-            };
+            let progress = Progress::new(count);
             // One message first: the others fan out over more connections only once the
             // server was reached (an unreachable one then costs one attempt, not three).
             lane(self, &batch, &progress, true).await;
             let lanes = Ord::min(CONNECTIONS_PER_MAILBOX, count.saturating_sub(1));
             futures::future::join_all((0..lanes).map(|_| lane(self, &batch, &progress, false)))
                 .await;
-            BatchResult {
-                results: progress
-                    .results
-                    .into_inner()
-                    .unwrap_or_else(|e| e.into_inner()),
-                stop: progress
-                    .stop
-                    .into_inner()
-                    .unwrap_or_else(|e| e.into_inner()),
-            }
+            progress.into_result()
         })
     }
 }

@@ -147,3 +147,67 @@ pub trait Transport: Send + Sync {
     /// Sends `batch`; never fails as a whole (a problem is a [`Stop`] or per-message result).
     fn send<'a>(&'a self, batch: Batch<'a>) -> BoxFuture<'a, BatchResult>;
 }
+
+/// A batch's shared progress, for a transport that sends it over several lanes: the next
+/// message to take, one result per message, and why the batch stopped (the first reason).
+pub(crate) struct Progress {
+    next: std::sync::atomic::AtomicUsize,
+    results: std::sync::Mutex<Vec<MessageResult>>,
+    stop: std::sync::Mutex<Option<Stop>>,
+}
+
+impl Progress {
+    /// Nothing sent yet for `count` messages.
+    pub(crate) fn new(count: usize) -> Self {
+        Self {
+            next: std::sync::atomic::AtomicUsize::new(0),
+            results: std::sync::Mutex::new(vec![MessageResult::NotTried; count]),
+            stop: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The index of the next message to send (past the end when none is left).
+    pub(crate) fn take_next(&self) -> usize {
+        self.next.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether the batch stopped.
+    pub(crate) fn stopped(&self) -> bool {
+        self.stop
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// Stops the batch for `why`, unless it stopped already.
+    pub(crate) fn stop(&self, why: Stop) {
+        let mut stop = self.stop.lock().unwrap_or_else(|e| e.into_inner());
+        if stop.is_none() {
+            *stop = Some(why);
+        }
+    }
+
+    /// Records and reports the result of message `index`.
+    pub(crate) fn set(&self, batch: &Batch<'_>, index: usize, result: MessageResult) {
+        let _ = batch
+            .report
+            .send((batch.messages[index].id, result.clone()));
+        self.results.lock().unwrap_or_else(|e| e.into_inner())[index] = result;
+    }
+
+    /// Whether message `index` has a result (it was reported).
+    pub(crate) fn reported(&self, index: usize) -> bool {
+        !matches!(
+            self.results.lock().unwrap_or_else(|e| e.into_inner())[index],
+            MessageResult::NotTried
+        )
+    }
+
+    /// The batch's outcome.
+    pub(crate) fn into_result(self) -> BatchResult {
+        BatchResult {
+            results: self.results.into_inner().unwrap_or_else(|e| e.into_inner()),
+            stop: self.stop.into_inner().unwrap_or_else(|e| e.into_inner()),
+        }
+    }
+}

@@ -3,7 +3,7 @@
 //! sent twice when Graph's answer is lost.
 
 use crate::connect::{Env, MAILBOX, connect_through, env};
-use crate::helpers::{ALICE, Browser, eventually};
+use crate::helpers::{Browser, eventually};
 use crate::send::{
     Mailing, mailing, mails_path, point_server_at, queue, row, settings, wait_held, wait_status,
 };
@@ -49,17 +49,7 @@ async fn graph_mailing() -> GraphMailing {
         .await
         .expect("graph");
     to_graph(&env, &smtp, &graph).await;
-    let contact = crm_host::seed::create_contact(
-        &env.app.db,
-        "Dana Fabrikam",
-        Some("dana@fabrikam.example"),
-        Some("Fabrikam"),
-        env.app.alice_id,
-        false,
-    )
-    .await
-    .expect("contact");
-    let alice = env.app.signed_in(ALICE).await;
+    let (contact, alice) = crate::send::dana_and_alice(&env).await;
     GraphMailing {
         env,
         graph,

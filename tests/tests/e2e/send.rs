@@ -81,8 +81,8 @@ pub(crate) async fn mailing() -> Mailing {
     with_contact(env, smtp).await
 }
 
-/// The mailing of `env` and `smtp`: Alice signed in, and her contact Dana to write to.
-pub(crate) async fn with_contact(env: Env, smtp: SmtpServer) -> Mailing {
+/// Alice's contact Dana (to write to), and Alice signed in.
+pub(crate) async fn dana_and_alice(env: &Env) -> (i64, Browser) {
     let contact = crm_host::seed::create_contact(
         &env.app.db,
         "Dana Fabrikam",
@@ -93,7 +93,12 @@ pub(crate) async fn with_contact(env: Env, smtp: SmtpServer) -> Mailing {
     )
     .await
     .expect("contact");
-    let alice = env.app.signed_in(ALICE).await;
+    (contact, env.app.signed_in(ALICE).await)
+}
+
+/// The mailing of `env` and `smtp`: Alice signed in, and her contact Dana to write to.
+pub(crate) async fn with_contact(env: Env, smtp: SmtpServer) -> Mailing {
+    let (contact, alice) = dana_and_alice(&env).await;
     Mailing {
         env,
         smtp,
