@@ -7,6 +7,7 @@ pub mod classify;
 pub mod drain;
 pub mod drains;
 pub mod graph;
+pub mod graph_draft;
 pub mod graph_replies;
 pub mod health;
 pub mod limits;
