@@ -2,12 +2,10 @@
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
-use chrono::{DateTime, Utc};
 use crm_sdk::{CurrentUser, FieldError, ModuleContext, RecordAccess, RecordRef};
 use maud::{Markup, html};
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
-use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use serde::Deserialize;
 use std::sync::Arc;
 
 use crate::entities::{mail_server, outbox};
@@ -16,6 +14,11 @@ use crate::outbox::queue::{Refusal, queue_mail};
 use crate::runtime::Shared;
 use crate::web::compose_box::{COMPOSE_SCRIPT, Typed, UploadLimits, compose_form, read_upload};
 use crate::web::layout::page_with;
+use crate::web::mail_words::waiting_of;
+pub use crate::web::mail_words::{
+    MailView, classified_reply, for_viewer, mailboxes, mails_table, queued_words, status_badge,
+    status_words, via_words,
+};
 
 #[derive(Deserialize)]
 struct MailForm {
@@ -53,96 +56,6 @@ impl From<MailForm> for MailRequest {
     }
 }
 
-/// One mail as the JSON list shows it.
-#[derive(Serialize)]
-pub struct MailView {
-    pub id: i64,
-    pub message_id: String,
-    pub status: String,
-    pub subject: String,
-    pub from: String,
-    pub attempts: i32,
-    pub last_reply: Option<String>,
-    pub last_error: Option<String>,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    pub next_attempt_at: DateTime<Utc>,
-    pub sent_at: Option<DateTime<Utc>>,
-    /// Why a queued mail waits on its mailbox (held or throttled), in words; else `null`.
-    pub waiting: Option<String>,
-    /// The status in words ("Delivered to Exchange").
-    pub status_words: String,
-    /// Where the mail's page is.
-    pub url: String,
-}
-
-/// The classified words of a remote SMTP reply: its code and enhanced status code
-/// (`554 5.2.0`), never the remote server's free text.
-pub fn classified_reply(reply: &str) -> String {
-    let mut words = reply.split_whitespace();
-    let Some(code) = words
-        .next()
-        .filter(|w| w.len() == 3 && w.bytes().all(|b| b.is_ascii_digit()))
-    else {
-        return "no SMTP reply".into();
-    };
-    let enhanced = words.next().filter(|w| {
-        let parts: Vec<&str> = w.split('.').collect();
-        parts.len() == 3
-            && parts
-                .iter()
-                .all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
-    });
-    match enhanced {
-        Some(enhanced) => format!("{code} {enhanced}"),
-        None => code.to_string(),
-    }
-}
-
-/// A mail as `viewer` may see it: operators see the remote server's reply as it was; others
-/// see its classified words (the remote server may be one a user pointed a mailbox at).
-pub fn for_viewer(mut m: outbox::Model, viewer: &CurrentUser) -> outbox::Model {
-    if viewer.is_admin {
-        return m;
-    }
-    if let Some(reply) = m.last_reply.take() {
-        let words = classified_reply(&reply);
-        m.last_error = m.last_error.map(|e| e.replace(&reply, &words));
-        m.last_reply = Some(words);
-    }
-    m
-}
-
-impl From<outbox::Model> for MailView {
-    fn from(m: outbox::Model) -> Self {
-        Self {
-            status_words: status_words(&m.status).to_string(),
-            id: m.id,
-            message_id: m.message_id,
-            status: m.status,
-            subject: m.subject,
-            from: m.from_header,
-            attempts: m.attempts,
-            last_reply: m.last_reply,
-            last_error: m.last_error,
-            created_at: m.created_at,
-            updated_at: m.updated_at,
-            next_attempt_at: m.next_attempt_at,
-            sent_at: m.sent_at,
-            waiting: None,
-
-            url: format!("/microsoft_outlook/outbox/{}", m.id),
-        }
-    }
-}
-
-/// Why `m` waits, if it is queued on a mailbox in `waits`.
-fn waiting_of(m: &outbox::Model, waits: &HashMap<i32, String>) -> Option<String> {
-    matches!(m.status.as_str(), "queued" | "sending")
-        .then(|| waits.get(&m.server_id).cloned())
-        .flatten()
-}
-
 /// Whether the request asks for (or sends) JSON.
 pub(crate) fn wants_json(req: &HttpRequest) -> bool {
     let header = |name: &str| {
@@ -167,110 +80,6 @@ pub(crate) fn json_refusal(status: StatusCode, errors: &[FieldError]) -> HttpRes
 
 fn record_path(model: &str, id: i64) -> String {
     format!("/microsoft_outlook/records/{model}/{id}/mails")
-}
-
-/// A mail's status in words, as its author reads it.
-pub fn status_words(status: &str) -> &'static str {
-    match status {
-        "queued" => "Queued",
-        "sending" => "Sending",
-        "sent" => "Delivered to Exchange",
-        "failed" => "Not sent",
-        "needs_reconnect" => "Waiting for the mailbox to be connected again",
-        _ => "Unknown",
-    }
-}
-
-/// A mail's status as a badge, in words; `data-status` keeps the status itself.
-pub fn status_badge(status: &str) -> Markup {
-    let class = match status {
-        "sent" => "badge ok",
-        "failed" | "needs_reconnect" => "badge bad",
-        "sending" => "badge warn",
-        _ => "badge muted",
-    };
-    html! { span class=(class) data-status=(status) { (status_words(status)) } }
-}
-
-/// Which mailbox a mail goes out from, and as whom: "sales@contoso.example as Alice Adams"
-/// (the From address too when it is not the mailbox's).
-pub fn via_words(mailbox: &str, from_header: &str) -> String {
-    if mailbox.is_empty() {
-        return from_header.to_string();
-    }
-    let Ok(from) = from_header.parse::<lettre::message::Mailbox>() else {
-        return format!("{mailbox} as {from_header}");
-    };
-    let address = from.email.to_string();
-    let same = address.eq_ignore_ascii_case(mailbox);
-    match from.name.filter(|n| !n.trim().is_empty()) {
-        Some(name) if same => format!("{mailbox} as {name}"),
-        Some(name) => format!("{mailbox} as {name} <{address}>"),
-        None if same => mailbox.to_string(),
-        None => format!("{mailbox} as {address}"),
-    }
-}
-
-/// The mailbox address of each mail server, by id.
-pub async fn mailboxes(ctx: &ModuleContext) -> HashMap<i32, String> {
-    mail_server::Entity::find()
-        .all(ctx.db())
-        .await
-        .unwrap_or_default()
-        .into_iter()
-        .map(|s| (s.id, s.mailbox))
-        .collect()
-}
-
-/// What the author reads after Send.
-pub fn queued_words(mailbox: &str, from_header: &str) -> String {
-    format!(
-        "Queued — it will go out from {}.",
-        via_words(mailbox, from_header)
-    )
-}
-
-/// The table of a record's mails, in words: the status (and why it waits), the mailbox it goes
-/// out from and as whom; the remote server's reply is on each mail's own page.
-pub fn mails_table(
-    mails: &[outbox::Model],
-    waits: &HashMap<i32, String>,
-    mailboxes: &HashMap<i32, String>,
-    viewer: &CurrentUser,
-) -> Markup {
-    // A colleague's mail on a shared record: no link to a page they may not open, and not the
-    // colleague's own mailbox address.
-    let own = |m: &outbox::Model| viewer.is_admin || m.author_user_id == viewer.id;
-    html! {
-        @if mails.is_empty() {
-            p.help { "No mail sent from this record yet." }
-        } @else {
-            table.mails {
-                thead { tr { th { "Subject" } th { "Status" } th { "Sent via" } th { "Queued" } th { "Updated" } } }
-                tbody {
-                    @for m in mails {
-                        tr data-message-id=(m.message_id) data-status=(m.status) {
-                            td {
-                                @if own(m) { a href=(format!("/microsoft_outlook/outbox/{}", m.id)) { (m.subject) } }
-                                @else { (m.subject) }
-                            }
-                            td {
-                                (status_badge(&m.status))
-                                @if let Some(w) = waiting_of(m, waits) { p.help.waiting { (w) } }
-                                @if m.status == "failed" { @if let Some(e) = &m.last_error { p.help { (e) } } }
-                            }
-                            td {
-                                @if own(m) { (via_words(mailboxes.get(&m.server_id).map_or("", String::as_str), &m.from_header)) }
-                                @else { "—" }
-                            }
-                            td { (m.created_at.format("%Y-%m-%d %H:%M:%S")) }
-                            td { (m.updated_at.format("%Y-%m-%d %H:%M:%S")) }
-                        }
-                    }
-                }
-            }
-        }
-    }
 }
 
 /// The record's mails as the panel shows them (the compose script reloads this part).
@@ -600,24 +409,4 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                     .body(COMPOSE_SCRIPT)
             }),
         );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_reply_is_classified_to_its_codes() {
-        assert_eq!(
-            classified_reply("554 5.2.0 STOREDRV.Submission.Exception: anything the server says"),
-            "554 5.2.0"
-        );
-        assert_eq!(classified_reply("250 OK queued as 12345"), "250");
-        assert_eq!(classified_reply("421 4.7.0 <script>"), "421 4.7.0");
-        assert_eq!(
-            classified_reply("Connection refused by peer"),
-            "no SMTP reply"
-        );
-        assert_eq!(classified_reply("5541 x"), "no SMTP reply");
-    }
 }

@@ -4,6 +4,7 @@
 pub mod compose_box;
 pub mod layout;
 pub mod mail_routes;
+pub mod mail_words;
 pub mod outbox_page;
 pub mod pages;
 pub mod servers;
