@@ -871,8 +871,13 @@ async fn faults_of_every_peer_lose_nothing_and_the_queue_drains_after_each() {
         );
         assert_eq!((t.sent, t.lost), (BACKLOG, 0), "{t:?}");
         // A mail accepted just as the database went away may be sent again (its status could
-        // not be written): at most the mails in flight then, and those that started meanwhile.
-        assert!(t.duplicates <= 2 * 16, "{t:?}");
+        // not be written, and another process's sweep may give it to another drain first): only
+        // mails in flight at the stop (no claim is made while the database is away).
+        assert!(
+            t.duplicates <= in_flight,
+            "{} duplicates, but only {in_flight} mails were in flight at the stop",
+            t.duplicates
+        );
     } else {
         c.wait_all_sent(&ids, Duration::from_secs(120), "drain")
             .await;
