@@ -333,10 +333,7 @@ async fn lane(sender: &GraphSender, url: &str, batch: &Batch<'_>, progress: &Pro
         };
         let answer = sender.send_one(url, batch, message).await;
         settle(batch, progress, index, answer);
-        if progress.reported(index) {
-            // Reported: the drain gives the turn back once the outcome is written.
-            turn.forget();
-        }
+        progress.end_turn(index, turn);
         if once {
             return;
         }

@@ -88,10 +88,7 @@ async fn lane(sender: &SmtpSender, batch: &Batch<'_>, progress: &Progress, once:
             SendOutcome::Busy(_) => progress.stop(Stop::Busy),
             SendOutcome::LeaseLost => progress.stop(Stop::Halted),
         }
-        if progress.reported(index) {
-            // Reported: the drain gives the turn back once the outcome is written.
-            turn.forget();
-        }
+        progress.end_turn(index, turn);
         if once {
             return;
         }

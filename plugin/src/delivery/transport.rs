@@ -195,12 +195,16 @@ impl Progress {
         self.results.lock().unwrap_or_else(|e| e.into_inner())[index] = result;
     }
 
-    /// Whether message `index` has a result (it was reported).
-    pub(crate) fn reported(&self, index: usize) -> bool {
-        !matches!(
+    /// Ends the turn message `index` was sent with: a reported result keeps it taken (the
+    /// drain gives it back once the outcome is written); otherwise it comes back now.
+    pub(crate) fn end_turn(&self, index: usize, turn: tokio::sync::SemaphorePermit<'_>) {
+        let reported = !matches!(
             self.results.lock().unwrap_or_else(|e| e.into_inner())[index],
             MessageResult::NotTried
-        )
+        );
+        if reported {
+            turn.forget();
+        }
     }
 
     /// The batch's outcome.
