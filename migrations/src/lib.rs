@@ -8,6 +8,7 @@ mod m0003_token_refresh_lease;
 mod m0004_several_processes;
 mod m0005_mailbox_health;
 mod m0006_outbox_bodies;
+mod m0007_outbox_partial_indexes;
 
 /// The module's migrator; it keeps its own history table beside the host's.
 pub struct Migrator;
@@ -22,6 +23,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0004_several_processes::Migration),
             Box::new(m0005_mailbox_health::Migration),
             Box::new(m0006_outbox_bodies::Migration),
+            Box::new(m0007_outbox_partial_indexes::Migration),
         ]
     }
 

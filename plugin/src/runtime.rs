@@ -155,6 +155,8 @@ pub struct Shared {
     write_gate: Arc<tokio::sync::Mutex<()>>,
     /// When the sweep last deleted the texts of mails past the retention.
     pub last_prune: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Queued mails waiting to be stored with those of concurrent requests.
+    pub inserts: Inserts,
 }
 
 impl Shared {
@@ -190,6 +192,7 @@ impl Shared {
             stopping: std::sync::atomic::AtomicBool::new(true),
             write_gate: Arc::new(tokio::sync::Mutex::new(())),
             last_prune: std::sync::Mutex::new(None),
+            inserts: Default::default(),
         })
     }
 
@@ -354,4 +357,21 @@ impl Shared {
             tracing::warn!(error = %e, "pushing drain jobs failed; the sweep will pick the mails up");
         }
     }
+}
+
+/// Queued mails waiting to be stored with those of concurrent requests
+/// (`outbox::group_insert`), and the turn of the group being written.
+#[derive(Default)]
+pub struct Inserts {
+    pub(crate) pending: std::sync::Mutex<Vec<PendingInsert>>,
+    pub(crate) turn: tokio::sync::Mutex<()>,
+}
+
+/// A mail to store: its row, its message text and where its stored row (or the error, in
+/// words) goes.
+pub(crate) struct PendingInsert {
+    pub(crate) message_id: String,
+    pub(crate) row: crate::entities::outbox::ActiveModel,
+    pub(crate) raw: String,
+    pub(crate) done: tokio::sync::oneshot::Sender<Result<crate::entities::outbox::Model, String>>,
 }

@@ -14,7 +14,7 @@ use crate::web::servers::may_manage;
 pub async fn queued_mails(ctx: &ModuleContext, server_id: i32) -> u64 {
     outbox::Entity::find()
         .filter(outbox::Column::ServerId.eq(server_id))
-        .filter(outbox::Column::Status.is_in(["queued", "sending"]))
+        .filter(outbox::unsent())
         .count(ctx.db())
         .await
         .unwrap_or(0)

@@ -33,6 +33,8 @@ pub struct Drained {
     pub failed: usize,
     /// Mails to be tried again, or waiting for their mailbox.
     pub again: usize,
+    /// Groups of outcomes written (each one statement per kind of outcome in it).
+    pub writes: usize,
 }
 
 impl Drained {
@@ -40,6 +42,7 @@ impl Drained {
         self.sent += other.sent;
         self.failed += other.failed;
         self.again += other.again;
+        self.writes += other.writes;
     }
 }
 
@@ -224,6 +227,7 @@ async fn send_batch(
         sent = drained.sent,
         failed = drained.failed,
         again = drained.again,
+        writes = drained.writes,
         "drained a batch"
     );
     Ok((drained, go_on))
@@ -435,11 +439,13 @@ impl Writer<'_> {
         if decided.is_empty() {
             return Ok(drained);
         }
+        drained.writes = 1;
         let outcomes: Vec<Outcome> = decided.iter().map(|d| d.outcome.clone()).collect();
         let delete_bodies = self.limits.keep_sent_days == 0;
         // Every quarter second for half a minute: written as soon as the database is back,
         // before the sweep of another process gives these mails to another drain.
         let mut tries = 0;
+        let first_try = std::time::Instant::now();
         let counting = self.lease.writing.lock().await;
         loop {
             match claims::record(
@@ -452,7 +458,7 @@ impl Writer<'_> {
             .await
             {
                 Ok(()) => break,
-                Err(e) if tries < 120 => {
+                Err(e) if first_try.elapsed() < claims::OUTCOME_RETRY => {
                     // Nothing more is sent while outcomes cannot be written.
                     self.lease
                         .lost

@@ -252,7 +252,7 @@ async fn author_notices(
         .column(outbox::Column::AuthorUserId)
         .distinct()
         .filter(outbox::Column::ServerId.eq(server.id))
-        .filter(outbox::Column::Status.is_in(["queued", "sending"]))
+        .filter(outbox::unsent())
         .into_tuple()
         .all(ctx.db())
         .await
@@ -378,7 +378,7 @@ async fn due_at(
     outbox::Entity::update_many()
         .col_expr(outbox::Column::NextAttemptAt, Expr::value(until))
         .filter(outbox::Column::ServerId.eq(server_id))
-        .filter(outbox::Column::Status.eq("queued"))
+        .filter(outbox::status_is("queued"))
         .filter(outbox::Column::NextAttemptAt.lt(until))
         .exec(ctx.db())
         .await?;
@@ -598,7 +598,7 @@ async fn requeue_waiting(ctx: &ModuleContext, server_id: i32) -> Result<Vec<i64>
         .select_only()
         .column(outbox::Column::Id)
         .filter(outbox::Column::ServerId.eq(server_id))
-        .filter(outbox::Column::Status.eq("queued"))
+        .filter(outbox::status_is("queued"))
         .order_by_asc(outbox::Column::Id)
         .into_tuple()
         .all(ctx.db())
@@ -614,7 +614,7 @@ async fn requeue_waiting(ctx: &ModuleContext, server_id: i32) -> Result<Vec<i64>
             Expr::value(Option::<DateTime<Utc>>::None),
         )
         .filter(outbox::Column::ServerId.eq(server_id))
-        .filter(outbox::Column::Status.eq("queued"))
+        .filter(outbox::status_is("queued"))
         .exec(ctx.db())
         .await?;
     Ok(waiting)
@@ -626,7 +626,7 @@ pub async fn waiting_counts(ctx: &ModuleContext) -> Result<HashMap<i32, i64>, se
         .select_only()
         .column(outbox::Column::ServerId)
         .column_as(outbox::Column::Id.count(), "n")
-        .filter(outbox::Column::Status.is_in(["queued", "sending"]))
+        .filter(outbox::unsent())
         .group_by(outbox::Column::ServerId)
         .into_tuple()
         .all(ctx.db())

@@ -44,3 +44,21 @@ pub struct Model {
 pub enum Relation {}
 
 impl ActiveModelBehavior for ActiveModel {}
+
+/// `status = '<status>'` with the status written into the SQL rather than bound: SQLite and
+/// PostgreSQL use the outbox's partial indexes (on queued, sending and failed mails, migration
+/// m0007) only for a query that names the status as the index does. `status` is a constant
+/// of the code (`queued`, `sending`, `sent`, `failed` or `cancelled`), never user input.
+pub fn status_is(status: &'static str) -> sea_orm::sea_query::SimpleExpr {
+    debug_assert!(status.bytes().all(|b| b.is_ascii_lowercase()));
+    Expr::cust(format!(
+        "\"microsoft_outlook_outbox\".\"status\" = '{status}'"
+    ))
+}
+
+/// Queued or sending, each named as its partial index is (see [`status_is`]).
+pub fn unsent() -> sea_orm::Condition {
+    sea_orm::Condition::any()
+        .add(status_is("queued"))
+        .add(status_is("sending"))
+}

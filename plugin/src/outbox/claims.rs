@@ -26,6 +26,12 @@ pub const BATCH: u64 = 100;
 /// or one mail when a single one is larger.
 pub const BATCH_BYTES: i64 = 16 * 1024 * 1024;
 
+/// How long a drain goes on trying to write outcomes while the database is away (every
+/// quarter second). The sweep takes a claim back only this long (and 5 s more) after its lease
+/// ran out, so that a drain whose database came back writes its outcomes before another drain
+/// can be given the same mails: a mail the server took is then not sent again.
+pub const OUTCOME_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A claimed batch: the rows (in queue order, `attempts` already counting this attempt) and
 /// the claim's owner name, unique per claim.
 pub struct Claimed {
@@ -89,11 +95,12 @@ async fn claim_rows<C: ConnectionTrait>(
         shared.instance,
         shared.claims.fetch_add(1, Ordering::Relaxed)
     );
+    // The partial index on queued mails (server_id, id) gives them in queue order.
     let mut pick = Query::select();
     pick.column(outbox::Column::Id)
         .from(outbox::Entity)
         .and_where(outbox::Column::ServerId.eq(server_id))
-        .and_where(outbox::Column::Status.eq("queued"))
+        .and_where(outbox::status_is("queued"))
         .and_where(outbox::Column::NextAttemptAt.lte(now))
         .order_by(outbox::Column::Id, sea_orm::Order::Asc)
         .limit(limit);
@@ -101,6 +108,7 @@ async fn claim_rows<C: ConnectionTrait>(
         // Rows another process is claiming right now are skipped, not waited for.
         pick.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
     }
+    let picked = outbox::Column::Id.in_subquery(pick);
     let mut claim = outbox::Entity::update_many()
         .col_expr(outbox::Column::Status, Expr::value("sending"))
         .col_expr(
@@ -116,10 +124,7 @@ async fn claim_rows<C: ConnectionTrait>(
     if admitted {
         claim = claim.col_expr(outbox::Column::SentAt, Expr::value(now));
     }
-    let mut rows = claim
-        .filter(outbox::Column::Id.in_subquery(pick))
-        .exec_with_returning(db)
-        .await?;
+    let mut rows = claim.filter(picked).exec_with_returning(db).await?;
     rows.sort_unstable_by_key(|r| r.id);
     Ok(Claimed { owner, rows })
 }
@@ -208,7 +213,7 @@ async fn admit_and_claim(
     outbox::Entity::update_many()
         .col_expr(outbox::Column::NextAttemptAt, Expr::value(until))
         .filter(outbox::Column::ServerId.eq(server_id))
-        .filter(outbox::Column::Status.eq("queued"))
+        .filter(outbox::status_is("queued"))
         .filter(outbox::Column::NextAttemptAt.lt(until))
         .exec(&txn)
         .await?;
@@ -443,7 +448,7 @@ async fn write_group(
             // meanwhile (the outcome came late) and no other drain has claimed it yet.
             Condition::any()
                 .add(outbox::Column::LeaseOwner.eq(owner))
-                .add(outbox::Column::Status.eq("queued"))
+                .add(outbox::status_is("queued"))
         } else {
             Condition::all().add(outbox::Column::LeaseOwner.eq(owner))
         })

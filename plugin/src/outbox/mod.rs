@@ -5,6 +5,7 @@ pub mod attachments;
 pub mod claims;
 pub mod compose;
 pub mod failed_notice;
+pub mod group_insert;
 pub mod lease;
 pub mod markdown;
 pub mod queue;

@@ -6,12 +6,12 @@ use chrono::Utc;
 use crm_sdk::{CurrentUser, FieldError, ModuleContext, RecordAccess, RecordRef};
 use lettre::message::Mailbox;
 use rand::Rng;
-use sea_orm::{ActiveModelTrait, EntityTrait, Set, TransactionTrait};
+use sea_orm::sea_query::{Expr, ExprTrait, Query};
+use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, Set};
 
-use crate::entities::{mail_server, outbox, outbox_body, token};
+use crate::entities::{mail_server, outbox, token};
 use crate::outbox::compose::{MailRequest, OutgoingMail, SizeLimits};
 use crate::runtime::Shared;
-use crate::web::servers;
 
 /// A refused mail: the HTTP status and what is wrong, per field.
 #[derive(Debug, Clone)]
@@ -57,40 +57,50 @@ pub fn allowed_from(server: &mail_server::Model, address: &str) -> bool {
 }
 
 /// The server a mail of `author` goes through: their connected personal mailbox, else the
-/// default shared server.
+/// default shared server (then the oldest shared one). One query: the author's personal server
+/// when it has a token, and the shared servers, personal first.
 pub async fn choose_server(
     ctx: &ModuleContext,
     author: &CurrentUser,
 ) -> Result<mail_server::Model, Refusal> {
-    let db_down = |e: sea_orm::DbErr| {
-        refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server",
-            format!("the database did not answer ({e})"),
+    let connected = Query::select()
+        .column(token::Column::ServerId)
+        .from(token::Entity)
+        .to_owned();
+    let chosen = mail_server::Entity::find()
+        .filter(
+            Condition::any()
+                .add(
+                    Condition::all()
+                        .add(mail_server::Column::Kind.eq("personal"))
+                        .add(mail_server::Column::OwnerUserId.eq(author.id))
+                        .add(mail_server::Column::Id.in_subquery(connected)),
+                )
+                .add(mail_server::Column::Kind.eq("shared")),
         )
-    };
-    if let Some(personal) = servers::personal_of(ctx.db(), author.id)
+        .order_by_desc(Expr::col(mail_server::Column::Kind).eq("personal"))
+        .order_by_desc(mail_server::Column::IsDefault)
+        .order_by_asc(mail_server::Column::Id)
+        .one(ctx.db())
         .await
-        .map_err(db_down)?
-        && token::Entity::find_by_id(personal.id)
-            .one(ctx.db())
-            .await
-            .map_err(db_down)?
-            .is_some()
-    {
-        if let Some(why) = outbound_refusal(ctx, &personal, author).await {
-            return Err(refuse(StatusCode::CONFLICT, "server", why));
-        }
-        return Ok(personal);
-    }
-    let shared = servers::shared(ctx.db()).await.map_err(db_down)?;
-    shared.into_iter().next().ok_or_else(|| {
-        refuse(
+        .map_err(|e| {
+            refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server",
+                format!("the database did not answer ({e})"),
+            )
+        })?;
+    let Some(server) = chosen else {
+        return Err(refuse(
             StatusCode::CONFLICT,
             "server",
             "No outgoing mail server is configured: an operator must add and connect one (Outgoing mail servers), or connect your own mailbox (My mailbox).",
-        )
-    })
+        ));
+    };
+    if let Some(why) = outbound_refusal(ctx, &server, author).await {
+        return Err(refuse(StatusCode::CONFLICT, "server", why));
+    }
+    Ok(server)
 }
 
 /// Why the module must not connect to a personal mailbox's server for `user` (users never
@@ -118,14 +128,15 @@ pub async fn outbound_refusal(
     ))
 }
 
-/// Validates and queues a mail on `record` written by `author`; nothing is stored when refused.
+/// Validates and queues a mail on `record` written by `author`: the stored row and the server
+/// it goes through; nothing is stored when refused.
 pub async fn queue_mail(
     ctx: &ModuleContext,
     shared: &std::sync::Arc<Shared>,
     author: &CurrentUser,
     record: &RecordRef,
     request: MailRequest,
-) -> Result<outbox::Model, Refusal> {
+) -> Result<(outbox::Model, mail_server::Model), Refusal> {
     match ctx.records().find(record, author).await {
         Ok(RecordAccess::Visible(_)) => {}
         // Hidden or missing: the same answer.
@@ -154,7 +165,8 @@ pub async fn queue_mail(
         errors,
     })?;
     let server = choose_server(ctx, author).await?;
-    queue_through(ctx, shared, author, &server, record, mail, false).await
+    let row = queue_through(ctx, shared, author, &server, record, mail, false).await?;
+    Ok((row, server))
 }
 
 /// The From header and the envelope sender of a mail of `author` through `server`: the author,
@@ -204,11 +216,13 @@ fn sender(
     Ok((from, envelope_from))
 }
 
-/// Inserts the outbox row and its body together, or neither (503 when the database fails).
+/// Stores the outbox row and its body together, or neither (503 when the database fails),
+/// in one transaction with the mails of concurrent requests.
 async fn insert(
     ctx: &ModuleContext,
-    shared: &Shared,
+    shared: &std::sync::Arc<Shared>,
     mut row: outbox::ActiveModel,
+    message_id: String,
     raw: String,
 ) -> Result<outbox::Model, Refusal> {
     // Drained at once in this process: no job now; if that drain dies, the sweep wakes the
@@ -216,25 +230,15 @@ async fn insert(
     if !shared.delivers_here() && shared.queue().is_some() {
         row.pushed_at = Set(Some(ctx.clock().now()));
     }
-    let unavailable = |e: sea_orm::DbErr| {
-        refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "record",
-            format!("the database did not answer; nothing was queued ({e})"),
-        )
-    };
-    let _gate = shared.write_gate(ctx).await;
-    let txn = ctx.db().begin().await.map_err(unavailable)?;
-    let row = row.insert(&txn).await.map_err(unavailable)?;
-    outbox_body::Entity::insert(outbox_body::ActiveModel {
-        outbox_id: Set(row.id),
-        raw: Set(raw),
-    })
-    .exec_without_returning(&txn)
-    .await
-    .map_err(unavailable)?;
-    txn.commit().await.map_err(unavailable)?;
-    Ok(row)
+    crate::outbox::group_insert::insert(ctx, shared, message_id, row, raw)
+        .await
+        .map_err(|e| {
+            refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "record",
+                format!("the database did not answer; nothing was queued ({e})"),
+            )
+        })
 }
 
 /// Queues `mail` of `author` through `server`, filed under `record` (already checked): From is
@@ -292,7 +296,7 @@ pub async fn queue_through(
         ));
     }
     let row = outbox::ActiveModel {
-        message_id: Set(message_id),
+        message_id: Set(message_id.clone()),
         status: Set("queued".into()),
         server_id: Set(server.id),
         author_user_id: Set(author.id),
@@ -309,7 +313,7 @@ pub async fn queue_through(
         updated_at: Set(Utc::now()),
         ..Default::default()
     };
-    let row = insert(ctx, shared, row, raw).await?;
+    let row = insert(ctx, shared, row, message_id, raw).await?;
     tracing::info!(
         outbox_id = row.id,
         server_id = server.id,

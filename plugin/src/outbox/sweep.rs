@@ -27,17 +27,18 @@ pub async fn to_wake(
         persist(|| {
             back_in_queue()
                 .col_expr(outbox::Column::NextAttemptAt, Expr::value(now))
-                .filter(outbox::Column::Status.eq("sending"))
-                // A grace of a few seconds past the lease: a drain whose database was away
-                // writes its outcomes first.
-                .filter(outbox::Column::LeaseUntil.lt(now - Duration::seconds(5)))
+                .filter(outbox::status_is("sending"))
+                // A grace past the lease: a drain whose database was away goes on writing its
+                // outcomes for `OUTCOME_RETRY`, and must get them in before another drain is
+                // given the same mails (it would send them again).
+                .filter(outbox::Column::LeaseUntil.lt(now - takeover_grace()))
                 .exec(ctx.db())
         })
         .await?;
     }
     let waiting = || {
         Condition::all()
-            .add(outbox::Column::Status.eq("queued"))
+            .add(outbox::status_is("queued"))
             .add(outbox::Column::NextAttemptAt.lte(now))
             .add(
                 Condition::any()
@@ -78,7 +79,7 @@ pub async fn with_mail(ctx: &ModuleContext) -> Result<Vec<i32>, sea_orm::DbErr> 
         .select_only()
         .column(outbox::Column::ServerId)
         .distinct()
-        .filter(outbox::Column::Status.is_in(["queued", "sending"]))
+        .filter(outbox::unsent())
         .into_tuple()
         .all(ctx.db())
         .await
@@ -107,4 +108,10 @@ pub async fn prune_bodies(
         .exec(ctx.db())
         .await?;
     Ok(deleted.rows_affected)
+}
+
+/// How long past its lease a claim is left to its drain before the sweep takes it back.
+pub fn takeover_grace() -> Duration {
+    Duration::from_std(crate::outbox::claims::OUTCOME_RETRY).unwrap_or(Duration::seconds(30))
+        + Duration::seconds(5)
 }

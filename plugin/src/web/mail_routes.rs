@@ -8,7 +8,7 @@ use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use serde::Deserialize;
 use std::sync::Arc;
 
-use crate::entities::{mail_server, outbox};
+use crate::entities::outbox;
 use crate::outbox::compose::{AddressInput, MailRequest};
 use crate::outbox::queue::{Refusal, queue_mail};
 use crate::runtime::Shared;
@@ -362,14 +362,8 @@ async fn create(
     };
     let typed = Typed::of(&request);
     match queue_mail(&ctx, &shared, &user, &record, request).await {
-        Ok(row) if json => {
-            let mailbox = mail_server::Entity::find_by_id(row.server_id)
-                .one(ctx.db())
-                .await
-                .ok()
-                .flatten()
-                .map(|s| s.mailbox)
-                .unwrap_or_default();
+        Ok((row, server)) if json => {
+            let mailbox = server.mailbox;
             HttpResponse::Created().json(serde_json::json!({
                 "id": row.id,
                 "message_id": row.message_id,
@@ -380,7 +374,7 @@ async fn create(
                 "url": format!("/microsoft_outlook/outbox/{}", row.id),
             }))
         }
-        Ok(row) => HttpResponse::SeeOther()
+        Ok((row, _)) => HttpResponse::SeeOther()
             .insert_header((
                 "Location",
                 format!(

@@ -308,9 +308,9 @@ fn verified(settings: &OutlookSettings, code: Option<String>) -> SettingsCheck {
 
 /// What disabling the module leaves behind.
 pub async fn disable_consequences(ctx: &ModuleContext) -> Vec<String> {
-    use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
+    use sea_orm::{EntityTrait, PaginatorTrait, QueryFilter};
     let queued = crate::entities::outbox::Entity::find()
-        .filter(crate::entities::outbox::Column::Status.is_in(["queued", "sending"]))
+        .filter(crate::entities::outbox::unsent())
         .count(ctx.db())
         .await
         .unwrap_or(0);
