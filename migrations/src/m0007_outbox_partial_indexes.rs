@@ -9,6 +9,10 @@ use sea_orm_migration::prelude::*;
 /// adds it to the leased one, and its outcome removes it from there: half the index writes per
 /// mail, and indexes the size of the queue. SQLite and PostgreSQL use a partial index only when
 /// the query names the status as written here (`outbox::status_is`), not as a bound parameter.
+///
+/// On PostgreSQL the new indexes are built in the migration's transaction, which blocks writes
+/// to the outbox while it reads the table once (seconds for a million mails): run it in a
+/// quiet moment on a large outbox.
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 
@@ -26,10 +30,11 @@ const PARTIAL: [(&str, &str, &str); 4] = [
         "next_attempt_at",
         "status = 'queued'",
     ),
-    // Claims by when their lease runs out: the sweep takes back the expired ones.
+    // A mailbox's claimed mails (the probe of a hold in flight), and by when their lease runs
+    // out (the sweep takes back the expired ones: a scan of the claimed mails only).
     (
         "microsoft_outlook_outbox_leased",
-        "lease_until",
+        "server_id, lease_until",
         "status = 'sending'",
     ),
     // Failed mails, newest first on the outbox page.

@@ -29,7 +29,7 @@ pub const TOKEN_REFRESHES: &str = "microsoft_outlook_token_refreshes_total";
 pub const MAILBOXES: &str = "microsoft_outlook_mailboxes";
 
 /// Every status a mail can have, reported even when no mail has it.
-pub const STATUSES: [&str; 5] = ["queued", "sending", "sent", "failed", "cancelled"];
+pub const STATUSES: [&str; 5] = crate::entities::outbox::STATUSES;
 
 /// Buckets of the drain latency: a second to a day.
 const DRAIN_BUCKETS: [f64; 14] = [

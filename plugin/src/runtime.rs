@@ -364,13 +364,14 @@ impl Shared {
 #[derive(Default)]
 pub struct Inserts {
     pub(crate) pending: std::sync::Mutex<Vec<PendingInsert>>,
-    pub(crate) turn: tokio::sync::Mutex<()>,
+    pub(crate) turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// A mail to store: its row, its message text and where its stored row (or the error, in
 /// words) goes.
 pub(crate) struct PendingInsert {
     pub(crate) message_id: String,
+    pub(crate) server_id: i32,
     pub(crate) row: crate::entities::outbox::ActiveModel,
     pub(crate) raw: String,
     pub(crate) done: tokio::sync::oneshot::Sender<Result<crate::entities::outbox::Model, String>>,

@@ -142,69 +142,18 @@ async fn send_batch(
     let (prepared, mut rest) = w.prepare().await?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let window = tokio::sync::Semaphore::new(crate::delivery::transport::UNWRITTEN_PER_MAILBOX);
-    let window_ref = &window;
-    let (server_ref, prepared_ref, lease_ref) = (&server, &prepared, &lease);
-    let sending = async move {
-        let sent = match fresh_access_token(ctx, shared, server_ref, false).await {
-            Ok(token) => {
-                send_with_one_refresh(
-                    ctx,
-                    shared,
-                    server_ref,
-                    token,
-                    prepared_ref,
-                    lease_ref,
-                    (&tx, window_ref),
-                )
-                .await
-            }
-            Err(problem) => Err((None, problem)),
-        };
-        drop(tx);
-        sent
-    };
+    let sending = send_reporting(ctx, shared, &server, &prepared, &lease, (tx, &window));
     let (sent, written) = tokio::join!(sending, w.write_as_reported(rx, &window));
     let mut drained = written?;
     let go_on = match sent {
         Err((first, problem)) => {
-            // Only the mails not tried (the first pass may have sent some before the refusal).
-            // A passing problem (the token endpoint or the database away) costs the first of
-            // them an attempt; the others wait as long without spending one.
-            let mut paced: Option<Decided> = None;
-            for (k, p) in prepared.iter().enumerate() {
-                let tried = first
-                    .as_ref()
-                    .is_some_and(|r| !matches!(r.results[k], MessageResult::NotTried));
-                if tried {
-                    continue;
-                }
-                let a = w.attempt(w.row(p.id));
-                match (&problem, &paced) {
-                    (TokenProblem::Held(_), _) | (_, None) => {
-                        let d = a.token_problem(&problem);
-                        if !matches!(problem, TokenProblem::Held(_)) && d.outcome.status == "queued"
-                        {
-                            paced = Some(Decided {
-                                outcome: d.outcome.clone(),
-                                failed_for: None,
-                            });
-                        }
-                        rest.push(d);
-                    }
-                    (_, Some(probe)) => rest.push(a.wait(
-                        probe.outcome.next_attempt_at,
-                        None,
-                        probe.outcome.last_error.clone(),
-                    )),
-                }
-            }
+            rest.extend(w.after_token_problem(&prepared, first.as_ref(), &problem));
             false
         }
         Ok(result) => {
             let now = ctx.clock().now();
-            if let Some((until, reply, why)) =
-                stop_words(ctx, shared, &server, now, result.stop.as_ref()).await?
-            {
+            let words = stop_words(ctx, shared, &server, now, result.stop.as_ref()).await?;
+            if let Some((until, reply, why)) = words {
                 for (p, r) in prepared.iter().zip(&result.results) {
                     if matches!(r, MessageResult::NotTried) {
                         let a = w.attempt(w.row(p.id));
@@ -231,6 +180,33 @@ async fn send_batch(
         "drained a batch"
     );
     Ok((drained, go_on))
+}
+
+/// Takes the mailbox's token and sends the batch, each result reported on `report` as it
+/// comes; the report channel closes when the sending is over (the writer then ends).
+async fn send_reporting(
+    ctx: &ModuleContext,
+    shared: &Arc<Shared>,
+    server: &mail_server::Model,
+    prepared: &[Prepared],
+    lease: &LeaseKeeper,
+    (report, window): (Report, &tokio::sync::Semaphore),
+) -> Result<BatchResult, (Option<BatchResult>, TokenProblem)> {
+    match fresh_access_token(ctx, shared, server, false).await {
+        Ok(token) => {
+            send_with_one_refresh(
+                ctx,
+                shared,
+                server,
+                token,
+                prepared,
+                lease,
+                (&report, window),
+            )
+            .await
+        }
+        Err(problem) => Err((None, problem)),
+    }
 }
 
 /// Sends the batch; when the server refused a token that was not just issued, refreshes it
@@ -362,6 +338,44 @@ impl Writer<'_> {
         &self.claimed.rows[at]
     }
 
+    /// The outcomes of the mails not tried when the token could not be had (the first pass
+    /// may have sent some before the refusal). A held mailbox makes them all wait without
+    /// spending an attempt; a passing problem (the token endpoint or the database away) costs
+    /// the first of them an attempt, and the others wait as long without spending one.
+    fn after_token_problem(
+        &self,
+        prepared: &[Prepared],
+        first: Option<&BatchResult>,
+        problem: &TokenProblem,
+    ) -> Vec<Decided> {
+        let mut decided = Vec::new();
+        let mut paced: Option<Decided> = None;
+        for (k, p) in prepared.iter().enumerate() {
+            if first.is_some_and(|r| !matches!(r.results[k], MessageResult::NotTried)) {
+                continue;
+            }
+            let a = self.attempt(self.row(p.id));
+            match (problem, &paced) {
+                (TokenProblem::Held(_), _) | (_, None) => {
+                    let d = a.token_problem(problem);
+                    if !matches!(problem, TokenProblem::Held(_)) && d.outcome.status == "queued" {
+                        paced = Some(Decided {
+                            outcome: d.outcome.clone(),
+                            failed_for: None,
+                        });
+                    }
+                    decided.push(d);
+                }
+                (_, Some(probe)) => decided.push(a.wait(
+                    probe.outcome.next_attempt_at,
+                    None,
+                    probe.outcome.last_error.clone(),
+                )),
+            }
+        }
+        decided
+    }
+
     /// The batch's messages ready to send, and the outcomes of the mails that cannot be (an
     /// invalid envelope, a text no longer stored).
     async fn prepare(&self) -> Result<(Vec<Prepared>, Vec<Decided>), sea_orm::DbErr> {
@@ -445,8 +459,8 @@ impl Writer<'_> {
         // Every quarter second for half a minute: written as soon as the database is back,
         // before the sweep of another process gives these mails to another drain.
         let mut tries = 0;
-        let first_try = std::time::Instant::now();
         let counting = self.lease.writing.lock().await;
+        let first_try = std::time::Instant::now();
         loop {
             match claims::record(
                 self.ctx,

@@ -150,9 +150,14 @@ pub fn claimable(now: DateTime<Utc>) -> SimpleExpr {
         .and_where(mailbox_health::Column::State.eq("held"))
         .and_where(mailbox_health::Column::Until.lte(now))
         .to_owned();
+    // The probe: the mailbox's claimed mail while one is in flight (no second probe meanwhile),
+    // else its oldest queued one; each found by a partial index (migration m0007).
     let oldest = Expr::cust(
-        "(SELECT MIN(o.id) FROM microsoft_outlook_outbox o \
-         WHERE o.server_id = microsoft_outlook_outbox.server_id AND o.status IN ('queued', 'sending'))",
+        "COALESCE(\
+         (SELECT MIN(o.id) FROM microsoft_outlook_outbox o \
+          WHERE o.server_id = microsoft_outlook_outbox.server_id AND o.status = 'sending'), \
+         (SELECT MIN(o.id) FROM microsoft_outlook_outbox o \
+          WHERE o.server_id = microsoft_outlook_outbox.server_id AND o.status = 'queued'))",
     );
     let not_the_probe = outbox::Column::ServerId
         .in_subquery(probe_due)

@@ -45,6 +45,18 @@ pub enum Relation {}
 
 impl ActiveModelBehavior for ActiveModel {}
 
+/// Every status an outbox row can have.
+pub const STATUSES: [&str; 5] = ["queued", "sending", "sent", "failed", "cancelled"];
+
+/// [`status_is`] for a status given at run time (a filter's value): `None` when it is not one
+/// of [`STATUSES`].
+pub fn status_named(status: &str) -> Option<sea_orm::sea_query::SimpleExpr> {
+    STATUSES
+        .iter()
+        .find(|s| **s == status)
+        .map(|s| status_is(s))
+}
+
 /// `status = '<status>'` with the status written into the SQL rather than bound: SQLite and
 /// PostgreSQL use the outbox's partial indexes (on queued, sending and failed mails, migration
 /// m0007) only for a query that names the status as the index does. `status` is a constant

@@ -217,7 +217,8 @@ fn sender(
 }
 
 /// Stores the outbox row and its body together, or neither (503 when the database fails),
-/// in one transaction with the mails of concurrent requests.
+/// in one transaction with the mails of concurrent requests; the mailbox's drain is woken
+/// once they are stored.
 async fn insert(
     ctx: &ModuleContext,
     shared: &std::sync::Arc<Shared>,
@@ -230,7 +231,11 @@ async fn insert(
     if !shared.delivers_here() && shared.queue().is_some() {
         row.pushed_at = Set(Some(ctx.clock().now()));
     }
-    crate::outbox::group_insert::insert(ctx, shared, message_id, row, raw)
+    let server_id = match row.server_id {
+        sea_orm::ActiveValue::Set(id) | sea_orm::ActiveValue::Unchanged(id) => id,
+        sea_orm::ActiveValue::NotSet => 0,
+    };
+    crate::outbox::group_insert::insert(ctx, shared, (message_id, server_id), row, raw)
         .await
         .map_err(|e| {
             refuse(
@@ -320,6 +325,5 @@ pub async fn queue_through(
         user_id = author.id,
         "mail queued"
     );
-    shared.wake(server.id).await;
     Ok(row)
 }

@@ -392,3 +392,55 @@ async fn the_record_shows_statuses_in_words_and_the_mailbox_it_goes_out_from() {
         .await;
     assert!(detail.contains("250"), "{detail}");
 }
+
+/// Requests that queue at the same moment are stored together (one transaction per group):
+/// each request gets back its own mail, with its own text, and each goes out once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mails_queued_at_the_same_moment_each_get_their_own_row_and_text_and_go_out_once() {
+    const MAILS: usize = 40;
+    let m = mailing().await;
+    let path = mails_path(m.contact);
+    let answers = futures::future::join_all((0..MAILS).map(|i| {
+        let (alice, path) = (&m.alice, &path);
+        async move {
+            let subject = format!("Concurrent {i}");
+            let body = format!("Text number {i} for Dana");
+            let (status, answer) = alice
+                .post_json(
+                    path,
+                    &json!({"to": "dana@fabrikam.example", "subject": subject, "text_body": body}),
+                )
+                .await;
+            assert_eq!(status, StatusCode::CREATED, "{answer}");
+            (i, answer)
+        }
+    }))
+    .await;
+    let mut ids = std::collections::BTreeSet::new();
+    for (i, answer) in &answers {
+        let id = answer["id"].as_i64().expect("id");
+        assert!(ids.insert(id), "mail {id} was answered to two requests");
+        let mail = wait_status(&m.env.app, id, "sent").await;
+        assert_eq!(
+            mail.subject,
+            format!("Concurrent {i}"),
+            "request {i} got another's row"
+        );
+        assert_eq!(
+            mail.message_id,
+            answer["message_id"].as_str().expect("message_id")
+        );
+        let data = String::from_utf8(received(&m.smtp, &mail.message_id)).expect("text");
+        assert!(
+            data.contains(&format!("Subject: Concurrent {i}\r\n")),
+            "{data}"
+        );
+        assert!(
+            data.contains(&format!("Text number {i} for Dana")),
+            "{data}"
+        );
+    }
+    assert_eq!(outbox_count(&m.env.app).await, MAILS as u64);
+    let received = m.smtp.received();
+    assert_eq!(received.len(), MAILS, "each mail went out once");
+}

@@ -143,7 +143,10 @@ pub(super) async fn ids_with(
         .select_only()
         .column(outbox::Column::Id)
         .filter(condition)
-        .filter(outbox::Column::Status.eq(status))
+        .filter(
+            outbox::status_named(status)
+                .unwrap_or_else(|| outbox::Column::Status.eq(status.to_string())),
+        )
         .order_by_asc(outbox::Column::Id)
         .into_tuple()
         .all(ctx.db())

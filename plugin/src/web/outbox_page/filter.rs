@@ -108,8 +108,10 @@ impl Filter {
         }
         let status = self.status.trim();
         if !status.is_empty() {
-            if crate::metrics::STATUSES.contains(&status) {
-                c = c.add(outbox::Column::Status.eq(status));
+            // Named in the SQL, so that the partial indexes of queued, sending and failed
+            // mails serve the list.
+            if let Some(named) = outbox::status_named(status) {
+                c = c.add(named);
             } else {
                 errors.push(field_error("status", format!("no status \"{status}\"")));
             }
