@@ -11,6 +11,7 @@ pub mod graph_draft;
 pub mod graph_replies;
 pub mod health;
 pub mod limits;
+pub mod outcomes;
 pub mod smtp;
 pub mod smtp_transport;
 pub mod transport;
