@@ -223,7 +223,7 @@ async fn insert(
     ctx: &ModuleContext,
     shared: &std::sync::Arc<Shared>,
     mut row: outbox::ActiveModel,
-    message_id: String,
+    (message_id, server_id): (String, i32),
     raw: String,
 ) -> Result<outbox::Model, Refusal> {
     // Drained at once in this process: no job now; if that drain dies, the sweep wakes the
@@ -231,10 +231,6 @@ async fn insert(
     if !shared.delivers_here() && shared.queue().is_some() {
         row.pushed_at = Set(Some(ctx.clock().now()));
     }
-    let server_id = match row.server_id {
-        sea_orm::ActiveValue::Set(id) | sea_orm::ActiveValue::Unchanged(id) => id,
-        sea_orm::ActiveValue::NotSet => 0,
-    };
     crate::outbox::group_insert::insert(ctx, shared, (message_id, server_id), row, raw)
         .await
         .map_err(|e| {
@@ -318,7 +314,7 @@ pub async fn queue_through(
         updated_at: Set(Utc::now()),
         ..Default::default()
     };
-    let row = insert(ctx, shared, row, message_id, raw).await?;
+    let row = insert(ctx, shared, row, (message_id, server.id), raw).await?;
     tracing::info!(
         outbox_id = row.id,
         server_id = server.id,
