@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::delivery::classify::{Observed, Stage};
+use crate::delivery::classify::Stage;
+use crate::delivery::smtp_transaction::{Line, Verbatim, failure, response_text, transact};
+pub use crate::delivery::smtp_transaction::{SendOutcome, SmtpFailure};
 use crate::entities::{mail_server, smtp_slot, token};
 use crate::tokens::store::AccessToken;
 
@@ -32,20 +34,6 @@ const IDLE_FOR: Duration = Duration::from_secs(3);
 const REAP_EVERY: Duration = Duration::from_millis(500);
 /// How long connecting, the handshake and each command may take.
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// What became of one message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SendOutcome {
-    /// `250`: the server took it.
-    Sent(String),
-    /// It did not go out: what was observed, for [`crate::delivery::classify::smtp`].
-    Failed(SmtpFailure),
-    /// Every connection slot of the mailbox stayed taken (by other processes): nothing was
-    /// tried, the mail waits a little without spending an attempt.
-    Busy(String),
-    /// This worker's claim on the mail ran out and another worker took it over: not sent here.
-    LeaseLost,
-}
 
 /// How far opening a connection got: each step that succeeded, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -60,55 +48,6 @@ pub enum Reached {
     Secured,
     /// AUTH XOAUTH2 succeeded.
     Authenticated,
-}
-
-/// A failed attempt as observed on the wire.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SmtpFailure {
-    /// The stage of the dialogue.
-    pub stage: Stage,
-    /// The reply's code; `None` when the line dropped, timed out or never opened.
-    pub code: Option<u16>,
-    /// The reply as on the wire, or what failed.
-    pub text: String,
-    /// The server offered no AUTH XOAUTH2.
-    pub no_xoauth2: bool,
-    /// The `user=` presented (the last one tried).
-    pub auth_user: String,
-}
-
-impl SmtpFailure {
-    fn network(stage: Stage, text: String) -> Self {
-        Self {
-            stage,
-            code: None,
-            text,
-            no_xoauth2: false,
-            auth_user: String::new(),
-        }
-    }
-
-    /// What was observed, for the classification table.
-    pub fn observed(&self) -> Observed<'_> {
-        match self.code {
-            _ if self.no_xoauth2 => Observed::NoXoauth2,
-            Some(code) => Observed::Reply {
-                stage: self.stage,
-                code,
-                text: &self.text,
-            },
-            None => Observed::Network {
-                stage: self.stage,
-                detail: &self.text,
-            },
-        }
-    }
-
-    /// Whether the server refused the token itself (`535` at AUTH, SMTP AUTH not disabled):
-    /// a token that was not just issued is refreshed once and tried again.
-    pub fn refused_token(&self) -> bool {
-        self.stage == Stage::Auth && self.code == Some(535) && !self.text.contains("5.7.139")
-    }
 }
 
 /// The slots this process holds, and those to free (the reaper renews and frees them).
@@ -169,7 +108,7 @@ impl MailboxSlot {
 }
 
 struct Idle {
-    conn: AsyncSmtpConnection,
+    line: Line,
     version: i64,
     since: Instant,
     slot: Slot,
@@ -196,35 +135,6 @@ pub struct SmtpSender {
     reaper: Mutex<bool>,
 }
 
-/// The server's reply as it was on the wire (`432 4.3.2 ...`), else lettre's description.
-fn error_text(e: &lettre::transport::smtp::Error) -> String {
-    let text = e.to_string();
-    match (e.status(), text.split_once("): ")) {
-        (Some(code), Some((_, message))) => format!("{code} {message}"),
-        _ => text,
-    }
-}
-
-/// What a lettre error shows: the reply (code and text) or a network failure, at `stage`.
-fn failure(stage: Stage, e: &lettre::transport::smtp::Error) -> SmtpFailure {
-    SmtpFailure {
-        stage,
-        code: e.status().and_then(|c| c.to_string().parse().ok()),
-        text: error_text(e),
-        no_xoauth2: false,
-        auth_user: String::new(),
-    }
-}
-
-/// A raw command line for [`AsyncSmtpConnection::command`].
-struct Raw<'a>(&'a crate::delivery::xoauth2::Line);
-
-impl std::fmt::Display for Raw<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.0.as_str())
-    }
-}
-
 /// One SASL XOAUTH2 exchange on `conn` as `user` (the exchange itself is [`crate::delivery::xoauth2`]).
 async fn authenticate(
     conn: &mut AsyncSmtpConnection,
@@ -234,7 +144,7 @@ async fn authenticate(
     let mut exchange = crate::delivery::xoauth2::Exchange::new(user, token);
     let mut line = exchange.start();
     loop {
-        let (code, text) = match conn.command(Raw(&line)).await {
+        let (code, text) = match conn.command(Verbatim(line.as_str())).await {
             Ok(response) => (
                 response.code().to_string().parse().unwrap_or(0),
                 response_text(&response),
@@ -534,12 +444,16 @@ impl SmtpSender {
         server: &mail_server::Model,
         token: &AccessToken,
         reached: &mut Reached,
-    ) -> Result<AsyncSmtpConnection, SendOutcome> {
-        let mut conn = self
+    ) -> Result<Line, SendOutcome> {
+        let conn = self
             .connect(server, reached)
             .await
             .map_err(SendOutcome::Failed)?;
-        if !conn
+        let mut line = Line::open(conn, &self.hello)
+            .await
+            .map_err(|e| SendOutcome::Failed(failure(Stage::Connect, &e)))?;
+        if !line
+            .conn
             .server_info()
             .supports_auth_mechanism(Mechanism::Xoauth2)
         {
@@ -552,13 +466,13 @@ impl SmtpSender {
         // UPN: Exchange maps either to the mailbox, other servers only one of them.
         let mut refused = None;
         for (i, user) in token.identities.iter().enumerate() {
-            match authenticate(&mut conn, user, &token.token).await {
+            match authenticate(&mut line.conn, user, &token.token).await {
                 Ok(()) => {
                     if i > 0 {
                         remember_identity(ctx, server.id, user).await;
                     }
                     *reached = Reached::Authenticated;
-                    return Ok(conn);
+                    return Ok(line);
                 }
                 Err(f) if f.refused_token() => refused = Some(f),
                 // The line dropped after a refusal: the refusal is what was learnt.
@@ -666,7 +580,7 @@ impl SmtpSender {
         let (reused, slot) = match taken {
             Some(i) if i.version == token.version && !i.slot.lost() => {
                 let idle_for = i.since.elapsed();
-                (Some((i.conn, idle_for)), i.slot)
+                (Some((i.line, idle_for)), i.slot)
             }
             Some(i) if !i.slot.lost() => (None, i.slot),
             _ => match self.acquire_slot(ctx, server.id, deadline).await {
@@ -677,25 +591,25 @@ impl SmtpSender {
         if lease_lost.load(Ordering::SeqCst) {
             return SendOutcome::LeaseLost;
         }
-        if let Some((mut conn, idle_for)) = reused {
+        if let Some((mut line, idle_for)) = reused {
             // The server may have closed a connection that waited a while: ask before sending
             // (after a failure mid-message one cannot know whether the server took it).
-            if idle_for < Duration::from_secs(1) || conn.test_connected().await {
-                let outcome = transact(&mut conn, envelope, raw).await;
-                self.finish(&pool, conn, token.version, slot, &outcome);
+            if idle_for < Duration::from_secs(1) || line.conn.test_connected().await {
+                let outcome = transact(&mut line, envelope, raw, IO_TIMEOUT).await;
+                self.finish(&pool, line, token.version, slot, &outcome);
                 drop(permit);
                 return outcome;
             }
         }
-        let mut conn = match self.open(ctx, server, token, &mut Reached::Nothing).await {
-            Ok(c) => c,
+        let mut line = match self.open(ctx, server, token, &mut Reached::Nothing).await {
+            Ok(l) => l,
             Err(outcome) => return outcome,
         };
         if lease_lost.load(Ordering::SeqCst) {
             return SendOutcome::LeaseLost;
         }
-        let outcome = transact(&mut conn, envelope, raw).await;
-        self.finish(&pool, conn, token.version, slot, &outcome);
+        let outcome = transact(&mut line, envelope, raw, IO_TIMEOUT).await;
+        self.finish(&pool, line, token.version, slot, &outcome);
         drop(permit);
         outcome
     }
@@ -729,8 +643,8 @@ impl SmtpSender {
         };
         let mut reached = Reached::Nothing;
         let result = match self.open(ctx, server, token, &mut reached).await {
-            Ok(mut conn) => {
-                let _ = tokio::time::timeout(Duration::from_secs(5), conn.quit()).await;
+            Ok(mut line) => {
+                let _ = tokio::time::timeout(Duration::from_secs(5), line.conn.quit()).await;
                 Ok(())
             }
             Err(outcome) => Err(outcome),
@@ -746,7 +660,7 @@ impl SmtpSender {
     fn finish(
         &self,
         pool: &Arc<MailboxPool>,
-        conn: AsyncSmtpConnection,
+        line: Line,
         version: i64,
         slot: Slot,
         outcome: &SendOutcome,
@@ -763,29 +677,17 @@ impl SmtpSender {
             .unwrap_or_else(|e| e.into_inner())
             .get(&pool.server_id)
             .is_some_and(|p| Arc::ptr_eq(p, pool));
-        if answered && current && !conn.has_broken() && slot.acquired.elapsed() < self.slot_lease {
+        if answered && current && line.reusable() && slot.acquired.elapsed() < self.slot_lease {
             pool.idle
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push(Idle {
-                    conn,
+                    line,
                     version,
                     since: Instant::now(),
                     slot,
                 });
         }
-    }
-}
-
-/// MAIL FROM, RCPT TO and DATA for one message on an open connection.
-async fn transact(conn: &mut AsyncSmtpConnection, envelope: &Envelope, raw: &[u8]) -> SendOutcome {
-    match tokio::time::timeout(IO_TIMEOUT, conn.send(envelope, raw)).await {
-        Ok(Ok(response)) => SendOutcome::Sent(response_text(&response)),
-        Ok(Err(e)) => SendOutcome::Failed(failure(Stage::Transaction, &e)),
-        Err(_) => SendOutcome::Failed(SmtpFailure::network(
-            Stage::Transaction,
-            "the SMTP server did not answer in time".into(),
-        )),
     }
 }
 
@@ -839,14 +741,6 @@ async fn release(db: &DatabaseConnection, holders: Vec<String>) {
     if let Err(e) = freed {
         tracing::warn!(error = %e, "freeing SMTP connection slots failed; their leases will run out");
     }
-}
-
-fn response_text(response: &lettre::transport::smtp::response::Response) -> String {
-    format!(
-        "{} {}",
-        response.code(),
-        response.message().collect::<Vec<_>>().join(" ")
-    )
 }
 
 fn hostname() -> String {

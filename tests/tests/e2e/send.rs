@@ -868,3 +868,80 @@ async fn an_unreachable_server_costs_one_attempt_per_batch_not_one_per_mail() {
         "one attempt for the batch, none for the others"
     );
 }
+
+/// With PIPELINING, MAIL FROM, the RCPT TOs and DATA go out together, so the server may accept
+/// DATA although it refused one recipient. The mail must then go to nobody (not to the
+/// recipients it accepted), fail with the refusal in words, and the mailbox must go on
+/// sending on a fresh connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_recipient_among_several_sends_the_mail_to_nobody_and_the_next_mail_goes_out() {
+    let m = mailing().await;
+    m.smtp.inject(
+        Injected::Reply {
+            stage: Stage::RcptTo,
+            reply: "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup".into(),
+        },
+        1,
+    );
+    let (status, body) = m
+        .alice
+        .post_json(
+            &mails_path(m.contact),
+            &json!({"to": "nobody@fabrikam.example", "cc": "Dana <dana@fabrikam.example>",
+                    "subject": "Two recipients", "text_body": "Hello Dana"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let first = body["id"].as_i64().expect("id");
+    let failed = wait_status(&m.env.app, first, "failed").await;
+    assert!(
+        failed
+            .last_reply
+            .as_deref()
+            .unwrap_or_default()
+            .contains("5.1.10"),
+        "{failed:?}"
+    );
+    assert_eq!(m.smtp.count_by_message_id().get(&failed.message_id), None);
+    let second = queue(&m, "After the refusal").await;
+    let sent = wait_status(&m.env.app, second, "sent").await;
+    let received = m.smtp.received();
+    assert_eq!(received.len(), 1, "only the second mail arrived");
+    assert_eq!(
+        received[0].message_id.as_deref(),
+        Some(sent.message_id.as_str())
+    );
+    assert_eq!(
+        received[0].rcpt_to,
+        vec!["dana@fabrikam.example".to_string()]
+    );
+}
+
+/// The content goes out dot-stuffed (RFC 5321 §4.5.2) in the same write as its end: lines that
+/// begin with a dot arrive as written, and the mail is not cut at a lone dot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_that_begin_with_a_dot_arrive_as_written() {
+    let m = mailing().await;
+    let text = "First line\n.\n..two dots\n.leading dot\nlast line";
+    let (status, body) = m
+        .alice
+        .post_json(
+            &mails_path(m.contact),
+            &json!({"to": "dana@fabrikam.example", "subject": "Dots", "text_body": text}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let id = body["id"].as_i64().expect("id");
+    let sent = wait_status(&m.env.app, id, "sent").await;
+    let received = m.smtp.received();
+    let mail = received
+        .iter()
+        .find(|r| r.message_id.as_deref() == Some(sent.message_id.as_str()))
+        .expect("received");
+    let data = String::from_utf8_lossy(&mail.data);
+    assert!(data.contains("last line"), "{data}");
+    assert!(
+        data.contains("\r\n.\r\n..two dots\r\n.leading dot\r\n"),
+        "{data}"
+    );
+}
