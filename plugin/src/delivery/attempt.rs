@@ -5,13 +5,13 @@ use chrono::{DateTime, Duration, Utc};
 
 use crate::delivery::classify::{Level, Verdict, Who};
 use crate::delivery::limits::backoff;
-use crate::entities::outbox;
+use crate::outbox::claims::ClaimedRow;
 use crate::outbox::claims::Outcome;
 use crate::tokens::service::TokenProblem;
 
 /// One claimed mail's attempt, and what it may spend.
 pub(crate) struct Attempt<'a> {
-    pub(crate) row: &'a outbox::Model,
+    pub(crate) row: &'a ClaimedRow,
     pub(crate) max_attempts: i32,
     pub(crate) retry_base_secs: i64,
     pub(crate) now: DateTime<Utc>,

@@ -12,8 +12,8 @@ use crate::delivery::attempt::{Attempt, Decided};
 use crate::delivery::classify::Who;
 use crate::delivery::limits::Limits;
 use crate::delivery::transport::{BatchResult, MessageResult, Prepared};
-use crate::entities::outbox;
-use crate::outbox::claims::{self, Claimed, Outcome};
+
+use crate::outbox::claims::{self, Claimed, ClaimedRow, Outcome};
 use crate::outbox::lease::LeaseKeeper;
 use crate::runtime::Shared;
 use crate::tokens::service::TokenProblem;
@@ -41,7 +41,7 @@ impl Drained {
 }
 
 /// The envelope of a stored mail.
-fn envelope_of(row: &outbox::Model) -> Result<Envelope, lettre::error::Error> {
+fn envelope_of(row: &ClaimedRow) -> Result<Envelope, lettre::error::Error> {
     let from: Option<Address> = row.envelope_from.parse().ok();
     let to: Vec<Address> = row
         .recipients
@@ -61,7 +61,7 @@ pub(crate) struct Writer<'a> {
 }
 
 impl Writer<'_> {
-    pub(crate) fn attempt<'r>(&self, row: &'r outbox::Model) -> Attempt<'r> {
+    pub(crate) fn attempt<'r>(&self, row: &'r ClaimedRow) -> Attempt<'r> {
         Attempt {
             row,
             max_attempts: self.limits.max_attempts,
@@ -72,7 +72,7 @@ impl Writer<'_> {
     }
 
     /// The claimed row `id` (every reported id is one of the batch's).
-    pub(crate) fn row(&self, id: i64) -> &outbox::Model {
+    pub(crate) fn row(&self, id: i64) -> &ClaimedRow {
         let at = self
             .claimed
             .rows

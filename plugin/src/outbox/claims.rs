@@ -10,8 +10,8 @@ use chrono::{DateTime, Duration, Utc};
 use crm_sdk::ModuleContext;
 use sea_orm::sea_query::{CaseStatement, Expr, ExprTrait, LockBehavior, LockType, Query};
 use sea_orm::{
-    ColumnTrait, Condition, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    TransactionTrait,
+    ColumnTrait, Condition, ConnectionTrait, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
+    QuerySelect, QueryTrait, TransactionTrait,
 };
 
 use crate::delivery::health::Health;
@@ -32,13 +32,60 @@ pub const BATCH_BYTES: i64 = 16 * 1024 * 1024;
 /// can be given the same mails: a mail the server took is then not sent again.
 pub const OUTCOME_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// A claimed mail: the columns of its outbox row that sending it, deciding its outcome and
+/// telling people of a failure need. The claim returns only these: decoding whole rows (22
+/// columns, six of them timestamps) took about half of a claim's time on SQLite.
+#[derive(Clone, Debug, PartialEq, Eq, FromQueryResult)]
+pub struct ClaimedRow {
+    /// The outbox row.
+    pub id: i64,
+    /// The Message-ID, without `<>`.
+    pub message_id: String,
+    /// Who queued it.
+    pub author_user_id: i64,
+    /// The From header as shown to people.
+    pub from_header: String,
+    /// The envelope sender (MAIL FROM).
+    pub envelope_from: String,
+    /// Envelope recipients, one per line.
+    pub recipients: String,
+    /// The subject.
+    pub subject: String,
+    /// Bytes of the message.
+    pub size_bytes: i64,
+    /// Attempts, this one included.
+    pub attempts: i32,
+    /// The last reply before this attempt.
+    pub last_reply: Option<String>,
+    /// The last failure before this attempt, in words.
+    pub last_error: Option<String>,
+    /// When it was queued.
+    pub created_at: DateTime<Utc>,
+}
+
+/// The columns of [`ClaimedRow`], as the claim returns them.
+const CLAIMED_COLUMNS: [outbox::Column; 12] = [
+    outbox::Column::Id,
+    outbox::Column::MessageId,
+    outbox::Column::AuthorUserId,
+    outbox::Column::FromHeader,
+    outbox::Column::EnvelopeFrom,
+    outbox::Column::Recipients,
+    outbox::Column::Subject,
+    outbox::Column::SizeBytes,
+    outbox::Column::Attempts,
+    outbox::Column::LastReply,
+    outbox::Column::LastError,
+    outbox::Column::CreatedAt,
+];
+
 /// A claimed batch: the rows (in queue order, `attempts` already counting this attempt) and
 /// the claim's owner name, unique per claim.
 pub struct Claimed {
     /// The owner written in `lease_owner`.
     pub owner: String,
     /// The rows, by id.
-    pub rows: Vec<outbox::Model>,
+    pub rows: Vec<ClaimedRow>,
 }
 
 /// What a claim found.
@@ -124,7 +171,10 @@ async fn claim_rows<C: ConnectionTrait>(
     if admitted {
         claim = claim.col_expr(outbox::Column::SentAt, Expr::value(now));
     }
-    let mut rows = claim.filter(picked).exec_with_returning(db).await?;
+    let mut claim = claim.filter(picked).into_query();
+    claim.returning(Query::returning().columns(CLAIMED_COLUMNS));
+    let claim = db.get_database_backend().build(&claim);
+    let mut rows = ClaimedRow::find_by_statement(claim).all(db).await?;
     rows.sort_unstable_by_key(|r| r.id);
     Ok(Claimed { owner, rows })
 }

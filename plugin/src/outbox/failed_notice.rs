@@ -4,7 +4,7 @@
 use crm_sdk::{Audience, ModuleContext, Notification};
 
 use crate::delivery::classify::Who;
-use crate::entities::outbox;
+use crate::outbox::claims::ClaimedRow;
 
 /// The incident key of a failed mail (one notice per mail and person).
 pub fn key(mail_id: i64) -> String {
@@ -19,7 +19,7 @@ pub fn link(mail_id: i64) -> String {
 
 /// Notifies the author and the operators that `mail` failed because of `why`; `who` must act
 /// (the author is told to correct the mail only when it is theirs to fix).
-pub async fn mail_failed(ctx: &ModuleContext, mail: &outbox::Model, why: &str, who: Who) {
+pub async fn mail_failed(ctx: &ModuleContext, mail: &ClaimedRow, why: &str, who: Who) {
     let subject = format!("Mail not sent: \"{}\"", mail.subject);
     let recipients = mail.recipients.lines().collect::<Vec<_>>().join(", ");
     let advice = if who == Who::Author {
