@@ -254,17 +254,17 @@ impl std::fmt::Display for Verbatim<'_> {
 /// The content of `DATA` as it goes on the wire (RFC 5321 §4.5.2): a `.` that begins a line
 /// is doubled, and `CRLF . CRLF` ends it (after a line end of its own, as lettre ends it).
 fn dot_stuffed(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + text.len() / 64 + 5);
-    let mut line_start = true;
-    let mut after_cr = false;
-    for c in text.chars() {
-        if line_start && c == '.' {
-            out.push('.');
-        }
-        out.push(c);
-        line_start = after_cr && c == '\n';
-        after_cr = c == '\r';
+    let mut out = String::with_capacity(text.len() + 16);
+    if text.starts_with('.') {
+        out.push('.');
     }
+    let mut rest = text;
+    while let Some(at) = rest.find("\r\n.") {
+        out.push_str(&rest[..at + 3]);
+        out.push('.');
+        rest = &rest[at + 3..];
+    }
+    out.push_str(rest);
     out.push_str("\r\n.\r\n");
     out
 }
