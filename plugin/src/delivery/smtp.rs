@@ -6,7 +6,6 @@
 
 use chrono::{DateTime, Utc};
 use crm_sdk::ModuleContext;
-use lettre::address::Envelope;
 use lettre::transport::smtp::authentication::Mechanism;
 use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
 use lettre::transport::smtp::extension::ClientId;
@@ -20,7 +19,9 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::delivery::classify::Stage;
-use crate::delivery::smtp_transaction::{Line, Verbatim, failure, response_text, transact};
+use crate::delivery::smtp_transaction::{
+    Line, Message, Verbatim, failure, response_text, transact,
+};
 pub use crate::delivery::smtp_transaction::{SendOutcome, SmtpFailure};
 use crate::entities::{mail_server, smtp_slot, token};
 use crate::tokens::store::AccessToken;
@@ -105,6 +106,15 @@ impl MailboxSlot {
     pub fn lost(&self) -> bool {
         self.0.lost()
     }
+}
+
+/// A connection a caller holds between two of its sends: the next mail's commands are
+/// pending on it. Dropping it closes the connection and frees its slot.
+pub(crate) struct HeldLine {
+    line: Line,
+    version: i64,
+    slot: Slot,
+    permit: OwnedSemaphorePermit,
 }
 
 struct Idle {
@@ -537,22 +547,44 @@ impl SmtpSender {
         Ok(conn)
     }
 
-    /// Sends one message through `server` with `token`. Waits at most until `deadline` for a
-    /// connection (all three may be held by this or other processes: [`SendOutcome::Busy`]
-    /// then). Checks `lease_lost` once it has a connection, just before the message goes out.
+    /// Sends `mail` through `server` with `token`, and with it the commands of `next` (the mail
+    /// this caller sends next, if any) where the connection pipelines. Uses `held` (the
+    /// connection that has `mail`'s commands pending, from the caller's previous send) or a
+    /// connection of the mailbox: waits at most until `deadline` for one (all three may be held
+    /// by this or other processes: [`SendOutcome::Busy`] then). A connection left with `next`
+    /// pending goes back into `held`; dropping it closes it. Checks `lease_lost` once it has a
+    /// connection, just before the message goes out.
     #[allow(clippy::too_many_arguments)]
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         ctx: &ModuleContext,
         server: &mail_server::Model,
         token: &AccessToken,
-        envelope: &Envelope,
-        raw: &[u8],
+        (mail, next): (&Message<'_>, Option<&Message<'_>>),
+        held: &mut Option<HeldLine>,
         deadline: Instant,
         lease_lost: &AtomicBool,
     ) -> SendOutcome {
         self.start_reaper(ctx);
         let pool = self.pool(server.id);
+        let mine = |h: &HeldLine| {
+            h.line.pending == Some(mail.id) && h.version == token.version && !h.slot.lost()
+        };
+        if let Some(mut h) = held.take().filter(mine) {
+            if lease_lost.load(Ordering::SeqCst) {
+                return SendOutcome::LeaseLost;
+            }
+            let next = self.within_lease(&h.slot, next);
+            let outcome = transact(&mut h.line, mail, next, IO_TIMEOUT).await;
+            let unsent = matches!(&outcome, SendOutcome::Failed(f) if f.code.is_none())
+                && !h.line.content_written;
+            if !unsent {
+                self.keep(&pool, h, &outcome, held);
+                return outcome;
+            }
+            // The line went away before this mail's content: nothing of it went out, so it
+            // goes out on another connection.
+        }
         let permit: OwnedSemaphorePermit =
             match tokio::time::timeout_at(deadline.into(), pool.permits.clone().acquire_owned())
                 .await
@@ -591,27 +623,67 @@ impl SmtpSender {
         if lease_lost.load(Ordering::SeqCst) {
             return SendOutcome::LeaseLost;
         }
-        if let Some((mut line, idle_for)) = reused {
-            // The server may have closed a connection that waited a while: ask before sending
-            // (after a failure mid-message one cannot know whether the server took it).
-            if idle_for < Duration::from_secs(1) || line.conn.test_connected().await {
-                let outcome = transact(&mut line, envelope, raw, IO_TIMEOUT).await;
-                self.finish(&pool, line, token.version, slot, &outcome);
-                drop(permit);
-                return outcome;
-            }
+        let next = self.within_lease(&slot, next);
+        // The server may have closed a connection that waited a while: ask before sending
+        // (after a failure mid-message one cannot know whether the server took it).
+        let mut alive = None;
+        if let Some((mut line, idle_for)) = reused
+            && (idle_for < Duration::from_secs(1) || line.conn.test_connected().await)
+        {
+            alive = Some(line);
         }
-        let mut line = match self.open(ctx, server, token, &mut Reached::Nothing).await {
-            Ok(l) => l,
-            Err(outcome) => return outcome,
+        let line = match alive {
+            Some(line) => line,
+            None => match self.open(ctx, server, token, &mut Reached::Nothing).await {
+                Ok(l) => l,
+                Err(outcome) => return outcome,
+            },
         };
         if lease_lost.load(Ordering::SeqCst) {
             return SendOutcome::LeaseLost;
         }
-        let outcome = transact(&mut line, envelope, raw, IO_TIMEOUT).await;
-        self.finish(&pool, line, token.version, slot, &outcome);
-        drop(permit);
+        let mut h = HeldLine {
+            line,
+            version: token.version,
+            slot,
+            permit,
+        };
+        let outcome = transact(&mut h.line, mail, next, IO_TIMEOUT).await;
+        self.keep(&pool, h, &outcome, held);
         outcome
+    }
+
+    /// `next`, when the slot's lease leaves time for another mail on its connection (else the
+    /// connection is closed after this one and its slot freed).
+    fn within_lease<'m>(
+        &self,
+        slot: &Slot,
+        next: Option<&'m Message<'m>>,
+    ) -> Option<&'m Message<'m>> {
+        next.filter(|_| slot.acquired.elapsed() < self.slot_lease)
+    }
+
+    /// After a transaction: a connection with the caller's next mail pending stays with the
+    /// caller; any other is kept for reuse or closed ([`Self::finish`]).
+    fn keep(
+        &self,
+        pool: &Arc<MailboxPool>,
+        h: HeldLine,
+        outcome: &SendOutcome,
+        held: &mut Option<HeldLine>,
+    ) {
+        if h.line.pending.is_some() && h.line.reusable() {
+            *held = Some(h);
+            return;
+        }
+        let HeldLine {
+            line,
+            version,
+            slot,
+            permit,
+        } = h;
+        self.finish(pool, line, version, slot, outcome);
+        drop(permit);
     }
 
     /// Opens a connection to `server` and authenticates with `token`, then says QUIT: the
@@ -677,7 +749,12 @@ impl SmtpSender {
             .unwrap_or_else(|e| e.into_inner())
             .get(&pool.server_id)
             .is_some_and(|p| Arc::ptr_eq(p, pool));
-        if answered && current && line.reusable() && slot.acquired.elapsed() < self.slot_lease {
+        if answered
+            && current
+            && line.reusable()
+            && line.pending.is_none()
+            && slot.acquired.elapsed() < self.slot_lease
+        {
             pool.idle
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())

@@ -105,6 +105,17 @@ pub(crate) fn response_text(response: &lettre::transport::smtp::response::Respon
     )
 }
 
+/// One mail for a transaction: its outbox id, envelope and bytes.
+#[derive(Clone, Copy)]
+pub(crate) struct Message<'a> {
+    /// The outbox row.
+    pub id: i64,
+    /// MAIL FROM and RCPT TO.
+    pub envelope: &'a Envelope,
+    /// The message (RFC 5322).
+    pub raw: &'a [u8],
+}
+
 /// An open connection and what its server offers beyond what lettre records.
 pub(crate) struct Line {
     /// The connection (authenticated once it is handed to a send).
@@ -114,6 +125,12 @@ pub(crate) struct Line {
     /// A transaction was left mid-`DATA` (a refusal came after the server accepted `DATA`):
     /// the connection cannot carry another mail and is closed, not kept.
     pub spoilt: bool,
+    /// The mail (outbox id) whose MAIL FROM, RCPT TO and DATA went out behind the last
+    /// content, their replies not read yet: the connection can carry only that mail next.
+    pub pending: Option<i64>,
+    /// Whether the content of the last transaction was written (before that, a dropped line
+    /// means the mail was not sent at all).
+    pub content_written: bool,
 }
 
 impl Line {
@@ -128,12 +145,27 @@ impl Line {
             pipelining: offers_pipelining(&reply),
             conn,
             spoilt: false,
+            pending: None,
+            content_written: false,
         })
     }
 
     /// Whether the connection can carry another mail.
     pub fn reusable(&self) -> bool {
         !self.spoilt && !self.conn.has_broken()
+    }
+
+    /// The text of `mail` if it can be pipelined on this connection: the server offers
+    /// PIPELINING, and the mail is plain ASCII (it needs no MAIL parameter).
+    fn pipelinable<'m>(&self, mail: &Message<'m>) -> Option<&'m str> {
+        let ascii = |a: &lettre::Address| AsRef::<str>::as_ref(a).is_ascii();
+        let envelope = mail.envelope;
+        (self.pipelining
+            && mail.raw.is_ascii()
+            && envelope.from().is_none_or(ascii)
+            && envelope.to().iter().all(ascii))
+        .then(|| std::str::from_utf8(mail.raw).ok())
+        .flatten()
     }
 }
 
@@ -146,21 +178,29 @@ fn offers_pipelining(reply: &Response) -> bool {
     })
 }
 
-/// Sends one message on `line`, waiting at most `timeout` for the whole exchange.
+/// Sends `mail` on `line`, waiting at most `timeout` for the whole exchange. With `next`, the
+/// next mail's MAIL FROM, RCPT TO and DATA go out in the same write as this mail's content
+/// (RFC 2920 allows content first in a group), when both can be pipelined: a mail then costs
+/// one write and one read on a reused connection. The line's `pending` says whether they did;
+/// a line with a pending mail must carry that mail next, or be closed.
 pub(crate) async fn transact(
     line: &mut Line,
-    envelope: &Envelope,
-    raw: &[u8],
+    mail: &Message<'_>,
+    next: Option<&Message<'_>>,
     timeout: Duration,
 ) -> SendOutcome {
+    line.content_written = false;
     let exchange = async {
-        match std::str::from_utf8(raw) {
-            // Plain ASCII mail needs no MAIL parameter: pipelined.
-            Ok(text) if line.pipelining && raw.is_ascii() && ascii_addresses(envelope) => {
-                pipelined(line, envelope, text).await
+        match line.pipelinable(mail) {
+            Some(text) => {
+                let next = next.filter(|n| line.pipelinable(n).is_some());
+                pipelined(line, mail, text, next).await
             }
             // lettre adds SMTPUTF8 or 8BITMIME where the server offers them, or says why not.
-            _ => line.conn.send(envelope, raw).await,
+            None => {
+                line.content_written = true;
+                line.conn.send(mail.envelope, mail.raw).await
+            }
         }
     };
     match tokio::time::timeout(timeout, exchange).await {
@@ -169,6 +209,7 @@ pub(crate) async fn transact(
         Err(_) => {
             // The server may be anywhere in the exchange: the line cannot be trusted.
             line.spoilt = true;
+            line.pending = None;
             SendOutcome::Failed(SmtpFailure::network(
                 Stage::Transaction,
                 "the SMTP server did not answer in time".into(),
@@ -177,10 +218,14 @@ pub(crate) async fn transact(
     }
 }
 
-/// Whether every address of `envelope` is ASCII (else MAIL FROM needs SMTPUTF8).
-fn ascii_addresses(envelope: &Envelope) -> bool {
-    let ascii = |a: &lettre::Address| AsRef::<str>::as_ref(a).is_ascii();
-    envelope.from().is_none_or(ascii) && envelope.to().iter().all(ascii)
+/// MAIL FROM, every RCPT TO and DATA of `envelope`, as written in one group.
+fn commands(envelope: &Envelope) -> String {
+    let mut commands = Mail::new(envelope.from().cloned(), Vec::new()).to_string();
+    for to in envelope.to() {
+        commands.push_str(&Rcpt::new(to.clone(), Vec::new()).to_string());
+    }
+    commands.push_str(&Data.to_string());
+    commands
 }
 
 /// The pipelined transaction. The first refusal decides, as in lettre's `send`; after one the
@@ -188,18 +233,18 @@ fn ascii_addresses(envelope: &Envelope) -> bool {
 /// is the only way to abandon the content without sending it).
 async fn pipelined(
     line: &mut Line,
-    envelope: &Envelope,
+    mail: &Message<'_>,
     text: &str,
+    next: Option<&Message<'_>>,
 ) -> Result<Response, lettre::transport::smtp::Error> {
-    let mut commands = Mail::new(envelope.from().cloned(), Vec::new()).to_string();
-    for to in envelope.to() {
-        commands.push_str(&Rcpt::new(to.clone(), Vec::new()).to_string());
-    }
-    commands.push_str(&Data.to_string());
+    // This mail's commands went out behind the previous content, or go out now.
+    let mut written = match line.pending.take() {
+        Some(id) if id == mail.id => None,
+        _ => Some(line.conn.command(Verbatim(&commands(mail.envelope))).await),
+    };
     let conn = &mut line.conn;
     // The replies to MAIL FROM, each RCPT TO and DATA, in order.
-    let count = envelope.to().len() + 2;
-    let mut written = Some(conn.command(Verbatim(&commands)).await);
+    let count = mail.envelope.to().len() + 2;
     let (mut refused, mut data_accepted) = (None, false);
     for k in 0..count {
         let reply = match written.take() {
@@ -227,15 +272,27 @@ async fn pipelined(
         }
         return Err(first);
     }
-    let content = dot_stuffed(text);
+    let mut content = dot_stuffed(text);
+    if let Some(next) = next {
+        content.push_str(&commands(next.envelope));
+    }
+    line.content_written = true;
     match conn.command(Verbatim(&content)).await {
-        Ok(response) => Ok(response),
+        Ok(response) => {
+            line.pending = next.map(|n| n.id);
+            Ok(response)
+        }
+        // Refused: the transaction is over; the next mail's commands, if written, stand.
+        Err(e) if e.status().is_some() && next.is_some() => {
+            line.pending = next.map(|n| n.id);
+            Err(e)
+        }
+        Err(e) if e.status().is_some() => {
+            conn.abort().await;
+            Err(e)
+        }
         Err(e) => {
-            if e.status().is_some() {
-                conn.abort().await;
-            } else {
-                line.spoilt = true;
-            }
+            line.spoilt = true;
             Err(e)
         }
     }

@@ -10,7 +10,10 @@ use futures::future::BoxFuture;
 
 use crate::delivery::classify::{self, Facts, Level, Stage};
 use crate::delivery::smtp::{CONNECTIONS_PER_MAILBOX, SendOutcome, SmtpFailure, SmtpSender};
-use crate::delivery::transport::{Batch, BatchResult, MessageResult, Progress, Stop, Transport};
+use crate::delivery::smtp_transaction::Message;
+use crate::delivery::transport::{
+    Batch, BatchResult, MessageResult, Prepared, Progress, Stop, Transport,
+};
 
 /// How long one message waits for a free connection before the rest of the batch waits in
 /// the queue instead.
@@ -40,9 +43,13 @@ fn classify_failure(batch: &Batch<'_>, from: &str, f: &SmtpFailure) -> Result<Me
 }
 
 /// One connection's share of the batch: takes the next message until none is left, the batch
-/// stopped, or (`once`) one message was tried.
+/// stopped, or (`once`) one message was tried. Where the server pipelines, the commands of the
+/// lane's next message go out with the content of the current one, on the connection the
+/// lane keeps between its sends.
 async fn lane(sender: &SmtpSender, batch: &Batch<'_>, progress: &Progress, once: bool) {
-    for _ in 0.. {
+    let mut held = None;
+    let mut index = progress.take_next();
+    loop {
         if progress.stopped() {
             return;
         }
@@ -50,7 +57,6 @@ async fn lane(sender: &SmtpSender, batch: &Batch<'_>, progress: &Progress, once:
             progress.stop(Stop::Halted);
             return;
         }
-        let index = progress.take_next();
         let Some(message) = batch.messages.get(index) else {
             return;
         };
@@ -58,14 +64,18 @@ async fn lane(sender: &SmtpSender, batch: &Batch<'_>, progress: &Progress, once:
             progress.stop(Stop::Halted);
             return;
         };
+        let following = (!once).then(|| progress.take_next());
+        let next = following
+            .and_then(|k| batch.messages.get(k))
+            .map(as_message);
         let deadline = Instant::now() + CONNECTION_WAIT;
         let outcome = sender
             .send(
                 batch.ctx,
                 batch.server,
                 batch.token,
-                &message.envelope,
-                message.raw.as_bytes(),
+                (&as_message(message), next.as_ref()),
+                &mut held,
                 deadline,
                 batch.halt,
             )
@@ -89,9 +99,18 @@ async fn lane(sender: &SmtpSender, batch: &Batch<'_>, progress: &Progress, once:
             SendOutcome::LeaseLost => progress.stop(Stop::Halted),
         }
         progress.end_turn(index, turn);
-        if once {
-            return;
+        match following {
+            Some(k) => index = k,
+            None => return,
         }
+    }
+}
+
+fn as_message(p: &Prepared) -> Message<'_> {
+    Message {
+        id: p.id,
+        envelope: &p.envelope,
+        raw: p.raw.as_bytes(),
     }
 }
 

@@ -945,3 +945,68 @@ async fn lines_that_begin_with_a_dot_arrive_as_written() {
         "{data}"
     );
 }
+
+/// On a reused connection the next mail's MAIL FROM, RCPT TO and DATA go out behind the
+/// current mail's content. When the server answers that content with `421` and closes, the
+/// mail it refused is retried, and the next one, whose commands were lost with the
+/// connection, goes out on a new connection without spending an attempt: each arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closed_after_a_mail_loses_nothing_of_the_mail_pipelined_behind_it() {
+    let m = mailing().await;
+    let app = &m.env.app;
+    // One mail a minute: the first goes, the next three wait and then go as one batch.
+    settings(&m.env, &[("mailbox_rate_per_minute", "1")]).await;
+    let first = queue(&m, "Goes at once").await;
+    wait_status(app, first, "sent").await;
+    let batch = [
+        queue(&m, "Batch one").await,
+        queue(&m, "Batch two").await,
+        queue(&m, "Batch three").await,
+    ];
+    // The batch's first mail goes alone and is taken; the second, sent with the third's
+    // commands behind it, meets 421 and the end of the connection.
+    m.smtp.inject(
+        Injected::Reply {
+            stage: Stage::EndOfData,
+            reply: "250 2.0.0 OK taken".into(),
+        },
+        1,
+    );
+    m.smtp.inject(
+        Injected::Reply {
+            stage: Stage::EndOfData,
+            reply: "421 4.3.2 Service not available, closing transmission channel".into(),
+        },
+        1,
+    );
+    settings(&m.env, &[("mailbox_rate_per_minute", "0")]).await;
+    advance(app, 61);
+    let third = wait_status(app, batch[2], "sent").await;
+    assert_eq!(
+        third.attempts, 1,
+        "the pipelined mail spent no extra attempt"
+    );
+    eventually("the refused mail to wait for its retry", || async {
+        let r = row(app, batch[1]).await;
+        r.status == "queued" && r.attempts == 1
+    })
+    .await;
+    let second = row(app, batch[1]).await;
+    assert!(
+        second
+            .last_reply
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("421"),
+        "{second:?}"
+    );
+    advance(app, 3600);
+    let second = wait_status(app, batch[1], "sent").await;
+    assert_eq!(second.attempts, 2);
+    let counts = m.smtp.count_by_message_id();
+    for id in [first, batch[0], batch[1], batch[2]] {
+        let mail = row(app, id).await;
+        assert_eq!(counts.get(&mail.message_id), Some(&1), "{mail:?}");
+    }
+    assert_eq!(m.smtp.received_count(), 4);
+}
