@@ -447,8 +447,33 @@ impl SmtpSender {
         }
     }
 
-    /// Opens a connection and authenticates, noting in `reached` each step that succeeded.
+    /// Opens a connection and authenticates, noting in `reached` each step that succeeded; a
+    /// server that stops answering (at the greeting, EHLO, STARTTLS or AUTH) fails it after
+    /// [`IO_TIMEOUT`] instead of keeping the connection slot.
     async fn open(
+        &self,
+        ctx: &ModuleContext,
+        server: &mail_server::Model,
+        token: &AccessToken,
+        reached: &mut Reached,
+    ) -> Result<Line, SendOutcome> {
+        let opened =
+            tokio::time::timeout(IO_TIMEOUT, self.open_unbounded(ctx, server, token, reached))
+                .await;
+        opened.unwrap_or_else(|_| {
+            let stage = if *reached >= Reached::Secured {
+                Stage::Auth
+            } else {
+                Stage::Connect
+            };
+            Err(SendOutcome::Failed(SmtpFailure::network(
+                stage,
+                "the SMTP server stopped answering".into(),
+            )))
+        })
+    }
+
+    async fn open_unbounded(
         &self,
         ctx: &ModuleContext,
         server: &mail_server::Model,

@@ -105,6 +105,12 @@ pub(crate) fn response_text(response: &lettre::transport::smtp::response::Respon
     )
 }
 
+/// Mails up to this size go out pipelined. The pipelined content is written from a
+/// dot-stuffed copy (and lettre copies a command once more), which costs nothing beside the
+/// round trips saved on small mail; a larger one (files) goes through lettre's transaction,
+/// which streams it with one copy, and round trips matter little beside its size.
+pub const PIPELINED_MAX_BYTES: usize = 256 * 1024;
+
 /// One mail for a transaction: its outbox id, envelope and bytes.
 #[derive(Clone, Copy)]
 pub(crate) struct Message<'a> {
@@ -156,11 +162,13 @@ impl Line {
     }
 
     /// The text of `mail` if it can be pipelined on this connection: the server offers
-    /// PIPELINING, and the mail is plain ASCII (it needs no MAIL parameter).
+    /// PIPELINING, and the mail is plain ASCII (it needs no MAIL parameter) and at most
+    /// [`PIPELINED_MAX_BYTES`].
     fn pipelinable<'m>(&self, mail: &Message<'m>) -> Option<&'m str> {
         let ascii = |a: &lettre::Address| AsRef::<str>::as_ref(a).is_ascii();
         let envelope = mail.envelope;
         (self.pipelining
+            && mail.raw.len() <= PIPELINED_MAX_BYTES
             && mail.raw.is_ascii()
             && envelope.from().is_none_or(ascii)
             && envelope.to().iter().all(ascii))
@@ -253,10 +261,11 @@ async fn pipelined(
         };
         match reply {
             Ok(_) => data_accepted = k + 1 == count,
-            // The line dropped or the reply made no sense: nothing more can be read.
+            // The line dropped or the reply made no sense: nothing more can be read. A server
+            // that refused a command and closed (`421`) said why in that refusal.
             Err(e) if e.status().is_none() => {
                 line.spoilt = true;
-                return Err(e);
+                return Err(refused.unwrap_or(e));
             }
             Err(e) => {
                 refused.get_or_insert(e);

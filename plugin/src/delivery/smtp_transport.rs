@@ -48,6 +48,10 @@ fn classify_failure(batch: &Batch<'_>, from: &str, f: &SmtpFailure) -> Result<Me
 /// lane keeps between its sends.
 async fn lane(sender: &SmtpSender, batch: &Batch<'_>, progress: &Progress, once: bool) {
     let mut held = None;
+    // The turn of the lane's next message, taken before its commands go out behind the
+    // current content: the server then waits in DATA for that content, which must not wait
+    // for outcome writes.
+    let mut next_turn = None;
     let mut index = progress.take_next();
     loop {
         if progress.stopped() {
@@ -60,14 +64,21 @@ async fn lane(sender: &SmtpSender, batch: &Batch<'_>, progress: &Progress, once:
         let Some(message) = batch.messages.get(index) else {
             return;
         };
-        let Some(turn) = batch.turn().await else {
-            progress.stop(Stop::Halted);
-            return;
+        let turn = match next_turn.take() {
+            Some(turn) => turn,
+            None => match batch.turn().await {
+                Some(turn) => turn,
+                None => {
+                    progress.stop(Stop::Halted);
+                    return;
+                }
+            },
         };
         let following = (!once).then(|| progress.take_next());
-        let next = following
-            .and_then(|k| batch.messages.get(k))
-            .map(as_message);
+        let next = following.and_then(|k| batch.messages.get(k)).and_then(|m| {
+            next_turn = batch.window.try_acquire().ok();
+            next_turn.as_ref().map(|_| as_message(m))
+        });
         let deadline = Instant::now() + CONNECTION_WAIT;
         let outcome = sender
             .send(

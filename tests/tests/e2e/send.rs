@@ -1010,3 +1010,42 @@ async fn a_connection_closed_after_a_mail_loses_nothing_of_the_mail_pipelined_be
     }
     assert_eq!(m.smtp.received_count(), 4);
 }
+
+/// With MAIL FROM, RCPT TO and DATA pipelined, a server that answers MAIL FROM with `421` and
+/// closes never answers the commands behind it. The mail must be judged by that `421` (here
+/// Exchange's throttling: the mailbox waits a minute, the mail spends no attempt), not as a
+/// dropped line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_421_before_the_line_closes_is_the_verdict_not_the_closed_line() {
+    let m = mailing().await;
+    let app = &m.env.app;
+    m.smtp.inject(
+        Injected::Reply {
+            stage: Stage::MailFrom,
+            reply: "421 4.7.0 Too many messages from this mailbox, try again later".into(),
+        },
+        1,
+    );
+    let id = queue(&m, "Throttled").await;
+    eventually("the mailbox to be throttled", || async {
+        let r = row(app, id).await;
+        r.status == "queued"
+            && r.last_reply
+                .as_deref()
+                .is_some_and(|t| t.starts_with("421 4.7.0"))
+    })
+    .await;
+    let waiting = row(app, id).await;
+    assert_eq!(waiting.attempts, 0, "no attempt spent: {waiting:?}");
+    let server_id = waiting.server_id;
+    let health = mailbox_health::Entity::find_by_id(server_id)
+        .one(&app.db)
+        .await
+        .expect("query")
+        .expect("health row");
+    assert_eq!(health.state, "throttled", "{health:?}");
+    advance(app, 61);
+    let sent = wait_status(app, id, "sent").await;
+    assert_eq!(sent.attempts, 1);
+    assert_eq!(m.smtp.count_by_message_id().get(&sent.message_id), Some(&1));
+}
