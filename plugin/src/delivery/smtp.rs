@@ -610,18 +610,41 @@ impl SmtpSender {
             // The line went away before this mail's content: nothing of it went out, so it
             // goes out on another connection.
         }
+        let mut h = match self.take_line(ctx, server, token, &pool, deadline).await {
+            Ok(h) if !lease_lost.load(Ordering::SeqCst) => h,
+            Ok(_) => return SendOutcome::LeaseLost,
+            Err(outcome) => return outcome,
+        };
+        let next = self.within_lease(&h.slot, next);
+        let outcome = transact(&mut h.line, mail, next, IO_TIMEOUT).await;
+        self.keep(&pool, h, &outcome, held);
+        outcome
+    }
+
+    /// A connection of the mailbox for one mail, with its permit and slot: an idle one of this
+    /// token (asked whether it is still open when it waited a while), else a new one in the
+    /// slot of an idle one or in a free slot. Waits at most until `deadline` for a permit or a
+    /// slot.
+    async fn take_line(
+        &self,
+        ctx: &ModuleContext,
+        server: &mail_server::Model,
+        token: &AccessToken,
+        pool: &Arc<MailboxPool>,
+        deadline: Instant,
+    ) -> Result<HeldLine, SendOutcome> {
         let permit: OwnedSemaphorePermit =
             match tokio::time::timeout_at(deadline.into(), pool.permits.clone().acquire_owned())
                 .await
             {
                 Ok(Ok(p)) => p,
                 Ok(Err(_)) => {
-                    return SendOutcome::Failed(SmtpFailure::network(
+                    return Err(SendOutcome::Failed(SmtpFailure::network(
                         Stage::Connect,
                         "the sender is shutting down".into(),
-                    ));
+                    )));
                 }
-                Err(_) => return busy(),
+                Err(_) => return Err(busy()),
             };
         let taken = {
             let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -640,15 +663,8 @@ impl SmtpSender {
                 (Some((i.line, idle_for)), i.slot)
             }
             Some(i) if !i.slot.lost() => (None, i.slot),
-            _ => match self.acquire_slot(ctx, server.id, deadline).await {
-                Ok(s) => (None, s),
-                Err(outcome) => return outcome,
-            },
+            _ => (None, self.acquire_slot(ctx, server.id, deadline).await?),
         };
-        if lease_lost.load(Ordering::SeqCst) {
-            return SendOutcome::LeaseLost;
-        }
-        let next = self.within_lease(&slot, next);
         // The server may have closed a connection that waited a while: ask before sending
         // (after a failure mid-message one cannot know whether the server took it).
         let mut alive = None;
@@ -659,23 +675,14 @@ impl SmtpSender {
         }
         let line = match alive {
             Some(line) => line,
-            None => match self.open(ctx, server, token, &mut Reached::Nothing).await {
-                Ok(l) => l,
-                Err(outcome) => return outcome,
-            },
+            None => self.open(ctx, server, token, &mut Reached::Nothing).await?,
         };
-        if lease_lost.load(Ordering::SeqCst) {
-            return SendOutcome::LeaseLost;
-        }
-        let mut h = HeldLine {
+        Ok(HeldLine {
             line,
             version: token.version,
             slot,
             permit,
-        };
-        let outcome = transact(&mut h.line, mail, next, IO_TIMEOUT).await;
-        self.keep(&pool, h, &outcome, held);
-        outcome
+        })
     }
 
     /// `next`, when the slot's lease leaves time for another mail on its connection (else the
