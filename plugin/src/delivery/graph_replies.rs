@@ -56,106 +56,172 @@ fn verdict(
     }
 }
 
-/// What Graph's `reply` to sending a mail from `mailbox` (envelope sender `from`) means.
+/// Which answers a [`GraphRule`] covers: any of these.
+enum When {
+    /// An HTTP status in this range (inclusive).
+    Status(u16, u16),
+    /// A Graph error code (compared in lower case), whatever the status.
+    Code(&'static str),
+    /// A Graph error code with this status.
+    StatusCode(u16, &'static str),
+}
+
+/// One row of the table of Graph's answers.
+struct GraphRule {
+    id: &'static str,
+    when: &'static [When],
+    /// Only when the envelope sender is not the mailbox itself.
+    other_sender: bool,
+    level: Level,
+    who: Who,
+    /// What happened, with `{mailbox}`, `{from}` and `{said}` (the reply as kept).
+    what: &'static str,
+    fix: &'static str,
+}
+
+const NOT_EXCHANGE_ONLINE: Level = Level::MailboxHeld(HoldReason::NotExchangeOnline);
+
+/// Graph's answers to sendMail, first match wins (MICROSOFT.md › Microsoft Graph mail).
+const GRAPH_RULES: &[GraphRule] = &[
+    GraphRule {
+        id: "graph-mailbox-not-enabled",
+        when: &[When::Code("mailboxnotenabledforrestapi")],
+        other_sender: false,
+        level: NOT_EXCHANGE_ONLINE,
+        who: Who::ExchangeAdmin,
+        what: "Microsoft Graph cannot send from {mailbox}: it is not an Exchange Online mailbox (on-premises, unlicensed or inactive) ({said}).",
+        fix: "An Exchange administrator must give the mailbox an Exchange Online licence, or an operator must send this server's mail over SMTP.",
+    },
+    GraphRule {
+        id: "graph-mailbox-unknown",
+        when: &[
+            When::Code("errorinvaliduser"),
+            When::Code("resourcenotfound"),
+            When::Code("mailboxnotfound"),
+        ],
+        other_sender: false,
+        level: NOT_EXCHANGE_ONLINE,
+        who: Who::Operator,
+        what: "Microsoft Graph does not know the mailbox {mailbox} ({said}).",
+        fix: "A CRM operator must check the mailbox address on the server page (it must be the mailbox's primary address in Exchange Online).",
+    },
+    GraphRule {
+        id: "graph-invalid-recipients",
+        when: &[When::StatusCode(400, "errorinvalidrecipients")],
+        other_sender: false,
+        level: Level::MailFails,
+        who: Who::Author,
+        what: "Exchange refused the recipients of this mail ({said}).",
+        fix: "Check the addresses and send it again.",
+    },
+    GraphRule {
+        id: "graph-token-refused",
+        when: &[When::Status(401, 401)],
+        other_sender: false,
+        level: Level::MailboxHeld(HoldReason::TokenRefused),
+        who: Who::MailboxOwner,
+        what: "Microsoft Graph refuses the mailbox's access token even just after it was renewed ({said}).",
+        fix: "Connect the mail server again so that the Graph permissions (Mail.Send) are granted; for an app-only server, an administrator must grant the app Mail.Send as an application permission with admin consent.",
+    },
+    GraphRule {
+        id: "graph-send-as-denied",
+        when: &[When::StatusCode(403, "errorsendasdenied")],
+        other_sender: true,
+        level: Level::MailFails,
+        who: Who::ExchangeAdmin,
+        what: "Exchange does not let {mailbox} send as {from} ({said}).",
+        fix: "An Exchange administrator must grant the mailbox Send As on that address, or an operator must set the server to send as the mailbox.",
+    },
+    GraphRule {
+        id: "graph-access-denied",
+        when: &[When::Status(403, 403)],
+        other_sender: false,
+        level: Level::MailboxHeld(HoldReason::GraphAccessDenied),
+        who: Who::ExchangeAdmin,
+        what: "Microsoft Graph denies sending from {mailbox} ({said}).",
+        fix: "An administrator must grant the app Mail.Send (and Mail.Send.Shared for a shared mailbox) with admin consent, and check that no application access policy excludes this mailbox; then click Retry now on the server page.",
+    },
+    GraphRule {
+        id: "graph-too-large",
+        when: &[
+            When::Status(413, 413),
+            When::Code("errormessagesizeexceeded"),
+        ],
+        other_sender: false,
+        level: Level::MailFails,
+        who: Who::Author,
+        what: "Exchange refused this mail as too large ({said}).",
+        fix: "Send smaller files, or fewer of them in one mail.",
+    },
+    GraphRule {
+        id: "graph-throttled",
+        when: &[When::Status(429, 429)],
+        other_sender: false,
+        level: Level::MailboxThrottled,
+        who: Who::Nobody,
+        what: "Microsoft Graph asked to slow down ({said}).",
+        fix: "The mailbox's mail waits and goes out by itself.",
+    },
+    GraphRule {
+        id: "graph-mailbox-full",
+        when: &[When::Code("errorquotaexceeded"), When::Status(507, 507)],
+        other_sender: false,
+        level: Level::MailboxHeld(HoldReason::MailboxFull),
+        who: Who::MailboxOwner,
+        what: "The mailbox {mailbox} is full: Exchange cannot save the sent mail ({said}).",
+        fix: "Empty the mailbox's Sent Items or Deleted Items, or ask an Exchange administrator to raise its quota; the waiting mail is tried again within the hour.",
+    },
+    GraphRule {
+        id: "graph-transient",
+        when: &[When::Status(500, 599)],
+        other_sender: false,
+        level: Level::MailRetries,
+        who: Who::Nobody,
+        what: "Microsoft Graph could not take the mail just now ({said}).",
+        fix: "It is sent again later.",
+    },
+];
+
+/// Any other answer.
+const GRAPH_OTHERWISE: GraphRule = GraphRule {
+    id: "graph-refused",
+    when: &[],
+    other_sender: false,
+    level: Level::MailFails,
+    who: Who::Operator,
+    what: "Microsoft Graph refused this mail ({said}).",
+    fix: "A CRM operator should look at the reply; the mail can be retried from the outbox.",
+};
+
+/// What Graph's `reply` to sending a mail from `mailbox` (envelope sender `from`) means: the
+/// first rule of [`GRAPH_RULES`] that covers it. A hold is probed again after its reason's
+/// time; a throttle lasts `Retry-After` (60 s without one, at most an hour).
 pub fn classify(reply: &GraphReply, mailbox: &str, from: &str) -> Verdict {
     let code = reply.code.to_ascii_lowercase();
-    let said = reply.text();
-    match (reply.status, code.as_str()) {
-        (_, "mailboxnotenabledforrestapi") => verdict(
-            "graph-mailbox-not-enabled",
-            Level::MailboxHeld(HoldReason::NotExchangeOnline),
-            Who::ExchangeAdmin,
-            format!(
-                "Microsoft Graph cannot send from {mailbox}: it is not an Exchange Online mailbox (on-premises, unlicensed or inactive) ({said})."
-            ),
-            "An Exchange administrator must give the mailbox an Exchange Online licence, or an operator must send this server's mail over SMTP.",
-            HoldReason::NotExchangeOnline.probe_after(),
-        ),
-        (_, "errorinvaliduser" | "resourcenotfound" | "mailboxnotfound") => verdict(
-            "graph-mailbox-unknown",
-            Level::MailboxHeld(HoldReason::NotExchangeOnline),
-            Who::Operator,
-            format!("Microsoft Graph does not know the mailbox {mailbox} ({said})."),
-            "A CRM operator must check the mailbox address on the server page (it must be the mailbox's primary address in Exchange Online).",
-            HoldReason::NotExchangeOnline.probe_after(),
-        ),
-        (400, "errorinvalidrecipients") => verdict(
-            "graph-invalid-recipients",
-            Level::MailFails,
-            Who::Author,
-            format!("Exchange refused the recipients of this mail ({said})."),
-            "Check the addresses and send it again.",
-            None,
-        ),
-        (401, _) => verdict(
-            "graph-token-refused",
-            Level::MailboxHeld(HoldReason::TokenRefused),
-            Who::MailboxOwner,
-            format!(
-                "Microsoft Graph refuses the mailbox's access token even just after it was renewed ({said})."
-            ),
-            "Connect the mail server again so that the Graph permissions (Mail.Send) are granted; for an app-only server, an administrator must grant the app Mail.Send as an application permission with admin consent.",
-            HoldReason::TokenRefused.probe_after(),
-        ),
-        (403, "errorsendasdenied") if !from.eq_ignore_ascii_case(mailbox) => verdict(
-            "graph-send-as-denied",
-            Level::MailFails,
-            Who::ExchangeAdmin,
-            format!("Exchange does not let {mailbox} send as {from} ({said})."),
-            "An Exchange administrator must grant the mailbox Send As on that address, or an operator must set the server to send as the mailbox.",
-            None,
-        ),
-        (403, _) => verdict(
-            "graph-access-denied",
-            Level::MailboxHeld(HoldReason::GraphAccessDenied),
-            Who::ExchangeAdmin,
-            format!("Microsoft Graph denies sending from {mailbox} ({said})."),
-            "An administrator must grant the app Mail.Send (and Mail.Send.Shared for a shared mailbox) with admin consent, and check that no application access policy excludes this mailbox; then click Retry now on the server page.",
-            HoldReason::GraphAccessDenied.probe_after(),
-        ),
-        (413, _) | (_, "errormessagesizeexceeded") => verdict(
-            "graph-too-large",
-            Level::MailFails,
-            Who::Author,
-            format!("Exchange refused this mail as too large ({said})."),
-            "Send smaller files, or fewer of them in one mail.",
-            None,
-        ),
-        (429, _) => verdict(
-            "graph-throttled",
-            Level::MailboxThrottled,
-            Who::Nobody,
-            format!("Microsoft Graph asked to slow down ({said})."),
-            "The mailbox's mail waits and goes out by itself.",
-            Some(Duration::seconds(
-                reply.retry_after_secs.unwrap_or(60).clamp(1, 3600),
-            )),
-        ),
-        (_, "errorquotaexceeded") | (507, _) => verdict(
-            "graph-mailbox-full",
-            Level::MailboxHeld(HoldReason::MailboxFull),
-            Who::MailboxOwner,
-            format!("The mailbox {mailbox} is full: Exchange cannot save the sent mail ({said})."),
-            "Empty the mailbox's Sent Items or Deleted Items, or ask an Exchange administrator to raise its quota; the waiting mail is tried again within the hour.",
-            HoldReason::MailboxFull.probe_after(),
-        ),
-        (500..=599, _) => verdict(
-            "graph-transient",
-            Level::MailRetries,
-            Who::Nobody,
-            format!("Microsoft Graph could not take the mail just now ({said})."),
-            "It is sent again later.",
-            None,
-        ),
-        _ => verdict(
-            "graph-refused",
-            Level::MailFails,
-            Who::Operator,
-            format!("Microsoft Graph refused this mail ({said})."),
-            "A CRM operator should look at the reply; the mail can be retried from the outbox.",
-            None,
-        ),
-    }
+    let covers = |w: &When| match *w {
+        When::Status(low, high) => (low..=high).contains(&reply.status),
+        When::Code(c) => code == c,
+        When::StatusCode(status, c) => reply.status == status && code == c,
+    };
+    let rule = GRAPH_RULES
+        .iter()
+        .find(|r| {
+            r.when.iter().any(covers) && (!r.other_sender || !from.eq_ignore_ascii_case(mailbox))
+        })
+        .unwrap_or(&GRAPH_OTHERWISE);
+    let what = rule
+        .what
+        .replace("{mailbox}", mailbox)
+        .replace("{from}", from)
+        .replace("{said}", &reply.text());
+    let hold_for = match rule.level {
+        Level::MailboxHeld(reason) => reason.probe_after(),
+        Level::MailboxThrottled => Some(Duration::seconds(
+            reply.retry_after_secs.unwrap_or(60).clamp(1, 3600),
+        )),
+        _ => None,
+    };
+    verdict(rule.id, rule.level, rule.who, what, rule.fix, hold_for)
 }
 
 /// The verdict when Graph could not be reached: nothing was sent.
@@ -236,7 +302,39 @@ mod tests {
             level(404, "ErrorInvalidUser", m),
             Level::MailboxHeld(HoldReason::NotExchangeOnline)
         );
+        assert_eq!(
+            classify(&reply(418, "Teapot"), m, m).rule,
+            "graph-refused",
+            "anything else is refused, for an operator to read"
+        );
         assert!(reply(401, "InvalidAuthenticationToken").refused_token());
         assert!(!reply(401, "MailboxNotEnabledForRESTAPI").refused_token());
+    }
+
+    #[test]
+    fn every_rule_says_who_and_what_in_words_with_no_placeholder_left() {
+        let (m, from) = ("sales@contoso.example", "alice@contoso.example");
+        for rule in GRAPH_RULES {
+            let status = match rule.when[0] {
+                When::Status(low, _) => low,
+                When::StatusCode(status, _) => status,
+                When::Code(_) => 400,
+            };
+            let code = match rule.when[0] {
+                When::Code(c) | When::StatusCode(_, c) => c,
+                When::Status(..) => "",
+            };
+            let v = classify(&reply(status, code), m, from);
+            assert_eq!(v.rule, rule.id);
+            assert!(!v.what.contains('{'), "{}: {}", rule.id, v.what);
+            assert!(
+                v.what.contains(&format!("{status}")),
+                "{}: {}",
+                rule.id,
+                v.what
+            );
+        }
+        let v = classify(&reply(403, "ErrorSendAsDenied"), m, from);
+        assert!(v.what.contains(m) && v.what.contains(from), "{}", v.what);
     }
 }
