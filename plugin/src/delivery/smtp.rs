@@ -610,7 +610,10 @@ impl SmtpSender {
             // The line went away before this mail's content: nothing of it went out, so it
             // goes out on another connection.
         }
-        let mut h = match self.take_line(ctx, server, token, &pool, deadline).await {
+        let mut h = match self
+            .take_line(ctx, server, token, &pool, (deadline, lease_lost))
+            .await
+        {
             Ok(h) if !lease_lost.load(Ordering::SeqCst) => h,
             Ok(_) => return SendOutcome::LeaseLost,
             Err(outcome) => return outcome,
@@ -624,14 +627,14 @@ impl SmtpSender {
     /// A connection of the mailbox for one mail, with its permit and slot: an idle one of this
     /// token (asked whether it is still open when it waited a while), else a new one in the
     /// slot of an idle one or in a free slot. Waits at most until `deadline` for a permit or a
-    /// slot.
+    /// slot; opens nothing once `lease_lost` is set.
     async fn take_line(
         &self,
         ctx: &ModuleContext,
         server: &mail_server::Model,
         token: &AccessToken,
         pool: &Arc<MailboxPool>,
-        deadline: Instant,
+        (deadline, lease_lost): (Instant, &AtomicBool),
     ) -> Result<HeldLine, SendOutcome> {
         let permit: OwnedSemaphorePermit =
             match tokio::time::timeout_at(deadline.into(), pool.permits.clone().acquire_owned())
@@ -665,6 +668,9 @@ impl SmtpSender {
             Some(i) if !i.slot.lost() => (None, i.slot),
             _ => (None, self.acquire_slot(ctx, server.id, deadline).await?),
         };
+        if lease_lost.load(Ordering::SeqCst) {
+            return Err(SendOutcome::LeaseLost);
+        }
         // The server may have closed a connection that waited a while: ask before sending
         // (after a failure mid-message one cannot know whether the server took it).
         let mut alive = None;
