@@ -13,6 +13,7 @@ pub mod health;
 pub mod limits;
 pub mod outcomes;
 pub mod smtp;
+pub mod smtp_open;
 pub mod smtp_transaction;
 pub mod smtp_transport;
 pub mod transport;

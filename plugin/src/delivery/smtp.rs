@@ -6,8 +6,6 @@
 
 use chrono::{DateTime, Utc};
 use crm_sdk::ModuleContext;
-use lettre::transport::smtp::authentication::Mechanism;
-use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
 use lettre::transport::smtp::extension::ClientId;
 use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QuerySelect, Set};
@@ -15,15 +13,14 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
-use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::delivery::classify::Stage;
-use crate::delivery::smtp_transaction::{
-    Line, Message, Verbatim, failure, response_text, transact,
-};
+pub use crate::delivery::smtp_open::Reached;
+use crate::delivery::smtp_open::{IO_TIMEOUT, open};
+use crate::delivery::smtp_transaction::{Line, Message, transact};
 pub use crate::delivery::smtp_transaction::{SendOutcome, SmtpFailure};
-use crate::entities::{mail_server, smtp_slot, token};
+use crate::entities::{mail_server, smtp_slot};
 use crate::tokens::store::AccessToken;
 
 /// Exchange Online's limit of concurrent SMTP connections per mailbox.
@@ -33,24 +30,6 @@ pub const CONNECTIONS_PER_MAILBOX: usize = 3;
 const IDLE_FOR: Duration = Duration::from_secs(3);
 /// How often idle connections are looked at.
 const REAP_EVERY: Duration = Duration::from_millis(500);
-/// How long connecting, the handshake and each command may take.
-const IO_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// How far opening a connection got: each step that succeeded, in order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Reached {
-    /// Nothing yet (no slot, or the TCP connection failed).
-    Nothing,
-    /// The TCP connection is open.
-    Connected,
-    /// The server greeted and answered EHLO.
-    Greeted,
-    /// TLS is up (STARTTLS, or TLS from the start).
-    Secured,
-    /// AUTH XOAUTH2 succeeded.
-    Authenticated,
-}
-
 /// The slots this process holds, and those to free (the reaper renews and frees them).
 #[derive(Default)]
 struct Book {
@@ -143,55 +122,6 @@ pub struct SmtpSender {
     nonce: AtomicU64,
     book: SharedBook,
     reaper: Mutex<bool>,
-}
-
-/// One SASL XOAUTH2 exchange on `conn` as `user` (the exchange itself is [`crate::delivery::xoauth2`]).
-async fn authenticate(
-    conn: &mut AsyncSmtpConnection,
-    user: &str,
-    token: &secrecy::SecretString,
-) -> Result<(), SmtpFailure> {
-    let mut exchange = crate::delivery::xoauth2::Exchange::new(user, token);
-    let mut line = exchange.start();
-    loop {
-        let (code, text) = match conn.command(Verbatim(line.as_str())).await {
-            Ok(response) => (
-                response.code().to_string().parse().unwrap_or(0),
-                response_text(&response),
-            ),
-            Err(e) => match e.status() {
-                Some(_) => {
-                    let f = failure(Stage::Auth, &e);
-                    (f.code.unwrap_or(0), f.text)
-                }
-                None => {
-                    let mut f = failure(Stage::Auth, &e);
-                    f.auth_user = user.to_string();
-                    return Err(f);
-                }
-            },
-        };
-        match exchange.on_reply(code, &text) {
-            crate::delivery::xoauth2::Step::Send(next) => line = next,
-            crate::delivery::xoauth2::Step::Authenticated => return Ok(()),
-            crate::delivery::xoauth2::Step::Refused {
-                code,
-                reply,
-                challenge,
-            } => {
-                return Err(SmtpFailure {
-                    stage: Stage::Auth,
-                    code: Some(code),
-                    text: match challenge {
-                        Some(json) => format!("{reply} (after the challenge {json})"),
-                        None => reply,
-                    },
-                    no_xoauth2: false,
-                    auth_user: user.to_string(),
-                });
-            }
-        }
-    }
 }
 
 impl SmtpSender {
@@ -447,131 +377,6 @@ impl SmtpSender {
         }
     }
 
-    /// Opens a connection and authenticates, noting in `reached` each step that succeeded; a
-    /// server that stops answering (at the greeting, EHLO, STARTTLS or AUTH) fails it after
-    /// [`IO_TIMEOUT`] instead of keeping the connection slot.
-    async fn open(
-        &self,
-        ctx: &ModuleContext,
-        server: &mail_server::Model,
-        token: &AccessToken,
-        reached: &mut Reached,
-    ) -> Result<Line, SendOutcome> {
-        let opened =
-            tokio::time::timeout(IO_TIMEOUT, self.open_unbounded(ctx, server, token, reached))
-                .await;
-        opened.unwrap_or_else(|_| {
-            let stage = if *reached >= Reached::Secured {
-                Stage::Auth
-            } else {
-                Stage::Connect
-            };
-            Err(SendOutcome::Failed(SmtpFailure::network(
-                stage,
-                "the SMTP server stopped answering".into(),
-            )))
-        })
-    }
-
-    async fn open_unbounded(
-        &self,
-        ctx: &ModuleContext,
-        server: &mail_server::Model,
-        token: &AccessToken,
-        reached: &mut Reached,
-    ) -> Result<Line, SendOutcome> {
-        let conn = self
-            .connect(server, reached)
-            .await
-            .map_err(SendOutcome::Failed)?;
-        let mut line = Line::open(conn, &self.hello)
-            .await
-            .map_err(|e| SendOutcome::Failed(failure(Stage::Connect, &e)))?;
-        if !line
-            .conn
-            .server_info()
-            .supports_auth_mechanism(Mechanism::Xoauth2)
-        {
-            return Err(SendOutcome::Failed(SmtpFailure {
-                no_xoauth2: true,
-                ..SmtpFailure::network(Stage::Auth, "AUTH XOAUTH2 is not offered".into())
-            }));
-        }
-        // The mailbox's address first (or the identity that worked before), then the signed-in
-        // UPN: Exchange maps either to the mailbox, other servers only one of them.
-        let mut refused = None;
-        for (i, user) in token.identities.iter().enumerate() {
-            match authenticate(&mut line.conn, user, &token.token).await {
-                Ok(()) => {
-                    if i > 0 {
-                        remember_identity(ctx, server.id, user).await;
-                    }
-                    *reached = Reached::Authenticated;
-                    return Ok(line);
-                }
-                Err(f) if f.refused_token() => refused = Some(f),
-                // The line dropped after a refusal: the refusal is what was learnt.
-                Err(f) => return Err(SendOutcome::Failed(refused.unwrap_or(f))),
-            }
-        }
-        Err(SendOutcome::Failed(refused.unwrap_or_else(|| {
-            SmtpFailure::network(Stage::Auth, "no identity to authenticate as".into())
-        })))
-    }
-
-    /// Connects, reads the greeting, says EHLO and starts TLS as the server is configured,
-    /// noting in `reached` each step that succeeded.
-    async fn connect(
-        &self,
-        server: &mail_server::Model,
-        reached: &mut Reached,
-    ) -> Result<AsyncSmtpConnection, SmtpFailure> {
-        let smtp = |e: lettre::transport::smtp::Error| failure(Stage::Connect, &e);
-        let tls = || -> Result<TlsParameters, lettre::transport::smtp::Error> {
-            let mut builder = TlsParameters::builder(server.smtp_host.clone());
-            if let Some(pem) = &server.extra_ca_pem {
-                builder = builder.add_root_certificate(Certificate::from_pem(pem.as_bytes())?);
-            }
-            builder.build_rustls()
-        };
-        if server.security == "tls" {
-            let conn = AsyncSmtpConnection::connect_tokio1(
-                (server.smtp_host.as_str(), server.smtp_port as u16),
-                Some(IO_TIMEOUT),
-                &self.hello,
-                Some(tls().map_err(smtp)?),
-                None,
-            )
-            .await
-            .map_err(smtp)?;
-            *reached = Reached::Secured;
-            return Ok(conn);
-        }
-        let address = format!("{}:{}", server.smtp_host, server.smtp_port);
-        let network = |text: String| SmtpFailure::network(Stage::Connect, text);
-        let tcp = match tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(address.as_str())).await
-        {
-            Ok(Ok(tcp)) => tcp,
-            Ok(Err(e)) => return Err(network(format!("cannot connect to {address}: {e}"))),
-            Err(_) => return Err(network(format!("connecting to {address} timed out"))),
-        };
-        // lettre never sets TCP_NODELAY; without it each message waits ~40 ms for a delayed ACK.
-        tcp.set_nodelay(true)
-            .map_err(|e| network(format!("setting TCP_NODELAY: {e}")))?;
-        *reached = Reached::Connected;
-        let mut conn = AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &self.hello)
-            .await
-            .map_err(smtp)?;
-        *reached = Reached::Greeted;
-        if server.security == "starttls" {
-            conn.starttls(tls().map_err(smtp)?, &self.hello)
-                .await
-                .map_err(smtp)?;
-            *reached = Reached::Secured;
-        }
-        Ok(conn)
-    }
-
     /// Sends `mail` through `server` with `token`, and with it the commands of `next` (the mail
     /// this caller sends next, if any) where the connection pipelines. Uses `held` (the
     /// connection that has `mail`'s commands pending, from the caller's previous send) or a
@@ -681,7 +486,7 @@ impl SmtpSender {
         }
         let line = match alive {
             Some(line) => line,
-            None => self.open(ctx, server, token, &mut Reached::Nothing).await?,
+            None => open(&self.hello, ctx, server, token, &mut Reached::Nothing).await?,
         };
         Ok(HeldLine {
             line,
@@ -752,7 +557,7 @@ impl SmtpSender {
             },
         };
         let mut reached = Reached::Nothing;
-        let result = match self.open(ctx, server, token, &mut reached).await {
+        let result = match open(&self.hello, ctx, server, token, &mut reached).await {
             Ok(mut line) => {
                 let _ = tokio::time::timeout(Duration::from_secs(5), line.conn.quit()).await;
                 Ok(())
@@ -803,19 +608,6 @@ impl SmtpSender {
                     slot,
                 });
         }
-    }
-}
-
-/// Remembers the identity SMTP AUTH accepted for a mailbox (tried first from then on).
-async fn remember_identity(ctx: &ModuleContext, server_id: i32, user: &str) {
-    let stored = token::Entity::update_many()
-        .col_expr(token::Column::SmtpUser, Expr::value(user.to_string()))
-        .filter(token::Column::ServerId.eq(server_id))
-        .exec(ctx.db())
-        .await;
-    match stored {
-        Ok(_) => tracing::info!(server_id, "SMTP AUTH accepted the signed-in identity"),
-        Err(e) => tracing::warn!(error = %e, "remembering the SMTP identity failed"),
     }
 }
 
