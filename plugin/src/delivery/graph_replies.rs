@@ -81,7 +81,9 @@ struct GraphRule {
 
 const NOT_EXCHANGE_ONLINE: Level = Level::MailboxHeld(HoldReason::NotExchangeOnline);
 
-/// Graph's answers to sendMail, first match wins (MICROSOFT.md › Microsoft Graph mail).
+/// Graph's answers to sendMail, first match wins (MICROSOFT.md › Microsoft Graph mail): the
+/// rules that name an error code come before those of a status alone, so that a code keeps its
+/// meaning whatever status it comes with.
 const GRAPH_RULES: &[GraphRule] = &[
     GraphRule {
         id: "graph-mailbox-not-enabled",
@@ -115,6 +117,27 @@ const GRAPH_RULES: &[GraphRule] = &[
         fix: "Check the addresses and send it again.",
     },
     GraphRule {
+        id: "graph-too-large",
+        when: &[
+            When::Status(413, 413),
+            When::Code("errormessagesizeexceeded"),
+        ],
+        other_sender: false,
+        level: Level::MailFails,
+        who: Who::Author,
+        what: "Exchange refused this mail as too large ({said}).",
+        fix: "Send smaller files, or fewer of them in one mail.",
+    },
+    GraphRule {
+        id: "graph-mailbox-full",
+        when: &[When::Code("errorquotaexceeded"), When::Status(507, 507)],
+        other_sender: false,
+        level: Level::MailboxHeld(HoldReason::MailboxFull),
+        who: Who::MailboxOwner,
+        what: "The mailbox {mailbox} is full: Exchange cannot save the sent mail ({said}).",
+        fix: "Empty the mailbox's Sent Items or Deleted Items, or ask an Exchange administrator to raise its quota; the waiting mail is tried again within the hour.",
+    },
+    GraphRule {
         id: "graph-token-refused",
         when: &[When::Status(401, 401)],
         other_sender: false,
@@ -142,18 +165,6 @@ const GRAPH_RULES: &[GraphRule] = &[
         fix: "An administrator must grant the app Mail.Send (and Mail.Send.Shared for a shared mailbox) with admin consent, and check that no application access policy excludes this mailbox; then click Retry now on the server page.",
     },
     GraphRule {
-        id: "graph-too-large",
-        when: &[
-            When::Status(413, 413),
-            When::Code("errormessagesizeexceeded"),
-        ],
-        other_sender: false,
-        level: Level::MailFails,
-        who: Who::Author,
-        what: "Exchange refused this mail as too large ({said}).",
-        fix: "Send smaller files, or fewer of them in one mail.",
-    },
-    GraphRule {
         id: "graph-throttled",
         when: &[When::Status(429, 429)],
         other_sender: false,
@@ -161,15 +172,6 @@ const GRAPH_RULES: &[GraphRule] = &[
         who: Who::Nobody,
         what: "Microsoft Graph asked to slow down ({said}).",
         fix: "The mailbox's mail waits and goes out by itself.",
-    },
-    GraphRule {
-        id: "graph-mailbox-full",
-        when: &[When::Code("errorquotaexceeded"), When::Status(507, 507)],
-        other_sender: false,
-        level: Level::MailboxHeld(HoldReason::MailboxFull),
-        who: Who::MailboxOwner,
-        what: "The mailbox {mailbox} is full: Exchange cannot save the sent mail ({said}).",
-        fix: "Empty the mailbox's Sent Items or Deleted Items, or ask an Exchange administrator to raise its quota; the waiting mail is tried again within the hour.",
     },
     GraphRule {
         id: "graph-transient",
@@ -336,5 +338,41 @@ mod tests {
         }
         let v = classify(&reply(403, "ErrorSendAsDenied"), m, from);
         assert!(v.what.contains(m) && v.what.contains(from), "{}", v.what);
+    }
+
+    #[test]
+    fn each_way_a_rule_covers_an_answer_leads_to_it() {
+        let m = "sales@contoso.example";
+        let rule = |status, code| classify(&reply(status, code), m, m).rule;
+        // A status alone, or a code whatever the status.
+        assert_eq!(rule(413, ""), "graph-too-large");
+        assert_eq!(rule(400, "ErrorMessageSizeExceeded"), "graph-too-large");
+        assert_eq!(rule(507, ""), "graph-mailbox-full");
+        assert_eq!(rule(403, "ErrorQuotaExceeded"), "graph-mailbox-full");
+        for code in ["ErrorInvalidUser", "ResourceNotFound", "MailboxNotFound"] {
+            assert_eq!(rule(404, code), "graph-mailbox-unknown", "{code}");
+        }
+        // A code that needs its status.
+        assert_eq!(rule(422, "ErrorInvalidRecipients"), "graph-refused");
+        // Sending as the mailbox itself: not a Send As matter, the app's access is denied.
+        assert_eq!(rule(403, "ErrorSendAsDenied"), "graph-access-denied");
+        // Code rules come before status rules: a 401 for a mailbox Graph cannot serve.
+        assert_eq!(
+            rule(401, "MailboxNotEnabledForRESTAPI"),
+            "graph-mailbox-not-enabled"
+        );
+        // The hold of each level, and Retry-After within an hour.
+        let full = classify(&reply(507, ""), m, m);
+        assert_eq!(full.hold_for, HoldReason::MailboxFull.probe_after());
+        assert_eq!(full.who, Who::MailboxOwner);
+        let mut slow = reply(429, "ApplicationThrottled");
+        slow.retry_after_secs = Some(86_400);
+        assert_eq!(
+            classify(&slow, m, m).hold_for,
+            Some(Duration::seconds(3600))
+        );
+        slow.retry_after_secs = None;
+        assert_eq!(classify(&slow, m, m).hold_for, Some(Duration::seconds(60)));
+        assert_eq!(classify(&reply(503, ""), m, m).hold_for, None);
     }
 }
