@@ -118,8 +118,8 @@ pub(crate) struct Message<'a> {
     pub id: i64,
     /// MAIL FROM and RCPT TO.
     pub envelope: &'a Envelope,
-    /// The message (RFC 5322).
-    pub raw: &'a [u8],
+    /// The message (RFC 5322), as stored.
+    pub raw: &'a str,
 }
 
 /// An open connection and what its server offers beyond what lettre records.
@@ -172,8 +172,7 @@ impl Line {
             && mail.raw.is_ascii()
             && envelope.from().is_none_or(ascii)
             && envelope.to().iter().all(ascii))
-        .then(|| std::str::from_utf8(mail.raw).ok())
-        .flatten()
+        .then_some(mail.raw)
     }
 }
 
@@ -207,7 +206,7 @@ pub(crate) async fn transact(
             // lettre adds SMTPUTF8 or 8BITMIME where the server offers them, or says why not.
             None => {
                 line.content_written = true;
-                line.conn.send(mail.envelope, mail.raw).await
+                line.conn.send(mail.envelope, mail.raw.as_bytes()).await
             }
         }
     };

@@ -121,7 +121,7 @@ fn as_message(p: &Prepared) -> Message<'_> {
     Message {
         id: p.id,
         envelope: &p.envelope,
-        raw: p.raw.as_bytes(),
+        raw: &p.raw,
     }
 }
 
