@@ -254,8 +254,8 @@ impl OutlookJobs for JobServices {
         if due {
             let limits = crate::delivery::limits::limits(&self.ctx, &self.shared).await;
             let before = self.ctx.clock().now() - chrono::Duration::days(limits.keep_sent_days);
-            let _gate = self.shared.write_gate(&self.ctx).await;
-            while crate::outbox::sweep::prune_bodies(&self.ctx, before, 500).await? == 500 {}
+            let turn = self.shared.write_gate(&self.ctx).await;
+            while crate::outbox::sweep::prune_bodies(turn.db(), before, 500).await? == 500 {}
         }
         Ok(())
     }

@@ -153,10 +153,27 @@ pub struct Shared {
     /// SQLite's single write lock would sleep in its busy handler (1 to 100 ms) instead of
     /// being woken when the lock frees.
     write_gate: Arc<tokio::sync::Mutex<()>>,
+    /// On SQLite, the connection the write turns use (`None` for an in-memory database, whose
+    /// turns use the host's pool): see [`open_writer`].
+    writer: tokio::sync::OnceCell<Option<sea_orm::DatabaseConnection>>,
     /// When the sweep last deleted the texts of mails past the retention.
     pub last_prune: std::sync::Mutex<Option<std::time::Instant>>,
     /// Queued mails waiting to be stored with those of concurrent requests.
     pub inserts: Inserts,
+}
+
+/// A turn to write, from [`Shared::write_gate`].
+pub struct WriteTurn {
+    _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+    db: sea_orm::DatabaseConnection,
+}
+
+impl WriteTurn {
+    /// Where the turn's statements go: on SQLite the process's writer connection, otherwise
+    /// the host's pool.
+    pub fn db(&self) -> &sea_orm::DatabaseConnection {
+        &self.db
+    }
 }
 
 impl Shared {
@@ -191,6 +208,7 @@ impl Shared {
             wake_tx: std::sync::Mutex::new(None),
             stopping: std::sync::atomic::AtomicBool::new(true),
             write_gate: Arc::new(tokio::sync::Mutex::new(())),
+            writer: tokio::sync::OnceCell::new(),
             last_prune: std::sync::Mutex::new(None),
             inserts: Default::default(),
         })
@@ -278,16 +296,21 @@ impl Shared {
         self.stopping.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Waits for this process's turn to write on SQLite (`None` on PostgreSQL, whose writers
-    /// do not exclude each other); the turn lasts as long as the guard.
-    pub async fn write_gate(
-        &self,
-        ctx: &crm_sdk::ModuleContext,
-    ) -> Option<tokio::sync::OwnedMutexGuard<()>> {
-        if ctx.db().get_database_backend() == sea_orm::DbBackend::Sqlite {
-            Some(self.write_gate.clone().lock_owned().await)
-        } else {
-            None
+    /// Waits for this process's turn to write on SQLite (at once on PostgreSQL, whose writers
+    /// do not exclude each other); the turn lasts as long as the value, and its statements go
+    /// to [`WriteTurn::db`].
+    pub async fn write_gate(&self, ctx: &crm_sdk::ModuleContext) -> WriteTurn {
+        if ctx.db().get_database_backend() != sea_orm::DbBackend::Sqlite {
+            return WriteTurn {
+                _turn: None,
+                db: ctx.db().clone(),
+            };
+        }
+        let turn = self.write_gate.clone().lock_owned().await;
+        let writer = self.writer.get_or_init(|| open_writer(ctx.db())).await;
+        WriteTurn {
+            _turn: Some(turn),
+            db: writer.as_ref().unwrap_or(ctx.db()).clone(),
         }
     }
 
@@ -375,4 +398,36 @@ pub(crate) struct PendingInsert {
     pub(crate) row: crate::entities::outbox::ActiveModel,
     pub(crate) raw: String,
     pub(crate) done: tokio::sync::oneshot::Sender<Result<crate::entities::outbox::Model, String>>,
+}
+
+/// Opens the connection this process's SQLite write turns use, to the host's database file
+/// with the host pool's settings (WAL, busy timeout, page cache); `None` for an in-memory
+/// database (a second pool would open another database) or when it cannot be opened.
+///
+/// Why one connection: in WAL mode a connection that finds the database changed by another
+/// connection since its last statement drops its whole page cache. When the turns took any of
+/// the pool's connections, nearly every claim and outcome write started from an empty cache,
+/// reading the pages it was about to change again (`pread`) and freeing and allocating the
+/// cache anew (a perf capture of `crm-host serve`: `pcache1TruncateUnsafe`, `malloc`, `free`
+/// and `pread` in the SQLite threads). The turns' own connection keeps its cache: only its
+/// own writes change the pages it holds, as long as the host writes little meanwhile.
+async fn open_writer(db: &sea_orm::DatabaseConnection) -> Option<sea_orm::DatabaseConnection> {
+    let options = db.get_sqlite_connection_pool().connect_options();
+    if !options.get_filename().is_file() {
+        return None;
+    }
+    let pool = sea_orm::sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(1)
+        .min_connections(1)
+        .idle_timeout(None)
+        .max_lifetime(None)
+        .connect_with((*options).clone())
+        .await;
+    match pool {
+        Ok(pool) => Some(sea_orm::SqlxSqliteConnector::from_sqlx_sqlite_pool(pool)),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open the SQLite writer connection; writes use the host's pool");
+            None
+        }
+    }
 }

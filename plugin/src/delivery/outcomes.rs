@@ -15,7 +15,7 @@ use crate::delivery::transport::{BatchResult, MessageResult, Prepared};
 
 use crate::outbox::claims::{self, Claimed, ClaimedRow, Outcome};
 use crate::outbox::lease::LeaseKeeper;
-use crate::runtime::Shared;
+use crate::runtime::{Shared, WriteTurn};
 use crate::tokens::service::TokenProblem;
 
 /// What a drain did.
@@ -159,6 +159,12 @@ impl Writer<'_> {
     ) -> Result<Drained, sea_orm::DbErr> {
         let mut drained = Drained::default();
         while let Some(first) = rx.recv().await {
+            // The turn to write first (on SQLite this process's writes take turns, and the
+            // other mailboxes' claims and outcomes are ahead): whatever the server answers
+            // while this mailbox waits for its turn is written in the same statement. Locks in
+            // the order the lease keeper takes them: the batch's, then the turn.
+            let counting = self.lease.writing.clone().lock_owned().await;
+            let turn = self.shared.write_gate(self.ctx).await;
             let mut group = vec![first];
             while let Ok(next) = rx.try_recv() {
                 group.push(next);
@@ -178,7 +184,7 @@ impl Writer<'_> {
                     }
                 })
                 .collect();
-            match self.write(decided).await {
+            match self.write_holding(decided, counting, turn).await {
                 Ok(d) => drained.add(d),
                 Err(e) => return Err(e),
             }
@@ -192,6 +198,21 @@ impl Writer<'_> {
     /// outcome after the server's `250` must not be lost), tells the people a failure
     /// concerns, and counts.
     pub(crate) async fn write(&self, decided: Vec<Decided>) -> Result<Drained, sea_orm::DbErr> {
+        if decided.is_empty() {
+            return Ok(Drained::default());
+        }
+        let counting = self.lease.writing.clone().lock_owned().await;
+        let turn = self.shared.write_gate(self.ctx).await;
+        self.write_holding(decided, counting, turn).await
+    }
+
+    /// [`Writer::write`], the batch's write lock and a first turn to write already held.
+    async fn write_holding(
+        &self,
+        decided: Vec<Decided>,
+        counting: tokio::sync::OwnedMutexGuard<()>,
+        turn: WriteTurn,
+    ) -> Result<Drained, sea_orm::DbErr> {
         let mut drained = Drained::default();
         if decided.is_empty() {
             return Ok(drained);
@@ -202,12 +223,16 @@ impl Writer<'_> {
         // Every quarter second for half a minute: written as soon as the database is back,
         // before the sweep of another process gives these mails to another drain.
         let mut tries = 0;
-        let counting = self.lease.writing.lock().await;
+        let mut turn = Some(turn);
         let first_try = std::time::Instant::now();
         loop {
+            let turn = match turn.take() {
+                Some(turn) => turn,
+                None => self.shared.write_gate(self.ctx).await,
+            };
             match claims::record(
                 self.ctx,
-                self.shared,
+                &turn,
                 &self.claimed.owner,
                 &outcomes,
                 delete_bodies,
@@ -216,6 +241,7 @@ impl Writer<'_> {
             {
                 Ok(()) => break,
                 Err(e) if first_try.elapsed() < claims::OUTCOME_RETRY => {
+                    drop(turn);
                     // Nothing more is sent while outcomes cannot be written.
                     self.lease
                         .lost

@@ -16,7 +16,7 @@ use sea_orm::{
 
 use crate::delivery::health::Health;
 use crate::entities::{outbox, outbox_body, smtp_slot};
-use crate::runtime::Shared;
+use crate::runtime::{Shared, WriteTurn};
 
 /// Mails claimed at once from one mailbox.
 pub const BATCH: u64 = 100;
@@ -202,11 +202,13 @@ pub async fn claim_batch(
     if per_minute > 0 {
         shared.smtp.ensure_slot_rows(ctx, server_id).await?;
     }
-    let _gate = shared.write_gate(ctx).await;
+    let turn = shared.write_gate(ctx).await;
     let claimed = if per_minute == 0 {
-        persist(|| claim_rows(ctx.db(), shared, now, server_id, limit, false)).await?
+        persist(|| claim_rows(turn.db(), shared, now, server_id, limit, false)).await?
     } else {
-        match persist(|| admit_and_claim(ctx, shared, server_id, per_minute, limit)).await? {
+        match persist(|| admit_and_claim(ctx, turn.db(), shared, (server_id, per_minute), limit))
+            .await?
+        {
             Ok(claimed) => claimed,
             Err(until) => return Ok(Claim::AtLimit(until)),
         }
@@ -223,12 +225,12 @@ pub async fn claim_batch(
 /// to when the window frees and says when.
 async fn admit_and_claim(
     ctx: &ModuleContext,
+    db: &sea_orm::DatabaseConnection,
     shared: &Shared,
-    server_id: i32,
-    per_minute: usize,
+    (server_id, per_minute): (i32, usize),
     limit: u64,
 ) -> Result<Result<Claimed, DateTime<Utc>>, sea_orm::DbErr> {
-    let txn = ctx.db().begin().await?;
+    let txn = db.begin().await?;
     // The mailbox's first slot row is the lock (a write that changes nothing).
     smtp_slot::Entity::update_many()
         .col_expr(
@@ -293,7 +295,7 @@ pub async fn keep_within(
         return Ok(claimed);
     }
     let back: Vec<i64> = claimed.rows[keep..].iter().map(|r| r.id).collect();
-    let _gate = shared.write_gate(ctx).await;
+    let turn = shared.write_gate(ctx).await;
     persist(|| {
         back_in_queue()
             // Due for the sweep too, should this drain stop before its next batch.
@@ -307,7 +309,7 @@ pub async fn keep_within(
             )
             .filter(outbox::Column::Id.is_in(back.iter().copied()))
             .filter(outbox::Column::LeaseOwner.eq(claimed.owner.as_str()))
-            .exec(ctx.db())
+            .exec(turn.db())
     })
     .await?;
     claimed.rows.truncate(keep);
@@ -388,18 +390,17 @@ impl Outcome {
     }
 }
 
-/// Writes the outcomes of a claimed batch (only where `owner` still holds the claim): every
+/// Writes the outcomes of a claimed batch in `turn` (only where `owner` still holds the claim): every
 /// sent mail in one statement (their replies by a `CASE`), the others one statement per shape
 /// (a hold makes the whole rest of a batch wait alike). Bodies of sent mails are deleted at
 /// once when `keep_sent_days` is 0.
 pub async fn record(
     ctx: &ModuleContext,
-    shared: &Shared,
+    turn: &WriteTurn,
     owner: &str,
     outcomes: &[Outcome],
     delete_sent_bodies: bool,
 ) -> Result<(), sea_orm::DbErr> {
-    let _gate = shared.write_gate(ctx).await;
     let now = ctx.clock().now();
     let mut groups: Vec<(_, Vec<&Outcome>)> = Vec::new();
     for o in outcomes {
@@ -410,7 +411,7 @@ pub async fn record(
     }
     for (_, members) in groups {
         for chunk in members.chunks(BATCH as usize) {
-            persist(|| write_group(ctx, owner, now, chunk)).await?;
+            persist(|| write_group(turn.db(), owner, now, chunk)).await?;
         }
     }
     if delete_sent_bodies {
@@ -430,7 +431,7 @@ pub async fn record(
             persist(|| {
                 outbox_body::Entity::delete_many()
                     .filter(outbox_body::Column::OutboxId.in_subquery(really_sent.clone()))
-                    .exec(ctx.db())
+                    .exec(turn.db())
             })
             .await?;
         }
@@ -440,7 +441,7 @@ pub async fn record(
 
 /// One statement for outcomes of one shape.
 async fn write_group(
-    ctx: &ModuleContext,
+    db: &sea_orm::DatabaseConnection,
     owner: &str,
     now: DateTime<Utc>,
     members: &[&Outcome],
@@ -502,7 +503,7 @@ async fn write_group(
         } else {
             Condition::all().add(outbox::Column::LeaseOwner.eq(owner))
         })
-        .exec(ctx.db())
+        .exec(db)
         .await
         .map(|_| ())
 }

@@ -158,8 +158,8 @@ async fn store(
     rows: Vec<outbox::ActiveModel>,
     raws: Vec<(String, String)>,
 ) -> Result<Vec<outbox::Model>, sea_orm::DbErr> {
-    let _gate = shared.write_gate(ctx).await;
-    let txn = ctx.db().begin().await?;
+    let turn = shared.write_gate(ctx).await;
+    let txn = turn.db().begin().await?;
     let mut stored = Vec::with_capacity(rows.len());
     let mut rows = rows.into_iter().peekable();
     while rows.peek().is_some() {

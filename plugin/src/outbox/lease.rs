@@ -49,14 +49,14 @@ impl LeaseKeeper {
             loop {
                 tokio::time::sleep(length / 3).await;
                 let _writes = busy.lock().await;
-                let _gate = shared.write_gate(&ctx).await;
+                let turn = shared.write_gate(&ctx).await;
                 let now = ctx.clock().now();
                 let until = now + Duration::from_std(length).unwrap_or(Duration::minutes(5));
                 let extended = outbox::Entity::update_many()
                     .col_expr(outbox::Column::LeaseUntil, Expr::value(until))
                     .filter(outbox::Column::Id.is_in(ids.iter().copied()))
                     .filter(outbox::Column::LeaseOwner.eq(owner.as_str()))
-                    .exec(ctx.db())
+                    .exec(turn.db())
                     .await;
                 // A written outcome clears the owner: every row not written yet must be ours.
                 let unwritten = ids.len().saturating_sub(done.load(Ordering::SeqCst));

@@ -23,7 +23,7 @@ pub async fn to_wake(
 ) -> Result<Vec<i32>, sea_orm::DbErr> {
     let now = ctx.clock().now();
     {
-        let _gate = shared.write_gate(ctx).await;
+        let turn = shared.write_gate(ctx).await;
         persist(|| {
             back_in_queue()
                 .col_expr(outbox::Column::NextAttemptAt, Expr::value(now))
@@ -32,7 +32,7 @@ pub async fn to_wake(
                 // outcomes for `OUTCOME_RETRY`, and must get them in before another drain is
                 // given the same mails (it would send them again).
                 .filter(outbox::Column::LeaseUntil.lt(now - takeover_grace()))
-                .exec(ctx.db())
+                .exec(turn.db())
         })
         .await?;
     }
@@ -60,13 +60,13 @@ pub async fn to_wake(
         .all(ctx.db())
         .await?;
     if !servers.is_empty() {
-        let _gate = shared.write_gate(ctx).await;
+        let turn = shared.write_gate(ctx).await;
         persist(|| {
             outbox::Entity::update_many()
                 .col_expr(outbox::Column::PushedAt, Expr::value(now))
                 .filter(waiting())
                 .filter(outbox::Column::ServerId.is_in(servers.iter().copied()))
-                .exec(ctx.db())
+                .exec(turn.db())
         })
         .await?;
     }
@@ -87,7 +87,7 @@ pub async fn with_mail(ctx: &ModuleContext) -> Result<Vec<i32>, sea_orm::DbErr> 
 
 /// Deletes the bodies of mails sent before `before`, at most `limit` of them; returns how many.
 pub async fn prune_bodies(
-    ctx: &ModuleContext,
+    db: &sea_orm::DatabaseConnection,
     before: DateTime<Utc>,
     limit: u64,
 ) -> Result<u64, sea_orm::DbErr> {
@@ -105,7 +105,7 @@ pub async fn prune_bodies(
         .to_owned();
     let deleted = outbox_body::Entity::delete_many()
         .filter(outbox_body::Column::OutboxId.in_subquery(old))
-        .exec(ctx.db())
+        .exec(db)
         .await?;
     Ok(deleted.rows_affected)
 }
