@@ -450,6 +450,9 @@ async fn write_group(
         return Ok(());
     };
     let sent = first.status == "sent";
+    if sent && first.next_attempt_at.is_none() && first.last_error.is_none() && !first.uncount {
+        return write_sent(db, owner, now, members).await;
+    }
     let mut update = outbox::Entity::update_many()
         .col_expr(outbox::Column::Status, Expr::value(first.status))
         .col_expr(
@@ -506,4 +509,49 @@ async fn write_group(
         .exec(db)
         .await
         .map(|_| ())
+}
+
+/// The statement of [`write_sent`] on each database: the same text whatever the number of
+/// mails (prepared once per connection); `(id, reply)` pairs come in one JSON parameter.
+const SENT_SQLITE: &str = "UPDATE microsoft_outlook_outbox SET status = 'sent', \
+     lease_until = NULL, lease_owner = NULL, updated_at = ?1, sent_at = ?1, last_error = NULL, \
+     last_reply = v.reply \
+     FROM (SELECT value ->> 'id' AS id, value ->> 'reply' AS reply FROM json_each(?2)) AS v \
+     WHERE microsoft_outlook_outbox.id = v.id \
+     AND (microsoft_outlook_outbox.lease_owner = ?3 OR microsoft_outlook_outbox.status = 'queued')";
+const SENT_POSTGRES: &str = "UPDATE microsoft_outlook_outbox AS o SET status = 'sent', \
+     lease_until = NULL, lease_owner = NULL, updated_at = $1, sent_at = $1, last_error = NULL, \
+     last_reply = v.reply \
+     FROM json_to_recordset($2::json) AS v(id bigint, reply text) \
+     WHERE o.id = v.id AND (o.lease_owner = $3 OR o.status = 'queued')";
+
+/// Marks `members` sent, each with its server's reply, where `owner` still holds the claim or
+/// the sweep put the mail back in the queue meanwhile (the server took it: it is sent).
+///
+/// One statement whose text does not depend on the number of mails: the builder's form (an
+/// `IN` list and a `CASE` of one branch per mail) was a new statement for the database to
+/// parse and plan at nearly every group size.
+async fn write_sent(
+    db: &sea_orm::DatabaseConnection,
+    owner: &str,
+    now: DateTime<Utc>,
+    members: &[&Outcome],
+) -> Result<(), sea_orm::DbErr> {
+    let pairs: Vec<serde_json::Value> = members
+        .iter()
+        .map(|o| serde_json::json!({ "id": o.id, "reply": o.last_reply }))
+        .collect();
+    let pairs = serde_json::Value::Array(pairs).to_string();
+    let backend = db.get_database_backend();
+    let sql = match backend {
+        sea_orm::DbBackend::Postgres => SENT_POSTGRES,
+        _ => SENT_SQLITE,
+    };
+    let statement = sea_orm::Statement::from_sql_and_values(
+        backend,
+        sql,
+        [now.into(), pairs.into(), owner.into()],
+    );
+    db.execute_raw(statement).await?;
+    Ok(())
 }
