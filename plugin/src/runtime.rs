@@ -156,29 +156,15 @@ pub struct Shared {
     /// On SQLite, the connection the write turns use (`None` for an in-memory database, whose
     /// turns use the host's pool): see [`open_writer`].
     writer: tokio::sync::OnceCell<Option<sea_orm::DatabaseConnection>>,
-    /// On PostgreSQL, the turns to write ([`POSTGRES_WRITES`] at once).
-    pg_writes: Arc<tokio::sync::Semaphore>,
     /// When the sweep last deleted the texts of mails past the retention.
     pub last_prune: std::sync::Mutex<Option<std::time::Instant>>,
     /// Queued mails waiting to be stored with those of concurrent requests.
     pub inserts: Inserts,
 }
 
-/// How many of a process's claims and outcome writes run at once on PostgreSQL.
-///
-/// Without a bound every mailbox's drain wrote as soon as a few outcomes had come, each write a
-/// statement and a commit of its own, all at once on the same index pages. With three turns,
-/// the outcomes that come while a mailbox waits for one are written together: on 10,000 mails
-/// over 10 mailboxes (`crm-bench drain --db postgres`, `pg_stat_statements`), 221–287 outcome
-/// statements instead of 480–516, and the server's time in the claims and outcomes 0.97–1.1 s
-/// instead of 1.2–1.6 s. Two turns were too few (the drains waited for each other); four
-/// measured as three.
-pub const POSTGRES_WRITES: usize = 3;
-
 /// A turn to write, from [`Shared::write_gate`].
 pub struct WriteTurn {
     _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
-    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
     db: sea_orm::DatabaseConnection,
 }
 
@@ -223,7 +209,6 @@ impl Shared {
             stopping: std::sync::atomic::AtomicBool::new(true),
             write_gate: Arc::new(tokio::sync::Mutex::new(())),
             writer: tokio::sync::OnceCell::new(),
-            pg_writes: Arc::new(tokio::sync::Semaphore::new(POSTGRES_WRITES)),
             last_prune: std::sync::Mutex::new(None),
             inserts: Default::default(),
         })
@@ -311,21 +296,19 @@ impl Shared {
         self.stopping.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Waits for this process's turn to write: on SQLite the one turn (SQLite has one writer),
-    /// on PostgreSQL one of [`POSTGRES_WRITES`]; the turn lasts as long as the value, and its
-    /// statements go to [`WriteTurn::db`].
+    /// Waits for this process's turn to write on SQLite (at once on PostgreSQL, whose writers
+    /// do not exclude each other); the turn lasts as long as the value, and its statements go
+    /// to [`WriteTurn::db`].
     pub async fn write_gate(&self, ctx: &crm_sdk::ModuleContext) -> WriteTurn {
         if ctx.db().get_database_backend() != sea_orm::DbBackend::Sqlite {
             return WriteTurn {
                 _turn: None,
-                _permit: self.pg_writes.clone().acquire_owned().await.ok(),
                 db: ctx.db().clone(),
             };
         }
         let turn = self.write_gate.clone().lock_owned().await;
         let writer = self.writer.get_or_init(|| open_writer(ctx.db())).await;
         WriteTurn {
-            _permit: None,
             _turn: Some(turn),
             db: writer.as_ref().unwrap_or(ctx.db()).clone(),
         }
