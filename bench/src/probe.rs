@@ -125,6 +125,10 @@ async fn run_on(db: &BenchDb, n: usize, mailboxes: usize, max_conns: u32) -> any
             "1 connection".to_string()
         } else {
             format!("a pool of {max_conns}")
+        } + if db.kind.name() == "sqlite" {
+            " (and the module's writer connection)"
+        } else {
+            ""
         },
         claim.times,
         mails as f64 / secs.max(1e-9)

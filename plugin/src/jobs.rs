@@ -254,8 +254,13 @@ impl OutlookJobs for JobServices {
         if due {
             let limits = crate::delivery::limits::limits(&self.ctx, &self.shared).await;
             let before = self.ctx.clock().now() - chrono::Duration::days(limits.keep_sent_days);
-            let turn = self.shared.write_gate(&self.ctx).await;
-            while crate::outbox::sweep::prune_bodies(turn.db(), before, 500).await? == 500 {}
+            // A turn per 500 bodies: the drains' claims and outcomes get theirs in between.
+            loop {
+                let turn = self.shared.write_gate(&self.ctx).await;
+                if crate::outbox::sweep::prune_bodies(turn.db(), before, 500).await? < 500 {
+                    break;
+                }
+            }
         }
         Ok(())
     }

@@ -149,9 +149,9 @@ pub struct Shared {
     wake_tx: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<i32>>>,
     /// Set while the drains are stopped (they end after their current batch).
     stopping: std::sync::atomic::AtomicBool,
-    /// On SQLite, the module's writes of this process take turns here: a writer waiting for
-    /// SQLite's single write lock would sleep in its busy handler (1 to 100 ms) instead of
-    /// being woken when the lock frees.
+    /// On SQLite, the outbox writes of this process (claims, outcomes, lease extensions,
+    /// sweeps, queued mails) take turns here: a writer waiting for SQLite's single write lock
+    /// would sleep in its busy handler (1 to 100 ms) instead of being woken when the lock frees.
     write_gate: Arc<tokio::sync::Mutex<()>>,
     /// On SQLite, the connection the write turns use (`None` for an in-memory database, whose
     /// turns use the host's pool): see [`open_writer`].
@@ -409,11 +409,13 @@ pub(crate) struct PendingInsert {
 /// the pool's connections, nearly every claim and outcome write started from an empty cache,
 /// reading the pages it was about to change again (`pread`) and freeing and allocating the
 /// cache anew (a perf capture of `crm-host serve`: `pcache1TruncateUnsafe`, `malloc`, `free`
-/// and `pread` in the SQLite threads). The turns' own connection keeps its cache: only its
-/// own writes change the pages it holds, as long as the host writes little meanwhile.
+/// and `pread` in the SQLite threads). The turns' own connection keeps its cache as long as
+/// other connections write little meanwhile (the host's own writes, and those of the module
+/// that take no turn: health, connection slots, tokens, the pages' actions).
 async fn open_writer(db: &sea_orm::DatabaseConnection) -> Option<sea_orm::DatabaseConnection> {
     let options = db.get_sqlite_connection_pool().connect_options();
-    if !options.get_filename().is_file() {
+    let name = options.get_filename().to_string_lossy();
+    if name.starts_with("file:") || name.contains(":memory:") || !options.get_filename().is_file() {
         return None;
     }
     let pool = sea_orm::sqlx::sqlite::SqlitePoolOptions::new()

@@ -68,9 +68,9 @@ fn wake_at(ctx: &ModuleContext, shared: &Arc<Shared>, server_id: i32, until: Dat
 }
 
 /// Sends one claimed batch and writes its outcomes as they come (a group of them at a time:
-/// whatever arrived until its turn to write came), then those of the mails not tried; says
-/// what happened and whether the drain goes on (not after a stop: a held or throttled
-/// mailbox, no free connection, a lost claim, a token problem).
+/// whatever arrived until it could write, on SQLite until its turn came), then those of the
+/// mails not tried; says what happened and whether the drain goes on (not after a stop: a held
+/// or throttled mailbox, no free connection, a lost claim, a token problem).
 async fn send_batch(
     ctx: &ModuleContext,
     shared: &Arc<Shared>,

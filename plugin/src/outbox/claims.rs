@@ -402,7 +402,7 @@ impl Outcome {
 }
 
 /// Writes the outcomes of a claimed batch in `turn` (only where `owner` still holds the claim): every
-/// sent mail in one statement (their replies by a `CASE`), the others one statement per shape
+/// sent mail in one statement of fixed text ([`write_sent`]), the others one statement per shape
 /// (a hold makes the whole rest of a batch wait alike). Bodies of sent mails are deleted at
 /// once when `keep_sent_days` is 0.
 pub async fn record(
