@@ -1244,7 +1244,9 @@ async fn read_content<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(0) | Err(_) => break DataEnd::Broken,
             Ok(_) => {}
         }
-        if at_line_start && (line == b".\r\n" || line == b".\n") {
+        // Only CRLF ends a line (RFC 5321 §2.3.8, §4.1.1.4): a bare LF, or a `.` after one, is
+        // content, as Exchange Online takes it.
+        if at_line_start && line == b".\r\n" {
             break DataEnd::Complete { oversize };
         }
         let content = if at_line_start && line.first() == Some(&b'.') {
@@ -1260,7 +1262,7 @@ async fn read_content<S: AsyncRead + AsyncWrite + Unpin>(
                 data.extend_from_slice(content);
             }
         }
-        at_line_start = line.ends_with(b"\n");
+        at_line_start = line.ends_with(b"\r\n");
         seen += line.len();
         if stop_after.is_some_and(|n| seen >= n) {
             break DataEnd::Stopped;
@@ -1566,6 +1568,26 @@ mod tests {
         })
         .await;
         assert_eq!(server.connections_opened(), 1);
+    }
+
+    #[tokio::test]
+    async fn only_crlf_dot_crlf_ends_the_content() {
+        let server = SmtpServer::start(plain(None)).await.expect("start");
+        let mut c = Client::greeted(&server).await;
+        c.cmd(&format!("AUTH XOAUTH2 {}", xoauth2(USER, TOKEN)))
+            .await;
+        c.cmd("MAIL FROM:<alice@contoso.example>").await;
+        c.cmd("RCPT TO:<dana@fabrikam.example>").await;
+        c.cmd("DATA").await;
+        // A `.` after a bare LF, and one after CRLF but followed by a bare LF, are content.
+        c.send("Subject: Dots\r\n\r\nfirst\n.\nsecond\r\n.\nthird\r\n.\r\n")
+            .await;
+        assert!(c.reply().await.starts_with("250 2.0.0 OK"));
+        let body = String::from_utf8(server.received().remove(0).data).expect("utf8");
+        assert!(
+            body.ends_with("\r\n\r\nfirst\n.\nsecond\r\n\nthird\r\n"),
+            "{body:?}"
+        );
     }
 
     #[tokio::test]
