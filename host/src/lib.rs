@@ -47,6 +47,9 @@ pub fn linked_modules(config: &Config) -> Vec<std::sync::Arc<dyn crm_sdk::Module
             .map_or(defaults.token_timeout, |s| {
                 std::time::Duration::from_secs(s.max(1))
             }),
+        smtp_timeout: tuning.smtp_timeout_secs.map_or(defaults.smtp_timeout, |s| {
+            std::time::Duration::from_secs(s.max(1))
+        }),
         workers: tuning.workers.unwrap_or(defaults.workers),
         ..defaults
     };

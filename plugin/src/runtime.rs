@@ -22,6 +22,10 @@ pub struct ModuleOptions {
     pub refresh: RefreshOptions,
     /// How long one request to the token endpoint may take.
     pub token_timeout: std::time::Duration,
+    /// How long an SMTP server may take over each step before the connection is given up:
+    /// connecting, the greeting, EHLO, STARTTLS and AUTH together, then each command and the
+    /// content (60 s).
+    pub smtp_timeout: std::time::Duration,
     /// Whether this process delivers mail and runs the scheduled jobs. A web-only process
     /// (false) still queues mail and pushes the delivery jobs for the worker processes.
     pub workers: bool,
@@ -36,6 +40,7 @@ impl Default for ModuleOptions {
             retry_base_secs: 60,
             refresh: RefreshOptions::default(),
             token_timeout: crate::connect::token_client::TOKEN_TIMEOUT,
+            smtp_timeout: crate::delivery::smtp_open::IO_TIMEOUT,
             workers: true,
         }
     }
@@ -185,7 +190,7 @@ impl Shared {
         // A crashed process's connection slots come free after this long.
         let slot_lease = std::time::Duration::from_secs(options.lease_secs.clamp(2, 120) as u64);
         let concurrency = options.delivery_concurrency;
-        let smtp = Arc::new(SmtpSender::new(&instance, slot_lease));
+        let smtp = Arc::new(SmtpSender::new(&instance, slot_lease, options.smtp_timeout));
         Arc::new(Self {
             options,
             metrics: crate::metrics::Metrics::new(),

@@ -184,6 +184,9 @@ pub enum Injected {
     DropMidData,
     /// Accept the TCP connection, then close it at once without a greeting.
     RefuseConnection,
+    /// Accept the TCP connection and never answer (no greeting: a server that hangs); the
+    /// connection stays open until the client closes it.
+    StallConnection,
 }
 
 /// A point of the SMTP dialogue where a reply can be injected.
@@ -214,7 +217,7 @@ enum Opportunity {
 
 fn matches(what: &Injected, at: Opportunity) -> bool {
     match (what, at) {
-        (Injected::RefuseConnection, Opportunity::Connect) => true,
+        (Injected::RefuseConnection | Injected::StallConnection, Opportunity::Connect) => true,
         (Injected::Reply { stage, .. }, Opportunity::Stage(s)) => *stage == s,
         (Injected::DropMidData, Opportunity::Stage(Stage::Data)) => true,
         (Injected::DropAfterData, Opportunity::Stage(Stage::EndOfData)) => true,
@@ -248,6 +251,8 @@ struct Shared {
     next_connection: AtomicU64,
     current: AtomicUsize,
     opened: AtomicU64,
+    /// Connections held open without an answer ([`Injected::StallConnection`]).
+    stalled: Arc<AtomicUsize>,
     next_queue_id: AtomicU64,
     trailer_base: u64,
     shutdown: watch::Sender<bool>,
@@ -363,6 +368,7 @@ impl SmtpServer {
             next_connection: AtomicU64::new(0),
             current: AtomicUsize::new(0),
             opened: AtomicU64::new(0),
+            stalled: Arc::new(AtomicUsize::new(0)),
             next_queue_id: AtomicU64::new(0),
             trailer_base: rand::random::<u64>() | (1 << 63),
             shutdown,
@@ -456,6 +462,12 @@ impl SmtpServer {
     /// How many TCP connections were accepted so far.
     pub fn connections_opened(&self) -> u64 {
         self.shared.opened.load(Ordering::Acquire)
+    }
+
+    /// How many connections [`Injected::StallConnection`] holds open now (the client has not
+    /// given up on them yet).
+    pub fn stalled_connections(&self) -> usize {
+        self.shared.stalled.load(Ordering::Acquire)
     }
 
     /// Closes every open connection without a word, as Exchange does with idle sessions (or a
@@ -560,9 +572,24 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             }
         };
         shared.opened.fetch_add(1, Ordering::AcqRel);
-        if let Some(Injected::RefuseConnection) = shared.take_injection(Opportunity::Connect) {
-            drop(tcp);
-            continue;
+        match shared.take_injection(Opportunity::Connect) {
+            Some(Injected::RefuseConnection) => {
+                drop(tcp);
+                continue;
+            }
+            Some(Injected::StallConnection) => {
+                let stalled = shared.stalled.clone();
+                stalled.fetch_add(1, Ordering::AcqRel);
+                tokio::spawn(async move {
+                    // Reads whatever comes, answers nothing, until the client closes.
+                    let mut tcp = tcp;
+                    let mut sink = [0_u8; 512];
+                    while matches!(tcp.read(&mut sink).await, Ok(n) if n > 0) {}
+                    stalled.fetch_sub(1, Ordering::AcqRel);
+                });
+                continue;
+            }
+            _ => {}
         }
         let _ = tcp.set_nodelay(true);
         shared.current.fetch_add(1, Ordering::AcqRel);

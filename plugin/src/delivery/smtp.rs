@@ -17,7 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::delivery::classify::Stage;
 pub use crate::delivery::smtp_open::Reached;
-use crate::delivery::smtp_open::{IO_TIMEOUT, open};
+use crate::delivery::smtp_open::open;
 use crate::delivery::smtp_transaction::{Line, Message, transact};
 pub use crate::delivery::smtp_transaction::{SendOutcome, SmtpFailure};
 use crate::entities::{mail_server, smtp_slot};
@@ -122,15 +122,19 @@ pub struct SmtpSender {
     nonce: AtomicU64,
     book: SharedBook,
     reaper: Mutex<bool>,
+    /// How long the server may take over each step of the dialogue.
+    timeout: Duration,
 }
 
 impl SmtpSender {
     /// A sender with no connections yet. `instance` names this process in slot leases;
     /// `slot_lease` is how long a slot stays held without being renewed (after a crash, how long
     /// other processes wait for it). A connection is also given up after holding its slot that
-    /// long, so that busy processes take turns.
-    pub fn new(instance: &str, slot_lease: Duration) -> Self {
+    /// long, so that busy processes take turns. `timeout` bounds each step of the SMTP
+    /// dialogue ([`crate::runtime::ModuleOptions::smtp_timeout`]).
+    pub fn new(instance: &str, slot_lease: Duration, timeout: Duration) -> Self {
         Self {
+            timeout,
             pools: Arc::new(Mutex::new(HashMap::new())),
             hello: ClientId::Domain(hostname()),
             instance: instance.to_string(),
@@ -405,7 +409,7 @@ impl SmtpSender {
                 return SendOutcome::LeaseLost;
             }
             let next = self.within_lease(&h.slot, next);
-            let outcome = transact(&mut h.line, mail, next, IO_TIMEOUT).await;
+            let outcome = transact(&mut h.line, mail, next, self.timeout).await;
             let unsent = matches!(&outcome, SendOutcome::Failed(f) if f.code.is_none())
                 && !h.line.content_written;
             if !unsent {
@@ -424,7 +428,7 @@ impl SmtpSender {
             Err(outcome) => return outcome,
         };
         let next = self.within_lease(&h.slot, next);
-        let outcome = transact(&mut h.line, mail, next, IO_TIMEOUT).await;
+        let outcome = transact(&mut h.line, mail, next, self.timeout).await;
         self.keep(&pool, h, &outcome, held);
         outcome
     }
@@ -486,7 +490,16 @@ impl SmtpSender {
         }
         let line = match alive {
             Some(line) => line,
-            None => open(&self.hello, ctx, server, token, &mut Reached::Nothing).await?,
+            None => {
+                open(
+                    (&self.hello, self.timeout),
+                    ctx,
+                    server,
+                    token,
+                    &mut Reached::Nothing,
+                )
+                .await?
+            }
         };
         Ok(HeldLine {
             line,
@@ -557,7 +570,15 @@ impl SmtpSender {
             },
         };
         let mut reached = Reached::Nothing;
-        let result = match open(&self.hello, ctx, server, token, &mut reached).await {
+        let result = match open(
+            (&self.hello, self.timeout),
+            ctx,
+            server,
+            token,
+            &mut reached,
+        )
+        .await
+        {
             Ok(mut line) => {
                 let _ = tokio::time::timeout(Duration::from_secs(5), line.conn.quit()).await;
                 Ok(())

@@ -20,7 +20,7 @@ use crate::entities::{mail_server, token};
 use crate::tokens::store::AccessToken;
 
 /// How long connecting, the handshake and each command may take.
-pub(crate) const IO_TIMEOUT: Duration = Duration::from_secs(60);
+pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How far opening a connection got: each step that succeeded, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -88,17 +88,17 @@ async fn authenticate(
 
 /// Opens a connection and authenticates, noting in `reached` each step that succeeded; a
 /// server that stops answering (at the greeting, EHLO, STARTTLS or AUTH) fails it after
-/// [`IO_TIMEOUT`] instead of keeping the connection slot.
+/// `timeout` ([`IO_TIMEOUT`] by default) instead of keeping the connection slot.
 pub(crate) async fn open(
-    hello: &ClientId,
+    (hello, timeout): (&ClientId, Duration),
     ctx: &ModuleContext,
     server: &mail_server::Model,
     token: &AccessToken,
     reached: &mut Reached,
 ) -> Result<Line, SendOutcome> {
     let opened = tokio::time::timeout(
-        IO_TIMEOUT,
-        open_unbounded(hello, ctx, server, token, reached),
+        timeout,
+        open_unbounded((hello, timeout), ctx, server, token, reached),
     )
     .await;
     opened.unwrap_or_else(|_| {
@@ -115,13 +115,13 @@ pub(crate) async fn open(
 }
 
 async fn open_unbounded(
-    hello: &ClientId,
+    (hello, timeout): (&ClientId, Duration),
     ctx: &ModuleContext,
     server: &mail_server::Model,
     token: &AccessToken,
     reached: &mut Reached,
 ) -> Result<Line, SendOutcome> {
-    let conn = connect(hello, server, reached)
+    let conn = connect((hello, timeout), server, reached)
         .await
         .map_err(SendOutcome::Failed)?;
     let mut line = Line::open(conn, hello)
@@ -162,7 +162,7 @@ async fn open_unbounded(
 /// Connects, reads the greeting, says EHLO and starts TLS as the server is configured,
 /// noting in `reached` each step that succeeded.
 async fn connect(
-    hello: &ClientId,
+    (hello, timeout): (&ClientId, Duration),
     server: &mail_server::Model,
     reached: &mut Reached,
 ) -> Result<AsyncSmtpConnection, SmtpFailure> {
@@ -177,7 +177,7 @@ async fn connect(
     if server.security == "tls" {
         let conn = AsyncSmtpConnection::connect_tokio1(
             (server.smtp_host.as_str(), server.smtp_port as u16),
-            Some(IO_TIMEOUT),
+            Some(timeout),
             hello,
             Some(tls().map_err(smtp)?),
             None,
@@ -189,7 +189,7 @@ async fn connect(
     }
     let address = format!("{}:{}", server.smtp_host, server.smtp_port);
     let network = |text: String| SmtpFailure::network(Stage::Connect, text);
-    let tcp = match tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(address.as_str())).await {
+    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(address.as_str())).await {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => return Err(network(format!("cannot connect to {address}: {e}"))),
         Err(_) => return Err(network(format!("connecting to {address} timed out"))),

@@ -88,6 +88,8 @@ pub fn test_options() -> ModuleOptions {
             skip_refreshed_within: std::time::Duration::ZERO,
         },
         token_timeout: std::time::Duration::from_secs(2),
+        // The simulated servers answer in milliseconds; a stall is given up sooner than 60 s.
+        smtp_timeout: std::time::Duration::from_secs(8),
         workers: true,
     }
 }

@@ -559,6 +559,35 @@ async fn a_line_dropped_mid_data_is_retried_and_sent_once() {
     assert_eq!(m.smtp.count_by_message_id().get(&sent.message_id), Some(&1));
 }
 
+/// A server that accepts the connection and never answers (no greeting) holds neither the
+/// mail nor the connection: the attempt is given up after the SMTP timeout, the connection is
+/// closed, and the mail goes out on a later attempt, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_never_answers_is_given_up_and_the_mail_goes_out_later() {
+    let m = mailing().await;
+    m.smtp.inject(Injected::StallConnection, 1);
+    let id = queue(&m, "Stalled").await;
+    eventually("the stalled connection", || async {
+        m.smtp.stalled_connections() == 1
+    })
+    .await;
+    eventually("the attempt to be given up", || async {
+        let r = row(&m.env.app, id).await;
+        r.attempts == 1 && r.status == "queued" && r.last_error.is_some()
+    })
+    .await;
+    let waiting = row(&m.env.app, id).await;
+    let why = waiting.last_error.unwrap_or_default();
+    assert!(why.contains("stopped answering"), "{why}");
+    eventually("the stalled connection to be closed", || async {
+        m.smtp.stalled_connections() == 0
+    })
+    .await;
+    advance(&m.env.app, 600);
+    let sent = wait_status(&m.env.app, id, "sent").await;
+    assert_eq!(m.smtp.count_by_message_id().get(&sent.message_id), Some(&1));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_give_up_after_the_configured_limit() {
     let m = mailing().await;
