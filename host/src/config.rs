@@ -60,7 +60,8 @@ pub struct OutlookTuning {
     /// Seconds one request to Microsoft's token endpoint may take (`CRM_OUTLOOK__TOKEN_TIMEOUT_SECS`,
     /// default 20).
     pub token_timeout_secs: Option<u64>,
-    /// Seconds an SMTP server may take over each step before the connection is given up and
+    /// Seconds an SMTP server may take to open a connection (connect to AUTH), and over one
+    /// mail's whole transaction including its content, before the connection is given up and
     /// the attempt counts as a network failure (`CRM_OUTLOOK__SMTP_TIMEOUT_SECS`, default 60).
     pub smtp_timeout_secs: Option<u64>,
     /// Whether this process delivers mail and runs the scheduled jobs (`CRM_OUTLOOK__WORKERS`,

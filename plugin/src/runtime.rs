@@ -22,9 +22,9 @@ pub struct ModuleOptions {
     pub refresh: RefreshOptions,
     /// How long one request to the token endpoint may take.
     pub token_timeout: std::time::Duration,
-    /// How long an SMTP server may take over each step before the connection is given up:
-    /// connecting, the greeting, EHLO, STARTTLS and AUTH together, then each command and the
-    /// content (60 s).
+    /// How long an SMTP server may take before the connection is given up: to open it (connect,
+    /// greeting, EHLO, STARTTLS and AUTH together), and over one mail's whole transaction
+    /// (MAIL FROM to the reply after the content) (60 s).
     pub smtp_timeout: std::time::Duration,
     /// Whether this process delivers mail and runs the scheduled jobs. A web-only process
     /// (false) still queues mail and pushes the delivery jobs for the worker processes.

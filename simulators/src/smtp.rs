@@ -465,7 +465,7 @@ impl SmtpServer {
     }
 
     /// How many connections [`Injected::StallConnection`] holds open now (the client has not
-    /// given up on them yet).
+    /// given up on them yet). They are not among [`SmtpServer::current_connections`].
     pub fn stalled_connections(&self) -> usize {
         self.shared.stalled.load(Ordering::Acquire)
     }
@@ -580,11 +580,20 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             Some(Injected::StallConnection) => {
                 let stalled = shared.stalled.clone();
                 stalled.fetch_add(1, Ordering::AcqRel);
+                let mut shutdown = shared.shutdown.subscribe();
+                let mut kick = shared.kick.subscribe();
                 tokio::spawn(async move {
-                    // Reads whatever comes, answers nothing, until the client closes.
+                    // Reads whatever comes and answers nothing, until the client closes (or the
+                    // server stops or closes its connections).
                     let mut tcp = tcp;
                     let mut sink = [0_u8; 512];
-                    while matches!(tcp.read(&mut sink).await, Ok(n) if n > 0) {}
+                    tokio::select! {
+                        _ = async {
+                            while matches!(tcp.read(&mut sink).await, Ok(n) if n > 0) {}
+                        } => {}
+                        _ = shutdown.wait_for(|stop| *stop) => {}
+                        _ = kick.changed() => {}
+                    }
                     stalled.fetch_sub(1, Ordering::AcqRel);
                 });
                 continue;
@@ -1265,6 +1274,8 @@ async fn read_content<S: AsyncRead + AsyncWrite + Unpin>(
     data.clear();
     let mut oversize = false;
     let mut at_line_start = true;
+    // A piece of a line longer than the read limit may end in the CR of its CRLF.
+    let mut ended_in_cr = false;
     let mut seen = 0usize;
     let end = loop {
         match io.read_line(&mut line, MAX_DATA_LINE).await {
@@ -1289,7 +1300,8 @@ async fn read_content<S: AsyncRead + AsyncWrite + Unpin>(
                 data.extend_from_slice(content);
             }
         }
-        at_line_start = line.ends_with(b"\r\n");
+        at_line_start = line.ends_with(b"\r\n") || (ended_in_cr && line == b"\n");
+        ended_in_cr = line.ends_with(b"\r");
         seen += line.len();
         if stop_after.is_some_and(|n| seen >= n) {
             break DataEnd::Stopped;

@@ -122,7 +122,8 @@ pub struct SmtpSender {
     nonce: AtomicU64,
     book: SharedBook,
     reaper: Mutex<bool>,
-    /// How long the server may take over each step of the dialogue.
+    /// How long the server may take to open a connection (connect to AUTH), to answer the
+    /// NOOP that checks an idle one, and over one mail's whole transaction.
     timeout: Duration,
 }
 
@@ -130,8 +131,9 @@ impl SmtpSender {
     /// A sender with no connections yet. `instance` names this process in slot leases;
     /// `slot_lease` is how long a slot stays held without being renewed (after a crash, how long
     /// other processes wait for it). A connection is also given up after holding its slot that
-    /// long, so that busy processes take turns. `timeout` bounds each step of the SMTP
-    /// dialogue ([`crate::runtime::ModuleOptions::smtp_timeout`]).
+    /// long, so that busy processes take turns. `timeout` bounds opening a connection, the
+    /// check of an idle one, and each mail's transaction
+    /// ([`crate::runtime::ModuleOptions::smtp_timeout`]).
     pub fn new(instance: &str, slot_lease: Duration, timeout: Duration) -> Self {
         Self {
             timeout,
@@ -484,7 +486,10 @@ impl SmtpSender {
         // (after a failure mid-message one cannot know whether the server took it).
         let mut alive = None;
         if let Some((mut line, idle_for)) = reused
-            && (idle_for < Duration::from_secs(1) || line.conn.test_connected().await)
+            && (idle_for < Duration::from_secs(1)
+                || tokio::time::timeout(self.timeout, line.conn.test_connected())
+                    .await
+                    .unwrap_or(false))
         {
             alive = Some(line);
         }

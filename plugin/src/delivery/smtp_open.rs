@@ -19,7 +19,9 @@ use crate::delivery::smtp_transaction::{
 use crate::entities::{mail_server, token};
 use crate::tokens::store::AccessToken;
 
-/// How long connecting, the handshake and each command may take.
+/// How long opening a connection (connect, greeting, EHLO, STARTTLS, AUTH: all of it) and one
+/// mail's whole transaction (MAIL FROM to the reply after the content) may each take, unless
+/// [`crate::runtime::ModuleOptions::smtp_timeout`] says otherwise.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How far opening a connection got: each step that succeeded, in order.
