@@ -530,11 +530,17 @@ const SENT_SQLITE: &str = "UPDATE microsoft_outlook_outbox SET status = 'sent', 
      FROM (SELECT value ->> 'id' AS id, value ->> 'reply' AS reply FROM json_each(?2)) AS v \
      WHERE microsoft_outlook_outbox.id = v.id \
      AND (microsoft_outlook_outbox.lease_owner = ?3 OR microsoft_outlook_outbox.status = 'queued')";
+/// On PostgreSQL the ids are also given as an array the primary key can look up: with only the
+/// join, the planner (which takes a JSON set for 100 rows) read the whole outbox and hashed it
+/// for every outcome statement (`auto_explain` during a serve run: 9,637 rows read for 37
+/// written, 7.8 ms), a cost that grows with the outbox's history.
 const SENT_POSTGRES: &str = "UPDATE microsoft_outlook_outbox AS o SET status = 'sent', \
      lease_until = NULL, lease_owner = NULL, updated_at = $1, sent_at = $1, last_error = NULL, \
      last_reply = v.reply \
      FROM json_to_recordset($2::json) AS v(id bigint, reply text) \
-     WHERE o.id = v.id AND (o.lease_owner = $3 OR o.status = 'queued')";
+     WHERE o.id = v.id \
+     AND o.id = ANY (ARRAY(SELECT (e ->> 'id')::bigint FROM json_array_elements($2::json) AS e)) \
+     AND (o.lease_owner = $3 OR o.status = 'queued')";
 
 /// Marks `members` sent, each with its server's reply, where `owner` still holds the claim or
 /// the sweep put the mail back in the queue meanwhile (the server took it: it is sent).
