@@ -236,7 +236,13 @@ impl OutlookJobs for JobServices {
                 count = servers.len(),
                 "outbox sweep wakes mailboxes with due mail"
             );
-            self.shared.push(&servers).await;
+            // In a process that delivers, its dispatcher starts the drains at once; elsewhere
+            // a drain job is pushed. (A job pushed here waited for the SQLite queue's worker,
+            // which in tests took it only at its 30 s heartbeat: a retry went out up to half a
+            // minute after it was due.)
+            for server_id in servers {
+                self.shared.wake(server_id).await;
+            }
         }
         // Sent mails' texts past the retention go, a few hundred at a time, hourly.
         let due = {
