@@ -1,6 +1,7 @@
 //! A simulated Microsoft Graph mail API (`https://graph.microsoft.com/v1.0`) for the end-to-end
 //! tests, the benchmarks and the demo: `sendMail` in its MIME and JSON forms, drafts with upload
-//! sessions for large attachments, the Sent Items lookup by `internetMessageId`, and the limits
+//! sessions for large attachments (and deleting a draft), the Sent Items and Drafts lookups by
+//! `internetMessageId`, and the limits
 //! and errors of ../shared/MICROSOFT.md ("Microsoft Graph mail (second transport)").
 //!
 //! It serves plain HTTP on loopback; the module calls `{base_url}/v1.0/...`. Bearer tokens are
@@ -701,6 +702,7 @@ enum Op {
     CreateUploadSession(String),
     SendDraft(String),
     ListMessages(String),
+    DeleteMessage(String),
 }
 
 /// The permission an operation needs on the mailbox.
@@ -720,7 +722,10 @@ impl Op {
     fn need(&self) -> Need {
         match self {
             Op::SendMail | Op::SendDraft(_) => Need::Send,
-            Op::CreateDraft | Op::AddAttachment(_) | Op::CreateUploadSession(_) => Need::ReadWrite,
+            Op::CreateDraft
+            | Op::AddAttachment(_)
+            | Op::CreateUploadSession(_)
+            | Op::DeleteMessage(_) => Need::ReadWrite,
             Op::ListMessages(_) => Need::Read,
         }
     }
@@ -781,6 +786,7 @@ fn parse_route(method: &Method, path: &str) -> Result<(Target, Op), GraphError> 
         }
         ("POST", ["messages", _, "send"]) => Op::SendDraft(id(1)),
         ("GET", ["mailfolders", folder, "messages"]) => Op::ListMessages(folder.to_string()),
+        ("DELETE", ["messages", _]) => Op::DeleteMessage(id(1)),
         _ => return Err(not_found()),
     };
     Ok((target, op))
@@ -1051,7 +1057,18 @@ impl Call<'_> {
             Op::CreateUploadSession(id) => self.create_upload_session(id),
             Op::SendDraft(id) => self.send_draft(id),
             Op::ListMessages(folder) => self.list_messages(folder),
+            Op::DeleteMessage(id) => self.delete_message(id),
         }
+    }
+
+    /// `DELETE .../messages/{id}`: `204 No Content`, the draft gone; `404 ErrorItemNotFound`
+    /// for an id that is not one of the mailbox's drafts (the simulator keeps no other item
+    /// that could be deleted).
+    fn delete_message(&self, id: &str) -> Result<HttpResponse, GraphError> {
+        let mut state = self.shared.state();
+        draft_of(&mut state, self.mailbox, id)?;
+        state.drafts.remove(id);
+        Ok(HttpResponse::NoContent().finish())
     }
 
     /// `POST .../sendMail`: `202 Accepted`, no body; the mail kept as sent.
@@ -2582,6 +2599,17 @@ mod tests {
             Ok((Target::Me, Op::CreateUploadSession("AAMk=".into())))
         );
         assert!(parse_route(&Method::GET, "/v1.0/me/sendMail").is_err());
+        assert_eq!(
+            parse_route(
+                &Method::DELETE,
+                "/v1.0/users/a%40b.example/messages/AAMk%3D"
+            ),
+            Ok((
+                Target::User("a@b.example".into()),
+                Op::DeleteMessage("AAMk=".into())
+            ))
+        );
+        assert!(parse_route(&Method::DELETE, "/v1.0/me/messages").is_err());
         assert_eq!(
             parse_filter("%24filter=internetMessageId+eq+%27%3Ca%27%27b%40c%3E%27&%24select=id"),
             Ok(Some("<a'b@c>".into()))

@@ -131,6 +131,11 @@ impl GraphSender {
         let body = base64::engine::general_purpose::STANDARD.encode(raw.as_bytes());
         if body.len() > GRAPH_REQUEST_LIMIT {
             drop(body);
+            if message.tried_before {
+                // An earlier attempt may have left its draft (its process died, or its send got
+                // no answer and the mail was not in Sent Items): it goes before a new one is made.
+                self.delete_drafts_of(url, batch, &message.message_id).await;
+            }
             return self.send_as_draft(url, batch, &raw).await;
         }
         let response = self

@@ -87,6 +87,68 @@ impl GraphSender {
         }
     }
 
+    /// Deletes the mailbox's drafts of `message_id` (`GET {url}/mailFolders/Drafts/messages`
+    /// filtered by `internetMessageId`, then `DELETE {url}/messages/{id}` for each), so that an
+    /// attempt that died between making its draft and sending it leaves nothing in the
+    /// mailbox's Drafts once the mail is sent. Best effort: a failure is logged, and the mail is
+    /// sent all the same.
+    pub(crate) async fn delete_drafts_of(&self, url: &str, batch: &Batch<'_>, message_id: &str) {
+        let bearer = batch.token.token.expose_secret();
+        let filter = format!(
+            "internetMessageId eq '<{}>'",
+            message_id.replace('\'', "''")
+        );
+        let found = self
+            .http
+            .get(format!("{url}/mailFolders/Drafts/messages"))
+            .query(&[("$filter", filter.as_str()), ("$select", "id")])
+            .bearer_auth(bearer)
+            .send()
+            .await;
+        let ids: Vec<String> = match found {
+            Ok(r) if r.status().is_success() => r
+                .json::<serde_json::Value>()
+                .await
+                .ok()
+                .and_then(|v| {
+                    v["value"].as_array().map(|items| {
+                        items
+                            .iter()
+                            .filter_map(|m| m["id"].as_str().map(str::to_string))
+                            .collect()
+                    })
+                })
+                .unwrap_or_default(),
+            Ok(r) => {
+                let reply = reply_of(r).await;
+                tracing::warn!(status = reply.status, code = %reply.code, "looking for an earlier attempt's draft failed");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %words(e), "looking for an earlier attempt's draft failed");
+                return;
+            }
+        };
+        for id in ids {
+            let item = format!(
+                "{url}/messages/{}",
+                url::form_urlencoded::byte_serialize(id.as_bytes()).collect::<String>()
+            );
+            match self.http.delete(&item).bearer_auth(bearer).send().await {
+                Ok(r) if r.status().is_success() => {
+                    tracing::info!("an earlier attempt's draft was deleted");
+                }
+                Ok(r) => tracing::warn!(
+                    status = r.status().as_u16(),
+                    "an earlier attempt's draft could not be deleted"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %words(e), "an earlier attempt's draft could not be deleted")
+                }
+            }
+        }
+    }
+
     /// `POST {item}/attachments` with a `fileAttachment` (base64 `contentBytes`).
     async fn attach_small(
         &self,

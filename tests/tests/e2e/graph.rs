@@ -546,3 +546,43 @@ async fn send_as_denied_fails_the_mail_and_a_full_mailbox_holds_the_mailbox() {
     let waiting = row(&m.env.app, id).await;
     assert_eq!((waiting.status.as_str(), waiting.attempts), ("queued", 0));
 }
+
+/// An attempt that made its draft but got no answer to the draft's `send` leaves the draft in
+/// the mailbox (Graph kept nothing else); the next attempt, not finding the mail in Sent Items,
+/// deletes that draft before it makes its own. The mail goes out once and Drafts end empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draft_left_by_an_unanswered_attempt_is_deleted_by_the_next_one() {
+    use base64::Engine;
+    let m = graph_mailing().await;
+    m.graph.inject(GraphFault::DropBeforeAccepting, 1);
+    // Over the request limit once in base64: the draft route, its file by an upload session.
+    let scan: Vec<u8> = (0..3_500_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let (status, body) = m
+        .alice
+        .post_json(
+            &mails_path(m.contact),
+            &json!({"to": "dana@fabrikam.example", "subject": "The scan", "markdown_body": "The scan.",
+                    "attachments": [{"filename": "scan.pdf", "content_type": "application/pdf",
+                                     "content_base64": base64::engine::general_purpose::STANDARD.encode(&scan)}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let id = body["id"].as_i64().expect("id");
+    let tried = wait_tried(&m, id).await;
+    assert_eq!(tried.attempts, 1);
+    assert_eq!(
+        m.graph.draft_count(MAILBOX),
+        1,
+        "the unanswered attempt's draft is still in the mailbox"
+    );
+    assert!(m.graph.sent_items(MAILBOX).is_empty());
+    advance(&m, 3600);
+    let sent = wait_status(&m.env.app, id, "sent").await;
+    assert_eq!(sent.attempts, 2);
+    let items = m.graph.sent_items(MAILBOX);
+    assert_eq!(items.len(), 1, "sent once");
+    assert_eq!(items[0].attachments.len(), 1);
+    assert_eq!(m.graph.draft_count(MAILBOX), 0, "no draft is left behind");
+}
