@@ -586,3 +586,36 @@ async fn a_draft_left_by_an_unanswered_attempt_is_deleted_by_the_next_one() {
     assert_eq!(items[0].attachments.len(), 1);
     assert_eq!(m.graph.draft_count(MAILBOX), 0, "no draft is left behind");
 }
+
+/// A draft whose `send` Graph refused is deleted at once: the mailbox keeps no draft of a mail
+/// that failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draft_whose_send_is_refused_is_deleted() {
+    use base64::Engine;
+    let m = graph_mailing().await;
+    m.graph.inject(GraphFault::InvalidRecipients, 1);
+    let scan = vec![7u8; 3_500_000];
+    let (status, body) = m
+        .alice
+        .post_json(
+            &mails_path(m.contact),
+            &json!({"to": "dana@fabrikam.example", "subject": "Refused scan", "text_body": "The scan.",
+                    "attachments": [{"filename": "scan.pdf", "content_type": "application/pdf",
+                                     "content_base64": base64::engine::general_purpose::STANDARD.encode(&scan)}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let id = body["id"].as_i64().expect("id");
+    let failed = wait_status(&m.env.app, id, "failed").await;
+    assert!(
+        failed
+            .last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("recipient"),
+        "{:?}",
+        failed.last_error
+    );
+    assert_eq!(m.graph.draft_count(MAILBOX), 0, "the refused draft is gone");
+    assert!(m.graph.sent_items(MAILBOX).is_empty());
+}
