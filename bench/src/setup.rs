@@ -424,8 +424,8 @@ pub async fn queue_mails(
             created_at: Set(now),
             updated_at: Set(now),
             sent_at: Set(None),
-            // As the route stores it: pushed when queued (its wake is the push).
-            pushed_at: Set(Some(now)),
+            // As the route of a process that delivers stores it (the wake is in-process).
+            pushed_at: Set(None),
             ..Default::default()
         });
         raws.insert(message_id, raw);

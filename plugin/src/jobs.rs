@@ -240,9 +240,7 @@ impl OutlookJobs for JobServices {
             // a drain job is pushed. (A job pushed here waited for the SQLite queue's worker,
             // which in tests took it only at its 30 s heartbeat: a retry went out up to half a
             // minute after it was due.)
-            for server_id in servers {
-                self.shared.wake(server_id).await;
-            }
+            self.shared.wake_many(&servers).await;
         }
         // Sent mails' texts past the retention go, a few hundred at a time, hourly.
         let due = {

@@ -339,6 +339,22 @@ impl Shared {
         }
     }
 
+    /// [`Shared::wake`] for several mailboxes: those this process's dispatcher cannot take (it
+    /// is not running) get their drain jobs in one push.
+    pub async fn wake_many(&self, server_ids: &[i32]) {
+        let rest: Vec<i32> = {
+            let tx = self.wake_tx.lock().unwrap_or_else(|e| e.into_inner());
+            server_ids
+                .iter()
+                .copied()
+                .filter(|id| !tx.as_ref().is_some_and(|tx| tx.send(*id).is_ok()))
+                .collect()
+        };
+        if !rest.is_empty() {
+            self.push(&rest).await;
+        }
+    }
+
     /// Where the dispatcher of this process's drains listens (`None`: it is not running).
     pub fn set_wake(&self, tx: Option<tokio::sync::mpsc::UnboundedSender<i32>>) {
         let stopping = tx.is_none();

@@ -197,6 +197,7 @@ async fn send_with_one_refresh(
         server,
         token,
         messages: prepared,
+        claimed_at: lease.claimed_at,
         halt: &lease.lost,
         stopping: shared.stopping_flag(),
         report,

@@ -11,6 +11,10 @@ use crate::delivery::graph::{
 use crate::delivery::graph_replies::GraphReply;
 use crate::delivery::transport::Batch;
 
+/// How much older than a batch's claim a draft must be for the batch to take it as an earlier
+/// attempt's (room for the clocks of this host and of Microsoft to differ).
+const STALE_DRAFT_MARGIN: chrono::Duration = chrono::Duration::seconds(60);
+
 impl GraphSender {
     /// A message over the request limit: a draft of the message without its files, each file
     /// added (a single POST under [`UPLOAD_SESSION_FROM`], else an upload session in chunks),
@@ -87,12 +91,18 @@ impl GraphSender {
         }
     }
 
-    /// Deletes the mailbox's drafts of `message_id` (`GET {url}/mailFolders/Drafts/messages`
-    /// filtered by `internetMessageId`, then `DELETE {url}/messages/{id}` for each), so that an
-    /// attempt that died between making its draft and sending it leaves nothing in the
-    /// mailbox's Drafts once the mail is sent. Best effort: a failure is logged, and the mail is
-    /// sent all the same.
+    /// Deletes the mailbox's drafts of `message_id` made before this batch was claimed (`GET
+    /// {url}/mailFolders/Drafts/messages` filtered by `internetMessageId`, then `DELETE
+    /// {url}/messages/{id}` for each whose `createdDateTime` is over [`STALE_DRAFT_MARGIN`]
+    /// older than the claim), so that an attempt that died between making its draft and sending
+    /// it leaves nothing in the mailbox's Drafts once the mail is sent. A draft made after the
+    /// claim is never touched: it may be a later attempt's, should this one have lost its claim
+    /// without knowing. Best effort: a failure is logged, and the mail is sent all the same.
     pub(crate) async fn delete_drafts_of(&self, url: &str, batch: &Batch<'_>, message_id: &str) {
+        if batch.halt.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let before = batch.claimed_at - STALE_DRAFT_MARGIN;
         let bearer = batch.token.token.expose_secret();
         let filter = format!(
             "internetMessageId eq '<{}>'",
@@ -101,24 +111,30 @@ impl GraphSender {
         let found = self
             .http
             .get(format!("{url}/mailFolders/Drafts/messages"))
-            .query(&[("$filter", filter.as_str()), ("$select", "id")])
+            .query(&[
+                ("$filter", filter.as_str()),
+                ("$select", "id,createdDateTime"),
+            ])
             .bearer_auth(bearer)
             .send()
             .await;
-        let ids: Vec<String> = match found {
-            Ok(r) if r.status().is_success() => r
-                .json::<serde_json::Value>()
-                .await
-                .ok()
-                .and_then(|v| {
+        let listed = match found {
+            Ok(r) if r.status().is_success() => {
+                r.json::<serde_json::Value>().await.ok().and_then(|v| {
                     v["value"].as_array().map(|items| {
                         items
                             .iter()
+                            .filter(|m| {
+                                m["createdDateTime"]
+                                    .as_str()
+                                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                                    .is_some_and(|t| t < before)
+                            })
                             .filter_map(|m| m["id"].as_str().map(str::to_string))
-                            .collect()
+                            .collect::<Vec<String>>()
                     })
                 })
-                .unwrap_or_default(),
+            }
             Ok(r) => {
                 let reply = reply_of(r).await;
                 tracing::warn!(status = reply.status, code = %reply.code, "looking for an earlier attempt's draft failed");
@@ -128,6 +144,10 @@ impl GraphSender {
                 tracing::warn!(error = %words(e), "looking for an earlier attempt's draft failed");
                 return;
             }
+        };
+        let Some(ids) = listed else {
+            tracing::warn!("the list of an earlier attempt's drafts could not be read");
+            return;
         };
         for id in ids {
             let item = format!(

@@ -98,6 +98,9 @@ pub struct Batch<'a> {
     pub token: &'a AccessToken,
     /// The messages, in queue order.
     pub messages: &'a [Prepared],
+    /// When the batch was claimed (the module's clock): what an earlier attempt of one of its
+    /// mails left behind is older.
+    pub claimed_at: chrono::DateTime<chrono::Utc>,
     /// Set when nothing more may be sent (the claim was lost, outcomes cannot be written).
     pub halt: &'a AtomicBool,
     /// Set when the process stops its drains.

@@ -84,6 +84,8 @@ const CLAIMED_COLUMNS: [outbox::Column; 12] = [
 pub struct Claimed {
     /// The owner written in `lease_owner`.
     pub owner: String,
+    /// When the batch was claimed (the module's clock).
+    pub claimed_at: DateTime<Utc>,
     /// The rows, by id.
     pub rows: Vec<ClaimedRow>,
 }
@@ -187,7 +189,11 @@ async fn claim_rows<C: ConnectionTrait>(
     let claim = db.get_database_backend().build(&claim);
     let mut rows = ClaimedRow::find_by_statement(claim).all(db).await?;
     rows.sort_unstable_by_key(|r| r.id);
-    Ok(Claimed { owner, rows })
+    Ok(Claimed {
+        owner,
+        claimed_at: now,
+        rows,
+    })
 }
 
 /// Claims a batch of `server_id`'s due mails. With a per-minute limit (`per_minute` > 0,

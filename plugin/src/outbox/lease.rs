@@ -26,6 +26,8 @@ pub struct LeaseKeeper {
     /// Held while outcomes are written and counted, and while the lease is extended and
     /// compared, so that an extension never sees rows written but not yet counted.
     pub writing: Arc<tokio::sync::Mutex<()>>,
+    /// When the batch was claimed.
+    pub claimed_at: chrono::DateTime<chrono::Utc>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -76,6 +78,7 @@ impl LeaseKeeper {
             lost,
             written,
             writing,
+            claimed_at: claimed.claimed_at,
             task,
         }
     }

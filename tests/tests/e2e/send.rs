@@ -586,9 +586,9 @@ async fn a_server_that_never_answers_is_given_up_and_the_mail_goes_out_later() {
     advance(&m.env.app, 600);
     // The sweep (every second) wakes the mailbox's drain in this process: the mail goes out
     // within seconds of being due, not when a queued drain job is next picked up (the SQLite
-    // queue's worker did so only at its 30 s heartbeat).
+    // queue's worker did so only at its 30 s heartbeat). 20 s leaves a loaded machine room.
     let mut sent = None;
-    for _ in 0..100 {
+    for _ in 0..200 {
         let r = row(&m.env.app, id).await;
         if r.status == "sent" {
             sent = Some(r);
