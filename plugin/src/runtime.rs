@@ -347,7 +347,7 @@ impl Shared {
             server_ids
                 .iter()
                 .copied()
-                .filter(|id| !tx.as_ref().is_some_and(|tx| tx.send(*id).is_ok()))
+                .filter(|id| tx.as_ref().is_none_or(|tx| tx.send(*id).is_err()))
                 .collect()
         };
         if !rest.is_empty() {
