@@ -82,10 +82,7 @@ impl GraphSender {
 
     /// Whether `message_id` is in the mailbox's Sent Items (`$filter=internetMessageId eq`).
     async fn in_sent_items(&self, url: &str, batch: &Batch<'_>, message_id: &str) -> Answer {
-        let filter = format!(
-            "internetMessageId eq '<{}>'",
-            message_id.replace('\'', "''")
-        );
+        let filter = by_internet_message_id(message_id);
         let response = self
             .http
             .get(format!("{url}/mailFolders/SentItems/messages"))
@@ -153,6 +150,15 @@ impl GraphSender {
             Err(e) => Answer::Unknown(words(e)),
         }
     }
+}
+
+/// The OData `$filter` that finds a message by its Message-ID (`message_id` without `<>`; a
+/// `'` in it doubled, as OData quotes).
+pub(crate) fn by_internet_message_id(message_id: &str) -> String {
+    format!(
+        "internetMessageId eq '<{}>'",
+        message_id.replace('\'', "''")
+    )
 }
 
 /// A transport error in words, without its URL (an upload session's URL carries a token).
@@ -371,5 +377,18 @@ impl Transport for GraphSender {
             .await;
             progress.into_result()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_id_is_quoted_as_odata_quotes_it() {
+        assert_eq!(
+            by_internet_message_id("a'b@contoso.example"),
+            "internetMessageId eq '<a''b@contoso.example>'"
+        );
     }
 }

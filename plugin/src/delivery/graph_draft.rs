@@ -6,7 +6,7 @@ use base64::Engine;
 use secrecy::ExposeSecret;
 
 use crate::delivery::graph::{
-    Answer, GraphSender, UPLOAD_CHUNK, UPLOAD_SESSION_FROM, reply_of, words,
+    Answer, GraphSender, UPLOAD_CHUNK, UPLOAD_SESSION_FROM, by_internet_message_id, reply_of, words,
 };
 use crate::delivery::graph_replies::GraphReply;
 use crate::delivery::transport::Batch;
@@ -104,10 +104,7 @@ impl GraphSender {
         }
         let before = batch.claimed_at - STALE_DRAFT_MARGIN;
         let bearer = batch.token.token.expose_secret();
-        let filter = format!(
-            "internetMessageId eq '<{}>'",
-            message_id.replace('\'', "''")
-        );
+        let filter = by_internet_message_id(message_id);
         let found = self
             .http
             .get(format!("{url}/mailFolders/Drafts/messages"))
