@@ -149,11 +149,14 @@ async fn connect(
     let Some(server_id) = form.server.as_deref().and_then(|s| s.parse::<i32>().ok()) else {
         return state_failure(&ctx, &user, "No mail server was named (server=ID).");
     };
-    let server = mail_server::Entity::find_by_id(server_id)
+    // A database that did not answer is said as such, not as a server that is not there.
+    let server = match mail_server::Entity::find_by_id(server_id)
         .one(ctx.db())
         .await
-        .ok()
-        .flatten();
+    {
+        Ok(server) => server,
+        Err(e) => return crate::web::pages::db_down(&ctx, &user, e),
+    };
     // The same answer for "not yours" and "not there".
     let Some(server) = server.filter(|s| may_manage(&user, s)) else {
         return page_with(

@@ -423,7 +423,7 @@ fn see_other(to: &str) -> HttpResponse {
         .finish()
 }
 
-fn db_down(ctx: &ModuleContext, user: &CurrentUser, e: sea_orm::DbErr) -> HttpResponse {
+pub(crate) fn db_down(ctx: &ModuleContext, user: &CurrentUser, e: sea_orm::DbErr) -> HttpResponse {
     tracing::error!(error = %e, "mail server storage failed");
     page_with(
         actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
