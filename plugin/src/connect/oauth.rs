@@ -155,7 +155,7 @@ async fn connect(
         .await
     {
         Ok(server) => server,
-        Err(e) => return crate::web::pages::db_down(&ctx, &user, e),
+        Err(e) => return crate::web::layout::db_down(&ctx, &user, e),
     };
     // The same answer for "not yours" and "not there".
     let Some(server) = server.filter(|s| may_manage(&user, s)) else {
@@ -339,11 +339,13 @@ async fn confirm(
             "The answer from Microsoft carries neither a code nor an error.",
         );
     };
-    let server = mail_server::Entity::find_by_id(pending.server_id)
+    let server = match mail_server::Entity::find_by_id(pending.server_id)
         .one(ctx.db())
         .await
-        .ok()
-        .flatten();
+    {
+        Ok(server) => server,
+        Err(e) => return crate::web::layout::db_down(&ctx, &user, e),
+    };
     let Some(server) = server.filter(|s| may_manage(&user, s)) else {
         return state_failure(
             &ctx,

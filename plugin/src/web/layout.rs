@@ -46,18 +46,29 @@ pub(crate) fn not_found(ctx: &ModuleContext, user: &CurrentUser) -> HttpResponse
     )
 }
 
+/// The 503 page of a database that did not answer (the error logged, not shown).
+pub(crate) fn db_down(ctx: &ModuleContext, user: &CurrentUser, e: sea_orm::DbErr) -> HttpResponse {
+    tracing::error!(error = %e, "mail server storage failed");
+    page_with(
+        actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
+        ctx,
+        user,
+        "Try again",
+        html! { h1 { "The database did not answer" } p { "Nothing was saved. Try again in a moment." } },
+    )
+}
+
 /// The server `id` if `user` may manage it, else the 404 page (the same for "not yours" and
-/// "not there").
+/// "not there"), or the 503 page when the database did not answer.
 pub(crate) async fn managed_server(
     ctx: &ModuleContext,
     user: &CurrentUser,
     id: i32,
 ) -> Result<mail_server::Model, Box<HttpResponse>> {
-    let found = mail_server::Entity::find_by_id(id)
-        .one(ctx.db())
-        .await
-        .ok()
-        .flatten();
+    let found = match mail_server::Entity::find_by_id(id).one(ctx.db()).await {
+        Ok(found) => found,
+        Err(e) => return Err(Box::new(db_down(ctx, user, e))),
+    };
     match found {
         Some(server) if may_manage(user, &server) => Ok(server),
         _ => Err(Box::new(not_found(ctx, user))),

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use crate::delivery::health::Health;
 use crate::entities::{mail_server, token};
 use crate::settings::{OutlookSettings, PersonalSmtpHosts};
-use crate::web::layout::{csrf, managed_server, page, page_with};
+use crate::web::layout::{csrf, db_down, managed_server, page, page_with};
 use crate::web::servers::{self, OutboundRules, ServerForm, ServerInput, ServerKind};
 
 fn forbidden(ctx: &ModuleContext, user: &CurrentUser) -> HttpResponse {
@@ -421,17 +421,6 @@ fn see_other(to: &str) -> HttpResponse {
     HttpResponse::SeeOther()
         .insert_header(("Location", to))
         .finish()
-}
-
-pub(crate) fn db_down(ctx: &ModuleContext, user: &CurrentUser, e: sea_orm::DbErr) -> HttpResponse {
-    tracing::error!(error = %e, "mail server storage failed");
-    page_with(
-        actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
-        ctx,
-        user,
-        "Try again",
-        html! { h1 { "The database did not answer" } p { "Nothing was saved. Try again in a moment." } },
-    )
 }
 
 async fn show(

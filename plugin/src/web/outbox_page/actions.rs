@@ -383,12 +383,13 @@ pub(super) async fn release(
     req: HttpRequest,
 ) -> HttpResponse {
     let server_id = server_id.into_inner();
-    let exists = mail_server::Entity::find_by_id(server_id)
+    let exists = match mail_server::Entity::find_by_id(server_id)
         .one(ctx.db())
         .await
-        .ok()
-        .flatten()
-        .is_some();
+    {
+        Ok(found) => found.is_some(),
+        Err(e) => return db_down(e),
+    };
     if !user.is_admin || !exists {
         return not_found(&ctx, &user, &req);
     }
