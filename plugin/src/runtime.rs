@@ -328,15 +328,7 @@ impl Shared {
     /// running already, takes the new mail in its next batch); elsewhere a drain job is pushed
     /// for the worker processes. Mail nobody drains is found by the sweep.
     pub async fn wake(&self, server_id: i32) {
-        let sent = self
-            .wake_tx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .is_some_and(|tx| tx.send(server_id).is_ok());
-        if !sent {
-            self.push(&[server_id]).await;
-        }
+        self.wake_many(&[server_id]).await;
     }
 
     /// [`Shared::wake`] for several mailboxes: those this process's dispatcher cannot take (it
