@@ -11,6 +11,36 @@ use crate::delivery::graph::{
 use crate::delivery::graph_replies::GraphReply;
 use crate::delivery::transport::Batch;
 
+/// `{url}/messages/{id}`, the id encoded for a path segment.
+fn message_url(url: &str, id: &str) -> String {
+    format!(
+        "{url}/messages/{}",
+        url::form_urlencoded::byte_serialize(id.as_bytes()).collect::<String>()
+    )
+}
+
+/// The ids of the messages of a Graph list answer (`value`) created before `before`; `None`
+/// when the answer has no list.
+fn made_before(
+    answer: &serde_json::Value,
+    before: chrono::DateTime<chrono::Utc>,
+) -> Option<Vec<String>> {
+    let made = |m: &serde_json::Value| {
+        m["createdDateTime"]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .is_some_and(|t| t < before)
+    };
+    let items = answer["value"].as_array()?;
+    Some(
+        items
+            .iter()
+            .filter(|m| made(m))
+            .filter_map(|m| m["id"].as_str().map(str::to_string))
+            .collect(),
+    )
+}
+
 /// How much older than a batch's claim a draft must be for the batch to take it as an earlier
 /// attempt's (room for the clocks of this host and of Microsoft to differ).
 const STALE_DRAFT_MARGIN: chrono::Duration = chrono::Duration::seconds(60);
@@ -50,10 +80,7 @@ impl GraphSender {
             Err(e) if e.is_connect() => return Answer::Unreachable(words(e)),
             Err(e) => return Answer::Unknown(words(e)),
         };
-        let item = format!(
-            "{url}/messages/{}",
-            url::form_urlencoded::byte_serialize(id.as_bytes()).collect::<String>()
-        );
+        let item = message_url(url, &id);
         for (name, content_type, bytes) in &files {
             let added = if bytes.len() < UPLOAD_SESSION_FROM {
                 self.attach_small(&item, bearer, name, content_type, bytes)
@@ -116,22 +143,11 @@ impl GraphSender {
             .send()
             .await;
         let listed = match found {
-            Ok(r) if r.status().is_success() => {
-                r.json::<serde_json::Value>().await.ok().and_then(|v| {
-                    v["value"].as_array().map(|items| {
-                        items
-                            .iter()
-                            .filter(|m| {
-                                m["createdDateTime"]
-                                    .as_str()
-                                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                                    .is_some_and(|t| t < before)
-                            })
-                            .filter_map(|m| m["id"].as_str().map(str::to_string))
-                            .collect::<Vec<String>>()
-                    })
-                })
-            }
+            Ok(r) if r.status().is_success() => r
+                .json::<serde_json::Value>()
+                .await
+                .ok()
+                .and_then(|v| made_before(&v, before)),
             Ok(r) => {
                 let reply = reply_of(r).await;
                 tracing::warn!(status = reply.status, code = %reply.code, "looking for an earlier attempt's draft failed");
@@ -147,10 +163,7 @@ impl GraphSender {
             return;
         };
         for id in ids {
-            let item = format!(
-                "{url}/messages/{}",
-                url::form_urlencoded::byte_serialize(id.as_bytes()).collect::<String>()
-            );
+            let item = message_url(url, &id);
             match self.http.delete(&item).bearer_auth(bearer).send().await {
                 Ok(r) if r.status().is_success() => {
                     tracing::info!("an earlier attempt's draft was deleted");
