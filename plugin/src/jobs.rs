@@ -230,7 +230,9 @@ impl OutlookJobs for JobServices {
         // Twice the lease timeout (1 to 10 minutes): a job still waiting then is taken as lost.
         let repush_after =
             chrono::Duration::seconds((self.shared.options.lease_secs * 2).clamp(60, 600));
-        let servers = crate::outbox::sweep::to_wake(&self.ctx, &self.shared, repush_after).await?;
+        let servers = crate::outbox::sweep::to_wake(&self.ctx, &self.shared, repush_after)
+            .await
+            .inspect_err(|e| self.shared.note_db_error(e))?;
         if !servers.is_empty() {
             tracing::debug!(
                 count = servers.len(),

@@ -161,6 +161,9 @@ pub struct Shared {
     /// On SQLite, the connection the write turns use (`None` for an in-memory database, whose
     /// turns use the host's pool): see [`open_writer`].
     writer: tokio::sync::OnceCell<Option<sea_orm::DatabaseConnection>>,
+    /// When this process last failed to reach the database (at first, when it started): the
+    /// sweep takes no claim over until it has reached it for a while ([`Shared::db_steady_for`]).
+    db_failed_at: std::sync::Mutex<std::time::Instant>,
     /// When the sweep last deleted the texts of mails past the retention.
     pub last_prune: std::sync::Mutex<Option<std::time::Instant>>,
     /// Queued mails waiting to be stored with those of concurrent requests.
@@ -214,9 +217,27 @@ impl Shared {
             stopping: std::sync::atomic::AtomicBool::new(true),
             write_gate: Arc::new(tokio::sync::Mutex::new(())),
             writer: tokio::sync::OnceCell::new(),
+            db_failed_at: std::sync::Mutex::new(std::time::Instant::now()),
             last_prune: std::sync::Mutex::new(None),
             inserts: Default::default(),
         })
+    }
+
+    /// Notes `e` if it says the database could not be reached
+    /// ([`is_unreachable`]).
+    pub fn note_db_error(&self, e: &sea_orm::DbErr) {
+        if is_unreachable(e) {
+            *self.db_failed_at.lock().unwrap_or_else(|e| e.into_inner()) =
+                std::time::Instant::now();
+        }
+    }
+
+    /// How long this process has reached the database without a failure (or since it started).
+    pub fn db_steady_for(&self) -> std::time::Duration {
+        self.db_failed_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
     }
 
     /// The queue, when the jobs run.
@@ -444,5 +465,71 @@ async fn open_writer(db: &sea_orm::DatabaseConnection) -> Option<sea_orm::Databa
             tracing::warn!(error = %e, "cannot open the SQLite writer connection; writes use the host's pool");
             None
         }
+    }
+}
+
+/// Whether `e` says the database could not be reached, rather than that it refused the
+/// statement: no connection from the pool, a connection lost or reset, or PostgreSQL's
+/// connection exceptions (SQLSTATE class 08) and operator intervention (57P01 admin shutdown,
+/// 57P02 crash shutdown, 57P03 cannot connect now).
+pub fn is_unreachable(e: &sea_orm::DbErr) -> bool {
+    use sea_orm::sqlx::Error;
+    use sea_orm::{DbErr, RuntimeErr};
+    match e {
+        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => true,
+        DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => {
+            match e.as_ref() {
+                Error::Io(_)
+                | Error::Tls(_)
+                | Error::Protocol(_)
+                | Error::PoolTimedOut
+                | Error::PoolClosed
+                | Error::WorkerCrashed => true,
+                Error::Database(d) => d.code().is_some_and(|c| {
+                    c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03")
+                }),
+                _ => false,
+            }
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_unreachable;
+    use sea_orm::sqlx::Error;
+    use sea_orm::{ConnAcquireErr, ConnectionTrait, DbErr, RuntimeErr};
+    use std::sync::Arc;
+
+    fn sqlx(e: Error) -> DbErr {
+        DbErr::Exec(RuntimeErr::SqlxError(Arc::new(e)))
+    }
+
+    #[test]
+    fn a_database_out_of_reach_is_told_from_a_refused_statement() {
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(is_unreachable(&DbErr::ConnectionAcquire(
+            ConnAcquireErr::Timeout
+        )));
+        assert!(is_unreachable(&sqlx(Error::Io(reset))));
+        assert!(is_unreachable(&sqlx(Error::PoolTimedOut)));
+        assert!(!is_unreachable(&sqlx(Error::RowNotFound)));
+        assert!(!is_unreachable(&DbErr::Exec(RuntimeErr::Internal(
+            "no such column".into()
+        ))));
+        assert!(!is_unreachable(&DbErr::RecordNotFound("outbox".into())));
+    }
+
+    #[tokio::test]
+    async fn a_statement_the_database_refuses_is_not_unreachable() {
+        let db = sea_orm::Database::connect("sqlite::memory:")
+            .await
+            .expect("in-memory SQLite");
+        let e = db
+            .execute_unprepared("UPDATE no_such_table SET x = 1")
+            .await
+            .expect_err("no such table");
+        assert!(!is_unreachable(&e), "{e}");
     }
 }

@@ -25,6 +25,7 @@ pub fn start(ctx: &ModuleContext, shared: &Arc<Shared>) {
             tokio::spawn(async move {
                 let _counted = Counted::new(&shared);
                 if let Err(e) = run(&ctx, &shared, server_id).await {
+                    shared.note_db_error(&e);
                     tracing::warn!(error = %e, server_id, "a drain hit a database error; the sweep will wake it again");
                 }
             });

@@ -194,9 +194,9 @@ impl Writer<'_> {
         Ok(drained)
     }
 
-    /// Writes outcomes (trying again for about half a minute while the database is away: an
-    /// outcome after the server's `250` must not be lost), tells the people a failure
-    /// concerns, and counts.
+    /// Writes outcomes (trying again every quarter second while the database cannot be
+    /// reached, and for half a minute when it refuses them: an outcome after the server's
+    /// `250` must not be lost), tells the people a failure concerns, and counts.
     pub(crate) async fn write(&self, decided: Vec<Decided>) -> Result<Drained, sea_orm::DbErr> {
         if decided.is_empty() {
             return Ok(Drained::default());
@@ -220,8 +220,8 @@ impl Writer<'_> {
         drained.writes = 1;
         let outcomes: Vec<Outcome> = decided.iter().map(|d| d.outcome.clone()).collect();
         let delete_bodies = self.limits.keep_sent_days == 0;
-        // Every quarter second for half a minute: written as soon as the database is back,
-        // before the sweep of another process gives these mails to another drain.
+        // Every quarter second: written as soon as the database is back, before the sweep of
+        // another process gives these mails to another drain (`claims::TAKEOVER_GRACE`).
         let mut tries = 0;
         let mut turn = Some(turn);
         let first_try = std::time::Instant::now();
@@ -240,8 +240,12 @@ impl Writer<'_> {
             .await
             {
                 Ok(()) => break,
-                Err(e) if first_try.elapsed() < claims::OUTCOME_RETRY => {
+                Err(e)
+                    if crate::runtime::is_unreachable(&e)
+                        || first_try.elapsed() < claims::OUTCOME_RETRY =>
+                {
                     drop(turn);
+                    self.shared.note_db_error(&e);
                     // Nothing more is sent while outcomes cannot be written.
                     self.lease
                         .lost

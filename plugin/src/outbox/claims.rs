@@ -26,11 +26,19 @@ pub const BATCH: u64 = 100;
 /// or one mail when a single one is larger.
 pub const BATCH_BYTES: i64 = 16 * 1024 * 1024;
 
-/// How long a drain goes on trying to write outcomes while the database is away (every
-/// quarter second). The sweep takes a claim back only this long (and 5 s more) after its lease
-/// ran out, so that a drain whose database came back writes its outcomes before another drain
-/// can be given the same mails: a mail the server took is then not sent again.
+/// How long a drain goes on trying to write outcomes the database refuses (every quarter
+/// second). Outcomes the database could not be reached for
+/// ([`crate::runtime::is_unreachable`]) are tried for as long as the process lives: a mail
+/// the server took must not be sent again because the database was away longer than this.
 pub const OUTCOME_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long a claim is left to its drain past its lease before the sweep takes it back, and
+/// how long the sweeping process must itself have reached the database without a failure
+/// before it takes any back (35 s). A drain whose database was away goes on writing its
+/// outcomes and extending its lease, and once the database answers again its pool may take
+/// up to its acquire timeout (30 s in the host) to hand it a connection: it must get its
+/// outcomes in before another drain is given the same mails, or those would be sent twice.
+pub const TAKEOVER_GRACE: std::time::Duration = std::time::Duration::from_secs(35);
 
 /// A claimed mail: the columns of its outbox row that sending it, deciding its outcome and
 /// telling people of a failure need. The claim returns only these: decoding whole rows (22

@@ -70,7 +70,10 @@ impl LeaseKeeper {
                     }
                     // The database is away: try again; if the lease runs out meanwhile, the
                     // next extension finds it taken over.
-                    Err(e) => tracing::warn!(error = %e, "extending a batch's lease failed"),
+                    Err(e) => {
+                        shared.note_db_error(&e);
+                        tracing::warn!(error = %e, "extending a batch's lease failed");
+                    }
                 }
             }
         });

@@ -13,7 +13,8 @@ use crate::runtime::Shared;
 
 /// The mailboxes whose due mail nobody is draining, each once. First, mails whose claim ran
 /// out (their drain died, or lost its database for longer than the lease) are put back in the
-/// queue, their attempt spent. Then the mailboxes with queued, due mail that was not pushed
+/// queue, their attempt spent: [`crate::outbox::claims::TAKEOVER_GRACE`] after the lease, and
+/// only once this process has reached the database for that long without a failure. Then the mailboxes with queued, due mail that was not pushed
 /// since it became due (or was pushed longer than `repush_after` ago: that drain may be lost)
 /// are marked pushed, so that the sweeps of several processes wake each about once.
 pub async fn to_wake(
@@ -22,15 +23,16 @@ pub async fn to_wake(
     repush_after: Duration,
 ) -> Result<Vec<i32>, sea_orm::DbErr> {
     let now = ctx.clock().now();
-    {
+    // Only a process that has reached the database for the whole grace takes claims over:
+    // right after an outage, the owners of the claims (alive, retrying) get their outcomes in
+    // first, however long the outage was.
+    if shared.db_steady_for() >= crate::outbox::claims::TAKEOVER_GRACE {
         let turn = shared.write_gate(ctx).await;
         persist(|| {
             back_in_queue()
                 .col_expr(outbox::Column::NextAttemptAt, Expr::value(now))
                 .filter(outbox::status_is("sending"))
-                // A grace past the lease: a drain whose database was away goes on writing its
-                // outcomes for `OUTCOME_RETRY`, and must get them in before another drain is
-                // given the same mails (it would send them again).
+                // A grace past the lease, for a drain whose database was away (see above).
                 .filter(outbox::Column::LeaseUntil.lt(now - takeover_grace()))
                 .exec(turn.db())
         })
@@ -110,8 +112,8 @@ pub async fn prune_bodies(
     Ok(deleted.rows_affected)
 }
 
-/// How long past its lease a claim is left to its drain before the sweep takes it back.
+/// How long past its lease a claim is left to its drain before the sweep takes it back
+/// ([`crate::outbox::claims::TAKEOVER_GRACE`]).
 pub fn takeover_grace() -> Duration {
-    Duration::from_std(crate::outbox::claims::OUTCOME_RETRY).unwrap_or(Duration::seconds(30))
-        + Duration::seconds(5)
+    Duration::from_std(crate::outbox::claims::TAKEOVER_GRACE).unwrap_or(Duration::seconds(35))
 }

@@ -69,6 +69,9 @@ impl Drop for AbortOnDrop {
 /// The configuration every worker process gets, as an operator would set it.
 const LEASE_SECS: &str = "10";
 
+/// How long the database-restart fault keeps PostgreSQL stopped.
+const DATABASE_AWAY: Duration = Duration::from_secs(40);
+
 async fn cluster(mailboxes: usize) -> Cluster {
     cluster_over(mailboxes, "smtp").await
 }
@@ -859,7 +862,10 @@ async fn faults_of_every_peer_lose_nothing_and_the_queue_drains_after_each() {
         pg_ctl("stop -m fast")
             .expect("TEST_PG_CTL")
             .expect("PostgreSQL stops");
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // Away for longer than the lease (10 s) and than a drain once tried to write its
+        // outcomes (30 s): every claim runs out while its owner, alive, holds outcomes of mails
+        // the server took. (A CI run saw the database away for about 35 s under load.)
+        tokio::time::sleep(DATABASE_AWAY).await;
         pg_ctl("start")
             .expect("TEST_PG_CTL")
             .expect("PostgreSQL starts");
@@ -872,8 +878,9 @@ async fn faults_of_every_peer_lose_nothing_and_the_queue_drains_after_each() {
         );
         assert_eq!((t.sent, t.lost), (BACKLOG, 0), "{t:?}");
         // No process died: a mail accepted just as the database went away has its outcome
-        // written once the database is back (the drain tries for 30 s), before any sweep may
-        // give it to another drain.
+        // written once the database is back (its drain tries for as long as it lives), before
+        // any sweep may give it to another drain (a sweep takes claims over only after it has
+        // reached the database for 35 s).
         assert_eq!(
             t.duplicates, 0,
             "mails sent twice ({in_flight} were in flight at the stop)"
