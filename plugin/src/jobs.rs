@@ -217,6 +217,7 @@ impl OutlookJobs for JobServices {
             match crate::delivery::drains::run(&self.ctx, &self.shared, server_id).await {
                 Ok(()) => return Ok(()),
                 Err(e) if wait <= std::time::Duration::from_secs(16) => {
+                    self.shared.note_db_error(&e);
                     tracing::warn!(error = %e, server_id, "a drain hit a database error; trying again");
                     tokio::time::sleep(wait).await;
                     wait *= 2;
@@ -233,6 +234,7 @@ impl OutlookJobs for JobServices {
         let servers = crate::outbox::sweep::to_wake(&self.ctx, &self.shared, repush_after)
             .await
             .inspect_err(|e| self.shared.note_db_error(e))?;
+        self.shared.note_db_reached();
         if !servers.is_empty() {
             tracing::debug!(
                 count = servers.len(),

@@ -161,9 +161,11 @@ pub struct Shared {
     /// On SQLite, the connection the write turns use (`None` for an in-memory database, whose
     /// turns use the host's pool): see [`open_writer`].
     writer: tokio::sync::OnceCell<Option<sea_orm::DatabaseConnection>>,
-    /// When this process last failed to reach the database (at first, when it started): the
-    /// sweep takes no claim over until it has reached it for a while ([`Shared::db_steady_for`]).
-    db_failed_at: std::sync::Mutex<std::time::Instant>,
+    /// Since when this process has reached the database without a failure: set by a sweep
+    /// that got through, cleared by any error that says the database could not be reached
+    /// (`None` at start). The sweep takes no claim over until it has held for a while
+    /// ([`Shared::db_steady_for`]).
+    reachable_since: std::sync::Mutex<Option<std::time::Instant>>,
     /// When the sweep last deleted the texts of mails past the retention.
     pub last_prune: std::sync::Mutex<Option<std::time::Instant>>,
     /// Queued mails waiting to be stored with those of concurrent requests.
@@ -217,27 +219,38 @@ impl Shared {
             stopping: std::sync::atomic::AtomicBool::new(true),
             write_gate: Arc::new(tokio::sync::Mutex::new(())),
             writer: tokio::sync::OnceCell::new(),
-            db_failed_at: std::sync::Mutex::new(std::time::Instant::now()),
+            reachable_since: std::sync::Mutex::new(None),
             last_prune: std::sync::Mutex::new(None),
             inserts: Default::default(),
         })
     }
 
-    /// Notes `e` if it says the database could not be reached
-    /// ([`is_unreachable`]).
+    /// Notes `e` if it says the database could not be reached ([`is_unreachable`]): the
+    /// steady time starts again from the next sweep that gets through.
     pub fn note_db_error(&self, e: &sea_orm::DbErr) {
         if is_unreachable(e) {
-            *self.db_failed_at.lock().unwrap_or_else(|e| e.into_inner()) =
-                std::time::Instant::now();
+            *self
+                .reachable_since
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = None;
         }
     }
 
-    /// How long this process has reached the database without a failure (or since it started).
-    pub fn db_steady_for(&self) -> std::time::Duration {
-        self.db_failed_at
+    /// Notes that a sweep reached the database (the steady time starts now if it had not).
+    pub fn note_db_reached(&self) {
+        self.reachable_since
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .elapsed()
+            .get_or_insert_with(std::time::Instant::now);
+    }
+
+    /// How long this process has reached the database without a failure, counted from the
+    /// first sweep that got through after the last failure (zero before any).
+    pub fn db_steady_for(&self) -> std::time::Duration {
+        self.reachable_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map_or(std::time::Duration::ZERO, |since| since.elapsed())
     }
 
     /// The queue, when the jobs run.
@@ -469,28 +482,25 @@ async fn open_writer(db: &sea_orm::DatabaseConnection) -> Option<sea_orm::Databa
 }
 
 /// Whether `e` says the database could not be reached, rather than that it refused the
-/// statement: no connection from the pool, a connection lost or reset, or PostgreSQL's
-/// connection exceptions (SQLSTATE class 08) and operator intervention (57P01 admin shutdown,
-/// 57P02 crash shutdown, 57P03 cannot connect now).
+/// statement: no connection from the pool within its acquire timeout, a connection lost or
+/// reset (I/O, TLS), or PostgreSQL's connection exceptions (SQLSTATE class 08) and operator
+/// intervention (57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot connect now). A
+/// closed pool, a refused sign-in (28P01), a missing database (3D000), a statement error and
+/// SQLite's own errors are refusals: trying again would not help.
 pub fn is_unreachable(e: &sea_orm::DbErr) -> bool {
     use sea_orm::sqlx::Error;
-    use sea_orm::{DbErr, RuntimeErr};
+    use sea_orm::{ConnAcquireErr, DbErr, RuntimeErr};
     match e {
-        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => true,
-        DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => {
-            match e.as_ref() {
-                Error::Io(_)
-                | Error::Tls(_)
-                | Error::Protocol(_)
-                | Error::PoolTimedOut
-                | Error::PoolClosed
-                | Error::WorkerCrashed => true,
-                Error::Database(d) => d.code().is_some_and(|c| {
-                    c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03")
-                }),
-                _ => false,
-            }
-        }
+        DbErr::ConnectionAcquire(ConnAcquireErr::Timeout) => true,
+        DbErr::Conn(RuntimeErr::SqlxError(e))
+        | DbErr::Exec(RuntimeErr::SqlxError(e))
+        | DbErr::Query(RuntimeErr::SqlxError(e)) => match e.as_ref() {
+            Error::Io(_) | Error::Tls(_) | Error::PoolTimedOut => true,
+            Error::Database(d) => d
+                .code()
+                .is_some_and(|c| c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03")),
+            _ => false,
+        },
         _ => false,
     }
 }
@@ -515,6 +525,15 @@ mod tests {
         assert!(is_unreachable(&sqlx(Error::Io(reset))));
         assert!(is_unreachable(&sqlx(Error::PoolTimedOut)));
         assert!(!is_unreachable(&sqlx(Error::RowNotFound)));
+        assert!(!is_unreachable(&sqlx(Error::Protocol(
+            "bad statement".into()
+        ))));
+        assert!(!is_unreachable(&DbErr::ConnectionAcquire(
+            ConnAcquireErr::ConnectionClosed
+        )));
+        assert!(!is_unreachable(&DbErr::Conn(RuntimeErr::Internal(
+            "Disconnected".into()
+        ))));
         assert!(!is_unreachable(&DbErr::Exec(RuntimeErr::Internal(
             "no such column".into()
         ))));

@@ -224,7 +224,9 @@ impl Writer<'_> {
         // another process gives these mails to another drain (`claims::TAKEOVER_GRACE`).
         let mut tries = 0;
         let mut turn = Some(turn);
-        let first_try = std::time::Instant::now();
+        // Refusals are tried for `OUTCOME_RETRY` after the last time the database could not be
+        // reached (after a long outage, a deadlock or a busy SQLite is not the end).
+        let mut first_try = std::time::Instant::now();
         loop {
             let turn = match turn.take() {
                 Some(turn) => turn,
@@ -245,7 +247,10 @@ impl Writer<'_> {
                         || first_try.elapsed() < claims::OUTCOME_RETRY =>
                 {
                     drop(turn);
-                    self.shared.note_db_error(&e);
+                    if crate::runtime::is_unreachable(&e) {
+                        self.shared.note_db_error(&e);
+                        first_try = std::time::Instant::now();
+                    }
                     // Nothing more is sent while outcomes cannot be written.
                     self.lease
                         .lost

@@ -34,10 +34,11 @@ pub const OUTCOME_RETRY: std::time::Duration = std::time::Duration::from_secs(30
 
 /// How long a claim is left to its drain past its lease before the sweep takes it back, and
 /// how long the sweeping process must itself have reached the database without a failure
-/// before it takes any back (35 s). A drain whose database was away goes on writing its
-/// outcomes and extending its lease, and once the database answers again its pool may take
-/// up to its acquire timeout (30 s in the host) to hand it a connection: it must get its
-/// outcomes in before another drain is given the same mails, or those would be sent twice.
+/// before it takes any back (35 s, counted from its first sweep that got through). A drain
+/// whose database was away goes on trying to write its outcomes every quarter second; once
+/// the database answers again its pool opens a new connection within a few seconds (sqlx
+/// tries again with a backoff of at most a fifth of its 30 s acquire timeout): it must get
+/// its outcomes in before another drain is given the same mails, or those would be sent twice.
 pub const TAKEOVER_GRACE: std::time::Duration = std::time::Duration::from_secs(35);
 
 /// A claimed mail: the columns of its outbox row that sending it, deciding its outcome and

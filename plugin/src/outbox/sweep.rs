@@ -13,8 +13,9 @@ use crate::runtime::Shared;
 
 /// The mailboxes whose due mail nobody is draining, each once. First, mails whose claim ran
 /// out (their drain died, or lost its database for longer than the lease) are put back in the
-/// queue, their attempt spent: [`crate::outbox::claims::TAKEOVER_GRACE`] after the lease, and
-/// only once this process has reached the database for that long without a failure. Then the mailboxes with queued, due mail that was not pushed
+/// queue, their attempt spent: [`crate::outbox::claims::TAKEOVER_GRACE`] after the lease,
+/// and only once this process has reached the database for that long without a failure
+/// ([`Shared::db_steady_for`]). Then the mailboxes with queued, due mail that was not pushed
 /// since it became due (or was pushed longer than `repush_after` ago: that drain may be lost)
 /// are marked pushed, so that the sweeps of several processes wake each about once.
 pub async fn to_wake(
