@@ -103,7 +103,7 @@ pub struct Claimed {
 pub enum Claim {
     /// No due mail (or the mailbox is held or throttled).
     Nothing,
-    /// The mailbox sent its per-minute share: its due mails were moved to this time.
+    /// The mailbox sent its per-minute share: its next mails were made due at this time.
     AtLimit(DateTime<Utc>),
     /// A batch to send.
     Batch(Claimed),
@@ -247,8 +247,8 @@ pub async fn claim_batch(
 }
 
 /// In one transaction, serialised per mailbox by a row lock: counts the mailbox's sends of the
-/// last minute and claims what is left of its share; or, with none left, moves its due mails
-/// to when the window frees and says when.
+/// last minute and claims what is left of its share; or, with none left, makes its next mails
+/// (as many as leave the window first) due when the window frees, and says when.
 async fn admit_and_claim(
     ctx: &ModuleContext,
     db: &sea_orm::DatabaseConnection,
@@ -284,14 +284,26 @@ async fn admit_and_claim(
         txn.commit().await?;
         return Ok(Ok(claimed));
     }
-    // The oldest send of the window leaves it first.
-    let until = in_window.first().map_or(now + Duration::seconds(5), |t| {
-        Ord::max(*t + Duration::seconds(60), now + Duration::seconds(1))
+    // The oldest sends of the window (a batch's share the same time) leave it first: as many
+    // of the oldest queued mails are due then, when the sweep or this process wakes the
+    // mailbox. The others keep their time and go in queue order after them: moving every
+    // waiting mail each minute rewrote a throttled backlog of N mails 2N times a minute.
+    let oldest = in_window.first().copied();
+    let until = oldest.map_or(now + Duration::seconds(5), |t| {
+        Ord::max(t + Duration::seconds(60), now + Duration::seconds(1))
     });
+    let share = in_window.iter().take_while(|t| Some(**t) == oldest).count();
+    let next = Query::select()
+        .column(outbox::Column::Id)
+        .from(outbox::Entity)
+        .and_where(outbox::Column::ServerId.eq(server_id))
+        .and_where(outbox::status_is("queued"))
+        .order_by(outbox::Column::Id, sea_orm::Order::Asc)
+        .limit(Ord::max(share, 1) as u64)
+        .to_owned();
     outbox::Entity::update_many()
         .col_expr(outbox::Column::NextAttemptAt, Expr::value(until))
-        .filter(outbox::Column::ServerId.eq(server_id))
-        .filter(outbox::status_is("queued"))
+        .filter(outbox::Column::Id.in_subquery(next))
         .filter(outbox::Column::NextAttemptAt.lt(until))
         .exec(&txn)
         .await?;

@@ -120,6 +120,21 @@ pub(crate) async fn queue(m: &Mailing, subject: &str) -> i64 {
     body["id"].as_i64().expect("id")
 }
 
+/// Makes the queued mails `ids` due together a minute from now (the test's clock), so that
+/// they go out as one batch once the clock is advanced. (At a per-minute limit only the mails
+/// that go when the window frees are given its time; the others keep their turn.)
+async fn wait_together(app: &TestApp, ids: &[i64]) {
+    outbox::Entity::update_many()
+        .col_expr(
+            outbox::Column::NextAttemptAt,
+            Expr::value(app.clock.now() + chrono::Duration::seconds(60)),
+        )
+        .filter(outbox::Column::Id.is_in(ids.iter().copied()))
+        .exec(&app.db)
+        .await
+        .expect("outbox");
+}
+
 pub(crate) async fn row(app: &TestApp, id: i64) -> outbox::Model {
     outbox::Entity::find_by_id(id)
         .one(&app.db)
@@ -796,6 +811,70 @@ async fn the_per_minute_limit_holds_mails_back_without_spending_attempts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_per_minute_limit_only_the_next_mails_wait_for_the_window_and_the_rest_keep_their_turn()
+ {
+    let m = mailing().await;
+    settings(&m.env, &[("mailbox_rate_per_minute", "2")]).await;
+    let mut ids = Vec::new();
+    for k in 1..=6 {
+        ids.push(queue(&m, &format!("Mail {k}")).await);
+    }
+    let smtp = &m.smtp;
+    eventually("two mails to go out", || async {
+        smtp.received_count() == 2
+    })
+    .await;
+    let app = &m.env.app;
+    eventually("the next mail to wait for the window", || async {
+        let now = app.clock.now();
+        let mut moved = 0;
+        for id in &ids {
+            let r = row(app, *id).await;
+            moved += usize::from(r.status == "queued" && r.next_attempt_at > now);
+        }
+        moved >= 1
+    })
+    .await;
+    let now = app.clock.now();
+    let (mut moved, mut in_turn) = (Vec::new(), Vec::new());
+    for id in &ids {
+        let r = row(app, *id).await;
+        if r.status != "queued" {
+            continue;
+        }
+        assert_eq!(
+            r.attempts, 0,
+            "held back without spending an attempt: {r:?}"
+        );
+        if r.next_attempt_at > now {
+            moved.push(r.id);
+        } else {
+            in_turn.push(r.id);
+        }
+    }
+    // Only the share that goes when the window frees (the sends that leave it first) is
+    // moved; the backlog behind it is not rewritten each minute.
+    assert!((1..=2).contains(&moved.len()), "{moved:?}");
+    assert!(in_turn.len() >= 2, "{in_turn:?}");
+    assert!(
+        moved.iter().all(|a| in_turn.iter().all(|b| a < b)),
+        "the oldest mails go first: {moved:?} before {in_turn:?}"
+    );
+    let (status, page, _) = m
+        .alice
+        .get(&format!("/microsoft_outlook/outbox/{}", in_turn[0]))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        page.contains(
+            "In its turn: this mailbox sends the mails queued before it first, at most 2 a minute"
+        ),
+        "{page}"
+    );
+    assert_eq!(smtp.received_count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_only_server_fetches_one_client_credentials_token_for_many_mails() {
     let m = mailing().await;
     // Disconnect the delegated grant: app-only needs none.
@@ -862,7 +941,7 @@ async fn an_app_only_server_fetches_one_client_credentials_token_for_many_mails(
 async fn an_unreachable_server_costs_one_attempt_per_batch_not_one_per_mail() {
     let m = mailing().await;
     let app = &m.env.app;
-    // One mail a minute: the first goes, the next three wait together for the window.
+    // One mail a minute: the first goes, the next three wait (made to wait together).
     settings(&m.env, &[("mailbox_rate_per_minute", "1")]).await;
     let first = queue(&m, "Goes at once").await;
     wait_status(app, first, "sent").await;
@@ -876,7 +955,8 @@ async fn an_unreachable_server_costs_one_attempt_per_batch_not_one_per_mail() {
         let r = row(app, id).await;
         assert_eq!((r.status.as_str(), r.attempts), ("queued", 0), "{r:?}");
     }
-    // The window frees; the three go out as one batch and meet a closed port.
+    wait_together(app, &waiting).await;
+    // The time comes; the three go out as one batch and meet a closed port.
     settings(&m.env, &[("mailbox_rate_per_minute", "0")]).await;
     app.clock.advance(chrono::Duration::seconds(61));
     eventually("the batch to meet the closed port", || async {
@@ -996,7 +1076,8 @@ async fn lines_that_begin_with_a_dot_arrive_as_written() {
 async fn a_connection_closed_after_a_mail_loses_nothing_of_the_mail_pipelined_behind_it() {
     let m = mailing().await;
     let app = &m.env.app;
-    // One mail a minute: the first goes, the next three wait and then go as one batch.
+    // One mail a minute: the first goes, the next three wait (made to wait together) and
+    // then go as one batch.
     settings(&m.env, &[("mailbox_rate_per_minute", "1")]).await;
     let first = queue(&m, "Goes at once").await;
     wait_status(app, first, "sent").await;
@@ -1005,6 +1086,7 @@ async fn a_connection_closed_after_a_mail_loses_nothing_of_the_mail_pipelined_be
         queue(&m, "Batch two").await,
         queue(&m, "Batch three").await,
     ];
+    wait_together(app, &batch).await;
     // The batch's first mail goes alone and is taken; the second, sent with the third's
     // commands behind it, meets 421 and the end of the connection.
     m.smtp.inject(

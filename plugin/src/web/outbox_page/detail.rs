@@ -131,9 +131,9 @@ pub(super) async fn detail(
         "mail_server" => Some(format!("/microsoft_outlook/servers/{}", mail.record_id)),
         _ => None,
     };
-    let max_attempts = crate::delivery::limits::limits(&ctx, &shared)
-        .await
-        .max_attempts;
+    let limits = crate::delivery::limits::limits(&ctx, &shared).await;
+    let (max_attempts, per_minute) = (limits.max_attempts, limits.per_minute);
+    let now = ctx.clock().now();
     let body = html! {
         h1 { @if mail.subject.is_empty() { "(no subject)" } @else { (mail.subject) } }
         p { a href=(OUTBOX) { "← Outbox" } }
@@ -164,7 +164,7 @@ pub(super) async fn detail(
             h2 { "Delivery" }
             table.fields { tbody {
                 tr { th { "Attempts" } td { (mail.attempts) " of at most " (max_attempts) } }
-                @if mail.status == "queued" { tr { th { "Next attempt" } td { (when(mail.next_attempt_at)) " UTC" } } }
+                @if mail.status == "queued" { tr { th { "Next attempt" } td { (next_attempt(&mail, now, per_minute)) } } }
                 tr { th { "Last reply" } td.reply { (mail.last_reply.as_deref().unwrap_or("-")) } }
                 @if let Some(reply) = &mail.last_reply { tr { th { "Classified" } td { (classified_reply(reply)) } } }
                 @if let Some(words) = &mail.last_error { tr { th { "What happened" } td.words { (words) } } }
@@ -240,5 +240,19 @@ pub(super) fn actions(mail: &outbox::Model, user: &CurrentUser) -> Markup {
                 _ => {}
             }
         }
+    }
+}
+
+/// When a queued mail goes: its time when that is still to come; else in queue order, after
+/// the mailbox's earlier mails (and, with a per-minute limit, at that pace).
+fn next_attempt(mail: &outbox::Model, now: DateTime<Utc>, per_minute: usize) -> String {
+    if mail.next_attempt_at > now {
+        return format!("{} UTC", when(mail.next_attempt_at));
+    }
+    match per_minute {
+        0 => "Now, after the mails queued before it on this mailbox".to_string(),
+        n => format!(
+            "In its turn: this mailbox sends the mails queued before it first, at most {n} a minute"
+        ),
     }
 }
