@@ -293,17 +293,28 @@ async fn admit_and_claim(
         Ord::max(t + Duration::seconds(60), now + Duration::seconds(1))
     });
     let share = in_window.iter().take_while(|t| Some(**t) == oldest).count();
-    let next = Query::select()
-        .column(outbox::Column::Id)
+    // The oldest queued mails due by then (those already given this time included, so that
+    // a second look moves no more; a mail waiting for a later retry is not among them).
+    let mut next = Query::select();
+    next.column(outbox::Column::Id)
         .from(outbox::Entity)
         .and_where(outbox::Column::ServerId.eq(server_id))
         .and_where(outbox::status_is("queued"))
         .order_by(outbox::Column::Id, sea_orm::Order::Asc)
-        .limit(Ord::max(share, 1) as u64)
-        .to_owned();
+        .limit(Ord::max(share, 1) as u64);
+    if txn.get_database_backend() == sea_orm::DbBackend::Postgres {
+        // As in `claim_rows`: the queued index in id order, whatever the statistics say.
+        next.and_where(Expr::cust_with_expr(
+            "($1) IS TRUE",
+            outbox::Column::NextAttemptAt.lte(until),
+        ));
+    } else {
+        next.and_where(outbox::Column::NextAttemptAt.lte(until));
+    }
     outbox::Entity::update_many()
         .col_expr(outbox::Column::NextAttemptAt, Expr::value(until))
         .filter(outbox::Column::Id.in_subquery(next))
+        .filter(outbox::status_is("queued"))
         .filter(outbox::Column::NextAttemptAt.lt(until))
         .exec(&txn)
         .await?;

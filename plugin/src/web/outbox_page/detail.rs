@@ -164,7 +164,7 @@ pub(super) async fn detail(
             h2 { "Delivery" }
             table.fields { tbody {
                 tr { th { "Attempts" } td { (mail.attempts) " of at most " (max_attempts) } }
-                @if mail.status == "queued" { tr { th { "Next attempt" } td { (next_attempt(&mail, now, per_minute)) } } }
+                @if mail.status == "queued" { tr { th { "Next attempt" } td { (next_attempt(&mail, now, per_minute, health == Health::Ready)) } } }
                 tr { th { "Last reply" } td.reply { (mail.last_reply.as_deref().unwrap_or("-")) } }
                 @if let Some(reply) = &mail.last_reply { tr { th { "Classified" } td { (classified_reply(reply)) } } }
                 @if let Some(words) = &mail.last_error { tr { th { "What happened" } td.words { (words) } } }
@@ -243,16 +243,23 @@ pub(super) fn actions(mail: &outbox::Model, user: &CurrentUser) -> Markup {
     }
 }
 
-/// When a queued mail goes: its time when that is still to come; else in queue order, after
-/// the mailbox's earlier mails (and, with a per-minute limit, at that pace).
-fn next_attempt(mail: &outbox::Model, now: DateTime<Utc>, per_minute: usize) -> String {
+/// When a queued mail goes: its time when that is still to come; else, on a mailbox that is
+/// held or throttled, when it is ready again (the box below says why); else in its turn with
+/// the mailbox's other due mail, in queue order (and, with a per-minute limit, at that pace).
+fn next_attempt(
+    mail: &outbox::Model,
+    now: DateTime<Utc>,
+    per_minute: usize,
+    ready: bool,
+) -> String {
     if mail.next_attempt_at > now {
         return format!("{} UTC", when(mail.next_attempt_at));
     }
-    match per_minute {
-        0 => "Now, after the mails queued before it on this mailbox".to_string(),
-        n => format!(
-            "In its turn: this mailbox sends the mails queued before it first, at most {n} a minute"
+    match (ready, per_minute) {
+        (false, _) => "When the mailbox is ready again (see below)".to_string(),
+        (true, 0) => "Now, in queue order with this mailbox's other due mail".to_string(),
+        (true, n) => format!(
+            "In its turn: in queue order with this mailbox's other due mail, at most {n} a minute"
         ),
     }
 }
