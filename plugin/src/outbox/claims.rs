@@ -136,6 +136,36 @@ where
     write().await
 }
 
+/// The ids of the first `limit` queued mails of `server_id`, in queue order, due by `by`:
+/// the partial index on queued mails (server_id, id) gives them in that order. On PostgreSQL
+/// the due filter is written `(… <= by) IS TRUE`: the same rows, but no index on the due time
+/// can serve it, so PostgreSQL walks the mailbox's part of the queued index in id order
+/// whatever its statistics say. Right after a burst of mail they still tell of an empty
+/// queue, and it chose the index of due mails: every claim then read all the due mail of
+/// every mailbox and sorted it (5.1 ms against 1.9 ms for a claim of 100 of 10,000 in
+/// `EXPLAIN ANALYZE`). SQLite, with no statistics, takes the queued index.
+fn first_queued(
+    backend: sea_orm::DbBackend,
+    server_id: i32,
+    by: DateTime<Utc>,
+    limit: u64,
+) -> sea_orm::sea_query::SelectStatement {
+    let due = outbox::Column::NextAttemptAt.lte(by);
+    let mut pick = Query::select();
+    pick.column(outbox::Column::Id)
+        .from(outbox::Entity)
+        .and_where(outbox::Column::ServerId.eq(server_id))
+        .and_where(outbox::status_is("queued"))
+        .order_by(outbox::Column::Id, sea_orm::Order::Asc)
+        .limit(limit);
+    if backend == sea_orm::DbBackend::Postgres {
+        pick.and_where(Expr::cust_with_expr("($1) IS TRUE", due));
+    } else {
+        pick.and_where(due);
+    }
+    pick
+}
+
 /// Claims up to `limit` due mails of `server_id` in queue order (the index on server, status
 /// and id walks them in that order); `admitted` also marks them `sent_at` (the per-minute
 /// count includes mails in flight). Mails whose claim ran out are put back by the sweep
@@ -153,29 +183,11 @@ async fn claim_rows<C: ConnectionTrait>(
         shared.instance,
         shared.claims.fetch_add(1, Ordering::Relaxed)
     );
-    // The partial index on queued mails (server_id, id) gives them in queue order.
-    let mut pick = Query::select();
-    pick.column(outbox::Column::Id)
-        .from(outbox::Entity)
-        .and_where(outbox::Column::ServerId.eq(server_id))
-        .and_where(outbox::status_is("queued"))
-        .order_by(outbox::Column::Id, sea_orm::Order::Asc)
-        .limit(limit);
-    if db.get_database_backend() == sea_orm::DbBackend::Postgres {
-        // `(… <= now) IS TRUE`: the same rows as `… <= now`, but no index on the due time can
-        // serve it, so PostgreSQL walks the mailbox's part of the queued index in id order
-        // whatever its statistics say. Right after a burst of mail they still tell of an
-        // empty queue, and it chose the index of due mails: every claim then read all the due
-        // mail of every mailbox and sorted it (5.1 ms against 1.9 ms for a claim of 100 of
-        // 10,000 in `EXPLAIN ANALYZE`). SQLite, with no statistics, takes the queued index.
-        pick.and_where(Expr::cust_with_expr(
-            "($1) IS TRUE",
-            outbox::Column::NextAttemptAt.lte(now),
-        ));
+    let backend = db.get_database_backend();
+    let mut pick = first_queued(backend, server_id, now, limit);
+    if backend == sea_orm::DbBackend::Postgres {
         // Rows another process is claiming right now are skipped, not waited for.
         pick.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
-    } else {
-        pick.and_where(outbox::Column::NextAttemptAt.lte(now));
     }
     let picked = outbox::Column::Id.in_subquery(pick);
     let mut claim = outbox::Entity::update_many()
@@ -295,22 +307,12 @@ async fn admit_and_claim(
     let share = in_window.iter().take_while(|t| Some(**t) == oldest).count();
     // The oldest queued mails due by then (those already given this time included, so that
     // a second look moves no more; a mail waiting for a later retry is not among them).
-    let mut next = Query::select();
-    next.column(outbox::Column::Id)
-        .from(outbox::Entity)
-        .and_where(outbox::Column::ServerId.eq(server_id))
-        .and_where(outbox::status_is("queued"))
-        .order_by(outbox::Column::Id, sea_orm::Order::Asc)
-        .limit(Ord::max(share, 1) as u64);
-    if txn.get_database_backend() == sea_orm::DbBackend::Postgres {
-        // As in `claim_rows`: the queued index in id order, whatever the statistics say.
-        next.and_where(Expr::cust_with_expr(
-            "($1) IS TRUE",
-            outbox::Column::NextAttemptAt.lte(until),
-        ));
-    } else {
-        next.and_where(outbox::Column::NextAttemptAt.lte(until));
-    }
+    let next = first_queued(
+        txn.get_database_backend(),
+        server_id,
+        until,
+        Ord::max(share, 1) as u64,
+    );
     outbox::Entity::update_many()
         .col_expr(outbox::Column::NextAttemptAt, Expr::value(until))
         .filter(outbox::Column::Id.in_subquery(next))
