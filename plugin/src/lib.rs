@@ -17,6 +17,7 @@ pub mod jobs;
 pub mod metrics;
 mod module;
 pub mod outbox;
+pub mod reach;
 pub mod runtime;
 pub mod settings;
 pub mod tokens;

@@ -243,11 +243,11 @@ impl Writer<'_> {
             {
                 Ok(()) => break,
                 Err(e)
-                    if crate::runtime::is_unreachable(&e)
+                    if crate::reach::is_unreachable(&e)
                         || first_try.elapsed() < claims::OUTCOME_RETRY =>
                 {
                     drop(turn);
-                    if crate::runtime::is_unreachable(&e) {
+                    if crate::reach::is_unreachable(&e) {
                         self.shared.note_db_error(&e);
                         first_try = std::time::Instant::now();
                     }

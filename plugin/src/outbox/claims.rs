@@ -28,7 +28,7 @@ pub const BATCH_BYTES: i64 = 16 * 1024 * 1024;
 
 /// How long a drain goes on trying to write outcomes the database refuses (every quarter
 /// second). Outcomes the database could not be reached for
-/// ([`crate::runtime::is_unreachable`]) are tried for as long as the process lives: a mail
+/// ([`crate::reach::is_unreachable`]) are tried for as long as the process lives: a mail
 /// the server took must not be sent again because the database was away longer than this.
 pub const OUTCOME_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 
