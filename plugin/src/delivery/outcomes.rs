@@ -242,14 +242,13 @@ impl Writer<'_> {
             .await
             {
                 Ok(()) => break,
-                Err(e)
-                    if crate::reach::is_unreachable(&e)
-                        || first_try.elapsed() < claims::OUTCOME_RETRY =>
-                {
+                Err(e) => {
                     drop(turn);
                     if crate::reach::is_unreachable(&e) {
                         self.shared.note_db_error(&e);
                         first_try = std::time::Instant::now();
+                    } else if first_try.elapsed() >= claims::OUTCOME_RETRY {
+                        return Err(e);
                     }
                     // Nothing more is sent while outcomes cannot be written.
                     self.lease
@@ -261,7 +260,6 @@ impl Writer<'_> {
                     tries += 1;
                     tokio::time::sleep(std::time::Duration::from_millis(250)).await;
                 }
-                Err(e) => return Err(e),
             }
         }
         self.lease
