@@ -3,11 +3,12 @@
 //! `delivery::drain` runs them: the limits (kept 2 s), the claim (`claims::claim_batch`: one
 //! `UPDATE … RETURNING`), the server row (kept 2 s), the bodies (`claims::bodies`: one
 //! `SELECT … IN`), the token (`token_service::fresh_access_token`: a read and an unsealing),
-//! and the outcomes (`claims::record`: one `UPDATE` for every sent mail). No mail is sent.
+//! and the outcomes (`record::record`: one `UPDATE` for every sent mail). No mail is sent.
 
 use crate::setup::*;
 use microsoft_outlook::delivery::limits::limits;
-use microsoft_outlook::outbox::claims::{self, Claim, Outcome};
+use microsoft_outlook::outbox::claims::{self, Claim};
+use microsoft_outlook::outbox::record::{self, Outcome};
 use microsoft_outlook::tokens::service::fresh_access_token;
 use std::time::{Duration, Instant};
 
@@ -112,7 +113,7 @@ async fn run_on(db: &BenchDb, n: usize, mailboxes: usize, max_conns: u32) -> any
                 .collect();
             let t = Instant::now();
             let turn = shared.write_gate(ctx).await;
-            claims::record(ctx, &turn, &claimed.owner, &outcomes, false).await?;
+            record::record(ctx, &turn, &claimed.owner, &outcomes, false).await?;
             drop(turn);
             record.add(t);
         }

@@ -6,7 +6,7 @@ use chrono::{DateTime, Duration, Utc};
 use crate::delivery::classify::{Level, Verdict, Who};
 use crate::delivery::limits::backoff;
 use crate::outbox::claims::ClaimedRow;
-use crate::outbox::claims::Outcome;
+use crate::outbox::record::Outcome;
 use crate::tokens::service::TokenProblem;
 
 /// One claimed mail's attempt, and what it may spend.

@@ -13,8 +13,9 @@ use crate::delivery::classify::Who;
 use crate::delivery::limits::Limits;
 use crate::delivery::transport::{BatchResult, MessageResult, Prepared};
 
-use crate::outbox::claims::{self, Claimed, ClaimedRow, Outcome};
+use crate::outbox::claims::{self, Claimed, ClaimedRow};
 use crate::outbox::lease::LeaseKeeper;
+use crate::outbox::record::{self, Outcome};
 use crate::runtime::{Shared, WriteTurn};
 use crate::tokens::service::TokenProblem;
 
@@ -232,7 +233,7 @@ impl Writer<'_> {
                 Some(turn) => turn,
                 None => self.shared.write_gate(self.ctx).await,
             };
-            match claims::record(
+            match record::record(
                 self.ctx,
                 &turn,
                 &self.claimed.owner,
@@ -247,7 +248,7 @@ impl Writer<'_> {
                     if crate::reach::is_unreachable(&e) {
                         self.shared.note_db_error(&e);
                         first_try = std::time::Instant::now();
-                    } else if first_try.elapsed() >= claims::OUTCOME_RETRY {
+                    } else if first_try.elapsed() >= record::OUTCOME_RETRY {
                         return Err(e);
                     }
                     // Nothing more is sent while outcomes cannot be written.

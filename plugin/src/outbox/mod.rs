@@ -9,4 +9,5 @@ pub mod group_insert;
 pub mod lease;
 pub mod markdown;
 pub mod queue;
+pub mod record;
 pub mod sweep;
