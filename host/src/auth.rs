@@ -83,8 +83,11 @@ async fn current_user(state: &AppState, req: &ServiceRequest) -> Option<CurrentU
     let found = session::Entity::find_by_id(sha256_hex(&token))
         .find_also_related(user::Entity)
         .filter(session::Column::ExpiresAt.gt(state.clock.now()))
-        .one(&state.db)
-        .await;
+        // At most one row by its key; `.all()` rather than `.one()`, whose bound `LIMIT ?`
+        // makes SQLite compile the statement again at every request (crate::db::first).
+        .all(&state.db)
+        .await
+        .map(crate::db::first);
     match found {
         Ok(Some((session, Some(user)))) => Some(CurrentUser {
             id: user.id,

@@ -46,6 +46,14 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnecti
     Database::connect(options).await
 }
 
+/// The first of `rows`: for lookups by key, read with `.all()` rather than `.one()`. SQLite
+/// (3.46 on, as bundled) reads the value bound to `.one()`'s `LIMIT ?` while planning and then
+/// marks the statement to be compiled again whenever that parameter is bound anew, so every
+/// request's cached session lookup was parsed and planned again (`sqlite3Reprepare` in perf).
+pub fn first<T>(rows: Vec<T>) -> Option<T> {
+    rows.into_iter().next()
+}
+
 /// The host's migrator (users, sessions, contacts, settings, modules, notifications).
 pub struct HostMigrator;
 

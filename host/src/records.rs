@@ -39,7 +39,9 @@ impl RecordDirectory for DbRecordDirectory {
         if record.model != CONTACT {
             return Ok(RecordAccess::Missing);
         }
-        let Some(contact) = contact::Entity::find_by_id(record.id).one(&self.db).await? else {
+        // By key, without `.one()`'s bound limit (see crate::db::first).
+        let found = contact::Entity::find_by_id(record.id).all(&self.db).await?;
+        let Some(contact) = crate::db::first(found) else {
             return Ok(RecordAccess::Missing);
         };
         if !may_see(&contact, viewer) {
@@ -90,10 +92,10 @@ async fn list(state: web::Data<AppState>, user: CurrentUser) -> HttpResponse {
 async fn show(state: web::Data<AppState>, user: CurrentUser, id: web::Path<i64>) -> HttpResponse {
     let id = id.into_inner();
     let found = contact::Entity::find_by_id(id)
-        .one(&state.db)
+        .all(&state.db)
         .await
         .ok()
-        .flatten();
+        .and_then(crate::db::first);
     let Some(contact) = found.filter(|c| may_see(c, &user)) else {
         return HttpResponse::NotFound()
             .content_type("text/html; charset=utf-8")

@@ -265,7 +265,6 @@ impl Shared {
         ctx: &crm_sdk::ModuleContext,
         id: i32,
     ) -> Result<Option<crate::entities::mail_server::Model>, sea_orm::DbErr> {
-        use sea_orm::EntityTrait;
         let cached = self
             .servers
             .lock()
@@ -276,9 +275,9 @@ impl Shared {
         if let Some(server) = cached {
             return Ok(Some(server));
         }
-        let fresh = crate::entities::mail_server::Entity::find_by_id(id)
-            .one(ctx.db())
-            .await?;
+        let fresh =
+            crate::entities::by_key::<crate::entities::mail_server::Entity, _>(ctx.db(), id)
+                .await?;
         let mut servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
         match &fresh {
             Some(m) => {
@@ -352,6 +351,12 @@ impl Shared {
             _turn: Some(turn),
             db: writer.as_ref().unwrap_or(ctx.db()).clone(),
         }
+    }
+
+    /// The mailboxes with a drain in this process now (running or waiting for its turn).
+    pub fn draining_here(&self) -> Vec<i32> {
+        let active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        active.keys().copied().collect()
     }
 
     /// The flag [`Shared::stopping`] reads, for senders that check it between messages.

@@ -120,9 +120,7 @@ pub async fn all(
 
 /// The health of one mailbox.
 pub async fn get(ctx: &ModuleContext, server_id: i32) -> Result<Health, sea_orm::DbErr> {
-    let row = mailbox_health::Entity::find_by_id(server_id)
-        .one(ctx.db())
-        .await?;
+    let row = crate::entities::by_key::<mailbox_health::Entity, _>(ctx.db(), server_id).await?;
     Ok(Health::of(row.as_ref(), ctx.clock().now()))
 }
 

@@ -130,7 +130,8 @@ where
     write().await
 }
 
-/// The ids of the first `limit` queued mails of `server_id`, in queue order, due by `by`:
+/// The condition `id IN (…)` on the first `limit` queued mails of `server_id`, in queue
+/// order, due by `by` (`skip_locked`: on PostgreSQL, without those another process is claiming):
 /// the partial index on queued mails (server_id, id) gives them in that order. On PostgreSQL
 /// the due filter is written `(… <= by) IS TRUE`: the same rows, but no index on the due time
 /// can serve it, so PostgreSQL walks the mailbox's part of the queued index in id order
@@ -143,21 +144,36 @@ fn first_queued(
     server_id: i32,
     by: DateTime<Utc>,
     limit: u64,
-) -> sea_orm::sea_query::SelectStatement {
+    skip_locked: bool,
+) -> sea_orm::sea_query::SimpleExpr {
     let due = outbox::Column::NextAttemptAt.lte(by);
     let mut pick = Query::select();
     pick.column(outbox::Column::Id)
         .from(outbox::Entity)
         .and_where(outbox::Column::ServerId.eq(server_id))
         .and_where(outbox::status_is("queued"))
-        .order_by(outbox::Column::Id, sea_orm::Order::Asc)
-        .limit(limit);
+        .order_by(outbox::Column::Id, sea_orm::Order::Asc);
     if backend == sea_orm::DbBackend::Postgres {
-        pick.and_where(Expr::cust_with_expr("($1) IS TRUE", due));
-    } else {
-        pick.and_where(due);
+        pick.and_where(Expr::cust_with_expr("($1) IS TRUE", due))
+            .limit(limit);
+        if skip_locked {
+            // Rows another process is claiming right now are skipped, not waited for.
+            pick.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
+        }
+        return outbox::Column::Id.in_subquery(pick);
     }
-    pick
+    // On SQLite the limit is written into the text, not bound: SQLite reads a bound limit
+    // while planning and then compiles the statement again at every run (see
+    // [`crate::entities::by_key`]). `limit` is a number of this code, never input.
+    pick.and_where(due);
+    let sub = backend.build(&pick);
+    Expr::cust_with_values(
+        format!(
+            "\"microsoft_outlook_outbox\".\"id\" IN ({} LIMIT {limit})",
+            sub.sql
+        ),
+        sub.values.map(|v| v.0).unwrap_or_default(),
+    )
 }
 
 /// Claims up to `limit` due mails of `server_id` in queue order (the index on server, status
@@ -177,13 +193,7 @@ async fn claim_rows<C: ConnectionTrait>(
         shared.instance,
         shared.claims.fetch_add(1, Ordering::Relaxed)
     );
-    let backend = db.get_database_backend();
-    let mut pick = first_queued(backend, server_id, now, limit);
-    if backend == sea_orm::DbBackend::Postgres {
-        // Rows another process is claiming right now are skipped, not waited for.
-        pick.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
-    }
-    let picked = outbox::Column::Id.in_subquery(pick);
+    let picked = first_queued(db.get_database_backend(), server_id, now, limit, true);
     let mut claim = outbox::Entity::update_many()
         .col_expr(outbox::Column::Status, Expr::value("sending"))
         .col_expr(
@@ -306,10 +316,11 @@ async fn admit_and_claim(
         server_id,
         until,
         Ord::max(share, 1) as u64,
+        false,
     );
     outbox::Entity::update_many()
         .col_expr(outbox::Column::NextAttemptAt, Expr::value(until))
-        .filter(outbox::Column::Id.in_subquery(next))
+        .filter(next)
         .filter(outbox::status_is("queued"))
         .filter(outbox::Column::NextAttemptAt.lt(until))
         .exec(&txn)
@@ -390,4 +401,33 @@ pub async fn bodies(
         .all(ctx.db())
         .await?;
     Ok(rows.into_iter().map(|b| (b.outbox_id, b.raw)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On SQLite the claim's limit is written into its text: a bound `LIMIT ?` made SQLite
+    /// compile the statement again at every claim. On PostgreSQL it stays a parameter.
+    #[test]
+    fn the_claim_limit_is_in_the_text_on_sqlite_and_bound_on_postgres() {
+        let now = Utc::now();
+        let render = |backend: sea_orm::DbBackend| {
+            let claim = outbox::Entity::update_many()
+                .col_expr(outbox::Column::Status, Expr::value("sending"))
+                .filter(first_queued(backend, 7, now, BATCH, true))
+                .into_query();
+            backend.build(&claim)
+        };
+        let sqlite = render(sea_orm::DbBackend::Sqlite);
+        assert!(sqlite.sql.contains("LIMIT 100)"), "{}", sqlite.sql);
+        assert!(!sqlite.sql.contains("LIMIT ?"), "{}", sqlite.sql);
+        // The status, the server and the due time: the values stay bound, in order.
+        let values = sqlite.values.expect("values").0;
+        assert_eq!(values.len(), 3, "{values:?}");
+        assert_eq!(values[1], 7.into());
+        let postgres = render(sea_orm::DbBackend::Postgres);
+        assert!(postgres.sql.contains("SKIP LOCKED"), "{}", postgres.sql);
+        assert!(postgres.sql.contains("LIMIT $"), "{}", postgres.sql);
+    }
 }

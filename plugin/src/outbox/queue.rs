@@ -81,8 +81,11 @@ pub async fn choose_server(
         .order_by_desc(Expr::col(mail_server::Column::Kind).eq("personal"))
         .order_by_desc(mail_server::Column::IsDefault)
         .order_by_asc(mail_server::Column::Id)
-        .one(ctx.db())
+        // The author's few candidates, not `.one()`: its bound `LIMIT ?` made SQLite compile
+        // the statement again at every request (see `crate::entities::by_key`).
+        .all(ctx.db())
         .await
+        .map(|servers| servers.into_iter().next())
         .map_err(|e| {
             refuse(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -227,8 +227,7 @@ pub async fn fresh_access_token(
     if server.auth == "app_only" {
         return app_only_token(ctx, shared, server, force).await;
     }
-    let row = token::Entity::find_by_id(server.id)
-        .one(ctx.db())
+    let row = crate::entities::by_key::<token::Entity, _>(ctx.db(), server.id)
         .await
         .map_err(db)?;
     let Some(row) = row else {
