@@ -17,7 +17,10 @@ use crate::runtime::Shared;
 /// and only once this process has reached the database for that long without a failure
 /// ([`Shared::db_steady_for`]). Then the mailboxes with queued, due mail that was not pushed
 /// since it became due (or was pushed longer than `repush_after` ago: that drain may be lost)
-/// are marked pushed, so that the sweeps of several processes wake each about once.
+/// are marked pushed, so that the sweeps of several processes wake each about once. A
+/// mailbox this process is draining right now is left alone: its drain takes every due mail
+/// before it ends, and marking its backlog rewrote every row behind the batch in flight (one
+/// statement of 8,400 rows, 196 ms, in a PostgreSQL serve run of 10,000 mails).
 pub async fn to_wake(
     ctx: &ModuleContext,
     shared: &Shared,
@@ -53,11 +56,13 @@ pub async fn to_wake(
                     .add(outbox::Column::PushedAt.lt(now - repush_after)),
             )
     };
+    let draining = shared.draining_here();
     let servers: Vec<i32> = outbox::Entity::find()
         .select_only()
         .column(outbox::Column::ServerId)
         .distinct()
         .filter(waiting())
+        .filter(outbox::Column::ServerId.is_not_in(draining))
         .filter(crate::delivery::health::claimable(now))
         .into_tuple()
         .all(ctx.db())

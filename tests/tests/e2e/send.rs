@@ -1176,3 +1176,45 @@ async fn a_421_before_the_line_closes_is_the_verdict_not_the_closed_line() {
     assert_eq!(sent.attempts, 1);
     assert_eq!(m.smtp.count_by_message_id().get(&sent.message_id), Some(&1));
 }
+
+/// The sweep leaves a mailbox that this process is draining alone: its drain takes every due
+/// mail before it ends, and marking the backlog behind the batch in flight rewrote every
+/// queued row of it at each sweep. Once no drain of the mailbox runs here, the sweep wakes it
+/// and the mail goes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_leaves_the_backlog_of_a_mailbox_drained_here_alone_and_wakes_it_after() {
+    let m = mailing().await;
+    let app = &m.env.app;
+    let server_id = m.env.server_id;
+    let ctx = app
+        .app
+        .registry
+        .get("microsoft_outlook")
+        .expect("linked")
+        .ctx
+        .clone();
+    let shared = app.module.shared();
+    // A drain of the mailbox is running here (as far as the dispatcher knows): the wake of the
+    // queued mail only raises its "more mail came" flag.
+    let more = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    shared
+        .active
+        .lock()
+        .expect("active")
+        .insert(server_id, more.clone());
+    let id = queue(&m, "Behind the batch").await;
+    assert!(more.load(std::sync::atomic::Ordering::SeqCst));
+    let swept =
+        microsoft_outlook::outbox::sweep::to_wake(&ctx, &shared, chrono::Duration::seconds(60))
+            .await
+            .expect("sweep");
+    assert!(!swept.contains(&server_id), "{swept:?}");
+    let waiting = row(app, id).await;
+    assert_eq!(waiting.status, "queued");
+    assert_eq!(waiting.pushed_at, None, "the backlog is not rewritten");
+    // The drain ends without having taken it (as if it had stopped): the sweep wakes the
+    // mailbox and the mail goes out, once.
+    shared.active.lock().expect("active").remove(&server_id);
+    let sent = wait_status(app, id, "sent").await;
+    assert_eq!(m.smtp.count_by_message_id().get(&sent.message_id), Some(&1));
+}
