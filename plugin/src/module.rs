@@ -178,6 +178,10 @@ impl Module for OutlookModule {
                 ctx.db().get_sqlite_connection_pool().clone(),
             ),
         };
+        // On SQLite, the writer connection and its checkpointer open here, on the host's
+        // runtime, rather than in whichever request or job writes first (an HTTP worker's
+        // runtime stops with that worker, and the checkpointer with it).
+        drop(self.shared.write_gate(ctx).await);
         let queue = microsoft_outlook_jobs::MailQueue::setup(&pool).await?;
         *self.shared.queue.write().unwrap_or_else(|e| e.into_inner()) = Some(queue);
         if !self.shared.options.workers {

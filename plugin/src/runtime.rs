@@ -157,6 +157,7 @@ pub struct Shared {
     /// On SQLite, the outbox writes of this process (claims, outcomes, lease extensions,
     /// sweeps, queued mails) take turns here: a writer waiting for SQLite's single write lock
     /// would sleep in its busy handler (1 to 100 ms) instead of being woken when the lock frees.
+    /// The checkpointer takes a turn too, to finish a checkpoint (see [`checkpoint_when_due`]).
     write_gate: Arc<tokio::sync::Mutex<()>>,
     /// On SQLite, the connection the write turns use (`None` for an in-memory database, whose
     /// turns use the host's pool): see [`open_writer`].
@@ -486,8 +487,10 @@ pub(crate) struct PendingInsert {
 }
 
 /// Opens the connection this process's SQLite write turns use, to the host's database file
-/// with the host pool's settings (WAL, busy timeout, page cache); `None` for an in-memory
-/// database (a second pool would open another database) or when it cannot be opened.
+/// with the host pool's settings (WAL, busy timeout, page cache), and a second one for its
+/// checkpointer ([`checkpoint_when_due`], started on the calling task's runtime: the module
+/// opens it when its jobs start). `None` for an in-memory database (a second pool would open
+/// another database) or when either cannot be opened.
 ///
 /// Why one connection: in WAL mode a connection that finds the database changed by another
 /// connection since its last statement drops its whole page cache. When the turns took any of
@@ -497,6 +500,11 @@ pub(crate) struct PendingInsert {
 /// and `pread` in the SQLite threads). The turns' own connection keeps its cache as long as
 /// other connections write little meanwhile (the host's own writes, and those of the module
 /// that take no turn: health, connection slots, tokens, the pages' actions).
+///
+/// The writer checkpoints by itself only past [`WRITER_AUTOCHECKPOINT_PAGES`], a backstop should
+/// the checkpointer fall behind (a burst of large mails, other processes writing the same file)
+/// or be gone; and a log that grew past [`JOURNAL_SIZE_LIMIT`] is cut back to it when it
+/// starts again.
 async fn open_writer(
     db: &sea_orm::DatabaseConnection,
     gate: Arc<tokio::sync::Mutex<()>>,
@@ -513,10 +521,15 @@ async fn open_writer(
             .idle_timeout(None)
             .max_lifetime(None)
     };
-    // The writer leaves checkpoints to the checkpointer below.
-    let pool = one()
-        .connect_with((*options).clone().pragma("wal_autocheckpoint", "0"))
-        .await;
+    // The writer leaves checkpoints to the checkpointer, but for the backstop.
+    let writer_options = (*options)
+        .clone()
+        .pragma(
+            "wal_autocheckpoint",
+            WRITER_AUTOCHECKPOINT_PAGES.to_string(),
+        )
+        .pragma("journal_size_limit", JOURNAL_SIZE_LIMIT.to_string());
+    let pool = one().connect_with(writer_options).await;
     let checkpointer = one().connect_with((*options).clone()).await;
     match (pool, checkpointer) {
         (Ok(pool), Ok(checkpointer)) => {
@@ -531,11 +544,18 @@ async fn open_writer(
             })
         }
         (Err(e), _) | (_, Err(e)) => {
-            tracing::warn!(error = %e, "cannot open the SQLite writer connection; writes use the host's pool");
+            tracing::warn!(error = %e, "cannot open the SQLite writer or checkpointer connection; writes use the host's pool");
             None
         }
     }
 }
+
+/// Pages in the log past which the writer checkpoints by itself ([`open_writer`]): ten times
+/// SQLite's default, about 40 MB.
+const WRITER_AUTOCHECKPOINT_PAGES: u32 = 10_000;
+
+/// Bytes the log file is cut back to when it starts again (SQLite's `journal_size_limit`).
+const JOURNAL_SIZE_LIMIT: u64 = 32 * 1024 * 1024;
 
 /// Write turns between two checkpoints. A turn (a claim of 100 or an outcome statement) adds
 /// 20 to 80 pages to the log: about SQLite's own `wal_autocheckpoint` of 1,000 pages.
@@ -548,21 +568,31 @@ const CHECKPOINT_EVERY_TURNS: u32 = 32;
 ///
 /// A passive checkpoint copies the bulk beside the writer and the readers; then a second one,
 /// during a write turn of its own, copies the few pages written meanwhile. The log is then
-/// wholly copied while no writer appends, so the next write starts it again from its beginning
-/// (SQLite restarts the log only then): checkpoints that only ran beside the writer never
-/// caught up under steady load, and the log grew by every page written (99 MB for 10,000
-/// mails, against 5 MB with the automatic checkpoint). Ends when the writer is dropped.
+/// wholly copied while this process's turns append nothing, so the next turn starts it again
+/// from its beginning (SQLite restarts the log only then, and only when no reader is still on
+/// it): checkpoints that only ran beside the writer never caught up under steady load, and the
+/// log grew by every page written (99 MB for 10,000 mails, against 5 MB with the automatic
+/// checkpoint and 15 MB this way). Writes outside the turns (other processes on the same file,
+/// the module's health and slot rows, the host's own) can still keep a round from finishing;
+/// the writer's backstop ([`WRITER_AUTOCHECKPOINT_PAGES`]) bounds the log then. Ends when the
+/// writer is dropped.
 async fn checkpoint_when_due(
     pool: sea_orm::sqlx::SqlitePool,
     gate: Arc<tokio::sync::Mutex<()>>,
     mut wake: tokio::sync::mpsc::Receiver<()>,
 ) {
+    // (busy, pages in the log, pages copied): a reader still on older pages stops the copy
+    // short, which is no error; the next round goes on from there.
     let checkpoint = || async {
-        if let Err(e) = sea_orm::sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(&pool)
+        match sea_orm::sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(&pool)
             .await
         {
-            tracing::debug!(error = %e, "a passive checkpoint did not complete");
+            Ok((_, log, copied)) if copied < log => {
+                tracing::debug!(log, copied, "a checkpoint copied part of the log");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "a checkpoint failed"),
         }
     };
     while wake.recv().await.is_some() {

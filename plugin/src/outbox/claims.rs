@@ -167,11 +167,9 @@ fn first_queued(
     // [`crate::entities::by_key`]). `limit` is a number of this code, never input.
     pick.and_where(due);
     let sub = backend.build(&pick);
+    let table = sea_orm::EntityName::table_name(&outbox::Entity);
     Expr::cust_with_values(
-        format!(
-            "\"microsoft_outlook_outbox\".\"id\" IN ({} LIMIT {limit})",
-            sub.sql
-        ),
+        format!("\"{table}\".\"id\" IN ({} LIMIT {limit})", sub.sql),
         sub.values.map(|v| v.0).unwrap_or_default(),
     )
 }

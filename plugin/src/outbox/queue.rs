@@ -81,8 +81,9 @@ pub async fn choose_server(
         .order_by_desc(Expr::col(mail_server::Column::Kind).eq("personal"))
         .order_by_desc(mail_server::Column::IsDefault)
         .order_by_asc(mail_server::Column::Id)
-        // The author's few candidates, not `.one()`: its bound `LIMIT ?` made SQLite compile
-        // the statement again at every request (see `crate::entities::by_key`).
+        // The author's personal server and the shared ones (a handful), not `.one()`: its
+        // bound `LIMIT ?` made SQLite compile the statement again at every request (see
+        // `crate::entities::by_key`).
         .all(ctx.db())
         .await
         .map(|servers| servers.into_iter().next())

@@ -17,10 +17,15 @@ use crate::runtime::Shared;
 /// and only once this process has reached the database for that long without a failure
 /// ([`Shared::db_steady_for`]). Then the mailboxes with queued, due mail that was not pushed
 /// since it became due (or was pushed longer than `repush_after` ago: that drain may be lost)
-/// are marked pushed, so that the sweeps of several processes wake each about once. A
-/// mailbox this process is draining right now is left alone: its drain takes every due mail
-/// before it ends, and marking its backlog rewrote every row behind the batch in flight (one
-/// statement of 8,400 rows, 196 ms, in a PostgreSQL serve run of 10,000 mails).
+/// are marked pushed, so that the sweeps of several processes wake each about once.
+///
+/// The mails of a mailbox this process is draining right now are not marked: marking its
+/// backlog rewrote every row behind the batch in flight (one statement of 8,400 rows, 196 ms,
+/// in a PostgreSQL serve run of 10,000 mails). Such a mailbox is still returned: its wake only
+/// tells the running drain to look once more before it ends (a mail may have come due after
+/// its last claim), or starts a drain if it has just ended. With several processes, the sweep
+/// of another one may then wake it there as well; both drains claim with `SKIP LOCKED` and share
+/// the mailbox's connection cap.
 pub async fn to_wake(
     ctx: &ModuleContext,
     shared: &Shared,
@@ -56,24 +61,28 @@ pub async fn to_wake(
                     .add(outbox::Column::PushedAt.lt(now - repush_after)),
             )
     };
-    let draining = shared.draining_here();
     let servers: Vec<i32> = outbox::Entity::find()
         .select_only()
         .column(outbox::Column::ServerId)
         .distinct()
         .filter(waiting())
-        .filter(outbox::Column::ServerId.is_not_in(draining))
         .filter(crate::delivery::health::claimable(now))
         .into_tuple()
         .all(ctx.db())
         .await?;
-    if !servers.is_empty() {
+    let draining = shared.draining_here();
+    let to_mark: Vec<i32> = servers
+        .iter()
+        .copied()
+        .filter(|id| !draining.contains(id))
+        .collect();
+    if !to_mark.is_empty() {
         let turn = shared.write_gate(ctx).await;
         persist(|| {
             outbox::Entity::update_many()
                 .col_expr(outbox::Column::PushedAt, Expr::value(now))
                 .filter(waiting())
-                .filter(outbox::Column::ServerId.is_in(servers.iter().copied()))
+                .filter(outbox::Column::ServerId.is_in(to_mark.iter().copied()))
                 .exec(turn.db())
         })
         .await?;
