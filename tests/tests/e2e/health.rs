@@ -696,14 +696,7 @@ async fn mailbox_refusals_hold_the_mailbox_and_message_refusals_fail_the_mail() 
     let m = mailing().await;
     let app = &m.env.app;
     let server_id = m.env.server_id;
-    let ctx = app
-        .app
-        .registry
-        .get("microsoft_outlook")
-        .expect("linked")
-        .ctx
-        .clone();
-    let shared = app.module.shared();
+    let (ctx, shared) = app.module_parts();
     let cases = [
         (
             Stage::Auth,

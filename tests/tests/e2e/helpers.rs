@@ -185,6 +185,18 @@ pub async fn spawn_with(
 }
 
 impl TestApp {
+    /// The module's context as the host gave it, and its shared state: to call the module's
+    /// own functions (a sweep, a hold's release) the way its jobs do.
+    pub fn module_parts(
+        &self,
+    ) -> (
+        crm_sdk::ModuleContext,
+        std::sync::Arc<microsoft_outlook::runtime::Shared>,
+    ) {
+        let entry = self.app.registry.get("microsoft_outlook").expect("linked");
+        (entry.ctx.clone(), self.module.shared())
+    }
+
     /// The test database, to start another host on it.
     pub fn test_db(&self) -> Arc<TestDb> {
         self._db.clone()

@@ -1186,14 +1186,7 @@ async fn the_sweep_does_not_rewrite_the_backlog_of_a_mailbox_drained_here_and_wa
     let m = mailing().await;
     let app = &m.env.app;
     let server_id = m.env.server_id;
-    let ctx = app
-        .app
-        .registry
-        .get("microsoft_outlook")
-        .expect("linked")
-        .ctx
-        .clone();
-    let shared = app.module.shared();
+    let (ctx, shared) = app.module_parts();
     // A drain of the mailbox is running here (as far as the dispatcher knows): the wake of the
     // queued mail only raises its "more mail came" flag.
     let more = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
