@@ -6,8 +6,8 @@
 //! - [`delivery`]: drains, mailbox health, classification, transports (SMTP);
 //! - [`outbox`]: compose, queue, claims and outcomes; [`connect`]: the OAuth2 flow;
 //!   [`tokens`]: the sealed token store and fresh tokens;
-//! - [`runtime`]: what routes and jobs share; [`settings`], [`alerts`], [`metrics`],
-//!   [`entities`]: the tables.
+//! - [`runtime`]: what routes and jobs share, [`sqlite_writer`] their turns to write on
+//!   SQLite; [`settings`], [`alerts`], [`metrics`], [`entities`]: the tables.
 
 pub mod alerts;
 pub mod connect;
@@ -20,6 +20,7 @@ pub mod outbox;
 pub mod reach;
 pub mod runtime;
 pub mod settings;
+pub mod sqlite_writer;
 pub mod tokens;
 pub mod web;
 
