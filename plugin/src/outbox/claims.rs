@@ -370,11 +370,10 @@ pub async fn keep_within(
     Ok(claimed)
 }
 
-/// An update that puts claimed mails back in the queue: no owner, no lease, not counted as
-/// sent in the per-minute window.
-pub(crate) fn back_in_queue() -> sea_orm::UpdateMany<outbox::Entity> {
+/// An update that ends claims: the mails take `status`, with no owner and no lease.
+pub(crate) fn unclaimed(status: &'static str) -> sea_orm::UpdateMany<outbox::Entity> {
     outbox::Entity::update_many()
-        .col_expr(outbox::Column::Status, Expr::value("queued"))
+        .col_expr(outbox::Column::Status, Expr::value(status))
         .col_expr(
             outbox::Column::LeaseUntil,
             Expr::value(Option::<DateTime<Utc>>::None),
@@ -383,10 +382,15 @@ pub(crate) fn back_in_queue() -> sea_orm::UpdateMany<outbox::Entity> {
             outbox::Column::LeaseOwner,
             Expr::value(Option::<String>::None),
         )
-        .col_expr(
-            outbox::Column::SentAt,
-            Expr::value(Option::<DateTime<Utc>>::None),
-        )
+}
+
+/// An update that puts claimed mails back in the queue: no owner, no lease, not counted as
+/// sent in the per-minute window.
+pub(crate) fn back_in_queue() -> sea_orm::UpdateMany<outbox::Entity> {
+    unclaimed("queued").col_expr(
+        outbox::Column::SentAt,
+        Expr::value(Option::<DateTime<Utc>>::None),
+    )
 }
 
 /// The bodies of the mails `ids`, by id (a mail without one is missing from the map).

@@ -122,16 +122,7 @@ async fn write_group(
     if sent && first.next_attempt_at.is_none() && first.last_error.is_none() && !first.uncount {
         return write_sent(db, owner, now, members).await;
     }
-    let mut update = outbox::Entity::update_many()
-        .col_expr(outbox::Column::Status, Expr::value(first.status))
-        .col_expr(
-            outbox::Column::LeaseUntil,
-            Expr::value(Option::<DateTime<Utc>>::None),
-        )
-        .col_expr(
-            outbox::Column::LeaseOwner,
-            Expr::value(Option::<String>::None),
-        )
+    let mut update = crate::outbox::claims::unclaimed(first.status)
         .col_expr(outbox::Column::UpdatedAt, Expr::value(now))
         .col_expr(
             outbox::Column::LastError,
