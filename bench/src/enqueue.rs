@@ -28,6 +28,41 @@ pub struct Load {
     pub p99_ms: f64,
     /// Requests answered in all.
     pub requests: u64,
+    /// CPU time (user and system) this benchmark's process used per answered request,
+    /// microseconds: the host and, where it delivers, its drains and the SMTP sink; not wrk.
+    pub cpu_us_per_request: f64,
+}
+
+/// CPU time (user and system) this process has used, seconds: `/proc/self/stat` fields 14
+/// and 15, in clock ticks of `USER_HZ` (`getconf CLK_TCK`, 100 on Linux).
+fn cpu_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // After the command name in parentheses (which may hold spaces): state is field 3.
+    let rest = stat
+        .rsplit_once(')')
+        .context("unexpected /proc/self/stat")?
+        .1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields
+            .get(i - 3)
+            .context("short /proc/self/stat")?
+            .parse::<f64>()?)
+    };
+    Ok((ticks(14)? + ticks(15)?) / clock_ticks_per_second())
+}
+
+fn clock_ticks_per_second() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .filter(|t: &f64| *t > 0.0)
+            .unwrap_or(100.0)
+    })
 }
 
 /// Every figure of the enqueue benchmark.
@@ -41,6 +76,10 @@ pub struct Figures {
     pub trivial_in_host: Load,
     /// Mails queued by the route during the measured run (rows in the outbox).
     pub queued: u64,
+    /// The queue route of a host that does not deliver (`ModuleOptions::workers` off: it
+    /// pushes drain jobs for worker processes, none of which runs here), on a database of its
+    /// own: the route's own cost, without the delivery the same process does otherwise.
+    pub route_web_only: Load,
 }
 
 /// Where `wrk` is, if installed.
@@ -92,6 +131,7 @@ pub fn parse_wrk(output: &str) -> anyhow::Result<Load> {
 pub async fn wrk(script: &Path, url: &str, connections: usize, secs: u64) -> anyhow::Result<Load> {
     let path = wrk_path()
         .context("wrk is not installed (Debian package wrk; bench/run.sh installs it)")?;
+    let cpu_before = cpu_seconds()?;
     let output = tokio::process::Command::new(path)
         .args([
             "-t1",
@@ -112,7 +152,10 @@ pub async fn wrk(script: &Path, url: &str, connections: usize, secs: u64) -> any
         "wrk failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    parse_wrk(&String::from_utf8_lossy(&output.stdout))
+    let cpu = cpu_seconds()? - cpu_before;
+    let mut load = parse_wrk(&String::from_utf8_lossy(&output.stdout))?;
+    load.cpu_us_per_request = cpu * 1e6 / (load.requests.max(1) as f64);
+    Ok(load)
 }
 
 fn lua_string(text: &str) -> String {
@@ -182,9 +225,14 @@ async fn sign_in(base: &str, email: &str, password: &str) -> anyhow::Result<(Str
 /// the trivial handler, the trivial handler in the host, and the queue route.
 pub async fn run(sink: &Sink, connections: usize, secs: u64) -> anyhow::Result<Figures> {
     let db = BenchDb::create(DbKind::Sqlite, "").await?;
-    let result = run_on(&db, sink, connections, secs).await;
+    let result = run_on(&db, sink, connections, secs, true).await;
     db.remove().await?;
-    result
+    let mut figures = result?;
+    let db = BenchDb::create(DbKind::Sqlite, "").await?;
+    let web_only = run_on(&db, sink, connections, secs, false).await;
+    db.remove().await?;
+    figures.route_web_only = web_only?.route;
+    Ok(figures)
 }
 
 async fn run_on(
@@ -192,12 +240,15 @@ async fn run_on(
     sink: &Sink,
     connections: usize,
     secs: u64,
+    delivers: bool,
 ) -> anyhow::Result<Figures> {
     let key = SealingKey::generate();
-    let module = Arc::new(OutlookModule::with_options(module_options(
-        16,
-        "*/10 * * * * *",
-    )));
+    let module = Arc::new(OutlookModule::with_options(
+        microsoft_outlook::runtime::ModuleOptions {
+            workers: delivers,
+            ..module_options(16, "*/10 * * * * *")
+        },
+    ));
     let in_host: crm_host::app::ExtraRoutes = Arc::new(|cfg: &mut web::ServiceConfig| {
         cfg.route("/bench/trivial", web::post().to(trivial));
     });
@@ -288,8 +339,15 @@ async fn run_on(
         }
     };
     let result = async {
-        let trivial = measure(format!("http://127.0.0.1:{bare_port}/trivial")).await?;
-        let trivial_in_host = measure(format!("{base}/bench/trivial")).await?;
+        // The host that does not deliver is measured for its route only.
+        let (trivial, trivial_in_host) = if delivers {
+            (
+                measure(format!("http://127.0.0.1:{bare_port}/trivial")).await?,
+                measure(format!("{base}/bench/trivial")).await?,
+            )
+        } else {
+            (Load::default(), Load::default())
+        };
         let before = setup::count_status(&state.db, "queued").await?
             + setup::count_status(&state.db, "sending").await?
             + setup::count_status(&state.db, "sent").await?;
@@ -308,6 +366,7 @@ async fn run_on(
             trivial,
             trivial_in_host,
             queued: after - warm,
+            route_web_only: Load::default(),
         })
     }
     .await;

@@ -70,6 +70,30 @@ pub struct Refresh {
     pub mailboxes: usize,
 }
 
+/// What the CPU the benchmark's process used per request says of the Enqueue ratio: a
+/// paragraph for the Enqueue section, with the figures of this run (microseconds per request).
+fn enqueue_cpu_words(e: &crate::enqueue::Figures) -> String {
+    let trivial = e.trivial_in_host.cpu_us_per_request;
+    let route = e.route.cpu_us_per_request;
+    let web_only = e.route_web_only.cpu_us_per_request;
+    format!(
+        "CPU time of the benchmark's process per answered request (host, drains and sink; not \
+         wrk): trivial handler in the host {trivial:.0} µs; queue route {route:.0} µs in the host \
+         that delivers, {web_only:.0} µs in the host that does not (it pushes a drain job per \
+         group of mails instead). Where the CPU is the limit, as on these cores, requests/s \
+         follow these costs: {trivial:.0} / {route:.0} = {} against the measured ratio {}. \
+         For 0.5 the route may cost at most {:.0} µs per request, delivery included; its own \
+         work beyond the trivial handler's is {:.0} µs where the host does not deliver, and \
+         delivering what it queued adds about {:.0} µs (the difference of two runs, so only \
+         roughly).",
+        ratio(trivial, route),
+        ratio(e.route.rps, e.trivial_in_host.rps),
+        2.0 * trivial,
+        web_only - trivial,
+        route - web_only
+    )
+}
+
 /// Everything one `crm-bench all` measured; a benchmark that failed keeps its error.
 #[derive(Debug, Default)]
 pub struct Results {
@@ -413,12 +437,16 @@ pub fn render(results: &Results, s: &Setup, findings: &str) -> String {
                  the queued mails into the sink meanwhile, as in production. The baseline is a \
                  trivial handler (reads the body, answers JSON) mounted in the same host, behind the \
                  same session lookup and access log; a bare actix server with the same handler and \
-                 worker count is listed for reference.\n",
+                 worker count is listed for reference, and so is the route of a second host, on a \
+                 database of its own, whose module does not deliver (`workers` off, as in a web \
+                 process beside worker processes): the route's own cost. The CPU column is the \
+                 user and system time the benchmark's process (host, drains, sink; not wrk) used \
+                 during the measured run, per answered request.\n",
                 s.connections, s.enqueue_secs
             );
             let _ = writeln!(
                 out,
-                "| target | requests/s | p50 ms | p99 ms |\n|---|---|---|---|"
+                "| target | requests/s | p50 ms | p99 ms | CPU µs per request |\n|---|---|---|---|---|"
             );
             for (name, load) in [
                 ("queue route (module)", e.route),
@@ -427,11 +455,15 @@ pub fn render(results: &Results, s: &Setup, findings: &str) -> String {
                     e.trivial_in_host,
                 ),
                 ("trivial handler, bare actix (reference)", e.trivial),
+                (
+                    "queue route of a host that does not deliver (reference: the route's own cost)",
+                    e.route_web_only,
+                ),
             ] {
                 let _ = writeln!(
                     out,
-                    "| {name} | {:.0} | {:.2} | {:.2} |",
-                    load.rps, load.p50_ms, load.p99_ms
+                    "| {name} | {:.0} | {:.2} | {:.2} | {:.0} |",
+                    load.rps, load.p50_ms, load.p99_ms, load.cpu_us_per_request
                 );
             }
             let _ = writeln!(
@@ -442,6 +474,7 @@ pub fn render(results: &Results, s: &Setup, findings: &str) -> String {
                 e.queued,
                 s.enqueue_secs
             );
+            let _ = writeln!(out, "{}\n", enqueue_cpu_words(e));
         }
     }
 
