@@ -415,8 +415,12 @@ fn print_enqueue(e: &enqueue::Figures) {
         ("queue route", e.route),
         ("trivial (bare actix)", e.trivial),
         ("trivial in host", e.trivial_in_host),
-        ("queue route, host that does not deliver", e.route_web_only),
-    ] {
+    ]
+    .into_iter()
+    .chain(
+        e.route_web_only
+            .map(|l| ("queue route, host that does not deliver", l)),
+    ) {
         println!(
             "enqueue: {name}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, CPU {:.0} µs/request",
             l.rps, l.p50_ms, l.p99_ms, l.cpu_us_per_request
