@@ -99,12 +99,21 @@ fn enqueue_cpu_words(e: &crate::enqueue::Figures) -> String {
         words.push_str(&format!(
             " In the host that does not deliver the route costs {web_only:.0} µs ({:.2} cores \
              busy), {:.0} µs beyond the trivial handler: its own work and the drain jobs it \
-             pushes; delivering what it queued adds about {:.0} µs where the host delivers, less \
-             those pushes (the difference of two runs, so only roughly).",
+             pushes.",
             busy(w),
             web_only - trivial,
-            route - web_only
         ));
+        words.push_str(&if route >= web_only {
+            format!(
+                " Delivering what it queued adds about {:.0} µs where the host delivers, less \
+                 those pushes (the difference of two runs, so only roughly).",
+                route - web_only
+            )
+        } else {
+            " In this run it cost more per request than the route of the host that delivers, \
+             so these two runs do not tell delivery's share apart."
+                .to_string()
+        });
     }
     words
 }
