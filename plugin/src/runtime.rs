@@ -428,12 +428,34 @@ pub struct Inserts {
     pub(crate) turn: Arc<tokio::sync::Mutex<()>>,
 }
 
-/// A mail to store: its row, its message text and where its stored row (or the error, in
-/// words) goes.
+/// A mail waiting for its group: where its stored row and server (or why it was refused) go.
 pub(crate) struct PendingInsert {
     pub(crate) message_id: String,
-    pub(crate) server_id: i32,
-    pub(crate) row: crate::entities::outbox::ActiveModel,
-    pub(crate) raw: String,
-    pub(crate) done: tokio::sync::oneshot::Sender<Result<crate::entities::outbox::Model, String>>,
+    pub(crate) mail: PendingMail,
+    pub(crate) done: tokio::sync::oneshot::Sender<
+        Result<
+            (
+                crate::entities::outbox::Model,
+                crate::entities::mail_server::Model,
+            ),
+            crate::outbox::refusal::Refusal,
+        >,
+    >,
+}
+
+/// A mail to store: built already (a test mail through a given server), or to be admitted
+/// with its group (`outbox::admit`).
+pub(crate) enum PendingMail {
+    Built(Box<crate::outbox::admit::Admitted>),
+    Admit(Box<crate::outbox::admit::Request>),
+}
+
+impl PendingMail {
+    /// The bytes it holds for its group (the message text or the mail's files).
+    pub(crate) fn bytes(&self) -> usize {
+        match self {
+            PendingMail::Built(a) => a.raw.len(),
+            PendingMail::Admit(r) => r.mail.size_bytes(),
+        }
+    }
 }

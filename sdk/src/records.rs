@@ -43,4 +43,20 @@ pub trait RecordDirectory: Send + Sync + 'static {
         record: &RecordRef,
         viewer: &CurrentUser,
     ) -> Result<RecordAccess, crate::BoxError>;
+
+    /// Looks several records up at once, each on behalf of its own viewer: one answer per
+    /// `(record, viewer)` pair, in the order given, or the error that stopped the whole
+    /// look-up. For a module that admits many requests together (one query instead of one
+    /// per request). The default asks [`RecordDirectory::find`] for each pair in turn; a host
+    /// whose records live in a database should answer with one query.
+    async fn find_many(
+        &self,
+        lookups: &[(&RecordRef, &CurrentUser)],
+    ) -> Result<Vec<RecordAccess>, crate::BoxError> {
+        let mut answers = Vec::with_capacity(lookups.len());
+        for (record, viewer) in lookups {
+            answers.push(self.find(record, viewer).await?);
+        }
+        Ok(answers)
+    }
 }

@@ -24,6 +24,12 @@ pub use crate::delivery::outcomes::Drained;
 use crate::delivery::outcomes::Writer;
 use crate::tokens::service::{AccessToken, TokenProblem, fresh_access_token};
 
+/// How long a drain lets mails gather after a small batch before it claims again: mails
+/// queued one by one at a high rate leave in batches (one claim, one token, one outcome write
+/// for many) rather than each in its own, and a mail waits at most this much longer. The first
+/// claim of a drain, and a claim after a full batch, are at once.
+pub const GATHER: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Drains `server_id`: batch after batch until none of its mails is due, its mailbox is held
 /// or throttled, or the process stops. At its per-minute limit the drain ends and wakes the
 /// mailbox again when the window frees.
@@ -33,7 +39,15 @@ pub async fn drain(
     server_id: i32,
 ) -> Result<Drained, sea_orm::DbErr> {
     let mut total = Drained::default();
+    let mut gather_until: Option<tokio::time::Instant> = None;
     while !shared.stopping() {
+        if let Some(until) = gather_until.take() {
+            tokio::time::sleep_until(until).await;
+            if shared.stopping() {
+                break;
+            }
+        }
+        let claimed_at = tokio::time::Instant::now();
         let limits = limits(ctx, shared).await;
         let claimed = match claims::claim_batch(ctx, shared, server_id, limits.per_minute).await? {
             Claim::Nothing => break,
@@ -45,6 +59,9 @@ pub async fn drain(
                 claims::keep_within(ctx, shared, claimed, claims::BATCH_BYTES).await?
             }
         };
+        if (claimed.rows.len() as u64) < claims::BATCH / 2 {
+            gather_until = Some(claimed_at + GATHER);
+        }
         let (step, go_on) = send_batch(ctx, shared, server_id, &claimed, &limits).await?;
         total.add(step);
         if !go_on {

@@ -1,9 +1,9 @@
-//! Queued mails of concurrent requests are stored together (group commit): one transaction
-//! with one `INSERT` of the outbox rows and one of their bodies for the mails that came while
-//! the previous group was being written. A request is answered only once its group is
-//! committed, so a mail the user was told is queued is stored; the writer, not the request,
-//! wakes the mailboxes of a committed group, so a request that went away meanwhile still has
-//! its mail sent.
+//! Queued mails of concurrent requests are admitted and stored together (group commit): for
+//! the mails that came while the previous group was being written, one record look-up and one
+//! server query (`outbox::admit`), then one transaction with one `INSERT` of the outbox rows
+//! and one of their bodies. A request is answered only once its group is committed, so a mail
+//! the user was told is queued is stored; the writer, not the request, wakes the mailboxes of
+//! a committed group, so a request that went away meanwhile still has its mail sent.
 //!
 //! Why: on SQLite every write takes the database's single write lock; a transaction per
 //! request (`BEGIN`, two `INSERT`s, `COMMIT`, each a round trip to the driver's thread) made
@@ -16,8 +16,15 @@ use crm_sdk::ModuleContext;
 use sea_orm::{EntityTrait, Set, TransactionTrait};
 use tokio::sync::oneshot;
 
-use crate::entities::{outbox, outbox_body};
-use crate::runtime::{PendingInsert as Pending, Shared};
+use actix_web::http::StatusCode;
+
+use crate::entities::{mail_server, outbox, outbox_body};
+use crate::outbox::admit::Admitted;
+use crate::outbox::refusal::{Refusal, refuse};
+use crate::runtime::{PendingInsert as Pending, PendingMail, Shared};
+
+/// A request's answer: its stored row and the server it goes through, or why it was refused.
+type Answer = Result<(outbox::Model, mail_server::Model), Refusal>;
 
 /// Rows per `INSERT` (about 20 bound values each, far below SQLite's 32,766).
 const ROWS_PER_INSERT: usize = 100;
@@ -45,16 +52,15 @@ impl Drop for Withdraw<'_> {
     }
 }
 
-/// Stores `row` (whose `message_id` and `server_id` are given) and its message text `raw`, in
-/// one transaction with the mails of concurrent requests, then wakes the mailbox's drain; the
-/// stored row, or what the database said. Either the whole group is stored or none of it.
-pub async fn insert(
-    ctx: &ModuleContext,
-    shared: &Arc<Shared>,
-    (message_id, server_id): (String, i32),
-    row: outbox::ActiveModel,
-    raw: String,
-) -> Result<outbox::Model, String> {
+/// Admits `mail` (unless built already) and stores it, with its message text, in one
+/// transaction with the mails of concurrent requests, then wakes the mailbox's drain: the
+/// stored row and its server, or why it was refused (503 when the database failed). Either the
+/// whole group's admitted mails are stored or none of them.
+pub(crate) async fn insert(ctx: &ModuleContext, shared: &Arc<Shared>, mail: PendingMail) -> Answer {
+    let message_id = match &mail {
+        PendingMail::Built(a) => a.message_id.clone(),
+        PendingMail::Admit(r) => r.message_id.clone(),
+    };
     let (done, mut stored) = oneshot::channel();
     let inserts = &shared.inserts;
     inserts
@@ -63,9 +69,7 @@ pub async fn insert(
         .unwrap_or_else(|e| e.into_inner())
         .push(Pending {
             message_id: message_id.clone(),
-            server_id,
-            row,
-            raw,
+            mail,
             done,
         });
     let _withdraw = Withdraw {
@@ -76,8 +80,7 @@ pub async fn insert(
         tokio::select! {
             biased;
             answer = &mut stored => {
-                return answer
-                    .unwrap_or_else(|_| Err("the write of this mail stopped without an answer".into()));
+                return answer.unwrap_or_else(|_| Err(unavailable("the write of this mail stopped without an answer".into())));
             }
             turn = inserts.turn.clone().lock_owned() => {
                 // The turn: write what waits now (this mail, unless an earlier group took it).
@@ -110,42 +113,93 @@ fn take_group(shared: &Shared) -> Vec<Pending> {
     let cut = pending
         .iter()
         .position(|p| {
-            bytes += p.raw.len();
+            bytes += p.mail.bytes();
             bytes > GROUP_BYTES
         })
         .map_or(pending.len(), |at| Ord::max(at, 1));
     pending.drain(..cut).collect()
 }
 
-/// Writes a group, wakes its mailboxes and tells each request its outcome.
+fn unavailable(why: String) -> Refusal {
+    refuse(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "record",
+        format!("the database did not answer; nothing was queued ({why})"),
+    )
+}
+
+/// Admits a group's mails, stores those admitted, wakes their mailboxes and tells each request
+/// its outcome.
 async fn write(ctx: &ModuleContext, shared: &Arc<Shared>, group: Vec<Pending>) {
-    let mut rows = Vec::with_capacity(group.len());
-    let mut raws = Vec::with_capacity(group.len());
-    let mut waiting = HashMap::with_capacity(group.len());
-    let servers: BTreeSet<i32> = group.iter().map(|p| p.server_id).collect();
+    let mut built = Vec::with_capacity(group.len());
+    let mut to_admit = Vec::new();
+    let mut waiting_admission = Vec::new();
     for p in group {
-        rows.push(p.row);
-        raws.push((p.message_id.clone(), p.raw));
-        waiting.insert(p.message_id, p.done);
+        match p.mail {
+            PendingMail::Built(a) => built.push((*a, p.done)),
+            PendingMail::Admit(r) => {
+                to_admit.push(*r);
+                waiting_admission.push(p.done);
+            }
+        }
+    }
+    if !to_admit.is_empty() {
+        let answers = crate::outbox::admit::admit_all(ctx, to_admit).await;
+        for (answer, done) in answers.into_iter().zip(waiting_admission) {
+            match answer {
+                Ok(a) => built.push((a, done)),
+                Err(refusal) => {
+                    let _ = done.send(Err(refusal));
+                }
+            }
+        }
+    }
+    if built.is_empty() {
+        return;
+    }
+    // Drained at once in this process: no job now; if that drain dies, the sweep wakes the
+    // mailbox (a mail never pushed is due for the sweep).
+    let pushed = (!shared.delivers_here() && shared.queue().is_some()).then(|| ctx.clock().now());
+    let mut rows = Vec::with_capacity(built.len());
+    let mut raws = Vec::with_capacity(built.len());
+    let mut waiting = HashMap::with_capacity(built.len());
+    let servers: BTreeSet<i32> = built.iter().map(|(a, _)| a.server.id).collect();
+    for (
+        Admitted {
+            message_id,
+            server,
+            mut row,
+            raw,
+        },
+        done,
+    ) in built
+    {
+        if pushed.is_some() {
+            row.pushed_at = Set(pushed);
+        }
+        rows.push(row);
+        raws.push((message_id.clone(), raw));
+        waiting.insert(message_id, (server, done));
     }
     match store(ctx, shared, rows, raws).await {
         Ok(stored) => {
-            for server_id in servers {
-                shared.wake(server_id).await;
-            }
+            let servers: Vec<i32> = servers.into_iter().collect();
+            shared.wake_many(&servers).await;
             for model in stored {
-                if let Some(done) = waiting.remove(&model.message_id) {
-                    let _ = done.send(Ok(model));
+                if let Some((server, done)) = waiting.remove(&model.message_id) {
+                    let _ = done.send(Ok((model, server)));
                 }
             }
-            for (_, done) in waiting {
-                let _ = done.send(Err("the database did not return the stored row".into()));
+            for (_, (_, done)) in waiting {
+                let _ = done.send(Err(unavailable(
+                    "the database did not return the stored row".into(),
+                )));
             }
         }
         Err(e) => {
             let words = e.to_string();
-            for (_, done) in waiting {
-                let _ = done.send(Err(words.clone()));
+            for (_, (_, done)) in waiting {
+                let _ = done.send(Err(unavailable(words.clone())));
             }
         }
     }

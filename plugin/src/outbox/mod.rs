@@ -1,6 +1,7 @@
 //! The outbox: the truth of every mail. Composing a mail, queuing it with its body, claims and
 //! outcomes a batch at a time, and telling people when a mail failed.
 
+pub mod admit;
 pub mod attachments;
 pub mod claims;
 pub mod compose;
@@ -10,4 +11,5 @@ pub mod lease;
 pub mod markdown;
 pub mod queue;
 pub mod record;
+pub mod refusal;
 pub mod sweep;

@@ -473,3 +473,79 @@ async fn upgrading_moves_queued_mail_texts_to_their_own_table() {
         "the old column is gone"
     );
 }
+
+/// The host answers a module's batch look-up of records as it answers one at a time: the same
+/// access per (record, viewer), in the order asked, whatever the mix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_looked_up_together_answer_as_one_at_a_time() {
+    use crm_sdk::{CurrentUser, RecordAccess, RecordDirectory, RecordRef};
+    let app = spawn_app().await;
+    let open =
+        crm_host::seed::create_contact(&app.db, "Dana Fabrikam", None, None, app.alice_id, false)
+            .await
+            .expect("contact");
+    let private =
+        crm_host::seed::create_contact(&app.db, "Hana Private", None, None, app.bob_id, true)
+            .await
+            .expect("contact");
+    let user = |id: i64, is_admin: bool| CurrentUser {
+        id,
+        email: format!("user{id}@contoso.example"),
+        name: format!("User {id}"),
+        is_admin,
+        csrf_token: String::new(),
+    };
+    let (alice, bob, admin) = (
+        user(app.alice_id, false),
+        user(app.bob_id, false),
+        user(app.admin_id, true),
+    );
+    let contact = |id: i64| RecordRef {
+        model: "contact".into(),
+        id,
+    };
+    let deal = RecordRef {
+        model: "deal".into(),
+        id: open,
+    };
+    let (open, private, missing) = (contact(open), contact(private), contact(999_999));
+    let lookups = [
+        (&private, &alice),
+        (&open, &alice),
+        (&private, &bob),
+        (&missing, &alice),
+        (&deal, &alice),
+        (&private, &admin),
+        (&open, &bob),
+    ];
+    let directory = crm_host::records::DbRecordDirectory::new(app.db.clone());
+    let together = directory.find_many(&lookups).await.expect("look-up");
+    let words = |a: &RecordAccess| match a {
+        RecordAccess::Missing => "missing".to_string(),
+        RecordAccess::Hidden => "hidden".to_string(),
+        RecordAccess::Visible(s) => format!("visible {}", s.title),
+    };
+    let together: Vec<String> = together.iter().map(words).collect();
+    assert_eq!(
+        together,
+        [
+            "hidden",
+            "visible Dana Fabrikam",
+            "visible Hana Private",
+            "missing",
+            "missing",
+            "visible Hana Private",
+            "visible Dana Fabrikam",
+        ]
+    );
+    for ((record, viewer), expected) in lookups.iter().zip(&together) {
+        let alone = directory.find(record, viewer).await.expect("look-up");
+        assert_eq!(
+            &words(&alone),
+            expected,
+            "{record:?} for user {}",
+            viewer.id
+        );
+    }
+    assert!(directory.find_many(&[]).await.expect("nothing").is_empty());
+}

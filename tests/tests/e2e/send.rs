@@ -781,6 +781,89 @@ async fn bad_input_is_refused_and_nothing_is_queued() {
     assert_eq!(outbox_count(&m.env.app).await, 1);
 }
 
+/// Requests that arrive together are admitted together (one record look-up, one server query,
+/// one transaction) and still each get their own answer: a mail to a hidden or a missing
+/// record is refused alone, the others are stored under their own record and author, and sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mails_queued_together_are_each_answered_and_stored_as_their_own() {
+    let m = mailing().await;
+    let hidden = crm_host::seed::create_contact(
+        &m.env.app.db,
+        "Hana Private",
+        Some("hana@litware.example"),
+        None,
+        m.env.app.bob_id,
+        true,
+    )
+    .await
+    .expect("contact");
+    let bob = m.env.app.signed_in(BOB).await;
+    let missing = 999_999;
+    // (who, contact, subject, expected status)
+    let cases: Vec<(&Browser, i64, String, StatusCode)> = (0..16)
+        .map(|i| match i % 4 {
+            0 => (
+                &m.alice,
+                m.contact,
+                format!("Alice {i}"),
+                StatusCode::CREATED,
+            ),
+            1 => (&m.alice, hidden, format!("Peek {i}"), StatusCode::NOT_FOUND),
+            2 => (&bob, hidden, format!("Bob {i}"), StatusCode::CREATED),
+            _ => (
+                &m.alice,
+                missing,
+                format!("Nobody {i}"),
+                StatusCode::NOT_FOUND,
+            ),
+        })
+        .collect();
+    let requests: Vec<(String, serde_json::Value)> = cases
+        .iter()
+        .map(|(_, contact, subject, _)| {
+            (
+                mails_path(*contact),
+                json!({"to": "dana@fabrikam.example", "subject": subject, "text_body": "x"}),
+            )
+        })
+        .collect();
+    let answers = futures::future::join_all(
+        cases
+            .iter()
+            .zip(&requests)
+            .map(|((who, ..), (path, body))| who.post_json(path, body)),
+    )
+    .await;
+    let mut stored = Vec::new();
+    for ((who, contact, subject, expected), (status, answer)) in cases.iter().zip(&answers) {
+        assert_eq!(status, expected, "{subject}: {answer}");
+        if *expected == StatusCode::CREATED {
+            let id = answer["id"].as_i64().expect("id");
+            let row = row(&m.env.app, id).await;
+            assert_eq!(&row.subject, subject);
+            assert_eq!(row.record_id, *contact);
+            let author = if std::ptr::eq(*who, &bob) {
+                m.env.app.bob_id
+            } else {
+                m.env.app.alice_id
+            };
+            assert_eq!(row.author_user_id, author, "{subject}");
+            stored.push(id);
+        } else {
+            assert_eq!(answer["errors"][0]["field"], "record", "{answer}");
+        }
+    }
+    assert_eq!(stored.len(), 8);
+    assert_eq!(
+        outbox_count(&m.env.app).await,
+        8,
+        "the refused mails left nothing"
+    );
+    for id in stored {
+        wait_status(&m.env.app, id, "sent").await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_per_minute_limit_holds_mails_back_without_spending_attempts() {
     let m = mailing().await;

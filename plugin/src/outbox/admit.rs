@@ -1,0 +1,349 @@
+//! Admitting mails to the outbox: whether the author may file each under its record, the
+//! server it goes through, its From and envelope sender, its message text and its outbox row.
+//! Concurrent requests are admitted together (`outbox::group_insert`): one record look-up and
+//! one server query for the whole group, whatever its size.
+//!
+//! Why: on SQLite every statement is a round trip to the driver's thread, and the record
+//! look-up and the server query of each request cost the queue route about as much CPU as the
+//! whole trivial handler of the host (BENCHMARKS.md, Enqueue).
+
+use std::collections::{BTreeSet, HashMap};
+
+use actix_web::http::StatusCode;
+use chrono::Utc;
+use crm_sdk::{CurrentUser, ModuleContext, RecordAccess, RecordRef};
+use lettre::message::Mailbox;
+use sea_orm::sea_query::Query;
+use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, Set};
+
+use crate::entities::{mail_server, outbox, token};
+use crate::outbox::compose::OutgoingMail;
+use crate::outbox::refusal::{Refusal, refuse};
+use crate::settings::PersonalSmtpHosts;
+
+/// Exchange Online's fixed maximum message size, encoded (its `SIZE` extension's value).
+pub const EXCHANGE_MAX_MESSAGE_BYTES: usize = 35_882_577;
+
+/// A mail to admit: who wrote it, the record it is filed under (not checked yet), the mail
+/// (parsed and within the size limits) and its Message-ID (without angle brackets).
+pub struct Request {
+    /// The author, signed in.
+    pub author: CurrentUser,
+    /// The record the mail is filed under.
+    pub record: RecordRef,
+    /// The mail.
+    pub mail: OutgoingMail,
+    /// Its Message-ID, fixed before it joins its group.
+    pub message_id: String,
+}
+
+/// An admitted mail: the server it goes through, its outbox row (not stored yet) and its
+/// message text (RFC 5322, CRLF line ends).
+pub struct Admitted {
+    /// Its Message-ID (the row's).
+    pub message_id: String,
+    /// The server.
+    pub server: mail_server::Model,
+    /// The row to insert.
+    pub row: outbox::ActiveModel,
+    /// The message text.
+    pub raw: String,
+}
+
+/// Whether `address` may be used as From on `server`.
+pub fn allowed_from(server: &mail_server::Model, address: &str) -> bool {
+    let address = address.to_ascii_lowercase();
+    let entries: Vec<&str> = server
+        .from_allow_list
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if entries.is_empty() {
+        return server.send_as == "author" || address.eq_ignore_ascii_case(&server.mailbox);
+    }
+    address.eq_ignore_ascii_case(&server.mailbox)
+        || entries.iter().any(|e| match e.strip_prefix('@') {
+            Some(domain) => address
+                .rsplit_once('@')
+                .is_some_and(|(_, d)| d.eq_ignore_ascii_case(domain)),
+            None => e.eq_ignore_ascii_case(&address),
+        })
+}
+
+/// The server the mails of each of `authors` go through, by user id: their connected personal
+/// mailbox, else the default shared server (then the oldest shared one); an author without
+/// either is absent. One query: the authors' personal servers that have a token, and the
+/// shared servers.
+pub async fn choose_servers(
+    ctx: &ModuleContext,
+    authors: &BTreeSet<i64>,
+) -> Result<HashMap<i64, mail_server::Model>, sea_orm::DbErr> {
+    let connected = Query::select()
+        .column(token::Column::ServerId)
+        .from(token::Entity)
+        .to_owned();
+    let servers = mail_server::Entity::find()
+        .filter(
+            Condition::any()
+                .add(
+                    Condition::all()
+                        .add(mail_server::Column::Kind.eq("personal"))
+                        .add(mail_server::Column::OwnerUserId.is_in(authors.iter().copied()))
+                        .add(mail_server::Column::Id.in_subquery(connected)),
+                )
+                .add(mail_server::Column::Kind.eq("shared")),
+        )
+        .order_by_desc(mail_server::Column::IsDefault)
+        .order_by_asc(mail_server::Column::Id)
+        .all(ctx.db())
+        .await?;
+    let shared = servers.iter().find(|s| s.kind == "shared");
+    Ok(authors
+        .iter()
+        .filter_map(|author| {
+            servers
+                .iter()
+                .find(|s| s.kind == "personal" && s.owner_user_id == Some(*author))
+                .or(shared)
+                .map(|s| (*author, s.clone()))
+        })
+        .collect())
+}
+
+/// Why the module must not connect to a personal mailbox's server for `user` (users never
+/// choose where the server connects): its host and port are not among those the operator
+/// allows, or it is unencrypted and `user` is not an operator. A server saved before the
+/// operator narrowed the list is caught here too. `None` for shared servers and allowed ones.
+pub async fn outbound_refusal(
+    ctx: &ModuleContext,
+    server: &mail_server::Model,
+    user: &CurrentUser,
+) -> Option<String> {
+    if server.kind != "personal" {
+        return None;
+    }
+    outbound_refusal_with(&PersonalSmtpHosts::load(ctx).await, server, user)
+}
+
+/// [`outbound_refusal`] with the operator's allowed hosts already read.
+fn outbound_refusal_with(
+    hosts: &PersonalSmtpHosts,
+    server: &mail_server::Model,
+    user: &CurrentUser,
+) -> Option<String> {
+    let port = u16::try_from(server.smtp_port).unwrap_or(0);
+    if server.kind != "personal"
+        || (hosts.allows(&server.smtp_host, port) && (server.security != "none" || user.is_admin))
+    {
+        return None;
+    }
+    Some(format!(
+        "this mailbox connects to {}:{}, which the operator does not allow for personal mailboxes (allowed: {}). Change it under My mailbox.",
+        server.smtp_host,
+        server.smtp_port,
+        hosts.describe()
+    ))
+}
+
+/// Admits each of `requests` (one answer per request, in order): the record must be visible
+/// to its author, the author must have a server that may be used, and the mail must build
+/// within Exchange Online's size. The database's failure refuses them all (503).
+pub async fn admit_all(
+    ctx: &ModuleContext,
+    requests: Vec<Request>,
+) -> Vec<Result<Admitted, Refusal>> {
+    let lookups: Vec<(&RecordRef, &CurrentUser)> =
+        requests.iter().map(|r| (&r.record, &r.author)).collect();
+    let access = match ctx.records().find_many(&lookups).await {
+        Ok(access) if access.len() == requests.len() => access,
+        Ok(_) => {
+            return all_refused(
+                &requests,
+                "record",
+                "the record look-up gave a wrong number of answers".into(),
+            );
+        }
+        Err(e) => {
+            return all_refused(
+                &requests,
+                "record",
+                format!("the record could not be looked up ({e})"),
+            );
+        }
+    };
+    let authors: BTreeSet<i64> = requests.iter().map(|r| r.author.id).collect();
+    let servers = match choose_servers(ctx, &authors).await {
+        Ok(servers) => servers,
+        Err(e) => {
+            return all_refused(
+                &requests,
+                "server",
+                format!("the database did not answer ({e})"),
+            );
+        }
+    };
+    let hosts = if servers.values().any(|s| s.kind == "personal") {
+        Some(PersonalSmtpHosts::load(ctx).await)
+    } else {
+        None
+    };
+    let now = ctx.clock().now();
+    requests
+        .into_iter()
+        .zip(access)
+        .map(|(request, access)| {
+            if !matches!(access, RecordAccess::Visible(_)) {
+                // Hidden or missing: the same answer.
+                return Err(refuse(
+                    StatusCode::NOT_FOUND,
+                    "record",
+                    format!("there is no {} {}", request.record.model, request.record.id),
+                ));
+            }
+            let Some(server) = servers.get(&request.author.id) else {
+                return Err(refuse(
+                    StatusCode::CONFLICT,
+                    "server",
+                    "No outgoing mail server is configured: an operator must add and connect one (Outgoing mail servers), or connect your own mailbox (My mailbox).",
+                ));
+            };
+            if let Some(why) = hosts
+                .as_ref()
+                .and_then(|h| outbound_refusal_with(h, server, &request.author))
+            {
+                return Err(refuse(StatusCode::CONFLICT, "server", why));
+            }
+            build(server, request, now, false)
+        })
+        .collect()
+}
+
+fn all_refused(requests: &[Request], field: &str, why: String) -> Vec<Result<Admitted, Refusal>> {
+    requests
+        .iter()
+        .map(|_| Err(refuse(StatusCode::SERVICE_UNAVAILABLE, field, why.clone())))
+        .collect()
+}
+
+/// The From header and the envelope sender of a mail of `author` through `server`: the author,
+/// or the mailbox as the server says (always the mailbox when `as_mailbox`), refused when the
+/// server may not send as it.
+fn sender(
+    server: &mail_server::Model,
+    author: &CurrentUser,
+    as_mailbox: bool,
+) -> Result<(Mailbox, String), Refusal> {
+    let mailbox_address = server.mailbox.parse().map_err(|_| {
+        refuse(
+            StatusCode::CONFLICT,
+            "server",
+            "the mail server's mailbox address is invalid",
+        )
+    })?;
+    let (from, envelope_from) =
+        if as_mailbox || server.kind == "personal" || server.send_as == "mailbox" {
+            (
+                Mailbox::new(Some(author.name.clone()), mailbox_address),
+                server.mailbox.clone(),
+            )
+        } else {
+            let author_address = author.email.parse().map_err(|_| {
+                refuse(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "from",
+                    "your user's e-mail address is not valid",
+                )
+            })?;
+            (
+                Mailbox::new(Some(author.name.clone()), author_address),
+                author.email.clone(),
+            )
+        };
+    if !allowed_from(server, from.email.as_ref()) {
+        return Err(refuse(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "from",
+            format!(
+                "the server \"{}\" may not send as {}: it is not in its \"may send as\" list. Ask an operator to add it (and to grant Send As in Exchange).",
+                server.name, from.email
+            ),
+        ));
+    }
+    Ok((from, envelope_from))
+}
+
+/// The outbox row and message text of `request` through `server` (already chosen and
+/// allowed), dated `now`: From is the author or the mailbox as the server says, or the
+/// mailbox itself when `as_mailbox` (a test mail of the server page). Refused when the server
+/// may not send as the author, the mail cannot be built, or it is over Exchange Online's size.
+pub fn build(
+    server: &mail_server::Model,
+    request: Request,
+    now: chrono::DateTime<Utc>,
+    as_mailbox: bool,
+) -> Result<Admitted, Refusal> {
+    let Request {
+        author,
+        record,
+        mut mail,
+        message_id,
+    } = request;
+    let (from, envelope_from) = sender(server, &author, as_mailbox)?;
+    if server.send_as == "mailbox" && server.kind == "shared" && mail.reply_to.is_none() {
+        mail.reply_to = author
+            .email
+            .parse()
+            .ok()
+            .map(|a| Mailbox::new(Some(author.name.clone()), a));
+    }
+    let recipients: Vec<String> = mail.recipients().map(|a| a.to_string()).collect();
+    let subject = mail.subject.clone();
+    let message = mail
+        .build(from.clone(), None, &message_id, now.into())
+        .map_err(|e| {
+            refuse(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "to",
+                format!("the mail cannot be built: {e}"),
+            )
+        })?;
+    let raw = String::from_utf8(message.formatted())
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+    drop(message);
+    if raw.len() > EXCHANGE_MAX_MESSAGE_BYTES {
+        return Err(refuse(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "attachments",
+            format!(
+                "Encoded for sending, the mail is {}; Exchange Online accepts at most {} per message. Attach fewer or smaller files.",
+                crate::outbox::attachments::size_words(raw.len()),
+                crate::outbox::attachments::size_words(EXCHANGE_MAX_MESSAGE_BYTES)
+            ),
+        ));
+    }
+    let row = outbox::ActiveModel {
+        message_id: Set(message_id.clone()),
+        status: Set("queued".into()),
+        server_id: Set(server.id),
+        author_user_id: Set(author.id),
+        record_model: Set(record.model),
+        record_id: Set(record.id),
+        from_header: Set(from.to_string()),
+        envelope_from: Set(envelope_from),
+        recipients: Set(recipients.join("\n")),
+        subject: Set(subject),
+        size_bytes: Set(raw.len() as i64),
+        attempts: Set(0),
+        next_attempt_at: Set(now),
+        created_at: Set(now),
+        updated_at: Set(Utc::now()),
+        ..Default::default()
+    };
+    Ok(Admitted {
+        message_id,
+        server: server.clone(),
+        row,
+        raw,
+    })
+}
