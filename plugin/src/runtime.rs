@@ -338,6 +338,15 @@ impl Shared {
         WriteTurn::taken(turn, ctx.db(), writer.as_ref())
     }
 
+    /// Whether mail was queued for `server_id` since its running drain here last looked (its
+    /// "more mail came" flag, lowered by this call): the drain's next claim takes that mail.
+    pub fn take_more(&self, server_id: i32) -> bool {
+        let active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        active
+            .get(&server_id)
+            .is_some_and(|more| more.swap(false, std::sync::atomic::Ordering::SeqCst))
+    }
+
     /// The mailboxes with a drain in this process now (running or waiting for its turn).
     pub fn draining_here(&self) -> Vec<i32> {
         let active = self.active.lock().unwrap_or_else(|e| e.into_inner());

@@ -24,10 +24,12 @@ pub use crate::delivery::outcomes::Drained;
 use crate::delivery::outcomes::Writer;
 use crate::tokens::service::{AccessToken, TokenProblem, fresh_access_token};
 
-/// How long a drain lets mails gather after a small batch before it claims again: mails
-/// queued one by one at a high rate leave in batches (one claim, one token, one outcome write
-/// for many) rather than each in its own, and a mail waits at most this much longer. The first
-/// claim of a drain, and a claim after a full batch, are at once.
+/// How long a drain lets mails gather before it claims again after a small batch during which
+/// more mail was queued for the mailbox: mails queued one by one at a high rate leave in
+/// batches (one claim, one token, one outcome write for many) rather than each in its own, and
+/// such a mail waits at most this much longer. The first claim of a drain, a claim after a full
+/// batch and one after a batch during which no mail came are at once (a drain that has nothing
+/// more to do ends without waiting).
 pub const GATHER: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Drains `server_id`: batch after batch until none of its mails is due, its mailbox is held
@@ -48,6 +50,7 @@ pub async fn drain(
             }
         }
         let claimed_at = tokio::time::Instant::now();
+        let small;
         let limits = limits(ctx, shared).await;
         let claimed = match claims::claim_batch(ctx, shared, server_id, limits.per_minute).await? {
             Claim::Nothing => break,
@@ -56,14 +59,17 @@ pub async fn drain(
                 break;
             }
             Claim::Batch(claimed) => {
+                // Counted before the cut by size: mails left out for their size are due now.
+                small = (claimed.rows.len() as u64) < claims::BATCH / 2;
                 claims::keep_within(ctx, shared, claimed, claims::BATCH_BYTES).await?
             }
         };
-        if (claimed.rows.len() as u64) < claims::BATCH / 2 {
-            gather_until = Some(claimed_at + GATHER);
-        }
         let (step, go_on) = send_batch(ctx, shared, server_id, &claimed, &limits).await?;
         total.add(step);
+        // The wake of mail queued meanwhile is taken here: the next claim finds that mail.
+        if small && shared.take_more(server_id) {
+            gather_until = Some(claimed_at + GATHER);
+        }
         if !go_on {
             break;
         }

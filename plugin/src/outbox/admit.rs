@@ -146,41 +146,34 @@ fn outbound_refusal_with(
     ))
 }
 
+/// Mails holding more bytes than this in all are built off the request threads
+/// (`spawn_blocking`): encoding files in base64 would stall the other connections of the
+/// thread the group's writer runs on.
+pub const BUILD_APART_BYTES: usize = 1024 * 1024;
+
 /// Admits each of `requests` (one answer per request, in order): the record must be visible
 /// to its author, the author must have a server that may be used, and the mail must build
-/// within Exchange Online's size. The database's failure refuses them all (503).
+/// within Exchange Online's size. When the server query fails they are all refused (503).
 pub async fn admit_all(
     ctx: &ModuleContext,
     requests: Vec<Request>,
 ) -> Vec<Result<Admitted, Refusal>> {
-    let lookups: Vec<(&RecordRef, &CurrentUser)> =
-        requests.iter().map(|r| (&r.record, &r.author)).collect();
-    let access = match ctx.records().find_many(&lookups).await {
-        Ok(access) if access.len() == requests.len() => access,
-        Ok(_) => {
-            return all_refused(
-                &requests,
-                "record",
-                "the record look-up gave a wrong number of answers".into(),
-            );
-        }
-        Err(e) => {
-            return all_refused(
-                &requests,
-                "record",
-                format!("the record could not be looked up ({e})"),
-            );
-        }
-    };
+    let access = look_up_records(ctx, &requests).await;
     let authors: BTreeSet<i64> = requests.iter().map(|r| r.author.id).collect();
     let servers = match choose_servers(ctx, &authors).await {
         Ok(servers) => servers,
         Err(e) => {
-            return all_refused(
-                &requests,
-                "server",
-                format!("the database did not answer ({e})"),
-            );
+            let why = format!("the database did not answer ({e})");
+            return requests
+                .iter()
+                .map(|_| {
+                    Err(refuse(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "server",
+                        why.clone(),
+                    ))
+                })
+                .collect();
         }
     };
     let hosts = if servers.values().any(|s| s.kind == "personal") {
@@ -188,19 +181,11 @@ pub async fn admit_all(
     } else {
         None
     };
-    let now = ctx.clock().now();
-    requests
+    let decided: Vec<Result<(mail_server::Model, Request), Refusal>> = requests
         .into_iter()
         .zip(access)
         .map(|(request, access)| {
-            if !matches!(access, RecordAccess::Visible(_)) {
-                // Hidden or missing: the same answer.
-                return Err(refuse(
-                    StatusCode::NOT_FOUND,
-                    "record",
-                    format!("there is no {} {}", request.record.model, request.record.id),
-                ));
-            }
+            access?;
             let Some(server) = servers.get(&request.author.id) else {
                 return Err(refuse(
                     StatusCode::CONFLICT,
@@ -214,15 +199,68 @@ pub async fn admit_all(
             {
                 return Err(refuse(StatusCode::CONFLICT, "server", why));
             }
-            build(server, request, now, false)
+            Ok((server.clone(), request))
         })
-        .collect()
+        .collect();
+    let now = ctx.clock().now();
+    let bytes: usize = decided
+        .iter()
+        .flatten()
+        .map(|(_, r)| r.mail.size_bytes())
+        .sum();
+    let count = decided.len();
+    let build_all = move || {
+        decided
+            .into_iter()
+            .map(|d| d.and_then(|(server, request)| build(&server, request, now, false)))
+            .collect()
+    };
+    if bytes <= BUILD_APART_BYTES {
+        return build_all();
+    }
+    tokio::task::spawn_blocking(build_all)
+        .await
+        .unwrap_or_else(|e| {
+            let why = format!("the mail could not be built ({e})");
+            (0..count)
+                .map(|_| Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "to", why.clone())))
+                .collect()
+        })
 }
 
-fn all_refused(requests: &[Request], field: &str, why: String) -> Vec<Result<Admitted, Refusal>> {
+/// Whether each request's record may be used by its author (`Ok`), or its refusal: one
+/// look-up for all; should that fail, one per request, so that a record the host cannot read
+/// refuses only its own mail.
+async fn look_up_records(ctx: &ModuleContext, requests: &[Request]) -> Vec<Result<(), Refusal>> {
+    let lookups: Vec<(&RecordRef, &CurrentUser)> =
+        requests.iter().map(|r| (&r.record, &r.author)).collect();
+    let answers = match ctx.records().find_many(&lookups).await {
+        Ok(access) if access.len() == requests.len() => access.into_iter().map(Ok).collect(),
+        _ => {
+            let mut answers = Vec::with_capacity(requests.len());
+            for (record, viewer) in &lookups {
+                answers.push(ctx.records().find(record, viewer).await);
+            }
+            answers
+        }
+    };
     requests
         .iter()
-        .map(|_| Err(refuse(StatusCode::SERVICE_UNAVAILABLE, field, why.clone())))
+        .zip(answers)
+        .map(|(request, answer)| match answer {
+            Ok(RecordAccess::Visible(_)) => Ok(()),
+            // Hidden or missing: the same answer.
+            Ok(RecordAccess::Missing | RecordAccess::Hidden) => Err(refuse(
+                StatusCode::NOT_FOUND,
+                "record",
+                format!("there is no {} {}", request.record.model, request.record.id),
+            )),
+            Err(e) => Err(refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "record",
+                format!("the record could not be looked up ({e})"),
+            )),
+        })
         .collect()
 }
 

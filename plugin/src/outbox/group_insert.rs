@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 use actix_web::http::StatusCode;
 
 use crate::entities::{mail_server, outbox, outbox_body};
-use crate::outbox::admit::Admitted;
+use crate::outbox::admit::{Admitted, BUILD_APART_BYTES};
 use crate::outbox::refusal::{Refusal, refuse};
 use crate::runtime::{PendingInsert as Pending, PendingMail, Shared};
 
@@ -101,23 +101,41 @@ pub(crate) async fn insert(ctx: &ModuleContext, shared: &Arc<Shared>, mail: Pend
     }
 }
 
-/// The waiting mails in arrival order up to [`GROUP_BYTES`] (at least one); the others wait
-/// for the next turn.
+/// Mails a group holds at most: its record and server look-ups bind one value per record and
+/// author, far below SQLite's 32,766.
+const GROUP_MAILS: usize = 500;
+
+/// The waiting mails in arrival order, at most [`GROUP_MAILS`] and [`GROUP_BYTES`] (at least
+/// one); a mail of more than [`BUILD_APART_BYTES`] goes in a group of its own, so that the
+/// small mails around it do not wait for its files to be encoded. The others wait for the next
+/// turn.
 fn take_group(shared: &Shared) -> Vec<Pending> {
     let mut pending = shared
         .inserts
         .pending
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    let mut bytes = 0;
-    let cut = pending
-        .iter()
-        .position(|p| {
-            bytes += p.mail.bytes();
-            bytes > GROUP_BYTES
-        })
-        .map_or(pending.len(), |at| Ord::max(at, 1));
+    let cut = group_end(pending.iter().map(|p| p.mail.bytes()));
     pending.drain(..cut).collect()
+}
+
+/// How many of the waiting mails, of these sizes in bytes, the next group takes (see
+/// [`take_group`]).
+fn group_end(sizes: impl Iterator<Item = usize>) -> usize {
+    let mut bytes = 0;
+    let mut taken = 0;
+    for size in sizes {
+        bytes += size;
+        let large = size > BUILD_APART_BYTES;
+        if taken > 0 && (large || bytes > GROUP_BYTES || taken == GROUP_MAILS) {
+            break;
+        }
+        taken += 1;
+        if large {
+            break;
+        }
+    }
+    taken
 }
 
 fn unavailable(why: String) -> Refusal {
@@ -247,4 +265,29 @@ async fn store(
     }
     txn.commit().await?;
     Ok(stored)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KB: usize = 1024;
+
+    #[test]
+    fn a_group_takes_small_mails_up_to_its_count_and_bytes() {
+        assert_eq!(group_end(std::iter::empty()), 0);
+        assert_eq!(group_end([2 * KB; 10].into_iter()), 10);
+        assert_eq!(group_end(std::iter::repeat_n(2 * KB, 800)), GROUP_MAILS);
+        // 40 mails of 1 MB (at the limit, not over it) fill 32 MB after 32.
+        assert_eq!(group_end(std::iter::repeat_n(BUILD_APART_BYTES, 40)), 32);
+    }
+
+    #[test]
+    fn a_large_mail_goes_alone() {
+        let large = BUILD_APART_BYTES + 1;
+        // Small mails before it go without it; it goes alone; then the rest.
+        assert_eq!(group_end([2 * KB, 2 * KB, large, 2 * KB].into_iter()), 2);
+        assert_eq!(group_end([large, 2 * KB, 2 * KB].into_iter()), 1);
+        assert_eq!(group_end([40 * 1024 * KB, 2 * KB].into_iter()), 1);
+    }
 }

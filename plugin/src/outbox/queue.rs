@@ -15,9 +15,10 @@ pub use crate::outbox::admit::{EXCHANGE_MAX_MESSAGE_BYTES, allowed_from, outboun
 pub use crate::outbox::refusal::Refusal;
 
 /// Validates and queues a mail on `record` written by `author`: the stored row and the server
-/// it goes through; nothing is stored when refused. The mail is parsed here; whether the
-/// author may file it under the record and the server it goes through are decided with the
-/// mails of concurrent requests (`outbox::admit`), which are stored together.
+/// it goes through; nothing is stored when refused. The mail is parsed here, so a malformed
+/// mail is refused (422) before its record is looked up; whether the author may file it under
+/// the record (404 for a hidden record as for a missing one) and the server it goes through
+/// are decided with the mails of concurrent requests (`outbox::admit`), stored together.
 pub async fn queue_mail(
     ctx: &ModuleContext,
     shared: &std::sync::Arc<Shared>,
