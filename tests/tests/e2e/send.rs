@@ -107,6 +107,20 @@ pub(crate) async fn with_contact(env: Env, smtp: SmtpServer) -> Mailing {
     }
 }
 
+/// A private contact of Bob's: hidden from Alice.
+async fn bobs_private_contact(env: &Env) -> i64 {
+    crm_host::seed::create_contact(
+        &env.app.db,
+        "Hana Private",
+        Some("hana@litware.example"),
+        None,
+        env.app.bob_id,
+        true,
+    )
+    .await
+    .expect("contact")
+}
+
 pub(crate) fn mails_path(contact: i64) -> String {
     format!("/microsoft_outlook/records/contact/{contact}/mails")
 }
@@ -735,16 +749,7 @@ async fn bad_input_is_refused_and_nothing_is_queued() {
         .post_json("/microsoft_outlook/records/contact/999999/mails", &ok)
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
-    let hidden = crm_host::seed::create_contact(
-        &m.env.app.db,
-        "Hana Private",
-        Some("hana@litware.example"),
-        None,
-        m.env.app.bob_id,
-        true,
-    )
-    .await
-    .expect("contact");
+    let hidden = bobs_private_contact(&m.env).await;
     let (status, _) = m.alice.post_json(&mails_path(hidden), &ok).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "hidden answers as missing");
     // Bob may, it is his.
@@ -787,16 +792,7 @@ async fn bad_input_is_refused_and_nothing_is_queued() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mails_queued_together_are_each_answered_and_stored_as_their_own() {
     let m = mailing().await;
-    let hidden = crm_host::seed::create_contact(
-        &m.env.app.db,
-        "Hana Private",
-        Some("hana@litware.example"),
-        None,
-        m.env.app.bob_id,
-        true,
-    )
-    .await
-    .expect("contact");
+    let hidden = bobs_private_contact(&m.env).await;
     let bob = m.env.app.signed_in(BOB).await;
     let missing = 999_999;
     // (who, contact, subject, expected status)
