@@ -460,6 +460,14 @@ pub(crate) enum PendingMail {
 }
 
 impl PendingMail {
+    /// Its Message-ID (without angle brackets).
+    pub(crate) fn message_id(&self) -> &str {
+        match self {
+            PendingMail::Built(a) => &a.message_id,
+            PendingMail::Admit(r) => &r.message_id,
+        }
+    }
+
     /// The bytes it holds for its group (the message text or the mail's files).
     pub(crate) fn bytes(&self) -> usize {
         match self {

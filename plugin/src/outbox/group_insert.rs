@@ -57,10 +57,7 @@ impl Drop for Withdraw<'_> {
 /// stored row and its server, or why it was refused (503 when the database failed). Either the
 /// whole group's admitted mails are stored or none of them.
 pub(crate) async fn insert(ctx: &ModuleContext, shared: &Arc<Shared>, mail: PendingMail) -> Answer {
-    let message_id = match &mail {
-        PendingMail::Built(a) => a.message_id.clone(),
-        PendingMail::Admit(r) => r.message_id.clone(),
-    };
+    let message_id = mail.message_id().to_string();
     let (done, mut stored) = oneshot::channel();
     let inserts = &shared.inserts;
     inserts
@@ -175,8 +172,9 @@ async fn write(ctx: &ModuleContext, shared: &Arc<Shared>, group: Vec<Pending>) {
     if built.is_empty() {
         return;
     }
-    // Drained at once in this process: no job now; if that drain dies, the sweep wakes the
-    // mailbox (a mail never pushed is due for the sweep).
+    // A process that does not deliver pushes a drain job for these mails (`wake_many` below)
+    // and marks them pushed. One that delivers drains them at once and pushes no job: should
+    // that drain die, the sweep wakes the mailbox (a mail never pushed is due for the sweep).
     let pushed = (!shared.delivers_here() && shared.queue().is_some()).then(|| ctx.clock().now());
     let mut rows = Vec::with_capacity(built.len());
     let mut raws = Vec::with_capacity(built.len());
