@@ -385,3 +385,183 @@ pub fn build(
         raw,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use async_trait::async_trait;
+    use crm_sdk::{
+        BoxError, Chrome, NullNotifier, RecordDirectory, RecordSummary, Sealer, SealingKey,
+        SettingsError, SettingsStore, SettingsValues, SystemClock,
+    };
+
+    use super::*;
+
+    /// The contact that cannot be read alone (the others are visible)...
+    const UNREADABLE: i64 = 2;
+    /// ...and the one that does not exist.
+    const MISSING: i64 = 3;
+
+    /// How the directory answers the look-up of a whole group.
+    #[derive(Clone, Copy, Debug)]
+    enum Group {
+        Answers,
+        Fails,
+        AnswersOneShort,
+    }
+
+    /// The host's records as a test double that counts how it is asked.
+    struct Directory {
+        group: Group,
+        many_calls: AtomicUsize,
+        find_calls: AtomicUsize,
+    }
+
+    impl Directory {
+        fn answer(record: &RecordRef) -> RecordAccess {
+            if record.id == MISSING {
+                return RecordAccess::Missing;
+            }
+            RecordAccess::Visible(RecordSummary {
+                title: format!("Contact {}", record.id),
+                email: None,
+                url: format!("/contacts/{}", record.id),
+            })
+        }
+    }
+
+    #[async_trait]
+    impl RecordDirectory for Directory {
+        async fn find(
+            &self,
+            record: &RecordRef,
+            _viewer: &CurrentUser,
+        ) -> Result<RecordAccess, BoxError> {
+            self.find_calls.fetch_add(1, Ordering::SeqCst);
+            if record.id == UNREADABLE {
+                return Err("the contacts table is locked".into());
+            }
+            Ok(Self::answer(record))
+        }
+
+        async fn find_many(
+            &self,
+            lookups: &[(&RecordRef, &CurrentUser)],
+        ) -> Result<Vec<RecordAccess>, BoxError> {
+            self.many_calls.fetch_add(1, Ordering::SeqCst);
+            let answers = lookups.iter().map(|(record, _)| Self::answer(record));
+            match self.group {
+                Group::Answers => Ok(answers.collect()),
+                Group::Fails => Err("the group's query timed out".into()),
+                Group::AnswersOneShort => Ok(answers.skip(1).collect()),
+            }
+        }
+    }
+
+    struct NoSettings;
+
+    #[async_trait]
+    impl SettingsStore for NoSettings {
+        async fn load(&self, _module: &str) -> Result<SettingsValues, SettingsError> {
+            Ok(SettingsValues::default())
+        }
+    }
+
+    struct BareChrome;
+
+    impl Chrome for BareChrome {
+        fn page(&self, _title: &str, _user: Option<&CurrentUser>, body: &str) -> String {
+            body.to_string()
+        }
+    }
+
+    /// A context whose records are `directory`; the look-up touches nothing else.
+    fn context(directory: Arc<Directory>) -> ModuleContext {
+        ModuleContext::new(
+            "microsoft_outlook",
+            sea_orm::DatabaseConnection::default(),
+            "https://crm.contoso.example".parse().expect("URL"),
+            Arc::new(NoSettings),
+            directory,
+            Arc::new(NullNotifier),
+            Arc::new(SystemClock),
+            Sealer::new(&SealingKey::generate()),
+            Arc::new(BareChrome),
+        )
+    }
+
+    /// A mail of user `author` filed under contact `record`.
+    fn request(author: i64, record: i64) -> Request {
+        Request {
+            author: CurrentUser {
+                id: author,
+                email: format!("user{author}@contoso.example"),
+                name: format!("User {author}"),
+                is_admin: false,
+                csrf_token: String::new(),
+            },
+            record: RecordRef {
+                model: "contact".into(),
+                id: record,
+            },
+            mail: OutgoingMail {
+                to: vec!["dana@fabrikam.example".parse().expect("address")],
+                cc: Vec::new(),
+                bcc: Vec::new(),
+                subject: format!("About contact {record}"),
+                text_body: "Hello".into(),
+                html_body: None,
+                reply_to: None,
+                attachments: Vec::new(),
+            },
+            message_id: format!("m{author}-{record}@crm.contoso.example"),
+        }
+    }
+
+    /// Each answer in words: `ok`, or the status and the message of the refusal.
+    fn words(answers: &[Result<(), Refusal>]) -> Vec<String> {
+        answers
+            .iter()
+            .map(|a| match a {
+                Ok(()) => "ok".to_string(),
+                Err(r) => format!("{} {}", r.status.as_u16(), r.errors[0].message),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_record_that_cannot_be_read_refuses_only_its_own_mail_when_the_group_look_up_fails() {
+        let requests = [
+            request(10, 1),
+            request(11, UNREADABLE),
+            request(12, MISSING),
+            request(13, 4),
+        ];
+        let refused = "503 the record could not be looked up (the contacts table is locked)";
+        let missing = "404 there is no contact 3";
+        // How the group is answered; then the answers, in order, and how many records were
+        // looked up alone.
+        let cases = [
+            (Group::Answers, ["ok", "ok", missing, "ok"], 0),
+            (Group::Fails, ["ok", refused, missing, "ok"], 4),
+            (Group::AnswersOneShort, ["ok", refused, missing, "ok"], 4),
+        ];
+        for (group, expected, alone) in cases {
+            let directory = Arc::new(Directory {
+                group,
+                many_calls: AtomicUsize::new(0),
+                find_calls: AtomicUsize::new(0),
+            });
+            let answers = look_up_records(&context(directory.clone()), &requests).await;
+            assert_eq!(words(&answers), expected, "{group:?}");
+            assert_eq!(directory.many_calls.load(Ordering::SeqCst), 1, "{group:?}");
+            assert_eq!(
+                directory.find_calls.load(Ordering::SeqCst),
+                alone,
+                "{group:?}: records looked up alone"
+            );
+        }
+    }
+}
