@@ -20,6 +20,8 @@ await signIn(admin, 'admin@contoso.example', 'operator-demo');
 await signIn(user, 'alice@contoso.example', 'alice-demo');
 await user.click('text=Dana Fabrikam');
 const contactUrl = user.url();
+// What the form starts with: the record's address in To, Cc empty.
+const initialTo = await user.inputValue('#mail-to');
 // Set on the open page: still there after Send means the page was not reloaded.
 await user.evaluate(() => { window.__composeMarker = 'same page'; });
 
@@ -52,13 +54,22 @@ await check('the operator holds the mailbox (SMTP AUTH disabled) so the mail wil
 });
 
 await check('with the recipient corrected, Send queues the mail with its file and says from where', async () => {
-  await user.fill('#mail-to', 'dana@fabrikam.example');
+  await user.fill('#mail-to', 'dana@fabrikam.example, evan@fabrikam.example');
+  await user.fill('#mail-cc', 'fiona@fabrikam.example');
   await user.click('form[data-compose] button[type=submit]');
   const status = user.locator('form[data-compose] [data-compose-status]');
   await status.waitFor({ state: 'visible' });
   const words = (await status.textContent()).trim();
   if (!/^Queued — it will go out from \S+@\S+ as Alice Adams/.test(words)) throw new Error(`the confirmation says "${words}"`);
   if (await user.isVisible('form[data-compose] [data-error-for="to"]')) throw new Error('the old error is still shown');
+  // The form is back to its start: the next mail goes to the record alone.
+  const to = await user.inputValue('#mail-to');
+  if (to !== initialTo) throw new Error(`To kept "${to}" after Send (it started as "${initialTo}")`);
+  const cc = await user.inputValue('#mail-cc');
+  if (cc !== '') throw new Error(`Cc kept "${cc}" after Send`);
+  if ((await user.inputValue('#mail-subject')) !== '') throw new Error('the subject was kept after Send');
+  if ((await user.inputValue('#mail-body')) !== '') throw new Error('the message was kept after Send');
+  if ((await user.$eval('#mail-files', (i) => i.files.length)) !== 0) throw new Error('the file was kept after Send');
   const row = user.locator(`table.mails tbody tr:has-text("${subject}")`);
   await row.waitFor();
   const shown = await row.getAttribute('data-status');

@@ -240,6 +240,7 @@ impl Application {
                     crate::html::STYLESHEET_PATH,
                     web::get().to(crate::html::stylesheet),
                 )
+                .route(crate::html::ICON_PATH, web::get().to(crate::html::icon))
                 .route("/", web::get().to(home))
                 .configure(crate::auth::routes)
                 .configure(crate::settings::routes)
@@ -274,7 +275,7 @@ impl Application {
                     )),
                 );
             }
-            app
+            app.default_service(web::to(crate::not_found::page))
         })
         .shutdown_timeout(30)
         // Idle keep-alive connections stay open 75 s (nginx's default), longer than

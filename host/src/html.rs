@@ -54,6 +54,20 @@ table.outbox td,table.outbox th{font-size:.9rem}table.fields th{width:9rem}
 /// this site's own styles).
 pub const STYLESHEET_PATH: &str = "/assets/crm.css";
 
+/// The icon every page names (and browsers ask for at this address anyway).
+pub const ICON_PATH: &str = "/favicon.ico";
+
+/// A small envelope, in SVG.
+const ICON: &str = r##"<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" height="16" rx="3" fill="#1f5fbf"/><path d="M3 5h10v7H3zM3 5l5 4 5-4" fill="none" stroke="#fff" stroke-width="1.4"/></svg>"##;
+
+/// The icon of every page.
+pub async fn icon() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("image/svg+xml")
+        .insert_header(("Cache-Control", "public, max-age=86400"))
+        .body(ICON)
+}
+
 /// The stylesheet of every page.
 pub async fn stylesheet() -> HttpResponse {
     HttpResponse::Ok()
@@ -91,6 +105,7 @@ impl HostChrome {
                     meta name="viewport" content="width=device-width, initial-scale=1";
                     title { (title) " · CRM" }
                     link rel="stylesheet" href=(STYLESHEET_PATH);
+                    link rel="icon" type="image/svg+xml" href=(ICON_PATH);
                 }
                 body {
                     header {

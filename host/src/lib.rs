@@ -13,6 +13,7 @@ pub mod html;
 pub mod inbox;
 pub mod metrics;
 pub mod modules_page;
+pub mod not_found;
 pub mod notifier;
 pub mod records;
 pub mod registry;

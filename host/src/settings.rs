@@ -235,6 +235,23 @@ async fn page(state: web::Data<AppState>, user: CurrentUser) -> HttpResponse {
     ok(state.chrome.render("Settings", Some(&user), body))
 }
 
+/// `GET /settings/{module}`: the settings page, as `POST` to this address leaves it (a reload
+/// after Save lands here).
+async fn module_page(
+    state: web::Data<AppState>,
+    user: CurrentUser,
+    module_id: web::Path<String>,
+) -> HttpResponse {
+    if let Err(refused) = require_admin(&user, &state.chrome) {
+        return *refused;
+    }
+    if state.registry.get(&module_id).is_none() {
+        return crate::not_found::response(&state.chrome, Some(&user), false);
+    }
+    let body = render(&state, &user, None, None).await;
+    ok(state.chrome.render("Settings", Some(&user), body))
+}
+
 async fn save(
     state: web::Data<AppState>,
     user: CurrentUser,
@@ -245,7 +262,7 @@ async fn save(
         return *refused;
     }
     let Some(entry) = state.registry.get(&module_id) else {
-        return HttpResponse::NotFound().body("No such module.");
+        return crate::not_found::response(&state.chrome, Some(&user), false);
     };
     let manifest = entry.module.manifest();
     let stored = entry
@@ -365,5 +382,6 @@ async fn save(
 /// The settings routes.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/settings", web::get().to(page))
+        .route("/settings/{module}", web::get().to(module_page))
         .route("/settings/{module}", web::post().to(save));
 }

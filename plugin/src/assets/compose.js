@@ -146,10 +146,9 @@
         if (answer.status === 201 && answer.body) {
           status.textContent = answer.body.confirmation;
           status.hidden = false;
-          form.querySelector('[name="subject"]').value = "";
-          form.querySelector('[name="markdown_body"]').value = "";
-          var files = form.querySelector('[name="attachments"]');
-          if (files) files.value = "";
+          // Every field back to what the page gave it (To: the record's address; Cc empty),
+          // so that the next mail does not silently go to this one's other recipients.
+          form.reset();
           var again = form.querySelector(".files-again");
           if (again) again.remove();
           if (part) { part.dataset.watching = ""; watch(part); }

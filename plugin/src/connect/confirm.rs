@@ -28,13 +28,7 @@ async fn server_of(
     match mail_server::Entity::find_by_id(id).one(ctx.db()).await {
         Ok(Some(server)) if may_manage(user, &server) => Ok(server),
         // Not yours and not there answer alike.
-        _ => Err(Box::new(crate::web::layout::page_with(
-            actix_web::http::StatusCode::NOT_FOUND,
-            ctx,
-            user,
-            "Not found",
-            html! { h1 { "No such mail server" } p { a href="/microsoft_outlook/servers" { "Back to mail servers" } } },
-        ))),
+        _ => Err(Box::new(crate::web::layout::not_found(ctx, user))),
     }
 }
 

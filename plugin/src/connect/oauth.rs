@@ -48,6 +48,13 @@ struct Failure<'a> {
 
 fn failure_page(ctx: &ModuleContext, user: &CurrentUser, f: Failure<'_>) -> HttpResponse {
     tracing::info!(status = f.status.as_u16(), code = ?f.code, title = %f.title, "connect failed");
+    let (back, back_words) = match f.back {
+        Some(back) => (back, "Back to the mail server"),
+        None => {
+            let (href, words) = crate::web::layout::servers_home(user);
+            (href.to_string(), words)
+        }
+    };
     let body = html! {
         h1 { (f.title) }
         section.card.failure {
@@ -55,7 +62,7 @@ fn failure_page(ctx: &ModuleContext, user: &CurrentUser, f: Failure<'_>) -> Http
             p { strong { "What to do: " } (f.fix) }
             @if let Some(code) = f.code { p { "Microsoft error code: " code { "AADSTS" (code) } } }
             @if let Some(text) = f.microsoft_says { p.help { "Microsoft says: " (text) } }
-            p { a href=(f.back.unwrap_or_else(|| "/microsoft_outlook/my-mailbox".into())) { "Back to the mail server" } }
+            p { a href=(back) { (back_words) } }
         }
     };
     page_with(f.status, ctx, user, &f.title, body)
@@ -116,7 +123,29 @@ fn not_configured_page(
     )
 }
 
-fn state_failure(ctx: &ModuleContext, user: &CurrentUser, what: &str) -> HttpResponse {
+/// The page of `server_id` if `user` may open it.
+async fn server_page_for(
+    ctx: &ModuleContext,
+    user: &CurrentUser,
+    server_id: i32,
+) -> Option<String> {
+    mail_server::Entity::find_by_id(server_id)
+        .one(ctx.db())
+        .await
+        .ok()
+        .flatten()
+        .filter(|s| may_manage(user, s))
+        .map(|s| format!("/microsoft_outlook/servers/{}", s.id))
+}
+
+/// The page of a sign-in that cannot be completed; `back` is the page of its server when
+/// that is known and the viewer may open it.
+fn state_failure(
+    ctx: &ModuleContext,
+    user: &CurrentUser,
+    what: &str,
+    back: Option<String>,
+) -> HttpResponse {
     failure_page(
         ctx,
         user,
@@ -127,7 +156,7 @@ fn state_failure(ctx: &ModuleContext, user: &CurrentUser, what: &str) -> HttpRes
             fix: "Nothing was stored. Go back to the mail server and click Connect again; a sign-in must be finished within 10 minutes, once, by the person who started it.".into(),
             code: None,
             microsoft_says: None,
-            back: None,
+            back,
         },
     )
 }
@@ -147,7 +176,7 @@ async fn connect(
     form: web::Form<ConnectForm>,
 ) -> HttpResponse {
     let Some(server_id) = form.server.as_deref().and_then(|s| s.parse::<i32>().ok()) else {
-        return state_failure(&ctx, &user, "No mail server was named (server=ID).");
+        return state_failure(&ctx, &user, "No mail server was named (server=ID).", None);
     };
     // A database that did not answer is said as such, not as a server that is not there.
     let server = match mail_server::Entity::find_by_id(server_id)
@@ -182,6 +211,7 @@ async fn connect(
                         &ctx,
                         &user,
                         "The server could not be switched to Microsoft Graph: the database did not answer. Nothing changed; try again.",
+                        Some(format!("/microsoft_outlook/servers/{}", server_id)),
                     );
                 }
             }
@@ -247,7 +277,12 @@ async fn connect(
         .await;
     if let Err(e) = stored {
         tracing::error!(error = %e, "storing an OAuth state failed");
-        return state_failure(&ctx, &user, "The database did not answer.");
+        return state_failure(
+            &ctx,
+            &user,
+            "The database did not answer.",
+            Some(format!("/microsoft_outlook/servers/{}", server.id)),
+        );
     }
     tracing::info!(server_id = server.id, user_id = user.id, "connect started");
     HttpResponse::SeeOther()
@@ -278,6 +313,7 @@ async fn confirm(
             &ctx,
             &user,
             "The answer from Microsoft carries no state, so it cannot be matched to a sign-in started here.",
+            None,
         );
     };
     let state_hash = hash_state(state);
@@ -288,7 +324,7 @@ async fn confirm(
         Ok(p) => p,
         Err(e) => {
             tracing::error!(error = %e, "reading an OAuth state failed");
-            return state_failure(&ctx, &user, "The database did not answer.");
+            return state_failure(&ctx, &user, "The database did not answer.", None);
         }
     };
     let Some(pending) = pending else {
@@ -296,6 +332,7 @@ async fn confirm(
             &ctx,
             &user,
             "This sign-in is unknown or was already completed (the state is not valid).",
+            None,
         );
     };
     if pending.user_id != user.id {
@@ -303,23 +340,35 @@ async fn confirm(
             user_id = user.id,
             "an OAuth state presented by another user"
         );
-        return state_failure(&ctx, &user, "This sign-in was started by another CRM user.");
+        return state_failure(
+            &ctx,
+            &user,
+            "This sign-in was started by another CRM user.",
+            None,
+        );
     }
+    // The way back from here on: the server's page, when the viewer may open it.
+    let back = server_page_for(&ctx, &user, pending.server_id).await;
     // Single use: only the request that deletes the row goes on.
     let claimed = oauth_state::Entity::delete_by_id(state_hash.clone())
         .exec(ctx.db())
         .await;
     if !matches!(claimed, Ok(r) if r.rows_affected == 1) {
-        return state_failure(&ctx, &user, "This sign-in was already completed.");
+        return state_failure(
+            &ctx,
+            &user,
+            "This sign-in was already completed.",
+            back.clone(),
+        );
     }
     if pending.expires_at < ctx.clock().now() {
         return state_failure(
             &ctx,
             &user,
             "This sign-in took longer than 10 minutes and has expired.",
+            back.clone(),
         );
     }
-    let back = Some(format!("/microsoft_outlook/servers/{}", pending.server_id));
     if let Some(error) = query.error.as_deref() {
         let description = query.error_description.clone().unwrap_or_default();
         let code = aadsts_code(&description);
@@ -337,6 +386,7 @@ async fn confirm(
             &ctx,
             &user,
             "The answer from Microsoft carries neither a code nor an error.",
+            back.clone(),
         );
     };
     let server = match mail_server::Entity::find_by_id(pending.server_id)
@@ -351,6 +401,7 @@ async fn confirm(
             &ctx,
             &user,
             "The mail server of this sign-in no longer exists or is no longer yours.",
+            back.clone(),
         );
     };
     let settings = match OutlookSettings::load(&ctx).await {
@@ -368,6 +419,7 @@ async fn confirm(
                 &ctx,
                 &user,
                 "The sign-in's proof key cannot be read (the sealing key changed).",
+                back.clone(),
             );
         }
     };
@@ -487,6 +539,7 @@ async fn confirm(
                 &ctx,
                 &user,
                 "The database did not answer; the tokens were not stored.",
+                back.clone(),
             )
         }
     }

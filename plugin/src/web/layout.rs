@@ -35,14 +35,25 @@ pub fn csrf(user: &CurrentUser) -> Markup {
     html! { input type="hidden" name=(CSRF_FIELD) value=(user.csrf_token); }
 }
 
-/// The 404 page of a mail server (the same for "not yours" and "not there").
+/// Where `user` manages mail servers: the list for operators, their own mailbox for others.
+pub(crate) fn servers_home(user: &CurrentUser) -> (&'static str, &'static str) {
+    if user.is_admin {
+        ("/microsoft_outlook/servers", "Back to mail servers")
+    } else {
+        ("/microsoft_outlook/my-mailbox", "Go to My mailbox")
+    }
+}
+
+/// The 404 page of a mail server (the same for "not yours" and "not there"), with a link to
+/// where `user` may go.
 pub(crate) fn not_found(ctx: &ModuleContext, user: &CurrentUser) -> HttpResponse {
+    let (href, words) = servers_home(user);
     page_with(
         actix_web::http::StatusCode::NOT_FOUND,
         ctx,
         user,
         "Not found",
-        html! { h1 { "No such mail server" } p { a href="/microsoft_outlook/servers" { "Back to mail servers" } } },
+        html! { h1 { "No such mail server" } p { a href=(href) { (words) } } },
     )
 }
 

@@ -14,10 +14,9 @@ use crate::outbox::queue::{Refusal, queue_mail};
 use crate::runtime::Shared;
 use crate::web::compose_box::{COMPOSE_SCRIPT, Typed, UploadLimits, compose_form, read_upload};
 use crate::web::layout::page_with;
-use crate::web::mail_words::waiting_of;
 pub use crate::web::mail_words::{
-    MailView, classified_reply, for_viewer, mailboxes, mails_table, queued_words, status_badge,
-    status_words, via_words,
+    MailView, RecordMail, classified_reply, for_viewer, mailboxes, mails_table, queued_words,
+    status_badge, status_words, via_words,
 };
 
 #[derive(Deserialize)]
@@ -90,12 +89,11 @@ async fn mails_part(
     limit: u64,
 ) -> Markup {
     let mails = recent(ctx, record, limit, user).await;
-    let waits = crate::delivery::health::waiting_words(ctx).await;
     let mailboxes = mailboxes(ctx).await;
     html! {
         div.mails-part id=(format!("mails-{}-{}", record.model, record.id))
             data-src=(format!("{}?part=table", record_path(&record.model, record.id))) {
-            (mails_table(&mails, &waits, &mailboxes, user))
+            (mails_table(&mails, &mailboxes))
         }
     }
 }
@@ -106,7 +104,8 @@ async fn recent(
     record: &RecordRef,
     limit: u64,
     viewer: &CurrentUser,
-) -> Vec<outbox::Model> {
+) -> Vec<RecordMail> {
+    let waits = crate::delivery::health::waiting_words(ctx).await;
     outbox::Entity::find()
         .filter(outbox::Column::RecordModel.eq(record.model.clone()))
         .filter(outbox::Column::RecordId.eq(record.id))
@@ -116,7 +115,7 @@ async fn recent(
         .await
         .unwrap_or_default()
         .into_iter()
-        .map(|m| for_viewer(m, viewer))
+        .map(|m| RecordMail::of(m, viewer, &waits))
         .collect()
 }
 
@@ -189,33 +188,27 @@ async fn list(
     }
     let mails = recent(&ctx, &record, 500, &user).await;
     if wants_json(&req) {
-        let waits = crate::delivery::health::waiting_words(&ctx).await;
-        let views: Vec<MailView> = mails
-            .into_iter()
-            .map(|m| {
-                let waiting = waiting_of(&m, &waits);
-                MailView {
-                    waiting,
-                    ..MailView::from(m)
-                }
-            })
-            .collect();
-        return HttpResponse::Ok().json(views);
+        return HttpResponse::Ok().json(mails);
     }
     let mailboxes = mailboxes(&ctx).await;
     let queued = query
         .queued
-        .and_then(|id| mails.iter().find(|m| m.id == id))
+        .and_then(|id| {
+            mails.iter().find_map(|m| match m {
+                RecordMail::Own(m) if m.id == id => Some(m),
+                _ => None,
+            })
+        })
         .map(|m| {
             queued_words(
                 mailboxes.get(&m.server_id).map_or("", String::as_str),
-                &m.from_header,
+                &m.from,
             )
         });
     let body = html! {
         h1 { "Mails of " a href=(summary.url) { (summary.title) } }
         @if let Some(words) = queued { p.flash.ok role="status" { (words) } }
-        section.card { (mails_table(&mails, &crate::delivery::health::waiting_words(&ctx).await, &mailboxes, &user)) }
+        section.card { (mails_table(&mails, &mailboxes)) }
     };
     crate::web::layout::page(&ctx, &user, "Mails", body)
 }

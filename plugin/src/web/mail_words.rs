@@ -32,6 +32,53 @@ pub struct MailView {
     pub status_words: String,
     /// Where the mail's page is.
     pub url: String,
+    /// The mail server it goes out through (the table names its mailbox).
+    #[serde(skip)]
+    pub server_id: i32,
+}
+
+/// A colleague's mail on a shared record, as a user sees it: what it is about and how it
+/// stands, not its page, its sender or its failure (the colleague's mailbox and recipients).
+#[derive(Serialize)]
+pub struct ColleagueMail {
+    pub message_id: String,
+    pub status: String,
+    pub status_words: String,
+    pub subject: String,
+    pub waiting: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// One mail of a record's list as its viewer sees it, the same in the table and in JSON:
+/// their own mails (every mail, for operators) whole, a colleague's as [`ColleagueMail`].
+#[derive(Serialize)]
+#[serde(untagged)]
+pub enum RecordMail {
+    Own(MailView),
+    Colleague(ColleagueMail),
+}
+
+impl RecordMail {
+    /// `m` as `viewer` may see it; `waits` says why mails wait on their mailboxes.
+    pub fn of(m: outbox::Model, viewer: &CurrentUser, waits: &HashMap<i32, String>) -> Self {
+        let waiting = waiting_of(&m, waits);
+        if viewer.is_admin || m.author_user_id == viewer.id {
+            return RecordMail::Own(MailView {
+                waiting,
+                ..MailView::from(for_viewer(m, viewer))
+            });
+        }
+        RecordMail::Colleague(ColleagueMail {
+            status_words: status_words(&m.status).to_string(),
+            message_id: m.message_id,
+            status: m.status,
+            subject: m.subject,
+            waiting,
+            created_at: m.created_at,
+            updated_at: m.updated_at,
+        })
+    }
 }
 
 /// The classified words of a remote SMTP reply: its code and enhanced status code
@@ -59,6 +106,7 @@ pub fn classified_reply(reply: &str) -> String {
 
 /// A mail as `viewer` may see it: operators see the remote server's reply as it was; others
 /// see its classified words (the remote server may be one a user pointed a mailbox at).
+/// The failure is in the words a user reads ([`user_words`]).
 pub fn for_viewer(mut m: outbox::Model, viewer: &CurrentUser) -> outbox::Model {
     if viewer.is_admin {
         return m;
@@ -68,7 +116,99 @@ pub fn for_viewer(mut m: outbox::Model, viewer: &CurrentUser) -> outbox::Model {
         m.last_error = m.last_error.map(|e| e.replace(&reply, &words));
         m.last_reply = Some(words);
     }
+    m.last_error = m.last_error.map(|e| user_words(&e, &m.status));
     m
+}
+
+/// What the author reads when the operators must act and the mail failed for good (as the
+/// failed-mail notification says it).
+pub const OPERATORS_TOLD_FAILED: &str = "The CRM's operators have been told; nothing is needed from you until they have fixed it — then send it again.";
+/// What the author reads when the operators must act and the mail waits (as the notification
+/// to the authors of waiting mail says it).
+pub const OPERATORS_TOLD_WAITING: &str =
+    "The CRM's operators have been told and will fix it; nothing is needed from you.";
+/// What the author reads when the mailbox must be connected again.
+const RECONNECT_TOLD: &str = "The mailbox must be connected again: its owner and the CRM's operators have been told. Nothing is lost.";
+
+/// Sentences that tell an operator or an administrator what to do (where a user cannot go:
+/// the server page, the settings, Azure, the Exchange admin center).
+const FOR_OPERATORS: &[&str] = &[
+    "administrator",
+    "operator",
+    "Retry now",
+    "server page",
+    "server's page",
+    "Settings ›",
+    "Azure",
+    "Entra",
+    "App registrations",
+    "Enterprise applications",
+    "admin center",
+    "Reconnecting",
+    "proxy",
+    "report it",
+];
+
+/// How the "what to do" part of a failure may begin where the "what happened" before it ends
+/// with a remote reply rather than a full stop.
+const STEPS_BEGIN: &[&str] = &[
+    "A CRM operator",
+    "An administrator",
+    "An Exchange administrator",
+    "A Microsoft 365 administrator",
+    "Reconnecting",
+    "Nothing to do",
+    "Check ",
+    "Click ",
+];
+
+/// The sentences of `text`: each ends with a full stop followed by a capital letter, or just
+/// before the steps of [`STEPS_BEGIN`].
+fn sentences(text: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (at, _) in text.match_indices(' ') {
+        let next = &text[at + 1..];
+        let ends = (text[..at].ends_with('.') && next.starts_with(char::is_uppercase))
+            || STEPS_BEGIN.iter().any(|s| next.starts_with(s));
+        if ends && at > start {
+            out.push(text[start..at].trim());
+            start = at + 1;
+        }
+    }
+    let rest = text[start..].trim();
+    if !rest.is_empty() {
+        out.push(rest);
+    }
+    out
+}
+
+/// A failure in the words its author reads: what happened, without the steps only operators
+/// (or a mailbox's owner) can take, and instead what the notifications tell authors — that
+/// the operators were told, and what is left for them to do. `status` is the mail's.
+pub fn user_words(words: &str, status: &str) -> String {
+    let (mut for_operators, mut reconnect) = (false, false);
+    let mut kept: Vec<&str> = Vec::new();
+    for sentence in sentences(words) {
+        if FOR_OPERATORS.iter().any(|w| sentence.contains(w)) {
+            for_operators = true;
+        } else if sentence.contains("Connect") {
+            reconnect = true;
+        } else {
+            kept.push(sentence);
+        }
+    }
+    let told = match (reconnect, for_operators, status) {
+        (true, _, "failed") => Some(
+            "The mailbox must be connected again: its owner and the CRM's operators have been told; then send it again.",
+        ),
+        (true, _, _) => Some(RECONNECT_TOLD),
+        (false, true, "failed") => Some(OPERATORS_TOLD_FAILED),
+        (false, true, _) => Some(OPERATORS_TOLD_WAITING),
+        (false, false, _) => None,
+    };
+    kept.extend(told);
+    kept.join(" ")
 }
 
 impl From<outbox::Model> for MailView {
@@ -88,8 +228,8 @@ impl From<outbox::Model> for MailView {
             next_attempt_at: m.next_attempt_at,
             sent_at: m.sent_at,
             waiting: None,
-
             url: format!("/microsoft_outlook/outbox/{}", m.id),
+            server_id: m.server_id,
         }
     }
 }
@@ -163,16 +303,9 @@ pub fn queued_words(mailbox: &str, from_header: &str) -> String {
 }
 
 /// The table of a record's mails, in words: the status (and why it waits), the mailbox it goes
-/// out from and as whom; the remote server's reply is on each mail's own page.
-pub fn mails_table(
-    mails: &[outbox::Model],
-    waits: &HashMap<i32, String>,
-    mailboxes: &HashMap<i32, String>,
-    viewer: &CurrentUser,
-) -> Markup {
-    // A colleague's mail on a shared record: no link to a page they may not open, and not the
-    // colleague's own mailbox address.
-    let own = |m: &outbox::Model| viewer.is_admin || m.author_user_id == viewer.id;
+/// out from and as whom; the remote server's reply is on each mail's own page. A colleague's
+/// mail shows only what [`RecordMail::Colleague`] carries.
+pub fn mails_table(mails: &[RecordMail], mailboxes: &HashMap<i32, String>) -> Markup {
     html! {
         @if mails.is_empty() {
             p.help { "No mail sent from this record yet." }
@@ -180,23 +313,29 @@ pub fn mails_table(
             table.mails {
                 thead { tr { th { "Subject" } th { "Status" } th { "Sent via" } th { "Queued" } th { "Updated" } } }
                 tbody {
-                    @for m in mails {
-                        tr data-message-id=(m.message_id) data-status=(m.status) {
-                            td {
-                                @if own(m) { a href=(format!("/microsoft_outlook/outbox/{}", m.id)) { (m.subject) } }
-                                @else { (m.subject) }
-                            }
-                            td {
-                                (status_badge(&m.status))
-                                @if let Some(w) = waiting_of(m, waits) { p.help.waiting { (w) } }
-                                @if m.status == "failed" { @if let Some(e) = &m.last_error { p.help { (e) } } }
-                            }
-                            td {
-                                @if own(m) { (via_words(mailboxes.get(&m.server_id).map_or("", String::as_str), &m.from_header)) }
-                                @else { "—" }
-                            }
-                            td { (m.created_at.format("%Y-%m-%d %H:%M:%S")) }
-                            td { (m.updated_at.format("%Y-%m-%d %H:%M:%S")) }
+                    @for mail in mails {
+                        @match mail {
+                            RecordMail::Own(m) => tr data-message-id=(m.message_id) data-status=(m.status) {
+                                td { a href=(m.url) { (m.subject) } }
+                                td {
+                                    (status_badge(&m.status))
+                                    @if let Some(w) = &m.waiting { p.help.waiting { (w) } }
+                                    @if m.status == "failed" { @if let Some(e) = &m.last_error { p.help { (e) } } }
+                                }
+                                td { (via_words(mailboxes.get(&m.server_id).map_or("", String::as_str), &m.from)) }
+                                td { (m.created_at.format("%Y-%m-%d %H:%M:%S")) }
+                                td { (m.updated_at.format("%Y-%m-%d %H:%M:%S")) }
+                            },
+                            RecordMail::Colleague(m) => tr data-message-id=(m.message_id) data-status=(m.status) {
+                                td { (m.subject) }
+                                td {
+                                    (status_badge(&m.status))
+                                    @if let Some(w) = &m.waiting { p.help.waiting { (w) } }
+                                }
+                                td { "—" }
+                                td { (m.created_at.format("%Y-%m-%d %H:%M:%S")) }
+                                td { (m.updated_at.format("%Y-%m-%d %H:%M:%S")) }
+                            },
                         }
                     }
                 }
@@ -208,6 +347,90 @@ pub fn mails_table(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::delivery::classify::{self, Facts, Observed, Stage};
+
+    /// Words only operators can act on.
+    fn for_operators_only(words: &str) -> bool {
+        [
+            "Retry now",
+            "server page",
+            "Settings ›",
+            "administrator",
+            "operator must",
+            "Azure",
+        ]
+        .iter()
+        .any(|w| words.contains(w))
+    }
+
+    #[test]
+    fn a_user_reads_every_failure_without_the_operators_steps() {
+        let facts = Facts {
+            mailbox: "sales@contoso.example",
+            from: "alice@contoso.example",
+            auth_user: "admin@contoso.example",
+        };
+        let mut verdicts: Vec<classify::Verdict> = classify::SMTP_RULES
+            .iter()
+            .map(|rule| {
+                let code = if rule.id.contains("temporary") || rule.id == "rate-throttled" {
+                    421
+                } else {
+                    554
+                };
+                let stage = match rule.id {
+                    "auth-refused" | "auth-temporary" | "auth-other" => Stage::Auth,
+                    "connection-refused" => Stage::Connect,
+                    _ => Stage::Transaction,
+                };
+                let text = format!(
+                    "{code} {} x",
+                    rule.when.contains.first().copied().unwrap_or("5.0.0")
+                );
+                classify::smtp(
+                    Observed::Reply {
+                        stage,
+                        code,
+                        text: &text,
+                    },
+                    &facts,
+                )
+            })
+            .collect();
+        verdicts.push(classify::smtp(Observed::NoXoauth2, &facts));
+        verdicts.push(classify::not_connected("sales@contoso.example"));
+        for v in &verdicts {
+            for status in ["queued", "failed"] {
+                let seen = user_words(&v.words(), status);
+                assert!(!for_operators_only(&seen), "{}: {seen}", v.rule);
+                assert!(
+                    seen.starts_with(v.what.split(". ").next().unwrap_or_default()),
+                    "{}: {seen}",
+                    v.rule
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_user_is_told_the_operators_were_told() {
+        let words = "Microsoft Graph refused to send from sales@contoso.example (403). An administrator must grant the app Mail.Send with admin consent; then click Retry now on the server page.";
+        assert_eq!(
+            user_words(words, "failed"),
+            format!(
+                "Microsoft Graph refused to send from sales@contoso.example (403). {OPERATORS_TOLD_FAILED}"
+            )
+        );
+        assert_eq!(
+            user_words(words, "queued"),
+            format!(
+                "Microsoft Graph refused to send from sales@contoso.example (403). {OPERATORS_TOLD_WAITING}"
+            )
+        );
+        // What is the author's to fix stays as it is.
+        let theirs = "The SMTP server refused this mail: 550 5.1.1 Check the recipients and the content, then send it again.";
+        assert_eq!(user_words(theirs, "failed"), theirs);
+    }
 
     #[test]
     fn a_reply_is_classified_to_its_codes() {

@@ -13,18 +13,23 @@ use crate::settings::{OutlookSettings, PersonalSmtpHosts};
 use crate::web::layout::{csrf, db_down, managed_server, page, page_with};
 use crate::web::servers::{self, OutboundRules, ServerForm, ServerInput, ServerKind};
 
-fn forbidden(ctx: &ModuleContext, user: &CurrentUser) -> HttpResponse {
+/// The refusal of an operator's page to a user: `what` they cannot do, and where their own
+/// mailbox is.
+fn forbidden(ctx: &ModuleContext, user: &CurrentUser, what: &str) -> HttpResponse {
     page_with(
         actix_web::http::StatusCode::FORBIDDEN,
         ctx,
         user,
         "Not yours",
         html! {
-            h1 { "You cannot manage this mail server" }
-            p { "Shared servers are managed by operators; a personal mailbox only by its owner." }
+            h1 { (what) }
+            p { "Shared mail servers are managed by operators; a personal mailbox only by its owner." }
+            p { a href="/microsoft_outlook/my-mailbox" { "Go to My mailbox" } }
         },
     )
 }
+
+const NOT_SERVERS: &str = "You cannot manage mail servers";
 
 /// The first sentence of `text` (up to and with its first ". ").
 fn first_sentence(text: &str) -> &str {
@@ -299,7 +304,7 @@ async fn list(
     query: web::Query<Deleted>,
 ) -> HttpResponse {
     if !user.is_admin {
-        return forbidden(&ctx, &user);
+        return forbidden(&ctx, &user, NOT_SERVERS);
     }
     let servers = servers::shared(ctx.db()).await.unwrap_or_default();
     let healths = crate::delivery::health::all(&ctx).await.unwrap_or_default();
@@ -340,7 +345,7 @@ async fn list(
                 td.help { @match (&health, token.and_then(|t| t.last_error.as_deref())) {
                     // The first sentence here; the whole text on the server's page.
                     (Health::Held { detail, .. }, _) => (first_sentence(detail)),
-                    (_, Some(e)) => (e),
+                    (_, Some(e)) => (first_sentence(e)),
                     _ => "-",
                 } }
             }
@@ -370,7 +375,7 @@ async fn list(
 
 async fn new_page(ctx: web::Data<ModuleContext>, user: CurrentUser) -> HttpResponse {
     if !user.is_admin {
-        return forbidden(&ctx, &user);
+        return forbidden(&ctx, &user, NOT_SERVERS);
     }
     let mut form = ServerForm::new_defaults(ServerKind::Shared, &user);
     form.smtp_host = cloud_smtp_host(&ctx).await;
@@ -387,7 +392,7 @@ async fn create(
     form: web::Form<ServerForm>,
 ) -> HttpResponse {
     if !user.is_admin {
-        return forbidden(&ctx, &user);
+        return forbidden(&ctx, &user, NOT_SERVERS);
     }
     match ServerInput::parse(&form, ServerKind::Shared) {
         Err(errors) => {
@@ -559,7 +564,7 @@ async fn retry(
     id: web::Path<i32>,
 ) -> HttpResponse {
     if !user.is_admin {
-        return forbidden(&ctx, &user);
+        return forbidden(&ctx, &user, "You cannot manage this mail server");
     }
     let server = match managed_server(&ctx, &user, id.into_inner()).await {
         Ok(server) => server,

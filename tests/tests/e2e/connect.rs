@@ -642,3 +642,64 @@ async fn server_form_validation_is_clear() {
         .await;
     assert_eq!(status, StatusCode::SEE_OTHER);
 }
+
+/// An expired sign-in leads back to the server it was for, when the viewer may open it;
+/// otherwise to where they may go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_sign_in_leads_back_to_its_server() {
+    let env = env().await;
+    let url = start_connect(&env.admin, env.server_id).await;
+    let callback = authorize(&url).await;
+    env.app.clock.advance(chrono::Duration::minutes(11));
+    let (status, page, _) = env.admin.get(&callback).await;
+    assert_failure(&env, &page, status, &["longer than 10 minutes"]).await;
+    let server_page = format!(r#"href="/microsoft_outlook/servers/{}""#, env.server_id);
+    assert!(page.contains(&server_page), "{page}");
+    assert!(
+        !page.contains("/microsoft_outlook/my-mailbox\">Back"),
+        "{page}"
+    );
+
+    // A sign-in that cannot be matched to a server: the operator goes to the servers.
+    let (_, page, _) = env
+        .admin
+        .get("/microsoft_outlook/confirm?code=abc&state=forged-state-value")
+        .await;
+    assert!(
+        page.contains(r#"href="/microsoft_outlook/servers">Back to mail servers"#),
+        "{page}"
+    );
+}
+
+/// A user who opens a shared server is sent where they may go, and the list's refusal says
+/// what they cannot do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_is_sent_to_their_mailbox_from_a_shared_server() {
+    let env = env().await;
+    let alice = env.app.signed_in(ALICE).await;
+    for path in [
+        format!("/microsoft_outlook/servers/{}", env.server_id),
+        format!("/microsoft_outlook/servers/{}/delete", env.server_id),
+    ] {
+        let (status, page, _) = alice.get(&path).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+        assert!(
+            page.contains(r#"href="/microsoft_outlook/my-mailbox">Go to My mailbox"#),
+            "{path}: {page}"
+        );
+        assert!(
+            !page.contains(r#"href="/microsoft_outlook/servers">"#),
+            "{path}: {page}"
+        );
+    }
+    let (status, page, _) = alice.get("/microsoft_outlook/servers").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(page.contains("You cannot manage mail servers"), "{page}");
+    assert!(!page.contains("this mail server"), "{page}");
+    // The operator's 404 still leads to the list.
+    let (_, page, _) = env.admin.get("/microsoft_outlook/servers/999999").await;
+    assert!(
+        page.contains(r#"href="/microsoft_outlook/servers">Back to mail servers"#),
+        "{page}"
+    );
+}

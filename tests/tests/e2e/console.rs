@@ -902,3 +902,48 @@ async fn a_throttled_mailbox_is_shown_but_offers_no_release() {
     let (_, page, _) = m.env.admin.get(&format!("{OUTBOX}/{id}")).await;
     assert!(!page.contains("Release held mail"), "{page}");
 }
+
+/// A held mail's page: its author reads what happened and that the operators were told (no
+/// "Retry now", no server page, no steps in the admin center), and one promise of when it
+/// goes; the operator reads the steps to take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_mail_page_says_what_happened_in_users_words_and_operators_in_theirs() {
+    let m = one_attempt().await;
+    let app = &m.env.app;
+    disable_smtp_auth(&m, 100).await;
+    let id = queue(&m, "Held by the tenant").await;
+    wait_held(app, m.env.server_id).await;
+    let path = format!("{OUTBOX}/{id}");
+
+    let (_, page, _) = m.alice.get(&path).await;
+    let (_, detail) = m.alice.get_json(&path).await;
+    let words = detail["mail"]["last_error"]
+        .as_str()
+        .expect("what happened");
+    for shown in [page.as_str(), words] {
+        assert!(shown.contains("5.7.139"), "{shown}");
+        assert!(
+            shown.contains("The CRM's operators have been told"),
+            "{shown}"
+        );
+        for operators_only in [
+            "Retry now",
+            "server page",
+            "Set-CASMailbox",
+            "An Exchange administrator must",
+        ] {
+            assert!(!shown.contains(operators_only), "{operators_only}: {shown}");
+        }
+    }
+    assert!(
+        !page.contains("when its next attempt is due"),
+        "a held mail goes when its mailbox is ready: {page}"
+    );
+    assert!(page.contains("once its mailbox is ready again"), "{page}");
+
+    let (_, page, _) = m.env.admin.get(&path).await;
+    assert!(
+        page.contains("An Exchange administrator must enable Authenticated SMTP"),
+        "{page}"
+    );
+}

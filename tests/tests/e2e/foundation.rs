@@ -549,3 +549,52 @@ async fn records_looked_up_together_answer_as_one_at_a_time() {
     }
     assert!(directory.find_many(&[]).await.expect("nothing").is_empty());
 }
+
+/// No address answers a blank page: a reload of the settings after Save shows them, an
+/// unknown address gets the 404 page in the host's layout with a link home, and the icon
+/// browsers ask for is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_addresses_answer_a_page_and_the_settings_reload() {
+    let app = spawn_app().await;
+    app.enable_module().await;
+    let admin = app.signed_in(ADMIN).await;
+    let (status, page, _) = admin.get("/settings/microsoft_outlook").await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(
+        page.contains(r#"id="settings-microsoft_outlook""#),
+        "{page}"
+    );
+
+    let alice = app.signed_in(ALICE).await;
+    for path in [
+        "/nonexistent",
+        "/microsoft_outlook/nonexist",
+        "/settings/no_such_module",
+    ] {
+        let who = if path.starts_with("/settings") {
+            &admin
+        } else {
+            &alice
+        };
+        let (status, page, _) = who.get(path).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+        assert!(page.contains("Page not found"), "{path}: {page}");
+        assert!(page.contains(r#"href="/""#), "{path}: {page}");
+        assert!(page.contains("Sign out"), "in the layout: {path}: {page}");
+    }
+    let (status, page, _) = app.browser().get("/nonexistent").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(page.contains("Page not found"), "{page}");
+
+    let response = reqwest::get(format!("{}/favicon.ico", app.base))
+        .await
+        .expect("GET");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|t| t.starts_with("image/")),
+    );
+}

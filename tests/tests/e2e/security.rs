@@ -700,3 +700,66 @@ async fn a_connection_test_never_reaches_a_host_the_operator_does_not_allow() {
         "no test mail was queued"
     );
 }
+
+/// A colleague's mail on a shared record: the JSON list gives Bob exactly what the page gives
+/// him (its subject and status), not its page, its sender or its failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_colleagues_mail_is_the_same_in_the_json_list_as_on_the_page() {
+    let m = mailing().await;
+    m.smtp.inject(
+        Injected::Reply {
+            stage: Stage::EndOfData,
+            reply: "554 5.2.0 refused".into(),
+        },
+        1,
+    );
+    let path = format!("/microsoft_outlook/records/contact/{}/mails", m.contact);
+    let mail = json!({"to": "dana@fabrikam.example", "cc": "fiona@fabrikam.example", "subject": "Private terms", "text_body": "x"});
+    let (status, body) = m.alice.post_json(&path, &mail).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let id = body["id"].as_i64().expect("id");
+    wait_status(&m.env.app, id, "failed").await;
+    let url = format!("/microsoft_outlook/outbox/{id}");
+
+    // Alice, the author, sees her mail whole, in both.
+    let (_, list) = m.alice.get_json(&path).await;
+    assert_eq!(list[0]["url"], url.as_str(), "{list}");
+    let error = list[0]["last_error"]
+        .as_str()
+        .expect("her failure")
+        .to_string();
+    let (_, page, _) = m.alice.get(&path).await;
+    assert!(page.contains(&url) && page.contains(&error), "{page}");
+
+    // Bob sees the subject and the status, and nothing the page does not show him.
+    let bob = m.env.app.signed_in(BOB).await;
+    let (status, list) = bob.get_json(&path).await;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    let seen = list[0].as_object().expect("a mail");
+    let mut keys: Vec<&str> = seen.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "created_at",
+            "message_id",
+            "status",
+            "status_words",
+            "subject",
+            "updated_at",
+            "waiting"
+        ],
+        "{list}"
+    );
+    assert_eq!(seen["subject"], "Private terms");
+    assert_eq!(seen["status"], "failed");
+    let (_, page, _) = bob.get(&path).await;
+    for shown in [list.to_string(), page] {
+        assert!(!shown.contains(&url), "{shown}");
+        assert!(!shown.contains("554"), "{shown}");
+        assert!(!shown.contains(crate::connect::MAILBOX), "{shown}");
+        assert!(shown.contains("Private terms"), "{shown}");
+    }
+    let (status, _, _) = bob.get(&url).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}

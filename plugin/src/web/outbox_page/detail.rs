@@ -185,7 +185,7 @@ pub(super) async fn detail(
                     }
                 }
             }
-            (actions(&mail, &user))
+            (actions(&mail, &user, waits_on_mailbox))
         }
         @if let Some(message) = &message {
             section.card id="message" {
@@ -217,7 +217,9 @@ pub(super) fn refusal_words(why: &str) -> &'static str {
     }
 }
 
-pub(super) fn actions(mail: &outbox::Model, user: &CurrentUser) -> Markup {
+/// Retry and Cancel for `mail`, as far as `user` may take them; `held` says that the mail
+/// waits on its mailbox (so it goes when the mailbox is ready, not at its own next attempt).
+pub(super) fn actions(mail: &outbox::Model, user: &CurrentUser, held: bool) -> Markup {
     let base = format!("{OUTBOX}/{}", mail.id);
     html! {
         div.actions {
@@ -234,7 +236,7 @@ pub(super) fn actions(mail: &outbox::Model, user: &CurrentUser) -> Markup {
                         (csrf(user))
                         button.danger type="submit" { "Cancel" }
                     }
-                    p.help { @if mail.status == "failed" { "Retry now gives it a new round of attempts. " } @else if user.is_admin { "Retry now makes it due now (a held mailbox still holds it). " } @else { "It is tried again by itself when its next attempt is due. " } "Cancel keeps it from ever being sent." }
+                    p.help { @if mail.status == "failed" { "Retry now gives it a new round of attempts. " } @else if user.is_admin { "Retry now makes it due now (a held mailbox still holds it). " } @else if held { "It goes out by itself once its mailbox is ready again. " } @else { "It is tried again by itself when its next attempt is due. " } "Cancel keeps it from ever being sent." }
                 }
                 "sending" => p.help { "This mail is being sent right now: it cannot be cancelled." },
                 _ => {}
