@@ -20,7 +20,15 @@ pub(crate) struct Attempt<'a> {
 /// An outcome, and who must act when the mail failed for good.
 pub(crate) struct Decided {
     pub(crate) outcome: Outcome,
-    pub(crate) failed_for: Option<Who>,
+    pub(crate) failed_for: Option<FailedFor>,
+}
+
+/// Who must act on a mail that failed for good.
+pub(crate) struct FailedFor {
+    pub(crate) who: Who,
+    /// The end of the failure's words that is advice to the author alone (to correct the mail
+    /// and send it again): left out of the operators' copy.
+    pub(crate) authors_advice: Option<String>,
 }
 
 impl Attempt<'_> {
@@ -50,7 +58,10 @@ impl Attempt<'_> {
     pub(crate) fn failed(&self, reply: Option<String>, why: String, who: Who) -> Decided {
         Decided {
             outcome: self.outcome("failed", reply, Some(why)),
-            failed_for: Some(who),
+            failed_for: Some(FailedFor {
+                who,
+                authors_advice: None,
+            }),
         }
     }
 
@@ -107,7 +118,13 @@ impl Attempt<'_> {
     /// What a message-level refusal does to the mail.
     pub(crate) fn refused(&self, verdict: &Verdict, reply: Option<String>) -> Decided {
         match verdict.level {
-            Level::MailFails => self.failed(reply, verdict.words(), verdict.who),
+            Level::MailFails => {
+                let mut d = self.failed(reply, verdict.words(), verdict.who);
+                if let Some(f) = d.failed_for.as_mut().filter(|f| f.who == Who::Author) {
+                    f.authors_advice = Some(verdict.fix.clone());
+                }
+                d
+            }
             _ => self.retry_or_fail(reply, verdict.words()),
         }
     }

@@ -311,7 +311,7 @@ pub const SMTP_RULES: &[Rule] = &[
         hold_for_secs: None,
         who: Who::ExchangeAdmin,
         what: "Exchange refuses SMTP AUTH for {mailbox}: authenticated SMTP is disabled for the tenant or for the mailbox (535 5.7.139).",
-        fix: "An Exchange administrator must enable Authenticated SMTP for {mailbox} (Microsoft 365 admin center › Users › the mailbox › Mail › Manage email apps, or Set-CASMailbox -SmtpClientAuthenticationDisabled $false), or switch this server to the Microsoft Graph transport. Reconnecting does not help. The mails wait; use Retry now on the server page once it is enabled.",
+        fix: "An Exchange administrator must enable Authenticated SMTP for {mailbox} (Microsoft 365 admin center › Users › the mailbox › Mail › Manage email apps, or Set-CASMailbox -SmtpClientAuthenticationDisabled $false), or switch this server to the Microsoft Graph transport. Reconnecting does not help. The mails wait and are tried again every 15 minutes.",
     },
     Rule {
         id: "quota-exceeded",
@@ -363,7 +363,7 @@ pub const SMTP_RULES: &[Rule] = &[
         hold_for_secs: None,
         who: Who::Operator,
         what: "Exchange refused the XOAUTH2 data for {mailbox} as {user} (501 5.5.124 Invalid XOAUTH2 auth data).",
-        fix: "A CRM operator must check the server's mailbox address and that the connected account may send from it; then use Retry now on the server page. The mails wait.",
+        fix: "A CRM operator must check the server's mailbox address and that the connected account may send from it. The mails wait.",
     },
     Rule {
         id: "not-authenticated",
@@ -426,7 +426,7 @@ pub const SMTP_RULES: &[Rule] = &[
         hold_for_secs: None,
         who: Who::Operator,
         what: "The SMTP server refused a freshly issued token for {mailbox} (signing in as {user}): {reply}",
-        fix: "Reconnecting does not help while this holds. An administrator must check that the connected account is licensed for Exchange Online, may send from {mailbox} (Full Access or Send As), and that SMTP AUTH is enabled for the mailbox; then use Retry now on the server page. The mails wait.",
+        fix: "Reconnecting does not help while this holds. An administrator must check that the connected account is licensed for Exchange Online, may send from {mailbox} (Full Access or Send As), and that SMTP AUTH is enabled for the mailbox. The mails wait and are tried again every 15 minutes.",
     },
     Rule {
         id: "auth-temporary",
@@ -452,7 +452,7 @@ pub const SMTP_RULES: &[Rule] = &[
         hold_for_secs: None,
         who: Who::Operator,
         what: "The SMTP server refused authentication for {mailbox}: {reply}",
-        fix: "A CRM operator must check the server's settings and the mailbox's permissions; then use Retry now on the server page. The mails wait.",
+        fix: "A CRM operator must check the server's settings and the mailbox's permissions. The mails wait.",
     },
     Rule {
         id: "connection-refused",
@@ -655,7 +655,9 @@ pub fn not_connected(mailbox: &str) -> Verdict {
         level: Level::MailboxHeld(HoldReason::GrantDead),
         who: Who::MailboxOwner,
         what: format!("The mailbox {mailbox} is not connected."),
-        fix: "Click Connect on the server's page and sign in at Microsoft. The mails wait and go out after that.".into(),
+        fix: format!(
+            "Click Connect and sign in at Microsoft as {mailbox}. The mails wait and go out after that."
+        ),
         hold_for: None,
     }
 }

@@ -162,7 +162,7 @@ const GRAPH_RULES: &[GraphRule] = &[
         level: Level::MailboxHeld(HoldReason::GraphAccessDenied),
         who: Who::ExchangeAdmin,
         what: "Microsoft Graph denies sending from {mailbox} ({said}).",
-        fix: "An administrator must grant the app Mail.Send (and Mail.Send.Shared for a shared mailbox) with admin consent, and check that no application access policy excludes this mailbox; then click Retry now on the server page.",
+        fix: "An administrator must grant the app Mail.Send (and Mail.Send.Shared for a shared mailbox) with admin consent, and check that no application access policy excludes this mailbox. The mails wait and are tried again every 15 minutes.",
     },
     GraphRule {
         id: "graph-throttled",

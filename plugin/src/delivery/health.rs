@@ -12,7 +12,7 @@ use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, Quer
 use std::collections::HashMap;
 
 use crate::delivery::classify::{HoldReason, Verdict};
-use crate::entities::{mail_server, mailbox_health, outbox};
+use crate::entities::{mail_server, mailbox_health, outbox, token};
 use crate::runtime::Shared;
 
 /// A mailbox's state.
@@ -241,8 +241,137 @@ pub async fn hold(
     Ok(began)
 }
 
+/// Who can end a hold: the people told to act, and the only ones a notice asks anything of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fixer {
+    /// The owner of a personal mailbox (only they can sign in to it or clean it up).
+    Owner(i64),
+    /// The CRM's operators (a shared mailbox's owners; an administrator's fix on any mailbox).
+    Operators,
+    /// Nobody: it ends by itself (the sending quota's window).
+    Nobody,
+}
+
+/// Who can end `server`'s hold for `reason`.
+fn fixer(server: &mail_server::Model, reason: HoldReason) -> Fixer {
+    match (reason, server.owner_user_id) {
+        (HoldReason::QuotaExceeded, _) => Fixer::Nobody,
+        (reason, Some(owner)) if !reason.needs_operator() => Fixer::Owner(owner),
+        _ => Fixer::Operators,
+    }
+}
+
+/// The page where operators act on a held mailbox: a shared server's page (Retry now, Connect),
+/// or, for a personal mailbox (not on their server list), the outbox filtered to it, where
+/// Release held mail is.
+pub fn operators_link(server: &mail_server::Model) -> String {
+    if server.owner_user_id.is_some() {
+        format!("/microsoft_outlook/outbox?server={}", server.id)
+    } else {
+        format!("/microsoft_outlook/servers/{}", server.id)
+    }
+}
+
+/// The page of a personal mailbox as its owner reaches it.
+pub const MY_MAILBOX: &str = "/microsoft_outlook/my-mailbox";
+
+/// The operators' step in the CRM once the outside fix is done (the rule's words say what to
+/// fix; where to resume depends on the mailbox).
+fn operators_step(server: &mail_server::Model, reason: HoldReason) -> &'static str {
+    match (fixer(server, reason), server.owner_user_id) {
+        (Fixer::Operators, Some(_)) => {
+            "It is a user's personal mailbox: once it is fixed, click Release held mail on the outbox filtered to this mailbox (the link)."
+        }
+        (Fixer::Operators, None) if reason.needs_operator() => {
+            "Once it is fixed, click Retry now on the server's page (the link)."
+        }
+        _ => "",
+    }
+}
+
+/// The notices of a hold: operators when theirs to fix (or the mailbox is shared), the owner
+/// of a personal mailbox always (asked to act only when theirs to fix), the other authors
+/// whose mail waits (never asked to act). Only a notice that asks its reader to act carries a
+/// link (the host shows it as "Fix it").
+fn hold_notices(
+    server: &mail_server::Model,
+    reason: HoldReason,
+    v: &Verdict,
+    waits: &str,
+) -> Vec<Notification> {
+    let key = Some(notification_key(server.id));
+    let fixer = fixer(server, reason);
+    let title = reason.title().to_lowercase();
+    let mut notices = Vec::new();
+    if server.owner_user_id.is_none() || fixer == Fixer::Operators {
+        let subject = match server.owner_user_id {
+            None => format!(
+                "Mail server \"{}\" ({}) is held: {title}",
+                server.name, server.mailbox
+            ),
+            Some(_) => format!("Personal mailbox {} is held: {title}", server.mailbox),
+        };
+        let step = operators_step(server, reason);
+        notices.push(Notification {
+            audience: Audience::Operators,
+            subject,
+            body: join(&[&v.what, &v.fix, step, waits]),
+            link: Some(operators_link(server)),
+            key: key.clone(),
+        });
+    }
+    if let Some(owner) = server.owner_user_id {
+        let (body, link) = match fixer {
+            Fixer::Owner(_) => (
+                join(&[
+                    &v.what,
+                    &v.fix,
+                    "Only you can do this, on your My mailbox page (the link).",
+                    waits,
+                ]),
+                Some(MY_MAILBOX.to_string()),
+            ),
+            Fixer::Operators => (
+                join(&[
+                    &v.what,
+                    "The CRM's operators have been told and must fix it; nothing is needed from you.",
+                    waits,
+                ]),
+                None,
+            ),
+            Fixer::Nobody => (
+                join(&[
+                    &v.what,
+                    "Nothing is needed from you: sending resumes by itself.",
+                    waits,
+                ]),
+                None,
+            ),
+        };
+        notices.push(Notification {
+            audience: Audience::User(owner),
+            subject: format!("Your mailbox {} is held: {title}", server.mailbox),
+            body,
+            link,
+            key,
+        });
+    }
+    notices
+}
+
+/// Words joined by a space, the empty ones left out.
+fn join(parts: &[&str]) -> String {
+    parts
+        .iter()
+        .map(|p| p.trim())
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// The authors whose mail waits on `server` are told too, once, that nothing is needed from
-/// them (the owner of a personal mailbox is told by [`tell`] itself).
+/// them (the owner of a personal mailbox is told by [`hold_notices`]). Nothing is asked of
+/// them, so their notice has no link.
 async fn author_notices(
     ctx: &ModuleContext,
     server: &mail_server::Model,
@@ -272,12 +401,13 @@ async fn author_notices(
     };
     authors
         .into_iter()
-        .filter(|a| Some(*a) != server.owner_user_id)
+        // A personal mailbox's owner is told by [`hold_notices`], but of a settings incident.
+        .filter(|a| module_wide(reason) || Some(*a) != server.owner_user_id)
         .map(|author| Notification {
             audience: Audience::User(author),
             subject: format!("Your mail waits: {}", reason.title().to_lowercase()),
             body: format!("{} {nothing_needed} {waits}", v.what),
-            link: Some("/microsoft_outlook/outbox".into()),
+            link: None,
             key: Some(key.clone()),
         })
         .collect()
@@ -305,38 +435,7 @@ async fn tell(ctx: &ModuleContext, server: &mail_server::Model, reason: HoldReas
             });
         }
     } else {
-        let subject = format!(
-            "Mail server \"{}\" ({}) is held: {}",
-            server.name,
-            server.mailbox,
-            reason.title().to_lowercase()
-        );
-        let link = Some(format!("/microsoft_outlook/servers/{}", server.id));
-        notices.push(Notification {
-            audience: Audience::Operators,
-            subject: subject.clone(),
-            body: format!("{} {} {waits}", v.what, v.fix),
-            link: link.clone(),
-            key: Some(notification_key(server.id)),
-        });
-        // The owner of a personal mailbox is asked to act only where they can.
-        if let Some(owner) = server.owner_user_id {
-            let body = if reason.needs_operator() {
-                format!(
-                    "{} The CRM's operators have been told and must fix it; nothing is needed from you. {waits}",
-                    v.what
-                )
-            } else {
-                format!("{} {} {waits}", v.what, v.fix)
-            };
-            notices.push(Notification {
-                audience: Audience::User(owner),
-                subject,
-                body,
-                link,
-                key: Some(notification_key(server.id)),
-            });
-        }
+        notices.extend(hold_notices(server, reason, v, waits));
     }
     notices.extend(author_notices(ctx, server, reason, v, waits).await);
     for n in notices {
@@ -461,6 +560,7 @@ async fn end_hold(
     shared.forget_health(server_id);
     if ended {
         tracing::info!(server_id, "mailbox hold ended");
+        clear_token_error(ctx, server_id).await?;
         if let Err(e) = ctx.notifier().resolve(&notification_key(server_id)).await {
             tracing::warn!(error = %e, "resolving a hold notification failed");
         }
@@ -475,6 +575,21 @@ async fn end_hold(
         return Ok((false, Vec::new()));
     }
     Ok((ended, requeue_waiting(ctx, server_id).await?))
+}
+
+/// The token's last error described the hold that ended: it no longer stands beside a ready
+/// mailbox (a dead grant keeps it: it says why the mailbox must be connected again).
+async fn clear_token_error(ctx: &ModuleContext, server_id: i32) -> Result<(), sea_orm::DbErr> {
+    token::Entity::update_many()
+        .col_expr(
+            token::Column::LastError,
+            Expr::value(Option::<String>::None),
+        )
+        .filter(token::Column::ServerId.eq(server_id))
+        .filter(token::Column::Status.eq("valid"))
+        .exec(ctx.db())
+        .await?;
+    Ok(())
 }
 
 /// A module-wide incident is over when no mailbox is held for its reason any more: it is
@@ -637,36 +752,85 @@ pub async fn waiting_counts(ctx: &ModuleContext) -> Result<HashMap<i32, i64>, se
     Ok(rows.into_iter().collect())
 }
 
-/// For each held or throttled mailbox, what its waiting mails say to the people who wrote
-/// them: why they wait, and who has been told (a user is never asked to do an operator's job).
+/// For each held or throttled mailbox, what its waiting mails say to someone who is not the
+/// owner of a personal mailbox (operators, authors on a shared one); see [`waiting_words_for`].
 pub async fn waiting_words(ctx: &ModuleContext) -> HashMap<i32, String> {
+    waiting_words_for(ctx, None).await
+}
+
+/// For each held or throttled mailbox, what its waiting mails say to `viewer` (a user id):
+/// why they wait, and who has been told, in words for the reader (the owner of a personal
+/// mailbox reads "you"; nobody is asked to do another's job).
+pub async fn waiting_words_for(ctx: &ModuleContext, viewer: Option<i64>) -> HashMap<i32, String> {
     let now = ctx.clock().now();
     let rows = all(ctx).await.unwrap_or_default();
+    let owners: HashMap<i32, Option<i64>> = mail_server::Entity::find()
+        .select_only()
+        .column(mail_server::Column::Id)
+        .column(mail_server::Column::OwnerUserId)
+        .filter(mail_server::Column::Id.is_in(rows.keys().copied()))
+        .into_tuple()
+        .all(ctx.db())
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
     rows.iter()
         .filter_map(|(id, row)| {
-            let words = match Health::of(Some(row), now) {
-                Health::Ready => return None,
-                Health::Throttled { until } => format!(
-                    "Waiting: Exchange asked to slow down; it goes out after {}.",
-                    until.format("%H:%M UTC")
-                ),
-                Health::Held { reason, .. } if reason.needs_operator() => format!(
-                    "Waiting: the mailbox needs an administrator ({}) — the CRM's operators have been told. Nothing is lost; it goes out once they fix it.",
-                    reason.title().to_lowercase()
-                ),
-                Health::Held {
-                    reason: HoldReason::QuotaExceeded,
-                    until,
-                    ..
-                } => format!(
-                    "Waiting: Exchange's daily sending limit for this mailbox was reached; it goes out by itself{}. Nothing is lost.",
-                    until.map(|u| format!(" after {}", u.format("%Y-%m-%d %H:%M UTC"))).unwrap_or_default()
-                ),
-                Health::Held { .. } => "Waiting: the mailbox must be connected again — its owner and the operators have been told. Nothing is lost.".to_string(),
-            };
+            let owner = owners.get(id).copied().flatten();
+            let words = words_of(&Health::of(Some(row), now), owner, viewer)?;
             Some((*id, words))
         })
         .collect()
+}
+
+/// What a mail waiting on a mailbox in `health` says to `viewer`; `owner`: the mailbox's
+/// owner when it is personal.
+fn words_of(health: &Health, owner: Option<i64>, viewer: Option<i64>) -> Option<String> {
+    let words = match health {
+        Health::Ready => return None,
+        Health::Throttled { until } => format!(
+            "Waiting: Exchange asked to slow down; it goes out after {}.",
+            until.format("%H:%M UTC")
+        ),
+        Health::Held { reason, .. } if reason.needs_operator() => format!(
+            "Waiting: the mailbox needs an administrator ({}) — the CRM's operators have been told. Nothing is lost; it goes out once they fix it.",
+            reason.title().to_lowercase()
+        ),
+        Health::Held {
+            reason: HoldReason::QuotaExceeded,
+            until,
+            ..
+        } => format!(
+            "Waiting: Exchange's daily sending limit for this mailbox was reached; it goes out by itself{}. Nothing is lost.",
+            until
+                .map(|u| format!(" after {}", u.format("%Y-%m-%d %H:%M UTC")))
+                .unwrap_or_default()
+        ),
+        Health::Held { reason, .. } => {
+            let what = if *reason == HoldReason::MailboxFull {
+                "the mailbox is full"
+            } else {
+                "the mailbox must be connected again"
+            };
+            let who = match owner {
+                None => "the CRM's operators have been told".to_string(),
+                Some(o) if Some(o) == viewer => {
+                    let what = if *reason == HoldReason::MailboxFull {
+                        "your mailbox is full: make room in it"
+                    } else {
+                        "your mailbox must be connected again: click Connect on My mailbox"
+                    };
+                    return Some(format!(
+                        "Waiting: {what}; only you can do this. Nothing is lost; it goes out after that."
+                    ));
+                }
+                Some(_) => "only its owner can fix this, and has been told".to_string(),
+            };
+            format!("Waiting: {what} — {who}. Nothing is lost.")
+        }
+    };
+    Some(words)
 }
 
 #[cfg(test)]

@@ -280,8 +280,11 @@ impl Writer<'_> {
                     drained.failed += 1;
                     self.shared.metrics.failed(queued_for);
                     let why = d.outcome.last_error.as_deref().unwrap_or_default();
-                    let who = d.failed_for.unwrap_or(Who::Nobody);
-                    crate::outbox::failed_notice::mail_failed(self.ctx, row, why, who).await;
+                    let (who, advice) = d.failed_for.as_ref().map_or((Who::Nobody, None), |f| {
+                        (f.who, f.authors_advice.as_deref())
+                    });
+                    crate::outbox::failed_notice::mail_failed(self.ctx, row, why, who, advice)
+                        .await;
                 }
                 _ => drained.again += 1,
             }

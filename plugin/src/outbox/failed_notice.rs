@@ -18,8 +18,15 @@ pub fn link(mail_id: i64) -> String {
 }
 
 /// Notifies the author and the operators that `mail` failed because of `why`; `who` must act
-/// (the author is told to correct the mail only when it is theirs to fix).
-pub async fn mail_failed(ctx: &ModuleContext, mail: &ClaimedRow, why: &str, who: Who) {
+/// (the author is told to correct the mail only when it is theirs to fix). `authors_advice`
+/// is the end of `why` meant for the author alone: the operators' copy leaves it out.
+pub async fn mail_failed(
+    ctx: &ModuleContext,
+    mail: &ClaimedRow,
+    why: &str,
+    who: Who,
+    authors_advice: Option<&str>,
+) {
     let subject = format!("Mail not sent: \"{}\"", mail.subject);
     let recipients = mail.recipients.lines().collect::<Vec<_>>().join(", ");
     let advice = if who == Who::Author {
@@ -29,9 +36,14 @@ pub async fn mail_failed(ctx: &ModuleContext, mail: &ClaimedRow, why: &str, who:
     };
     let author_body =
         format!("Your mail to {recipients} failed and will not be retried. {why} {advice}");
+    let for_operators = authors_advice
+        .and_then(|a| why.strip_suffix(a))
+        .unwrap_or(why)
+        .trim_end();
     let operators_body = format!(
-        "Mail {} from {} to {recipients} (author: user {}) failed and will not be retried. {why}",
-        mail.id, mail.from_header, mail.author_user_id
+        "Mail {} by {} to {recipients} failed and will not be retried. {for_operators}",
+        mail.id,
+        author_of(&mail.from_header)
     );
     let notices = [
         Notification {
@@ -53,5 +65,35 @@ pub async fn mail_failed(ctx: &ModuleContext, mail: &ClaimedRow, why: &str, who:
         if let Err(e) = ctx.notifier().notify(notice).await {
             tracing::warn!(error = %e, outbox_id = mail.id, "a failed-mail notification was not recorded");
         }
+    }
+}
+
+/// The author of a mail as people know them: the From header's display name (always the
+/// author's name), else the header itself.
+fn author_of(from_header: &str) -> String {
+    match from_header.parse::<lettre::message::Mailbox>() {
+        Ok(mailbox) => match mailbox.name.as_deref().map(str::trim) {
+            Some(name) if !name.is_empty() => format!("{name} (sent as {})", mailbox.email),
+            _ => mailbox.email.to_string(),
+        },
+        Err(_) => from_header.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::author_of;
+
+    #[test]
+    fn the_author_is_named_not_numbered() {
+        assert_eq!(
+            author_of("Alice Adams <sales@contoso.example>"),
+            "Alice Adams (sent as sales@contoso.example)"
+        );
+        assert_eq!(
+            author_of("\"Adams, Alice\" <alice@contoso.example>"),
+            "Adams, Alice (sent as alice@contoso.example)"
+        );
+        assert_eq!(author_of("bob@contoso.example"), "bob@contoso.example");
     }
 }

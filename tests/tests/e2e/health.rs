@@ -175,15 +175,13 @@ fn position(smtp: &SmtpServer, message_id: &str) -> Option<usize> {
         .position(|m| m.message_id.as_deref() == Some(message_id))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_revoked_grant_behind_an_error_challenge_holds_the_mailbox_until_reconnected() {
+/// Alice's own mailbox on a simulated SMTP server started with `config` (allowed by the
+/// operator for personal mailboxes), connected; returns the mailing and the mailbox's id.
+async fn alices_mailbox(config: SmtpConfig) -> (Mailing, i32) {
     let env = env().await;
-    // A server that refuses tokens the Gmail/Dovecot way: 334 <JSON>, then 535 after the
-    // client's empty line.
     let smtp = SmtpServer::start(SmtpConfig {
         validator: Some(env.idp.smtp_validator()),
-        xoauth2_error_challenge: true,
-        ..SmtpConfig::default()
+        ..config
     })
     .await
     .expect("smtp");
@@ -236,6 +234,18 @@ async fn a_revoked_grant_behind_an_error_challenge_holds_the_mailbox_until_recon
         alice,
         contact,
     };
+    (m, mine)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_grant_behind_an_error_challenge_holds_the_mailbox_until_reconnected() {
+    // A server that refuses tokens the Gmail/Dovecot way: 334 <JSON>, then 535 after the
+    // client's empty line.
+    let (m, mine) = alices_mailbox(SmtpConfig {
+        xoauth2_error_challenge: true,
+        ..SmtpConfig::default()
+    })
+    .await;
     let app = &m.env.app;
 
     // Alice changes her password: the grant is revoked and the stored access token, which the
@@ -270,14 +280,14 @@ async fn a_revoked_grant_behind_an_error_challenge_holds_the_mailbox_until_recon
     assert_eq!(token_row(app, mine).await.status, "needs_reconnect");
     assert_eq!(m.smtp.received_count(), 0);
 
-    // Operators and Alice are told, once each.
+    // Only Alice can sign in to her mailbox: she is told, once; the operators are not asked.
     let notes = notifications(app, &mailbox_key(mine)).await;
     let to_operators = notes.iter().filter(|n| n.for_operators).count();
     let to_alice = notes
         .iter()
         .filter(|n| n.user_id == Some(app.alice_id))
         .count();
-    assert_eq!((to_operators, to_alice), (1, 1), "{notes:?}");
+    assert_eq!((to_operators, to_alice), (0, 1), "{notes:?}");
     assert!(notes.iter().all(|n| n.resolved_at.is_none()));
     let (_, page, _) = m.alice.get("/notifications").await;
     assert!(page.contains("AADSTS50173"), "{page}");
@@ -292,7 +302,7 @@ async fn a_revoked_grant_behind_an_error_challenge_holds_the_mailbox_until_recon
     assert_eq!(m.smtp.count_by_message_id().get(&sent.message_id), Some(&1));
     wait_ready(app, mine).await;
     let notes = notifications(app, &mailbox_key(mine)).await;
-    assert_eq!(notes.len(), 2, "{notes:?}");
+    assert_eq!(notes.len(), 1, "{notes:?}");
     assert!(
         notes.iter().all(|n| n.resolved_at.is_some()),
         "resolved: {notes:?}"
@@ -837,5 +847,127 @@ async fn the_server_pages_show_a_held_mailbox() {
     assert!(
         !alice_notes[0].body.contains("must enable"),
         "{alice_notes:?}"
+    );
+    // It asks nothing of her, so it offers no "Fix it".
+    assert_eq!(alice_notes[0].link, None, "{alice_notes:?}");
+    let (_, inbox, _) = m.alice.get("/notifications").await;
+    assert!(inbox.contains("Your mail waits"), "{inbox}");
+    assert!(!inbox.contains("Fix it"), "{inbox}");
+}
+
+/// The words and the link of each notice of a personal mailbox's hold name something its
+/// reader can do and reach: operators are never sent to a server page they cannot open nor
+/// asked to sign in to a user's mailbox; its owner reads "you" and is asked only what only
+/// they can do; a notice that asks nothing has no "Fix it" link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_personal_mailboxs_hold_tells_each_reader_what_they_can_do_and_where() {
+    let (m, mine) = alices_mailbox(SmtpConfig::default()).await;
+    let app = &m.env.app;
+    let (ctx, shared) = app.module_parts();
+
+    // The tenant keeps SMTP AUTH off: an administrator's fix.
+    m.smtp.inject(
+        Injected::Reply {
+            stage: Stage::Auth,
+            reply: "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant.".into(),
+        },
+        20,
+    );
+    let id = queue(&m, "Held by the tenant").await;
+    wait_held(app, mine, "smtp_auth_disabled").await;
+    let notes = notifications(app, &mailbox_key(mine)).await;
+    let ops: Vec<_> = notes.iter().filter(|n| n.for_operators).collect();
+    assert_eq!(ops.len(), 1, "{notes:?}");
+    let link = ops[0]
+        .link
+        .clone()
+        .expect("the operators' notice has a link");
+    assert_eq!(link, format!("/microsoft_outlook/outbox?server={mine}"));
+    let (status, page, _) = m.env.admin.get(&link).await;
+    assert_eq!(status, StatusCode::OK, "the operator can open it: {page}");
+    assert!(page.contains("Release held mail"), "{page}");
+    assert!(
+        ops[0].body.contains("must enable Authenticated SMTP"),
+        "{ops:?}"
+    );
+    assert!(ops[0].body.contains("Release held mail"), "{ops:?}");
+    assert!(!ops[0].body.contains("Retry now"), "{ops:?}");
+    assert!(!ops[0].body.contains("server page"), "{ops:?}");
+    let alices: Vec<_> = notes
+        .iter()
+        .filter(|n| n.user_id == Some(app.alice_id))
+        .collect();
+    assert_eq!(alices.len(), 1, "{notes:?}");
+    assert!(
+        alices[0].body.contains("nothing is needed from you"),
+        "{alices:?}"
+    );
+    assert_eq!(alices[0].link, None, "nothing asked, no Fix it: {alices:?}");
+    let (_, inbox, _) = m.alice.get("/notifications").await;
+    assert!(!inbox.contains("Fix it"), "{inbox}");
+
+    // Alice disconnects her mailbox while her mail waits on it; then SMTP AUTH is enabled
+    // and the operator releases the held mail: now only she can connect it again.
+    let (status, _, _) = m
+        .alice
+        .post_form(
+            &format!("/microsoft_outlook/servers/{mine}/disconnect"),
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    m.smtp.clear_injections();
+    microsoft_outlook::delivery::health::release(
+        &ctx,
+        &shared,
+        mine,
+        None,
+        microsoft_outlook::delivery::health::Release::Forced,
+    )
+    .await
+    .expect("release");
+    wait_held(app, mine, "grant_dead").await;
+    assert_waits(app, id).await;
+    let notes: Vec<_> = notifications(app, &mailbox_key(mine))
+        .await
+        .into_iter()
+        .filter(|n| n.resolved_at.is_none())
+        .collect();
+    assert!(
+        notes.iter().all(|n| !n.for_operators),
+        "operators cannot reconnect a user's mailbox: {notes:?}"
+    );
+    let alices: Vec<_> = notes
+        .iter()
+        .filter(|n| n.user_id == Some(app.alice_id))
+        .collect();
+    assert_eq!(alices.len(), 1, "{notes:?}");
+    assert_eq!(
+        alices[0].link.as_deref(),
+        Some("/microsoft_outlook/my-mailbox")
+    );
+    assert!(alices[0].body.contains("Click Connect"), "{alices:?}");
+    assert!(alices[0].body.contains("Only you can"), "{alices:?}");
+    assert!(!alices[0].body.contains("server's page"), "{alices:?}");
+    let (status, _, _) = m.alice.get("/microsoft_outlook/my-mailbox").await;
+    assert!(status.is_success() || status.is_redirection());
+    // Her waiting mail says "you" to her, and to the operators that only she can.
+    let to_alice = microsoft_outlook::delivery::health::waiting_words_for(&ctx, Some(app.alice_id))
+        .await
+        .remove(&mine)
+        .unwrap_or_default();
+    assert!(
+        to_alice.contains("your mailbox must be connected again"),
+        "{to_alice}"
+    );
+    assert!(!to_alice.contains("its owner"), "{to_alice}");
+    let to_others = microsoft_outlook::delivery::health::waiting_words(&ctx)
+        .await
+        .remove(&mine)
+        .unwrap_or_default();
+    assert!(to_others.contains("only its owner"), "{to_others}");
+    assert!(
+        !to_others.contains("operators have been told"),
+        "{to_others}"
     );
 }

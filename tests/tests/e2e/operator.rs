@@ -7,6 +7,7 @@ use crate::helpers::{ADMIN, ALICE, eventually};
 use crate::send::{mailing, mails_path, queue, wait_status};
 use microsoft_simulators::smtp::{Injected, Stage};
 use reqwest::StatusCode;
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 
 async fn save(env: &crate::connect::Env, fields: &[(&str, &str)]) -> (StatusCode, String) {
     let authority = env.idp.authority_url();
@@ -200,6 +201,19 @@ async fn a_failed_mail_tells_its_author_and_the_operators_and_unread_counts_in_t
         "the operators are told\n{page}"
     );
     assert!(page.contains("aria-label=\"1 unread\""), "{page}");
+    // The operators' copy names the author (not an internal id) and leaves out the advice
+    // meant for the author.
+    let ops = crm_host::entities::notification::Entity::find()
+        .filter(crm_host::entities::notification::Column::ForOperators.eq(true))
+        .all(&m.env.app.db)
+        .await
+        .expect("query");
+    assert_eq!(ops.len(), 1, "{ops:?}");
+    assert!(ops[0].body.contains("by Alice"), "{ops:?}");
+    assert!(!ops[0].body.contains("user "), "{ops:?}");
+    assert!(ops[0].body.contains("5.1.10"), "{ops:?}");
+    assert!(!ops[0].body.contains("send it again"), "{ops:?}");
+    assert!(!ops[0].body.contains("Check the recipients"), "{ops:?}");
 
     // Mark one read: the count goes.
     let nid: i64 = page

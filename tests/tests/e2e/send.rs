@@ -429,7 +429,7 @@ async fn a_second_535_holds_the_mailbox_and_notifies_once() {
             .last_error
             .as_deref()
             .unwrap_or_default()
-            .contains("Retry now"),
+            .contains("An administrator must check"),
         "{waiting:?}"
     );
     let second = queue(&m, "Also waits").await;
@@ -442,6 +442,7 @@ async fn a_second_535_holds_the_mailbox_and_notifies_once() {
         1,
         "operators are told once\n{page}"
     );
+    assert!(page.contains("click Retry now on the server"), "{page}");
     let (_, server_page, _) = m
         .env
         .admin
