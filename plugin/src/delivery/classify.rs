@@ -247,6 +247,12 @@ pub enum Observed<'a> {
     },
     /// The server's EHLO offers no XOAUTH2.
     NoXoauth2,
+    /// The mail has an address with letters outside ASCII before the @ and the server offers
+    /// no SMTPUTF8 (RFC 6531): nothing was sent.
+    NeedsSmtpUtf8 {
+        /// Which addresses.
+        detail: &'a str,
+    },
 }
 
 /// The facts the words name.
@@ -514,10 +520,20 @@ const NO_XOAUTH2_RULE: Rule = Rule {
     fix: "A CRM operator must point the server at an Office 365 submission host (smtp.office365.com, port 587, STARTTLS). The mails wait.",
 };
 
+const NEEDS_SMTPUTF8_RULE: Rule = Rule {
+    id: "needs-smtputf8",
+    when: ANY,
+    level: Level::MailFails,
+    hold_for_secs: None,
+    who: Who::Author,
+    what: "This mail was not sent: {reply}. An address with letters outside ASCII before the @ can go only through a server that offers SMTPUTF8.",
+    fix: "Write the address in plain ASCII letters (ask the recipient for one), then send the mail again.",
+};
+
 /// The ids of every rule, for README's mirror (and its test).
 pub fn rule_ids() -> Vec<&'static str> {
     let mut ids: Vec<&'static str> = SMTP_RULES.iter().map(|r| r.id).collect();
-    ids.extend([NETWORK_RULE.id, NO_XOAUTH2_RULE.id]);
+    ids.extend([NETWORK_RULE.id, NO_XOAUTH2_RULE.id, NEEDS_SMTPUTF8_RULE.id]);
     ids.extend(TOKEN_RULE_IDS);
     ids
 }
@@ -567,6 +583,7 @@ pub fn smtp(observed: Observed<'_>, facts: &Facts<'_>) -> Verdict {
         }
         Observed::Network { detail, .. } => verdict(&NETWORK_RULE, facts, detail),
         Observed::NoXoauth2 => verdict(&NO_XOAUTH2_RULE, facts, ""),
+        Observed::NeedsSmtpUtf8 { detail } => verdict(&NEEDS_SMTPUTF8_RULE, facts, detail),
     }
 }
 

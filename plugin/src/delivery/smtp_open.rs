@@ -81,6 +81,7 @@ async fn authenticate(
                         None => reply,
                     },
                     no_xoauth2: false,
+                    needs_smtputf8: false,
                     auth_user: user.to_string(),
                 });
             }

@@ -8,7 +8,7 @@
 use lettre::address::Envelope;
 use lettre::transport::smtp::client::AsyncSmtpConnection;
 use lettre::transport::smtp::commands::{Data, Ehlo, Mail, Rcpt};
-use lettre::transport::smtp::extension::ClientId;
+use lettre::transport::smtp::extension::{ClientId, Extension};
 use lettre::transport::smtp::response::Response;
 use std::time::Duration;
 
@@ -39,6 +39,9 @@ pub struct SmtpFailure {
     pub text: String,
     /// The server offered no AUTH XOAUTH2.
     pub no_xoauth2: bool,
+    /// The mail has an address with letters outside ASCII and the server offers no SMTPUTF8
+    /// (RFC 6531): it cannot take this mail as it is; nothing was sent.
+    pub needs_smtputf8: bool,
     /// The `user=` presented (the last one tried).
     pub auth_user: String,
 }
@@ -50,7 +53,22 @@ impl SmtpFailure {
             code: None,
             text,
             no_xoauth2: false,
+            needs_smtputf8: false,
             auth_user: String::new(),
+        }
+    }
+
+    /// The mail needs SMTPUTF8 and the server does not offer it.
+    fn needs_smtputf8(addresses: Vec<String>) -> Self {
+        Self {
+            needs_smtputf8: true,
+            ..Self::network(
+                Stage::Transaction,
+                format!(
+                    "the server does not offer SMTPUTF8, which {} needs",
+                    addresses.join(", ")
+                ),
+            )
         }
     }
 
@@ -58,6 +76,7 @@ impl SmtpFailure {
     pub fn observed(&self) -> Observed<'_> {
         match self.code {
             _ if self.no_xoauth2 => Observed::NoXoauth2,
+            _ if self.needs_smtputf8 => Observed::NeedsSmtpUtf8 { detail: &self.text },
             Some(code) => Observed::Reply {
                 stage: self.stage,
                 code,
@@ -93,6 +112,7 @@ pub(crate) fn failure(stage: Stage, e: &lettre::transport::smtp::Error) -> SmtpF
         code: e.status().and_then(|c| c.to_string().parse().ok()),
         text: error_text(e),
         no_xoauth2: false,
+        needs_smtputf8: false,
         auth_user: String::new(),
     }
 }
@@ -197,6 +217,16 @@ pub(crate) async fn transact(
     timeout: Duration,
 ) -> SendOutcome {
     line.content_written = false;
+    let unicode = unicode_addresses(mail.envelope);
+    if !unicode.is_empty()
+        && !line
+            .conn
+            .server_info()
+            .supports_feature(Extension::SmtpUtfEight)
+    {
+        // lettre would refuse it too, in words that read like a network failure.
+        return SendOutcome::Failed(SmtpFailure::needs_smtputf8(unicode));
+    }
     let exchange = async {
         match line.pipelinable(mail) {
             Some(text) => {
@@ -223,6 +253,19 @@ pub(crate) async fn transact(
             ))
         }
     }
+}
+
+/// The addresses of `envelope` with letters outside ASCII (their domains are in ASCII already,
+/// `outbox::compose`; what is left is before the @).
+fn unicode_addresses(envelope: &Envelope) -> Vec<String> {
+    envelope
+        .from()
+        .into_iter()
+        .chain(envelope.to())
+        .map(AsRef::<str>::as_ref)
+        .filter(|a| !a.is_ascii())
+        .map(str::to_string)
+        .collect()
 }
 
 /// MAIL FROM, every RCPT TO and DATA of `envelope`, as written in one group.

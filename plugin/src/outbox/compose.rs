@@ -142,6 +142,27 @@ fn split_list(list: &str) -> Vec<&str> {
         .collect()
 }
 
+/// `mailbox` as it can be delivered: a domain with letters outside ASCII written in its ASCII
+/// form (IDNA, RFC 5891: `fäbrikam.example` becomes `xn--fbrikam-5wa.example`), which every
+/// server takes, where the Unicode form needs SMTPUTF8 (RFC 6531) on the way. Refused, in
+/// words, when the domain has no dot (no such domain takes mail on the Internet) or has no
+/// ASCII form.
+fn deliverable(mailbox: Mailbox) -> Result<Mailbox, &'static str> {
+    let domain = mailbox.email.domain();
+    if !domain.contains('.') {
+        return Err("its domain (after the @) has no dot");
+    }
+    if domain.is_ascii() {
+        return Ok(mailbox);
+    }
+    match url::Host::parse(domain) {
+        Ok(url::Host::Domain(ascii)) => Address::new(mailbox.email.user(), ascii)
+            .map(|email| Mailbox::new(mailbox.name, email))
+            .map_err(|_| "its domain cannot be written for mail"),
+        _ => Err("its domain cannot be written for mail"),
+    }
+}
+
 /// The mailboxes of `field`; each bad one is named in its error.
 fn parse_list(field: &str, input: &AddressInput, errors: &mut Vec<FieldError>) -> Vec<Mailbox> {
     let mut out = Vec::new();
@@ -151,8 +172,12 @@ fn parse_list(field: &str, input: &AddressInput, errors: &mut Vec<FieldError>) -
             continue;
         }
         for one in split_list(item) {
-            match one.parse::<Mailbox>() {
-                Ok(m) => out.push(m),
+            match one.parse::<Mailbox>().map(deliverable) {
+                Ok(Ok(m)) => out.push(m),
+                Ok(Err(why)) => errors.push(err(
+                    field,
+                    format!("Recipient \"{one}\" is not a complete e-mail address: {why}"),
+                )),
                 Err(_) => errors.push(err(
                     field,
                     format!("Recipient \"{one}\" is not an e-mail address (write name@example.com; separate several with commas)"),
@@ -171,8 +196,15 @@ fn parse_reply_to(given: Option<&str>, errors: &mut Vec<FieldError>) -> Option<M
         return None;
     }
     let given = given.trim();
-    match given.parse::<Mailbox>() {
-        Ok(m) => Some(m),
+    match given.parse::<Mailbox>().map(deliverable) {
+        Ok(Ok(m)) => Some(m),
+        Ok(Err(why)) => {
+            errors.push(err(
+                "reply_to",
+                format!("Reply-To \"{given}\" is not a complete e-mail address: {why}"),
+            ));
+            None
+        }
         Err(_) => {
             errors.push(err(
                 "reply_to",
@@ -498,6 +530,47 @@ mod tests {
         assert!(
             !raw.contains("boss@contoso.example"),
             "Bcc is not in the headers"
+        );
+    }
+
+    #[test]
+    fn a_unicode_domain_goes_in_its_ascii_form_and_a_dotless_one_is_refused() {
+        let mut r = request("Dana <dana@fäbrikam.example>, evan@contoso.example", "Hi");
+        r.reply_to = Some("desk@bücher.example".into());
+        let mail = OutgoingMail::parse(r, SizeLimits::text_only(1024))
+            .ok()
+            .unwrap_or_else(|| panic!("valid"));
+        let to: Vec<String> = mail.recipients().map(ToString::to_string).collect();
+        assert_eq!(to, ["dana@xn--fbrikam-5wa.example", "evan@contoso.example"]);
+        assert_eq!(mail.to[0].name.as_deref(), Some("Dana"));
+        assert_eq!(
+            mail.reply_to.map(|m| m.email.to_string()).as_deref(),
+            Some("desk@xn--bcher-kva.example")
+        );
+        // Letters outside ASCII before the @ stay: only a server with SMTPUTF8 (or Graph) takes
+        // them, which is known when the mail is sent.
+        let mail = OutgoingMail::parse(
+            request("dänä@fabrikam.example", "Hi"),
+            SizeLimits::text_only(1024),
+        )
+        .ok()
+        .unwrap_or_else(|| panic!("valid"));
+        assert_eq!(
+            mail.recipients().next().map(ToString::to_string).as_deref(),
+            Some("dänä@fabrikam.example")
+        );
+        let mut r = request("dana@fabrikam", "Hi");
+        r.cc = AddressInput::One("fiona@localhost".into());
+        r.reply_to = Some("desk@intranet".into());
+        let errors = fields(OutgoingMail::parse(r, SizeLimits::text_only(1024)));
+        assert_eq!(errors, ["to", "cc", "reply_to"], "{errors:?}");
+        let errors =
+            OutgoingMail::parse(request("dana@fabrikam", "Hi"), SizeLimits::text_only(1024))
+                .err()
+                .unwrap_or_default();
+        assert_eq!(
+            errors[0].message,
+            "Recipient \"dana@fabrikam\" is not a complete e-mail address: its domain (after the @) has no dot"
         );
     }
 

@@ -331,6 +331,58 @@ async fn send_as_denied_fails_with_the_reply_and_what_to_do() {
     assert_eq!(m.smtp.received_count(), 0);
 }
 
+/// Addresses with letters outside ASCII: a Unicode domain goes out in its ASCII form; a
+/// Unicode local part on a server without SMTPUTF8 fails that mail at once, in words for its
+/// author (it was retried for hours as a network failure), and the others still go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unicode_addresses_go_in_ascii_or_fail_in_words_without_smtputf8() {
+    let m = mailing().await;
+    let post = |to: &'static str, subject: &'static str| {
+        let alice = &m.alice;
+        let path = mails_path(m.contact);
+        async move {
+            let (status, body) = alice
+                .post_json(
+                    &path,
+                    &json!({"to": to, "subject": subject, "text_body": "Hello"}),
+                )
+                .await;
+            assert_eq!(status, StatusCode::CREATED, "{to}: {body}");
+            body["id"].as_i64().expect("id")
+        }
+    };
+    let domain = post("Dana <dana@fäbrikam.example>", "Unicode domain").await;
+    let sent = wait_status(&m.env.app, domain, "sent").await;
+    let received = m.smtp.received();
+    let mail = received
+        .iter()
+        .find(|r| r.message_id.as_deref() == Some(sent.message_id.as_str()))
+        .expect("received");
+    assert_eq!(mail.rcpt_to, ["dana@xn--fbrikam-5wa.example"]);
+    let local = post("dänä@fabrikam.example", "Unicode local part").await;
+    let failed = wait_status(&m.env.app, local, "failed").await;
+    assert_eq!(failed.attempts, 1);
+    let why = failed.last_error.unwrap_or_default();
+    assert!(why.contains("dänä@fabrikam.example"), "{why}");
+    assert!(why.contains("SMTPUTF8"), "{why}");
+    assert!(why.contains("plain ASCII letters"), "{why}");
+    assert!(!why.contains("tried again"), "{why}");
+    // Nothing of it reached the server, and the mailbox is not held for it.
+    assert_eq!(m.smtp.received_count(), 1);
+    let after = post("dana@fabrikam.example", "After").await;
+    wait_status(&m.env.app, after, "sent").await;
+    // A domain without a dot is refused when the mail is written.
+    let (status, body) = m
+        .alice
+        .post_json(
+            &mails_path(m.contact),
+            &json!({"to": "dana@fabrikam", "subject": "Dotless", "text_body": "Hello"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(body.to_string().contains("has no dot"), "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_535_refreshes_the_token_and_sends() {
     let m = mailing().await;
