@@ -290,12 +290,20 @@ impl OutgoingMail {
         let (text_body, html_body, body_field) = bodies(&request, &mut errors);
         let size = subject.len() + text_body.len() + html_body.as_ref().map_or(0, String::len);
         if size > limits.text {
+            // In the setting's unit (`max_message_kb`, KB of 1,024 bytes), and saying why a
+            // Markdown text counts about twice its length.
+            let kb = |n: usize| format!("{} KB", n.div_ceil(1024));
+            let twice = if html_body.is_some() {
+                " (it goes both as plain text and as HTML)"
+            } else {
+                ""
+            };
             errors.push(err(
                 body_field,
                 format!(
-                    "The text is {}; the limit is {} (files are counted apart)",
-                    attachments::size_words(size),
-                    attachments::size_words(limits.text)
+                    "The text is {} as sent{twice}; the limit is {} (files are counted apart)",
+                    kb(size),
+                    kb(limits.text)
                 ),
             ));
         }
@@ -455,9 +463,34 @@ mod tests {
         );
         let mut big = request("a@b.example", "Hi");
         big.text_body = "x".repeat(2048);
+        let errors = OutgoingMail::parse(big, SizeLimits::text_only(10 * 1024))
+            .err()
+            .unwrap_or_default();
+        assert_eq!(errors.len(), 0, "{errors:?}");
+        let mut big = request("a@b.example", "Hi");
+        big.text_body = "x".repeat(20 * 1024);
+        let errors = OutgoingMail::parse(big, SizeLimits::text_only(10 * 1024))
+            .err()
+            .unwrap_or_default();
+        assert_eq!(errors[0].field, "text_body");
         assert_eq!(
-            fields(OutgoingMail::parse(big, SizeLimits::text_only(1024))),
-            ["text_body"]
+            errors[0].message,
+            "The text is 21 KB as sent; the limit is 10 KB (files are counted apart)"
+        );
+        // Markdown goes as text and as HTML: 6 KB written is about 12 KB sent.
+        let mut big = request("a@b.example", "Hi");
+        big.text_body = String::new();
+        big.markdown_body = Some("y".repeat(6 * 1024));
+        let errors = OutgoingMail::parse(big, SizeLimits::text_only(10 * 1024))
+            .err()
+            .unwrap_or_default();
+        assert_eq!(errors[0].field, "markdown_body");
+        assert!(
+            errors[0]
+                .message
+                .starts_with("The text is 13 KB as sent (it goes both as plain text and as HTML); the limit is 10 KB"),
+            "{}",
+            errors[0].message
         );
     }
 
