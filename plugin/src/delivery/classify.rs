@@ -520,6 +520,25 @@ const NO_XOAUTH2_RULE: Rule = Rule {
     fix: "A CRM operator must point the server at an Office 365 submission host (smtp.office365.com, port 587, STARTTLS). The mails wait.",
 };
 
+/// A TLS certificate the client does not accept: wrong host name, unknown issuer, expired.
+/// Every mail of the mailbox would meet it, so the mailbox waits rather than each mail
+/// spending its attempts; a probe tries again, and a passed test ends the hold.
+const CERTIFICATE_RULE: Rule = Rule {
+    id: "certificate-refused",
+    when: ANY,
+    level: Level::MailboxHeld(HoldReason::ServerRefused),
+    hold_for_secs: None,
+    who: Who::MailboxOwner,
+    what: "The SMTP server's TLS certificate was not accepted ({reply}).",
+    fix: "Check that the server's host name is the one its certificate names (smtp.office365.com for Exchange Online), or add the certificate authority that signed it as the server's extra CA certificate. The mails wait and are tried again every 15 minutes.",
+};
+
+/// Whether a connection failure is the client refusing the server's certificate (rustls'
+/// words, as lettre passes them on: `invalid peer certificate: UnknownIssuer`).
+fn certificate_refused(detail: &str) -> bool {
+    detail.contains("invalid peer certificate")
+}
+
 const NEEDS_SMTPUTF8_RULE: Rule = Rule {
     id: "needs-smtputf8",
     when: ANY,
@@ -533,7 +552,12 @@ const NEEDS_SMTPUTF8_RULE: Rule = Rule {
 /// The ids of every rule, for README's mirror (and its test).
 pub fn rule_ids() -> Vec<&'static str> {
     let mut ids: Vec<&'static str> = SMTP_RULES.iter().map(|r| r.id).collect();
-    ids.extend([NETWORK_RULE.id, NO_XOAUTH2_RULE.id, NEEDS_SMTPUTF8_RULE.id]);
+    ids.extend([
+        NETWORK_RULE.id,
+        CERTIFICATE_RULE.id,
+        NO_XOAUTH2_RULE.id,
+        NEEDS_SMTPUTF8_RULE.id,
+    ]);
     ids.extend(TOKEN_RULE_IDS);
     ids
 }
@@ -580,6 +604,9 @@ pub fn smtp(observed: Observed<'_>, facts: &Facts<'_>) -> Verdict {
                 // is a broken dialogue: retried.
                 .unwrap_or(&NETWORK_RULE);
             verdict(rule, facts, text)
+        }
+        Observed::Network { detail, .. } if certificate_refused(detail) => {
+            verdict(&CERTIFICATE_RULE, facts, detail)
         }
         Observed::Network { detail, .. } => verdict(&NETWORK_RULE, facts, detail),
         Observed::NoXoauth2 => verdict(&NO_XOAUTH2_RULE, facts, ""),
@@ -788,6 +815,42 @@ mod tests {
             &facts(),
         );
         assert_eq!(dropped.level, Level::MailRetries);
+    }
+
+    #[test]
+    fn a_refused_certificate_holds_the_mailbox_and_other_network_failures_retry() {
+        for detail in [
+            "Connection error: invalid peer certificate: UnknownIssuer",
+            "Connection error: invalid peer certificate: NotValidForName",
+        ] {
+            let v = smtp(
+                Observed::Network {
+                    stage: Stage::Connect,
+                    detail,
+                },
+                &facts(),
+            );
+            assert_eq!(v.rule, "certificate-refused");
+            assert_eq!(v.level, Level::MailboxHeld(HoldReason::ServerRefused));
+            assert_eq!(v.who, Who::MailboxOwner);
+            assert!(v.what.contains(detail), "{}", v.what);
+            assert!(v.fix.contains("extra CA certificate"), "{}", v.fix);
+        }
+        for detail in [
+            "Connection error: failed to lookup address information: Name or service not known",
+            "Connection error: Connection refused (os error 111)",
+            "the SMTP server did not answer in time",
+        ] {
+            let v = smtp(
+                Observed::Network {
+                    stage: Stage::Connect,
+                    detail,
+                },
+                &facts(),
+            );
+            assert_eq!(v.rule, "network", "{detail}");
+            assert_eq!(v.level, Level::MailRetries, "{detail}");
+        }
     }
 
     #[test]

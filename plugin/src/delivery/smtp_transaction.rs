@@ -98,7 +98,10 @@ impl SmtpFailure {
 
 /// The server's reply as it was on the wire (`432 4.3.2 ...`), else lettre's description.
 fn error_text(e: &lettre::transport::smtp::Error) -> String {
-    let text = e.to_string();
+    // lettre names a connection error once for itself and once for its source.
+    let text = e
+        .to_string()
+        .replace("Connection error: Connection error: ", "Connection error: ");
     match (e.status(), text.split_once("): ")) {
         (Some(code), Some((_, message))) => format!("{code} {message}"),
         _ => text,

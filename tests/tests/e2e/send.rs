@@ -383,6 +383,56 @@ async fn unicode_addresses_go_in_ascii_or_fail_in_words_without_smtputf8() {
     assert!(body.to_string().contains("has no dot"), "{body}");
 }
 
+/// A server whose certificate the CRM does not accept (here: its CA is not given) holds the
+/// mailbox, in words for whoever can fix it, instead of spending every mail's attempts as a
+/// network failure; once the CA is added, a test connection ends the hold and the mail goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_certificate_holds_the_mailbox_until_it_is_fixed() {
+    let m = mailing().await;
+    point_server_at(&m.env, &m.smtp, &[("extra_ca_pem", "")]).await;
+    let id = queue(&m, "Untrusted").await;
+    let health = m.env.app.db.clone();
+    let server_id = m.env.server_id;
+    eventually("the mailbox to be held", || {
+        let db = health.clone();
+        async move {
+            mailbox_health::Entity::find_by_id(server_id)
+                .one(&db)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|h| h.state == "held")
+        }
+    })
+    .await;
+    let waiting = row(&m.env.app, id).await;
+    assert_eq!(waiting.status, "queued");
+    assert_eq!(
+        waiting.attempts, 0,
+        "a held mailbox's mail spends no attempt"
+    );
+    let held = mailbox_health::Entity::find_by_id(server_id)
+        .one(&m.env.app.db)
+        .await
+        .expect("query")
+        .expect("health");
+    let words = format!("{held:?}");
+    assert!(words.contains("certificate"), "{words}");
+    assert_eq!(m.smtp.received_count(), 0);
+    // The operator's test says the same, not "nothing to do".
+    let test = format!("/microsoft_outlook/servers/{server_id}/test");
+    let (status, report) = m.env.admin.post_json(&test, &json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(report["ok"], false, "{report}");
+    assert_eq!(report["rule"], "certificate-refused", "{report}");
+    point_server_at(&m.env, &m.smtp, &[]).await;
+    let (status, report) = m.env.admin.post_json(&test, &json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(report["ok"], true, "{report}");
+    let sent = wait_status(&m.env.app, id, "sent").await;
+    assert_eq!(m.smtp.count_by_message_id().get(&sent.message_id), Some(&1));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_535_refreshes_the_token_and_sends() {
     let m = mailing().await;

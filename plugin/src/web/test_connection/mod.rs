@@ -194,12 +194,24 @@ pub async fn test(
                 ok: false,
                 steps,
                 rule: Some(verdict.rule.to_string()),
-                words: Some(verdict.words()),
+                words: Some(test_words(&verdict)),
                 hold_ended: false,
             }
         }
         Err(other) => no_slot(steps, "A connection slot of the mailbox", other),
     }
+}
+
+/// The words of a failed test: the verdict's, but a failure to connect that a mail would only
+/// retry is, in a test, for the person who set the server up to look at.
+fn test_words(verdict: &classify::Verdict) -> String {
+    if verdict.rule == "network" {
+        return format!(
+            "{} Check the host name and port, and that this CRM's machine can reach them (firewall, proxy); a mail meeting this would be tried again later.",
+            verdict.what
+        );
+    }
+    verdict.words()
 }
 
 /// Ends `server`'s hold when its reason is one of `ended` (a passed test proves it fixed);
@@ -482,4 +494,40 @@ async fn test_mail(
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/servers/{id}/test", web::post().to(run_test))
         .route("/servers/{id}/test-mail", web::post().to(test_mail));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delivery::classify::{Observed, Stage};
+
+    #[test]
+    fn a_test_that_cannot_connect_says_what_to_check_not_that_nothing_is_to_do() {
+        let facts = Facts {
+            mailbox: "crm@contoso.example",
+            from: "crm@contoso.example",
+            auth_user: "crm@contoso.example",
+        };
+        let lookup = classify::smtp(
+            Observed::Network {
+                stage: Stage::Connect,
+                detail: "Connection error: failed to lookup address information",
+            },
+            &facts,
+        );
+        let words = test_words(&lookup);
+        assert!(words.contains("failed to lookup address"), "{words}");
+        assert!(words.contains("Check the host name and port"), "{words}");
+        assert!(!words.contains("Nothing to do"), "{words}");
+        // Other verdicts keep their own words.
+        let refused = classify::smtp(
+            Observed::Reply {
+                stage: Stage::Transaction,
+                code: 550,
+                text: "550 5.1.10 RESOLVER.ADR.RecipientNotFound",
+            },
+            &facts,
+        );
+        assert_eq!(test_words(&refused), refused.words());
+    }
 }
