@@ -36,7 +36,8 @@ pub enum HoldReason {
     SmtpAuthDisabled,
     /// The server offers no XOAUTH2, or says the client is not authenticated (`530 5.7.57`).
     NoUsableAuth,
-    /// The SMTP server refuses the connection itself (5xx to the greeting, EHLO or STARTTLS).
+    /// The SMTP connection is refused: by the server (5xx to the greeting, EHLO or STARTTLS), or
+    /// by the CRM (the server's TLS certificate is not accepted).
     ServerRefused,
     /// Exchange refuses the TLS version (`421 4.7.66`).
     TlsRefused,
@@ -110,7 +111,7 @@ impl HoldReason {
             HoldReason::TokenRefused => "SMTP refuses the token",
             HoldReason::SmtpAuthDisabled => "SMTP AUTH disabled",
             HoldReason::NoUsableAuth => "No usable AUTH",
-            HoldReason::ServerRefused => "SMTP server refuses",
+            HoldReason::ServerRefused => "SMTP connection refused",
             HoldReason::TlsRefused => "TLS refused",
             HoldReason::ClientCredentials => "App credentials or settings refused",
             HoldReason::WrongCloud => "Wrong cloud",
