@@ -24,7 +24,7 @@ use crate::state::AppState;
 
 /// The shared mailbox the demo's outgoing server signs in as.
 pub const DEMO_MAILBOX: &str = "crm@contoso.example";
-const DEMO_SERVER_NAME: &str = "Office 365 (simulated)";
+pub const DEMO_SERVER_NAME: &str = "Office 365 (simulated)";
 /// The demo's shared server that sends through the simulated Microsoft Graph.
 pub const DEMO_GRAPH_SERVER_NAME: &str = "Office 365 via Graph (simulated)";
 
@@ -65,6 +65,12 @@ fn random_guid() -> String {
         &hex[16..20],
         &hex[20..32]
     )
+}
+
+/// The accounts the demo's simulated identity platform knows: the shared mailbox and the
+/// seeded sign-ins.
+fn tenant_accounts() -> impl Iterator<Item = &'static str> {
+    std::iter::once(DEMO_MAILBOX).chain(DEMO_LOGINS.iter().map(|l| l.email))
 }
 
 /// Creates `dir` readable by its owner only (0700) and the sealing key in it, written 0600 from
@@ -164,10 +170,7 @@ pub async fn start(
         secret_id: random_guid(),
         redirect_uri,
     };
-    for (i, address) in std::iter::once(DEMO_MAILBOX)
-        .chain(DEMO_LOGINS.iter().map(|l| l.email))
-        .enumerate()
-    {
+    for (i, address) in tenant_accounts().enumerate() {
         idp.add_user(TestUser {
             username: address.to_string(),
             email: Some(address.to_string()),
@@ -335,6 +338,11 @@ async fn received(
     demo: web::Data<DemoServices>,
     user: CurrentUser,
 ) -> HttpResponse {
+    // What the simulated Exchange received is everybody's mail: for operators, like the rest
+    // of the simulated services' pages.
+    if !user.is_admin {
+        return HttpResponse::Forbidden().body("Operators only.");
+    }
     let mut mails = demo.smtp.received();
     mails.reverse();
     let mut through_graph = demo.graph.all_sent();
@@ -420,6 +428,9 @@ async fn azure_page(
                 } }
             } }
             p.help { "Paste the Value in Settings › Microsoft Outlook › Client secret; the Secret ID is refused." }
+            h2 { "Accounts of the simulated tenant" }
+            p.help { "The simulated sign-in knows these accounts only (it asks no password): Connect works for a mail server whose mailbox is one of them, and a user's own mailbox connects as that user." }
+            ul id="tenant-accounts" { @for address in tenant_accounts() { li { code { (address) } } } }
         }
     };
     ok(state.chrome.render("Simulated Entra ID", Some(&user), body))

@@ -356,7 +356,8 @@ async fn run() -> anyhow::Result<()> {
                         services.graph.base_url()
                     );
                     println!(
-                        "Try it: sign in as the operator, open Outgoing mail servers › {} › Connect,",
+                        "Try it: sign in as the operator, open Outgoing mail servers › {} ({}) › Connect,",
+                        crm_host::demo::DEMO_SERVER_NAME,
                         crm_host::demo::DEMO_MAILBOX
                     );
                     println!(

@@ -218,11 +218,25 @@ async fn wait_healthy(base: &str) {
 }
 
 async fn sign_in(base: &str, email: &str, password: &str) -> (reqwest::StatusCode, String) {
-    let client = reqwest::Client::builder()
+    sign_in_with(&cookie_client(), base, email, password).await
+}
+
+/// A client that keeps its cookies and does not follow redirects.
+fn cookie_client() -> reqwest::Client {
+    reqwest::Client::builder()
         .cookie_store(true)
         .redirect(reqwest::redirect::Policy::none())
         .build()
-        .expect("client");
+        .expect("client")
+}
+
+/// Signs `client` in: the answer's status and Location.
+async fn sign_in_with(
+    client: &reqwest::Client,
+    base: &str,
+    email: &str,
+    password: &str,
+) -> (reqwest::StatusCode, String) {
     let page = client
         .get(format!("{base}/login"))
         .send()
@@ -443,4 +457,54 @@ async fn demo_restart_keeps_the_settings_and_one_default_server_and_the_cli_find
     assert_eq!(rows.as_array().map(Vec::len), Some(2));
     drop(demo);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The simulated services' pages show everybody's mail and the app's secret: operators only.
+/// The app registration page lists the accounts the simulated sign-in knows.
+#[tokio::test]
+async fn the_demo_pages_of_the_simulated_services_are_for_operators() {
+    let dir = fresh_dir("demo-pages");
+    let port = free_port();
+    let _demo = Running(
+        crm_host()
+            .current_dir(&dir)
+            .env_remove("CRM_DATABASE_URL")
+            .env("CRM_LOG", "warn")
+            .args(["demo", "--bind", &format!("127.0.0.1:{port}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("demo"),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    wait_healthy(&base).await;
+    let status_of = |client: reqwest::Client, path: &'static str| {
+        let url = format!("{base}{path}");
+        async move {
+            let answer = client.get(url).send().await.expect("GET");
+            (answer.status(), answer.text().await.unwrap_or_default())
+        }
+    };
+    let alice = cookie_client();
+    let (status, _) = sign_in_with(&alice, &base, "alice@contoso.example", "alice-demo").await;
+    assert_eq!(status, reqwest::StatusCode::SEE_OTHER);
+    for path in ["/demo/received", "/demo/azure", "/demo/faults"] {
+        let (status, _) = status_of(alice.clone(), path).await;
+        assert_eq!(status, reqwest::StatusCode::FORBIDDEN, "{path}");
+    }
+    let admin = cookie_client();
+    let (status, _) = sign_in_with(&admin, &base, "admin@contoso.example", "operator-demo").await;
+    assert_eq!(status, reqwest::StatusCode::SEE_OTHER);
+    let (status, _) = status_of(admin.clone(), "/demo/received").await;
+    assert_eq!(status, reqwest::StatusCode::OK);
+    let (status, page) = status_of(admin.clone(), "/demo/azure").await;
+    assert_eq!(status, reqwest::StatusCode::OK);
+    for account in [
+        "crm@contoso.example",
+        "admin@contoso.example",
+        "alice@contoso.example",
+        "bob@contoso.example",
+    ] {
+        assert!(page.contains(account), "{account} is listed: {page}");
+    }
 }
