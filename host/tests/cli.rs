@@ -194,6 +194,20 @@ fn run_with_stdin(mut cmd: Command, input: &str) -> std::process::Output {
     child.wait_with_output().expect("wait")
 }
 
+/// `crm-host demo` in `dir`, on `port`.
+fn start_demo(dir: &std::path::Path, port: u16) -> Running {
+    let child = crm_host()
+        .current_dir(dir)
+        .env_remove("CRM_DATABASE_URL")
+        .env("CRM_LOG", "warn")
+        .args(["demo", "--bind", &format!("127.0.0.1:{port}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("demo");
+    Running(child)
+}
+
 /// Kills the child when the test ends, passing or not.
 struct Running(std::process::Child);
 
@@ -369,18 +383,7 @@ fn operator_commands_refuse_to_create_a_database() {
 #[tokio::test]
 async fn demo_restart_keeps_the_settings_and_one_default_server_and_the_cli_finds_its_key() {
     let dir = fresh_dir("demo");
-    let start = |port: u16| {
-        let child = crm_host()
-            .current_dir(&dir)
-            .env_remove("CRM_DATABASE_URL")
-            .env("CRM_LOG", "warn")
-            .args(["demo", "--bind", &format!("127.0.0.1:{port}")])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("demo");
-        Running(child)
-    };
+    let start = |port: u16| start_demo(&dir, port);
     let port = free_port();
     let demo = start(port);
     wait_healthy(&format!("http://127.0.0.1:{port}")).await;
@@ -463,19 +466,8 @@ async fn demo_restart_keeps_the_settings_and_one_default_server_and_the_cli_find
 /// The app registration page lists the accounts the simulated sign-in knows.
 #[tokio::test]
 async fn the_demo_pages_of_the_simulated_services_are_for_operators() {
-    let dir = fresh_dir("demo-pages");
     let port = free_port();
-    let _demo = Running(
-        crm_host()
-            .current_dir(&dir)
-            .env_remove("CRM_DATABASE_URL")
-            .env("CRM_LOG", "warn")
-            .args(["demo", "--bind", &format!("127.0.0.1:{port}")])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("demo"),
-    );
+    let _demo = start_demo(&fresh_dir("demo-pages"), port);
     let base = format!("http://127.0.0.1:{port}");
     wait_healthy(&base).await;
     let status_of = |client: reqwest::Client, path: &'static str| {

@@ -391,31 +391,14 @@ async fn a_refused_certificate_holds_the_mailbox_until_it_is_fixed() {
     let m = mailing().await;
     point_server_at(&m.env, &m.smtp, &[("extra_ca_pem", "")]).await;
     let id = queue(&m, "Untrusted").await;
-    let health = m.env.app.db.clone();
     let server_id = m.env.server_id;
-    eventually("the mailbox to be held", || {
-        let db = health.clone();
-        async move {
-            mailbox_health::Entity::find_by_id(server_id)
-                .one(&db)
-                .await
-                .ok()
-                .flatten()
-                .is_some_and(|h| h.state == "held")
-        }
-    })
-    .await;
+    let held = wait_held(&m.env.app, server_id, "server_refused").await;
     let waiting = row(&m.env.app, id).await;
     assert_eq!(waiting.status, "queued");
     assert_eq!(
         waiting.attempts, 0,
         "a held mailbox's mail spends no attempt"
     );
-    let held = mailbox_health::Entity::find_by_id(server_id)
-        .one(&m.env.app.db)
-        .await
-        .expect("query")
-        .expect("health");
     let words = format!("{held:?}");
     assert!(words.contains("certificate"), "{words}");
     assert_eq!(m.smtp.received_count(), 0);
