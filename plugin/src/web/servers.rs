@@ -147,13 +147,29 @@ fn allow_entry(entry: &str) -> Option<String> {
         .map(|a| a.to_string().to_ascii_lowercase())
 }
 
+/// What is wrong with a server's name, in words (`None`: nothing).
+fn name_problem(name: &str) -> Option<String> {
+    let length = name.chars().count();
+    if name.is_empty() {
+        Some("Give the server a name.".into())
+    } else if length > 120 {
+        Some(format!(
+            "The name is {length} characters long; at most 120 are allowed."
+        ))
+    } else if name.chars().any(char::is_control) {
+        Some("The name must not contain line breaks or control characters.".into())
+    } else {
+        None
+    }
+}
+
 impl ServerInput {
     /// Validates a posted form; every problem is reported against its field.
     pub fn parse(form: &ServerForm, kind: ServerKind) -> Result<Self, Vec<FieldError>> {
         let mut errors = Vec::new();
         let name = form.name.trim().to_string();
-        if name.is_empty() || name.len() > 120 || name.chars().any(char::is_control) {
-            errors.push(err("name", "Name is required (at most 120 characters)."));
+        if let Some(problem) = name_problem(&name) {
+            errors.push(err("name", problem));
         }
         let smtp_host = form.smtp_host.trim().to_ascii_lowercase();
         if !crate::settings::valid_host(&smtp_host) {
@@ -487,5 +503,25 @@ pub fn may_manage(user: &CurrentUser, server: &mail_server::Model) -> bool {
     match server.kind.as_str() {
         "shared" => user.is_admin,
         _ => server.owner_user_id == Some(user.id),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_name_problem_is_said_as_it_is() {
+        assert_eq!(name_problem("Sales"), None);
+        assert_eq!(name_problem(&"é".repeat(120)), None);
+        assert_eq!(name_problem("").as_deref(), Some("Give the server a name."));
+        assert_eq!(
+            name_problem(&"x".repeat(5000)).as_deref(),
+            Some("The name is 5000 characters long; at most 120 are allowed.")
+        );
+        assert_eq!(
+            name_problem("Sales\nteam").as_deref(),
+            Some("The name must not contain line breaks or control characters.")
+        );
     }
 }
