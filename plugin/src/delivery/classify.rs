@@ -531,7 +531,7 @@ const CERTIFICATE_RULE: Rule = Rule {
     hold_for_secs: None,
     who: Who::MailboxOwner,
     what: "The SMTP server's TLS certificate was not accepted ({reply}).",
-    fix: "Check that the server's host name is the one its certificate names (smtp.office365.com for Exchange Online), or add the certificate authority that signed it as the server's extra CA certificate. The mails wait and are tried again every 15 minutes.",
+    fix: "On the server's page, check that its host name is the one its certificate names (smtp.office365.com for Exchange Online), or add the certificate authority that signed it as its extra CA certificate. The mails wait and are tried again every 15 minutes.",
 };
 
 /// Whether a connection failure is the client refusing the server's certificate (rustls'
