@@ -252,6 +252,22 @@ impl Application {
                 let extra = extra.clone();
                 app = app.configure(move |cfg| extra(cfg));
             }
+            // A module's static files, whether it is enabled or not (before its scope, which
+            // would answer for them).
+            for entry in state.registry.entries() {
+                let prefix = entry.module.manifest().route_prefix.clone();
+                for asset in entry.module.static_assets() {
+                    app = app.route(
+                        &format!("{prefix}{}", asset.path),
+                        web::get().to(move || async move {
+                            HttpResponse::Ok()
+                                .content_type(asset.content_type)
+                                .insert_header(("Cache-Control", "public, max-age=3600"))
+                                .body(asset.body)
+                        }),
+                    );
+                }
+            }
             for entry in state.registry.entries() {
                 let flag = entry.enabled.clone();
                 let module = entry.module.clone();

@@ -128,21 +128,21 @@ impl Module for OutlookModule {
     fn configure(&self, cfg: &mut actix_web::web::ServiceConfig, ctx: &ModuleContext) {
         cfg.app_data(actix_web::web::Data::new(ctx.clone()))
             .app_data(actix_web::web::Data::from(self.shared.clone()))
-            .route(
-                "/assets/copy.js",
-                actix_web::web::get().to(|| async {
-                    actix_web::HttpResponse::Ok()
-                        .content_type("text/javascript; charset=utf-8")
-                        .insert_header(("Cache-Control", "public, max-age=3600"))
-                        .body(crate::web::setup_guide::COPY_SCRIPT)
-                }),
-            )
             .configure(crate::web::pages::routes)
             .configure(crate::connect::confirm::routes)
             .configure(crate::connect::oauth::routes)
             .configure(crate::web::mail_routes::routes)
             .configure(crate::web::outbox_page::routes)
             .configure(crate::web::test_connection::routes);
+    }
+
+    fn static_assets(&self) -> Vec<crm_sdk::StaticAsset> {
+        // The settings page's copy buttons work before the module is enabled.
+        vec![crm_sdk::StaticAsset {
+            path: "/assets/copy.js",
+            content_type: "text/javascript; charset=utf-8",
+            body: crate::web::setup_guide::COPY_SCRIPT,
+        }]
     }
 
     async fn start(&self, ctx: &ModuleContext) -> Result<JobsHandle, BoxError> {

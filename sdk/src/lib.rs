@@ -19,7 +19,9 @@ pub use context::ModuleContext;
 pub use manifest::{
     FieldKind, HOST_API_VERSION, JobSpec, Manifest, ManifestError, MenuItem, SettingField,
 };
-pub use module::{BoxError, FieldError, JobsHandle, Module, SettingsCheck, SettingsHint};
+pub use module::{
+    BoxError, FieldError, JobsHandle, Module, SettingsCheck, SettingsHint, StaticAsset,
+};
 pub use notify::{Audience, Notification, Notifier, NullNotifier};
 pub use records::{RecordAccess, RecordDirectory, RecordRef, RecordSummary};
 pub use sealing::{SealError, Sealer, SealingKey};

@@ -88,6 +88,17 @@ impl JobsHandle {
     }
 }
 
+/// A static file of a module ([`Module::static_assets`]).
+#[derive(Debug, Clone, Copy)]
+pub struct StaticAsset {
+    /// Its path under the module's route prefix (`/assets/copy.js`).
+    pub path: &'static str,
+    /// Its `Content-Type`.
+    pub content_type: &'static str,
+    /// Its content.
+    pub body: &'static str,
+}
+
 /// A CRM module, linked into the host and enabled or disabled by an operator at run time.
 #[async_trait]
 pub trait Module: Send + Sync + 'static {
@@ -156,6 +167,13 @@ pub trait Module: Send + Sync + 'static {
 
     /// Registers the module's routes; the host mounts them under the manifest's prefix.
     fn configure(&self, _cfg: &mut ServiceConfig, _ctx: &ModuleContext) {}
+
+    /// Static files the host serves under the manifest's prefix whether the module is enabled
+    /// or not: what the settings page uses before the module is enabled (a script: the
+    /// Content-Security-Policy allows no inline one). Paths start with `/`.
+    fn static_assets(&self) -> Vec<StaticAsset> {
+        Vec::new()
+    }
 
     /// Starts the module's workers and schedules.
     async fn start(&self, _ctx: &ModuleContext) -> Result<JobsHandle, BoxError> {

@@ -362,6 +362,16 @@ async fn a_disabled_module_answers_a_page_that_says_so() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(page.contains("module is disabled"), "{page}");
     assert!(page.contains("Ask one of the CRM's operators"), "{page}");
+    // The settings page, which an operator fills in before enabling it, keeps its copy
+    // buttons: their script is served while the module is disabled.
+    let (_, settings, _) = env.admin.get("/settings").await;
+    assert!(
+        settings.contains("/microsoft_outlook/assets/copy.js"),
+        "{settings}"
+    );
+    let (status, script, _) = env.admin.get("/microsoft_outlook/assets/copy.js").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(script.contains("data-copy"), "{script}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
