@@ -127,8 +127,11 @@ pub const OPERATORS_TOLD_FAILED: &str = "The CRM's operators have been told; not
 /// to the authors of waiting mail says it).
 pub const OPERATORS_TOLD_WAITING: &str =
     "The CRM's operators have been told and will fix it; nothing is needed from you.";
-/// What the author reads when the mailbox must be connected again.
-const RECONNECT_TOLD: &str = "The mailbox must be connected again: its owner and the CRM's operators have been told. Nothing is lost.";
+/// What the author reads when the mailbox must be connected again. Who can (its owner: the
+/// reader, another user, or the operators for a shared mailbox) is said to each reader by the
+/// mailbox's waiting words (`delivery::health::waiting_words_for`).
+const RECONNECT_TOLD: &str =
+    "The mailbox must be connected again; the mail waits until then. Nothing is lost.";
 
 /// Sentences that tell an operator or an administrator what to do (where a user cannot go:
 /// the server page, the settings, Azure, the Exchange admin center).
@@ -199,9 +202,7 @@ pub fn user_words(words: &str, status: &str) -> String {
         }
     }
     let told = match (reconnect, for_operators, status) {
-        (true, _, "failed") => Some(
-            "The mailbox must be connected again: its owner and the CRM's operators have been told; then send it again.",
-        ),
+        (true, _, "failed") => Some("The mailbox must be connected again; then send it again."),
         (true, _, _) => Some(RECONNECT_TOLD),
         (false, true, "failed") => Some(OPERATORS_TOLD_FAILED),
         (false, true, _) => Some(OPERATORS_TOLD_WAITING),

@@ -970,4 +970,28 @@ async fn a_personal_mailboxs_hold_tells_each_reader_what_they_can_do_and_where()
         !to_others.contains("operators have been told"),
         "{to_others}"
     );
+    // The pages she reads say the same: her mail's page and the outbox.
+    for path in [
+        format!("/microsoft_outlook/outbox/{id}"),
+        "/microsoft_outlook/outbox".to_string(),
+    ] {
+        let (_, page, _) = m.alice.get(&path).await;
+        assert!(
+            page.contains("your mailbox must be connected again"),
+            "{path}: {page}"
+        );
+        assert!(!page.contains("its owner"), "{path}: {page}");
+    }
+    // The operators' outbox leads from the held mailbox to its mail, not to a page of hers.
+    let (_, outbox, _) = m.env.admin.get("/microsoft_outlook/outbox").await;
+    assert!(
+        outbox.contains(&format!(
+            r#"href="/microsoft_outlook/outbox?server={mine}""#
+        )),
+        "{outbox}"
+    );
+    assert!(
+        !outbox.contains(&format!(r#"href="/microsoft_outlook/servers/{mine}""#)),
+        "{outbox}"
+    );
 }

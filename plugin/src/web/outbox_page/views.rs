@@ -149,6 +149,24 @@ pub(super) async fn held_mailboxes(ctx: &ModuleContext, user: &CurrentUser) -> M
         .await
         .unwrap_or_default();
     let names = server_names(ctx).await;
+    // A personal mailbox's page is its owner's: the operators' way to it is its mail.
+    let personal: std::collections::HashSet<i32> = mail_server::Entity::find()
+        .select_only()
+        .column(mail_server::Column::Id)
+        .filter(mail_server::Column::Kind.eq("personal"))
+        .into_tuple()
+        .all(ctx.db())
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let link = |id: i32| {
+        if personal.contains(&id) {
+            format!("{OUTBOX}?server={id}")
+        } else {
+            format!("/microsoft_outlook/servers/{id}")
+        }
+    };
     let mut held: Vec<(i32, Health)> = healths
         .iter()
         .map(|(id, row)| (*id, Health::of(Some(row), now)))
@@ -164,7 +182,7 @@ pub(super) async fn held_mailboxes(ctx: &ModuleContext, user: &CurrentUser) -> M
                     tbody {
                         @for (id, health) in &held {
                             tr data-server=(id) {
-                                td { a href=(format!("/microsoft_outlook/servers/{id}")) { (names.get(id).map(String::as_str).unwrap_or("(deleted)")) } }
+                                td { a href=(link(*id)) { (names.get(id).map(String::as_str).unwrap_or("(deleted)")) } }
                                 td { span.badge.bad { (health.label()) }
                                     @if let Health::Held { detail, .. } = health { p.help { (detail) } } }
                                 td { (waiting.get(id).copied().unwrap_or(0)) }
@@ -309,7 +327,7 @@ pub(super) async fn list(
         Err(e) => return db_down(e),
     };
     let servers = server_names(&ctx).await;
-    let waits = crate::delivery::health::waiting_words(&ctx).await;
+    let waits = crate::delivery::health::waiting_words_for(&ctx, Some(user.id)).await;
     let pages = Ord::max(total.div_ceil(PER_PAGE), 1);
     if wants_json(&req) {
         let mails: Vec<OutboxMail> = mails
