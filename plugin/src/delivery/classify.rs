@@ -124,12 +124,27 @@ impl HoldReason {
         }
     }
 
-    /// Whether an operator (not the mailbox's owner) must act. A quota ends by itself.
+    /// Whether an operator (not the mailbox's owner) must act on a shared mailbox. A quota
+    /// ends by itself.
     pub fn needs_operator(self) -> bool {
-        !matches!(
-            self,
-            HoldReason::GrantDead | HoldReason::QuotaExceeded | HoldReason::MailboxFull
-        )
+        self.needs_operator_for(false)
+    }
+
+    /// Whether the mailbox's owner, not an operator, must act on a personal mailbox (`personal`):
+    /// its connection and its room; and its connection settings (host, port, security, extra
+    /// CA certificate), which are on the owner's page (My mailbox), when the server refuses
+    /// the connection, the CRM refuses its certificate, or it offers no usable AUTH.
+    pub fn owner_fixes(self, personal: bool) -> bool {
+        match self {
+            HoldReason::GrantDead | HoldReason::MailboxFull => true,
+            HoldReason::ServerRefused | HoldReason::NoUsableAuth => personal,
+            _ => false,
+        }
+    }
+
+    /// Whether an operator must act on a mailbox (`personal`: a user's own one).
+    pub fn needs_operator_for(self, personal: bool) -> bool {
+        self != HoldReason::QuotaExceeded && !self.owner_fixes(personal)
     }
 
     /// After how long a held mailbox is tried again by itself (one mail is the probe: if it

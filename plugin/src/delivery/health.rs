@@ -256,7 +256,7 @@ enum Fixer {
 fn fixer(server: &mail_server::Model, reason: HoldReason) -> Fixer {
     match (reason, server.owner_user_id) {
         (HoldReason::QuotaExceeded, _) => Fixer::Nobody,
-        (reason, Some(owner)) if !reason.needs_operator() => Fixer::Owner(owner),
+        (reason, Some(owner)) if reason.owner_fixes(true) => Fixer::Owner(owner),
         _ => Fixer::Operators,
     }
 }
@@ -560,7 +560,10 @@ async fn end_hold(
     shared.forget_health(server_id);
     if ended {
         tracing::info!(server_id, "mailbox hold ended");
-        clear_token_error(ctx, server_id).await?;
+        // The hold has ended: a stale error left behind must not undo that.
+        if let Err(e) = clear_token_error(ctx, server_id).await {
+            tracing::warn!(server_id, error = %e, "clearing the token's last error failed");
+        }
         if let Err(e) = ctx.notifier().resolve(&notification_key(server_id)).await {
             tracing::warn!(error = %e, "resolving a hold notification failed");
         }
@@ -793,7 +796,7 @@ fn words_of(health: &Health, owner: Option<i64>, viewer: Option<i64>) -> Option<
             "Waiting: Exchange asked to slow down; it goes out after {}.",
             until.format("%H:%M UTC")
         ),
-        Health::Held { reason, .. } if reason.needs_operator() => format!(
+        Health::Held { reason, .. } if reason.needs_operator_for(owner.is_some()) => format!(
             "Waiting: the mailbox needs an administrator ({}) — the CRM's operators have been told. Nothing is lost; it goes out once they fix it.",
             reason.title().to_lowercase()
         ),
@@ -808,18 +811,22 @@ fn words_of(health: &Health, owner: Option<i64>, viewer: Option<i64>) -> Option<
                 .unwrap_or_default()
         ),
         Health::Held { reason, .. } => {
-            let what = if *reason == HoldReason::MailboxFull {
-                "the mailbox is full"
-            } else {
-                "the mailbox must be connected again"
+            let what = match reason {
+                HoldReason::MailboxFull => "the mailbox is full",
+                HoldReason::GrantDead => "the mailbox must be connected again",
+                _ => "the mailbox's server settings must be corrected",
             };
             let who = match owner {
                 None => "the CRM's operators have been told".to_string(),
                 Some(o) if Some(o) == viewer => {
-                    let what = if *reason == HoldReason::MailboxFull {
-                        "your mailbox is full: make room in it"
-                    } else {
-                        "your mailbox must be connected again: click Connect on My mailbox"
+                    let what = match reason {
+                        HoldReason::MailboxFull => "your mailbox is full: make room in it",
+                        HoldReason::GrantDead => {
+                            "your mailbox must be connected again: click Connect on My mailbox"
+                        }
+                        _ => {
+                            "your mailbox's server settings must be corrected on My mailbox (see what happened there)"
+                        }
                     };
                     return Some(format!(
                         "Waiting: {what}; only you can do this. Nothing is lost; it goes out after that."

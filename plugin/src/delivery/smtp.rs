@@ -608,8 +608,11 @@ impl SmtpSender {
     ) {
         let answered = match outcome {
             SendOutcome::Sent(_) => true,
-            // A reply is an answer; a dropped line or a timeout is not.
-            SendOutcome::Failed(f) => f.code.is_some() && f.stage == Stage::Transaction,
+            // A reply is an answer; a dropped line or a timeout is not. A mail refused before
+            // it went out (it needs SMTPUTF8) leaves the line as it was.
+            SendOutcome::Failed(f) => {
+                (f.code.is_some() || f.needs_smtputf8) && f.stage == Stage::Transaction
+            }
             _ => false,
         };
         let current = self

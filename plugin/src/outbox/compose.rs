@@ -149,18 +149,21 @@ fn split_list(list: &str) -> Vec<&str> {
 /// ASCII form.
 fn deliverable(mailbox: Mailbox) -> Result<Mailbox, &'static str> {
     let domain = mailbox.email.domain();
-    if !domain.contains('.') {
+    let mailbox = if domain.is_ascii() {
+        mailbox
+    } else {
+        match url::Host::parse(domain) {
+            Ok(url::Host::Domain(ascii)) => Address::new(mailbox.email.user(), ascii)
+                .map(|email| Mailbox::new(mailbox.name, email))
+                .map_err(|_| "its domain cannot be written for mail")?,
+            _ => return Err("its domain cannot be written for mail"),
+        }
+    };
+    // After the conversion, which maps the other full stops (`。`) to `.`.
+    if !mailbox.email.domain().contains('.') {
         return Err("its domain (after the @) has no dot");
     }
-    if domain.is_ascii() {
-        return Ok(mailbox);
-    }
-    match url::Host::parse(domain) {
-        Ok(url::Host::Domain(ascii)) => Address::new(mailbox.email.user(), ascii)
-            .map(|email| Mailbox::new(mailbox.name, email))
-            .map_err(|_| "its domain cannot be written for mail"),
-        _ => Err("its domain cannot be written for mail"),
-    }
+    Ok(mailbox)
 }
 
 /// The mailboxes of `field`; each bad one is named in its error.
@@ -591,6 +594,16 @@ mod tests {
         assert_eq!(
             mail.recipients().next().map(ToString::to_string).as_deref(),
             Some("dänä@fabrikam.example")
+        );
+        // A full stop of another script is a dot.
+        let mail =
+            OutgoingMail::parse(request("kenji@例え。jp", "Hi"), SizeLimits::text_only(1024))
+                .unwrap_or_else(|e| panic!("valid: {e:?}"));
+        assert_eq!(
+            mail.recipients()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["kenji@xn--r8jz45g.jp"]
         );
         let mut r = request("dana@fabrikam", "Hi");
         r.cc = AddressInput::One("fiona@localhost".into());

@@ -152,6 +152,10 @@ const FOR_OPERATORS: &[&str] = &[
     "report it",
 ];
 
+/// Sentences that ask for the mailbox to be connected again (not lettre's "Connection
+/// error: …", a network failure).
+const RECONNECT: &[&str] = &["Click Connect", "connected again", "sign in again"];
+
 /// How the "what to do" part of a failure may begin where the "what happened" before it ends
 /// with a remote reply rather than a full stop.
 const STEPS_BEGIN: &[&str] = &[
@@ -195,7 +199,7 @@ pub fn user_words(words: &str, status: &str) -> String {
     for sentence in sentences(words) {
         if FOR_OPERATORS.iter().any(|w| sentence.contains(w)) {
             for_operators = true;
-        } else if sentence.contains("Connect") {
+        } else if RECONNECT.iter().any(|w| sentence.contains(w)) {
             reconnect = true;
         } else {
             kept.push(sentence);
@@ -400,10 +404,36 @@ mod tests {
             .collect();
         verdicts.push(classify::smtp(Observed::NoXoauth2, &facts));
         verdicts.push(classify::not_connected("sales@contoso.example"));
+        for detail in [
+            "Connection error: failed to lookup address information",
+            "Connection error: invalid peer certificate: UnknownIssuer",
+        ] {
+            verdicts.push(classify::smtp(
+                Observed::Network {
+                    stage: Stage::Connect,
+                    detail,
+                },
+                &facts,
+            ));
+        }
+        verdicts.push(classify::smtp(
+            Observed::NeedsSmtpUtf8 {
+                detail: "the server does not offer SMTPUTF8, which dänä@fabrikam.example needs",
+            },
+            &facts,
+        ));
         for v in &verdicts {
             for status in ["queued", "failed"] {
                 let seen = user_words(&v.words(), status);
                 assert!(!for_operators_only(&seen), "{}: {seen}", v.rule);
+                // Only a mailbox that is not connected is said to need connecting again
+                // (lettre's "Connection error: …" is a network failure).
+                assert_eq!(
+                    seen.contains("connected again"),
+                    v.rule == "not-connected",
+                    "{}: {seen}",
+                    v.rule
+                );
                 assert!(
                     seen.starts_with(v.what.split(". ").next().unwrap_or_default()),
                     "{}: {seen}",

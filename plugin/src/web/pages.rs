@@ -75,7 +75,7 @@ pub fn status_block(
                         "Held since " (when(*since)) ". " (waiting) " mail(s) wait; they spend no attempt and go out in queue order once this is fixed."
                         @if let Some(until) = until { " The mailbox is tried again by itself at " (when(*until)) "." }
                     }
-                    @if !user.is_admin && reason.needs_operator() {
+                    @if !user.is_admin && reason.needs_operator_for(server.owner_user_id.is_some()) {
                         p { "The CRM's operators have been told and must fix this; nothing is needed from you." }
                     }
                 }

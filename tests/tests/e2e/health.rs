@@ -995,3 +995,46 @@ async fn a_personal_mailboxs_hold_tells_each_reader_what_they_can_do_and_where()
         "{outbox}"
     );
 }
+
+/// A personal mailbox whose server's certificate the CRM refuses: its connection settings
+/// (host, extra CA certificate) are on its owner's page, so the owner is asked to fix them and
+/// the operators, who cannot open that page, are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_certificate_on_a_personal_mailbox_is_its_owners_to_fix() {
+    let (m, mine) = alices_mailbox(SmtpConfig::default()).await;
+    let app = &m.env.app;
+    microsoft_outlook::entities::mail_server::Entity::update_many()
+        .col_expr(
+            microsoft_outlook::entities::mail_server::Column::ExtraCaPem,
+            Expr::value(Option::<String>::None),
+        )
+        .filter(microsoft_outlook::entities::mail_server::Column::Id.eq(mine))
+        .exec(&app.db)
+        .await
+        .expect("server");
+    queue(&m, "Untrusted").await;
+    wait_held(app, mine, "server_refused").await;
+    let notes = notifications(app, &mailbox_key(mine)).await;
+    assert!(notes.iter().all(|n| !n.for_operators), "{notes:?}");
+    let alices: Vec<_> = notes
+        .iter()
+        .filter(|n| n.user_id == Some(app.alice_id))
+        .collect();
+    assert_eq!(alices.len(), 1, "{notes:?}");
+    assert_eq!(
+        alices[0].link.as_deref(),
+        Some("/microsoft_outlook/my-mailbox")
+    );
+    assert!(
+        alices[0].body.contains("extra CA certificate"),
+        "{alices:?}"
+    );
+    assert!(alices[0].body.contains("Only you can"), "{alices:?}");
+    let (ctx, _) = app.module_parts();
+    let to_alice = microsoft_outlook::delivery::health::waiting_words_for(&ctx, Some(app.alice_id))
+        .await
+        .remove(&mine)
+        .unwrap_or_default();
+    assert!(to_alice.contains("only you can"), "{to_alice}");
+    assert!(!to_alice.contains("administrator"), "{to_alice}");
+}
