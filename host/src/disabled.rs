@@ -14,11 +14,7 @@ pub async fn page(
     user: Option<CurrentUser>,
     name: String,
 ) -> HttpResponse {
-    let wants_json = req
-        .headers()
-        .get(actix_web::http::header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("application/json"));
+    let wants_json = crate::not_found::wants_json(&req);
     let words = format!(
         "The {name} module is disabled in this CRM. An operator can enable it on the Modules page."
     );

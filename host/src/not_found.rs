@@ -33,10 +33,13 @@ pub async fn page(
     state: web::Data<AppState>,
     user: Option<CurrentUser>,
 ) -> HttpResponse {
-    let wants_json = req
-        .headers()
+    response(&state.chrome, user.as_ref(), wants_json(&req))
+}
+
+/// Whether the request asks for JSON (`Accept: application/json`): a script, not a browser.
+pub fn wants_json(req: &HttpRequest) -> bool {
+    req.headers()
         .get(actix_web::http::header::ACCEPT)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("application/json"));
-    response(&state.chrome, user.as_ref(), wants_json)
+        .is_some_and(|v| v.contains("application/json"))
 }

@@ -106,6 +106,30 @@ async fn operator_notifications(app: &TestApp, key: &str) -> Vec<notification::M
     notes
 }
 
+/// What an operator's Retry now does: ends the hold of `server_id` at once.
+async fn release_forced(app: &TestApp, server_id: i32) {
+    let (ctx, shared) = app.module_parts();
+    microsoft_outlook::delivery::health::release(
+        &ctx,
+        &shared,
+        server_id,
+        None,
+        microsoft_outlook::delivery::health::Release::Forced,
+    )
+    .await
+    .expect("release");
+}
+
+/// The one notice among `notes` addressed to the user `user_id`.
+fn the_one_for(notes: &[notification::Model], user_id: i64) -> notification::Model {
+    let theirs: Vec<_> = notes
+        .iter()
+        .filter(|n| n.user_id == Some(user_id))
+        .collect();
+    assert_eq!(theirs.len(), 1, "{notes:?}");
+    theirs[0].clone()
+}
+
 fn mailbox_key(server_id: i32) -> String {
     format!("microsoft_outlook:mailbox:{server_id}")
 }
@@ -706,7 +730,6 @@ async fn mailbox_refusals_hold_the_mailbox_and_message_refusals_fail_the_mail() 
     let m = mailing().await;
     let app = &m.env.app;
     let server_id = m.env.server_id;
-    let (ctx, shared) = app.module_parts();
     let cases = [
         (
             Stage::Auth,
@@ -760,15 +783,7 @@ async fn mailbox_refusals_hold_the_mailbox_and_message_refusals_fail_the_mail() 
         );
         // Fixed: the hold ends and the mail goes out.
         m.smtp.clear_injections();
-        microsoft_outlook::delivery::health::release(
-            &ctx,
-            &shared,
-            server_id,
-            None,
-            microsoft_outlook::delivery::health::Release::Forced,
-        )
-        .await
-        .expect("release");
+        release_forced(app, server_id).await;
         wait_status(app, id, "sent").await;
         wait_ready(app, server_id).await;
     }
@@ -863,7 +878,7 @@ async fn the_server_pages_show_a_held_mailbox() {
 async fn a_personal_mailboxs_hold_tells_each_reader_what_they_can_do_and_where() {
     let (m, mine) = alices_mailbox(SmtpConfig::default()).await;
     let app = &m.env.app;
-    let (ctx, shared) = app.module_parts();
+    let (ctx, _) = app.module_parts();
 
     // The tenant keeps SMTP AUTH off: an administrator's fix.
     m.smtp.inject(
@@ -893,11 +908,7 @@ async fn a_personal_mailboxs_hold_tells_each_reader_what_they_can_do_and_where()
     assert!(ops[0].body.contains("Release held mail"), "{ops:?}");
     assert!(!ops[0].body.contains("Retry now"), "{ops:?}");
     assert!(!ops[0].body.contains("server page"), "{ops:?}");
-    let alices: Vec<_> = notes
-        .iter()
-        .filter(|n| n.user_id == Some(app.alice_id))
-        .collect();
-    assert_eq!(alices.len(), 1, "{notes:?}");
+    let alices = [the_one_for(&notes, app.alice_id)];
     assert!(
         alices[0].body.contains("nothing is needed from you"),
         "{alices:?}"
@@ -917,15 +928,7 @@ async fn a_personal_mailboxs_hold_tells_each_reader_what_they_can_do_and_where()
         .await;
     assert_eq!(status, StatusCode::SEE_OTHER);
     m.smtp.clear_injections();
-    microsoft_outlook::delivery::health::release(
-        &ctx,
-        &shared,
-        mine,
-        None,
-        microsoft_outlook::delivery::health::Release::Forced,
-    )
-    .await
-    .expect("release");
+    release_forced(app, mine).await;
     wait_held(app, mine, "grant_dead").await;
     assert_waits(app, id).await;
     let notes: Vec<_> = notifications(app, &mailbox_key(mine))
@@ -937,11 +940,7 @@ async fn a_personal_mailboxs_hold_tells_each_reader_what_they_can_do_and_where()
         notes.iter().all(|n| !n.for_operators),
         "operators cannot reconnect a user's mailbox: {notes:?}"
     );
-    let alices: Vec<_> = notes
-        .iter()
-        .filter(|n| n.user_id == Some(app.alice_id))
-        .collect();
-    assert_eq!(alices.len(), 1, "{notes:?}");
+    let alices = [the_one_for(&notes, app.alice_id)];
     assert_eq!(
         alices[0].link.as_deref(),
         Some("/microsoft_outlook/my-mailbox")
@@ -1016,11 +1015,7 @@ async fn a_refused_certificate_on_a_personal_mailbox_is_its_owners_to_fix() {
     wait_held(app, mine, "server_refused").await;
     let notes = notifications(app, &mailbox_key(mine)).await;
     assert!(notes.iter().all(|n| !n.for_operators), "{notes:?}");
-    let alices: Vec<_> = notes
-        .iter()
-        .filter(|n| n.user_id == Some(app.alice_id))
-        .collect();
-    assert_eq!(alices.len(), 1, "{notes:?}");
+    let alices = [the_one_for(&notes, app.alice_id)];
     assert_eq!(
         alices[0].link.as_deref(),
         Some("/microsoft_outlook/my-mailbox")

@@ -148,25 +148,18 @@ pub(super) async fn held_mailboxes(ctx: &ModuleContext, user: &CurrentUser) -> M
     let waiting = crate::delivery::health::waiting_counts(ctx)
         .await
         .unwrap_or_default();
-    let names = server_names(ctx).await;
-    // A personal mailbox's page is its owner's: the operators' way to it is its mail.
-    let personal: std::collections::HashSet<i32> = mail_server::Entity::find()
-        .select_only()
-        .column(mail_server::Column::Id)
-        .filter(mail_server::Column::Kind.eq("personal"))
-        .into_tuple()
+    // Each mailbox's name, and where the operators act on it (a personal mailbox's page is
+    // its owner's: theirs is its mail).
+    let servers: HashMap<i32, (String, String)> = mail_server::Entity::find()
         .all(ctx.db())
         .await
         .unwrap_or_default()
         .into_iter()
+        .map(|s| {
+            let link = crate::delivery::health::operators_link(&s);
+            (s.id, (s.name, link))
+        })
         .collect();
-    let link = |id: i32| {
-        if personal.contains(&id) {
-            format!("{OUTBOX}?server={id}")
-        } else {
-            format!("/microsoft_outlook/servers/{id}")
-        }
-    };
     let mut held: Vec<(i32, Health)> = healths
         .iter()
         .map(|(id, row)| (*id, Health::of(Some(row), now)))
@@ -182,7 +175,10 @@ pub(super) async fn held_mailboxes(ctx: &ModuleContext, user: &CurrentUser) -> M
                     tbody {
                         @for (id, health) in &held {
                             tr data-server=(id) {
-                                td { a href=(link(*id)) { (names.get(id).map(String::as_str).unwrap_or("(deleted)")) } }
+                                td { @match servers.get(id) {
+                                    Some((name, link)) => a href=(link) { (name) },
+                                    None => "(deleted)",
+                                } }
                                 td { span.badge.bad { (health.label()) }
                                     @if let Health::Held { detail, .. } = health { p.help { (detail) } } }
                                 td { (waiting.get(id).copied().unwrap_or(0)) }
