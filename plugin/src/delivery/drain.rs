@@ -268,7 +268,7 @@ async fn stop_words(
             shared.metrics.outcome(verdict);
             let until = match verdict.level {
                 Level::MailboxHeld(reason) => {
-                    crate::delivery::health::hold(ctx, shared, server, reason, verdict).await?;
+                    crate::delivery::hold::hold(ctx, shared, server, reason, verdict).await?;
                     verdict.hold_for.map(|d| now + d)
                 }
                 _ => {

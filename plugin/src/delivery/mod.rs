@@ -10,6 +10,7 @@ pub mod graph;
 pub mod graph_draft;
 pub mod graph_replies;
 pub mod health;
+pub mod hold;
 pub mod limits;
 pub mod outcomes;
 pub mod smtp;

@@ -83,7 +83,7 @@ pub async fn hold(
     if let Err(e) = row.exec(ctx.db()).await {
         return db(e);
     }
-    if let Err(e) = crate::delivery::health::hold(ctx, shared, server, reason, &verdict).await {
+    if let Err(e) = crate::delivery::hold::hold(ctx, shared, server, reason, &verdict).await {
         return db(e);
     }
     TokenProblem::Held(verdict)

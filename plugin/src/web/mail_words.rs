@@ -129,7 +129,7 @@ pub const OPERATORS_TOLD_WAITING: &str =
     "The CRM's operators have been told and will fix it; nothing is needed from you.";
 /// What the author reads when the mailbox must be connected again. Who can (its owner: the
 /// reader, another user, or the operators for a shared mailbox) is said to each reader by the
-/// mailbox's waiting words (`delivery::health::waiting_words_for`).
+/// mailbox's waiting words (`delivery::hold::waiting_words_for`).
 const RECONNECT_TOLD: &str =
     "The mailbox must be connected again; the mail waits until then. Nothing is lost.";
 

@@ -951,7 +951,7 @@ async fn a_personal_mailboxs_hold_tells_each_reader_what_they_can_do_and_where()
     let (status, _, _) = m.alice.get("/microsoft_outlook/my-mailbox").await;
     assert!(status.is_success() || status.is_redirection());
     // Her waiting mail says "you" to her, and to the operators that only she can.
-    let to_alice = microsoft_outlook::delivery::health::waiting_words_for(&ctx, Some(app.alice_id))
+    let to_alice = microsoft_outlook::delivery::hold::waiting_words_for(&ctx, Some(app.alice_id))
         .await
         .remove(&mine)
         .unwrap_or_default();
@@ -960,7 +960,7 @@ async fn a_personal_mailboxs_hold_tells_each_reader_what_they_can_do_and_where()
         "{to_alice}"
     );
     assert!(!to_alice.contains("its owner"), "{to_alice}");
-    let to_others = microsoft_outlook::delivery::health::waiting_words(&ctx)
+    let to_others = microsoft_outlook::delivery::hold::waiting_words(&ctx)
         .await
         .remove(&mine)
         .unwrap_or_default();
@@ -1026,7 +1026,7 @@ async fn a_refused_certificate_on_a_personal_mailbox_is_its_owners_to_fix() {
     );
     assert!(alices[0].body.contains("Only you can"), "{alices:?}");
     let (ctx, _) = app.module_parts();
-    let to_alice = microsoft_outlook::delivery::health::waiting_words_for(&ctx, Some(app.alice_id))
+    let to_alice = microsoft_outlook::delivery::hold::waiting_words_for(&ctx, Some(app.alice_id))
         .await
         .remove(&mine)
         .unwrap_or_default();

@@ -71,7 +71,7 @@ pub(super) async fn detail(
         .unwrap_or(Health::Ready);
     let waits_on_mailbox =
         matches!(mail.status.as_str(), "queued" | "sending") && health != Health::Ready;
-    let waits = crate::delivery::health::waiting_words_for(&ctx, Some(user.id)).await;
+    let waits = crate::delivery::hold::waiting_words_for(&ctx, Some(user.id)).await;
     let body = outbox_body::Entity::find_by_id(mail.id)
         .one(ctx.db())
         .await

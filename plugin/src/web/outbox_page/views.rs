@@ -156,7 +156,7 @@ pub(super) async fn held_mailboxes(ctx: &ModuleContext, user: &CurrentUser) -> M
         .unwrap_or_default()
         .into_iter()
         .map(|s| {
-            let link = crate::delivery::health::operators_link(&s);
+            let link = crate::delivery::hold::operators_link(&s);
             (s.id, (s.name, link))
         })
         .collect();
@@ -323,7 +323,7 @@ pub(super) async fn list(
         Err(e) => return db_down(e),
     };
     let servers = server_names(&ctx).await;
-    let waits = crate::delivery::health::waiting_words_for(&ctx, Some(user.id)).await;
+    let waits = crate::delivery::hold::waiting_words_for(&ctx, Some(user.id)).await;
     let pages = Ord::max(total.div_ceil(PER_PAGE), 1);
     if wants_json(&req) {
         let mails: Vec<OutboxMail> = mails

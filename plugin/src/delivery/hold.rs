@@ -1,0 +1,360 @@
+//! Holding a mailbox and telling people: the hold begun once per incident, the notices to the
+//! people who can fix it (operators, a personal mailbox's owner) and to the authors whose mail
+//! waits, and the words a waiting mail says to each reader. The health state itself, and the
+//! end of a hold, are [`crate::delivery::health`].
+
+use crm_sdk::{Audience, ModuleContext, Notification};
+use sea_orm::sea_query::Expr;
+use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QuerySelect};
+use std::collections::HashMap;
+
+use crate::delivery::classify::{HoldReason, Verdict};
+use crate::delivery::health::{
+    Health, all, ensure_row, module_wide, notification_key, settings_key,
+};
+use crate::entities::{mail_server, mailbox_health, outbox};
+use crate::runtime::Shared;
+
+/// Holds `server`'s mailbox for `reason`, with the verdict's words. The people who can fix it
+/// are told once per incident (a hold for the same reason while held is the same incident: its
+/// words and probe time are renewed, `since` stays). Returns whether this call began it.
+pub async fn hold(
+    ctx: &ModuleContext,
+    shared: &Shared,
+    server: &mail_server::Model,
+    reason: HoldReason,
+    verdict: &Verdict,
+) -> Result<bool, sea_orm::DbErr> {
+    ensure_row(ctx, server.id).await?;
+    let now = ctx.clock().now();
+    let until = verdict.hold_for.map(|d| now + d);
+    let detail = verdict.words();
+    let update = || {
+        mailbox_health::Entity::update_many()
+            .col_expr(mailbox_health::Column::State, Expr::value("held"))
+            .col_expr(mailbox_health::Column::Detail, Expr::value(detail.clone()))
+            .col_expr(mailbox_health::Column::Until, Expr::value(until))
+            .col_expr(mailbox_health::Column::UpdatedAt, Expr::value(now))
+            .filter(mailbox_health::Column::ServerId.eq(server.id))
+    };
+    // Only the writer that turns the state into this hold begins the incident.
+    let began = update()
+        .col_expr(mailbox_health::Column::Reason, Expr::value(reason.as_str()))
+        .col_expr(mailbox_health::Column::Since, Expr::value(now))
+        .col_expr(mailbox_health::Column::NotifiedAt, Expr::value(now))
+        .filter(
+            Condition::any()
+                .add(mailbox_health::Column::State.ne("held"))
+                .add(mailbox_health::Column::Reason.is_null())
+                .add(mailbox_health::Column::Reason.ne(reason.as_str())),
+        )
+        .exec(ctx.db())
+        .await?
+        .rows_affected
+        == 1;
+    if !began {
+        update()
+            .filter(mailbox_health::Column::Reason.eq(reason.as_str()))
+            .exec(ctx.db())
+            .await?;
+    }
+    shared.forget_health(server.id);
+    if began {
+        tracing::warn!(
+            server_id = server.id,
+            reason = reason.as_str(),
+            "mailbox held"
+        );
+        tell(ctx, server, reason, verdict).await;
+    }
+    Ok(began)
+}
+
+/// Who can end a hold: the people told to act, and the only ones a notice asks anything of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fixer {
+    /// The owner of a personal mailbox (only they can sign in to it or clean it up).
+    Owner(i64),
+    /// The CRM's operators (a shared mailbox's owners; an administrator's fix on any mailbox).
+    Operators,
+    /// Nobody: it ends by itself (the sending quota's window).
+    Nobody,
+}
+
+/// Who can end `server`'s hold for `reason`.
+fn fixer(server: &mail_server::Model, reason: HoldReason) -> Fixer {
+    match (reason, server.owner_user_id) {
+        (HoldReason::QuotaExceeded, _) => Fixer::Nobody,
+        (reason, Some(owner)) if reason.owner_fixes(true) => Fixer::Owner(owner),
+        _ => Fixer::Operators,
+    }
+}
+
+/// The page where operators act on a held mailbox: a shared server's page (Retry now, Connect),
+/// or, for a personal mailbox (not on their server list), the outbox filtered to it, where
+/// Release held mail is.
+pub fn operators_link(server: &mail_server::Model) -> String {
+    if server.owner_user_id.is_some() {
+        format!("/microsoft_outlook/outbox?server={}", server.id)
+    } else {
+        format!("/microsoft_outlook/servers/{}", server.id)
+    }
+}
+
+/// The page of a personal mailbox as its owner reaches it.
+pub const MY_MAILBOX: &str = "/microsoft_outlook/my-mailbox";
+
+/// The operators' step in the CRM once the outside fix is done (the rule's words say what to
+/// fix; where to resume depends on the mailbox).
+fn operators_step(server: &mail_server::Model, reason: HoldReason) -> &'static str {
+    match (fixer(server, reason), server.owner_user_id) {
+        (Fixer::Operators, Some(_)) => {
+            "It is a user's personal mailbox: once it is fixed, click Release held mail on the outbox filtered to this mailbox (the link)."
+        }
+        (Fixer::Operators, None) if reason.needs_operator() => {
+            "Once it is fixed, click Retry now on the server's page (the link)."
+        }
+        _ => "",
+    }
+}
+
+/// The notices of a hold: operators when theirs to fix (or the mailbox is shared), the owner
+/// of a personal mailbox always (asked to act only when theirs to fix), the other authors
+/// whose mail waits (never asked to act). Only a notice that asks its reader to act carries a
+/// link (the host shows it as "Fix it").
+fn hold_notices(
+    server: &mail_server::Model,
+    reason: HoldReason,
+    v: &Verdict,
+    waits: &str,
+) -> Vec<Notification> {
+    let key = Some(notification_key(server.id));
+    let fixer = fixer(server, reason);
+    let title = reason.title().to_lowercase();
+    let mut notices = Vec::new();
+    if server.owner_user_id.is_none() || fixer == Fixer::Operators {
+        let subject = match server.owner_user_id {
+            None => format!(
+                "Mail server \"{}\" ({}) is held: {title}",
+                server.name, server.mailbox
+            ),
+            Some(_) => format!("Personal mailbox {} is held: {title}", server.mailbox),
+        };
+        let step = operators_step(server, reason);
+        notices.push(Notification {
+            audience: Audience::Operators,
+            subject,
+            body: join(&[&v.what, &v.fix, step, waits]),
+            link: Some(operators_link(server)),
+            key: key.clone(),
+        });
+    }
+    if let Some(owner) = server.owner_user_id {
+        let (body, link) = match fixer {
+            Fixer::Owner(_) => (
+                join(&[
+                    &v.what,
+                    &v.fix,
+                    "Only you can do this, on your My mailbox page (the link).",
+                    waits,
+                ]),
+                Some(MY_MAILBOX.to_string()),
+            ),
+            Fixer::Operators => (
+                join(&[
+                    &v.what,
+                    "The CRM's operators have been told and must fix it; nothing is needed from you.",
+                    waits,
+                ]),
+                None,
+            ),
+            Fixer::Nobody => (
+                join(&[
+                    &v.what,
+                    "Nothing is needed from you: sending resumes by itself.",
+                    waits,
+                ]),
+                None,
+            ),
+        };
+        notices.push(Notification {
+            audience: Audience::User(owner),
+            subject: format!("Your mailbox {} is held: {title}", server.mailbox),
+            body,
+            link,
+            key,
+        });
+    }
+    notices
+}
+
+/// Words joined by a space, the empty ones left out.
+fn join(parts: &[&str]) -> String {
+    parts
+        .iter()
+        .map(|p| p.trim())
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The authors whose mail waits on `server` are told too, once, that nothing is needed from
+/// them (the owner of a personal mailbox is told by [`hold_notices`]). Nothing is asked of
+/// them, so their notice has no link.
+async fn author_notices(
+    ctx: &ModuleContext,
+    server: &mail_server::Model,
+    reason: HoldReason,
+    v: &Verdict,
+    waits: &str,
+) -> Vec<Notification> {
+    let authors: Vec<i64> = outbox::Entity::find()
+        .select_only()
+        .column(outbox::Column::AuthorUserId)
+        .distinct()
+        .filter(outbox::Column::ServerId.eq(server.id))
+        .filter(outbox::unsent())
+        .into_tuple()
+        .all(ctx.db())
+        .await
+        .unwrap_or_default();
+    let nothing_needed = if reason == HoldReason::QuotaExceeded {
+        "Nothing is needed from you: sending resumes by itself."
+    } else {
+        "The CRM's operators have been told and will fix it; nothing is needed from you."
+    };
+    let key = if module_wide(reason) {
+        settings_key(reason)
+    } else {
+        notification_key(server.id)
+    };
+    authors
+        .into_iter()
+        // A personal mailbox's owner is told by [`hold_notices`], but of a settings incident.
+        .filter(|a| module_wide(reason) || Some(*a) != server.owner_user_id)
+        .map(|author| Notification {
+            audience: Audience::User(author),
+            subject: format!("Your mail waits: {}", reason.title().to_lowercase()),
+            body: format!("{} {nothing_needed} {waits}", v.what),
+            link: None,
+            key: Some(key.clone()),
+        })
+        .collect()
+}
+
+/// Tells the people who can fix a hold, once.
+async fn tell(ctx: &ModuleContext, server: &mail_server::Model, reason: HoldReason, v: &Verdict) {
+    let waits = if module_wide(reason) {
+        "Mail from the affected mailboxes waits (no attempt is spent, nothing is lost) and goes out in queue order once this is fixed."
+    } else {
+        "Mail from this mailbox waits (no attempt is spent, nothing is lost) and goes out in queue order once this is fixed."
+    };
+    let mut notices = Vec::new();
+    if module_wide(reason) {
+        let first = crate::alerts::remember_once(ctx, &settings_key(reason), &v.what)
+            .await
+            .unwrap_or(false);
+        if first {
+            notices.push(Notification {
+                audience: Audience::Operators,
+                subject: format!("Microsoft Outlook: {}", reason.title().to_lowercase()),
+                body: format!("{} {} {waits}", v.what, v.fix),
+                link: Some("/settings".into()),
+                key: Some(settings_key(reason)),
+            });
+        }
+    } else {
+        notices.extend(hold_notices(server, reason, v, waits));
+    }
+    notices.extend(author_notices(ctx, server, reason, v, waits).await);
+    for n in notices {
+        if let Err(e) = ctx.notifier().notify(n).await {
+            tracing::warn!(error = %e, "a hold notification was not recorded");
+        }
+    }
+}
+
+/// For each held or throttled mailbox, what its waiting mails say to someone who is not the
+/// owner of a personal mailbox (operators, authors on a shared one); see [`waiting_words_for`].
+pub async fn waiting_words(ctx: &ModuleContext) -> HashMap<i32, String> {
+    waiting_words_for(ctx, None).await
+}
+
+/// For each held or throttled mailbox, what its waiting mails say to `viewer` (a user id):
+/// why they wait, and who has been told, in words for the reader (the owner of a personal
+/// mailbox reads "you"; nobody is asked to do another's job).
+pub async fn waiting_words_for(ctx: &ModuleContext, viewer: Option<i64>) -> HashMap<i32, String> {
+    let now = ctx.clock().now();
+    let rows = all(ctx).await.unwrap_or_default();
+    let owners: HashMap<i32, Option<i64>> = mail_server::Entity::find()
+        .select_only()
+        .column(mail_server::Column::Id)
+        .column(mail_server::Column::OwnerUserId)
+        .filter(mail_server::Column::Id.is_in(rows.keys().copied()))
+        .into_tuple()
+        .all(ctx.db())
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    rows.iter()
+        .filter_map(|(id, row)| {
+            let owner = owners.get(id).copied().flatten();
+            let words = words_of(&Health::of(Some(row), now), owner, viewer)?;
+            Some((*id, words))
+        })
+        .collect()
+}
+
+/// What a mail waiting on a mailbox in `health` says to `viewer`; `owner`: the mailbox's
+/// owner when it is personal.
+fn words_of(health: &Health, owner: Option<i64>, viewer: Option<i64>) -> Option<String> {
+    let words = match health {
+        Health::Ready => return None,
+        Health::Throttled { until } => format!(
+            "Waiting: Exchange asked to slow down; it goes out after {}.",
+            until.format("%H:%M UTC")
+        ),
+        Health::Held { reason, .. } if reason.needs_operator_for(owner.is_some()) => format!(
+            "Waiting: the mailbox needs an administrator ({}) — the CRM's operators have been told. Nothing is lost; it goes out once they fix it.",
+            reason.title().to_lowercase()
+        ),
+        Health::Held {
+            reason: HoldReason::QuotaExceeded,
+            until,
+            ..
+        } => format!(
+            "Waiting: Exchange's daily sending limit for this mailbox was reached; it goes out by itself{}. Nothing is lost.",
+            until
+                .map(|u| format!(" after {}", u.format("%Y-%m-%d %H:%M UTC")))
+                .unwrap_or_default()
+        ),
+        Health::Held { reason, .. } => {
+            let what = match reason {
+                HoldReason::MailboxFull => "the mailbox is full",
+                HoldReason::GrantDead => "the mailbox must be connected again",
+                _ => "the mailbox's server settings must be corrected",
+            };
+            let who = match owner {
+                None => "the CRM's operators have been told".to_string(),
+                Some(o) if Some(o) == viewer => {
+                    let what = match reason {
+                        HoldReason::MailboxFull => "your mailbox is full: make room in it",
+                        HoldReason::GrantDead => {
+                            "your mailbox must be connected again: click Connect on My mailbox"
+                        }
+                        _ => {
+                            "your mailbox's server settings must be corrected on My mailbox (see what happened there)"
+                        }
+                    };
+                    return Some(format!(
+                        "Waiting: {what}; only you can do this. Nothing is lost; it goes out after that."
+                    ));
+                }
+                Some(_) => "only its owner can fix this, and has been told".to_string(),
+            };
+            format!("Waiting: {what} — {who}. Nothing is lost.")
+        }
+    };
+    Some(words)
+}
