@@ -463,7 +463,8 @@ async fn demo_restart_keeps_the_settings_and_one_default_server_and_the_cli_find
 }
 
 /// The simulated services' pages show everybody's mail and the app's secret: operators only.
-/// The app registration page lists the accounts the simulated sign-in knows.
+/// The app registration page lists the accounts the simulated sign-in knows. A user's My
+/// mailbox form points at the simulated Exchange.
 #[tokio::test]
 async fn the_demo_pages_of_the_simulated_services_are_for_operators() {
     let port = free_port();
@@ -484,6 +485,15 @@ async fn the_demo_pages_of_the_simulated_services_are_for_operators() {
         let (status, _) = status_of(alice.clone(), path).await;
         assert_eq!(status, reqwest::StatusCode::FORBIDDEN, "{path}");
     }
+    // A user's new mailbox points where the demo's simulated Exchange listens, as the shared
+    // server does (not at smtp.office365.com, which the demo's tokens cannot reach).
+    let (status, page) = status_of(alice.clone(), "/microsoft_outlook/my-mailbox").await;
+    assert_eq!(status, reqwest::StatusCode::OK);
+    assert!(
+        page.contains(r#"name="smtp_host" value="localhost""#),
+        "{page}"
+    );
+    assert!(page.contains("BEGIN CERTIFICATE"), "the demo's CA: {page}");
     let admin = cookie_client();
     let (status, _) = sign_in_with(&admin, &base, "admin@contoso.example", "operator-demo").await;
     assert_eq!(status, reqwest::StatusCode::SEE_OTHER);

@@ -424,24 +424,42 @@ pub async fn succeeded(
     Ok(())
 }
 
-/// How many mailboxes are ready, throttled and held.
+/// How many mailboxes are ready, throttled, held and not connected. A mailbox that signs in
+/// as a user (`auth` other than `app_only`) and has no token yet is `not_connected`, not
+/// `ready`: nothing it is given can go out until someone connects it.
 pub async fn counts(
     ctx: &ModuleContext,
 ) -> Result<std::collections::BTreeMap<&'static str, i64>, sea_orm::DbErr> {
-    let servers: Vec<i32> = mail_server::Entity::find()
+    let servers: Vec<(i32, String)> = mail_server::Entity::find()
         .select_only()
         .column(mail_server::Column::Id)
+        .column(mail_server::Column::Auth)
         .into_tuple()
         .all(ctx.db())
         .await?;
+    let connected: std::collections::HashSet<i32> = token::Entity::find()
+        .select_only()
+        .column(token::Column::ServerId)
+        .into_tuple::<i32>()
+        .all(ctx.db())
+        .await?
+        .into_iter()
+        .collect();
     let healths = all(ctx).await?;
     let now = ctx.clock().now();
-    let mut counts: std::collections::BTreeMap<&'static str, i64> =
-        [("ready", 0), ("throttled", 0), ("held", 0)].into();
-    for id in servers {
-        *counts
-            .entry(Health::of(healths.get(&id), now).state())
-            .or_default() += 1;
+    let mut counts: std::collections::BTreeMap<&'static str, i64> = [
+        ("ready", 0),
+        ("throttled", 0),
+        ("held", 0),
+        ("not_connected", 0),
+    ]
+    .into();
+    for (id, auth) in servers {
+        let state = match Health::of(healths.get(&id), now) {
+            Health::Ready if auth != "app_only" && !connected.contains(&id) => "not_connected",
+            health => health.state(),
+        };
+        *counts.entry(state).or_default() += 1;
     }
     Ok(counts)
 }

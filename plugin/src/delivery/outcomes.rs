@@ -283,8 +283,15 @@ impl Writer<'_> {
                     let (who, advice) = d.failed_for.as_ref().map_or((Who::Nobody, None), |f| {
                         (f.who, f.authors_advice.as_deref())
                     });
-                    crate::outbox::failed_notice::mail_failed(self.ctx, row, why, who, advice)
-                        .await;
+                    let reply = d.outcome.last_reply.as_deref();
+                    crate::outbox::failed_notice::mail_failed(
+                        self.ctx,
+                        row,
+                        (why, reply),
+                        who,
+                        advice,
+                    )
+                    .await;
                 }
                 _ => drained.again += 1,
             }

@@ -5,6 +5,7 @@ use crm_sdk::{Audience, ModuleContext, Notification};
 
 use crate::delivery::classify::Who;
 use crate::outbox::claims::ClaimedRow;
+use crate::outbox::user_words::failed_for_author;
 
 /// The incident key of a failed mail (one notice per mail and person).
 pub fn key(mail_id: i64) -> String {
@@ -17,25 +18,24 @@ pub fn link(mail_id: i64) -> String {
     format!("/microsoft_outlook/outbox/{mail_id}")
 }
 
-/// Notifies the author and the operators that `mail` failed because of `why`; `who` must act
-/// (the author is told to correct the mail only when it is theirs to fix). `authors_advice`
-/// is the end of `why` meant for the author alone: the operators' copy leaves it out.
+/// Notifies the author and the operators that `mail` failed because of `why` (the words of
+/// the classification; `reply` is the remote server's reply in them, if any); `who` must act.
+/// The author reads it as on the mail's page ([`failed_for_author`]): the reply reduced to its
+/// codes, no operator's steps, and what is left for them to do. `authors_advice` is the end of
+/// `why` meant for the author alone: the operators' copy leaves it out.
 pub async fn mail_failed(
     ctx: &ModuleContext,
     mail: &ClaimedRow,
-    why: &str,
+    (why, reply): (&str, Option<&str>),
     who: Who,
     authors_advice: Option<&str>,
 ) {
     let subject = format!("Mail not sent: \"{}\"", mail.subject);
     let recipients = mail.recipients.lines().collect::<Vec<_>>().join(", ");
-    let advice = if who == Who::Author {
-        "Correct what is said here and send it again from the record."
-    } else {
-        "The CRM's operators have been told; nothing is needed from you until they have fixed it — then send it again."
-    };
-    let author_body =
-        format!("Your mail to {recipients} failed and will not be retried. {why} {advice}");
+    let author_body = format!(
+        "Your mail to {recipients} failed and will not be retried. {}",
+        failed_for_author(why, reply, who == Who::Author)
+    );
     let for_operators = authors_advice
         .and_then(|a| why.strip_suffix(a))
         .unwrap_or(why)

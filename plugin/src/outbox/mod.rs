@@ -13,3 +13,4 @@ pub mod queue;
 pub mod record;
 pub mod refusal;
 pub mod sweep;
+pub mod user_words;

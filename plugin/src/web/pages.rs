@@ -622,6 +622,10 @@ async fn my_mailbox(
         Ok(None) => {
             let mut form = ServerForm::new_defaults(ServerKind::Personal, &user);
             form.smtp_host = cloud_smtp_host(&ctx).await;
+            if let Ok(shared) = servers::shared(ctx.db()).await {
+                let hosts = PersonalSmtpHosts::load(&ctx).await;
+                servers::personal_connection_defaults(&mut form, &shared, &hosts);
+            }
             let body = html! {
                 h1 { "My mailbox" }
                 @if let Some(flash) = deleted_flash(&query) { (flash) }

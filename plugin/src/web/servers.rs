@@ -486,6 +486,27 @@ pub async fn shared(db: &DatabaseConnection) -> Result<Vec<mail_server::Model>, 
         .await
 }
 
+/// Where a new personal mailbox connects by default: the connection of the first shared
+/// server (the default one first) whose host and port the operator allows for personal
+/// mailboxes (its host, port, security and extra CA: a user's mailbox is usually in the same
+/// tenant, behind the same host), else the chosen cloud's SMTP host on port 587 as given.
+pub fn personal_connection_defaults(
+    form: &mut ServerForm,
+    shared: &[mail_server::Model],
+    hosts: &crate::settings::PersonalSmtpHosts,
+) {
+    let Some(server) = shared.iter().find(|s| {
+        s.security != "none"
+            && u16::try_from(s.smtp_port).is_ok_and(|port| hosts.allows(&s.smtp_host, port))
+    }) else {
+        return;
+    };
+    form.smtp_host = server.smtp_host.clone();
+    form.smtp_port = server.smtp_port.to_string();
+    form.security = server.security.clone();
+    form.extra_ca_pem = server.extra_ca_pem.clone().unwrap_or_default();
+}
+
 /// The personal mailbox of `user_id`, if any.
 pub async fn personal_of(
     db: &DatabaseConnection,
@@ -509,6 +530,76 @@ pub fn may_manage(user: &CurrentUser, server: &mail_server::Model) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn shared_at(host: &str, port: i32, security: &str, ca: Option<&str>) -> mail_server::Model {
+        let now = Utc::now();
+        mail_server::Model {
+            id: 1,
+            name: "Office 365".into(),
+            kind: "shared".into(),
+            owner_user_id: None,
+            smtp_host: host.into(),
+            smtp_port: port,
+            security: security.into(),
+            extra_ca_pem: ca.map(str::to_string),
+            mailbox: "crm@contoso.example".into(),
+            auth: "delegated".into(),
+            transport: "smtp".into(),
+            send_as: "author".into(),
+            from_allow_list: String::new(),
+            is_default: true,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    #[test]
+    fn a_new_personal_mailbox_connects_where_a_shared_server_may_that_users_may_use() {
+        let user = CurrentUser {
+            id: 2,
+            name: "Alice".into(),
+            email: "alice@contoso.example".into(),
+            is_admin: false,
+            csrf_token: String::new(),
+        };
+        let hosts = crate::settings::PersonalSmtpHosts::parse(
+            "smtp.office365.com, relay.contoso.example:2525",
+        )
+        .expect("hosts");
+        let fresh = || {
+            let mut form = ServerForm::new_defaults(ServerKind::Personal, &user);
+            form.smtp_host = "smtp.office365.com".into();
+            form
+        };
+        // A shared relay users may use: its connection, CA included.
+        let mut form = fresh();
+        let relay = shared_at("relay.contoso.example", 2525, "starttls", Some("PEM"));
+        personal_connection_defaults(&mut form, &[relay], &hosts);
+        assert_eq!(
+            (
+                form.smtp_host.as_str(),
+                form.smtp_port.as_str(),
+                form.extra_ca_pem.as_str()
+            ),
+            ("relay.contoso.example", "2525", "PEM")
+        );
+        // A host users may not use, or security "none": the cloud's host as before.
+        for other in [
+            shared_at("internal.contoso.example", 587, "starttls", None),
+            shared_at("relay.contoso.example", 2525, "none", None),
+        ] {
+            let mut form = fresh();
+            personal_connection_defaults(&mut form, &[other], &hosts);
+            assert_eq!(
+                (
+                    form.smtp_host.as_str(),
+                    form.smtp_port.as_str(),
+                    form.security.as_str()
+                ),
+                ("smtp.office365.com", "587", "starttls")
+            );
+        }
+    }
 
     #[test]
     fn a_server_name_problem_is_said_as_it_is() {

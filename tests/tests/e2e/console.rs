@@ -549,6 +549,20 @@ async fn metrics_count_mails_sends_latency_refreshes_and_mailboxes() {
     let failed = queue(&m, "Refused").await;
     wait_status(app, failed, "failed").await;
 
+    // A second mailbox that signs in as a user and was never connected: not ready.
+    let first = microsoft_outlook::entities::mail_server::Entity::find_by_id(m.env.server_id)
+        .one(&app.db)
+        .await
+        .expect("server")
+        .expect("exists");
+    let mut second: microsoft_outlook::entities::mail_server::ActiveModel = first.into();
+    second.id = sea_orm::NotSet;
+    second.name = sea_orm::Set("Never connected".into());
+    second.mailbox = sea_orm::Set("other@contoso.example".into());
+    second.is_default = sea_orm::Set(false);
+    sea_orm::ActiveModelTrait::insert(second, &app.db)
+        .await
+        .expect("second server");
     let anonymous = app.browser();
     let (status, _, _) = anonymous.get("/metrics").await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
@@ -584,6 +598,7 @@ async fn metrics_count_mails_sends_latency_refreshes_and_mailboxes() {
         ),
         ("microsoft_outlook_mailboxes{state=\"ready\"}", 1.0),
         ("microsoft_outlook_mailboxes{state=\"held\"}", 0.0),
+        ("microsoft_outlook_mailboxes{state=\"not_connected\"}", 1.0),
     ];
     for (name, value) in expect {
         assert_eq!(series(&text, name), Some(value), "{name}\n{text}");
@@ -715,6 +730,24 @@ async fn a_failure_only_an_administrator_can_fix_tells_the_author_to_wait() {
         "{body}"
     );
     assert!(!body.contains("Correct what is said here"), "{body}");
+    // The author is not handed the administrator's steps, and is told once what happens.
+    assert!(!body.contains("administrator"), "{body}");
+    assert!(!body.contains("admin center"), "{body}");
+    assert_eq!(
+        body.matches("operators have been told").count(),
+        1,
+        "{body}"
+    );
+    // The operators' copy keeps the steps.
+    let (_, to_operators, _, _) = notices_of(app, id)
+        .await
+        .into_iter()
+        .find(|n| !n.0)
+        .expect("the operators' notice");
+    assert!(
+        to_operators.contains("An Exchange administrator must grant"),
+        "{to_operators}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
