@@ -348,12 +348,15 @@ async fn save(
             if let Err(e) = state.registry.restart_jobs(&manifest.id).await {
                 tracing::error!(module = %manifest.id, error = %e, "restarting the module's jobs failed");
             }
-            if entry.is_enabled() {
-                entry.module.settings_saved(&entry.ctx).await;
-            }
             let check = entry.module.verify_settings(&entry.ctx).await;
             if let Some(check) = &check {
                 tracing::info!(module = %manifest.id, verified = ?check.verified, code = ?check.code, "settings checked");
+            }
+            if entry.is_enabled() {
+                entry
+                    .module
+                    .settings_saved(&entry.ctx, check.as_ref())
+                    .await;
             }
             let flash = html! { p.flash.ok role="status" { "Settings saved." } };
             let (input, errors) = (BTreeMap::new(), BTreeMap::new());

@@ -72,10 +72,15 @@ impl Module for OutlookModule {
         Migrator::up(db, None).await
     }
 
-    async fn settings_saved(&self, ctx: &ModuleContext) {
+    async fn settings_saved(&self, ctx: &ModuleContext, check: Option<&SettingsCheck>) {
         // Saved settings apply at once in this process (other processes read them within
-        // two seconds), and end the holds that waited for them.
+        // two seconds), and end the holds that waited for them, unless Microsoft just refused
+        // them again: the holds (and the notices that told of them) then stay as they are.
         *self.shared.limits.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        if let Some(refused) = check.filter(|c| c.verified == Some(false)) {
+            tracing::info!(code = ?refused.code, "settings saved but refused: held mailboxes stay held");
+            return;
+        }
         let reasons: Vec<crate::delivery::classify::HoldReason> =
             crate::delivery::classify::HoldReason::ALL
                 .into_iter()

@@ -123,8 +123,10 @@ pub trait Module: Send + Sync + 'static {
     }
 
     /// Called after an operator saved the module's settings, while the module is enabled
-    /// (e.g. to release work that waited for a fixed client secret).
-    async fn settings_saved(&self, _ctx: &ModuleContext) {}
+    /// (e.g. to release work that waited for a fixed client secret), with what
+    /// [`Module::verify_settings`] found just before: work that waits for settings the check
+    /// refuted (`verified == Some(false)`) should go on waiting.
+    async fn settings_saved(&self, _ctx: &ModuleContext, _check: Option<&SettingsCheck>) {}
 
     /// Checks the saved settings against the outside world after a save (the host shows the
     /// result on the settings page); `None` when the module has nothing to check.

@@ -130,6 +130,7 @@ pub fn status_words(status: &str) -> &'static str {
         "sending" => "Sending",
         "sent" => "Delivered to Exchange",
         "failed" => "Not sent",
+        "cancelled" => "Cancelled",
         "needs_reconnect" => "Waiting for the mailbox to be connected again",
         _ => "Unknown",
     }
@@ -223,5 +224,24 @@ pub fn mails_table(mails: &[RecordMail], mailboxes: &HashMap<i32, String>) -> Ma
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_status_a_mail_can_have_is_said_in_words() {
+        for status in outbox::STATUSES {
+            assert_ne!(status_words(status), "Unknown", "{status}");
+            assert!(
+                status_badge(status)
+                    .into_string()
+                    .contains(status_words(status)),
+                "{status}"
+            );
+        }
+        assert_eq!(status_words("cancelled"), "Cancelled");
     }
 }

@@ -159,6 +159,31 @@ fn expiry_banner(expires_on: NaiveDate, today: NaiveDate) -> Markup {
 }
 
 /// The guide shown above the module's settings fields.
+/// How many mailboxes are held because Microsoft refused the module's settings (the client
+/// ID or secret, the cloud, the token endpoint: the holds a save of the settings ends), and
+/// what the most recent such hold said; `None` when there is none (or the database is away).
+async fn refused_settings(ctx: &ModuleContext) -> Option<(usize, String)> {
+    let now = ctx.clock().now();
+    let healths = crate::delivery::health::all(ctx).await.ok()?;
+    let mut held: Vec<(chrono::DateTime<chrono::Utc>, String)> = healths
+        .values()
+        .filter_map(
+            |row| match crate::delivery::health::Health::of(Some(row), now) {
+                crate::delivery::health::Health::Held {
+                    reason,
+                    detail,
+                    since,
+                    ..
+                } if reason.ends_on_settings_saved() => Some((since, detail)),
+                _ => None,
+            },
+        )
+        .collect();
+    held.sort_by_key(|(since, _)| std::cmp::Reverse(*since));
+    let count = held.len();
+    held.into_iter().next().map(|(_, detail)| (count, detail))
+}
+
 pub async fn guide(ctx: &ModuleContext) -> String {
     let redirect_uri = ctx.public_url(crate::CONFIRM_PATH);
     let values = ctx
@@ -171,7 +196,15 @@ pub async fn guide(ctx: &ModuleContext) -> String {
         .and_then(|d| NaiveDate::parse_from_str(d, "%Y-%m-%d").ok());
     let today = ctx.clock().now().date_naive();
     let configured = values.get("client_id").is_some() && values.has_secret("client_secret");
+    let refused = refused_settings(ctx).await;
     html! {
+        @if let Some((held, detail)) = &refused {
+            div.flash.bad role="alert" {
+                p { strong { "Microsoft refuses these settings: " (held) " mailbox(es) hold their mail until they are corrected." } }
+                p { (detail) }
+                p { "Correct the client ID, the secret or the tenant below and save. If Microsoft accepts them, the held mail goes out at once, in queue order; if not, the mail goes on waiting and the check below says why." }
+            }
+        }
         @if let Some(expires_on) = expires_on { (expiry_banner(expires_on, today)) }
         details.setup-guide open[!configured] {
             summary { strong { "Setup guide" } " — register the app in Microsoft Entra ID, then fill in the fields below" }

@@ -409,6 +409,43 @@ async fn bulk_retry_confirms_how_many_then_sends_the_filtered_failed_mails() {
     assert_eq!(body["changed"], 0, "sent mails are not cancelled");
 }
 
+/// A test of a mailbox with no token says to connect it, and holds nothing: nobody is told
+/// that a mailbox nobody has connected yet needs connecting "again".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn testing_a_mailbox_that_is_not_connected_says_so_and_holds_nothing() {
+    let m = one_attempt().await;
+    let app = &m.env.app;
+    token::Entity::delete_many()
+        .filter(token::Column::ServerId.eq(m.env.server_id))
+        .exec(&app.db)
+        .await
+        .expect("delete the token");
+    let test = format!("/microsoft_outlook/servers/{}/test", m.env.server_id);
+    let (status, report) = m.env.admin.post_json(&test, &json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(report["ok"], false, "{report}");
+    assert_eq!(report["rule"], "not-connected", "{report}");
+    assert!(
+        report["words"]
+            .as_str()
+            .is_some_and(|w| w.contains("Click Connect")),
+        "{report}"
+    );
+    let health = mailbox_health::Entity::find_by_id(m.env.server_id)
+        .one(&app.db)
+        .await
+        .expect("health");
+    assert!(
+        health.as_ref().is_none_or(|h| h.state != "held"),
+        "{health:?}"
+    );
+    let told = crm_host::entities::notification::Entity::find()
+        .all(&app.db)
+        .await
+        .expect("notifications");
+    assert!(told.is_empty(), "{told:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_connection_shows_each_step_and_the_words_of_a_refusal() {
     let m = one_attempt().await;

@@ -684,6 +684,33 @@ async fn an_expired_client_secret_holds_mail_until_the_settings_are_saved_then_i
         "{notes:?}"
     );
 
+    // The settings page, where the notice's link leads, says so above the fields.
+    let (_, page, _) = m.env.admin.get("/settings/microsoft_outlook").await;
+    assert!(
+        page.contains("Microsoft refuses these settings") && page.contains("AADSTS7000222"),
+        "{page}"
+    );
+    // Saving the settings while Microsoft still refuses the secret ends nothing: the mail
+    // waits, the hold and its notice stay, and nobody is told a second time.
+    settings(
+        &m.env,
+        &[("mailbox_rate_per_minute", "0"), ("max_attempts", "1")],
+    )
+    .await;
+    a_few_sweeps().await;
+    assert_waits(app, waiting).await;
+    wait_held(app, server_id, "client_credentials").await;
+    let notes = notifications(app, key).await;
+    assert!(
+        notes.iter().all(|n| n.resolved_at.is_none()),
+        "still unresolved: {notes:?}"
+    );
+    assert_eq!(
+        notes.iter().filter(|n| n.for_operators).count(),
+        1,
+        "operators still told once: {notes:?}"
+    );
+
     // An operator creates a new secret in Azure and saves it in the settings.
     const NEW_SECRET: &str = "Xy9Q~a.fresh.client.secret-value";
     m.env.idp.register_app(AppRegistration {
@@ -716,6 +743,8 @@ async fn an_expired_client_secret_holds_mail_until_the_settings_are_saved_then_i
         "the mail that waited goes first: {a:?} then {b:?}"
     );
     wait_ready(app, server_id).await;
+    let (_, page, _) = m.env.admin.get("/settings/microsoft_outlook").await;
+    assert!(!page.contains("Microsoft refuses these settings"), "{page}");
     eventually("the settings notification to be resolved", || async {
         notifications(app, key)
             .await

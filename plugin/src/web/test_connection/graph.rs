@@ -23,7 +23,7 @@ const ENDED_BY_A_GRAPH_TEST: [HoldReason; 2] =
     [HoldReason::TokenRefused, HoldReason::NotExchangeOnline];
 
 /// The name of the token step.
-const TOKEN_STEP: &str = "Access token for Microsoft Graph";
+pub(super) const TOKEN_STEP: &str = "Access token for Microsoft Graph";
 
 /// The name of the step that reads the mailbox.
 fn read_step(mailbox: &str) -> String {

@@ -128,6 +128,9 @@ pub async fn test(
     server: &mail_server::Model,
     viewer: &CurrentUser,
 ) -> Report {
+    if let Some(report) = not_connected(ctx, server).await {
+        return report;
+    }
     if server.transport == "graph" {
         return graph::test(ctx, shared, server, viewer).await;
     }
@@ -282,6 +285,35 @@ fn token_step(name: &str, token: &AccessToken) -> Step {
             "stored token still valid"
         },
     )
+}
+
+/// The report for a mailbox that signs in as a user and was never connected (or was
+/// disconnected): there is no token to test with. A test holds nothing, so this is said here
+/// rather than asked of the token service (which holds a mailbox it has no token for, as a
+/// delivery must).
+async fn not_connected(ctx: &ModuleContext, server: &mail_server::Model) -> Option<Report> {
+    if server.auth == "app_only" {
+        return None;
+    }
+    let row = crate::entities::by_key::<crate::entities::token::Entity, _>(ctx.db(), server.id)
+        .await
+        .ok()?;
+    if row.is_some() {
+        return None;
+    }
+    let verdict = classify::not_connected(&server.mailbox);
+    let name = if server.transport == "graph" {
+        graph::TOKEN_STEP
+    } else {
+        SMTP_TOKEN_STEP
+    };
+    Some(Report {
+        ok: false,
+        steps: vec![step(name, false, verdict.what.clone())],
+        rule: Some(verdict.rule.to_string()),
+        words: Some(verdict.words()),
+        hold_ended: false,
+    })
 }
 
 fn token_failed(mut steps: Vec<Step>, name: &str, problem: &TokenProblem) -> Report {
