@@ -252,6 +252,14 @@ async fn run() -> anyhow::Result<()> {
                     }
                 }
                 OutlookCommand::Refresh { mailbox, all: _ } => {
+                    if let Some(id) = mailbox {
+                        let known = microsoft_outlook::web::status::all(ctx).await?;
+                        if !known.iter().any(|row| row.id == id) {
+                            anyhow::bail!(
+                                "there is no mail server with id {id}; `crm-host outlook status` lists them"
+                            );
+                        }
+                    }
                     let shared = module.shared();
                     let options = microsoft_outlook::jobs::RefreshOptions {
                         // Asked for now: refresh even what was refreshed recently.

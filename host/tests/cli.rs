@@ -160,6 +160,15 @@ async fn outlook_status_json_lists_every_mail_server() {
     let table = run(&["outlook", "status"]);
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(text.contains("MAILBOX") && text.contains("held"), "{text}");
+    // Each row names its server and how it sends.
+    assert!(text.contains("NAME") && text.contains("VIA"), "{text}");
+    assert!(text.contains(" smtp "), "{text}");
+
+    // Refreshing a server that does not exist is an error, not a summary of nothing.
+    let out = run(&["outlook", "refresh", "--mailbox", "99"]);
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("no mail server with id 99"), "{said}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

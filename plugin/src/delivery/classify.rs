@@ -229,7 +229,17 @@ impl Verdict {
     pub fn words(&self) -> String {
         format!("{} {}", self.what, self.fix)
     }
+
+    /// What happened, without Microsoft's own words quoted after [`MICROSOFT_SAID`] (its
+    /// error description: trace and correlation IDs, steps for administrators), for people
+    /// who are only told that their mail waits.
+    pub fn what_in_brief(&self) -> &str {
+        self.what.split(MICROSOFT_SAID).next().unwrap_or(&self.what)
+    }
 }
+
+/// Where a verdict's `what` quotes Microsoft's own error description (token requests).
+pub const MICROSOFT_SAID: &str = " Microsoft said: ";
 
 /// The stage of the SMTP dialogue a reply answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -644,14 +654,11 @@ const TOKEN_RULE_IDS: [&str; 6] = [
 pub fn token(failure: &AadFailure, redirect_uri: &str) -> Verdict {
     let microsoft_said = match failure.code {
         Some(code) if !failure.description.is_empty() => format!(
-            " Microsoft said: AADSTS{code} ({}): {}",
+            "{MICROSOFT_SAID}AADSTS{code} ({}): {}",
             failure.error, failure.description
         ),
         _ if !failure.description.is_empty() => {
-            format!(
-                " Microsoft said: {}: {}",
-                failure.error, failure.description
-            )
+            format!("{MICROSOFT_SAID}{}: {}", failure.error, failure.description)
         }
         _ => String::new(),
     };

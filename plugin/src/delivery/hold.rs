@@ -235,7 +235,7 @@ async fn author_notices(
         .map(|author| Notification {
             audience: Audience::User(author),
             subject: format!("Your mail waits: {}", reason.title().to_lowercase()),
-            body: format!("{} {nothing_needed} {waits}", v.what),
+            body: format!("{} {nothing_needed} {waits}", v.what_in_brief()),
             link: None,
             key: Some(key.clone()),
         })

@@ -57,6 +57,26 @@ fn server_url(server: &mail_server::Model) -> String {
 
 /// The connection and health block of a server: the health state (held with its reason in
 /// words, since when, how many mails wait), then the token.
+/// What to do when `server` sends through a transport whose permission its sign-in did not
+/// grant (it was switched between SMTP and Microsoft Graph after its Connect): `None` when the
+/// stored grant covers the transport.
+fn other_transport_words(server: &mail_server::Model, t: &token::Model) -> Option<String> {
+    use crate::settings::Resource;
+    if server.auth == "app_only" || Resource::of_transport(&server.transport).granted_in(&t.scopes)
+    {
+        return None;
+    }
+    let (now, granted, permission) = if server.transport == "graph" {
+        ("Microsoft Graph", "SMTP", "Mail.Send")
+    } else {
+        ("SMTP", "Microsoft Graph", "SMTP.Send")
+    };
+    Some(format!(
+        "Next step: this server now sends through {now}, but its sign-in was given for {granted}. Click Reconnect and sign in as {} to grant {permission}. Until then the CRM asks Microsoft for a {now} token from the same sign-in, which works only where an administrator granted consent for the whole organisation; if Microsoft refuses, the mail waits and this page says so.",
+        server.mailbox
+    ))
+}
+
 pub fn status_block(
     server: &mail_server::Model,
     token: Option<&token::Model>,
@@ -96,6 +116,9 @@ pub fn status_block(
                 Some(t) => {
                     @if t.status == "valid" && *health == Health::Ready {
                         p { span.badge.ok { "Outlook token validated" } }
+                    }
+                    @if let Some(words) = other_transport_words(server, t) {
+                        p.flash.warn role="status" { (words) }
                     }
                     p { "Mailbox: " strong { (server.mailbox) } }
                     p { "Signed in at Microsoft as " strong { (t.signed_in_as) } }

@@ -19,6 +19,8 @@ pub struct ServerStatus {
     pub mailbox: String,
     /// `shared` or `personal`.
     pub kind: String,
+    /// `smtp` or `graph`: how its mail goes out.
+    pub transport: String,
     /// `delegated` or `app_only`.
     pub auth: String,
     /// `held:<reason>` or `throttled` (the mailbox's health), else the token's state:
@@ -65,6 +67,7 @@ pub async fn all(ctx: &ModuleContext) -> Result<Vec<ServerStatus>, sea_orm::DbEr
                 name: s.name,
                 mailbox: s.mailbox,
                 kind: s.kind,
+                transport: s.transport,
                 status: match (&health, t) {
                     (Health::Held { reason, .. }, _) => format!("held:{}", reason.as_str()),
                     (Health::Throttled { .. }, _) => "throttled".into(),
@@ -91,11 +94,21 @@ pub fn table(rows: &[ServerStatus]) -> String {
         d.map(|d| d.format("%Y-%m-%d %H:%M").to_string())
             .unwrap_or_else(|| "-".into())
     };
+    // A name is cut to its column, so that two servers of one mailbox can be told apart.
+    let name = |n: &str| {
+        if n.chars().count() > 20 {
+            format!("{}…", n.chars().take(19).collect::<String>())
+        } else {
+            n.to_string()
+        }
+    };
     let mut out = format!(
-        "{:<4} {:<32} {:<9} {:<28} {:<8} {:<17} {:<17} {}\n",
+        "{:<4} {:<20} {:<32} {:<9} {:<5} {:<28} {:<8} {:<17} {:<17} {}\n",
         "ID",
+        "NAME",
         "MAILBOX",
         "KIND",
+        "VIA",
         "STATUS",
         "WAITING",
         "ACCESS EXPIRES",
@@ -104,10 +117,12 @@ pub fn table(rows: &[ServerStatus]) -> String {
     );
     for r in rows {
         out.push_str(&format!(
-            "{:<4} {:<32} {:<9} {:<28} {:<8} {:<17} {:<17} {}\n",
+            "{:<4} {:<20} {:<32} {:<9} {:<5} {:<28} {:<8} {:<17} {:<17} {}\n",
             r.id,
+            name(&r.name),
             r.mailbox,
             r.kind,
+            r.transport,
             r.status,
             r.waiting,
             fmt(r.access_expires_at),

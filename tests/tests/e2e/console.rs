@@ -407,6 +407,20 @@ async fn bulk_retry_confirms_how_many_then_sends_the_filtered_failed_mails() {
         )
         .await;
     assert_eq!(body["changed"], 0, "sent mails are not cancelled");
+    // A form with a filter that does not parse gets a page in words, not JSON, and changes
+    // nothing.
+    let (status, page, _) = admin
+        .post_form(
+            &format!("{OUTBOX}/bulk"),
+            &[("record", "contact:99x"), ("action", "cancel")],
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{page}");
+    assert!(
+        page.contains("Nothing was changed") && page.contains("model:id"),
+        "{page}"
+    );
+    assert!(!page.trim_start().starts_with('{'), "{page}");
 }
 
 /// A test of a mailbox with no token says to connect it, and holds nothing: nobody is told

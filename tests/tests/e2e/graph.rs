@@ -410,6 +410,14 @@ async fn a_server_switched_to_graph_without_a_new_sign_in_waits_for_the_consent(
         ],
     )
     .await;
+    // The server's page gives the next step at once, before any mail waits.
+    let server_page = format!("/microsoft_outlook/servers/{}", m.env.server_id);
+    let (_, page, _) = m.env.admin.get(&server_page).await;
+    assert!(
+        page.contains("Next step: this server now sends through Microsoft Graph")
+            && page.contains("to grant Mail.Send"),
+        "{page}"
+    );
     // The grant was consented for SMTP.Send only: Microsoft refuses a Graph token from it
     // (AADSTS65001) and the mailbox waits for a new sign-in.
     let id = queue(&m, "Needs Graph consent").await;
@@ -420,11 +428,39 @@ async fn a_server_switched_to_graph_without_a_new_sign_in_waits_for_the_consent(
         waiting.last_error.unwrap_or_default().contains("65001"),
         "Microsoft's code is kept"
     );
+    // The author, who is asked nothing, is told in the CRM's words, without Microsoft's
+    // description (its trace IDs and its steps for administrators).
+    let author = waiting.author_user_id;
+    let told_author = || async {
+        crm_host::entities::notification::Entity::find()
+            .all(&m.env.app.db)
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .find(|n| n.user_id == Some(author))
+    };
+    eventually("the author to be told the mail waits", || async {
+        told_author().await.is_some()
+    })
+    .await;
+    let told = told_author().await.expect("the author's notice");
+    assert!(
+        told.body.contains("nothing is needed from you"),
+        "{}",
+        told.body
+    );
+    assert!(
+        !told.body.contains("Trace ID") && !told.body.contains("Microsoft said"),
+        "{}",
+        told.body
+    );
     let (status, page, _) = connect_through(&m.env.admin, m.env.server_id).await;
     assert_eq!(status, StatusCode::SEE_OTHER, "{page}");
     wait_status(&m.env.app, id, "sent").await;
     assert_eq!(graph.sent_items(MAILBOX).len(), 1);
     assert_eq!(m.smtp.received_count(), 0);
+    let (_, page, _) = m.env.admin.get(&server_page).await;
+    assert!(!page.contains("Next step: this server now sends"), "{page}");
 }
 
 /// The names of a connection test's steps.

@@ -272,22 +272,26 @@ pub(super) async fn bulk(
     let (filter, action, confirmed) = match parsed {
         Ok(p) => p,
         Err(e) => {
-            return json_refusal(
-                StatusCode::BAD_REQUEST,
+            return refused(
+                &ctx,
+                &user,
+                json,
                 &[field_error("body", format!("not a bulk action: {e}"))],
             );
         }
     };
     if !matches!(action.as_str(), "retry" | "cancel") {
-        return json_refusal(
-            StatusCode::BAD_REQUEST,
+        return refused(
+            &ctx,
+            &user,
+            json,
             &[field_error("action", "retry or cancel".into())],
         );
     }
     let statuses = actionable_by(&user, &action);
     let condition = match filter.condition(&user, ctx.db().get_database_backend()) {
         Ok(c) => c.add(outbox::Column::Status.is_in(statuses.iter().copied())),
-        Err(problems) => return json_refusal(StatusCode::BAD_REQUEST, &problems),
+        Err(problems) => return refused(&ctx, &user, json, &problems),
     };
     if !confirmed {
         let matching = outbox::Entity::find()
@@ -326,6 +330,30 @@ pub(super) async fn bulk(
         if back.is_empty() { "" } else { "&" },
         changed.ids.len()
     ))
+}
+
+/// A bulk action refused before anything was changed: the problems as JSON (`json`), or a page
+/// that says them in words and leads back to the outbox.
+fn refused(
+    ctx: &ModuleContext,
+    user: &CurrentUser,
+    json: bool,
+    problems: &[crm_sdk::FieldError],
+) -> HttpResponse {
+    if json {
+        return json_refusal(StatusCode::BAD_REQUEST, problems);
+    }
+    page_with(
+        StatusCode::BAD_REQUEST,
+        ctx,
+        user,
+        "Nothing was changed",
+        html! {
+            h1 { "Nothing was changed" }
+            ul { @for p in problems { li.error role="alert" { (p.field) ": " (p.message) } } }
+            p { a href=(OUTBOX) { "Back to the outbox" } " — correct the filter there, then choose the action again." }
+        },
+    )
 }
 
 pub(super) fn confirmation(
