@@ -209,6 +209,16 @@ impl Module for OutlookModule {
             &pool,
         )?;
         crate::delivery::drains::start(ctx, &self.shared);
+        // The client secret's expiry is checked now too, not only at the daily run: the jobs
+        // start with the process and again after every save of the settings, so an operator
+        // who enters a date within 30 days is warned at once (each threshold once, across
+        // processes).
+        let secret_ctx = ctx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::jobs::check_client_secret(&secret_ctx).await {
+                tracing::warn!(error = %e, "checking the client secret's expiry failed");
+            }
+        });
         // Mail that waited while no process delivered goes now, not at the sweep's first tick.
         let (first_ctx, first_shared) = (ctx.clone(), self.shared.clone());
         tokio::spawn(async move {

@@ -142,6 +142,12 @@ impl HoldReason {
         }
     }
 
+    /// Whether ending the hold by hand ("Release held mail", "Retry now") can help: not for a
+    /// mailbox whose sign-in is gone or was never given, which only a new Connect ends.
+    pub fn release_can_help(self) -> bool {
+        self != HoldReason::GrantDead
+    }
+
     /// Whether an operator must act on a mailbox (`personal`: a user's own one).
     pub fn needs_operator_for(self, personal: bool) -> bool {
         self != HoldReason::QuotaExceeded && !self.owner_fixes(personal)

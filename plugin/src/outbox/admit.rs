@@ -139,7 +139,7 @@ fn outbound_refusal_with(
         return None;
     }
     Some(format!(
-        "this mailbox connects to {}:{}, which the operator does not allow for personal mailboxes (allowed: {}). Change it under My mailbox.",
+        "This mailbox connects to {}:{}, which the operator does not allow for personal mailboxes (allowed: {}). Change it under My mailbox.",
         server.smtp_host,
         server.smtp_port,
         hosts.describe()

@@ -142,7 +142,7 @@ pub fn status_block(
                     span.help { " The tenant keeps SMTP AUTH off: send this mailbox's mail through Graph's sendMail instead. You sign in at Microsoft once more to grant Mail.Send; the waiting mail then goes out." }
                 }
             }
-            @if user.is_admin && *health != Health::Ready {
+            @if user.is_admin && health.reason().is_none_or(|r| r.release_can_help()) && *health != Health::Ready {
                 form.inline method="post" action=(format!("{}/retry", server_url(server))) {
                     (csrf(user))
                     button type="submit" { "Retry now" }
@@ -265,6 +265,9 @@ async fn server_page_body(
         .and_then(|w| w.get(&server.id).copied())
         .unwrap_or(0);
     let configured = OutlookSettings::load(ctx).await;
+    // A personal mailbox the operator's list no longer allows: said here, not only when a
+    // mail is refused.
+    let not_allowed = crate::outbox::queue::outbound_refusal(ctx, server, user).await;
     let kind = if server.kind == "shared" {
         ServerKind::Shared
     } else {
@@ -276,6 +279,9 @@ async fn server_page_body(
         section.card id="connection" {
             h2 { "Connection" }
             (status_block(server, token.as_ref(), &health, waiting, user))
+            @if let Some(why) = &not_allowed {
+                p.flash.bad role="alert" { (why) " Until then no mail can be sent from it." }
+            }
             @match &configured {
                 Err(problem) => {
                     p.flash.warn { (problem.to_string()) @if user.is_admin { " " a href="/settings" { "Open settings" } } }

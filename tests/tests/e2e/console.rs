@@ -237,7 +237,7 @@ async fn a_user_sees_only_their_own_mails_and_another_s_is_not_there() {
         "{page}"
     );
     assert!(!page.contains("Release held mail"), "{page}");
-    let (status, _) = m
+    let (status, body) = m
         .alice
         .post_json(&format!("{OUTBOX}/release/{}", m.env.server_id), &json!({}))
         .await;
@@ -245,6 +245,10 @@ async fn a_user_sees_only_their_own_mails_and_another_s_is_not_there() {
         status,
         StatusCode::NOT_FOUND,
         "users do not release mailboxes"
+    );
+    assert!(
+        body.to_string().contains("no such mail server"),
+        "a server, not a mail: {body}"
     );
     let (_, page, _) = m.alice.get("/contacts").await;
     assert!(page.contains(OUTBOX), "the menu has the outbox");
@@ -313,15 +317,40 @@ async fn a_cancelled_mail_is_never_sent_and_releasing_the_mailbox_sends_the_othe
     assert_eq!(row(app, second).await.status, "cancelled");
     let (_, page, _) = m.alice.get(&format!("{OUTBOX}/{second}?cancelled=1")).await;
     assert!(page.contains("will not be sent"), "{page}");
-    // Exchange lets the mailbox in again; the operator releases its held mail.
+    assert!(page.contains(">Cancelled<"), "the status in words: {page}");
+    // Exchange lets the mailbox in again; the operator releases its held mail from the outbox
+    // as they filtered it, and comes back to it so filtered.
     m.smtp.clear_injections();
+    let filtered = format!("{OUTBOX}?status=queued");
+    let (_, page, _) = m.env.admin.get(&filtered).await;
+    assert!(
+        page.contains(&format!(r#"name="return_to" value="{filtered}""#)),
+        "{page}"
+    );
+    // A return address off the outbox is not followed.
+    let release = format!("{OUTBOX}/release/{}", m.env.server_id);
     let (status, _, location) = m
         .env
         .admin
-        .post_form(&format!("{OUTBOX}/release/{}", m.env.server_id), &[])
+        .post_form(&release, &[("return_to", "https://elsewhere.example/")])
         .await;
     assert_eq!(status, StatusCode::SEE_OTHER);
-    assert!(location.expect("Location").contains("released="));
+    assert!(
+        location
+            .expect("Location")
+            .starts_with(&format!("{OUTBOX}?released=")),
+        "stays on the outbox"
+    );
+    let (status, _, location) = m
+        .env
+        .admin
+        .post_form(&release, &[("return_to", &filtered)])
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert_eq!(
+        location.expect("Location"),
+        format!("{filtered}&released={}", m.env.server_id)
+    );
     wait_status(app, first, "sent").await;
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     assert_eq!(row(app, second).await.status, "cancelled");

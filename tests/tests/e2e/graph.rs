@@ -444,6 +444,16 @@ async fn a_server_switched_to_graph_without_a_new_sign_in_waits_for_the_consent(
     })
     .await;
     let told = told_author().await.expect("the author's notice");
+    // Releasing cannot end a hold that only a new sign-in ends: the operators are not
+    // offered it, and are told what does.
+    let (_, outbox, _) = m.env.admin.get("/microsoft_outlook/outbox").await;
+    assert!(
+        outbox.contains("Only a new sign-in ends this hold")
+            && !outbox.contains("Release held mail"),
+        "{outbox}"
+    );
+    let (_, page, _) = m.env.admin.get(&server_page).await;
+    assert!(!page.contains("Retry now"), "{page}");
     assert!(
         told.body.contains("nothing is needed from you"),
         "{}",

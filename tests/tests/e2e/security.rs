@@ -683,6 +683,12 @@ async fn a_connection_test_never_reaches_a_host_the_operator_does_not_allow() {
     assert_eq!(status, StatusCode::SEE_OTHER, "{page}");
     // The operator narrows the list afterwards.
     allow_personal_hosts(&env, "smtp.office365.com").await;
+    // The mailbox's page says so before anything is tried.
+    let (_, page, _) = alice.get(&format!("/microsoft_outlook/servers/{id}")).await;
+    assert!(
+        page.contains("This mailbox connects to localhost:2525, which the operator does not allow"),
+        "{page}"
+    );
     for path in ["test", "test-mail"] {
         let (status, page, _) = alice
             .post_form(&format!("/microsoft_outlook/servers/{id}/{path}"), &[])

@@ -420,6 +420,26 @@ async fn the_last_error_goes_when_the_hold_it_explained_ends() {
     );
 }
 
+/// An expiry date within the warning window warns the operators when it is saved, not at the
+/// next daily run; saving again does not warn twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_secret_expiry_saved_within_30_days_warns_at_once() {
+    let env = env().await;
+    let today = env.app.clock.now().date_naive();
+    let expires = (today + chrono::Duration::days(5)).to_string();
+    settings(&env, &[("client_secret_expires_on", &expires)]).await;
+    let warned = |notes: String| notes.matches("client secret expires in 5 day(s)").count();
+    eventually("the operators to be warned", || async {
+        let (_, notes, _) = env.admin.get("/notifications").await;
+        warned(notes) == 1
+    })
+    .await;
+    settings(&env, &[("client_secret_expires_on", &expires)]).await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let (_, notes, _) = env.admin.get("/notifications").await;
+    assert_eq!(warned(notes), 1, "warned once");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_secret_expiry_warnings_fire_once_per_threshold() {
     let env = env().await;

@@ -332,6 +332,37 @@ pub(super) async fn bulk(
     ))
 }
 
+#[derive(Deserialize)]
+pub(super) struct ReleaseForm {
+    #[serde(default)]
+    return_to: Option<String>,
+}
+
+/// Whether `to` is a page of the outbox on this host (a path, never another site).
+fn is_outbox_page(to: &str) -> bool {
+    (to == OUTBOX || to.starts_with(&format!("{OUTBOX}?")) || to.starts_with(&format!("{OUTBOX}/")))
+        && !to.contains("//")
+        && !to.contains('\\')
+        && !to.chars().any(char::is_control)
+}
+
+/// The answer when a mail server to release does not exist or is not the viewer's to release.
+fn no_such_server(ctx: &ModuleContext, user: &CurrentUser, req: &HttpRequest) -> HttpResponse {
+    if wants_json(req) {
+        return json_refusal(
+            StatusCode::NOT_FOUND,
+            &[field_error("server", "there is no such mail server".into())],
+        );
+    }
+    page_with(
+        StatusCode::NOT_FOUND,
+        ctx,
+        user,
+        "Not found",
+        html! { h1 { "No such mail server" } p { a href=(OUTBOX) { "Back to the outbox" } } },
+    )
+}
+
 /// A bulk action refused before anything was changed: the problems as JSON (`json`), or a page
 /// that says them in words and leads back to the outbox.
 fn refused(
@@ -402,13 +433,15 @@ pub(super) fn confirmation(
     page(ctx, user, "Confirm", body)
 }
 
-/// "Release held mail" for a mailbox (operators).
+/// "Release held mail" for a mailbox (operators). A form may say where to go back to
+/// (`return_to`: a page of the outbox, e.g. the list with its filter); the flash is added there.
 pub(super) async fn release(
     ctx: web::Data<ModuleContext>,
     shared: web::Data<Shared>,
     user: CurrentUser,
     server_id: web::Path<i32>,
     req: HttpRequest,
+    body: web::Bytes,
 ) -> HttpResponse {
     let server_id = server_id.into_inner();
     let exists = match mail_server::Entity::find_by_id(server_id)
@@ -419,8 +452,13 @@ pub(super) async fn release(
         Err(e) => return db_down(e),
     };
     if !user.is_admin || !exists {
-        return not_found(&ctx, &user, &req);
+        return no_such_server(&ctx, &user, &req);
     }
+    let return_to = serde_urlencoded::from_bytes::<ReleaseForm>(&body)
+        .ok()
+        .and_then(|f| f.return_to)
+        .filter(|to| is_outbox_page(to))
+        .unwrap_or_else(|| OUTBOX.to_string());
     shared.server_changed(server_id);
     match crate::delivery::health::release(
         &ctx,
@@ -437,7 +475,8 @@ pub(super) async fn release(
                 return HttpResponse::Ok()
                     .json(serde_json::json!({ "server_id": server_id, "hold_ended": ended }));
             }
-            see_other(&format!("{OUTBOX}?released={server_id}"))
+            let joint = if return_to.contains('?') { '&' } else { '?' };
+            see_other(&format!("{return_to}{joint}released={server_id}"))
         }
         Err(e) => db_down(e),
     }

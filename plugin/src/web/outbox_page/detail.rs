@@ -176,9 +176,10 @@ pub(super) async fn detail(
                         (Health::Held { detail, .. }, true) => p { (detail) },
                         _ => p { (waits.get(&mail.server_id).cloned().unwrap_or_default()) },
                     }
-                    @if user.is_admin && matches!(health, Health::Held { .. }) {
+                    @if user.is_admin && health.reason().is_some_and(|r| r.release_can_help()) {
                         form.inline method="post" action=(format!("{OUTBOX}/release/{}", mail.server_id)) {
                             (csrf(&user))
+                            input type="hidden" name="return_to" value=(format!("{OUTBOX}/{}", mail.id));
                             button type="submit" { "Release held mail" }
                             span.help { " Ends the hold of this mailbox and sends its waiting mails now." }
                         }

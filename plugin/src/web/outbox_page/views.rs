@@ -142,7 +142,12 @@ pub(super) fn when(t: DateTime<Utc>) -> String {
 
 /// The held and throttled mailboxes, each held one with "Release held mail" (a throttled one
 /// sends again by itself when Exchange's wait is over).
-pub(super) async fn held_mailboxes(ctx: &ModuleContext, user: &CurrentUser) -> Markup {
+/// `return_to` is where "Release held mail" leads back to (this page with its filter).
+pub(super) async fn held_mailboxes(
+    ctx: &ModuleContext,
+    user: &CurrentUser,
+    return_to: &str,
+) -> Markup {
     let now = ctx.clock().now();
     let healths = crate::delivery::health::all(ctx).await.unwrap_or_default();
     let waiting = crate::delivery::health::waiting_counts(ctx)
@@ -150,10 +155,16 @@ pub(super) async fn held_mailboxes(ctx: &ModuleContext, user: &CurrentUser) -> M
         .unwrap_or_default();
     // Each mailbox's name, and where the operators act on it (a personal mailbox's page is
     // its owner's: theirs is its mail).
-    let servers: HashMap<i32, (String, String)> = mail_server::Entity::find()
+    let all = mail_server::Entity::find()
         .all(ctx.db())
         .await
-        .unwrap_or_default()
+        .unwrap_or_default();
+    let personal: std::collections::HashSet<i32> = all
+        .iter()
+        .filter(|s| s.kind == "personal")
+        .map(|s| s.id)
+        .collect();
+    let servers: HashMap<i32, (String, String)> = all
         .into_iter()
         .map(|s| {
             let link = crate::delivery::hold::operators_link(&s);
@@ -184,8 +195,21 @@ pub(super) async fn held_mailboxes(ctx: &ModuleContext, user: &CurrentUser) -> M
                                 td { (waiting.get(id).copied().unwrap_or(0)) }
                                 td {
                                     @match health {
+                                        Health::Held { reason, .. } if !reason.release_can_help() => span.help {
+                                            @if personal.contains(id) {
+                                                "Only a new sign-in ends this hold: its owner was asked to click Reconnect under My mailbox."
+                                            } @else {
+                                                "Only a new sign-in ends this hold: click Reconnect on "
+                                                @match servers.get(id) {
+                                                    Some((_, link)) => a href=(link) { "the server's page" },
+                                                    None => "the server's page",
+                                                }
+                                                "."
+                                            }
+                                        },
                                         Health::Held { .. } => form.inline method="post" action=(format!("{OUTBOX}/release/{id}")) {
                                             (csrf(user))
+                                            input type="hidden" name="return_to" value=(return_to);
                                             button type="submit" { "Release held mail" }
                                         },
                                         Health::Throttled { until } => span.help { "Sends again by itself at " (when(*until)) " UTC." },
@@ -282,6 +306,23 @@ pub(super) fn mails_table(
     }
 }
 
+/// This page as the viewer filtered it, without the flash of the last action: where an action
+/// taken from it leads back to.
+fn this_page(req: &HttpRequest) -> String {
+    let kept: Vec<(String, String)> = url::form_urlencoded::parse(req.query_string().as_bytes())
+        .filter(|(k, _)| !matches!(k.as_ref(), "released" | "done" | "n"))
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    let query = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(kept)
+        .finish();
+    if query.is_empty() {
+        OUTBOX.to_string()
+    } else {
+        format!("{OUTBOX}?{query}")
+    }
+}
+
 pub(super) async fn list(
     ctx: web::Data<ModuleContext>,
     user: CurrentUser,
@@ -325,6 +366,7 @@ pub(super) async fn list(
     let servers = server_names(&ctx).await;
     let waits = crate::delivery::hold::waiting_words_for(&ctx, Some(user.id)).await;
     let pages = Ord::max(total.div_ceil(PER_PAGE), 1);
+    let this_page = this_page(&req);
     if wants_json(&req) {
         let mails: Vec<OutboxMail> = mails
             .into_iter()
@@ -363,7 +405,7 @@ pub(super) async fn list(
             div.flash.bad role="alert" { "The filter was not applied:" ul { @for p in &problems { li { strong { (p.field) } ": " (p.message) } } } }
         }
         @if !user.is_admin { p.help { "Your own mails: everything you sent from the CRM, newest first." } }
-        @if user.is_admin { (held_mailboxes(&ctx, &user).await) }
+        @if user.is_admin { (held_mailboxes(&ctx, &user, &this_page).await) }
         section.card { (filter_form(&filter, &user, &mailbox_choices(&ctx, &user).await, &authors)) }
         section.card {
             p.count { (total) " mail(s)" @if pages > 1 { ", page " (page_no) " of " (pages) } }
