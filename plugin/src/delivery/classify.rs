@@ -463,7 +463,7 @@ pub const SMTP_RULES: &[Rule] = &[
         level: Level::MailboxHeld(HoldReason::TokenRefused),
         hold_for_secs: None,
         who: Who::Operator,
-        what: "The SMTP server refused a freshly issued token for {mailbox} (signing in as {user}): {reply}",
+        what: "The SMTP server refused a freshly issued token for {mailbox} (signing in as {user}; {reply}).",
         fix: "Reconnecting does not help while this holds. An administrator must check that the connected account is licensed for Exchange Online, may send from {mailbox} (Full Access or Send As), and that SMTP AUTH is enabled for the mailbox. The mails wait and are tried again every 15 minutes.",
     },
     Rule {
@@ -489,7 +489,7 @@ pub const SMTP_RULES: &[Rule] = &[
         level: Level::MailboxHeld(HoldReason::TokenRefused),
         hold_for_secs: None,
         who: Who::Operator,
-        what: "The SMTP server refused authentication for {mailbox}: {reply}",
+        what: "The SMTP server refused authentication for {mailbox} ({reply}).",
         fix: "A CRM operator must check the server's settings and the mailbox's permissions. The mails wait.",
     },
     Rule {
@@ -502,7 +502,7 @@ pub const SMTP_RULES: &[Rule] = &[
         level: Level::MailboxHeld(HoldReason::ServerRefused),
         hold_for_secs: None,
         who: Who::Operator,
-        what: "The SMTP server refuses the CRM's connection: {reply}",
+        what: "The SMTP server refuses the CRM's connection ({reply}).",
         fix: "A CRM operator must check the server's host, port and security. The mails wait and are tried again every 15 minutes.",
     },
     Rule {
@@ -526,7 +526,7 @@ pub const SMTP_RULES: &[Rule] = &[
         level: Level::MailFails,
         hold_for_secs: None,
         who: Who::Author,
-        what: "The SMTP server refused this mail: {reply}",
+        what: "The SMTP server refused this mail ({reply}).",
         fix: "Check the recipients and the content, then send it again.",
     },
 ];

@@ -2,8 +2,30 @@
 //! in the notification that it was not sent: the remote server's reply reduced to its codes,
 //! and the operators' steps replaced by what the author is told instead.
 
-/// The classified words of a remote SMTP reply: its code and enhanced status code
-/// (`554 5.2.0`), never the remote server's free text.
+/// What an enhanced status code's subject and detail (the `1.1` of `5.1.1`) say, in words:
+/// RFC 3463's names for the codes a sender meets most, and Exchange Online's `5.1.10`
+/// (RESOLVER.ADR.RecipientNotFound in its non-delivery reports).
+const ENHANCED_WORDS: [(&str, &str); 12] = [
+    ("1.1", "the recipient's mailbox does not exist"),
+    (
+        "1.2",
+        "the recipient's domain does not exist or takes no mail",
+    ),
+    ("1.3", "the recipient's address is not valid"),
+    ("1.8", "the sender's domain is not accepted"),
+    ("1.10", "recipient not found"),
+    ("2.1", "the recipient's mailbox is disabled"),
+    ("2.2", "the recipient's mailbox is full"),
+    ("3.4", "the message is too large"),
+    ("4.4", "the recipient's domain cannot be reached"),
+    ("5.3", "too many recipients"),
+    ("7.1", "refused by the receiving side's policy"),
+    ("7.8", "authentication refused"),
+];
+
+/// The classified words of a remote SMTP reply: its code and enhanced status code, with the
+/// latter's meaning where [`ENHANCED_WORDS`] knows it (`550 5.1.10: recipient not found`),
+/// never the remote server's free text.
 pub fn classified_reply(reply: &str) -> String {
     let mut words = reply.split_whitespace();
     let Some(code) = words
@@ -12,16 +34,23 @@ pub fn classified_reply(reply: &str) -> String {
     else {
         return "no SMTP reply".into();
     };
-    let enhanced = words.next().filter(|w| {
+    // (Its own output, classified again, stays as it is: the code may end with the colon.)
+    let enhanced = words.next().map(|w| w.trim_end_matches(':')).filter(|w| {
         let parts: Vec<&str> = w.split('.').collect();
         parts.len() == 3
             && parts
                 .iter()
                 .all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
     });
-    match enhanced {
-        Some(enhanced) => format!("{code} {enhanced}"),
-        None => code.to_string(),
+    let Some(enhanced) = enhanced else {
+        return code.to_string();
+    };
+    let meaning = enhanced
+        .split_once('.')
+        .and_then(|(_, detail)| ENHANCED_WORDS.iter().find(|(d, _)| *d == detail));
+    match meaning {
+        Some((_, words)) => format!("{code} {enhanced}: {words}"),
+        None => format!("{code} {enhanced}"),
     }
 }
 
@@ -277,7 +306,7 @@ mod tests {
             )
         );
         // What is the author's to fix stays as it is.
-        let theirs = "The SMTP server refused this mail: 550 5.1.1 Check the recipients and the content, then send it again.";
+        let theirs = "The SMTP server refused this mail (550 5.1.1). Check the recipients and the content, then send it again.";
         assert_eq!(user_words(theirs, "failed"), theirs);
     }
 
@@ -297,11 +326,11 @@ mod tests {
         // The author's own fix stays, and the remote server's free text is reduced to codes.
         let reply = "550 5.1.1 <nobody@fabrikam.example>: anything the server says";
         let theirs = format!(
-            "The SMTP server refused this mail: {reply} Check the recipients and the content, then send it again."
+            "The SMTP server refused this mail ({reply}). Check the recipients and the content, then send it again."
         );
         assert_eq!(
             failed_for_author(&theirs, Some(reply), true),
-            "The SMTP server refused this mail: 550 5.1.1 Check the recipients and the content, then send it again. Correct what is said here and send it again from the record."
+            "The SMTP server refused this mail (550 5.1.1: the recipient's mailbox does not exist). Check the recipients and the content, then send it again. Correct what is said here and send it again from the record."
         );
         // Nothing left out and not theirs to fix (a mail given up on): the operators were told.
         let given_up = "Gave up after 5 attempts: the connection to smtp.office365.com was lost.";
@@ -317,7 +346,17 @@ mod tests {
             classified_reply("554 5.2.0 STOREDRV.Submission.Exception: anything the server says"),
             "554 5.2.0"
         );
+        assert_eq!(
+            classified_reply("550 5.1.10 RESOLVER.ADR.RecipientNotFound; not found"),
+            "550 5.1.10: recipient not found"
+        );
+        assert_eq!(
+            classified_reply("552 5.2.2 Mailbox full"),
+            "552 5.2.2: the recipient's mailbox is full"
+        );
         assert_eq!(classified_reply("250 OK queued as 12345"), "250");
+        let once = classified_reply("550 5.1.10 RESOLVER.ADR.RecipientNotFound");
+        assert_eq!(classified_reply(&once), once, "classifying twice changes nothing");
         assert_eq!(classified_reply("421 4.7.0 <script>"), "421 4.7.0");
         assert_eq!(
             classified_reply("Connection refused by peer"),

@@ -125,7 +125,12 @@ pub fn status_block(
                     @if let Some(identity) = &t.smtp_user {
                         p { "Authenticates as " strong { (identity) } " (the identity SMTP AUTH accepts for this mailbox)." }
                     }
-                    p.help { "Access token expires " (when(t.access_expires_at)) "; it is renewed automatically."
+                    p.help {
+                        @if t.status == "valid" && health.reason() != Some(crate::delivery::classify::HoldReason::GrantDead) {
+                            "Access token expires " (when(t.access_expires_at)) "; it is renewed automatically."
+                        } @else {
+                            "The sign-in can no longer be renewed: only a new sign-in (Reconnect) gives this mailbox a token again."
+                        }
                         @match t.last_refresh_at { Some(at) => { " Last refresh " (when(at)) "." } None => { " Not refreshed yet." } } }
                     @if let (Some(e), Health::Ready) = (&t.last_error, health) { p.help { "Last error: " (e) } }
                     @if *health == Health::Ready && waiting > 0 { p.help { (waiting) " mail(s) queued." } }
@@ -357,7 +362,7 @@ async fn list(
             tr {
                 td { a href=(server_url(s)) { (s.name) } @if s.is_default { " " span.badge.muted { "default" } } }
                 td { (s.mailbox) }
-                td { (s.smtp_host) ":" (s.smtp_port) }
+                td { @if s.transport == "graph" { "Microsoft Graph" } @else { (s.smtp_host) ":" (s.smtp_port) } }
                 td.health { @match (&health, token) {
                     (Health::Held { since, .. }, _) => {
                         span.badge.bad { (health.label()) }
@@ -392,7 +397,7 @@ async fn list(
                 p { "No shared server yet. Add the Office 365 mailbox the CRM sends from." }
             } @else {
                 div.scroll { table {
-                    thead { tr { th { "Name" } th { "Mailbox" } th { "SMTP" } th { "Health" } th { "Waiting" } th { "Last refresh" } th { "Last error" } } }
+                    thead { tr { th { "Name" } th { "Mailbox" } th { "Sends through" } th { "Health" } th { "Waiting" } th { "Last refresh" } th { "Last error" } } }
                     tbody { @for r in rows { (r) } }
                 } }
             }

@@ -454,6 +454,9 @@ async fn a_server_switched_to_graph_without_a_new_sign_in_waits_for_the_consent(
     );
     let (_, page, _) = m.env.admin.get(&server_page).await;
     assert!(!page.contains("Retry now"), "{page}");
+    assert!(!page.contains("it is renewed automatically"), "{page}");
+    let (_, list, _) = m.env.admin.get("/microsoft_outlook/servers").await;
+    assert!(list.contains("<td>Microsoft Graph</td>"), "{list}");
     assert!(
         told.body.contains("nothing is needed from you"),
         "{}",
