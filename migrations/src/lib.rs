@@ -10,6 +10,7 @@ mod m0005_mailbox_health;
 mod m0006_outbox_bodies;
 mod m0007_outbox_partial_indexes;
 mod m0008_outbox_fewer_index_writes;
+mod m0009_mailbox_wakes;
 
 /// The module's migrator; it keeps its own history table beside the host's.
 pub struct Migrator;
@@ -26,6 +27,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0006_outbox_bodies::Migration),
             Box::new(m0007_outbox_partial_indexes::Migration),
             Box::new(m0008_outbox_fewer_index_writes::Migration),
+            Box::new(m0009_mailbox_wakes::Migration),
         ]
     }
 

@@ -487,13 +487,10 @@ async fn requeue_waiting(ctx: &ModuleContext, server_id: i32) -> Result<Vec<i64>
     if waiting.is_empty() {
         return Ok(waiting);
     }
-    // Not marked pushed: if the wake that follows reaches no drain, the sweep wakes them.
+    // Due now, after the mailbox's last wake: if the wake that follows reaches no drain, the
+    // sweep wakes the mailbox.
     outbox::Entity::update_many()
         .col_expr(outbox::Column::NextAttemptAt, Expr::value(now))
-        .col_expr(
-            outbox::Column::PushedAt,
-            Expr::value(Option::<DateTime<Utc>>::None),
-        )
         .filter(outbox::Column::ServerId.eq(server_id))
         .filter(outbox::status_is("queued"))
         .exec(ctx.db())

@@ -3,6 +3,7 @@
 pub mod alert;
 pub mod mail_server;
 pub mod mailbox_health;
+pub mod mailbox_wake;
 pub mod oauth_state;
 pub mod outbox;
 pub mod outbox_body;

@@ -36,7 +36,8 @@ pub struct Model {
     pub created_at: ChronoDateTimeUtc,
     pub updated_at: ChronoDateTimeUtc,
     pub sent_at: Option<ChronoDateTimeUtc>,
-    /// When a delivery job was last pushed for it (the sweep pushes due mails once).
+    /// No longer written (migration m0009): the sweep keeps one wake time per mailbox in
+    /// `microsoft_outlook_mailbox_wakes`. Rows queued before that may still hold a time.
     pub pushed_at: Option<ChronoDateTimeUtc>,
 }
 

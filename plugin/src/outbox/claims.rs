@@ -350,13 +350,12 @@ pub async fn keep_within(
     }
     let back: Vec<i64> = claimed.rows[keep..].iter().map(|r| r.id).collect();
     let turn = shared.write_gate(ctx).await;
+    let back_at = ctx.clock().now();
     persist(|| {
         back_in_queue()
-            // Due for the sweep too, should this drain stop before its next batch.
-            .col_expr(
-                outbox::Column::PushedAt,
-                Expr::value(Option::<DateTime<Utc>>::None),
-            )
+            // Due since now: after the mailbox's last wake, so that the sweep wakes it should
+            // this drain stop before its next batch (queue order is by id, not by due time).
+            .col_expr(outbox::Column::NextAttemptAt, Expr::value(back_at))
             .col_expr(
                 outbox::Column::Attempts,
                 Expr::col(outbox::Column::Attempts).sub(1),

@@ -172,9 +172,10 @@ async fn write(ctx: &ModuleContext, shared: &Arc<Shared>, group: Vec<Pending>) {
     if built.is_empty() {
         return;
     }
-    // A process that does not deliver pushes a drain job for these mails (`wake_many` below)
-    // and marks them pushed. One that delivers drains them at once and pushes no job: should
-    // that drain die, the sweep wakes the mailbox (a mail never pushed is due for the sweep).
+    // A process that does not deliver pushes a drain job for these mails' mailboxes
+    // (`wake_many` below) and marks the mailboxes woken in the group's transaction. One that
+    // delivers drains them at once and pushes no job: should that drain die, the sweep wakes
+    // the mailbox (its mail came due after its last wake).
     let pushed = (!shared.delivers_here() && shared.queue().is_some()).then(|| ctx.clock().now());
     let mut rows = Vec::with_capacity(built.len());
     let mut raws = Vec::with_capacity(built.len());
@@ -184,20 +185,22 @@ async fn write(ctx: &ModuleContext, shared: &Arc<Shared>, group: Vec<Pending>) {
         Admitted {
             message_id,
             server,
-            mut row,
+            row,
             raw,
         },
         done,
     ) in built
     {
-        if pushed.is_some() {
-            row.pushed_at = Set(pushed);
-        }
         rows.push(row);
         raws.push((message_id.clone(), raw));
         waiting.insert(message_id, (server, done));
     }
-    match store(ctx, shared, rows, raws).await {
+    let woken: Vec<i32> = if pushed.is_some() {
+        servers.iter().copied().collect()
+    } else {
+        Vec::new()
+    };
+    match store(ctx, shared, rows, raws, (&woken, pushed)).await {
         Ok(stored) => {
             let servers: Vec<i32> = servers.into_iter().collect();
             shared.wake_many(&servers).await;
@@ -221,12 +224,14 @@ async fn write(ctx: &ModuleContext, shared: &Arc<Shared>, group: Vec<Pending>) {
     }
 }
 
-/// One transaction: the rows (`RETURNING` them), then their bodies keyed by the new ids.
+/// One transaction: the rows (`RETURNING` them), then their bodies keyed by the new ids, and
+/// the mailboxes `woken` at `at` (a process that pushes their drain jobs).
 async fn store(
     ctx: &ModuleContext,
     shared: &Shared,
     rows: Vec<outbox::ActiveModel>,
     raws: Vec<(String, String)>,
+    (woken, at): (&[i32], Option<chrono::DateTime<chrono::Utc>>),
 ) -> Result<Vec<outbox::Model>, sea_orm::DbErr> {
     let turn = shared.write_gate(ctx).await;
     let txn = turn.db().begin().await?;
@@ -260,6 +265,9 @@ async fn store(
         outbox_body::Entity::insert_many(chunk)
             .exec_without_returning(&txn)
             .await?;
+    }
+    if let Some(at) = at {
+        crate::outbox::sweep::mark_woken(&txn, woken, at).await?;
     }
     txn.commit().await?;
     Ok(stored)

@@ -4,10 +4,10 @@
 
 use chrono::{DateTime, Duration, Utc};
 use crm_sdk::ModuleContext;
-use sea_orm::sea_query::{Expr, ExprTrait, Query};
-use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QuerySelect};
+use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QuerySelect, Set};
 
-use crate::entities::{outbox, outbox_body};
+use crate::entities::{mailbox_wake, outbox, outbox_body};
 use crate::outbox::claims::{back_in_queue, persist};
 use crate::runtime::Shared;
 
@@ -15,17 +15,19 @@ use crate::runtime::Shared;
 /// out (their drain died, or lost its database for longer than the lease) are put back in the
 /// queue, their attempt spent: [`crate::outbox::claims::TAKEOVER_GRACE`] after the lease,
 /// and only once this process has reached the database for that long without a failure
-/// ([`Shared::db_steady_for`]). Then the mailboxes with queued, due mail that was not pushed
-/// since it became due (or was pushed longer than `repush_after` ago: that drain may be lost)
-/// are marked pushed, so that the sweeps of several processes wake each about once.
+/// ([`Shared::db_steady_for`]). Then the mailboxes with queued mail that came due after the
+/// mailbox was last woken (or was woken longer than `repush_after` ago: that drain may be
+/// lost) are marked woken, one row per mailbox in `microsoft_outlook_mailbox_wakes`, so that
+/// the sweeps of several processes wake each about once. (The mark was once on every mail: a
+/// sweep rewrote the whole backlog behind a drain, 8,400 rows and 196 ms in a PostgreSQL serve
+/// run of 10,000 mails.)
 ///
-/// The mails of a mailbox this process is draining right now are not marked: marking its
-/// backlog rewrote every row behind the batch in flight (one statement of 8,400 rows, 196 ms,
-/// in a PostgreSQL serve run of 10,000 mails). Such a mailbox is still returned: its wake only
-/// tells the running drain to look once more before it ends (a mail may have come due after
-/// its last claim), or starts a drain if it has just ended. With several processes, the sweep
-/// of another one may then wake it there as well; both drains claim with `SKIP LOCKED` and share
-/// the mailbox's connection cap.
+/// A mailbox this process is draining right now is not marked, only returned: its wake tells
+/// the running drain to look once more before it ends (a mail may have come due after its last
+/// claim), or starts a drain if it has just ended; left unmarked, the next sweep wakes it
+/// again should that drain end without the mail. With several processes, the sweep of another
+/// one may then wake it there as well; both drains claim with `SKIP LOCKED` and share the
+/// mailbox's connection cap.
 pub async fn to_wake(
     ctx: &ModuleContext,
     shared: &Shared,
@@ -47,25 +49,32 @@ pub async fn to_wake(
         })
         .await?;
     }
-    let waiting = || {
-        Condition::all()
-            .add(outbox::status_is("queued"))
-            .add(outbox::Column::NextAttemptAt.lte(now))
-            .add(
-                Condition::any()
-                    .add(outbox::Column::PushedAt.is_null())
-                    .add(
-                        Expr::col(outbox::Column::PushedAt)
-                            .lt(Expr::col(outbox::Column::NextAttemptAt)),
-                    )
-                    .add(outbox::Column::PushedAt.lt(now - repush_after)),
-            )
-    };
+    // Queued, due, and due since its mailbox was last woken (or woken longer ago than
+    // `repush_after`: that drain may be lost). One wake time per mailbox, not per mail: a
+    // drain takes all of its mailbox's due mail.
+    let woken_since_due = Query::select()
+        .expr(Expr::val(1))
+        .from(mailbox_wake::Entity)
+        .and_where(
+            Expr::col((mailbox_wake::Entity, mailbox_wake::Column::ServerId))
+                .equals((outbox::Entity, outbox::Column::ServerId)),
+        )
+        .and_where(
+            Expr::col((mailbox_wake::Entity, mailbox_wake::Column::PushedAt))
+                .gte(Expr::col((outbox::Entity, outbox::Column::NextAttemptAt))),
+        )
+        .and_where(
+            Expr::col((mailbox_wake::Entity, mailbox_wake::Column::PushedAt))
+                .gte(now - repush_after),
+        )
+        .to_owned();
     let servers: Vec<i32> = outbox::Entity::find()
         .select_only()
         .column(outbox::Column::ServerId)
         .distinct()
-        .filter(waiting())
+        .filter(outbox::status_is("queued"))
+        .filter(outbox::Column::NextAttemptAt.lte(now))
+        .filter(Expr::exists(woken_since_due).not())
         .filter(crate::delivery::health::claimable(now))
         .into_tuple()
         .all(ctx.db())
@@ -78,16 +87,32 @@ pub async fn to_wake(
         .collect();
     if !to_mark.is_empty() {
         let turn = shared.write_gate(ctx).await;
-        persist(|| {
-            outbox::Entity::update_many()
-                .col_expr(outbox::Column::PushedAt, Expr::value(now))
-                .filter(waiting())
-                .filter(outbox::Column::ServerId.is_in(to_mark.iter().copied()))
-                .exec(turn.db())
-        })
-        .await?;
+        persist(|| mark_woken(turn.db(), &to_mark, now)).await?;
     }
     Ok(servers)
+}
+
+/// Records that a drain of each of `servers` was asked for at `now` (one row per mailbox).
+pub async fn mark_woken<C: sea_orm::ConnectionTrait>(
+    db: &C,
+    servers: &[i32],
+    now: DateTime<Utc>,
+) -> Result<(), sea_orm::DbErr> {
+    if servers.is_empty() {
+        return Ok(());
+    }
+    mailbox_wake::Entity::insert_many(servers.iter().map(|id| mailbox_wake::ActiveModel {
+        server_id: Set(*id),
+        pushed_at: Set(now),
+    }))
+    .on_conflict(
+        OnConflict::column(mailbox_wake::Column::ServerId)
+            .update_column(mailbox_wake::Column::PushedAt)
+            .to_owned(),
+    )
+    .exec_without_returning(db)
+    .await?;
+    Ok(())
 }
 
 /// Every mailbox with mail queued or being sent (a process starting wakes them all).

@@ -356,7 +356,11 @@ mod tests {
         );
         assert_eq!(classified_reply("250 OK queued as 12345"), "250");
         let once = classified_reply("550 5.1.10 RESOLVER.ADR.RecipientNotFound");
-        assert_eq!(classified_reply(&once), once, "classifying twice changes nothing");
+        assert_eq!(
+            classified_reply(&once),
+            once,
+            "classifying twice changes nothing"
+        );
         assert_eq!(classified_reply("421 4.7.0 <script>"), "421 4.7.0");
         assert_eq!(
             classified_reply("Connection refused by peer"),

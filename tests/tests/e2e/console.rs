@@ -270,7 +270,10 @@ async fn retry_of_a_failed_mail_gives_it_a_new_round_and_sends_it() {
         "{failed:?}"
     );
     let (_, detail) = m.alice.get_json(&format!("{OUTBOX}/{id}")).await;
-    assert_eq!(detail["classified_reply"], "550 5.1.10: recipient not found");
+    assert_eq!(
+        detail["classified_reply"],
+        "550 5.1.10: recipient not found"
+    );
     assert_eq!(
         detail["mail"]["last_reply"], "550 5.1.10: recipient not found",
         "a user sees the classified codes only"

@@ -1342,6 +1342,109 @@ async fn a_421_before_the_line_closes_is_the_verdict_not_the_closed_line() {
     assert_eq!(m.smtp.count_by_message_id().get(&sent.message_id), Some(&1));
 }
 
+/// The sweep keeps one wake time per mailbox, never one per mail: a mailbox whose due mail it
+/// woke is not woken again until more mail comes due after that wake, or the wake is older
+/// than `repush_after` (its drain may be lost). A web-only process (no drains, no sweep of its
+/// own) so that only the calls here touch the mail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_wakes_a_mailbox_once_per_mail_coming_due_and_marks_no_mail() {
+    use microsoft_outlook::entities::{mail_server, mailbox_wake};
+    use sea_orm::{ActiveModelTrait, Set};
+    let test_db = std::sync::Arc::new(
+        microsoft_outlook_tests::testdb::TestDb::create()
+            .await
+            .expect("test database"),
+    );
+    let options = microsoft_outlook::runtime::ModuleOptions {
+        workers: false,
+        ..crate::helpers::test_options()
+    };
+    let app =
+        crate::helpers::spawn_with(test_db, crm_sdk::SealingKey::generate(), true, options).await;
+    app.enable_module().await;
+    let (ctx, shared) = app.module_parts();
+    let now = app.clock.now();
+    let server = mail_server::ActiveModel {
+        name: Set("Office 365".into()),
+        kind: Set("shared".into()),
+        owner_user_id: Set(None),
+        smtp_host: Set("smtp.office365.com".into()),
+        smtp_port: Set(587),
+        security: Set("starttls".into()),
+        extra_ca_pem: Set(None),
+        mailbox: Set(MAILBOX.into()),
+        auth: Set("delegated".into()),
+        transport: Set("smtp".into()),
+        send_as: Set("author".into()),
+        from_allow_list: Set(String::new()),
+        is_default: Set(true),
+        created_at: Set(now),
+        updated_at: Set(now),
+        ..Default::default()
+    }
+    .insert(&app.db)
+    .await
+    .expect("server");
+    let queue_due_at = |n: i64, due: chrono::DateTime<chrono::Utc>| outbox::ActiveModel {
+        message_id: Set(format!("wake-{n}@crm.example")),
+        status: Set("queued".into()),
+        server_id: Set(server.id),
+        author_user_id: Set(app.alice_id),
+        record_model: Set("contact".into()),
+        record_id: Set(1),
+        from_header: Set(MAILBOX.into()),
+        envelope_from: Set(MAILBOX.into()),
+        recipients: Set("dana@fabrikam.example".into()),
+        subject: Set(format!("Mail {n}")),
+        size_bytes: Set(100),
+        attempts: Set(0),
+        next_attempt_at: Set(due),
+        created_at: Set(now),
+        updated_at: Set(now),
+        ..Default::default()
+    };
+    for n in 0..3 {
+        queue_due_at(n, now).insert(&app.db).await.expect("mail");
+    }
+    let repush = chrono::Duration::seconds(60);
+    let sweep = || microsoft_outlook::outbox::sweep::to_wake(&ctx, &shared, repush);
+    assert_eq!(sweep().await.expect("sweep"), vec![server.id], "woken once");
+    assert_eq!(
+        sweep().await.expect("sweep"),
+        Vec::<i32>::new(),
+        "not again"
+    );
+    let wakes = mailbox_wake::Entity::find()
+        .all(&app.db)
+        .await
+        .expect("wakes");
+    assert_eq!(wakes.len(), 1, "one row for the mailbox: {wakes:?}");
+    let marked = outbox::Entity::find()
+        .filter(outbox::Column::PushedAt.is_not_null())
+        .count(&app.db)
+        .await
+        .expect("count");
+    assert_eq!(marked, 0, "no mail row is written");
+    // A mail that comes due after the wake (a retry) wakes the mailbox again, once.
+    let later = now + chrono::Duration::seconds(10);
+    queue_due_at(3, later).insert(&app.db).await.expect("mail");
+    assert_eq!(
+        sweep().await.expect("sweep"),
+        Vec::<i32>::new(),
+        "not due yet"
+    );
+    app.clock.set(later);
+    assert_eq!(sweep().await.expect("sweep"), vec![server.id], "came due");
+    assert_eq!(sweep().await.expect("sweep"), Vec::<i32>::new());
+    // A wake older than `repush_after` whose mail still waits: its drain may be lost.
+    app.clock.set(later + repush + chrono::Duration::seconds(1));
+    assert_eq!(
+        sweep().await.expect("sweep"),
+        vec![server.id],
+        "woken again"
+    );
+}
+
 /// The sweep does not mark the backlog of a mailbox that this process is draining (that
 /// rewrote every queued row behind the batch in flight at each sweep); it only tells the
 /// running drain to look once more. Once no drain of the mailbox runs here, the sweep wakes it
@@ -1372,7 +1475,11 @@ async fn the_sweep_does_not_rewrite_the_backlog_of_a_mailbox_drained_here_and_wa
     assert!(swept.contains(&server_id), "woken: {swept:?}");
     let waiting = row(app, id).await;
     assert_eq!(waiting.status, "queued");
-    assert_eq!(waiting.pushed_at, None, "the backlog is not rewritten");
+    let marked = microsoft_outlook::entities::mailbox_wake::Entity::find_by_id(server_id)
+        .one(&app.db)
+        .await
+        .expect("wake");
+    assert_eq!(marked, None, "a mailbox drained here is not marked woken");
     // The drain ends without having taken it (as if it had stopped): the sweep wakes the
     // mailbox and the mail goes out, once.
     shared.active.lock().expect("active").remove(&server_id);

@@ -19,8 +19,8 @@ pub async fn retry(
     condition: Condition,
 ) -> Result<Changed, sea_orm::DbErr> {
     let now = ctx.clock().now();
-    // Not marked pushed: the wake below sends them; should it reach no drain, the sweep does.
-    let pushed_at = Option::<DateTime<Utc>>::None;
+    // Due now, after their mailboxes' last wake: the wake below sends them; should it reach no
+    // drain, the sweep does.
     let mut ids = Vec::new();
     let mut were_failed = Vec::new();
     for status in ACTIONABLE {
@@ -29,7 +29,6 @@ pub async fn retry(
             let mut update = outbox::Entity::update_many()
                 .col_expr(outbox::Column::Status, Expr::value("queued"))
                 .col_expr(outbox::Column::NextAttemptAt, Expr::value(now))
-                .col_expr(outbox::Column::PushedAt, Expr::value(pushed_at))
                 .col_expr(outbox::Column::UpdatedAt, Expr::value(now));
             if status == "failed" {
                 update = update
