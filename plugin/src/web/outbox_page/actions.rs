@@ -345,23 +345,6 @@ fn is_outbox_page(to: &str) -> bool {
         && !to.chars().any(char::is_control)
 }
 
-/// The answer when a mail server to release does not exist or is not the viewer's to release.
-fn no_such_server(ctx: &ModuleContext, user: &CurrentUser, req: &HttpRequest) -> HttpResponse {
-    if wants_json(req) {
-        return json_refusal(
-            StatusCode::NOT_FOUND,
-            &[field_error("server", "there is no such mail server".into())],
-        );
-    }
-    page_with(
-        StatusCode::NOT_FOUND,
-        ctx,
-        user,
-        "Not found",
-        html! { h1 { "No such mail server" } p { a href=(OUTBOX) { "Back to the outbox" } } },
-    )
-}
-
 /// A bulk action refused before anything was changed: the problems as JSON (`json`), or a page
 /// that says them in words and leads back to the outbox.
 fn refused(
@@ -451,7 +434,7 @@ pub(super) async fn release(
         Err(e) => return db_down(e),
     };
     if !user.is_admin || !exists {
-        return no_such_server(&ctx, &user, &req);
+        return no_such(&ctx, &user, &req, ("server", "mail server"));
     }
     let return_to = serde_urlencoded::from_bytes::<ReleaseForm>(&body)
         .ok()

@@ -100,15 +100,27 @@ pub(super) fn db_down(e: sea_orm::DbErr) -> HttpResponse {
     HttpResponse::ServiceUnavailable().body("The database did not answer. Try again in a moment.")
 }
 
+/// The answer for a mail that does not exist or is not the viewer's.
 pub(super) fn not_found(
     ctx: &ModuleContext,
     user: &CurrentUser,
     req: &HttpRequest,
 ) -> HttpResponse {
+    no_such(ctx, user, req, ("mail", "mail"))
+}
+
+/// The answer for a `(field, thing)` (e.g. `("server", "mail server")`) that does not exist
+/// or is not the viewer's: JSON naming the field, or a page leading back to the outbox.
+pub(super) fn no_such(
+    ctx: &ModuleContext,
+    user: &CurrentUser,
+    req: &HttpRequest,
+    (field, thing): (&str, &str),
+) -> HttpResponse {
     if wants_json(req) {
         return json_refusal(
             StatusCode::NOT_FOUND,
-            &[field_error("mail", "there is no such mail".into())],
+            &[field_error(field, format!("there is no such {thing}"))],
         );
     }
     page_with(
@@ -116,7 +128,7 @@ pub(super) fn not_found(
         ctx,
         user,
         "Not found",
-        html! { h1 { "No such mail" } p { a href=(OUTBOX) { "Back to the outbox" } } },
+        html! { h1 { "No such " (thing) } p { a href=(OUTBOX) { "Back to the outbox" } } },
     )
 }
 
