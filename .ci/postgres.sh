@@ -16,6 +16,8 @@ for _ in $(seq 1 30); do
   sleep 1
 done
 su postgres -c "psql -qc \"CREATE ROLE crm LOGIN PASSWORD 'crm' CREATEDB\"" 2>/dev/null || true
+# So that the benchmarks' DROP DATABASE ... WITH (FORCE) may end an autovacuum worker on it.
+su postgres -c "psql -qc 'GRANT pg_signal_backend TO crm'" >/dev/null 2>&1 || true
 su postgres -c "createdb -O crm crm_test" 2>/dev/null || true
 # Databases left by earlier test runs (one per test) are dropped so the cluster does not grow.
 for db in $(su postgres -c "psql -qtAc \"SELECT datname FROM pg_database WHERE datname LIKE 't\\_%'\""); do

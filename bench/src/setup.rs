@@ -112,9 +112,18 @@ impl BenchDb {
         }
         if let Some((admin, name)) = &self.pg {
             let admin = Database::connect(admin.as_str()).await?;
-            admin
-                .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .await?;
+            // `WITH (FORCE)` ends the database's other sessions; an autovacuum worker on it
+            // (which runs as no role) can only be ended by a member of `pg_signal_backend`
+            // (`.ci/postgres.sh` grants it), and it finishes by itself: tried a few times.
+            let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+            let mut tries = 0;
+            while let Err(e) = admin.execute_unprepared(&drop).await {
+                tries += 1;
+                if tries == 5 {
+                    return Err(e.into());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
             admin.close().await?;
         }
         Ok(())

@@ -146,6 +146,7 @@ fn check_block(check: &SettingsCheck) -> Markup {
         div class=(class) id="settings-check" role=(if check.verified == Some(false) { "alert" } else { "status" }) {
             p { span.badge.muted { (badge) } " " strong { (check.title) } }
             p { (check.detail) }
+            @if let Some((words, path)) = &check.next { p { "Next: " a href=(path) { (words) } } }
             @if let Some(code) = &check.code { p.help { "Code: " code { (code) } } }
         }
     }

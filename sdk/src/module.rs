@@ -39,6 +39,9 @@ pub struct SettingsCheck {
     pub detail: String,
     /// The outside system's code, shown beside the words (e.g. `AADSTS7000215`).
     pub code: Option<String>,
+    /// The next step as a link: its words and a path on this CRM (e.g. `("Add the outgoing
+    /// mail server", "/microsoft_outlook/servers/new")`).
+    pub next: Option<(String, String)>,
 }
 
 /// The running jobs of an enabled module; the host stops them on disable or shutdown.

@@ -87,7 +87,7 @@ pub fn explain(error: &str, code: Option<u32>, redirect_uri: &str) -> (String, S
         ),
         (_, Some(65001)) | ("consent_required", _) => pair(
             "Consent to the app's permissions is missing.",
-            "An administrator must grant admin consent (Enterprise applications › your app › Permissions › Grant admin consent), or the mailbox's user must consent when signing in. Then click Connect again.",
+            "An administrator must grant admin consent (Enterprise applications › your app › Permissions › Grant admin consent), or the mailbox's user must consent when signing in. Then click Connect (Reconnect on a mailbox connected before) and sign in again.",
         ),
         (_, Some(65004)) | ("access_denied", _) => pair(
             "The sign-in was cancelled or consent was declined at Microsoft.",
@@ -99,7 +99,7 @@ pub fn explain(error: &str, code: Option<u32>, redirect_uri: &str) -> (String, S
         ),
         (_, Some(70008 | 700082)) => pair(
             "The grant has expired (unused for too long, or the sign-in took too long).",
-            "Click Connect again and sign in.",
+            "Click Connect (Reconnect on a mailbox connected before) and sign in again.",
         ),
         (_, Some(50173)) => pair(
             "The grant was revoked, usually because the mailbox's password changed or sessions were revoked.",
@@ -123,7 +123,7 @@ pub fn explain(error: &str, code: Option<u32>, redirect_uri: &str) -> (String, S
         ),
         _ => pair(
             "Microsoft refused the request.",
-            "Check the settings and click Connect again; if it repeats, give an administrator Microsoft's code and message, shown with this text.",
+            "Check the settings and click Connect (or Reconnect) again; if it repeats, give an administrator Microsoft's code and message, shown with this text.",
         ),
     }
 }

@@ -10,4 +10,5 @@ pub mod pages;
 pub mod servers;
 pub mod setup_guide;
 pub mod status;
+pub mod status_block;
 pub mod test_connection;

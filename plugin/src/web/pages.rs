@@ -11,7 +11,8 @@ use crate::delivery::health::Health;
 use crate::entities::{mail_server, token};
 use crate::settings::{OutlookSettings, PersonalSmtpHosts};
 use crate::web::layout::{csrf, db_down, managed_server, page, page_with};
-use crate::web::servers::{self, OutboundRules, ServerForm, ServerInput, ServerKind};
+use crate::web::servers::{self, OutboundRules, ServerForm, ServerInput, ServerKind, server_url};
+use crate::web::status_block::status_block;
 
 /// The refusal of an operator's page to a user: `what` they cannot do, and where their own
 /// mailbox is.
@@ -49,113 +50,6 @@ async fn cloud_smtp_host(ctx: &ModuleContext) -> String {
         .and_then(|s| s.get("cloud").map(crate::settings::Cloud::parse))
         .unwrap_or_default();
     cloud.smtp_host().to_string()
-}
-
-fn server_url(server: &mail_server::Model) -> String {
-    format!("/microsoft_outlook/servers/{}", server.id)
-}
-
-/// The connection and health block of a server: the health state (held with its reason in
-/// words, since when, how many mails wait), then the token.
-/// What to do when `server` sends through a transport whose permission its sign-in did not
-/// grant (it was switched between SMTP and Microsoft Graph after its Connect): `None` when the
-/// stored grant covers the transport.
-fn other_transport_words(server: &mail_server::Model, t: &token::Model) -> Option<String> {
-    use crate::settings::Resource;
-    if server.auth == "app_only" || Resource::of_transport(&server.transport).granted_in(&t.scopes)
-    {
-        return None;
-    }
-    let (now, granted, permission) = if server.transport == "graph" {
-        ("Microsoft Graph", "SMTP", "Mail.Send")
-    } else {
-        ("SMTP", "Microsoft Graph", "SMTP.Send")
-    };
-    Some(format!(
-        "Next step: this server now sends through {now}, but its sign-in was given for {granted}. Click Reconnect and sign in as {} to grant {permission}. Until then the CRM asks Microsoft for a {now} token from the same sign-in, which works only where an administrator granted consent for the whole organisation; if Microsoft refuses, the mail waits and this page says so.",
-        server.mailbox
-    ))
-}
-
-pub fn status_block(
-    server: &mail_server::Model,
-    token: Option<&token::Model>,
-    health: &Health,
-    waiting: i64,
-    user: &CurrentUser,
-) -> Markup {
-    let when = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M UTC").to_string();
-    html! {
-        div.status {
-            @match health {
-                Health::Held { reason, detail, since, until } => {
-                    p { span.badge.bad { "Held: " (reason.title()) } }
-                    p role="alert" { (detail) }
-                    p.help {
-                        "Held since " (when(*since)) ". " (waiting) " mail(s) wait; they spend no attempt and go out in queue order once this is fixed."
-                        @if let Some(until) = until { " The mailbox is tried again by itself at " (when(*until)) "." }
-                    }
-                    @if !user.is_admin && reason.needs_operator_for(server.owner_user_id.is_some()) {
-                        p { "The CRM's operators have been told and must fix this; nothing is needed from you." }
-                    }
-                }
-                Health::Throttled { until } => {
-                    p { span.badge.warn { "Throttled until " (when(*until)) } }
-                    p.help { "Exchange asked the CRM to slow down. " (waiting) " mail(s) wait without spending attempts." }
-                }
-                Health::Ready => {}
-            }
-            @match token {
-                None if server.auth == "app_only" => {
-                    @if *health == Health::Ready { p { span.badge.ok { "App-only" } } }
-                }
-                None => {
-                    p { span.badge.muted { "Not connected" } }
-                    p { "No Outlook token is stored. Click Connect and sign in as " strong { (server.mailbox) } " at Microsoft." }
-                }
-                Some(t) => {
-                    @if t.status == "valid" && *health == Health::Ready {
-                        p { span.badge.ok { "Outlook token validated" } }
-                    }
-                    @if let Some(words) = other_transport_words(server, t) {
-                        p.flash.warn role="status" { (words) }
-                    }
-                    p { "Mailbox: " strong { (server.mailbox) } }
-                    p { "Signed in at Microsoft as " strong { (t.signed_in_as) } }
-                    @if let Some(identity) = &t.smtp_user {
-                        p { "Authenticates as " strong { (identity) } " (the identity SMTP AUTH accepts for this mailbox)." }
-                    }
-                    p.help {
-                        @if t.status == "valid" && health.reason() != Some(crate::delivery::classify::HoldReason::GrantDead) {
-                            "Access token expires " (when(t.access_expires_at)) "; it is renewed automatically."
-                        } @else {
-                            "The sign-in can no longer be renewed: only a new sign-in (Reconnect) gives this mailbox a token again."
-                        }
-                        @match t.last_refresh_at { Some(at) => { " Last refresh " (when(at)) "." } None => { " Not refreshed yet." } } }
-                    @if let (Some(e), Health::Ready) = (&t.last_error, health) { p.help { "Last error: " (e) } }
-                    @if *health == Health::Ready && waiting > 0 { p.help { (waiting) " mail(s) queued." } }
-                }
-            }
-            @if server.transport != "graph"
-                && matches!(health, Health::Held { reason: crate::delivery::classify::HoldReason::SmtpAuthDisabled, .. })
-                && servers::may_manage(user, server) {
-                form.inline method="post" action="/microsoft_outlook/connect" {
-                    (csrf(user))
-                    input type="hidden" name="server" value=(server.id);
-                    input type="hidden" name="switch_to" value="graph";
-                    button type="submit" { "Switch this server to Microsoft Graph" }
-                    span.help { " The tenant keeps SMTP AUTH off: send this mailbox's mail through Graph's sendMail instead. You sign in at Microsoft once more to grant Mail.Send; the waiting mail then goes out." }
-                }
-            }
-            @if user.is_admin && health.reason().is_none_or(|r| r.release_can_help()) && *health != Health::Ready {
-                form.inline method="post" action=(format!("{}/retry", server_url(server))) {
-                    (csrf(user))
-                    button type="submit" { "Retry now" }
-                    span.help { " Ends the hold and sends the waiting mails now." }
-                }
-            }
-        }
-    }
 }
 
 fn field_error(errors: &[FieldError], field: &str) -> Markup {

@@ -12,6 +12,11 @@ use serde::Deserialize;
 use crate::delivery::classify::HoldReason;
 use crate::entities::mail_server;
 
+/// The server's page (`/microsoft_outlook/servers/{id}`).
+pub fn server_url(server: &mail_server::Model) -> String {
+    format!("/microsoft_outlook/servers/{}", server.id)
+}
+
 /// Who a server belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ServerKind {

@@ -124,7 +124,7 @@ fn expiry_banner(expires_on: NaiveDate, today: NaiveDate) -> Markup {
             "flash bad secret-expiry",
             "alert",
             format!(
-                "The client secret expired on {expires_on}: no mailbox can refresh its token. Create a new client secret in Azure and paste its Value and expiry date below."
+                "The expiry date given for the client secret, {expires_on}, has passed. Microsoft refuses an expired secret, and then no mailbox can refresh its token: create a new client secret in Azure and paste its Value and expiry date below. If the check of a save says Microsoft accepted the secret, the date is wrong: correct it from the secret's Expires column in Azure (Certificates & secrets)."
             ),
         ),
         n if n <= 1 => (
@@ -275,6 +275,7 @@ pub async fn verify(ctx: &ModuleContext, http: &oauth2::reqwest::Client) -> Opti
                 title: "The client ID and secret were not checked.".into(),
                 detail: problem.to_string(),
                 code: None,
+                next: None,
             });
         }
     };
@@ -292,7 +293,7 @@ pub async fn verify(ctx: &ModuleContext, http: &oauth2::reqwest::Client) -> Opti
     .await;
     let code_text = |code: Option<u32>| code.map(|c| format!("AADSTS{c}"));
     Some(match answer {
-        Ok(_) => verified(&settings, None),
+        Ok(_) => verified(&settings),
         Err(f) if f.class == FailureClass::Configuration => {
             let (what, fix) = explain(&f.error, f.code, &redirect_uri);
             SettingsCheck {
@@ -300,9 +301,11 @@ pub async fn verify(ctx: &ModuleContext, http: &oauth2::reqwest::Client) -> Opti
                 title: what,
                 detail: format!("{fix} Microsoft said: {}", f.description),
                 code: code_text(f.code).or(Some(f.error)),
+                next: None,
             }
         }
-        Err(f) if f.error == "invalid_grant" => verified(&settings, code_text(f.code)),
+        // The made-up sign-in code is refused once the credentials are accepted.
+        Err(f) if f.error == "invalid_grant" => verified(&settings),
         Err(f) if matches!(f.class, FailureClass::Transient | FailureClass::NotOAuth) => {
             SettingsCheck {
                 verified: None,
@@ -313,6 +316,7 @@ pub async fn verify(ctx: &ModuleContext, http: &oauth2::reqwest::Client) -> Opti
                     settings.token_url()
                 ),
                 code: code_text(f.code),
+                next: None,
             }
         }
         Err(f) => {
@@ -322,20 +326,27 @@ pub async fn verify(ctx: &ModuleContext, http: &oauth2::reqwest::Client) -> Opti
                 title: what,
                 detail: format!("{fix} Microsoft said: {}", f.description),
                 code: code_text(f.code).or(Some(f.error)),
+                next: None,
             }
         }
     })
 }
 
-fn verified(settings: &OutlookSettings, code: Option<String>) -> SettingsCheck {
+/// The check's answer when Microsoft accepted the client ID and secret (it then refused only
+/// the sign-in code the check made up, with `invalid_grant`: no code is shown for that).
+fn verified(settings: &OutlookSettings) -> SettingsCheck {
     SettingsCheck {
         verified: Some(true),
         title: "Client ID and secret verified: Microsoft accepted them.".into(),
         detail: format!(
-            "The token endpoint of tenant {} ({}) accepted the application's credentials. Next: add the outgoing mail server and click Connect.",
+            "The token endpoint of tenant {} ({}) accepted the application's credentials. Add the outgoing mail server, then click Connect on its page and sign in as its mailbox.",
             settings.tenant, settings.authority_url
         ),
-        code,
+        code: None,
+        next: Some((
+            "Add the outgoing mail server".into(),
+            "/microsoft_outlook/servers/new".into(),
+        )),
     }
 }
 

@@ -288,6 +288,12 @@ async fn retry_of_a_failed_mail_gives_it_a_new_round_and_sends_it() {
     let sent = wait_status(app, id, "sent").await;
     assert_eq!(sent.attempts, 1, "a new round of attempts");
     assert_eq!(m.smtp.received_count(), 1);
+    // The page the form's Retry now leads to tells what became of the mail, not "failed".
+    let (_, page, _) = m.alice.get(&format!("{OUTBOX}/{id}?retried=1")).await;
+    assert!(
+        page.contains("Sent: the server accepted it on this retry."),
+        "{page}"
+    );
     // A sent mail is not retried again.
     let (status, body) = m
         .alice

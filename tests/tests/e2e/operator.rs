@@ -36,9 +36,17 @@ async fn saving_settings_verifies_the_client_id_and_secret_with_the_token_endpoi
     let (status, page) = save(&env, &[("client_secret", CLIENT_SECRET)]).await;
     assert_eq!(status, StatusCode::OK, "{page}");
     assert!(page.contains("Client ID and secret verified"), "{page}");
+    // Microsoft refused only the made-up sign-in code: no code beside a success, and the next
+    // step is a link.
     assert!(
-        page.contains("AADSTS9002313"),
-        "the code Microsoft answered\n{page}"
+        !page.contains("AADSTS9002313"),
+        "a code beside a success reads as a failure\n{page}"
+    );
+    assert!(
+        page.contains(
+            r#"Next: <a href="/microsoft_outlook/servers/new">Add the outgoing mail server</a>"#
+        ),
+        "{page}"
     );
 
     // A wrong secret: saved, and the page says 7000215 in words.
@@ -152,7 +160,11 @@ async fn the_settings_page_guides_and_warns_as_the_secret_expiry_nears() {
     assert!(script.contains("data-copy"));
     let past = (today - chrono::Duration::days(1)).to_string();
     let (_, page) = save(&env, &[("client_secret_expires_on", past.as_str())]).await;
-    assert!(page.contains("The client secret expired on"), "{page}");
+    let expired = format!("The expiry date given for the client secret, {past}, has passed");
+    assert!(page.contains(&expired), "{page}");
+    // Where Microsoft still takes the secret, the banner says the date is the thing to fix.
+    assert!(page.contains("Client ID and secret verified"), "{page}");
+    assert!(page.contains("the date is wrong"), "{page}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -44,6 +44,30 @@ pub(super) struct DetailFlash {
     refused: Option<String>,
 }
 
+/// What a Retry now did, as far as this page can tell yet: the mail is usually still on its
+/// way when the page is shown, so it says so and links to the page again (without the flash);
+/// `held`: its mailbox is held or throttled, so it waits for that instead.
+fn retried_flash(status: &str, id: i64, held: bool) -> Markup {
+    match status {
+        "sent" => {
+            html! { p.flash.ok role="status" { "Sent: the server accepted it on this retry." } }
+        }
+        "failed" => {
+            html! { p.flash.bad role="alert" { "Retried, and it failed again: the server's answer is below." } }
+        }
+        _ if held => {
+            html! { p.flash.warn role="status" { "Queued again, but its mailbox is not sending now: it goes out once the mailbox is ready again (the box below says why)." } }
+        }
+        _ => html! {
+            p.flash.ok role="status" {
+                "Queued again: it is being sent now, so the status below is from before. "
+                a href=(format!("/microsoft_outlook/outbox/{id}")) { "See its outcome" }
+                " in a few seconds."
+            }
+        },
+    }
+}
+
 pub(super) async fn detail(
     ctx: web::Data<ModuleContext>,
     shared: web::Data<Shared>,
@@ -113,7 +137,7 @@ pub(super) async fn detail(
         }));
     }
     let flash = if flash.retried.is_some() {
-        Some(html! { p.flash.ok role="status" { "Queued again: it is being sent now." } })
+        Some(retried_flash(&mail.status, mail.id, waits_on_mailbox))
     } else if flash.cancelled.is_some() {
         Some(html! { p.flash.ok role="status" { "Cancelled: this mail will not be sent." } })
     } else if flash.queued.is_some() {

@@ -26,6 +26,7 @@ use crate::runtime::Shared;
 use crate::tokens::service::{AccessToken, TokenProblem, fresh_access_token};
 use crate::web::layout::{csrf, managed_server, page, page_with};
 use crate::web::mail_routes::{classified_reply, json_refusal, wants_json};
+use crate::web::servers::server_url;
 
 /// Holds that a successful connect and AUTH prove fixed.
 const ENDED_BY_A_TEST: [HoldReason; 5] = [
@@ -334,7 +335,7 @@ fn token_failed(mut steps: Vec<Step>, name: &str, problem: &TokenProblem) -> Rep
 
 /// The "Test" section of a server's page.
 pub fn section(server: &mail_server::Model, user: &CurrentUser) -> Markup {
-    let base = format!("/microsoft_outlook/servers/{}", server.id);
+    let base = server_url(server);
     html! {
         section.card id="test" {
             h2 { "Test" }
@@ -416,7 +417,7 @@ async fn run_test(
         h1 { "Test connection: " (server.name) }
         section.card id="test-result" { (report_markup(&server, &report)) }
         (section(&server, &user))
-        p { a href=(format!("/microsoft_outlook/servers/{}", server.id)) { "Back to the server" } }
+        p { a href=(server_url(&server)) { "Back to the server" } }
     };
     page(&ctx, &user, "Test connection", body)
 }
@@ -514,7 +515,7 @@ async fn test_mail(
                 h1 { "The test mail was not queued" }
                 section.card {
                     ul { @for e in &errors { li { strong { (e.field) } ": " (e.message) } } }
-                    p { a href=(format!("/microsoft_outlook/servers/{}", server.id)) { "Back to the server" } }
+                    p { a href=(server_url(&server)) { "Back to the server" } }
                 }
             };
             page_with(status, &ctx, &user, "Not queued", body)
