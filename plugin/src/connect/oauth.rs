@@ -298,76 +298,34 @@ struct ConfirmQuery {
     error_description: Option<String>,
 }
 
+/// The callback of a sign-in: its state taken (once, by the user who started it, within
+/// [`STATE_LIFETIME_MINUTES`]), Microsoft's answer read, the code exchanged, the identity that
+/// signed in matched to the server's mailbox, then the tokens stored and the mailbox's held
+/// mail released. Every refusal is a page in words; nothing is stored unless all of it holds.
 async fn confirm(
     ctx: web::Data<ModuleContext>,
     shared: web::Data<crate::runtime::Shared>,
     user: CurrentUser,
     query: web::Query<ConfirmQuery>,
 ) -> HttpResponse {
-    let Some(state) = query
-        .state
-        .as_deref()
-        .filter(|s| !s.is_empty() && s.len() <= 512)
-    else {
-        return state_failure(
-            &ctx,
-            &user,
-            "The answer from Microsoft carries no state, so it cannot be matched to a sign-in started here.",
-            None,
-        );
-    };
-    let state_hash = hash_state(state);
-    let pending = match oauth_state::Entity::find_by_id(state_hash.clone())
-        .one(ctx.db())
-        .await
-    {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::error!(error = %e, "reading an OAuth state failed");
-            return state_failure(&ctx, &user, "The database did not answer.", None);
-        }
-    };
-    let Some(pending) = pending else {
-        return state_failure(
-            &ctx,
-            &user,
-            "This sign-in is unknown or was already completed (the state is not valid).",
-            None,
-        );
-    };
-    if pending.user_id != user.id {
-        tracing::warn!(
-            user_id = user.id,
-            "an OAuth state presented by another user"
-        );
-        return state_failure(
-            &ctx,
-            &user,
-            "This sign-in was started by another CRM user.",
-            None,
-        );
+    match confirm_steps(&ctx, &shared.into_inner(), &user, &query).await {
+        Ok(done) | Err(done) => done,
     }
+}
+
+/// [`confirm`]'s steps; `Err` is the page that ends the flow early.
+async fn confirm_steps(
+    ctx: &ModuleContext,
+    shared: &std::sync::Arc<crate::runtime::Shared>,
+    user: &CurrentUser,
+    query: &ConfirmQuery,
+) -> Result<HttpResponse, HttpResponse> {
+    let (pending, state_hash) = take_state(ctx, user, query.state.as_deref()).await?;
     // The way back from here on: the server's page, when the viewer may open it.
-    let back = server_page_for(&ctx, &user, pending.server_id).await;
-    // Single use: only the request that deletes the row goes on.
-    let claimed = oauth_state::Entity::delete_by_id(state_hash.clone())
-        .exec(ctx.db())
-        .await;
-    if !matches!(claimed, Ok(r) if r.rows_affected == 1) {
-        return state_failure(
-            &ctx,
-            &user,
-            "This sign-in was already completed.",
-            back.clone(),
-        );
-    }
+    let back = server_page_for(ctx, user, pending.server_id).await;
     if pending.expires_at < ctx.clock().now() {
-        return state_failure(
-            &ctx,
-            &user,
-            "This sign-in took longer than 10 minutes and has expired.",
-            back.clone(),
-        );
+        let why = "This sign-in took longer than 10 minutes and has expired.";
+        return Err(state_failure(ctx, user, why, back));
     }
     if let Some(error) = query.error.as_deref() {
         let description = query.error_description.clone().unwrap_or_default();
@@ -379,134 +337,25 @@ async fn confirm(
             description,
             retry_after_secs: None,
         };
-        return aad_failure_page(&ctx, &user, &failure, back);
+        return Err(aad_failure_page(ctx, user, &failure, back));
     }
     let Some(code) = query.code.as_deref().filter(|c| !c.is_empty()) else {
-        return state_failure(
-            &ctx,
-            &user,
-            "The answer from Microsoft carries neither a code nor an error.",
-            back.clone(),
-        );
+        let why = "The answer from Microsoft carries neither a code nor an error.";
+        return Err(state_failure(ctx, user, why, back));
     };
-    let server = match mail_server::Entity::find_by_id(pending.server_id)
-        .one(ctx.db())
-        .await
-    {
-        Ok(server) => server,
-        Err(e) => return crate::web::layout::db_down(&ctx, &user, e),
-    };
-    let Some(server) = server.filter(|s| may_manage(&user, s)) else {
-        return state_failure(
-            &ctx,
-            &user,
-            "The mail server of this sign-in no longer exists or is no longer yours.",
-            back.clone(),
-        );
-    };
-    let settings = match OutlookSettings::load(&ctx).await {
-        Ok(s) => s,
-        Err(problem) => return not_configured_page(&ctx, &user, &problem),
-    };
-    let verifier = match ctx
-        .sealer()
-        .unseal(&pending.pkce_verifier_sealed, &seal_context(&state_hash))
-    {
-        Ok(v) => v,
-        Err(e) => {
-            tracing::error!(error = %e, "the PKCE verifier cannot be unsealed");
-            return state_failure(
-                &ctx,
-                &user,
-                "The sign-in's proof key cannot be read (the sealing key changed).",
-                back.clone(),
-            );
-        }
-    };
-    let redirect_uri = ctx.public_url(CONFIRM_PATH);
-    let http = &shared.http;
-    let tokens = match token_client::request(
-        http,
-        &settings,
-        Grant::AuthorizationCode {
-            code,
-            redirect_uri: &redirect_uri,
-            verifier: verifier.expose_secret(),
-        },
-        Resource::of_transport(&server.transport),
+    let server = server_of(ctx, user, &pending, &back).await?;
+    let tokens = exchange(
+        ctx,
+        shared,
+        user,
+        (&pending, &state_hash),
+        (code, &server),
+        &back,
     )
-    .await
-    {
-        Ok(t) => t,
-        Err(failure) => return aad_failure_page(&ctx, &user, &failure, back),
-    };
-    let claims = tokens
-        .id_token
-        .as_deref()
-        .and_then(token_client::id_claims)
-        .unwrap_or_default();
-    let mailbox = server.mailbox.to_ascii_lowercase();
-    let candidates = [
-        ("preferred_username", claims.preferred_username.as_deref()),
-        ("email", claims.email.as_deref()),
-        ("upn", claims.upn.as_deref()),
-    ];
-    let matched = candidates
-        .iter()
-        .find(|(_, v)| v.is_some_and(|v| v.eq_ignore_ascii_case(&mailbox)));
-    let Some((_, Some(signed_in_as))) = matched else {
-        let seen = candidates
-            .iter()
-            .filter_map(|(claim, v)| v.map(|v| format!("{v} ({claim})")))
-            .collect::<Vec<_>>()
-            .join(", ");
-        return failure_page(
-            &ctx,
-            &user,
-            Failure {
-                status: StatusCode::BAD_REQUEST,
-                title: "Signed in with another mailbox".into(),
-                what: format!(
-                    "You signed in at Microsoft as {}, but this server's mailbox is {}. Nothing was stored.",
-                    if seen.is_empty() {
-                        "an account that Microsoft did not name".to_string()
-                    } else {
-                        seen
-                    },
-                    server.mailbox
-                ),
-                fix: format!(
-                    "Click Connect again and sign in as {} (use a private window or \"Use another account\" at Microsoft), or change the server's mailbox address.",
-                    server.mailbox
-                ),
-                code: None,
-                microsoft_says: None,
-                back,
-            },
-        );
-    };
-    if tokens.refresh_token.is_none() {
-        return failure_page(
-            &ctx,
-            &user,
-            Failure {
-                status: StatusCode::BAD_REQUEST,
-                title: "The mailbox was not connected".into(),
-                what: "Microsoft issued no refresh token (the offline_access permission was not granted), so the connection would stop working within the hour, when the access token expires. Nothing was stored.".into(),
-                fix: "An administrator must make sure the app registration has the delegated permission offline_access (Microsoft Graph) with consent, then click Connect again and accept the permissions.".into(),
-                code: None,
-                microsoft_says: None,
-                back,
-            },
-        );
-    }
-    // The sign-in name (UPN) may differ from the mailbox's address; SMTP may accept either.
-    let sign_in_name = claims
-        .preferred_username
-        .as_deref()
-        .or(claims.upn.as_deref())
-        .unwrap_or(signed_in_as);
-    match crate::tokens::store::store_connected(&ctx, server.id, &tokens, sign_in_name).await {
+    .await?;
+    let sign_in_name =
+        signed_in_mailbox(ctx, user, &server, &tokens, &back).map_err(|page| *page)?;
+    match crate::tokens::store::store_connected(ctx, server.id, &tokens, &sign_in_name).await {
         Ok(_) => {
             tracing::info!(
                 server_id = server.id,
@@ -515,34 +364,196 @@ async fn confirm(
             );
             shared.server_changed(server.id);
             // Whatever held the mailbox, a new connection is the fix to try: its mails go out.
-            if let Err(e) = crate::delivery::health::release(
-                &ctx,
-                &shared.clone().into_inner(),
-                server.id,
-                None,
-                crate::delivery::health::Release::Forced,
-            )
-            .await
+            let forced = crate::delivery::health::Release::Forced;
+            if let Err(e) =
+                crate::delivery::health::release(ctx, shared, server.id, None, forced).await
             {
                 tracing::warn!(error = %e, "releasing the mails that waited for a reconnect failed");
             }
-            HttpResponse::SeeOther()
+            Ok(HttpResponse::SeeOther()
                 .insert_header((
                     "Location",
                     format!("/microsoft_outlook/servers/{}?connected=1", server.id),
                 ))
-                .finish()
+                .finish())
         }
         Err(e) => {
             tracing::error!(error = %e, "storing tokens failed");
-            state_failure(
-                &ctx,
-                &user,
-                "The database did not answer; the tokens were not stored.",
-                back.clone(),
-            )
+            let why = "The database did not answer; the tokens were not stored.";
+            Err(state_failure(ctx, user, why, back))
         }
     }
+}
+
+/// The pending sign-in of `state` and the state's hash, taken for good: it must be known, the
+/// viewer's own, and not taken by another request meanwhile (single use: only the request
+/// that deletes the row goes on).
+async fn take_state(
+    ctx: &ModuleContext,
+    user: &CurrentUser,
+    state: Option<&str>,
+) -> Result<(oauth_state::Model, String), HttpResponse> {
+    let Some(state) = state.filter(|s| !s.is_empty() && s.len() <= 512) else {
+        let why = "The answer from Microsoft carries no state, so it cannot be matched to a sign-in started here.";
+        return Err(state_failure(ctx, user, why, None));
+    };
+    let state_hash = hash_state(state);
+    let pending = oauth_state::Entity::find_by_id(state_hash.clone())
+        .one(ctx.db())
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "reading an OAuth state failed");
+            state_failure(ctx, user, "The database did not answer.", None)
+        })?;
+    let Some(pending) = pending else {
+        let why = "This sign-in is unknown or was already completed (the state is not valid).";
+        return Err(state_failure(ctx, user, why, None));
+    };
+    if pending.user_id != user.id {
+        tracing::warn!(
+            user_id = user.id,
+            "an OAuth state presented by another user"
+        );
+        let why = "This sign-in was started by another CRM user.";
+        return Err(state_failure(ctx, user, why, None));
+    }
+    let claimed = oauth_state::Entity::delete_by_id(state_hash.clone())
+        .exec(ctx.db())
+        .await;
+    if !matches!(claimed, Ok(r) if r.rows_affected == 1) {
+        let back = server_page_for(ctx, user, pending.server_id).await;
+        let why = "This sign-in was already completed.";
+        return Err(state_failure(ctx, user, why, back));
+    }
+    Ok((pending, state_hash))
+}
+
+/// The mail server of `pending`, if it still exists and the viewer may still manage it.
+async fn server_of(
+    ctx: &ModuleContext,
+    user: &CurrentUser,
+    pending: &oauth_state::Model,
+    back: &Option<String>,
+) -> Result<mail_server::Model, HttpResponse> {
+    let server = mail_server::Entity::find_by_id(pending.server_id)
+        .one(ctx.db())
+        .await
+        .map_err(|e| crate::web::layout::db_down(ctx, user, e))?;
+    server.filter(|s| may_manage(user, s)).ok_or_else(|| {
+        let why = "The mail server of this sign-in no longer exists or is no longer yours.";
+        state_failure(ctx, user, why, back.clone())
+    })
+}
+
+/// Exchanges the authorization `code` at the token endpoint with the sign-in's PKCE verifier,
+/// for the resource of `server`'s transport.
+async fn exchange(
+    ctx: &ModuleContext,
+    shared: &crate::runtime::Shared,
+    user: &CurrentUser,
+    (pending, state_hash): (&oauth_state::Model, &str),
+    (code, server): (&str, &mail_server::Model),
+    back: &Option<String>,
+) -> Result<token_client::Tokens, HttpResponse> {
+    let settings = OutlookSettings::load(ctx)
+        .await
+        .map_err(|problem| not_configured_page(ctx, user, &problem))?;
+    let verifier = ctx
+        .sealer()
+        .unseal(&pending.pkce_verifier_sealed, &seal_context(state_hash))
+        .map_err(|e| {
+            tracing::error!(error = %e, "the PKCE verifier cannot be unsealed");
+            let why = "The sign-in's proof key cannot be read (the sealing key changed).";
+            state_failure(ctx, user, why, back.clone())
+        })?;
+    let redirect_uri = ctx.public_url(CONFIRM_PATH);
+    let grant = Grant::AuthorizationCode {
+        code,
+        redirect_uri: &redirect_uri,
+        verifier: verifier.expose_secret(),
+    };
+    let resource = Resource::of_transport(&server.transport);
+    token_client::request(&shared.http, &settings, grant, resource)
+        .await
+        .map_err(|failure| aad_failure_page(ctx, user, &failure, back.clone()))
+}
+
+/// The name the mailbox signed in with (its UPN, else the matching claim), when the identity
+/// token names the server's mailbox and Microsoft issued a refresh token; else the page that
+/// says what to do. Nothing is stored either way.
+fn signed_in_mailbox(
+    ctx: &ModuleContext,
+    user: &CurrentUser,
+    server: &mail_server::Model,
+    tokens: &token_client::Tokens,
+    back: &Option<String>,
+) -> Result<String, Box<HttpResponse>> {
+    let claims = tokens
+        .id_token
+        .as_deref()
+        .and_then(token_client::id_claims)
+        .unwrap_or_default();
+    let candidates = [
+        ("preferred_username", claims.preferred_username.as_deref()),
+        ("email", claims.email.as_deref()),
+        ("upn", claims.upn.as_deref()),
+    ];
+    let matched = candidates
+        .iter()
+        .find_map(|(_, v)| v.filter(|v| v.eq_ignore_ascii_case(&server.mailbox)));
+    let Some(signed_in_as) = matched else {
+        let seen = candidates
+            .iter()
+            .filter_map(|(claim, v)| v.map(|v| format!("{v} ({claim})")))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let seen = if seen.is_empty() {
+            "an account that Microsoft did not name".to_string()
+        } else {
+            seen
+        };
+        return Err(Box::new(failure_page(
+            ctx,
+            user,
+            Failure {
+                status: StatusCode::BAD_REQUEST,
+                title: "Signed in with another mailbox".into(),
+                what: format!(
+                    "You signed in at Microsoft as {seen}, but this server's mailbox is {}. Nothing was stored.",
+                    server.mailbox
+                ),
+                fix: format!(
+                    "Click Connect (or Reconnect) again and sign in as {} (use a private window or \"Use another account\" at Microsoft), or change the server's mailbox address.",
+                    server.mailbox
+                ),
+                code: None,
+                microsoft_says: None,
+                back: back.clone(),
+            },
+        )));
+    };
+    if tokens.refresh_token.is_none() {
+        return Err(Box::new(failure_page(
+            ctx,
+            user,
+            Failure {
+                status: StatusCode::BAD_REQUEST,
+                title: "The mailbox was not connected".into(),
+                what: "Microsoft issued no refresh token (the offline_access permission was not granted), so the connection would stop working within the hour, when the access token expires. Nothing was stored.".into(),
+                fix: "An administrator must make sure the app registration has the delegated permission offline_access (Microsoft Graph) with consent, then click Connect (or Reconnect) again and accept the permissions.".into(),
+                code: None,
+                microsoft_says: None,
+                back: back.clone(),
+            },
+        )));
+    }
+    // The sign-in name (UPN) may differ from the mailbox's address; SMTP may accept either.
+    Ok(claims
+        .preferred_username
+        .as_deref()
+        .or(claims.upn.as_deref())
+        .unwrap_or(signed_in_as)
+        .to_string())
 }
 
 /// The connect routes.
