@@ -169,71 +169,101 @@ struct ConnectForm {
     switch_to: Option<String>,
 }
 
+/// Starts a sign-in for a server the viewer may manage (an operator's shared one, or their
+/// own mailbox), switching it to Microsoft Graph first when asked: a state and a PKCE verifier
+/// are kept for [`STATE_LIFETIME_MINUTES`] (the verifier sealed), and the browser goes to
+/// Microsoft's authorize endpoint with the mailbox as the login hint.
 async fn connect(
     ctx: web::Data<ModuleContext>,
     shared: web::Data<crate::runtime::Shared>,
     user: CurrentUser,
     form: web::Form<ConnectForm>,
 ) -> HttpResponse {
-    let Some(server_id) = form.server.as_deref().and_then(|s| s.parse::<i32>().ok()) else {
-        return state_failure(&ctx, &user, "No mail server was named (server=ID).", None);
-    };
-    // A database that did not answer is said as such, not as a server that is not there.
-    let server = match mail_server::Entity::find_by_id(server_id)
-        .one(ctx.db())
+    match connect_steps(&ctx, &shared.into_inner(), &user, &form).await {
+        Ok(done) | Err(done) => done,
+    }
+}
+
+/// [`connect`]'s steps; `Err` is the page that ends the flow early.
+async fn connect_steps(
+    ctx: &ModuleContext,
+    shared: &std::sync::Arc<crate::runtime::Shared>,
+    user: &CurrentUser,
+    form: &ConnectForm,
+) -> Result<HttpResponse, HttpResponse> {
+    let server = server_to_connect(ctx, user, form.server.as_deref()).await?;
+    let settings = OutlookSettings::load(ctx)
         .await
-    {
-        Ok(server) => server,
-        Err(e) => return crate::web::layout::db_down(&ctx, &user, e),
-    };
-    // The same answer for "not yours" and "not there".
-    let Some(server) = server.filter(|s| may_manage(&user, s)) else {
-        return page_with(
-            StatusCode::NOT_FOUND,
-            &ctx,
-            &user,
-            "Not found",
-            html! { h1 { "No such mail server" } p { "Shared servers are connected by operators; a personal mailbox only by its owner." } },
-        );
-    };
-    let settings = match OutlookSettings::load(&ctx).await {
-        Ok(s) => s,
-        Err(problem) => return not_configured_page(&ctx, &user, &problem),
-    };
+        .map_err(|problem| not_configured_page(ctx, user, &problem))?;
     let server = match form.switch_to.as_deref() {
         Some("graph") if server.transport != "graph" => {
-            let shared = shared.into_inner();
-            match crate::web::servers::switch_transport(&ctx, &shared, server, "graph").await {
-                Ok(switched) => switched,
-                Err(e) => {
+            let server_id = server.id;
+            crate::web::servers::switch_transport(ctx, shared, server, "graph")
+                .await
+                .map_err(|e| {
                     tracing::error!(error = %e, "switching the server to Graph failed");
-                    return state_failure(
-                        &ctx,
-                        &user,
-                        "The server could not be switched to Microsoft Graph: the database did not answer. Nothing changed; try again.",
-                        Some(format!("/microsoft_outlook/servers/{}", server_id)),
-                    );
-                }
-            }
+                    let why = "The server could not be switched to Microsoft Graph: the database did not answer. Nothing changed; try again.";
+                    state_failure(ctx, user, why, Some(format!("/microsoft_outlook/servers/{server_id}")))
+                })?
         }
         _ => server,
     };
-    let redirect_uri = ctx.public_url(CONFIRM_PATH);
-    let (auth_url, redirect) = match (
-        AuthUrl::new(settings.authorize_url()),
-        RedirectUrl::new(redirect_uri),
-    ) {
-        (Ok(a), Ok(r)) => (a, r),
-        _ => {
-            return not_configured_page(
-                &ctx,
-                &user,
-                &crate::settings::NotConfigured::Unreadable(
-                    "the authority URL or the public base URL is not a URL".into(),
-                ),
-            );
-        }
+    let (url, state, verifier) = authorize_url(ctx, &settings, &server)
+        .map_err(|problem| not_configured_page(ctx, user, &problem))?;
+    remember_sign_in(ctx, user, server.id, &state, &verifier)
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "storing an OAuth state failed");
+            let back = Some(format!("/microsoft_outlook/servers/{}", server.id));
+            state_failure(ctx, user, "The database did not answer.", back)
+        })?;
+    tracing::info!(server_id = server.id, user_id = user.id, "connect started");
+    Ok(HttpResponse::SeeOther()
+        .insert_header(("Location", url.to_string()))
+        .finish())
+}
+
+/// The server `id` names, if it exists and the viewer may manage it (the same answer for "not
+/// yours" and "not there"); a database that did not answer is said as such.
+async fn server_to_connect(
+    ctx: &ModuleContext,
+    user: &CurrentUser,
+    id: Option<&str>,
+) -> Result<mail_server::Model, HttpResponse> {
+    let Some(server_id) = id.and_then(|s| s.parse::<i32>().ok()) else {
+        let why = "No mail server was named (server=ID).";
+        return Err(state_failure(ctx, user, why, None));
     };
+    let server = mail_server::Entity::find_by_id(server_id)
+        .one(ctx.db())
+        .await
+        .map_err(|e| crate::web::layout::db_down(ctx, user, e))?;
+    server.filter(|s| may_manage(user, s)).ok_or_else(|| {
+        page_with(
+            StatusCode::NOT_FOUND,
+            ctx,
+            user,
+            "Not found",
+            html! { h1 { "No such mail server" } p { "Shared servers are connected by operators; a personal mailbox only by its owner." } },
+        )
+    })
+}
+
+/// Microsoft's authorize URL for `server` (the scopes of its transport in the configured
+/// cloud, PKCE S256, `response_mode=query`, the mailbox as `login_hint`), with its new random
+/// state (32 bytes, base64url) and PKCE verifier.
+fn authorize_url(
+    ctx: &ModuleContext,
+    settings: &OutlookSettings,
+    server: &mail_server::Model,
+) -> Result<(url::Url, String, oauth2::PkceCodeVerifier), crate::settings::NotConfigured> {
+    let unreadable = || {
+        crate::settings::NotConfigured::Unreadable(
+            "the authority URL or the public base URL is not a URL".into(),
+        )
+    };
+    let auth_url = AuthUrl::new(settings.authorize_url()).map_err(|_| unreadable())?;
+    let redirect = RedirectUrl::new(ctx.public_url(CONFIRM_PATH)).map_err(|_| unreadable())?;
     let client = BasicClient::new(ClientId::new(settings.client_id.clone()))
         .set_auth_uri(auth_url)
         .set_redirect_uri(redirect);
@@ -243,20 +273,29 @@ async fn connect(
         &base64::engine::general_purpose::URL_SAFE_NO_PAD,
         state_bytes,
     );
+    let scopes = settings
+        .cloud
+        .delegated_scopes(Resource::of_transport(&server.transport));
     let (url, _) = client
         .authorize_url(|| CsrfToken::new(state.clone()))
-        .add_scopes(
-            settings
-                .cloud
-                .delegated_scopes(Resource::of_transport(&server.transport))
-                .into_iter()
-                .map(Scope::new),
-        )
+        .add_scopes(scopes.into_iter().map(Scope::new))
         .set_pkce_challenge(challenge)
         .add_extra_param("response_mode", "query")
         .add_extra_param("login_hint", server.mailbox.clone())
         .url();
-    let state_hash = hash_state(&state);
+    Ok((url, state, verifier))
+}
+
+/// Keeps the started sign-in (by the state's hash, the verifier sealed under it) for
+/// [`STATE_LIFETIME_MINUTES`], and forgets those abandoned more than a day ago.
+async fn remember_sign_in(
+    ctx: &ModuleContext,
+    user: &CurrentUser,
+    server_id: i32,
+    state: &str,
+    verifier: &oauth2::PkceCodeVerifier,
+) -> Result<(), sea_orm::DbErr> {
+    let state_hash = hash_state(state);
     let now = ctx.clock().now();
     let stored = oauth_state::Entity::insert(oauth_state::ActiveModel {
         pkce_verifier_sealed: Set(ctx
@@ -264,30 +303,17 @@ async fn connect(
             .seal(verifier.secret(), &seal_context(&state_hash))),
         state_hash: Set(state_hash),
         user_id: Set(user.id),
-        server_id: Set(server.id),
+        server_id: Set(server_id),
         expires_at: Set(now + Duration::minutes(STATE_LIFETIME_MINUTES)),
         created_at: Set(now),
     })
     .exec_without_returning(ctx.db())
     .await;
-    // Forget sign-ins abandoned long ago.
     let _ = oauth_state::Entity::delete_many()
         .filter(oauth_state::Column::ExpiresAt.lt(now - Duration::days(1)))
         .exec(ctx.db())
         .await;
-    if let Err(e) = stored {
-        tracing::error!(error = %e, "storing an OAuth state failed");
-        return state_failure(
-            &ctx,
-            &user,
-            "The database did not answer.",
-            Some(format!("/microsoft_outlook/servers/{}", server.id)),
-        );
-    }
-    tracing::info!(server_id = server.id, user_id = user.id, "connect started");
-    HttpResponse::SeeOther()
-        .insert_header(("Location", url.to_string()))
-        .finish()
+    stored.map(|_| ())
 }
 
 #[derive(Deserialize)]
