@@ -214,35 +214,39 @@ impl Writer<'_> {
         counting: tokio::sync::OwnedMutexGuard<()>,
         turn: WriteTurn,
     ) -> Result<Drained, sea_orm::DbErr> {
-        let mut drained = Drained::default();
         if decided.is_empty() {
-            return Ok(drained);
+            return Ok(Drained::default());
         }
-        drained.writes = 1;
         let outcomes: Vec<Outcome> = decided.iter().map(|d| d.outcome.clone()).collect();
+        self.persist(&outcomes, turn).await?;
+        self.lease
+            .written
+            .fetch_add(outcomes.len(), std::sync::atomic::Ordering::SeqCst);
+        drop(counting);
+        let mut drained = self.tell(&decided).await;
+        drained.writes = 1;
+        Ok(drained)
+    }
+
+    /// Writes `outcomes` (one statement per kind), beginning in `turn`. A database that cannot
+    /// be reached is tried again every quarter second until it answers, so that they are
+    /// written before the sweep of another process gives these mails to another drain
+    /// (`claims::TAKEOVER_GRACE`); meanwhile nothing more is sent. Other refusals are tried for
+    /// `record::OUTCOME_RETRY` after the database was last unreachable (a deadlock or a busy
+    /// SQLite is not the end), then returned.
+    async fn persist(&self, outcomes: &[Outcome], turn: WriteTurn) -> Result<(), sea_orm::DbErr> {
         let delete_bodies = self.limits.keep_sent_days == 0;
-        // Every quarter second: written as soon as the database is back, before the sweep of
-        // another process gives these mails to another drain (`claims::TAKEOVER_GRACE`).
         let mut tries = 0;
         let mut turn = Some(turn);
-        // Refusals are tried for `OUTCOME_RETRY` after the last time the database could not be
-        // reached (after a long outage, a deadlock or a busy SQLite is not the end).
         let mut first_try = std::time::Instant::now();
         loop {
             let turn = match turn.take() {
                 Some(turn) => turn,
                 None => self.shared.write_gate(self.ctx).await,
             };
-            match record::record(
-                self.ctx,
-                &turn,
-                &self.claimed.owner,
-                &outcomes,
-                delete_bodies,
-            )
-            .await
-            {
-                Ok(()) => break,
+            let owner = &self.claimed.owner;
+            match record::record(self.ctx, &turn, owner, outcomes, delete_bodies).await {
+                Ok(()) => return Ok(()),
                 Err(e) => {
                     drop(turn);
                     if crate::reach::is_unreachable(&e) {
@@ -251,7 +255,6 @@ impl Writer<'_> {
                     } else if first_try.elapsed() >= record::OUTCOME_RETRY {
                         return Err(e);
                     }
-                    // Nothing more is sent while outcomes cannot be written.
                     self.lease
                         .lost
                         .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -263,12 +266,14 @@ impl Writer<'_> {
                 }
             }
         }
-        self.lease
-            .written
-            .fetch_add(outcomes.len(), std::sync::atomic::Ordering::SeqCst);
-        drop(counting);
+    }
+
+    /// Counts the written outcomes in the metrics and the batch's tally, and tells the people
+    /// concerned of each failed mail.
+    async fn tell(&self, decided: &[Decided]) -> Drained {
+        let mut drained = Drained::default();
         let now = self.ctx.clock().now();
-        for d in &decided {
+        for d in decided {
             let row = self.row(d.outcome.id);
             let queued_for = (now - row.created_at).num_milliseconds() as f64 / 1000.0;
             match d.outcome.status {
@@ -296,6 +301,6 @@ impl Writer<'_> {
                 _ => drained.again += 1,
             }
         }
-        Ok(drained)
+        drained
     }
 }
