@@ -68,6 +68,72 @@ fn retried_flash(status: &str, id: i64, held: bool) -> Markup {
     }
 }
 
+/// What the mail page shows of one mail: its row (as the viewer may see it), its server, its
+/// mailbox's health and the words for a wait, and what is kept of its message.
+struct Viewed {
+    mail: outbox::Model,
+    server: Option<mail_server::Model>,
+    health: Health,
+    waits: HashMap<i32, String>,
+    headers: Vec<(String, String)>,
+    message: Option<MessageView>,
+    body_kept: bool,
+}
+
+impl Viewed {
+    /// Loads mail `id` as `user` may see it; `None` when it is not there or not theirs.
+    async fn load(
+        ctx: &ModuleContext,
+        user: &CurrentUser,
+        id: i64,
+    ) -> Result<Option<Self>, sea_orm::DbErr> {
+        let Some(mail) = visible_mail(ctx, user, id).await? else {
+            return Ok(None);
+        };
+        let mail = for_viewer(mail, user);
+        let server = mail_server::Entity::find_by_id(mail.server_id)
+            .one(ctx.db())
+            .await
+            .ok()
+            .flatten();
+        let health = crate::delivery::health::get(ctx, mail.server_id)
+            .await
+            .unwrap_or(Health::Ready);
+        let waits = crate::delivery::hold::waiting_words_for(ctx, Some(user.id)).await;
+        let body = outbox_body::Entity::find_by_id(mail.id)
+            .one(ctx.db())
+            .await
+            .ok()
+            .flatten();
+        Ok(Some(Self {
+            headers: body
+                .as_ref()
+                .map(|b| headers_of(&b.raw))
+                .unwrap_or_default(),
+            message: body.as_ref().and_then(|b| MessageView::of(&b.raw)),
+            body_kept: body.is_some(),
+            mail,
+            server,
+            health,
+            waits,
+        }))
+    }
+
+    /// Whether the mail is still to send and its mailbox is held or throttled.
+    fn waits_on_mailbox(&self) -> bool {
+        matches!(self.mail.status.as_str(), "queued" | "sending") && self.health != Health::Ready
+    }
+
+    /// The words for its mailbox's wait: an operator reads the hold's detail, anyone else
+    /// what they are told.
+    fn wait_words(&self, user: &CurrentUser) -> Option<String> {
+        match &self.health {
+            Health::Held { detail, .. } if user.is_admin => Some(detail.clone()),
+            _ => self.waits.get(&self.mail.server_id).cloned(),
+        }
+    }
+}
+
 pub(super) async fn detail(
     ctx: web::Data<ModuleContext>,
     shared: web::Data<Shared>,
@@ -80,64 +146,65 @@ pub(super) async fn detail(
     let Ok(id) = id.parse::<i64>() else {
         return not_found(&ctx, &user, &req);
     };
-    let mail = match visible_mail(&ctx, &user, id).await {
-        Ok(Some(m)) => for_viewer(m, &user),
+    let viewed = match Viewed::load(&ctx, &user, id).await {
+        Ok(Some(v)) => v,
         Ok(None) => return not_found(&ctx, &user, &req),
         Err(e) => return db_down(e),
     };
-    let server = mail_server::Entity::find_by_id(mail.server_id)
-        .one(ctx.db())
-        .await
-        .ok()
-        .flatten();
-    let health = crate::delivery::health::get(&ctx, mail.server_id)
-        .await
-        .unwrap_or(Health::Ready);
-    let waits_on_mailbox =
-        matches!(mail.status.as_str(), "queued" | "sending") && health != Health::Ready;
-    let waits = crate::delivery::hold::waiting_words_for(&ctx, Some(user.id)).await;
-    let body = outbox_body::Entity::find_by_id(mail.id)
-        .one(ctx.db())
-        .await
-        .ok()
-        .flatten();
-    let body_kept = body.is_some();
-    let headers = body
-        .as_ref()
-        .map(|b| headers_of(&b.raw))
-        .unwrap_or_default();
-    let message = body.as_ref().and_then(|b| MessageView::of(&b.raw));
-    drop(body);
-    let servers = server_names(&ctx).await;
     if wants_json(&req) {
-        let health_view = serde_json::json!({
-            "state": health.state(),
-            "label": health.label(),
-            "detail": match &health {
-                Health::Held { detail, .. } if user.is_admin => Some(detail.clone()),
-                _ => waits.get(&mail.server_id).cloned(),
-            },
-        });
-        let classified = mail.last_reply.as_deref().map(classified_reply);
-        let (envelope_from, raw_size) = (mail.envelope_from.clone(), mail.size_bytes);
-        let status = mail.status.as_str();
-        let (retry, cancel) = (
-            actionable_by(&user, "retry").contains(&status),
-            actionable_by(&user, "cancel").contains(&status),
-        );
-        return HttpResponse::Ok().json(serde_json::json!({
-            "mail": outbox_mail(mail, &servers, &waits),
-            "envelope_from": envelope_from,
-            "size_bytes": raw_size,
-            "headers": headers,
-            "message": message,
-            "classified_reply": classified,
-            "mailbox_health": health_view,
-            "actions": { "retry": retry, "cancel": cancel },
-        }));
+        let servers = server_names(&ctx).await;
+        return detail_json(viewed, &servers, &user);
     }
-    let flash = if flash.retried.is_some() {
-        Some(retried_flash(&mail.status, mail.id, waits_on_mailbox))
+    let limits = crate::delivery::limits::limits(&ctx, &shared).await;
+    let now = ctx.clock().now();
+    let mail = &viewed.mail;
+    let body = html! {
+        h1 { @if mail.subject.is_empty() { "(no subject)" } @else { (mail.subject) } }
+        p { a href=(OUTBOX) { "← Outbox" } }
+        @if let Some(flash) = detail_flash(&flash, &viewed) { (flash) }
+        (envelope_card(&viewed, &user))
+        (delivery_card(&viewed, &user, &limits, now))
+        (message_cards(&viewed))
+    };
+    page(&ctx, &user, "Mail", body)
+}
+
+/// The mail page as JSON: the mail as lists show it, its envelope sender and size, the stored
+/// message's headers and parts, the classified reply, its mailbox's health and what the
+/// viewer may do.
+fn detail_json(v: Viewed, servers: &HashMap<i32, String>, user: &CurrentUser) -> HttpResponse {
+    let health_view = serde_json::json!({
+        "state": v.health.state(),
+        "label": v.health.label(),
+        "detail": v.wait_words(user),
+    });
+    let classified = v.mail.last_reply.as_deref().map(classified_reply);
+    let status = v.mail.status.as_str();
+    let (retry, cancel) = (
+        actionable_by(user, "retry").contains(&status),
+        actionable_by(user, "cancel").contains(&status),
+    );
+    let (envelope_from, raw_size) = (v.mail.envelope_from.clone(), v.mail.size_bytes);
+    HttpResponse::Ok().json(serde_json::json!({
+        "mail": outbox_mail(v.mail, servers, &v.waits),
+        "envelope_from": envelope_from,
+        "size_bytes": raw_size,
+        "headers": v.headers,
+        "message": v.message,
+        "classified_reply": classified,
+        "mailbox_health": health_view,
+        "actions": { "retry": retry, "cancel": cancel },
+    }))
+}
+
+/// The line that tells what the action that led here did.
+fn detail_flash(flash: &DetailFlash, v: &Viewed) -> Option<Markup> {
+    if flash.retried.is_some() {
+        Some(retried_flash(
+            &v.mail.status,
+            v.mail.id,
+            v.waits_on_mailbox(),
+        ))
     } else if flash.cancelled.is_some() {
         Some(html! { p.flash.ok role="status" { "Cancelled: this mail will not be sent." } })
     } else if flash.queued.is_some() {
@@ -149,19 +216,18 @@ pub(super) async fn detail(
             .refused
             .as_deref()
             .map(|why| html! { p.flash.bad role="alert" { (refusal_words(why)) } })
-    };
+    }
+}
+
+/// Who sent the mail to whom, through which mailbox, for which record, and when.
+fn envelope_card(v: &Viewed, user: &CurrentUser) -> Markup {
+    let mail = &v.mail;
     let record_link = match mail.record_model.as_str() {
         "contact" => Some(format!("/contacts/{}", mail.record_id)),
         "mail_server" => Some(format!("/microsoft_outlook/servers/{}", mail.record_id)),
         _ => None,
     };
-    let limits = crate::delivery::limits::limits(&ctx, &shared).await;
-    let (max_attempts, per_minute) = (limits.max_attempts, limits.per_minute);
-    let now = ctx.clock().now();
-    let body = html! {
-        h1 { @if mail.subject.is_empty() { "(no subject)" } @else { (mail.subject) } }
-        p { a href=(OUTBOX) { "← Outbox" } }
-        @if let Some(flash) = flash { (flash) }
+    html! {
         section.card id="envelope" {
             h2 { "Envelope" }
             table.fields { tbody {
@@ -170,8 +236,8 @@ pub(super) async fn detail(
                 tr { th { "MAIL FROM" } td { (mail.envelope_from) } }
                 tr { th { "RCPT TO" } td { @for r in mail.recipients.lines() { (r) br; } } }
                 tr { th { "From" } td { (mail.from_header) } }
-                tr { th { "Mailbox" } td { @match &server {
-                    Some(s) if user.is_admin || s.owner_user_id == Some(user.id) => a href=(format!("/microsoft_outlook/servers/{}", s.id)) { (s.name) " (" (s.mailbox) ")" },
+                tr { th { "Mailbox" } td { @match &v.server {
+                    Some(s) if user.is_admin || s.owner_user_id == Some(user.id) => a href=(crate::web::servers::server_url(s)) { (s.name) " (" (s.mailbox) ")" },
                     Some(s) => { (s.name) " (" (s.mailbox) ")" },
                     None => "(deleted)",
                 } } }
@@ -184,25 +250,36 @@ pub(super) async fn detail(
                 @if let Some(at) = mail.sent_at { @if mail.status == "sent" { tr { th { "Sent" } td { (when(at)) " UTC" } } } }
             } }
         }
+    }
+}
+
+/// Its attempts and the server's last answer, what its mailbox waits for (with Release held
+/// mail for an operator where a release can help), and the actions the viewer may take.
+fn delivery_card(
+    v: &Viewed,
+    user: &CurrentUser,
+    limits: &crate::delivery::limits::Limits,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Markup {
+    let mail = &v.mail;
+    let ready = v.health == Health::Ready;
+    html! {
         section.card id="delivery" {
             h2 { "Delivery" }
             table.fields { tbody {
-                tr { th { "Attempts" } td { (mail.attempts) " of at most " (max_attempts) } }
-                @if mail.status == "queued" { tr { th { "Next attempt" } td { (next_attempt(&mail, now, per_minute, health == Health::Ready)) } } }
+                tr { th { "Attempts" } td { (mail.attempts) " of at most " (limits.max_attempts) } }
+                @if mail.status == "queued" { tr { th { "Next attempt" } td { (next_attempt(mail, now, limits.per_minute, ready)) } } }
                 tr { th { "Last reply" } td.reply { (mail.last_reply.as_deref().unwrap_or("-")) } }
                 @if let Some(reply) = &mail.last_reply { tr { th { "Classified" } td { (classified_reply(reply)) } } }
                 @if let Some(words) = &mail.last_error { tr { th { "What happened" } td.words { (words) } } }
             } }
-            @if waits_on_mailbox {
+            @if v.waits_on_mailbox() {
                 div.status.waiting {
-                    p { span.badge.bad { (health.label()) } }
-                    @match (&health, user.is_admin) {
-                        (Health::Held { detail, .. }, true) => p { (detail) },
-                        _ => p { (waits.get(&mail.server_id).cloned().unwrap_or_default()) },
-                    }
-                    @if user.is_admin && health.reason().is_some_and(|r| r.release_can_help()) {
+                    p { span.badge.bad { (v.health.label()) } }
+                    p { (v.wait_words(user).unwrap_or_default()) }
+                    @if user.is_admin && v.health.reason().is_some_and(|r| r.release_can_help()) {
                         form.inline method="post" action=(format!("{OUTBOX}/release/{}", mail.server_id)) {
-                            (csrf(&user))
+                            (csrf(user))
                             input type="hidden" name="return_to" value=(format!("{OUTBOX}/{}", mail.id));
                             button type="submit" { "Release held mail" }
                             span.help { " Ends the hold of this mailbox and sends its waiting mails now." }
@@ -210,9 +287,15 @@ pub(super) async fn detail(
                     }
                 }
             }
-            (actions(&mail, &user, waits_on_mailbox))
+            (actions(mail, user, v.waits_on_mailbox()))
         }
-        @if let Some(message) = &message {
+    }
+}
+
+/// The stored message as the recipient reads it, and its headers; or why it is no longer kept.
+fn message_cards(v: &Viewed) -> Markup {
+    html! {
+        @if let Some(message) = &v.message {
             section.card id="message" {
                 h2 { "Message" }
                 (message.render())
@@ -220,14 +303,13 @@ pub(super) async fn detail(
         }
         section.card id="headers" {
             h2 { "Headers of the stored message" }
-            @if body_kept {
-                table.headers { tbody { @for (name, value) in &headers { tr { th { (name) } td { (value) } } } } }
+            @if v.body_kept {
+                table.headers { tbody { @for (name, value) in &v.headers { tr { th { (name) } td { (value) } } } } }
             } @else {
                 p.help { "The text of this mail is no longer kept: sent mail keeps it for the days set in Settings › Microsoft Outlook › Keep sent messages. Its addresses, subject and outcome stay." }
             }
         }
-    };
-    page(&ctx, &user, "Mail", body)
+    }
 }
 
 pub(super) fn refusal_words(why: &str) -> &'static str {
