@@ -103,41 +103,57 @@ pub async fn request(
     grant: Grant<'_>,
     resource: Resource,
 ) -> Result<Tokens, AadFailure> {
-    let secret = settings.client_secret.expose_secret();
-    let mut form: Vec<(&str, &str)> = vec![
-        ("client_id", &settings.client_id),
-        ("client_secret", secret),
-    ];
-    let scope_all = settings.cloud.delegated_scopes(resource).join(" ");
-    let refresh_scope = settings.cloud.refresh_scope(resource);
-    let app_only_scope = settings.cloud.app_only_scope(resource);
-    match &grant {
+    let body = form_body(settings, &grant, resource);
+    let answer = post(http, &settings.token_url(), body).await?;
+    read_answer(answer)
+}
+
+/// The request's form (`application/x-www-form-urlencoded`): the client's ID and secret, the
+/// grant and its scope (the delegated scopes of `resource` for a code, the scope a refresh
+/// asks for, or `.default` for client credentials).
+fn form_body(settings: &OutlookSettings, grant: &Grant<'_>, resource: Resource) -> String {
+    let mut form = url::form_urlencoded::Serializer::new(String::new());
+    form.append_pair("client_id", &settings.client_id)
+        .append_pair("client_secret", settings.client_secret.expose_secret());
+    match grant {
         Grant::AuthorizationCode {
             code,
             redirect_uri,
             verifier,
-        } => form.extend([
-            ("grant_type", "authorization_code"),
-            ("code", *code),
-            ("redirect_uri", *redirect_uri),
-            ("code_verifier", *verifier),
-            ("scope", scope_all.as_str()),
-        ]),
-        Grant::RefreshToken(token) => form.extend([
-            ("grant_type", "refresh_token"),
-            ("refresh_token", token.expose_secret()),
-            ("scope", refresh_scope.as_str()),
-        ]),
-        Grant::ClientCredentials => form.extend([
-            ("grant_type", "client_credentials"),
-            ("scope", app_only_scope.as_str()),
-        ]),
-    }
-    let body = url::form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(form)
-        .finish();
+        } => form
+            .append_pair("grant_type", "authorization_code")
+            .append_pair("code", code)
+            .append_pair("redirect_uri", redirect_uri)
+            .append_pair("code_verifier", verifier)
+            .append_pair(
+                "scope",
+                &settings.cloud.delegated_scopes(resource).join(" "),
+            ),
+        Grant::RefreshToken(token) => form
+            .append_pair("grant_type", "refresh_token")
+            .append_pair("refresh_token", token.expose_secret())
+            .append_pair("scope", &settings.cloud.refresh_scope(resource)),
+        Grant::ClientCredentials => form
+            .append_pair("grant_type", "client_credentials")
+            .append_pair("scope", &settings.cloud.app_only_scope(resource)),
+    };
+    form.finish()
+}
+
+/// The token endpoint's answer, read whole.
+struct Answer {
+    status: reqwest::StatusCode,
+    /// `Retry-After`, in seconds.
+    retry_after: Option<u64>,
+    content_type: Option<String>,
+    bytes: Vec<u8>,
+}
+
+/// POSTs `body` to `token_url`; a timeout, a refused connection or an answer cut off is a
+/// transient failure.
+async fn post(http: &reqwest::Client, token_url: &str, body: String) -> Result<Answer, AadFailure> {
     let response = http
-        .post(settings.token_url())
+        .post(token_url)
         .header("content-type", "application/x-www-form-urlencoded")
         .header("accept", "application/json")
         .body(body)
@@ -151,21 +167,39 @@ pub async fn request(
             };
             transient(format!("the token endpoint {what}"), None)
         })?;
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let retry_after = header("retry-after").and_then(|v| v.trim().parse::<u64>().ok());
+    let content_type = header("content-type");
     let status = response.status();
-    let retry_after = response
-        .headers()
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    let content_type = response
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
     let bytes = response
         .bytes()
         .await
-        .map_err(|_| transient("the token endpoint's answer was cut off".into(), None))?;
+        .map_err(|_| transient("the token endpoint's answer was cut off".into(), None))?
+        .to_vec();
+    Ok(Answer {
+        status,
+        retry_after,
+        content_type,
+        bytes,
+    })
+}
+
+/// The tokens of a success; else the failure, classified: HTTP 429 and 5xx are transient
+/// (with Microsoft's code when the body names one), an OAuth error document is classified by
+/// its error and AADSTS code, anything else is "not OAuth" with what came instead.
+fn read_answer(answer: Answer) -> Result<Tokens, AadFailure> {
+    let Answer {
+        status,
+        retry_after,
+        content_type,
+        bytes,
+    } = answer;
     if status.is_success() {
         let parsed: SuccessBody = serde_json::from_slice(&bytes)
             .map_err(|_| not_oauth(status.as_u16(), content_type.as_deref(), &bytes))?;
