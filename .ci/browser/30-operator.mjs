@@ -35,8 +35,10 @@ await check('the settings page is a setup guide: redirect URI with a copy button
   await page.screenshot({ path: `${shots}/settings.png`, fullPage: true });
 });
 
-await check('saving a wrong client secret shows AADSTS7000215 in words', async () => {
+await check('a wrong client secret does not replace the working one, and AADSTS7000215 is in words', async () => {
   const text = await saveSecret('a-wrong-secret-Q8~0123456789abcdefghijklmnop');
+  if (!text.includes('Nothing was saved')) throw new Error('the working secret was replaced');
+  if (!text.includes('the settings in use work')) throw new Error('no word of the settings kept');
   if (!text.includes('AADSTS7000215')) throw new Error('no AADSTS7000215');
   if (!text.includes('The client secret is invalid')) throw new Error('no words for 7000215');
   if (!(await page.$('#settings-check[role=alert]'))) throw new Error('the result is not announced');

@@ -11,6 +11,7 @@ use maud::{Markup, PreEscaped, html};
 use sea_orm::sea_query::OnConflict;
 use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, Set, TransactionTrait};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::auth::require_admin;
 use crate::entities::setting;
@@ -342,16 +343,30 @@ async fn save(
                     .into_string(),
             );
     }
+    // The module checks the settings as they would be once saved, before they are stored.
+    let candidate = Candidate::of(manifest, &stored, &plain, &secrets);
+    let check = entry
+        .module
+        .verify_settings(&entry.ctx.with_settings(Arc::new(candidate)))
+        .await;
+    if let Some(check) = &check {
+        tracing::info!(module = %manifest.id, verified = ?check.verified, code = ?check.code, "settings checked");
+    }
+    if let Some(check) = check.as_ref().filter(|c| c.verified == Some(false)) {
+        // Settings that work are never replaced by settings the outside system refuses: one
+        // wrong paste would stop every mailbox at its next token refresh.
+        let in_use = entry.module.verify_settings(&entry.ctx).await;
+        if in_use.is_some_and(|c| c.verified == Some(true)) {
+            tracing::info!(module = %manifest.id, "settings refused by their check; the working ones kept");
+            return kept_working(&state, &user, manifest, &form, check).await;
+        }
+    }
     let saved = store(&state.db, &state.sealer, &manifest.id, plain, secrets).await;
     match saved {
         Ok(()) => {
             tracing::info!(module = %manifest.id, user_id = user.id, "settings saved");
             if let Err(e) = state.registry.restart_jobs(&manifest.id).await {
                 tracing::error!(module = %manifest.id, error = %e, "restarting the module's jobs failed");
-            }
-            let check = entry.module.verify_settings(&entry.ctx).await;
-            if let Some(check) = &check {
-                tracing::info!(module = %manifest.id, verified = ?check.verified, code = ?check.code, "settings checked");
             }
             if entry.is_enabled() {
                 entry
@@ -381,6 +396,95 @@ async fn save(
                 .body("The database did not answer; nothing was saved. Try again.")
         }
     }
+}
+
+/// The settings a save would leave (`plain` as typed; each secret as typed, or the stored one
+/// when left empty), for the module to check before they are stored.
+struct Candidate {
+    module: String,
+    values: SettingsValues,
+}
+
+impl Candidate {
+    fn of(
+        manifest: &Manifest,
+        stored: &SettingsValues,
+        plain: &BTreeMap<String, String>,
+        secrets: &BTreeMap<String, String>,
+    ) -> Self {
+        let mut sealed = BTreeMap::new();
+        for field in manifest.settings.iter().filter(|f| f.secret) {
+            let value = match secrets.get(&field.id) {
+                Some(typed) => Some(secrecy::SecretString::from(typed.clone())),
+                None => stored.secret(&field.id).cloned(),
+            };
+            if let Some(value) = value {
+                sealed.insert(field.id.clone(), value);
+            }
+        }
+        Self {
+            module: manifest.id.clone(),
+            values: SettingsValues::new(plain.clone(), sealed),
+        }
+    }
+}
+
+#[async_trait]
+impl SettingsStore for Candidate {
+    async fn load(&self, module: &str) -> Result<SettingsValues, SettingsError> {
+        if module == self.module {
+            Ok(self.values.clone())
+        } else {
+            Err(SettingsError::Storage(format!(
+                "only the settings of {} are being checked",
+                self.module
+            )))
+        }
+    }
+}
+
+/// The answer to a save whose settings the module's check refused while the stored ones
+/// work: nothing stored, the form shown again with what was typed (secrets excepted) and what
+/// the check found.
+async fn kept_working(
+    state: &AppState,
+    user: &CurrentUser,
+    manifest: &Manifest,
+    form: &BTreeMap<String, String>,
+    check: &SettingsCheck,
+) -> HttpResponse {
+    let echo: BTreeMap<String, String> = manifest
+        .settings
+        .iter()
+        .filter(|f| !f.secret)
+        .filter_map(|f| form.get(&f.id).map(|v| (f.id.clone(), v.clone())))
+        .collect();
+    let flash = html! {
+        p.flash.bad role="alert" {
+            "Nothing was saved: the check below refused these settings, and the settings in use work, so they are kept. Correct what it says and save again."
+        }
+    };
+    let errors = BTreeMap::new();
+    let body = render(
+        state,
+        user,
+        Some(flash),
+        Some(Submitted {
+            module: &manifest.id,
+            input: &echo,
+            errors: &errors,
+            check: Some(check),
+        }),
+    )
+    .await;
+    HttpResponse::UnprocessableEntity()
+        .content_type("text/html; charset=utf-8")
+        .body(
+            state
+                .chrome
+                .render("Settings", Some(user), body)
+                .into_string(),
+        )
 }
 
 /// The settings routes.

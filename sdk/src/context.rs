@@ -60,6 +60,23 @@ impl ModuleContext {
         }
     }
 
+    /// A copy of this context that reads its settings from `settings` instead (e.g. settings
+    /// being checked before they are stored); everything else is shared with this one.
+    pub fn with_settings(&self, settings: Arc<dyn SettingsStore>) -> Self {
+        let i = &self.inner;
+        Self::new(
+            i.module_id.clone(),
+            i.db.clone(),
+            i.public_base_url.clone(),
+            settings,
+            i.records.clone(),
+            i.notifier.clone(),
+            i.clock.clone(),
+            i.sealer.clone(),
+            i.chrome.clone(),
+        )
+    }
+
     /// The module's id.
     pub fn module_id(&self) -> &str {
         &self.inner.module_id

@@ -243,8 +243,10 @@ pub async fn guide(ctx: &ModuleContext) -> String {
                 }
                 li {
                     strong { "Send As. " }
-                    "In the Microsoft 365 admin center, give the shared mailbox " em { "Send As" }
-                    " on every user who sends from the CRM, and assign those users to the enterprise application (Users and groups)."
+                    "The CRM signs in as the outgoing server's mailbox and puts the author in From, so that mailbox needs "
+                    em { "Send As" } " on the mailbox of every user who sends from the CRM: in the Microsoft 365 admin center, "
+                    "Users › the user › Mail › Mailbox permissions › Send as, add the CRM's mailbox. Do it for each new employee, "
+                    "and assign those users to the enterprise application (Users and groups)."
                 }
                 li {
                     strong { "Fill in and save below. " }
@@ -293,7 +295,7 @@ pub async fn verify(ctx: &ModuleContext, http: &oauth2::reqwest::Client) -> Opti
     .await;
     let code_text = |code: Option<u32>| code.map(|c| format!("AADSTS{c}"));
     Some(match answer {
-        Ok(_) => verified(&settings),
+        Ok(_) => verified(&settings, next_step(ctx).await),
         Err(f) if f.class == FailureClass::Configuration => {
             let (what, fix) = explain(&f.error, f.code, &redirect_uri);
             SettingsCheck {
@@ -305,7 +307,7 @@ pub async fn verify(ctx: &ModuleContext, http: &oauth2::reqwest::Client) -> Opti
             }
         }
         // The made-up sign-in code is refused once the credentials are accepted.
-        Err(f) if f.error == "invalid_grant" => verified(&settings),
+        Err(f) if f.error == "invalid_grant" => verified(&settings, next_step(ctx).await),
         Err(f) if matches!(f.class, FailureClass::Transient | FailureClass::NotOAuth) => {
             SettingsCheck {
                 verified: None,
@@ -333,21 +335,59 @@ pub async fn verify(ctx: &ModuleContext, http: &oauth2::reqwest::Client) -> Opti
 }
 
 /// The check's answer when Microsoft accepted the client ID and secret (it then refused only
-/// the sign-in code the check made up, with `invalid_grant`: no code is shown for that).
-fn verified(settings: &OutlookSettings) -> SettingsCheck {
+/// the sign-in code the check made up, with `invalid_grant`: no code is shown for that), with
+/// the `next` step as a link.
+fn verified(settings: &OutlookSettings, next: Option<(String, String)>) -> SettingsCheck {
+    let then = match &next {
+        None => "Mail goes out through the connected mail servers.",
+        Some((_, path)) if path.ends_with("/new") => {
+            "Next, add the outgoing mail server, then click Connect on its page and sign in as its mailbox."
+        }
+        Some(_) => {
+            "Next, click Connect on the outgoing mail server's page and sign in as its mailbox."
+        }
+    };
     SettingsCheck {
         verified: Some(true),
         title: "Client ID and secret verified: Microsoft accepted them.".into(),
         detail: format!(
-            "The token endpoint of tenant {} ({}) accepted the application's credentials. Add the outgoing mail server, then click Connect on its page and sign in as its mailbox.",
+            "The token endpoint of tenant {} ({}) accepted the application's credentials. {then}",
             settings.tenant, settings.authority_url
         ),
         code: None,
-        next: Some((
+        next,
+    }
+}
+
+/// What to do after verified settings, as a link: add a shared outgoing mail server while
+/// there is none, connect one while none is connected; nothing once one is.
+async fn next_step(ctx: &ModuleContext) -> Option<(String, String)> {
+    use crate::entities::{mail_server, token};
+    use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+    let servers = mail_server::Entity::find()
+        .filter(mail_server::Column::Kind.eq("shared"))
+        .all(ctx.db())
+        .await
+        .ok()?;
+    if servers.is_empty() {
+        return Some((
             "Add the outgoing mail server".into(),
             "/microsoft_outlook/servers/new".into(),
-        )),
+        ));
     }
+    let connected = token::Entity::find()
+        .filter(token::Column::ServerId.is_in(servers.iter().map(|s| s.id)))
+        .all(ctx.db())
+        .await
+        .ok()?;
+    let needs_sign_in = |s: &&mail_server::Model| {
+        s.auth != "app_only" && !connected.iter().any(|t| t.server_id == s.id)
+    };
+    let first = servers.iter().find(needs_sign_in)?;
+    Some((
+        format!("Connect {}", first.mailbox),
+        crate::web::servers::server_url(first),
+    ))
 }
 
 /// What disabling the module leaves behind.

@@ -5,6 +5,7 @@
 use crate::connect::{CLIENT_ID, CLIENT_SECRET, env};
 use crate::helpers::{ADMIN, ALICE, eventually};
 use crate::send::{mailing, mails_path, queue, wait_status};
+use microsoft_simulators::identity::AppRegistration;
 use microsoft_simulators::smtp::{Injected, Stage};
 use reqwest::StatusCode;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
@@ -42,20 +43,23 @@ async fn saving_settings_verifies_the_client_id_and_secret_with_the_token_endpoi
         !page.contains("AADSTS9002313"),
         "a code beside a success reads as a failure\n{page}"
     );
-    assert!(
-        page.contains(
-            r#"Next: <a href="/microsoft_outlook/servers/new">Add the outgoing mail server</a>"#
-        ),
-        "{page}"
+    // The next step: the shared server exists but is not connected yet.
+    let next = format!(
+        r#"Next: <a href="/microsoft_outlook/servers/{}">Connect crm@contoso.example</a>"#,
+        env.server_id
     );
+    assert!(page.contains(&next), "{page}");
 
-    // A wrong secret: saved, and the page says 7000215 in words.
+    // A wrong secret while the stored one works: nothing is saved, and the page says 7000215
+    // in words.
     let (status, page) = save(
         &env,
         &[("client_secret", "Wr0ng~secret-value-for-the-check")],
     )
     .await;
-    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{page}");
+    assert!(page.contains("Nothing was saved"), "{page}");
+    assert!(page.contains("the settings in use work"), "{page}");
     assert!(page.contains("The client secret is invalid."), "{page}");
     assert!(page.contains("AADSTS7000215"), "{page}");
     assert!(page.contains("not its Secret ID"), "{page}");
@@ -63,6 +67,10 @@ async fn saving_settings_verifies_the_client_id_and_secret_with_the_token_endpoi
         page.contains(r#"id="settings-check" role="alert""#),
         "{page}"
     );
+    // The working secret is still the one stored: a save that leaves it empty keeps it.
+    let (status, page) = save(&env, &[]).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(page.contains("Client ID and secret verified"), "{page}");
 
     // An unknown application, and an unknown tenant.
     let (_, page) = save(
@@ -95,6 +103,23 @@ async fn saving_settings_verifies_the_client_id_and_secret_with_the_token_endpoi
         ],
     )
     .await;
+    assert!(page.contains("Client ID and secret verified"), "{page}");
+
+    // The secret is replaced in Azure: the stored one no longer works, so a save is stored
+    // whatever its check finds (nothing that works is lost), and the new secret then works.
+    let rotated = "Rt8Q~rotated.client.secret-value";
+    env.idp.register_app(AppRegistration {
+        client_id: CLIENT_ID.into(),
+        client_secret: rotated.into(),
+        secret_expired: false,
+        redirect_uris: vec![crate::connect::REDIRECT.into()],
+    });
+    let (status, page) = save(&env, &[("client_secret", "Wr0ng~another-wrong-value")]).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(page.contains("Settings saved."), "{page}");
+    assert!(page.contains("The client secret is invalid."), "{page}");
+    let (status, page) = save(&env, &[("client_secret", rotated)]).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
     assert!(page.contains("Client ID and secret verified"), "{page}");
 }
 
