@@ -60,8 +60,14 @@ fn failure_page(ctx: &ModuleContext, user: &CurrentUser, f: Failure<'_>) -> Http
         section.card.failure {
             p.flash.bad role="alert" { (f.what) }
             p { strong { "What to do: " } (f.fix) }
-            @if let Some(code) = f.code { p { "Microsoft error code: " code { "AADSTS" (code) } } }
-            @if let Some(text) = f.microsoft_says { p.help { "Microsoft says: " (text) } }
+            // Microsoft's code and words are for whoever looks into it, folded away.
+            @if f.code.is_some() || f.microsoft_says.is_some() {
+                details.microsoft-says {
+                    summary { "Microsoft's own answer" @if let Some(code) = f.code { " (AADSTS" (code) ")" } }
+                    @if let Some(code) = f.code { p { "Microsoft error code: " code { "AADSTS" (code) } } }
+                    @if let Some(text) = f.microsoft_says { p.help { "Microsoft says: " (text) } }
+                }
+            }
             p { a href=(back) { (back_words) } }
         }
     };
@@ -74,7 +80,11 @@ fn aad_failure_page(
     failure: &AadFailure,
     back: Option<String>,
 ) -> HttpResponse {
-    let (what, fix) = explain(&failure.error, failure.code, &ctx.public_url(CONFIRM_PATH));
+    let (what, mut fix) = explain(&failure.error, failure.code, &ctx.public_url(CONFIRM_PATH));
+    if !user.is_admin && failure.class == crate::connect::aad::FailureClass::Configuration {
+        // The fix is in the CRM's settings or the app registration: not a user's to do.
+        fix = "This is for the CRM's operators to fix (in the CRM's Microsoft settings or the app registration in Azure), not something you can change. Tell them this page's words; once they have fixed it, click Connect (or Reconnect) again.".into();
+    }
     let status = match failure.class {
         crate::connect::aad::FailureClass::Transient
         | crate::connect::aad::FailureClass::NotOAuth => StatusCode::BAD_GATEWAY,

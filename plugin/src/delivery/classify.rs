@@ -124,6 +124,27 @@ impl HoldReason {
         }
     }
 
+    /// What holds the mailbox, in plain words for someone who does not run the CRM (after
+    /// "the mailbox waits because …").
+    pub fn in_words(self) -> &'static str {
+        match self {
+            HoldReason::GrantDead => "its sign-in at Microsoft has ended",
+            HoldReason::TokenRefused => "Exchange does not accept the CRM's sign-in for it",
+            HoldReason::SmtpAuthDisabled => "Exchange does not let the CRM send by SMTP for it",
+            HoldReason::NoUsableAuth => "its mail server offers no sign-in the CRM can use",
+            HoldReason::ServerRefused => "its mail server could not be reached",
+            HoldReason::TlsRefused => "its mail server's secure connection failed",
+            HoldReason::ClientCredentials => "Microsoft refuses the CRM's own settings",
+            HoldReason::WrongCloud => "the CRM is set up for another Microsoft cloud",
+            HoldReason::TokenEndpointNotOAuth => "Microsoft's sign-in service cannot be reached",
+            HoldReason::QuotaExceeded => "Exchange's daily sending limit was reached",
+            HoldReason::TenantBlocked => "Microsoft has blocked the organisation's outgoing mail",
+            HoldReason::GraphAccessDenied => "Microsoft Graph does not let the CRM send for it",
+            HoldReason::NotExchangeOnline => "it is not an Exchange Online mailbox",
+            HoldReason::MailboxFull => "the mailbox is full",
+        }
+    }
+
     /// Whether an operator (not the mailbox's owner) must act on a shared mailbox. A quota
     /// ends by itself.
     pub fn needs_operator(self) -> bool {

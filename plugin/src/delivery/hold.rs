@@ -234,8 +234,12 @@ async fn author_notices(
         .filter(|a| module_wide(reason) || Some(*a) != server.owner_user_id)
         .map(|author| Notification {
             audience: Audience::User(author),
-            subject: format!("Your mail waits: {}", reason.title().to_lowercase()),
-            body: format!("{} {nothing_needed} {waits}", v.what_in_brief()),
+            subject: format!("Your mail waits: {} is held", server.mailbox),
+            body: format!(
+                "It is held because {}. {nothing_needed} {waits} In detail: {}",
+                reason.in_words(),
+                v.what_in_brief()
+            ),
             link: None,
             key: Some(key.clone()),
         })
@@ -308,7 +312,7 @@ pub async fn waiting_words_for(ctx: &ModuleContext, viewer: Option<i64>) -> Hash
 
 /// What a mail waiting on a mailbox in `health` says to `viewer`; `owner`: the mailbox's
 /// owner when it is personal.
-fn words_of(health: &Health, owner: Option<i64>, viewer: Option<i64>) -> Option<String> {
+pub(crate) fn words_of(health: &Health, owner: Option<i64>, viewer: Option<i64>) -> Option<String> {
     let words = match health {
         Health::Ready => return None,
         Health::Throttled { until } => format!(
@@ -316,8 +320,8 @@ fn words_of(health: &Health, owner: Option<i64>, viewer: Option<i64>) -> Option<
             until.format("%H:%M UTC")
         ),
         Health::Held { reason, .. } if reason.needs_operator_for(owner.is_some()) => format!(
-            "Waiting: the mailbox needs an administrator ({}) — the CRM's operators have been told. Nothing is lost; it goes out once they fix it.",
-            reason.title().to_lowercase()
+            "Waiting: the mailbox is held because {} — the CRM's operators have been told and must fix it; nothing is needed from you. Nothing is lost; it goes out once they fix it.",
+            reason.in_words()
         ),
         Health::Held {
             reason: HoldReason::QuotaExceeded,

@@ -188,6 +188,14 @@ async fn server_page_body(
                 Ok(_) if server.auth == "app_only" => {
                     p.help { "App-only servers need no sign-in: the module uses the client-credentials grant. An Exchange administrator must have registered the app's service principal in Exchange Online (New-ServicePrincipal) and granted it SendAs / FullAccess on " (server.mailbox) "." }
                 }
+                Ok(_) if health.reason().is_some_and(|r| r.ends_on_settings_saved()) => {
+                    // A sign-in would meet the same refusal: the CRM's settings come first.
+                    p.help {
+                        "Connect is possible again once Microsoft accepts the CRM's own settings: "
+                        @if user.is_admin { a href="/settings" { "correct them in Settings" } "." }
+                        @else { "the CRM's operators have been told and must correct them; nothing is needed from you." }
+                    }
+                }
                 Ok(_) => {
                     form.inline method="post" action="/microsoft_outlook/connect" {
                         (csrf(user))

@@ -47,7 +47,12 @@ pub fn status_block(
             @match health {
                 Health::Held { reason, detail, since, until } => {
                     p { span.badge.bad { "Held: " (reason.title()) } }
-                    p role="alert" { (detail) }
+                    @if user.is_admin || !reason.needs_operator_for(server.owner_user_id.is_some()) {
+                        p role="alert" { (detail) }
+                    } @else {
+                        // What the operators are told is theirs to do; the owner reads why.
+                        p role="alert" { "This mailbox is held because " (reason.in_words()) "." }
+                    }
                     p.help {
                         "Held since " (when(*since)) ". " (waiting) " mail(s) wait; they spend no attempt and go out in queue order once this is fixed."
                         @if let Some(until) = until { " The mailbox is tried again by itself at " (when(*until)) "." }
