@@ -345,7 +345,8 @@ pub struct Rule {
     pub hold_for_secs: Option<i64>,
     /// Who must act.
     pub who: Who,
-    /// What happened; `{mailbox}`, `{from}`, `{user}` and `{reply}` are filled in.
+    /// What happened; `{mailbox}`, `{from}`, `{user}` and `{reply}` are filled in (and in
+    /// `fix`, `{what_to_check}`: what the author of a refused mail should look at).
     pub what: &'static str,
     /// What to do.
     pub fix: &'static str,
@@ -548,7 +549,7 @@ pub const SMTP_RULES: &[Rule] = &[
         hold_for_secs: None,
         who: Who::Author,
         what: "The SMTP server refused this mail ({reply}).",
-        fix: "Check the recipients and the content, then send it again.",
+        fix: "Check {what_to_check}, then send it again.",
     },
 ];
 
@@ -629,6 +630,24 @@ fn fill(template: &str, facts: &Facts<'_>, reply: &str) -> String {
         .replace("{from}", facts.from)
         .replace("{user}", facts.auth_user)
         .replace("{reply}", reply)
+        .replace("{what_to_check}", what_to_check(reply))
+}
+
+/// What the author of a refused mail should look at, by the reply's enhanced status code
+/// (RFC 3463: `5.1.x` addressing, `5.2.x` the recipient's mailbox, `5.3.4` the size).
+fn what_to_check(reply: &str) -> &'static str {
+    let enhanced = reply.split_whitespace().nth(1).unwrap_or("");
+    let mut parts = enhanced.trim_end_matches(':').split('.');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some("5"), Some("1"), Some(_)) => {
+            "the recipients' addresses (a letter may be wrong, or the person may have left)"
+        }
+        (Some("5"), Some("2"), Some(_)) => {
+            "with the recipient whether their mailbox takes mail, or write to another address"
+        }
+        (Some("5"), Some("3"), Some("4")) => "the size of the mail and its files",
+        _ => "the recipients and the content",
+    }
 }
 
 fn verdict(rule: &Rule, facts: &Facts<'_>, reply: &str) -> Verdict {

@@ -33,7 +33,7 @@ pub async fn mail_failed(
     let subject = format!("Mail not sent: \"{}\"", mail.subject);
     let recipients = mail.recipients.lines().collect::<Vec<_>>().join(", ");
     let author_body = format!(
-        "Your mail to {recipients} failed and will not be retried. {}",
+        "Your mail to {recipients} was not sent, and it is not tried again by itself. {}",
         failed_for_author(why, reply, who == Who::Author)
     );
     let for_operators = authors_advice
@@ -41,7 +41,7 @@ pub async fn mail_failed(
         .unwrap_or(why)
         .trim_end();
     let operators_body = format!(
-        "Mail {} by {} to {recipients} failed and will not be retried. {for_operators}",
+        "Mail {} by {} to {recipients} was not sent, and it is not tried again by itself. {for_operators}",
         mail.id,
         author_of(&mail.from_header)
     );

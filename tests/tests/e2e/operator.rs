@@ -221,6 +221,14 @@ async fn a_failed_mail_tells_its_author_and_the_operators_and_unread_counts_in_t
         page.contains("5.1.10"),
         "in the classification's words\n{page}"
     );
+    // A refused recipient asks for the addresses to be checked, not "the content"; and the
+    // notice does not contradict the Retry now its mail page offers.
+    assert!(
+        page.contains("Check the recipients&#39; addresses")
+            || page.contains("Check the recipients' addresses"),
+        "{page}"
+    );
+    assert!(page.contains("not tried again by itself"), "{page}");
     assert!(
         page.contains(&format!(r#"href="/microsoft_outlook/outbox/{id}""#)),
         "links the mail's page\n{page}"
