@@ -26,12 +26,19 @@ pub fn days_left(expires_on: NaiveDate, today: NaiveDate) -> i64 {
     (expires_on - today).num_days()
 }
 
-/// Warns operators once per threshold (30, 7, 1 days) before the client secret expires.
+/// The incident key of the client secret's expiry warnings: resolved once the stored expiry
+/// date is more than 30 days ahead (or gone).
+pub const SECRET_EXPIRY_KEY: &str = "microsoft_outlook/client_secret/expiry";
+
+/// Warns operators once per threshold (30, 7, 1 days) before the client secret expires, and
+/// once after; the warning open replaces the earlier ones, and all are resolved when the date
+/// is moved more than 30 days ahead. The days left, or `None` without settings or a date.
 pub async fn check_client_secret(ctx: &ModuleContext) -> Result<Option<i64>, BoxDynError> {
     let Ok(settings) = OutlookSettings::load(ctx).await else {
         return Ok(None);
     };
     let Some(expires_on) = settings.secret_expires_on else {
+        ctx.notifier().resolve(SECRET_EXPIRY_KEY).await?;
         return Ok(None);
     };
     let left = days_left(expires_on, ctx.clock().now().date_naive());
@@ -41,22 +48,36 @@ pub async fn check_client_secret(ctx: &ModuleContext) -> Result<Option<i64>, Box
         .filter(|t| left <= *t)
         .min()
     else {
+        // A new secret (or a corrected date) far enough ahead: the earlier warnings are done.
+        ctx.notifier().resolve(SECRET_EXPIRY_KEY).await?;
         return Ok(Some(left));
     };
     let key = format!("client_secret:{expires_on}:{threshold}");
     if remember_once(ctx, &key, &left.to_string()).await? {
-        let subject = if left < 0 {
-            "The Microsoft Outlook client secret has expired".to_string()
+        let (subject, body) = if left < 0 {
+            (
+                format!("The Microsoft Outlook client secret expired on {expires_on}"),
+                "Microsoft refuses an expired secret: no mailbox can renew its token, so mail stops within the hour. Create a new client secret in Microsoft Entra ID (App registrations › your app › Certificates & secrets) and paste its Value and its expiry date in Settings › Microsoft Outlook. If the check of a save says Microsoft still accepts the secret, the date is wrong: correct it there instead.".to_string(),
+            )
         } else {
-            format!("The Microsoft Outlook client secret expires in {left} day(s), on {expires_on}")
+            (
+                format!(
+                    "The Microsoft Outlook client secret expires in {left} day(s), on {expires_on}"
+                ),
+                format!(
+                    "Create a new client secret in Microsoft Entra ID (App registrations › your app › Certificates & secrets) and paste its Value and its expiry date in Settings › Microsoft Outlook before {expires_on}: from that day Microsoft refuses the old one, and mail stops within the hour."
+                ),
+            )
         };
+        // One warning open at a time: the latest replaces the earlier ones.
+        ctx.notifier().resolve(SECRET_EXPIRY_KEY).await?;
         ctx.notifier()
             .notify(Notification {
                 audience: Audience::Operators,
                 subject,
-                body: "Create a new client secret in Microsoft Entra ID (App registrations › your app › Certificates & secrets), paste its Value and its new expiry date in Settings › Microsoft Outlook. Mail stops when the old one expires.".into(),
+                body,
                 link: Some("/settings".into()),
-                key: None,
+                key: Some(SECRET_EXPIRY_KEY.into()),
             })
             .await?;
         tracing::warn!(

@@ -482,4 +482,28 @@ async fn client_secret_expiry_warnings_fire_once_per_threshold() {
         seen.push((day, warnings(&notes)));
         assert_eq!(warnings(&notes), expected, "day {day}: {seen:?}");
     }
+    // Each warning replaced the one before; a new secret's date far ahead resolves the last.
+    let admin = env.app.signed_in(crate::helpers::ADMIN).await;
+    let (_, notes, _) = admin.get("/notifications").await;
+    assert_eq!(notes.matches(">Resolved<").count(), 2, "{notes}");
+    let renewed = (today + chrono::Duration::days(400)).to_string();
+    let authority = env.idp.authority_url();
+    let (status, page, _) = admin
+        .post_form(
+            "/settings/microsoft_outlook",
+            &[
+                ("client_id", crate::connect::CLIENT_ID),
+                ("tenant", "common"),
+                ("authority_url", authority.as_str()),
+                ("client_secret_expires_on", renewed.as_str()),
+            ],
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    microsoft_outlook::jobs::check_client_secret(&ctx)
+        .await
+        .expect("check");
+    let (_, notes, _) = admin.get("/notifications").await;
+    assert_eq!(notes.matches(">Resolved<").count(), 3, "{notes}");
+    assert_eq!(warnings(&notes), 3, "the warnings stay listed, resolved");
 }
