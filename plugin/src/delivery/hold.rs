@@ -109,10 +109,10 @@ pub const MY_MAILBOX: &str = "/microsoft_outlook/my-mailbox";
 fn operators_step(server: &mail_server::Model, reason: HoldReason) -> &'static str {
     match (fixer(server, reason), server.owner_user_id) {
         (Fixer::Operators, Some(_)) => {
-            "It is a user's personal mailbox: once it is fixed, click Release held mail on the outbox filtered to this mailbox (the link)."
+            "It is a user's personal mailbox: once it is fixed, click Release held mail on the outbox filtered to this mailbox (Fix it opens it)."
         }
         (Fixer::Operators, None) if reason.needs_operator() => {
-            "Once it is fixed, click Retry now on the server's page (the link)."
+            "Once it is fixed, click Retry now on the server's page (Fix it opens it): it ends the hold and sends the waiting mail, like Release held mail in the outbox."
         }
         _ => "",
     }

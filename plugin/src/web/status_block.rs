@@ -93,7 +93,11 @@ pub fn status_block(
                         } @else {
                             "The sign-in can no longer be renewed: only a new sign-in (Reconnect) gives this mailbox a token again."
                         }
-                        @match t.last_refresh_at { Some(at) => { " Last refresh " (when(at)) "." } None => { " Not refreshed yet." } } }
+                        @match (t.last_refresh_at, &t.last_error) {
+                            (Some(at), _) => { " Last refresh " (when(at)) "." }
+                            (None, Some(_)) => { " No refresh has succeeded since the sign-in of " (when(t.connected_at)) "." }
+                            (None, None) => { " Connected " (when(t.connected_at)) "; not refreshed yet." }
+                        } }
                     @if let (Some(e), Health::Ready) = (&t.last_error, health) { p.help { "Last error: " (e) } }
                     @if *health == Health::Ready && waiting > 0 { p.help { (waiting) " mail(s) queued." } }
                 }
