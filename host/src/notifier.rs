@@ -117,7 +117,12 @@ async fn page(
                 }
                 @if let Some(at) = n.resolved_at { p.help { "Resolved " (at.format("%Y-%m-%d %H:%M UTC")) ": nothing left to do." } }
                 p.help { (n.created_at.format("%Y-%m-%d %H:%M UTC")) @if n.for_operators { " · for operators" } }
-                p { (n.body) }
+                @if n.resolved_at.is_some() {
+                    // What it asked is done: kept for the record, folded away.
+                    details.resolved-body { summary { "What it said" } p { (n.body) } }
+                } @else {
+                    p { (n.body) }
+                }
                 p {
                     @if let (Some(link), None) = (&n.link, n.resolved_at) { a href=(link) { "Fix it" } " " }
                     @if is_unread {

@@ -233,8 +233,8 @@ fn envelope_card(v: &Viewed, user: &CurrentUser) -> Markup {
             table.fields { tbody {
                 tr { th { "Status" } td.status { (status_badge(&mail.status)) } }
                 tr { th { "Message-ID" } td { code { "<" (mail.message_id) ">" } } }
-                tr { th { "MAIL FROM" } td { (mail.envelope_from) } }
-                tr { th { "RCPT TO" } td { @for r in mail.recipients.lines() { (r) br; } } }
+                tr { th { "Envelope sender (MAIL FROM)" } td { (mail.envelope_from) } }
+                tr { th { "Recipients (RCPT TO)" } td { @for r in mail.recipients.lines() { (r) br; } } }
                 tr { th { "From" } td { (mail.from_header) } }
                 tr { th { "Mailbox" } td { @match &v.server {
                     Some(s) if user.is_admin || s.owner_user_id == Some(user.id) => a href=(crate::web::servers::server_url(s)) { (s.name) " (" (s.mailbox) ")" },
@@ -267,7 +267,7 @@ fn delivery_card(
         section.card id="delivery" {
             h2 { "Delivery" }
             table.fields { tbody {
-                tr { th { "Attempts" } td { (mail.attempts) " of at most " (limits.max_attempts) } }
+                tr { th { "Attempts" } td { (mail.attempts) " of at most " (limits.max_attempts) @if v.waits_on_mailbox() { " (waiting for its mailbox spends none)" } } }
                 @if mail.status == "queued" { tr { th { "Next attempt" } td { (next_attempt(mail, now, limits.per_minute, ready)) } } }
                 tr { th { "Last reply" } td.reply { (mail.last_reply.as_deref().unwrap_or("-")) } }
                 @if let Some(reply) = &mail.last_reply { tr { th { "Classified" } td { (classified_reply(reply)) } } }
