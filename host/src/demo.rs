@@ -340,8 +340,8 @@ async fn received(
 ) -> HttpResponse {
     // What the simulated Exchange received is everybody's mail: for operators, like the rest
     // of the simulated services' pages.
-    if !user.is_admin {
-        return HttpResponse::Forbidden().body("Operators only.");
+    if let Err(refused) = crate::auth::require_admin(&user, &state.chrome) {
+        return *refused;
     }
     let mut mails = demo.smtp.received();
     mails.reverse();
@@ -405,8 +405,8 @@ async fn azure_page(
     demo: web::Data<DemoServices>,
     user: CurrentUser,
 ) -> HttpResponse {
-    if !user.is_admin {
-        return HttpResponse::Forbidden().body("Operators only.");
+    if let Err(refused) = crate::auth::require_admin(&user, &state.chrome) {
+        return *refused;
     }
     let app = &demo.app;
     let body = html! {
@@ -484,8 +484,8 @@ fn fault_form(user: &CurrentUser, id: &str, answer: &str) -> maud::Markup {
 }
 
 async fn faults_page(state: web::Data<AppState>, user: CurrentUser) -> HttpResponse {
-    if !user.is_admin {
-        return HttpResponse::Forbidden().body("Operators only.");
+    if let Err(refused) = crate::auth::require_admin(&user, &state.chrome) {
+        return *refused;
     }
     let graph_faults = GRAPH_FAULTS.iter().filter_map(|id| {
         let fault = graph_fault(id)?;
@@ -518,13 +518,14 @@ struct FaultForm {
 }
 
 async fn play_fault(
+    state: web::Data<AppState>,
     demo: web::Data<DemoServices>,
     user: CurrentUser,
     form: web::Form<FaultForm>,
 ) -> HttpResponse {
     use microsoft_simulators::smtp::{Injected, Stage};
-    if !user.is_admin {
-        return HttpResponse::Forbidden().body("Operators only.");
+    if let Err(refused) = crate::auth::require_admin(&user, &state.chrome) {
+        return *refused;
     }
     if let Some(fault) = graph_fault(&form.fault) {
         demo.graph.inject(fault, 1);
