@@ -322,6 +322,11 @@ async fn a_user_connects_a_personal_mailbox() {
     let (status, page, _) = alice.get("/microsoft_outlook/my-mailbox").await;
     assert_eq!(status, StatusCode::OK);
     assert!(page.contains(ALICE.0), "pre-filled with her address");
+    // Her part is the address: the connection details come from the settings, folded away.
+    assert!(
+        page.contains(r#"<details class="connection-details"><summary>"#),
+        "{page}"
+    );
     // A password is refused with the reason.
     let (status, page, _) = alice
         .post_form(
