@@ -180,7 +180,7 @@ pub async fn mailboxes(ctx: &ModuleContext) -> HashMap<i32, String> {
 /// What the author reads after Send.
 pub fn queued_words(mailbox: &str, from_header: &str) -> String {
     format!(
-        "Queued — it will go out from {}.",
+        "Queued — it will go out from {}; the list of mails shows what becomes of it.",
         via_words(mailbox, from_header)
     )
 }
