@@ -461,7 +461,7 @@ async fn kept_working(
         .collect();
     let flash = html! {
         p.flash.bad role="alert" {
-            "Nothing was saved: the check below refused these settings, and the settings in use work, so they are kept. Correct what it says and save again."
+            "Nothing was saved: the check below refused these settings, and the settings in use work, so they are kept. Correct what it says and save again (a client secret created a few minutes ago may not be accepted yet: then save again a little later)."
         }
     };
     let errors = BTreeMap::new();

@@ -48,11 +48,24 @@ pub async fn check_client_secret(ctx: &ModuleContext) -> Result<Option<i64>, Box
         .filter(|t| left <= *t)
         .min()
     else {
-        // A new secret (or a corrected date) far enough ahead: the earlier warnings are done.
-        ctx.notifier().resolve(SECRET_EXPIRY_KEY).await?;
+        // A new secret (or a corrected date) far enough ahead: the earlier warnings are done,
+        // unless the date changed again since this run read it (a run that read the old date
+        // must not resolve the warning of a new, nearer one).
+        let still = OutlookSettings::load(ctx)
+            .await
+            .ok()
+            .and_then(|s| s.secret_expires_on);
+        if still == Some(expires_on) {
+            ctx.notifier().resolve(SECRET_EXPIRY_KEY).await?;
+        }
         return Ok(Some(left));
     };
-    let key = format!("client_secret:{expires_on}:{threshold}");
+    // Past the date, one more notice: it says the secret expired.
+    let key = if left < 0 {
+        format!("client_secret:{expires_on}:expired")
+    } else {
+        format!("client_secret:{expires_on}:{threshold}")
+    };
     if remember_once(ctx, &key, &left.to_string()).await? {
         let (subject, body) = if left < 0 {
             (

@@ -639,6 +639,9 @@ fn what_to_check(reply: &str) -> &'static str {
     let enhanced = reply.split_whitespace().nth(1).unwrap_or("");
     let mut parts = enhanced.trim_end_matches(':').split('.');
     match (parts.next(), parts.next(), parts.next()) {
+        (Some("5"), Some("1"), Some("7" | "8")) => {
+            "the sender's address with the CRM's operators (the receiving side refuses it)"
+        }
         (Some("5"), Some("1"), Some(_)) => {
             "the recipients' addresses (a letter may be wrong, or the person may have left)"
         }
@@ -790,6 +793,41 @@ mod tests {
     fn reply(stage: Stage, text: &str) -> Verdict {
         let code = text[..3].parse().unwrap_or(0);
         smtp(Observed::Reply { stage, code, text }, &facts())
+    }
+
+    #[test]
+    fn a_refused_mail_asks_its_author_to_check_what_its_status_code_names() {
+        for (text, check) in [
+            (
+                "550 5.1.10 RESOLVER.ADR.RecipientNotFound",
+                "recipients' addresses",
+            ),
+            (
+                "550 5.1.8 Access denied, bad outbound sender",
+                "sender's address",
+            ),
+            (
+                "550 5.2.1 Mailbox disabled",
+                "whether their mailbox takes mail",
+            ),
+            (
+                "552 5.3.4 Message size exceeds fixed maximum",
+                "size of the mail",
+            ),
+            (
+                "554 5.6.0 Corrupt message content",
+                "recipients and the content",
+            ),
+            (
+                "550 Requested action not taken",
+                "recipients and the content",
+            ),
+        ] {
+            let v = reply(Stage::Transaction, text);
+            assert_eq!(v.level, Level::MailFails, "{text}");
+            assert!(v.fix.contains(check), "{text}: {}", v.fix);
+            assert!(!v.fix.contains('{'), "{text}: {}", v.fix);
+        }
     }
 
     #[test]

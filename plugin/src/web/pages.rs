@@ -7,6 +7,7 @@ use maud::{Markup, html};
 use sea_orm::EntityTrait;
 use serde::Deserialize;
 
+use crate::delivery::classify::HoldReason;
 use crate::delivery::health::Health;
 use crate::entities::{mail_server, token};
 use crate::settings::{OutlookSettings, PersonalSmtpHosts};
@@ -206,7 +207,7 @@ async fn server_page_body(
                 Ok(_) if server.auth == "app_only" => {
                     p.help { "App-only servers need no sign-in: the module uses the client-credentials grant. An Exchange administrator must have registered the app's service principal in Exchange Online (New-ServicePrincipal) and granted it SendAs / FullAccess on " (server.mailbox) "." }
                 }
-                Ok(_) if health.reason().is_some_and(|r| r.ends_on_settings_saved()) => {
+                Ok(_) if health.reason().is_some_and(|r| matches!(r, HoldReason::ClientCredentials | HoldReason::WrongCloud)) => {
                     // A sign-in would meet the same refusal: the CRM's settings come first.
                     p.help {
                         "Connect is possible again once Microsoft accepts the CRM's own settings: "

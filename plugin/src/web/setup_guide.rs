@@ -337,7 +337,16 @@ pub async fn verify(ctx: &ModuleContext, http: &oauth2::reqwest::Client) -> Opti
 /// The check's answer when Microsoft accepted the client ID and secret (it then refused only
 /// the sign-in code the check made up, with `invalid_grant`: no code is shown for that), with
 /// the `next` step as a link.
-fn verified(settings: &OutlookSettings, next: Option<(String, String)>) -> SettingsCheck {
+fn verified(
+    settings: &OutlookSettings,
+    next: Result<Option<(String, String)>, sea_orm::DbErr>,
+) -> SettingsCheck {
+    let next = next.unwrap_or_else(|_| {
+        Some((
+            "Outgoing mail servers".into(),
+            "/microsoft_outlook/servers".into(),
+        ))
+    });
     let then = match &next {
         None => "Mail goes out through the connected mail servers.",
         Some((_, path)) if path.ends_with("/new") => {
@@ -361,33 +370,32 @@ fn verified(settings: &OutlookSettings, next: Option<(String, String)>) -> Setti
 
 /// What to do after verified settings, as a link: add a shared outgoing mail server while
 /// there is none, connect one while none is connected; nothing once one is.
-async fn next_step(ctx: &ModuleContext) -> Option<(String, String)> {
+async fn next_step(ctx: &ModuleContext) -> Result<Option<(String, String)>, sea_orm::DbErr> {
     use crate::entities::{mail_server, token};
     use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
     let servers = mail_server::Entity::find()
         .filter(mail_server::Column::Kind.eq("shared"))
         .all(ctx.db())
-        .await
-        .ok()?;
+        .await?;
     if servers.is_empty() {
-        return Some((
+        return Ok(Some((
             "Add the outgoing mail server".into(),
             "/microsoft_outlook/servers/new".into(),
-        ));
+        )));
     }
     let connected = token::Entity::find()
         .filter(token::Column::ServerId.is_in(servers.iter().map(|s| s.id)))
         .all(ctx.db())
-        .await
-        .ok()?;
+        .await?;
     let needs_sign_in = |s: &&mail_server::Model| {
         s.auth != "app_only" && !connected.iter().any(|t| t.server_id == s.id)
     };
-    let first = servers.iter().find(needs_sign_in)?;
-    Some((
-        format!("Connect {}", first.mailbox),
-        crate::web::servers::server_url(first),
-    ))
+    Ok(servers.iter().find(needs_sign_in).map(|first| {
+        (
+            format!("Connect {}", first.mailbox),
+            crate::web::servers::server_url(first),
+        )
+    }))
 }
 
 /// What disabling the module leaves behind.

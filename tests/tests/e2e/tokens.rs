@@ -454,7 +454,7 @@ async fn client_secret_expiry_warnings_fire_once_per_threshold() {
     );
     let warnings = |page: &str| {
         page.matches("client secret expires in").count()
-            + page.matches("client secret has expired").count()
+            + page.matches("client secret expired on").count()
     };
     let mut seen = Vec::new();
     for (day, expected) in [
@@ -467,6 +467,9 @@ async fn client_secret_expiry_warnings_fire_once_per_threshold() {
         (39, 3),
         (39, 3),
         (40, 3),
+        // Past the date: once more, saying it expired.
+        (41, 4),
+        (42, 4),
     ] {
         let target = (today + chrono::Duration::days(day))
             .and_hms_opt(9, 0, 0)
@@ -485,7 +488,8 @@ async fn client_secret_expiry_warnings_fire_once_per_threshold() {
     // Each warning replaced the one before; a new secret's date far ahead resolves the last.
     let admin = env.app.signed_in(crate::helpers::ADMIN).await;
     let (_, notes, _) = admin.get("/notifications").await;
-    assert_eq!(notes.matches(">Resolved<").count(), 2, "{notes}");
+    assert_eq!(notes.matches(">Resolved<").count(), 3, "{notes}");
+    assert!(notes.contains("client secret expired on"), "{notes}");
     let renewed = (today + chrono::Duration::days(400)).to_string();
     let authority = env.idp.authority_url();
     let (status, page, _) = admin
@@ -504,6 +508,6 @@ async fn client_secret_expiry_warnings_fire_once_per_threshold() {
         .await
         .expect("check");
     let (_, notes, _) = admin.get("/notifications").await;
-    assert_eq!(notes.matches(">Resolved<").count(), 3, "{notes}");
-    assert_eq!(warnings(&notes), 3, "the warnings stay listed, resolved");
+    assert_eq!(notes.matches(">Resolved<").count(), 4, "{notes}");
+    assert_eq!(warnings(&notes), 4, "the warnings stay listed, resolved");
 }
