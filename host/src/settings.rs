@@ -315,33 +315,8 @@ async fn save(
     }
     if !errors.is_empty() {
         tracing::info!(module = %manifest.id, fields = ?errors.keys().collect::<Vec<_>>(), "settings refused");
-        let echo: BTreeMap<String, String> = manifest
-            .settings
-            .iter()
-            .filter(|f| !f.secret)
-            .filter_map(|f| form.get(&f.id).map(|v| (f.id.clone(), v.clone())))
-            .collect();
         let flash = html! { p.flash.bad role="alert" { "Nothing was saved: correct the fields marked below." } };
-        let body = render(
-            &state,
-            &user,
-            Some(flash),
-            Some(Submitted {
-                module: &manifest.id,
-                input: &echo,
-                errors: &errors,
-                check: None,
-            }),
-        )
-        .await;
-        return HttpResponse::UnprocessableEntity()
-            .content_type("text/html; charset=utf-8")
-            .body(
-                state
-                    .chrome
-                    .render("Settings", Some(&user), body)
-                    .into_string(),
-            );
+        return nothing_saved(&state, &user, manifest, &form, flash, (&errors, None)).await;
     }
     // The module checks the settings as they would be once saved, before they are stored.
     let candidate = Candidate::of(manifest, &stored, &plain, &secrets);
@@ -358,7 +333,20 @@ async fn save(
         let in_use = entry.module.verify_settings(&entry.ctx).await;
         if in_use.is_some_and(|c| c.verified == Some(true)) {
             tracing::info!(module = %manifest.id, "settings refused by their check; the working ones kept");
-            return kept_working(&state, &user, manifest, &form, check).await;
+            let flash = html! {
+                p.flash.bad role="alert" {
+                    "Nothing was saved: the check below refused these settings, and the settings in use work, so they are kept. Correct what it says and save again (a client secret created a few minutes ago may not be accepted yet: then save again a little later)."
+                }
+            };
+            return nothing_saved(
+                &state,
+                &user,
+                manifest,
+                &form,
+                flash,
+                (&BTreeMap::new(), Some(check)),
+            )
+            .await;
         }
     }
     let saved = store(&state.db, &state.sealer, &manifest.id, plain, secrets).await;
@@ -443,15 +431,15 @@ impl SettingsStore for Candidate {
     }
 }
 
-/// The answer to a save whose settings the module's check refused while the stored ones
-/// work: nothing stored, the form shown again with what was typed (secrets excepted) and what
-/// the check found.
-async fn kept_working(
+/// The answer to a save that stored nothing (`flash` says why): the form again with what was
+/// typed (secrets excepted), the fields' `errors`, and what the module's `check` found.
+async fn nothing_saved(
     state: &AppState,
     user: &CurrentUser,
     manifest: &Manifest,
     form: &BTreeMap<String, String>,
-    check: &SettingsCheck,
+    flash: Markup,
+    (errors, check): (&BTreeMap<String, String>, Option<&SettingsCheck>),
 ) -> HttpResponse {
     let echo: BTreeMap<String, String> = manifest
         .settings
@@ -459,12 +447,6 @@ async fn kept_working(
         .filter(|f| !f.secret)
         .filter_map(|f| form.get(&f.id).map(|v| (f.id.clone(), v.clone())))
         .collect();
-    let flash = html! {
-        p.flash.bad role="alert" {
-            "Nothing was saved: the check below refused these settings, and the settings in use work, so they are kept. Correct what it says and save again (a client secret created a few minutes ago may not be accepted yet: then save again a little later)."
-        }
-    };
-    let errors = BTreeMap::new();
     let body = render(
         state,
         user,
@@ -472,8 +454,8 @@ async fn kept_working(
         Some(Submitted {
             module: &manifest.id,
             input: &echo,
-            errors: &errors,
-            check: Some(check),
+            errors,
+            check,
         }),
     )
     .await;
