@@ -117,7 +117,7 @@ pub fn status_block(
                 form.inline method="post" action=(format!("{}/retry", server_url(server))) {
                     (csrf(user))
                     button type="submit" { "Retry now" }
-                    span.help { " Ends the hold and sends the waiting mails now." }
+                    span.help { " Ends the hold and sends the waiting mails now (the same as Release held mail in the outbox)." }
                 }
             }
         }
