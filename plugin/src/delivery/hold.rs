@@ -163,7 +163,7 @@ fn hold_notices(
             Fixer::Operators => (
                 join(&[
                     &v.what,
-                    "The CRM's operators have been told and must fix it; nothing is needed from you.",
+                    "The CRM's operators have been told and will fix it; nothing is needed from you.",
                     waits,
                 ]),
                 None,
@@ -320,7 +320,7 @@ pub(crate) fn words_of(health: &Health, owner: Option<i64>, viewer: Option<i64>)
             until.format("%H:%M UTC")
         ),
         Health::Held { reason, .. } if reason.needs_operator_for(owner.is_some()) => format!(
-            "Waiting: the mailbox is held because {} — the CRM's operators have been told and must fix it; nothing is needed from you. Nothing is lost; it goes out once they fix it.",
+            "Waiting: the mailbox is held because {} — the CRM's operators have been told and will fix it; nothing is needed from you. Nothing is lost; it goes out once they fix it.",
             reason.in_words()
         ),
         Health::Held {

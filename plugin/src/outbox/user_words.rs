@@ -188,11 +188,14 @@ pub fn failed_for_author(why: &str, reply: Option<&str>, theirs: bool) -> String
         None => why.to_string(),
     };
     let (mut kept, told) = user_parts(&why, "failed");
-    kept.push(match told {
-        Some(told) => told,
-        None if theirs => "Correct what is said here and send it again from the record.",
-        None => OPERATORS_TOLD_FAILED,
-    });
+    let says_send_again = kept.iter().any(|k| k.contains("send it again"));
+    match told {
+        Some(told) => kept.push(told),
+        // The classification's own advice already ends "then send it again".
+        None if theirs && says_send_again => {}
+        None if theirs => kept.push("Correct what is said here and send it again from the record."),
+        None => kept.push(OPERATORS_TOLD_FAILED),
+    }
     kept.join(" ")
 }
 
@@ -330,7 +333,12 @@ mod tests {
         );
         assert_eq!(
             failed_for_author(&theirs, Some(reply), true),
-            "The SMTP server refused this mail (550 5.1.1: the recipient's mailbox does not exist). Check the recipients and the content, then send it again. Correct what is said here and send it again from the record."
+            "The SMTP server refused this mail (550 5.1.1: the recipient's mailbox does not exist). Check the recipients and the content, then send it again."
+        );
+        // Without advice of its own, the author is told what is left for them.
+        assert_eq!(
+            failed_for_author("The message is too large.", None, true),
+            "The message is too large. Correct what is said here and send it again from the record."
         );
         // Nothing left out and not theirs to fix (a mail given up on): the operators were told.
         let given_up = "Gave up after 5 attempts: the connection to smtp.office365.com was lost.";

@@ -58,7 +58,7 @@ pub fn status_block(
                         @if let Some(until) = until { " The mailbox is tried again by itself at " (when(*until)) "." }
                     }
                     @if !user.is_admin && reason.needs_operator_for(server.owner_user_id.is_some()) {
-                        p { "The CRM's operators have been told and must fix this; nothing is needed from you." }
+                        p { "The CRM's operators have been told and will fix it; nothing is needed from you." }
                     }
                 }
                 Health::Throttled { until } => {

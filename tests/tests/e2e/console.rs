@@ -749,8 +749,9 @@ async fn retry_and_cancel_resolve_a_failed_mails_notices() {
             );
             assert!(!resolved);
             if for_author {
-                // A refused recipient is the author's to correct.
-                assert!(body.contains("Correct what is said here"), "{body}");
+                // A refused recipient is the author's to correct, said once.
+                assert!(body.contains("Check the recipients' addresses"), "{body}");
+                assert_eq!(body.matches("send it again").count(), 1, "{body}");
             }
         }
     }

@@ -275,7 +275,7 @@ fn delivery_card(
             } }
             @if v.waits_on_mailbox() {
                 div.status.waiting {
-                    p { span.badge.bad { (v.health.label()) } }
+                    p { span.badge.bad { @if user.is_admin { (v.health.label()) } @else { "Waiting for its mailbox" } } }
                     p { (v.wait_words(user).unwrap_or_default()) }
                     @if user.is_admin && v.health.reason().is_some_and(|r| r.release_can_help()) {
                         form.inline method="post" action=(format!("{OUTBOX}/release/{}", mail.server_id)) {
