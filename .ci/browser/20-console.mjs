@@ -94,6 +94,12 @@ await check('a failed mail is retried from the outbox and goes out', async () =>
   // The page tells what became of it: still on its way, or already sent.
   await admin.waitForSelector('text=/Queued again|Sent: the server accepted it/');
   await waitOutboxStatus('Retry from the outbox', 'sent');
+  // Its page keeps the failure before the retry, who retried it, and the accepted attempt.
+  await admin.click('table.outbox a:has-text("Retry from the outbox")');
+  const history = await admin.textContent('#history');
+  for (const part of ['5.1.10', 'Queued again by', 'accepted by the server']) {
+    if (!history.includes(part)) throw new Error(`the history lacks "${part}": ${history}`);
+  }
   await admin.screenshot({ path: `${shots}/outbox-retried.png`, fullPage: true });
 });
 

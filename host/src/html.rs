@@ -48,6 +48,7 @@ td,code{overflow-wrap:anywhere}
 form.filters{display:grid;grid-template-columns:repeat(auto-fill,minmax(11rem,1fr));gap:0 .8rem}
 form.filters .wide{grid-column:1/-1}form.filters p{grid-column:1/-1;margin:.8rem 0 0}
 table.outbox td,table.outbox th{font-size:.9rem}table.fields th{width:9rem}
+table.history td,table.history th{font-size:.9rem;vertical-align:top}table.history td:first-child{white-space:nowrap}
 "#;
 
 /// Where the stylesheet is served (a file, not inline: the Content-Security-Policy allows only

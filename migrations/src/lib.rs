@@ -11,6 +11,7 @@ mod m0006_outbox_bodies;
 mod m0007_outbox_partial_indexes;
 mod m0008_outbox_fewer_index_writes;
 mod m0009_mailbox_wakes;
+mod m0010_outbox_events;
 
 /// The module's migrator; it keeps its own history table beside the host's.
 pub struct Migrator;
@@ -28,6 +29,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0007_outbox_partial_indexes::Migration),
             Box::new(m0008_outbox_fewer_index_writes::Migration),
             Box::new(m0009_mailbox_wakes::Migration),
+            Box::new(m0010_outbox_events::Migration),
         ]
     }
 

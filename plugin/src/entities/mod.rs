@@ -7,6 +7,7 @@ pub mod mailbox_wake;
 pub mod oauth_state;
 pub mod outbox;
 pub mod outbox_body;
+pub mod outbox_event;
 pub mod smtp_slot;
 pub mod token;
 

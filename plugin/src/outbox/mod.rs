@@ -7,6 +7,7 @@ pub mod claims;
 pub mod compose;
 pub mod failed_notice;
 pub mod group_insert;
+pub mod history;
 pub mod lease;
 pub mod markdown;
 pub mod queue;

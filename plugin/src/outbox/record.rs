@@ -4,7 +4,9 @@
 use chrono::{DateTime, Utc};
 use crm_sdk::ModuleContext;
 use sea_orm::sea_query::{CaseStatement, Expr, ExprTrait, Query};
-use sea_orm::{ColumnTrait, Condition, ConnectionTrait, EntityTrait, QueryFilter};
+use sea_orm::{
+    ColumnTrait, Condition, ConnectionTrait, EntityTrait, QueryFilter, TransactionTrait,
+};
 
 use crate::entities::{outbox, outbox_body};
 use crate::outbox::claims::{BATCH, persist};
@@ -155,7 +157,7 @@ async fn write_group(
             Expr::col(outbox::Column::Attempts).sub(1),
         );
     }
-    update
+    let update = update
         .filter(outbox::Column::Id.is_in(members.iter().map(|o| o.id)))
         .filter(if sent {
             // A mail the server took is sent, also when the sweep put it back in the queue
@@ -165,10 +167,22 @@ async fn write_group(
                 .add(outbox::status_is("queued"))
         } else {
             Condition::all().add(outbox::Column::LeaseOwner.eq(owner))
-        })
-        .exec(db)
-        .await
-        .map(|_| ())
+        });
+    if sent || first.uncount {
+        return update.exec(db).await.map(|_| ());
+    }
+    // An attempt the server did not accept goes in the mail's history with its outcome.
+    let txn = db.begin().await?;
+    let kind = if first.status == "failed" {
+        crate::outbox::history::FAILED
+    } else {
+        crate::outbox::history::DEFERRED
+    };
+    let ids: Vec<i64> = members.iter().map(|o| o.id).collect();
+    let said = (first.last_reply.clone(), first.last_error.clone());
+    crate::outbox::history::attempts(&txn, (owner, now), kind, &ids, said).await?;
+    update.exec(&txn).await?;
+    txn.commit().await
 }
 
 /// The statement of [`write_sent`] on each database: the same text whatever the number of

@@ -288,6 +288,25 @@ async fn retry_of_a_failed_mail_gives_it_a_new_round_and_sends_it() {
     let sent = wait_status(app, id, "sent").await;
     assert_eq!(sent.attempts, 1, "a new round of attempts");
     assert_eq!(m.smtp.received_count(), 1);
+    // The failure before the retry stays in the mail's history (its codes only, for a user),
+    // and so does who retried it.
+    let (_, detail) = m.alice.get_json(&format!("{OUTBOX}/{id}")).await;
+    let history = detail["history"].as_array().expect("history");
+    let kinds: Vec<&str> = history
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(kinds, ["queued", "failed", "retried", "sent"], "{detail}");
+    assert_eq!(history[1]["reply"], "550 5.1.10: recipient not found");
+    assert_eq!(history[2]["what"], "Queued again by Alice Adams");
+    let (_, detail) = m.env.admin.get_json(&format!("{OUTBOX}/{id}")).await;
+    assert!(
+        detail["history"][1]["reply"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("550 5.1.10"),
+        "an operator reads the reply as it came: {detail}"
+    );
     // The page the form's Retry now leads to tells what became of the mail, not "failed".
     let (_, page, _) = m.alice.get(&format!("{OUTBOX}/{id}?retried=1")).await;
     assert!(
@@ -326,6 +345,10 @@ async fn a_cancelled_mail_is_never_sent_and_releasing_the_mailbox_sends_the_othe
     assert_eq!(row(app, second).await.status, "cancelled");
     let (_, page, _) = m.alice.get(&format!("{OUTBOX}/{second}?cancelled=1")).await;
     assert!(page.contains("will not be sent"), "{page}");
+    assert!(
+        page.contains("Cancelled by Alice Adams"),
+        "its history: {page}"
+    );
     assert!(page.contains(">Cancelled<"), "the status in words: {page}");
     // Exchange lets the mailbox in again; the operator releases its held mail from the outbox
     // as they filtered it, and comes back to it so filtered.

@@ -304,6 +304,37 @@ async fn throttling_432_is_retried_with_back_off_then_sent() {
     let sent = wait_status(&m.env.app, id, "sent").await;
     assert_eq!(sent.attempts, 2);
     assert_eq!(m.smtp.count_by_message_id().get(&sent.message_id), Some(&1));
+    // The mail's history keeps the attempt the server put off, under the reply that came later.
+    let (_, detail) = m
+        .env
+        .admin
+        .get_json(&format!("/microsoft_outlook/outbox/{id}"))
+        .await;
+    let history = detail["history"].as_array().expect("history");
+    let kinds: Vec<&str> = history
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(kinds, ["queued", "deferred", "sent"], "{detail}");
+    assert_eq!(
+        history[1]["what"],
+        "Attempt 1: not accepted; tried again later"
+    );
+    assert!(
+        history[1]["reply"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("432 4.3.2"),
+        "{detail}"
+    );
+    assert_eq!(history[2]["what"], "Attempt 2: accepted by the server");
+    let (_, page, _) = m
+        .env
+        .admin
+        .get(&format!("/microsoft_outlook/outbox/{id}"))
+        .await;
+    assert!(page.contains("id=\"history\""), "{page}");
+    assert!(page.contains("sender thread limit exceeded"), "{page}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -746,6 +777,29 @@ async fn retries_give_up_after_the_configured_limit() {
             .unwrap_or_default()
             .contains("Gave up after 2 attempts")
     );
+    // The author reads both attempts in the mail's history, each with its words.
+    let (_, detail) = m
+        .alice
+        .get_json(&format!("/microsoft_outlook/outbox/{id}"))
+        .await;
+    let history = detail["history"].as_array().expect("history");
+    let kinds: Vec<&str> = history
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(kinds, ["queued", "deferred", "failed"], "{detail}");
+    assert_eq!(
+        history[2]["what"],
+        "Attempt 2: not accepted; not tried again by itself"
+    );
+    assert!(
+        history[2]["words"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Gave up after 2 attempts"),
+        "{detail}"
+    );
+    assert_eq!(history[1]["reply"], history[2]["reply"], "{detail}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,6 +17,7 @@ pub async fn retry(
     ctx: &ModuleContext,
     shared: &Arc<Shared>,
     condition: Condition,
+    by: &CurrentUser,
 ) -> Result<Changed, sea_orm::DbErr> {
     let now = ctx.clock().now();
     // Due now, after their mailboxes' last wake: the wake below sends them; should it reach no
@@ -52,6 +53,8 @@ pub async fn retry(
     // Those whose update lost a race (claimed meanwhile) are not reported as retried.
     let mut ids = still_with(ctx, &ids, "queued").await?;
     ids.sort_unstable();
+    crate::outbox::history::actions(ctx.db(), &ids, crate::outbox::history::RETRIED, by, now)
+        .await?;
     resolve_failed_notices(ctx, &were_failed, &ids).await;
     let mut servers: Vec<i32> = Vec::new();
     for chunk in ids.chunks(500) {
@@ -110,6 +113,8 @@ pub async fn cancel(
     }
     let mut ids = still_with(ctx, &ids, "cancelled").await?;
     ids.sort_unstable();
+    crate::outbox::history::actions(ctx.db(), &ids, crate::outbox::history::CANCELLED, by, now)
+        .await?;
     resolve_failed_notices(ctx, &were_failed, &ids).await;
     Ok(Changed { ids })
 }
@@ -194,7 +199,7 @@ pub(super) async fn one(
         .add(outbox::Column::Status.is_in(actionable_by(&user, &action).iter().copied()));
     let shared = shared.into_inner();
     let done = match action.as_str() {
-        "retry" => retry(&ctx, &shared, only).await,
+        "retry" => retry(&ctx, &shared, only, &user).await,
         "cancel" => cancel(&ctx, only, &user).await,
         _ => return not_found(&ctx, &user, &req),
     };
@@ -310,7 +315,7 @@ pub(super) async fn bulk(
     }
     let shared = shared.into_inner();
     let done = match action.as_str() {
-        "retry" => retry(&ctx, &shared, condition).await,
+        "retry" => retry(&ctx, &shared, condition, &user).await,
         _ => cancel(&ctx, condition, &user).await,
     };
     let changed = match done {

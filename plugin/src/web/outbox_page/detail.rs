@@ -78,6 +78,8 @@ struct Viewed {
     headers: Vec<(String, String)>,
     message: Option<MessageView>,
     body_kept: bool,
+    /// Its history as the viewer may read it, and how many older events it leaves out.
+    history: (Vec<crate::outbox::history::Entry>, u64),
 }
 
 impl Viewed {
@@ -91,6 +93,7 @@ impl Viewed {
             return Ok(None);
         };
         let mail = for_viewer(mail, user);
+        let history = crate::outbox::history::of_mail(ctx.db(), &mail, user).await?;
         let server = mail_server::Entity::find_by_id(mail.server_id)
             .one(ctx.db())
             .await
@@ -112,6 +115,7 @@ impl Viewed {
                 .unwrap_or_default(),
             message: body.as_ref().and_then(|b| MessageView::of(&b.raw)),
             body_kept: body.is_some(),
+            history,
             mail,
             server,
             health,
@@ -164,6 +168,7 @@ pub(super) async fn detail(
         @if let Some(flash) = detail_flash(&flash, &viewed) { (flash) }
         (envelope_card(&viewed, &user))
         (delivery_card(&viewed, &user, &limits, now))
+        (history_card(&viewed))
         (message_cards(&viewed))
     };
     page(&ctx, &user, "Mail", body)
@@ -194,6 +199,8 @@ fn detail_json(v: Viewed, servers: &HashMap<i32, String>, user: &CurrentUser) ->
         "classified_reply": classified,
         "mailbox_health": health_view,
         "actions": { "retry": retry, "cancel": cancel },
+        "history": v.history.0,
+        "history_left_out": v.history.1,
     }))
 }
 
@@ -288,6 +295,32 @@ fn delivery_card(
                 }
             }
             (actions(mail, user, v.waits_on_mailbox()))
+        }
+    }
+}
+
+/// How the mail got where it stands: queued, each attempt the server did not accept (its
+/// reply and what it meant), each retry or cancel and by whom, and when it was sent.
+fn history_card(v: &Viewed) -> Markup {
+    let (entries, left_out) = &v.history;
+    html! {
+        section.card id="history" {
+            h2 { "History" }
+            @if *left_out > 0 {
+                p.help { (left_out) " earlier events are not shown; the newest " (entries.len()) " are." }
+            }
+            table.history {
+                thead { tr { th { "When (UTC)" } th { "What happened" } th { "Server's reply" } } }
+                tbody {
+                    @for e in entries {
+                        tr class=(format!("event {}", e.kind)) {
+                            td { (when(e.at)) }
+                            td { (e.what) @if let Some(words) = &e.words { br; span.help { (words) } } }
+                            td.reply { (e.reply.as_deref().unwrap_or("-")) }
+                        }
+                    }
+                }
+            }
         }
     }
 }

@@ -1,0 +1,194 @@
+//! A mail's history (`microsoft_outlook_outbox_events`): each attempt the server did not
+//! accept, with its reply and what it meant, and each retry or cancel by a person. The outbox
+//! row says how a mail stands now; its history says how it got there, so that a retry or a new
+//! attempt does not hide why it failed before.
+//!
+//! Sent mail adds no event (the row keeps when it was sent and the reply), so the drains' path
+//! for sent mail stays one statement per group; an attempt not accepted is written in the same
+//! transaction as its outcome ([`crate::outbox::record`]).
+
+use chrono::{DateTime, Utc};
+use crm_sdk::CurrentUser;
+use sea_orm::sea_query::{Expr, Query};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect, Set,
+};
+use serde::Serialize;
+
+use crate::entities::{outbox, outbox_event};
+
+/// An attempt that was not accepted; the mail is tried again later.
+pub const DEFERRED: &str = "deferred";
+/// An attempt that was not accepted; the mail is not tried again by itself.
+pub const FAILED: &str = "failed";
+/// A person queued the mail again.
+pub const RETRIED: &str = "retried";
+/// A person cancelled the mail.
+pub const CANCELLED: &str = "cancelled";
+
+/// Events a mail's page shows at most (the newest; a page says how many older ones it leaves
+/// out).
+pub const SHOWN: u64 = 200;
+
+/// Writes the events of attempts of `ids` (outcomes of one shape that were counted as
+/// attempts and not sent: `kind` is [`DEFERRED`] or [`FAILED`]) at `now`, for the rows `owner`
+/// still holds: the attempt's number is the row's count of attempts; `reply` and `words` are
+/// the server's reply and what it meant. Run before the outcome's update, in its transaction
+/// (the update ends the claim this looks for).
+pub async fn attempts<C: ConnectionTrait>(
+    db: &C,
+    (owner, now): (&str, DateTime<Utc>),
+    kind: &'static str,
+    ids: &[i64],
+    (reply, words): (Option<String>, Option<String>),
+) -> Result<(), sea_orm::DbErr> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let rows = Query::select()
+        .column(outbox::Column::Id)
+        .expr(Expr::value(now))
+        .expr(Expr::value(kind))
+        .column(outbox::Column::Attempts)
+        .expr(Expr::value(reply))
+        .expr(Expr::value(words))
+        .from(outbox::Entity)
+        .and_where(outbox::Column::Id.is_in(ids.iter().copied()))
+        .and_where(outbox::Column::LeaseOwner.eq(owner))
+        .to_owned();
+    let insert = Query::insert()
+        .into_table(outbox_event::Entity)
+        .columns([
+            outbox_event::Column::OutboxId,
+            outbox_event::Column::At,
+            outbox_event::Column::Kind,
+            outbox_event::Column::Attempt,
+            outbox_event::Column::Reply,
+            outbox_event::Column::Detail,
+        ])
+        .select_from(rows)
+        .map_err(|e| sea_orm::DbErr::Custom(e.to_string()))?
+        .to_owned();
+    db.execute(&insert).await.map(|_| ())
+}
+
+/// Writes that `by` took `kind` ([`RETRIED`] or [`CANCELLED`]) on each of `ids` at `now`.
+pub async fn actions<C: ConnectionTrait>(
+    db: &C,
+    ids: &[i64],
+    kind: &'static str,
+    by: &CurrentUser,
+    now: DateTime<Utc>,
+) -> Result<(), sea_orm::DbErr> {
+    for chunk in ids.chunks(500) {
+        let rows = chunk.iter().map(|id| outbox_event::ActiveModel {
+            outbox_id: Set(*id),
+            at: Set(now),
+            kind: Set(kind.to_string()),
+            attempt: Set(None),
+            reply: Set(None),
+            detail: Set(Some(by.name.clone())),
+            user_id: Set(Some(by.id)),
+            ..Default::default()
+        });
+        outbox_event::Entity::insert_many(rows)
+            .exec_without_returning(db)
+            .await?;
+    }
+    Ok(())
+}
+
+/// One line of a mail's history as its viewer reads it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Entry {
+    /// When.
+    pub at: DateTime<Utc>,
+    /// `queued`, `deferred`, `failed`, `retried`, `cancelled` or `sent`.
+    pub kind: String,
+    /// What happened, in words.
+    pub what: String,
+    /// The server's reply (classified to its codes for a viewer who is not an operator).
+    pub reply: Option<String>,
+    /// What the reply meant, in words (as the viewer may read them).
+    pub words: Option<String>,
+}
+
+/// The history of `mail` (already as `viewer` may see it) from its events: queued, each
+/// event, and sent (from the row) when it was; the newest [`SHOWN`] events and how many older
+/// ones were left out.
+pub async fn of_mail<C: ConnectionTrait>(
+    db: &C,
+    mail: &outbox::Model,
+    viewer: &CurrentUser,
+) -> Result<(Vec<Entry>, u64), sea_orm::DbErr> {
+    let mut events = outbox_event::Entity::find()
+        .filter(outbox_event::Column::OutboxId.eq(mail.id))
+        .order_by_desc(outbox_event::Column::Id)
+        .limit(SHOWN)
+        .all(db)
+        .await?;
+    let left_out = if events.len() as u64 == SHOWN {
+        outbox_event::Entity::find()
+            .filter(outbox_event::Column::OutboxId.eq(mail.id))
+            .count(db)
+            .await?
+            .saturating_sub(SHOWN)
+    } else {
+        0
+    };
+    // In the order they happened: a drain's outcome may be written after a retry that came
+    // later (the ids give the order of writing).
+    events.sort_by_key(|e| (e.at, e.id));
+    let mut entries = Vec::with_capacity(events.len() + 2);
+    if left_out == 0 {
+        entries.push(Entry {
+            at: mail.created_at,
+            kind: "queued".into(),
+            what: "Queued".into(),
+            reply: None,
+            words: None,
+        });
+    }
+    entries.extend(events.into_iter().map(|e| entry(e, viewer)));
+    if mail.status == "sent"
+        && let Some(at) = mail.sent_at
+    {
+        entries.push(Entry {
+            at,
+            kind: "sent".into(),
+            what: format!("Attempt {}: accepted by the server", mail.attempts),
+            reply: mail.last_reply.clone(),
+            words: None,
+        });
+    }
+    Ok((entries, left_out))
+}
+
+/// An event in words for `viewer`.
+fn entry(e: outbox_event::Model, viewer: &CurrentUser) -> Entry {
+    let attempt = e.attempt.unwrap_or_default();
+    let what = match e.kind.as_str() {
+        DEFERRED => format!("Attempt {attempt}: not accepted; tried again later"),
+        FAILED => format!("Attempt {attempt}: not accepted; not tried again by itself"),
+        RETRIED => format!(
+            "Queued again by {}",
+            e.detail.as_deref().unwrap_or("someone")
+        ),
+        CANCELLED => format!("Cancelled by {}", e.detail.as_deref().unwrap_or("someone")),
+        other => other.to_string(),
+    };
+    let (words, reply) = match e.kind.as_str() {
+        DEFERRED | FAILED if viewer.is_admin => (e.detail, e.reply),
+        DEFERRED => crate::outbox::user_words::for_user(e.detail, e.reply, "queued"),
+        FAILED => crate::outbox::user_words::for_user(e.detail, e.reply, "failed"),
+        _ => (None, None),
+    };
+    Entry {
+        at: e.at,
+        kind: e.kind,
+        what,
+        reply,
+        words,
+    }
+}
