@@ -86,8 +86,8 @@ await check('the mail waits, told in words, until the operator retries; then it 
   }, subject, { timeout: 30000 });
   await admin.goto(`${base}/microsoft_outlook/servers`);
   await admin.click('text=Office 365 (simulated)');
-  await admin.click('button:has-text("Retry now")');
-  await admin.waitForSelector('text=Retrying');
+  await admin.click('button:has-text("Release held mail")');
+  await admin.waitForSelector('text=Held mail released');
   await user.waitForFunction((s) => {
     const r = [...document.querySelectorAll('table.mails tbody tr')].find((tr) => tr.textContent.includes(s));
     return r && r.getAttribute('data-status') === 'sent';

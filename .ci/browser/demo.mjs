@@ -79,7 +79,7 @@ await check('a user sends a mail from a contact and it reaches the server', asyn
   await page.screenshot({ path: `${shots}/received.png`, fullPage: true });
 });
 
-await check('a mailbox Exchange refuses is shown held, the author is told, and Retry now sends the mail', async () => {
+await check('a mailbox Exchange refuses is shown held, the author is told, and Release held mail sends the mail', async () => {
   await page.goto(`${base}/demo/faults`);
   await page.click('button:has-text("Play smtp-auth-disabled")');
   const user = await aliceSends('Held mailbox check', 'This one waits for the operator.');
@@ -98,8 +98,8 @@ await check('a mailbox Exchange refuses is shown held, the author is told, and R
   if (!row.includes('operators have been told')) throw new Error(`the author is not told that the operators know: ${row}`);
   if (row.includes('Not sent')) throw new Error('the mail of a held mailbox failed');
   await page.click('text=Office 365 (simulated)');
-  await page.click('button:has-text("Retry now")');
-  await page.waitForSelector('text=Retrying');
+  await page.click('button:has-text("Release held mail")');
+  await page.waitForSelector('text=Held mail released');
   const status = 'table.mails tbody tr:first-child td:nth-child(2) .badge';
   let shown = '';
   for (let i = 0; i < 40; i += 1) {
@@ -108,7 +108,7 @@ await check('a mailbox Exchange refuses is shown held, the author is told, and R
     if (shown === 'sent') break;
     await user.waitForTimeout(500);
   }
-  if (shown !== 'sent') throw new Error(`after Retry now the mail is "${shown}", not "sent"`);
+  if (shown !== 'sent') throw new Error(`after Release held mail the mail is "${shown}", not "sent"`);
   await page.goto(`${base}/microsoft_outlook/servers`);
   if (!(await page.textContent('td.health')).includes('Outlook token validated')) throw new Error('the server is not ready again');
 });

@@ -2,7 +2,7 @@
 //! `throttled` until a time, or `held` with a reason and since when. It is the single source
 //! for the drains (a held mailbox's mails are not claimed), the pages, the CLI, the
 //! notifications and the JSON APIs. A hold ends when its cause is fixed (reconnect, settings
-//! saved, its time passing and a probe succeeding) or when an operator says "retry now"; then
+//! saved, its time passing and a probe succeeding) or when an operator says "release held mail"; then
 //! the waiting mails go out in queue order. Beginning a hold, and telling the people who can
 //! fix it, is [`crate::delivery::hold`].
 
@@ -232,7 +232,7 @@ async fn due_at(
 /// How a release goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Release {
-    /// Someone fixed or asked (reconnect, Retry now): send the waiting mails even if nothing
+    /// Someone fixed or asked (reconnect, Release held mail): send the waiting mails even if nothing
     /// was held.
     Forced,
     /// Only if a hold or throttle ended.

@@ -90,7 +90,7 @@ fn fixer(server: &mail_server::Model, reason: HoldReason) -> Fixer {
     }
 }
 
-/// The page where operators act on a held mailbox: a shared server's page (Retry now, Connect),
+/// The page where operators act on a held mailbox: a shared server's page (Release held mail, Connect),
 /// or, for a personal mailbox (not on their server list), the outbox filtered to it, where
 /// Release held mail is.
 pub fn operators_link(server: &mail_server::Model) -> String {
@@ -112,7 +112,7 @@ fn operators_step(server: &mail_server::Model, reason: HoldReason) -> &'static s
             "It is a user's personal mailbox: once it is fixed, click Release held mail on the outbox filtered to this mailbox (Fix it opens it)."
         }
         (Fixer::Operators, None) if reason.needs_operator() => {
-            "Once it is fixed, click Retry now on the server's page (Fix it opens it): it ends the hold and sends the waiting mail, like Release held mail in the outbox."
+            "Once it is fixed, click Release held mail on the server's page (Fix it opens it): it ends the hold and sends the waiting mail."
         }
         _ => "",
     }

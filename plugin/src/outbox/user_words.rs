@@ -93,6 +93,8 @@ const RECONNECT_TOLD_FAILED: &str = "The mailbox must be connected again; then s
 const FOR_OPERATORS: &[&str] = &[
     "administrator",
     "operator",
+    "Release held mail",
+    // Words stored before the server page's button was named Release held mail.
     "Retry now",
     "server page",
     "server's page",
@@ -207,6 +209,7 @@ mod tests {
     /// Words only operators can act on.
     fn for_operators_only(words: &str) -> bool {
         [
+            "Release held mail",
             "Retry now",
             "server page",
             "Settings ›",
@@ -295,7 +298,7 @@ mod tests {
 
     #[test]
     fn a_user_is_told_the_operators_were_told() {
-        let words = "Microsoft Graph refused to send from sales@contoso.example (403). An administrator must grant the app Mail.Send with admin consent; then click Retry now on the server page.";
+        let words = "Microsoft Graph refused to send from sales@contoso.example (403). An administrator must grant the app Mail.Send with admin consent; then click Release held mail on the server page.";
         assert_eq!(
             user_words(words, "failed"),
             format!(
@@ -315,7 +318,7 @@ mod tests {
 
     #[test]
     fn the_author_of_a_failed_mail_reads_what_is_left_for_them() {
-        let operators = "Microsoft Graph refused to send from sales@contoso.example (403). An administrator must grant the app Mail.Send with admin consent; then click Retry now on the server page.";
+        let operators = "Microsoft Graph refused to send from sales@contoso.example (403). An administrator must grant the app Mail.Send with admin consent; then click Release held mail on the server page.";
         assert_eq!(
             failed_for_author(operators, None, false),
             format!(

@@ -192,7 +192,7 @@ pub async fn app_only_token(
                 verdict.level = Level::MailboxHeld(HoldReason::ClientCredentials);
                 verdict.who = Who::Operator;
             }
-            verdict.fix = "For app-only sending, an administrator must give the app the Office 365 Exchange Online application permission SMTP.SendAsApp with admin consent, and register its Exchange service principal with rights on the mailbox; then save the settings or click Retry now on the server page.".into();
+            verdict.fix = "For app-only sending, an administrator must give the app the Office 365 Exchange Online application permission SMTP.SendAsApp with admin consent, and register its Exchange service principal with rights on the mailbox; then save the settings or click Release held mail on the server page.".into();
             Err(hold(ctx, shared, server, verdict).await)
         }
     }

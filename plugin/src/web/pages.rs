@@ -403,7 +403,7 @@ async fn show(
         )
     } else if flash.retried.is_some() {
         Some(
-            html! { p.flash.ok role="status" { "Retrying: the hold was lifted and the waiting mails are being sent in queue order." } },
+            html! { p.flash.ok role="status" { "Held mail released: the hold was lifted and the waiting mails are being sent in queue order." } },
         )
     } else if flash.saved.is_some() {
         Some(html! { p.flash.ok role="status" { "Saved." } })
@@ -536,7 +536,11 @@ async fn retry(
     .await
     {
         Ok(_) => {
-            tracing::info!(server_id = server.id, user_id = user.id, "retry now");
+            tracing::info!(
+                server_id = server.id,
+                user_id = user.id,
+                "held mail released"
+            );
             see_other(&format!("{}?retried=1", server_url(&server)))
         }
         Err(e) => db_down(&ctx, &user, e),

@@ -32,8 +32,8 @@ fn other_transport_words(server: &mail_server::Model, t: &token::Model) -> Optio
 
 /// The connection and health block of a server's page: the health state (held with its
 /// reason in words, since when, how many mails wait), then the token, and the buttons that can
-/// help (switch to Microsoft Graph where the tenant keeps SMTP AUTH off; Retry now, for an
-/// operator, where a release can help). `waiting`: mails queued for the server.
+/// help (switch to Microsoft Graph where the tenant keeps SMTP AUTH off; Release held mail, for
+/// an operator, where a release can help). `waiting`: mails queued for the server.
 pub fn status_block(
     server: &mail_server::Model,
     token: Option<&token::Model>,
@@ -116,8 +116,8 @@ pub fn status_block(
             @if user.is_admin && health.reason().is_none_or(|r| r.release_can_help()) && *health != Health::Ready {
                 form.inline method="post" action=(format!("{}/retry", server_url(server))) {
                     (csrf(user))
-                    button type="submit" { "Retry now" }
-                    span.help { " Ends the hold and sends the waiting mails now (the same as Release held mail in the outbox)." }
+                    button type="submit" { "Release held mail" }
+                    span.help { " Ends the hold and sends the waiting mails now, in queue order (a mail's own Retry now, in the outbox, is for one failed mail)." }
                 }
             }
         }

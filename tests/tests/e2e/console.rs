@@ -1074,6 +1074,7 @@ async fn a_users_mail_page_says_what_happened_in_users_words_and_operators_in_th
         );
         for operators_only in [
             "Retry now",
+            "Release held mail",
             "server page",
             "Set-CASMailbox",
             "An Exchange administrator must",

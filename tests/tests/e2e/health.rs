@@ -106,7 +106,7 @@ async fn operator_notifications(app: &TestApp, key: &str) -> Vec<notification::M
     notes
 }
 
-/// What an operator's Retry now does: ends the hold of `server_id` at once.
+/// What an operator's Release held mail (on the server's page) does: ends the hold of `server_id` at once.
 async fn release_forced(app: &TestApp, server_id: i32) {
     let (ctx, shared) = app.module_parts();
     microsoft_outlook::delivery::health::release(
@@ -448,7 +448,7 @@ async fn an_html_page_from_the_token_endpoint_is_not_a_dead_grant() {
     }
     assert!(!page.contains("Held: Reconnect needed"), "{page}");
 
-    // The proxy is fixed; the operator clicks Retry now.
+    // The proxy is fixed; the operator clicks Release held mail.
     m.env.idp.clear_faults();
     let (status, page, _) = m
         .env
@@ -465,7 +465,7 @@ async fn an_html_page_from_the_token_endpoint_is_not_a_dead_grant() {
     let sent = wait_status(app, id, "sent").await;
     assert_eq!(sent.attempts, 1);
     wait_ready(app, id_server).await;
-    // Retry now is a form of the operator's: without a CSRF token nothing happens.
+    // Release held mail is a form of the operator's: without a CSRF token nothing happens.
     let (status, _, _) = m
         .env
         .admin
@@ -881,7 +881,7 @@ async fn the_server_pages_show_a_held_mailbox() {
         .await;
     assert!(page.contains("Held: SMTP AUTH disabled"), "{page}");
     assert!(!page.contains("Outlook token validated"), "{page}");
-    assert!(page.contains("Retry now"), "{page}");
+    assert!(page.contains("Release held mail"), "{page}");
     // Alice, whose mail waits, is told once that the operators know: not asked to fix it.
     let alice_notes = notification::Entity::find()
         .filter(notification::Column::UserId.eq(app.alice_id))

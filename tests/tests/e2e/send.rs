@@ -558,7 +558,10 @@ async fn a_second_535_holds_the_mailbox_and_notifies_once() {
         1,
         "operators are told once\n{page}"
     );
-    assert!(page.contains("click Retry now on the server"), "{page}");
+    assert!(
+        page.contains("click Release held mail on the server"),
+        "{page}"
+    );
     let (_, server_page, _) = m
         .env
         .admin

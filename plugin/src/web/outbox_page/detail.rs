@@ -289,7 +289,7 @@ fn delivery_card(
                             (csrf(user))
                             input type="hidden" name="return_to" value=(format!("{OUTBOX}/{}", mail.id));
                             button type="submit" { "Release held mail" }
-                            span.help { " Ends the hold of this mailbox and sends its waiting mails now (the same as Retry now on a shared server's page)." }
+                            span.help { " Ends the hold of this mailbox and sends its waiting mails now, in queue order (the same button is on a shared server's page)." }
                         }
                     }
                 }
