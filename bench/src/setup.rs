@@ -190,6 +190,14 @@ pub async fn assemble(
         .get(MODULE)
         .context("the module is not linked")?;
     entry.module.migrate(&assembled.db).await?;
+    if let Ok(sql) = std::env::var("BENCH_SQL") {
+        use sea_orm::ConnectionTrait;
+        if assembled.db.get_database_backend() == sea_orm::DbBackend::Postgres {
+            for stmt in sql.split(';').filter(|s| !s.trim().is_empty()) {
+                assembled.db.execute_unprepared(stmt).await?;
+            }
+        }
+    }
     Ok(Assembled {
         ctx: entry.ctx.clone(),
         shared: module.shared(),

@@ -44,11 +44,13 @@ header{padding:.5rem .6rem;gap:.6rem}header .me{margin-left:0}
 section.card{padding:.8rem}
 table{display:block;overflow-x:auto;max-width:100%}th,td{min-width:6.5rem}
 td,code{overflow-wrap:anywhere}
+table.history{display:table}table.history th,table.history td{min-width:0}
 }
 form.filters{display:grid;grid-template-columns:repeat(auto-fill,minmax(11rem,1fr));gap:0 .8rem}
 form.filters .wide{grid-column:1/-1}form.filters p{grid-column:1/-1;margin:.8rem 0 0}
 table.outbox td,table.outbox th{font-size:.9rem}table.fields th{width:9rem}
-table.history td,table.history th{font-size:.9rem;vertical-align:top}table.history td:first-child{white-space:nowrap}
+table.history td,table.history th{font-size:.9rem;vertical-align:top}table.history td.reply{overflow-wrap:anywhere}
+div.status form.inline{display:block;margin-top:.5rem}
 "#;
 
 /// Where the stylesheet is served (a file, not inline: the Content-Security-Policy allows only

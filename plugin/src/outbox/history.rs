@@ -22,8 +22,15 @@ use crate::entities::{outbox, outbox_event};
 pub const DEFERRED: &str = "deferred";
 /// An attempt that was not accepted; the mail is not tried again by itself.
 pub const FAILED: &str = "failed";
-/// A person queued the mail again.
+/// An attempt stopped by its mailbox's problem (a hold or the server asking to slow down):
+/// no attempt spent; the mail waits for the mailbox.
+pub const WAITED: &str = "waited";
+/// A person queued a failed mail again (a new round of attempts).
 pub const RETRIED: &str = "retried";
+/// A person made a queued mail due now.
+pub const DUE_NOW: &str = "due_now";
+/// An operator released its mailbox's hold (Release held mail).
+pub const RELEASED: &str = "released";
 /// A person cancelled the mail.
 pub const CANCELLED: &str = "cancelled";
 
@@ -31,11 +38,11 @@ pub const CANCELLED: &str = "cancelled";
 /// out).
 pub const SHOWN: u64 = 200;
 
-/// Writes the events of attempts of `ids` (outcomes of one shape that were counted as
-/// attempts and not sent: `kind` is [`DEFERRED`] or [`FAILED`]) at `now`, for the rows `owner`
-/// still holds: the attempt's number is the row's count of attempts; `reply` and `words` are
-/// the server's reply and what it meant. Run before the outcome's update, in its transaction
-/// (the update ends the claim this looks for).
+/// Writes the events of attempts of `ids` (outcomes of one shape that were not sent: `kind` is
+/// [`DEFERRED`], [`FAILED`] or [`WAITED`]) at `now`, for the rows `owner` still holds: the
+/// attempt's number is the row's count of attempts; `reply` and `words` are the server's reply
+/// and what it meant. Run before the outcome's update, in its transaction (the update ends the
+/// claim this looks for).
 pub async fn attempts<C: ConnectionTrait>(
     db: &C,
     (owner, now): (&str, DateTime<Utc>),
@@ -73,7 +80,8 @@ pub async fn attempts<C: ConnectionTrait>(
     db.execute(&insert).await.map(|_| ())
 }
 
-/// Writes that `by` took `kind` ([`RETRIED`] or [`CANCELLED`]) on each of `ids` at `now`.
+/// Writes that `by` took `kind` ([`RETRIED`], [`DUE_NOW`] or [`CANCELLED`]) on each of `ids`
+/// at `now`.
 pub async fn actions<C: ConnectionTrait>(
     db: &C,
     ids: &[i64],
@@ -99,12 +107,49 @@ pub async fn actions<C: ConnectionTrait>(
     Ok(())
 }
 
+/// Writes that `by` released the hold of mailbox `server_id` at `now`, for each of its mails
+/// still to send (one statement, whatever their number).
+pub async fn released<C: ConnectionTrait>(
+    db: &C,
+    server_id: i32,
+    by: &CurrentUser,
+    now: DateTime<Utc>,
+) -> Result<(), sea_orm::DbErr> {
+    let rows = Query::select()
+        .column(outbox::Column::Id)
+        .expr(Expr::value(now))
+        .expr(Expr::value(RELEASED))
+        .expr(Expr::value(by.name.clone()))
+        .expr(Expr::value(by.id))
+        .from(outbox::Entity)
+        .cond_where(
+            sea_orm::Condition::all()
+                .add(outbox::Column::ServerId.eq(server_id))
+                .add(outbox::unsent()),
+        )
+        .to_owned();
+    let insert = Query::insert()
+        .into_table(outbox_event::Entity)
+        .columns([
+            outbox_event::Column::OutboxId,
+            outbox_event::Column::At,
+            outbox_event::Column::Kind,
+            outbox_event::Column::Detail,
+            outbox_event::Column::UserId,
+        ])
+        .select_from(rows)
+        .map_err(|e| sea_orm::DbErr::Custom(e.to_string()))?
+        .to_owned();
+    db.execute(&insert).await.map(|_| ())
+}
+
 /// One line of a mail's history as its viewer reads it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Entry {
     /// When.
     pub at: DateTime<Utc>,
-    /// `queued`, `deferred`, `failed`, `retried`, `cancelled` or `sent`.
+    /// `queued`, `deferred`, `failed`, `waited`, `retried`, `due_now`, `released`,
+    /// `cancelled` or `sent`.
     pub kind: String,
     /// What happened, in words.
     pub what: String,
@@ -112,6 +157,8 @@ pub struct Entry {
     pub reply: Option<String>,
     /// What the reply meant, in words (as the viewer may read them).
     pub words: Option<String>,
+    /// Who took the action (retried, made due, released, cancelled).
+    pub by: Option<String>,
 }
 
 /// The history of `mail` (already as `viewer` may see it) from its events: queued, each
@@ -148,41 +195,67 @@ pub async fn of_mail<C: ConnectionTrait>(
             what: "Queued".into(),
             reply: None,
             words: None,
+            by: None,
         });
     }
-    entries.extend(events.into_iter().map(|e| entry(e, viewer)));
+    // A retry of a failed mail starts a new round: its attempts are counted from 1 again.
+    let mut rounds = 1;
+    for e in events {
+        let round = rounds;
+        if e.kind == RETRIED {
+            rounds += 1;
+        }
+        entries.push(entry(e, viewer, round));
+    }
     if mail.status == "sent"
         && let Some(at) = mail.sent_at
     {
         entries.push(Entry {
             at,
             kind: "sent".into(),
-            what: format!("Attempt {}: accepted by the server", mail.attempts),
+            what: format!(
+                "{}: accepted by the server",
+                attempt_words(mail.attempts, rounds)
+            ),
             reply: mail.last_reply.clone(),
             words: None,
+            by: None,
         });
     }
     Ok((entries, left_out))
 }
 
-/// An event in words for `viewer`.
-fn entry(e: outbox_event::Model, viewer: &CurrentUser) -> Entry {
-    let attempt = e.attempt.unwrap_or_default();
+/// "Attempt 2", or "Attempt 1 after a retry" in a later round.
+fn attempt_words(attempt: i32, round: usize) -> String {
+    if round > 1 {
+        format!("Attempt {attempt} after a retry")
+    } else {
+        format!("Attempt {attempt}")
+    }
+}
+
+/// An event of round `round` in words for `viewer`.
+fn entry(e: outbox_event::Model, viewer: &CurrentUser, round: usize) -> Entry {
+    let attempt = attempt_words(e.attempt.unwrap_or_default(), round);
+    let person = matches!(e.kind.as_str(), RETRIED | DUE_NOW | RELEASED | CANCELLED);
+    let who = e.detail.clone().unwrap_or_else(|| "someone".into());
     let what = match e.kind.as_str() {
-        DEFERRED => format!("Attempt {attempt}: not accepted; tried again later"),
-        FAILED => format!("Attempt {attempt}: not accepted; not tried again by itself"),
-        RETRIED => format!(
-            "Queued again by {}",
-            e.detail.as_deref().unwrap_or("someone")
-        ),
-        CANCELLED => format!("Cancelled by {}", e.detail.as_deref().unwrap_or("someone")),
+        DEFERRED => format!("{attempt}: not accepted; tried again later"),
+        FAILED => format!("{attempt}: not accepted; not tried again by itself"),
+        WAITED => {
+            "Stopped by its mailbox's problem: no attempt spent; it waits for the mailbox".into()
+        }
+        RETRIED => format!("Queued again by {who}, with a new round of attempts"),
+        DUE_NOW => format!("Made due now by {who}"),
+        RELEASED => format!("Its mailbox's hold was released by {who}"),
+        CANCELLED => format!("Cancelled by {who}"),
         other => other.to_string(),
     };
     let (words, reply) = match e.kind.as_str() {
-        DEFERRED | FAILED if viewer.is_admin => (e.detail, e.reply),
-        DEFERRED => crate::outbox::user_words::for_user(e.detail, e.reply, "queued"),
+        _ if person => (None, None),
+        _ if viewer.is_admin => (e.detail, e.reply),
         FAILED => crate::outbox::user_words::for_user(e.detail, e.reply, "failed"),
-        _ => (None, None),
+        _ => crate::outbox::user_words::for_user(e.detail, e.reply, "queued"),
     };
     Entry {
         at: e.at,
@@ -190,5 +263,6 @@ fn entry(e: outbox_event::Model, viewer: &CurrentUser) -> Entry {
         what,
         reply,
         words,
+        by: person.then_some(who),
     }
 }

@@ -168,12 +168,17 @@ async fn write_group(
         } else {
             Condition::all().add(outbox::Column::LeaseOwner.eq(owner))
         });
-    if sent || first.uncount {
+    // A mail that waits for its mailbox without having been tried (the rest of a batch) has
+    // nothing to tell.
+    let untried = first.uncount && first.last_reply.is_none() && first.last_error.is_none();
+    if sent || untried {
         return update.exec(db).await.map(|_| ());
     }
     // An attempt the server did not accept goes in the mail's history with its outcome.
     let txn = db.begin().await?;
-    let kind = if first.status == "failed" {
+    let kind = if first.uncount {
+        crate::outbox::history::WAITED
+    } else if first.status == "failed" {
         crate::outbox::history::FAILED
     } else {
         crate::outbox::history::DEFERRED

@@ -158,7 +158,7 @@ struct Flash {
     connected: Option<String>,
     disconnected: Option<String>,
     saved: Option<String>,
-    retried: Option<String>,
+    released: Option<String>,
 }
 
 async fn server_page_body(
@@ -401,10 +401,8 @@ async fn show(
         Some(
             html! { p.flash.ok role="status" { "Disconnected: the tokens of this server were forgotten." } },
         )
-    } else if flash.retried.is_some() {
-        Some(
-            html! { p.flash.ok role="status" { "Held mail released: the hold was lifted and the waiting mails are being sent in queue order." } },
-        )
+    } else if flash.released.is_some() {
+        Some(html! { p.flash.ok role="status" { (crate::web::outbox_page::RELEASED_FLASH) } })
     } else if flash.saved.is_some() {
         Some(html! { p.flash.ok role="status" { "Saved." } })
     } else {
@@ -526,14 +524,8 @@ async fn retry(
         Err(refused) => return *refused,
     };
     shared.server_changed(server.id);
-    match crate::delivery::health::release(
-        &ctx,
-        &shared.clone().into_inner(),
-        server.id,
-        None,
-        crate::delivery::health::Release::Forced,
-    )
-    .await
+    match crate::delivery::health::release_by(&ctx, &shared.clone().into_inner(), server.id, &user)
+        .await
     {
         Ok(_) => {
             tracing::info!(
@@ -541,7 +533,7 @@ async fn retry(
                 user_id = user.id,
                 "held mail released"
             );
-            see_other(&format!("{}?retried=1", server_url(&server)))
+            see_other(&format!("{}?released=1", server_url(&server)))
         }
         Err(e) => db_down(&ctx, &user, e),
     }

@@ -117,7 +117,7 @@ pub fn status_block(
                 form.inline method="post" action=(format!("{}/retry", server_url(server))) {
                     (csrf(user))
                     button type="submit" { "Release held mail" }
-                    span.help { " Ends the hold and sends the waiting mails now, in queue order (a mail's own Retry now, in the outbox, is for one failed mail)." }
+                    span.help { " Ends the hold and sends the waiting mails now, in queue order (Retry now, on a mail's page, is for that one mail)." }
                 }
             }
         }

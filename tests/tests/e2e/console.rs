@@ -298,7 +298,14 @@ async fn retry_of_a_failed_mail_gives_it_a_new_round_and_sends_it() {
         .collect();
     assert_eq!(kinds, ["queued", "failed", "retried", "sent"], "{detail}");
     assert_eq!(history[1]["reply"], "550 5.1.10: recipient not found");
-    assert_eq!(history[2]["what"], "Queued again by Alice Adams");
+    assert_eq!(
+        history[2]["what"],
+        "Queued again by Alice Adams, with a new round of attempts"
+    );
+    assert_eq!(
+        history[3]["what"],
+        "Attempt 1 after a retry: accepted by the server"
+    );
     let (_, detail) = m.env.admin.get_json(&format!("{OUTBOX}/{id}")).await;
     assert!(
         detail["history"][1]["reply"]
@@ -384,6 +391,24 @@ async fn a_cancelled_mail_is_never_sent_and_releasing_the_mailbox_sends_the_othe
         format!("{filtered}&released={}", m.env.server_id)
     );
     wait_status(app, first, "sent").await;
+    // The first mail's history: the attempt its mailbox's problem stopped (no attempt spent),
+    // the release and who asked for it, then the attempt that went out.
+    let (_, detail) = m.env.admin.get_json(&format!("{OUTBOX}/{first}")).await;
+    let history = detail["history"].as_array().expect("history");
+    let kinds: Vec<&str> = history
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(kinds, ["queued", "waited", "released", "sent"], "{detail}");
+    assert!(
+        history[1]["reply"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("5.7.139"),
+        "{detail}"
+    );
+    assert_eq!(history[2]["by"], "Olivia Operator", "{detail}");
+    assert_eq!(history[3]["what"], "Attempt 1: accepted by the server");
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     assert_eq!(row(app, second).await.status, "cancelled");
     let received: Vec<String> = m
@@ -941,6 +966,15 @@ async fn a_user_retries_only_failed_mails_and_operators_also_queued_ones() {
         .post_json(&format!("{OUTBOX}/{waiting}/retry"), &json!({}))
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    // Its history says what the operator did: made it due, not a new round of attempts.
+    let (_, detail) = m.alice.get_json(&format!("{OUTBOX}/{waiting}")).await;
+    let history = detail["history"].as_array().expect("history");
+    assert!(
+        history
+            .iter()
+            .any(|e| e["what"] == "Made due now by Olivia Operator"),
+        "{detail}"
+    );
 }
 
 /// The options of the outbox filter's Mailbox list.

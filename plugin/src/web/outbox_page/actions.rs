@@ -53,8 +53,11 @@ pub async fn retry(
     // Those whose update lost a race (claimed meanwhile) are not reported as retried.
     let mut ids = still_with(ctx, &ids, "queued").await?;
     ids.sort_unstable();
-    crate::outbox::history::actions(ctx.db(), &ids, crate::outbox::history::RETRIED, by, now)
-        .await?;
+    let (new_round, made_due): (Vec<i64>, Vec<i64>) =
+        ids.iter().partition(|id| were_failed.contains(id));
+    use crate::outbox::history::{DUE_NOW, RETRIED, actions};
+    actions(ctx.db(), &new_round, RETRIED, by, now).await?;
+    actions(ctx.db(), &made_due, DUE_NOW, by, now).await?;
     resolve_failed_notices(ctx, &were_failed, &ids).await;
     let mut servers: Vec<i32> = Vec::new();
     for chunk in ids.chunks(500) {
@@ -447,15 +450,7 @@ pub(super) async fn release(
         .filter(|to| is_outbox_page(to))
         .unwrap_or_else(|| OUTBOX.to_string());
     shared.server_changed(server_id);
-    match crate::delivery::health::release(
-        &ctx,
-        &shared.into_inner(),
-        server_id,
-        None,
-        crate::delivery::health::Release::Forced,
-    )
-    .await
-    {
+    match crate::delivery::health::release_by(&ctx, &shared.into_inner(), server_id, &user).await {
         Ok(ended) => {
             tracing::info!(server_id, user_id = user.id, ended, "held mail released");
             if wants_json(&req) {

@@ -42,6 +42,7 @@ pub(super) struct DetailFlash {
     cancelled: Option<String>,
     queued: Option<String>,
     refused: Option<String>,
+    released: Option<String>,
 }
 
 /// What a Retry now did, as far as this page can tell yet: the mail is usually still on its
@@ -212,6 +213,8 @@ fn detail_flash(flash: &DetailFlash, v: &Viewed) -> Option<Markup> {
             v.mail.id,
             v.waits_on_mailbox(),
         ))
+    } else if flash.released.is_some() {
+        Some(html! { p.flash.ok role="status" { (RELEASED_FLASH) } })
     } else if flash.cancelled.is_some() {
         Some(html! { p.flash.ok role="status" { "Cancelled: this mail will not be sent." } })
     } else if flash.queued.is_some() {
@@ -274,7 +277,11 @@ fn delivery_card(
         section.card id="delivery" {
             h2 { "Delivery" }
             table.fields { tbody {
-                tr { th { "Attempts" } td { (mail.attempts) " of at most " (limits.max_attempts) @if v.waits_on_mailbox() { " (waiting for its mailbox spends none)" } } }
+                tr { th { "Attempts" } td { (mail.attempts) @match mail.status.as_str() {
+                    "failed" => " (failed: not tried again by itself)",
+                    "sent" | "cancelled" => "",
+                    _ => { " of at most " (limits.max_attempts) @if v.waits_on_mailbox() { " (waiting for its mailbox spends none)" } },
+                } } }
                 @if mail.status == "queued" { tr { th { "Next attempt" } td { (next_attempt(mail, now, limits.per_minute, ready)) } } }
                 tr { th { "Last reply" } td.reply { (mail.last_reply.as_deref().unwrap_or("-")) } }
                 @if let Some(reply) = &mail.last_reply { tr { th { "Classified" } td { (classified_reply(reply)) } } }

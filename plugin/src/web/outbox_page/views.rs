@@ -398,10 +398,7 @@ pub(super) async fn list(
         Vec::new()
     };
     let flash = match (&query.released, &query.done, &query.n) {
-        (Some(_), _, _) => Some(
-            "Released: the hold was lifted and the waiting mails are being sent in queue order."
-                .to_string(),
-        ),
+        (Some(_), _, _) => Some(RELEASED_FLASH.to_string()),
         (_, Some(action), Some(n)) if action == "retry" => Some(format!(
             "{n} mail(s) queued again: they are being sent now."
         )),
