@@ -21,7 +21,7 @@ use crate::runtime::Shared;
 pub enum Health {
     /// Mail goes out.
     Ready,
-    /// Exchange asked to slow down: mails wait until `until`, spending no attempt.
+    /// Microsoft 365 (Exchange Online or Graph) asked to slow down: mails wait until `until`, spending no attempt.
     Throttled {
         /// When sending resumes.
         until: DateTime<Utc>,
@@ -80,12 +80,12 @@ impl Health {
         }
     }
 
-    /// One line for lists: "Held: SMTP AUTH disabled", "Throttled until 10:42 UTC", "Ready".
+    /// One line for lists: "Held: SMTP AUTH disabled", "Throttled until 10:42:05 UTC", "Ready".
     pub fn label(&self) -> String {
         match self {
             Health::Ready => "Ready".into(),
             Health::Throttled { until } => {
-                format!("Throttled until {}", until.format("%H:%M UTC"))
+                format!("Throttled until {}", until.format("%H:%M:%S UTC"))
             }
             Health::Held { reason, .. } => format!("Held: {}", reason.title()),
         }

@@ -130,7 +130,7 @@ fn hold_notices(
 ) -> Vec<Notification> {
     let key = Some(notification_key(server.id));
     let fixer = fixer(server, reason);
-    let title = reason.title().to_lowercase();
+    let title = reason.title();
     let mut notices = Vec::new();
     if server.owner_user_id.is_none() || fixer == Fixer::Operators {
         let subject = match server.owner_user_id {
@@ -278,16 +278,37 @@ async fn tell(ctx: &ModuleContext, server: &mail_server::Model, reason: HoldReas
     }
 }
 
-/// For each held or throttled mailbox, what its waiting mails say to someone who is not the
-/// owner of a personal mailbox (operators, authors on a shared one); see [`waiting_words_for`].
-pub async fn waiting_words(ctx: &ModuleContext) -> HashMap<i32, String> {
-    waiting_words_for(ctx, None).await
+/// For each held or throttled mailbox, what its waiting mails say to the user `viewer` (an id,
+/// not an operator): why they wait, and who has been told, in words for the reader (the owner
+/// of a personal mailbox reads "you"; nobody is asked to do another's job).
+pub async fn waiting_words_for(ctx: &ModuleContext, viewer: Option<i64>) -> HashMap<i32, String> {
+    waiting_words_of(ctx, Reader::User(viewer)).await
 }
 
-/// For each held or throttled mailbox, what its waiting mails say to `viewer` (a user id):
-/// why they wait, and who has been told, in words for the reader (the owner of a personal
-/// mailbox reads "you"; nobody is asked to do another's job).
-pub async fn waiting_words_for(ctx: &ModuleContext, viewer: Option<i64>) -> HashMap<i32, String> {
+/// [`waiting_words_for`] as `viewer` reads them: an operator is told what is theirs to do
+/// (not that the operators have been told).
+pub async fn waiting_words_as(
+    ctx: &ModuleContext,
+    viewer: &crm_sdk::CurrentUser,
+) -> HashMap<i32, String> {
+    let reader = if viewer.is_admin {
+        Reader::Operator
+    } else {
+        Reader::User(Some(viewer.id))
+    };
+    waiting_words_of(ctx, reader).await
+}
+
+/// Who reads a waiting mail's words.
+#[derive(Clone, Copy)]
+enum Reader {
+    /// An operator.
+    Operator,
+    /// A user (by id; `None`: nobody in particular).
+    User(Option<i64>),
+}
+
+async fn waiting_words_of(ctx: &ModuleContext, reader: Reader) -> HashMap<i32, String> {
     let now = ctx.clock().now();
     let rows = all(ctx).await.unwrap_or_default();
     let owners: HashMap<i32, Option<i64>> = mail_server::Entity::find()
@@ -304,7 +325,19 @@ pub async fn waiting_words_for(ctx: &ModuleContext, viewer: Option<i64>) -> Hash
     rows.iter()
         .filter_map(|(id, row)| {
             let owner = owners.get(id).copied().flatten();
-            let words = words_of(&Health::of(Some(row), now), owner, viewer)?;
+            let health = Health::of(Some(row), now);
+            let words = match (reader, &health) {
+                (Reader::Operator, Health::Held { reason, .. })
+                    if reason.needs_operator_for(owner.is_some()) =>
+                {
+                    format!(
+                        "Waiting: the mailbox is held because {} — yours to fix, as its page says; then Release held mail. Nothing is lost.",
+                        reason.in_words()
+                    )
+                }
+                (Reader::Operator, _) => words_of(&health, owner, None)?,
+                (Reader::User(viewer), _) => words_of(&health, owner, viewer)?,
+            };
             Some((*id, words))
         })
         .collect()
@@ -316,8 +349,8 @@ pub(crate) fn words_of(health: &Health, owner: Option<i64>, viewer: Option<i64>)
     let words = match health {
         Health::Ready => return None,
         Health::Throttled { until } => format!(
-            "Waiting: Exchange asked to slow down; it goes out after {}.",
-            until.format("%H:%M UTC")
+            "Waiting: Microsoft 365 asked to slow down; it goes out after {}.",
+            until.format("%H:%M:%S UTC")
         ),
         Health::Held { reason, .. } if reason.needs_operator_for(owner.is_some()) => format!(
             "Waiting: the mailbox is held because {} — the CRM's operators have been told and will fix it; nothing is needed from you. Nothing is lost; it goes out once they fix it.",

@@ -62,8 +62,8 @@ pub fn status_block(
                     }
                 }
                 Health::Throttled { until } => {
-                    p { span.badge.warn { "Throttled until " (when(*until)) } }
-                    p.help { "Exchange asked the CRM to slow down. " (waiting) " mail(s) wait without spending attempts." }
+                    p { span.badge.warn { "Throttled until " (until.format("%Y-%m-%d %H:%M:%S UTC")) } }
+                    p.help { "Microsoft 365 asked the CRM to slow down. " (waiting) " mail(s) wait without spending attempts." }
                 }
                 Health::Ready => {}
             }

@@ -1127,4 +1127,10 @@ async fn a_users_mail_page_says_what_happened_in_users_words_and_operators_in_th
         page.contains("An Exchange administrator must enable Authenticated SMTP"),
         "{page}"
     );
+    // The operator is told what is theirs to do, not that the operators have been told.
+    let (_, detail) = m.env.admin.get_json(&path).await;
+    let waiting = detail["mail"]["waiting"].as_str().expect("why it waits");
+    assert!(waiting.contains("yours to fix"), "{waiting}");
+    assert!(waiting.contains("Release held mail"), "{waiting}");
+    assert!(!waiting.contains("have been told"), "{waiting}");
 }

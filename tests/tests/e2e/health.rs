@@ -994,7 +994,7 @@ async fn a_personal_mailboxs_hold_tells_each_reader_what_they_can_do_and_where()
         "{to_alice}"
     );
     assert!(!to_alice.contains("its owner"), "{to_alice}");
-    let to_others = microsoft_outlook::delivery::hold::waiting_words(&ctx)
+    let to_others = microsoft_outlook::delivery::hold::waiting_words_for(&ctx, None)
         .await
         .remove(&mine)
         .unwrap_or_default();

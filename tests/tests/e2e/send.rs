@@ -554,7 +554,7 @@ async fn a_second_535_holds_the_mailbox_and_notifies_once() {
     assert_eq!((also.status.as_str(), also.attempts), ("queued", 0));
     let (_, page, _) = m.env.admin.get("/notifications").await;
     assert_eq!(
-        page.matches("is held: smtp refuses the token").count(),
+        page.matches("is held: SMTP refuses the token").count(),
         1,
         "operators are told once\n{page}"
     );

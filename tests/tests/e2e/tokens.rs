@@ -174,14 +174,14 @@ async fn the_cron_job_refreshes_every_mailbox_and_a_revoked_grant_is_told_once()
     );
     let (_, notes, _) = alice.get("/notifications").await;
     assert_eq!(
-        notes.matches("is held: reconnect needed").count(),
+        notes.matches("is held: Reconnect needed").count(),
         1,
         "alice is told once\n{notes}"
     );
     // Only Alice can sign in to her own mailbox: the operators are not asked to.
     let (_, notes, _) = env.admin.get("/notifications").await;
     assert_eq!(
-        notes.matches("is held: reconnect needed").count(),
+        notes.matches("is held: Reconnect needed").count(),
         0,
         "operators are not asked to reconnect a user's mailbox\n{notes}"
     );
