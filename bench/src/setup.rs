@@ -168,6 +168,25 @@ pub struct Assembled {
     pub sealer: Sealer,
 }
 
+/// For experiments with the schema (BENCHMARKS.md's findings, e.g. an index dropped):
+/// `BENCH_SQL`, statements separated by `;`, run on a PostgreSQL bench database after the
+/// migrations. `bench/run.sh` never sets it; SQLite databases ignore it.
+async fn schema_experiment(db: &DatabaseConnection) -> anyhow::Result<()> {
+    use sea_orm::ConnectionTrait;
+    let Ok(sql) = std::env::var("BENCH_SQL") else {
+        return Ok(());
+    };
+    if db.get_database_backend() != sea_orm::DbBackend::Postgres {
+        return Ok(());
+    }
+    for statement in sql.split(';').filter(|s| !s.trim().is_empty()) {
+        db.execute_unprepared(statement)
+            .await
+            .with_context(|| format!("BENCH_SQL: {statement}"))?;
+    }
+    Ok(())
+}
+
 /// Opens `url` as the host does (host migrations), links the module and applies its migrations.
 pub async fn assemble(
     config: &Config,
@@ -190,14 +209,7 @@ pub async fn assemble(
         .get(MODULE)
         .context("the module is not linked")?;
     entry.module.migrate(&assembled.db).await?;
-    if let Ok(sql) = std::env::var("BENCH_SQL") {
-        use sea_orm::ConnectionTrait;
-        if assembled.db.get_database_backend() == sea_orm::DbBackend::Postgres {
-            for stmt in sql.split(';').filter(|s| !s.trim().is_empty()) {
-                assembled.db.execute_unprepared(stmt).await?;
-            }
-        }
-    }
+    schema_experiment(&assembled.db).await?;
     Ok(Assembled {
         ctx: entry.ctx.clone(),
         shared: module.shared(),
