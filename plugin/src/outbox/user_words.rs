@@ -107,6 +107,7 @@ const FOR_OPERATORS: &[&str] = &[
     "Reconnecting",
     "proxy",
     "report it",
+    "spread the sending",
 ];
 
 /// Sentences that ask for the mailbox to be connected again (not lettre's "Connection

@@ -194,7 +194,7 @@ pub fn mails_table(mails: &[RecordMail], mailboxes: &HashMap<i32, String>) -> Ma
             p.help { "No mail sent from this record yet." }
         } @else {
             table.mails {
-                thead { tr { th { "Subject" } th { "Status" } th { "Sent via" } th { "Queued" } th { "Updated" } } }
+                thead { tr { th { "Subject" } th { "Status" } th { "Sent via" } th { "Queued (UTC)" } th { "Updated (UTC)" } } }
                 tbody {
                     @for mail in mails {
                         @match mail {

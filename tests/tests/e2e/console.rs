@@ -342,6 +342,13 @@ async fn a_cancelled_mail_is_never_sent_and_releasing_the_mailbox_sends_the_othe
     assert!(page.contains("Held: SMTP AUTH disabled"), "{page}");
     let (_, page, _) = m.env.admin.get(&format!("{OUTBOX}/{first}")).await;
     assert!(page.contains("Release held mail"), "{page}");
+    let (_, detail) = m.env.admin.get_json(&format!("{OUTBOX}/{first}")).await;
+    assert_eq!(detail["actions"]["release"], true, "{detail}");
+    let (_, detail) = m.alice.get_json(&format!("{OUTBOX}/{first}")).await;
+    assert_eq!(
+        detail["actions"]["release"], false,
+        "an operator's action: {detail}"
+    );
     // Cancel, as a form from the mail's page.
     let (status, _, location) = m
         .alice

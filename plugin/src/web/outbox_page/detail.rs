@@ -190,6 +190,10 @@ fn detail_json(v: Viewed, servers: &HashMap<i32, String>, user: &CurrentUser) ->
         actionable_by(user, "retry").contains(&status),
         actionable_by(user, "cancel").contains(&status),
     );
+    // Release held mail, as the page offers it to an operator.
+    let release = user.is_admin
+        && v.waits_on_mailbox()
+        && v.health.reason().is_some_and(|r| r.release_can_help());
     let (envelope_from, raw_size) = (v.mail.envelope_from.clone(), v.mail.size_bytes);
     HttpResponse::Ok().json(serde_json::json!({
         "mail": outbox_mail(v.mail, servers, &v.waits),
@@ -199,7 +203,7 @@ fn detail_json(v: Viewed, servers: &HashMap<i32, String>, user: &CurrentUser) ->
         "message": v.message,
         "classified_reply": classified,
         "mailbox_health": health_view,
-        "actions": { "retry": retry, "cancel": cancel },
+        "actions": { "retry": retry, "cancel": cancel, "release": release },
         "history": v.history.0,
         "history_left_out": v.history.1,
     }))

@@ -292,7 +292,7 @@ pub(super) fn mails_table(
 ) -> Markup {
     html! {
         div.scroll { table.outbox {
-            thead { tr { th { "Queued" } th { "Subject" } th { "To" } th { "From" } th { "Mailbox" } th { "Status" } th { "Attempts" } th { "Last reply" } } }
+            thead { tr { th { "Queued (UTC)" } th { "Subject" } th { "To" } th { "From" } th { "Mailbox" } th { "Status" } th { "Attempts" } th { "Last reply" } } }
             tbody {
                 @for m in mails {
                     tr data-id=(m.id) data-message-id=(m.message_id) {
