@@ -64,16 +64,19 @@ pub async fn attempts<C: ConnectionTrait>(
         .and_where(outbox::Column::Id.is_in(ids.iter().copied()))
         .and_where(outbox::Column::LeaseOwner.eq(owner))
         .to_owned();
+    use outbox_event::Column::{At, Attempt, Detail, Kind, OutboxId, Reply};
+    insert_selected(db, [OutboxId, At, Kind, Attempt, Reply, Detail], rows).await
+}
+
+/// One event for each row `rows` selects, its values for `columns` in that order.
+async fn insert_selected<C: ConnectionTrait, const N: usize>(
+    db: &C,
+    columns: [outbox_event::Column; N],
+    rows: sea_orm::sea_query::SelectStatement,
+) -> Result<(), sea_orm::DbErr> {
     let insert = Query::insert()
         .into_table(outbox_event::Entity)
-        .columns([
-            outbox_event::Column::OutboxId,
-            outbox_event::Column::At,
-            outbox_event::Column::Kind,
-            outbox_event::Column::Attempt,
-            outbox_event::Column::Reply,
-            outbox_event::Column::Detail,
-        ])
+        .columns(columns)
         .select_from(rows)
         .map_err(|e| sea_orm::DbErr::Custom(e.to_string()))?
         .to_owned();
@@ -128,19 +131,8 @@ pub async fn released<C: ConnectionTrait>(
                 .add(outbox::unsent()),
         )
         .to_owned();
-    let insert = Query::insert()
-        .into_table(outbox_event::Entity)
-        .columns([
-            outbox_event::Column::OutboxId,
-            outbox_event::Column::At,
-            outbox_event::Column::Kind,
-            outbox_event::Column::Detail,
-            outbox_event::Column::UserId,
-        ])
-        .select_from(rows)
-        .map_err(|e| sea_orm::DbErr::Custom(e.to_string()))?
-        .to_owned();
-    db.execute(&insert).await.map(|_| ())
+    use outbox_event::Column::{At, Detail, Kind, OutboxId, UserId};
+    insert_selected(db, [OutboxId, At, Kind, Detail, UserId], rows).await
 }
 
 /// One line of a mail's history as its viewer reads it.

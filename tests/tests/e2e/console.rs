@@ -2,7 +2,7 @@
 //! actions (retry, cancel, release a held mailbox, in bulk after a confirmation), the server
 //! page's "Test connection" and "Send a test mail", and `GET /metrics`.
 
-use crate::helpers::{ADMIN, BOB, TestApp, eventually};
+use crate::helpers::{ADMIN, BOB, TestApp, eventually, history_kinds};
 use crate::send::{Mailing, mailing, queue, row, settings, wait_status};
 use crm_sdk::Clock;
 use microsoft_outlook::entities::{mailbox_health, token};
@@ -292,11 +292,11 @@ async fn retry_of_a_failed_mail_gives_it_a_new_round_and_sends_it() {
     // and so does who retried it.
     let (_, detail) = m.alice.get_json(&format!("{OUTBOX}/{id}")).await;
     let history = detail["history"].as_array().expect("history");
-    let kinds: Vec<&str> = history
-        .iter()
-        .map(|e| e["kind"].as_str().unwrap_or(""))
-        .collect();
-    assert_eq!(kinds, ["queued", "failed", "retried", "sent"], "{detail}");
+    assert_eq!(
+        history_kinds(&detail),
+        ["queued", "failed", "retried", "sent"],
+        "{detail}"
+    );
     assert_eq!(history[1]["reply"], "550 5.1.10: recipient not found");
     assert_eq!(
         history[2]["what"],
@@ -402,11 +402,11 @@ async fn a_cancelled_mail_is_never_sent_and_releasing_the_mailbox_sends_the_othe
     // the release and who asked for it, then the attempt that went out.
     let (_, detail) = m.env.admin.get_json(&format!("{OUTBOX}/{first}")).await;
     let history = detail["history"].as_array().expect("history");
-    let kinds: Vec<&str> = history
-        .iter()
-        .map(|e| e["kind"].as_str().unwrap_or(""))
-        .collect();
-    assert_eq!(kinds, ["queued", "waited", "released", "sent"], "{detail}");
+    assert_eq!(
+        history_kinds(&detail),
+        ["queued", "waited", "released", "sent"],
+        "{detail}"
+    );
     assert!(
         history[1]["reply"]
             .as_str()

@@ -418,3 +418,13 @@ impl Browser {
         );
     }
 }
+
+/// The kinds of a mail's history entries, in order, from its page's JSON (`history`).
+pub fn history_kinds(detail: &serde_json::Value) -> Vec<&str> {
+    detail["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap_or(""))
+        .collect()
+}

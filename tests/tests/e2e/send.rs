@@ -2,7 +2,7 @@
 //! submission server, every outcome class, and bad input at the door.
 
 use crate::connect::{Env, MAILBOX, connect_through, env};
-use crate::helpers::{ALICE, BOB, Browser, TestApp, eventually, spawn_on};
+use crate::helpers::{ALICE, BOB, Browser, TestApp, eventually, history_kinds, spawn_on};
 use crm_sdk::{Clock, Sealer};
 use microsoft_outlook::entities::{mailbox_health, outbox, token};
 use microsoft_simulators::identity::TokenFault;
@@ -311,11 +311,11 @@ async fn throttling_432_is_retried_with_back_off_then_sent() {
         .get_json(&format!("/microsoft_outlook/outbox/{id}"))
         .await;
     let history = detail["history"].as_array().expect("history");
-    let kinds: Vec<&str> = history
-        .iter()
-        .map(|e| e["kind"].as_str().unwrap_or(""))
-        .collect();
-    assert_eq!(kinds, ["queued", "deferred", "sent"], "{detail}");
+    assert_eq!(
+        history_kinds(&detail),
+        ["queued", "deferred", "sent"],
+        "{detail}"
+    );
     assert_eq!(
         history[1]["what"],
         "Attempt 1: not accepted; tried again later"
@@ -786,11 +786,11 @@ async fn retries_give_up_after_the_configured_limit() {
         .get_json(&format!("/microsoft_outlook/outbox/{id}"))
         .await;
     let history = detail["history"].as_array().expect("history");
-    let kinds: Vec<&str> = history
-        .iter()
-        .map(|e| e["kind"].as_str().unwrap_or(""))
-        .collect();
-    assert_eq!(kinds, ["queued", "deferred", "failed"], "{detail}");
+    assert_eq!(
+        history_kinds(&detail),
+        ["queued", "deferred", "failed"],
+        "{detail}"
+    );
     assert_eq!(
         history[2]["what"],
         "Attempt 2: not accepted; not tried again by itself"
