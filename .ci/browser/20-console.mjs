@@ -92,7 +92,7 @@ await check('a failed mail is retried from the outbox and goes out', async () =>
   await admin.screenshot({ path: `${shots}/outbox-failed.png`, fullPage: true });
   await admin.click('button:has-text("Retry now")');
   // The page tells what became of it: still on its way, or already sent.
-  await admin.waitForSelector('text=/Queued again|Sent: the server accepted it/');
+  await admin.waitForSelector('p.flash:text-matches("Queued again|Sent: the server accepted it")');
   await waitOutboxStatus('Retry from the outbox', 'sent');
   // Its page keeps the failure before the retry, who retried it, and the accepted attempt.
   await admin.click('table.outbox a:has-text("Retry from the outbox")');

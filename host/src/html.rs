@@ -44,7 +44,7 @@ header{padding:.5rem .6rem;gap:.6rem}header .me{margin-left:0}
 section.card{padding:.8rem}
 table{display:block;overflow-x:auto;max-width:100%}th,td{min-width:6.5rem}
 td,code{overflow-wrap:anywhere}
-table.history{display:table}table.history th,table.history td{min-width:0}
+table.history,table.held{display:table}table.history th,table.history td,table.held th,table.held td{min-width:0}
 }
 form.filters{display:grid;grid-template-columns:repeat(auto-fill,minmax(11rem,1fr));gap:0 .8rem}
 form.filters .wide{grid-column:1/-1}form.filters p{grid-column:1/-1;margin:.8rem 0 0}

@@ -33,7 +33,7 @@ fn other_transport_words(server: &mail_server::Model, t: &token::Model) -> Optio
 /// The connection and health block of a server's page: the health state (held with its
 /// reason in words, since when, how many mails wait), then the token, and the buttons that can
 /// help (switch to Microsoft Graph where the tenant keeps SMTP AUTH off; Release held mail, for
-/// an operator, where a release can help). `waiting`: mails queued for the server.
+/// an operator, where a release can help: a hold, not a throttle, which ends by itself). `waiting`: mails queued for the server.
 pub fn status_block(
     server: &mail_server::Model,
     token: Option<&token::Model>,
@@ -113,7 +113,7 @@ pub fn status_block(
                     span.help { " The tenant keeps SMTP AUTH off: send this mailbox's mail through Graph's sendMail instead. You sign in at Microsoft once more to grant Mail.Send; the waiting mail then goes out." }
                 }
             }
-            @if user.is_admin && health.reason().is_none_or(|r| r.release_can_help()) && *health != Health::Ready {
+            @if user.is_admin && health.reason().is_some_and(|r| r.release_can_help()) {
                 form.inline method="post" action=(format!("{}/retry", server_url(server))) {
                     (csrf(user))
                     button type="submit" { "Release held mail" }

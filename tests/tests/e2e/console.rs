@@ -1086,7 +1086,16 @@ async fn a_throttled_mailbox_is_shown_but_offers_no_release() {
     );
     assert!(page.contains("Sends again by itself"), "{page}");
     assert!(!page.contains("Release held mail"), "{page}");
+    assert!(
+        !page.contains("Releasing ends the hold"),
+        "no help for a button not shown"
+    );
     let (_, page, _) = m.env.admin.get(&format!("{OUTBOX}/{id}")).await;
+    assert!(!page.contains("Release held mail"), "{page}");
+    // Nor does the server's page offer it: the throttle ends by itself.
+    let server_page = format!("/microsoft_outlook/servers/{}", m.env.server_id);
+    let (_, page, _) = m.env.admin.get(&server_page).await;
+    assert!(page.contains("Throttled until"), "{page}");
     assert!(!page.contains("Release held mail"), "{page}");
 }
 

@@ -57,7 +57,7 @@ fn retried_flash(status: &str, id: i64, held: bool) -> Markup {
             html! { p.flash.bad role="alert" { "Retried, and it failed again: the server's answer is below." } }
         }
         _ if held => {
-            html! { p.flash.warn role="status" { "Queued again, but its mailbox is not sending now: it goes out once the mailbox is ready again (the box below says why)." } }
+            html! { p.flash.warn role="status" { "Due now, but its mailbox is not sending now: it goes out once the mailbox is ready again (the box below says why)." } }
         }
         _ => html! {
             p.flash.ok role="status" {
@@ -122,6 +122,14 @@ impl Viewed {
             health,
             waits,
         }))
+    }
+
+    /// Whether a person queued it again after it failed (its attempts count from there).
+    fn retried(&self) -> bool {
+        self.history
+            .0
+            .iter()
+            .any(|e| e.kind == crate::outbox::history::RETRIED)
     }
 
     /// Whether the mail is still to send and its mailbox is held or throttled.
@@ -221,6 +229,10 @@ fn detail_flash(flash: &DetailFlash, v: &Viewed) -> Option<Markup> {
         Some(html! { p.flash.ok role="status" { (RELEASED_FLASH) } })
     } else if flash.cancelled.is_some() {
         Some(html! { p.flash.ok role="status" { "Cancelled: this mail will not be sent." } })
+    } else if flash.queued.is_some() && v.waits_on_mailbox() {
+        Some(
+            html! { p.flash.warn role="status" { "Test mail queued: it waits with the mailbox's other mail until the mailbox is ready again (the box below says why)." } },
+        )
     } else if flash.queued.is_some() {
         Some(
             html! { p.flash.ok role="status" { "Test mail queued: it goes out through the normal queue." } },
@@ -281,7 +293,7 @@ fn delivery_card(
         section.card id="delivery" {
             h2 { "Delivery" }
             table.fields { tbody {
-                tr { th { "Attempts" } td { (mail.attempts) @match mail.status.as_str() {
+                tr { th { "Attempts" } td { (mail.attempts) @if v.retried() { " since the last retry (History has the earlier ones)" } @match mail.status.as_str() {
                     "failed" => " (failed: not tried again by itself)",
                     "sent" | "cancelled" => "",
                     _ => { " of at most " (limits.max_attempts) @if v.waits_on_mailbox() { " (waiting for its mailbox spends none)" } },
@@ -300,7 +312,7 @@ fn delivery_card(
                             (csrf(user))
                             input type="hidden" name="return_to" value=(format!("{OUTBOX}/{}", mail.id));
                             button type="submit" { "Release held mail" }
-                            span.help { " Ends the hold of this mailbox and sends its waiting mails now, in queue order (the same button is on a shared server's page)." }
+                            span.help { " Ends the hold of this mailbox and sends its waiting mails now, in queue order (a shared mailbox's server page has the same button)." }
                         }
                     }
                 }
@@ -326,7 +338,7 @@ fn history_card(v: &Viewed) -> Markup {
                     @for e in entries {
                         tr class=(format!("event {}", e.kind)) {
                             td { (when(e.at)) }
-                            td { (e.what) @if let Some(words) = &e.words { br; span.help { (words) } } }
+                            td { (e.what) @if let Some(words) = &e.words { details { summary { "What it meant" } p.help { (words) } } } }
                             td.reply { (e.reply.as_deref().unwrap_or("-")) }
                         }
                     }

@@ -46,8 +46,7 @@ fn actionable_by(user: &CurrentUser, action: &str) -> &'static [&'static str] {
 mod actions;
 
 /// What Release held mail did, wherever it was clicked.
-pub(crate) const RELEASED_FLASH: &str =
-    "Held mail released: the hold was lifted and the waiting mails are being sent in queue order.";
+pub(crate) const RELEASED_FLASH: &str = "Held mail released: the hold was lifted, and any mails that waited are being sent in queue order.";
 mod detail;
 mod filter;
 mod message;

@@ -189,6 +189,9 @@ pub(super) async fn held_mailboxes(
         .filter(|(_, h)| *h != Health::Ready)
         .collect();
     held.sort_by_key(|(id, _)| *id);
+    let releasable = held
+        .iter()
+        .any(|(_, h)| h.reason().is_some_and(|r| r.release_can_help()));
     html! {
         @if !held.is_empty() {
             section.card id="held" {
@@ -232,7 +235,9 @@ pub(super) async fn held_mailboxes(
                         }
                     }
                 }
-                p.help { "Releasing ends the hold and sends the waiting mails now, in queue order. If the cause is not fixed the mailbox is held again at the first refusal." }
+                @if releasable {
+                    p.help { "Releasing ends the hold and sends the waiting mails now, in queue order. If the cause is not fixed the mailbox is held again at the first refusal." }
+                }
             }
         }
     }
