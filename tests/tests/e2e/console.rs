@@ -349,7 +349,19 @@ async fn a_cancelled_mail_is_never_sent_and_releasing_the_mailbox_sends_the_othe
         detail["actions"]["release"], false,
         "an operator's action: {detail}"
     );
-    // Cancel, as a form from the mail's page.
+    // The mail's Cancel asks first (it cannot be undone); asking changes nothing.
+    let (_, page, _) = m.alice.get(&format!("{OUTBOX}/{second}")).await;
+    assert!(
+        page.contains(&format!(r#"href="{OUTBOX}/{second}/cancel""#)),
+        "{page}"
+    );
+    let (status, page, _) = m.alice.get(&format!("{OUTBOX}/{second}/cancel")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("Cancel this mail?"), "{page}");
+    assert!(page.contains("cannot be undone"), "{page}");
+    assert!(page.contains("Keep it"), "{page}");
+    assert_eq!(row(app, second).await.status, "queued");
+    // Cancel, as the form of that page posts it.
     let (status, _, location) = m
         .alice
         .post_form(&format!("{OUTBOX}/{second}/cancel"), &[])

@@ -239,6 +239,49 @@ pub(super) async fn one(
     see_other(&format!("{OUTBOX}/{}?{flash}", mail.id))
 }
 
+/// The page that asks before a mail is cancelled (its page's Cancel leads here): what it is,
+/// that it will never be sent and that this cannot be undone; the form posts the cancel.
+pub(super) async fn confirm_cancel(
+    ctx: web::Data<ModuleContext>,
+    user: CurrentUser,
+    id: web::Path<String>,
+    req: HttpRequest,
+) -> HttpResponse {
+    let Ok(id) = id.parse::<i64>() else {
+        return not_found(&ctx, &user, &req);
+    };
+    let mail = match visible_mail(&ctx, &user, id).await {
+        Ok(Some(m)) => m,
+        Ok(None) => return not_found(&ctx, &user, &req),
+        Err(e) => return db_down(e),
+    };
+    let base = format!("{OUTBOX}/{}", mail.id);
+    let cancellable = actionable_by(&user, "cancel").contains(&mail.status.as_str());
+    let subject = if mail.subject.is_empty() {
+        "(no subject)"
+    } else {
+        mail.subject.as_str()
+    };
+    let body = html! {
+        h1 { "Cancel this mail?" }
+        section.card.confirm {
+            p { strong { (subject) } " to " (mail.recipients.lines().collect::<Vec<_>>().join(", ")) }
+            @if cancellable {
+                p { "It will never be sent, and this cannot be undone: to send it later, write it again from its record." }
+                form.inline method="post" action=(format!("{base}/cancel")) {
+                    (csrf(&user))
+                    button.danger type="submit" { "Yes, cancel it" }
+                }
+                " "
+            } @else {
+                p { (refusal_words(&mail.status)) }
+            }
+            a.button.secondary href=(base) { "Keep it" }
+        }
+    };
+    page(&ctx, &user, "Cancel this mail?", body)
+}
+
 /// A bulk action's request: the filter, the action, and whether it is confirmed.
 #[derive(Deserialize)]
 pub(super) struct BulkForm {

@@ -395,10 +395,8 @@ pub(super) fn actions(mail: &outbox::Model, user: &CurrentUser, held: bool) -> M
                         }
                         " "
                     }
-                    form.inline method="post" action=(format!("{base}/cancel")) {
-                        (csrf(user))
-                        button.danger type="submit" { "Cancel" }
-                    }
+                    // Cancelling cannot be undone: the button leads to a page that asks first.
+                    a.button.danger href=(format!("{base}/cancel")) { "Cancel" }
                     p.help { @if mail.status == "failed" { "Retry now sends it again as it is, with a new round of attempts: for when the cause is fixed (to change an address, write a new mail from the record). " } @else if user.is_admin { "Retry now makes it due now (a held mailbox still holds it). " } @else if held { "It goes out by itself once its mailbox is ready again. " } @else { "It is tried again by itself when its next attempt is due. " } "Cancel keeps it from ever being sent." }
                 }
                 "sending" => p.help { "This mail is being sent right now: it cannot be cancelled." },

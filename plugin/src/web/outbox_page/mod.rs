@@ -67,6 +67,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/outbox/bulk", web::post().to(bulk))
         .route("/outbox/release/{server}", web::post().to(release))
         .route("/outbox/{id}", web::get().to(detail))
+        .route("/outbox/{id}/cancel", web::get().to(confirm_cancel))
         .route("/outbox/{id}/{action}", web::post().to(one));
 }
 
