@@ -109,6 +109,7 @@ async fn run_on(db: &BenchDb, n: usize, mailboxes: usize, max_conns: u32) -> any
                     last_reply: Some(format!("250 2.0.0 OK <{id}@probe> [Hostname=bench]")),
                     last_error: None,
                     uncount: false,
+                    tried: true,
                 })
                 .collect();
             let t = Instant::now();

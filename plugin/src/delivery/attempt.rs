@@ -45,6 +45,7 @@ impl Attempt<'_> {
             last_reply: reply,
             last_error: error,
             uncount: false,
+            tried: true,
         }
     }
 

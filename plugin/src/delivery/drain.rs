@@ -144,10 +144,15 @@ async fn send_batch(
             let now = ctx.clock().now();
             let words = stop_words(ctx, shared, &server, now, result.stop.as_ref()).await?;
             if let Some((until, reply, why)) = words {
+                // The first mail not sent is the one the stop met (mails go in queue order);
+                // the others were not tried.
+                let mut first = true;
                 for (p, r) in prepared.iter().zip(&result.results) {
                     if matches!(r, MessageResult::NotTried) {
                         let a = w.attempt(w.row(p.id));
-                        rest.push(a.wait(until, reply.clone(), why.clone()));
+                        let mut d = a.wait(until, reply.clone(), why.clone());
+                        d.outcome.tried = std::mem::take(&mut first);
+                        rest.push(d);
                     }
                 }
             }

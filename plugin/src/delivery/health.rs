@@ -258,18 +258,23 @@ pub async fn release(
 }
 
 /// Release held mail, asked for by the operator `by` (the server's page, the outbox): as
-/// [`release`] with [`Release::Forced`]; when the mailbox is held or throttled, each of its
-/// mails still to send first gets the release in its history, with who asked.
+/// [`release`] with [`Release::Forced`]; when a hold ended, each mail that waited for it gets
+/// the release in its history, with who asked, before its drain is woken.
 pub async fn release_by(
     ctx: &ModuleContext,
     shared: &std::sync::Arc<Shared>,
     server_id: i32,
     by: &crm_sdk::CurrentUser,
 ) -> Result<bool, sea_orm::DbErr> {
-    if get(ctx, server_id).await? != Health::Ready {
-        crate::outbox::history::released(ctx.db(), server_id, by, ctx.clock().now()).await?;
+    let (ended, waiting) = end_hold(ctx, shared, server_id, None, Release::Forced).await?;
+    if ended {
+        use crate::outbox::history::{RELEASED, actions};
+        actions(ctx.db(), &waiting, RELEASED, by, ctx.clock().now()).await?;
     }
-    release(ctx, shared, server_id, None, Release::Forced).await
+    if !waiting.is_empty() {
+        shared.wake(server_id).await;
+    }
+    Ok(ended)
 }
 
 /// [`release`] without sending: whether a hold ended, and the waiting mails to send.

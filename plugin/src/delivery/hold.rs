@@ -292,7 +292,7 @@ pub async fn waiting_words_as(
     viewer: &crm_sdk::CurrentUser,
 ) -> HashMap<i32, String> {
     let reader = if viewer.is_admin {
-        Reader::Operator
+        Reader::Operator(viewer.id)
     } else {
         Reader::User(Some(viewer.id))
     };
@@ -302,8 +302,8 @@ pub async fn waiting_words_as(
 /// Who reads a waiting mail's words.
 #[derive(Clone, Copy)]
 enum Reader {
-    /// An operator.
-    Operator,
+    /// An operator (by id: they may own a personal mailbox too).
+    Operator(i64),
     /// A user (by id; `None`: nobody in particular).
     User(Option<i64>),
 }
@@ -327,15 +327,21 @@ async fn waiting_words_of(ctx: &ModuleContext, reader: Reader) -> HashMap<i32, S
             let owner = owners.get(id).copied().flatten();
             let health = Health::of(Some(row), now);
             let words = match (reader, &health) {
-                (Reader::Operator, Health::Held { reason, .. })
-                    if reason.needs_operator_for(owner.is_some()) =>
+                // A shared mailbox, or what only operators can fix: theirs to do.
+                (Reader::Operator(_), Health::Held { reason, .. })
+                    if owner.is_none() || reason.needs_operator_for(owner.is_some()) =>
                 {
+                    let then = if reason.release_can_help() {
+                        "; then Release held mail"
+                    } else {
+                        ""
+                    };
                     format!(
-                        "Waiting: the mailbox is held because {} — yours to fix, as its page says; then Release held mail. Nothing is lost.",
+                        "Waiting: the mailbox is held because {} — yours to fix, as its page says{then}. Nothing is lost.",
                         reason.in_words()
                     )
                 }
-                (Reader::Operator, _) => words_of(&health, owner, None)?,
+                (Reader::Operator(me), _) => words_of(&health, owner, Some(me))?,
                 (Reader::User(viewer), _) => words_of(&health, owner, viewer)?,
             };
             Some((*id, words))

@@ -117,6 +117,10 @@ impl Writer<'_> {
                 )),
             }
         }
+        // Only the first mail met the problem; the others waited without being tried.
+        for d in decided.iter_mut().skip(1) {
+            d.outcome.tried = false;
+        }
         decided
     }
 

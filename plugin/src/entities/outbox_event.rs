@@ -13,8 +13,9 @@ pub struct Model {
     pub outbox_id: i64,
     /// When it happened (the module's clock).
     pub at: ChronoDateTimeUtc,
-    /// `deferred` (an attempt not accepted; tried again later), `failed` (an attempt not
-    /// accepted; not tried again), `retried` or `cancelled` (by a person).
+    /// `deferred` (an attempt that did not go out; tried again later), `failed` (one that did
+    /// not go out; not tried again), `waited` (stopped by its mailbox's problem), `retried`,
+    /// `due_now`, `released` or `cancelled` (by a person).
     pub kind: String,
     /// The attempt's number (attempts only).
     pub attempt: Option<i32>,

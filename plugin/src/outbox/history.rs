@@ -1,15 +1,15 @@
-//! A mail's history (`microsoft_outlook_outbox_events`): each attempt the server did not
-//! accept, with its reply and what it meant, and each retry or cancel by a person. The outbox
-//! row says how a mail stands now; its history says how it got there, so that a retry or a new
-//! attempt does not hide why it failed before.
+//! A mail's history (`microsoft_outlook_outbox_events`): each attempt that did not go out,
+//! with the reply and what it meant (for a mailbox's problem, only the mail that met it), and
+//! each retry, cancel or release by a person. The outbox row says how a mail stands now; its
+//! history says how it got there, so that a retry or a new attempt does not hide why it failed
+//! before.
 //!
 //! Sent mail adds no event (the row keeps when it was sent and the reply), so the drains' path
-//! for sent mail stays one statement per group; an attempt not accepted is written in the same
-//! transaction as its outcome ([`crate::outbox::record`]).
+//! for sent mail stays one statement per group; an attempt that did not go out is written in
+//! the same transaction as its outcome ([`crate::outbox::record`]).
 
 use chrono::{DateTime, Utc};
 use crm_sdk::CurrentUser;
-use sea_orm::sea_query::{Expr, Query};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
     QuerySelect, Set,
@@ -18,9 +18,9 @@ use serde::Serialize;
 
 use crate::entities::{outbox, outbox_event};
 
-/// An attempt that was not accepted; the mail is tried again later.
+/// An attempt that did not go out; the mail is tried again later.
 pub const DEFERRED: &str = "deferred";
-/// An attempt that was not accepted; the mail is not tried again by itself.
+/// An attempt that did not go out; the mail is not tried again by itself.
 pub const FAILED: &str = "failed";
 /// An attempt stopped by its mailbox's problem (a hold or the server asking to slow down):
 /// no attempt spent; the mail waits for the mailbox.
@@ -38,53 +38,38 @@ pub const CANCELLED: &str = "cancelled";
 /// out).
 pub const SHOWN: u64 = 200;
 
-/// Writes the events of attempts of `ids` (outcomes of one shape that were not sent: `kind` is
-/// [`DEFERRED`], [`FAILED`] or [`WAITED`]) at `now`, for the rows `owner` still holds: the
-/// attempt's number is the row's count of attempts; `reply` and `words` are the server's reply
-/// and what it meant. Run before the outcome's update, in its transaction (the update ends the
-/// claim this looks for).
+/// Writes the events of the attempts of `rows` (outbox rows as an outcome of one shape just
+/// wrote them, in the same transaction: `kind` is [`DEFERRED`], [`FAILED`] or [`WAITED`]) at
+/// `now`: the attempt's number is the row's count of attempts as the claim made it (the
+/// outcome gives a waiting mail's attempt back); `reply` and `words` are the server's reply
+/// and what it meant.
 pub async fn attempts<C: ConnectionTrait>(
     db: &C,
-    (owner, now): (&str, DateTime<Utc>),
+    now: DateTime<Utc>,
     kind: &'static str,
-    ids: &[i64],
-    (reply, words): (Option<String>, Option<String>),
+    rows: &[outbox::Model],
+    (reply, words): (Option<&str>, Option<&str>),
 ) -> Result<(), sea_orm::DbErr> {
-    if ids.is_empty() {
-        return Ok(());
+    for chunk in rows.chunks(500) {
+        let events = chunk.iter().map(|row| outbox_event::ActiveModel {
+            outbox_id: Set(row.id),
+            at: Set(now),
+            kind: Set(kind.to_string()),
+            attempt: Set((kind != WAITED).then_some(row.attempts)),
+            reply: Set(reply.map(str::to_string)),
+            detail: Set(words.map(str::to_string)),
+            user_id: Set(None),
+            ..Default::default()
+        });
+        outbox_event::Entity::insert_many(events)
+            .exec_without_returning(db)
+            .await?;
     }
-    let rows = Query::select()
-        .column(outbox::Column::Id)
-        .expr(Expr::value(now))
-        .expr(Expr::value(kind))
-        .column(outbox::Column::Attempts)
-        .expr(Expr::value(reply))
-        .expr(Expr::value(words))
-        .from(outbox::Entity)
-        .and_where(outbox::Column::Id.is_in(ids.iter().copied()))
-        .and_where(outbox::Column::LeaseOwner.eq(owner))
-        .to_owned();
-    use outbox_event::Column::{At, Attempt, Detail, Kind, OutboxId, Reply};
-    insert_selected(db, [OutboxId, At, Kind, Attempt, Reply, Detail], rows).await
+    Ok(())
 }
 
-/// One event for each row `rows` selects, its values for `columns` in that order.
-async fn insert_selected<C: ConnectionTrait, const N: usize>(
-    db: &C,
-    columns: [outbox_event::Column; N],
-    rows: sea_orm::sea_query::SelectStatement,
-) -> Result<(), sea_orm::DbErr> {
-    let insert = Query::insert()
-        .into_table(outbox_event::Entity)
-        .columns(columns)
-        .select_from(rows)
-        .map_err(|e| sea_orm::DbErr::Custom(e.to_string()))?
-        .to_owned();
-    db.execute(&insert).await.map(|_| ())
-}
-
-/// Writes that `by` took `kind` ([`RETRIED`], [`DUE_NOW`] or [`CANCELLED`]) on each of `ids`
-/// at `now`.
+/// Writes that `by` took `kind` ([`RETRIED`], [`DUE_NOW`], [`RELEASED`] or [`CANCELLED`]) on
+/// each of `ids` at `now`.
 pub async fn actions<C: ConnectionTrait>(
     db: &C,
     ids: &[i64],
@@ -108,31 +93,6 @@ pub async fn actions<C: ConnectionTrait>(
             .await?;
     }
     Ok(())
-}
-
-/// Writes that `by` released the hold of mailbox `server_id` at `now`, for each of its mails
-/// still to send (one statement, whatever their number).
-pub async fn released<C: ConnectionTrait>(
-    db: &C,
-    server_id: i32,
-    by: &CurrentUser,
-    now: DateTime<Utc>,
-) -> Result<(), sea_orm::DbErr> {
-    let rows = Query::select()
-        .column(outbox::Column::Id)
-        .expr(Expr::value(now))
-        .expr(Expr::value(RELEASED))
-        .expr(Expr::value(by.name.clone()))
-        .expr(Expr::value(by.id))
-        .from(outbox::Entity)
-        .cond_where(
-            sea_orm::Condition::all()
-                .add(outbox::Column::ServerId.eq(server_id))
-                .add(outbox::unsent()),
-        )
-        .to_owned();
-    use outbox_event::Column::{At, Detail, Kind, OutboxId, UserId};
-    insert_selected(db, [OutboxId, At, Kind, Detail, UserId], rows).await
 }
 
 /// One line of a mail's history as its viewer reads it.
@@ -232,8 +192,8 @@ fn entry(e: outbox_event::Model, viewer: &CurrentUser, round: usize) -> Entry {
     let person = matches!(e.kind.as_str(), RETRIED | DUE_NOW | RELEASED | CANCELLED);
     let who = e.detail.clone().unwrap_or_else(|| "someone".into());
     let what = match e.kind.as_str() {
-        DEFERRED => format!("{attempt}: not accepted; tried again later"),
-        FAILED => format!("{attempt}: not accepted; not tried again by itself"),
+        DEFERRED => format!("{attempt}: did not go out; tried again later"),
+        FAILED => format!("{attempt}: did not go out; not tried again by itself"),
         WAITED => {
             "Stopped by its mailbox's problem: no attempt spent; it waits for the mailbox".into()
         }

@@ -33,19 +33,26 @@ pub struct Outcome {
     pub last_error: Option<String>,
     /// Give the attempt back: nothing was tried (the mailbox waits).
     pub uncount: bool,
+    /// Whether this mail's attempt met what it tells (false for the rest of a batch that
+    /// waits because an earlier mail met its mailbox's problem): only a tried one goes in the
+    /// mail's history.
+    pub tried: bool,
 }
+
+/// What outcomes written by one statement share: status, due time, reply (not for sent
+/// mail, whose replies go in one statement), words, and whether the attempt is given back and
+/// goes in the history.
+type Shape<'a> = (
+    &'static str,
+    Option<DateTime<Utc>>,
+    Option<&'a str>,
+    Option<&'a str>,
+    (bool, bool),
+);
 
 impl Outcome {
     /// Outcomes that can be written by one statement share this.
-    fn shape(
-        &self,
-    ) -> (
-        &'static str,
-        Option<DateTime<Utc>>,
-        Option<&str>,
-        Option<&str>,
-        bool,
-    ) {
+    fn shape(&self) -> Shape<'_> {
         let reply = if self.status == "sent" {
             None
         } else {
@@ -56,7 +63,7 @@ impl Outcome {
             self.next_attempt_at,
             reply,
             self.last_error.as_deref(),
-            self.uncount,
+            (self.uncount, self.tried),
         )
     }
 }
@@ -168,14 +175,15 @@ async fn write_group(
         } else {
             Condition::all().add(outbox::Column::LeaseOwner.eq(owner))
         });
-    // A mail that waits for its mailbox without having been tried (the rest of a batch) has
-    // nothing to tell.
-    let untried = first.uncount && first.last_reply.is_none() && first.last_error.is_none();
-    if sent || untried {
+    // A mail that waits for its mailbox without having met the problem itself (the rest of a
+    // batch) has nothing to tell.
+    let untold = first.uncount
+        && (!first.tried || (first.last_reply.is_none() && first.last_error.is_none()));
+    if sent || untold {
         return update.exec(db).await.map(|_| ());
     }
-    // An attempt the server did not accept goes in the mail's history with its outcome.
-    let txn = db.begin().await?;
+    // An attempt that did not go out goes in the mail's history, for the rows this update
+    // wrote (those the claim's owner still held), in the same transaction.
     let kind = if first.uncount {
         crate::outbox::history::WAITED
     } else if first.status == "failed" {
@@ -183,10 +191,10 @@ async fn write_group(
     } else {
         crate::outbox::history::DEFERRED
     };
-    let ids: Vec<i64> = members.iter().map(|o| o.id).collect();
-    let said = (first.last_reply.clone(), first.last_error.clone());
-    crate::outbox::history::attempts(&txn, (owner, now), kind, &ids, said).await?;
-    update.exec(&txn).await?;
+    let txn = db.begin().await?;
+    let written = update.exec_with_returning(&txn).await?;
+    let said = (first.last_reply.as_deref(), first.last_error.as_deref());
+    crate::outbox::history::attempts(&txn, now, kind, &written, said).await?;
     txn.commit().await
 }
 

@@ -372,9 +372,17 @@ async fn a_cancelled_mail_is_never_sent_and_releasing_the_mailbox_sends_the_othe
     let (_, page, _) = m.alice.get(&format!("{OUTBOX}/{second}?cancelled=1")).await;
     assert!(page.contains("will not be sent"), "{page}");
     assert!(
-        page.contains("Cancelled by Alice Adams"),
+        page.contains(r#"class="event cancelled""#),
         "its history: {page}"
     );
+    // Queued while its mailbox was held, it was never tried: its history has no attempt.
+    let (_, detail) = m.alice.get_json(&format!("{OUTBOX}/{second}")).await;
+    assert_eq!(history_kinds(&detail), ["queued", "cancelled"], "{detail}");
+    assert_eq!(detail["history"][1]["by"], "Alice Adams", "{detail}");
+    // Another user cannot reach the confirmation page of Alice's mail.
+    let bob = m.env.app.signed_in(BOB).await;
+    let (status, _, _) = bob.get(&format!("{OUTBOX}/{first}/cancel")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(page.contains(">Cancelled<"), "the status in words: {page}");
     // Exchange lets the mailbox in again; the operator releases its held mail from the outbox
     // as they filtered it, and comes back to it so filtered.

@@ -22,7 +22,9 @@ pub async fn retry(
     let now = ctx.clock().now();
     // Due now, after their mailboxes' last wake: the wake below sends them; should it reach no
     // drain, the sweep does.
-    let mut ids = Vec::new();
+    // The rows each update wrote (a mail claimed meanwhile is not among them): only those are
+    // reported, told in their history and woken.
+    let (mut new_round, mut made_due, mut servers) = (Vec::new(), Vec::new(), Vec::new());
     let mut were_failed = Vec::new();
     for status in ACTIONABLE {
         let candidates = ids_with(ctx, condition.clone(), status).await?;
@@ -39,39 +41,29 @@ pub async fn retry(
                         Expr::value(Option::<DateTime<Utc>>::None),
                     );
             }
-            update
+            let written = update
                 .filter(outbox::Column::Id.is_in(chunk.iter().copied()))
                 .filter(outbox::Column::Status.eq(status))
-                .exec(ctx.db())
+                .exec_with_returning(ctx.db())
                 .await?;
+            let into = if status == "failed" {
+                &mut new_round
+            } else {
+                &mut made_due
+            };
+            into.extend(written.iter().map(|m| m.id));
+            servers.extend(written.iter().map(|m| m.server_id));
         }
         if status == "failed" {
             were_failed.extend(candidates.iter().copied());
         }
-        ids.extend(candidates);
     }
-    // Those whose update lost a race (claimed meanwhile) are not reported as retried.
-    let mut ids = still_with(ctx, &ids, "queued").await?;
-    ids.sort_unstable();
-    let (new_round, made_due): (Vec<i64>, Vec<i64>) =
-        ids.iter().partition(|id| were_failed.contains(id));
     use crate::outbox::history::{DUE_NOW, RETRIED, actions};
     actions(ctx.db(), &new_round, RETRIED, by, now).await?;
     actions(ctx.db(), &made_due, DUE_NOW, by, now).await?;
+    let mut ids: Vec<i64> = new_round.into_iter().chain(made_due).collect();
+    ids.sort_unstable();
     resolve_failed_notices(ctx, &were_failed, &ids).await;
-    let mut servers: Vec<i32> = Vec::new();
-    for chunk in ids.chunks(500) {
-        servers.extend(
-            outbox::Entity::find()
-                .select_only()
-                .column(outbox::Column::ServerId)
-                .distinct()
-                .filter(outbox::Column::Id.is_in(chunk.iter().copied()))
-                .into_tuple::<i32>()
-                .all(ctx.db())
-                .await?,
-        );
-    }
     servers.sort_unstable();
     servers.dedup();
     for server_id in servers {
@@ -97,8 +89,9 @@ pub async fn cancel(
         }
         ids.extend(candidates);
     }
+    let mut cancelled = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(500) {
-        outbox::Entity::update_many()
+        let written = outbox::Entity::update_many()
             .col_expr(outbox::Column::Status, Expr::value("cancelled"))
             .col_expr(outbox::Column::UpdatedAt, Expr::value(now))
             .col_expr(
@@ -111,10 +104,12 @@ pub async fn cancel(
             )
             .filter(outbox::Column::Id.is_in(chunk.iter().copied()))
             .filter(outbox::Column::Status.is_in(ACTIONABLE))
-            .exec(ctx.db())
+            .exec_with_returning(ctx.db())
             .await?;
+        cancelled.extend(written.iter().map(|m| m.id));
     }
-    let mut ids = still_with(ctx, &ids, "cancelled").await?;
+    // Only the rows this update wrote (not a mail claimed meanwhile, nor one cancelled twice).
+    let mut ids = cancelled;
     ids.sort_unstable();
     crate::outbox::history::actions(ctx.db(), &ids, crate::outbox::history::CANCELLED, by, now)
         .await?;
@@ -158,26 +153,6 @@ pub(super) async fn ids_with(
         .into_tuple()
         .all(ctx.db())
         .await
-}
-
-pub(super) async fn still_with(
-    ctx: &ModuleContext,
-    ids: &[i64],
-    status: &str,
-) -> Result<Vec<i64>, sea_orm::DbErr> {
-    let mut kept = Vec::new();
-    for chunk in ids.chunks(500) {
-        let found: Vec<i64> = outbox::Entity::find()
-            .select_only()
-            .column(outbox::Column::Id)
-            .filter(outbox::Column::Id.is_in(chunk.iter().copied()))
-            .filter(outbox::Column::Status.eq(status))
-            .into_tuple()
-            .all(ctx.db())
-            .await?;
-        kept.extend(found);
-    }
-    Ok(kept)
 }
 
 /// A retry or a cancel of one mail.

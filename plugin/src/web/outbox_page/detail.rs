@@ -293,11 +293,11 @@ fn delivery_card(
         section.card id="delivery" {
             h2 { "Delivery" }
             table.fields { tbody {
-                tr { th { "Attempts" } td { (mail.attempts) @if v.retried() { " since the last retry (History has the earlier ones)" } @match mail.status.as_str() {
+                tr { th { "Attempts" } td { (mail.attempts) @match mail.status.as_str() {
                     "failed" => " (failed: not tried again by itself)",
                     "sent" | "cancelled" => "",
                     _ => { " of at most " (limits.max_attempts) @if v.waits_on_mailbox() { " (waiting for its mailbox spends none)" } },
-                } } }
+                } @if v.retried() { " — counted since the last retry; History has the earlier ones" } } }
                 @if mail.status == "queued" { tr { th { "Next attempt" } td { (next_attempt(mail, now, limits.per_minute, ready)) } } }
                 tr { th { "Last reply" } td.reply { (mail.last_reply.as_deref().unwrap_or("-")) } }
                 @if let Some(reply) = &mail.last_reply { tr { th { "Classified" } td { (classified_reply(reply)) } } }
