@@ -155,6 +155,24 @@ pub(super) async fn ids_with(
         .await
 }
 
+/// The mail whose id is `id` in a path, if `user` may see it; else the page to answer (the
+/// module's "No such mail" page for a bad, missing or hidden id; 503 when the database failed).
+async fn mail_in_path(
+    ctx: &ModuleContext,
+    user: &CurrentUser,
+    id: &str,
+    req: &HttpRequest,
+) -> Result<outbox::Model, HttpResponse> {
+    let Ok(id) = id.parse::<i64>() else {
+        return Err(not_found(ctx, user, req));
+    };
+    match visible_mail(ctx, user, id).await {
+        Ok(Some(m)) => Ok(m),
+        Ok(None) => Err(not_found(ctx, user, req)),
+        Err(e) => Err(db_down(e)),
+    }
+}
+
 /// A retry or a cancel of one mail.
 pub(super) async fn one(
     ctx: web::Data<ModuleContext>,
@@ -164,13 +182,9 @@ pub(super) async fn one(
     req: HttpRequest,
 ) -> HttpResponse {
     let (id, action) = path.into_inner();
-    let Ok(id) = id.parse::<i64>() else {
-        return not_found(&ctx, &user, &req);
-    };
-    let mail = match visible_mail(&ctx, &user, id).await {
-        Ok(Some(m)) => m,
-        Ok(None) => return not_found(&ctx, &user, &req),
-        Err(e) => return db_down(e),
+    let mail = match mail_in_path(&ctx, &user, &id, &req).await {
+        Ok(mail) => mail,
+        Err(page) => return page,
     };
     let only = Condition::all()
         .add(outbox::Column::Id.eq(mail.id))
@@ -222,13 +236,9 @@ pub(super) async fn confirm_cancel(
     id: web::Path<String>,
     req: HttpRequest,
 ) -> HttpResponse {
-    let Ok(id) = id.parse::<i64>() else {
-        return not_found(&ctx, &user, &req);
-    };
-    let mail = match visible_mail(&ctx, &user, id).await {
-        Ok(Some(m)) => m,
-        Ok(None) => return not_found(&ctx, &user, &req),
-        Err(e) => return db_down(e),
+    let mail = match mail_in_path(&ctx, &user, &id, &req).await {
+        Ok(mail) => mail,
+        Err(page) => return page,
     };
     let base = format!("{OUTBOX}/{}", mail.id);
     let cancellable = actionable_by(&user, "cancel").contains(&mail.status.as_str());
