@@ -144,9 +144,10 @@ async fn send_batch(
             let now = ctx.clock().now();
             let words = stop_words(ctx, shared, &server, now, result.stop.as_ref()).await?;
             if let Some((until, reply, why)) = words {
-                // The first mail not sent is the one the stop met (mails go in queue order);
-                // the others were not tried.
-                let mut first = true;
+                // A refusal of the mailbox leaves the mail that met it unsent: the first of
+                // them (mails go in queue order). An unreachable server gave the mail that met
+                // it its retry already. The others were not tried.
+                let mut first = matches!(result.stop, Some(Stop::Mailbox { .. }));
                 for (p, r) in prepared.iter().zip(&result.results) {
                     if matches!(r, MessageResult::NotTried) {
                         let a = w.attempt(w.row(p.id));

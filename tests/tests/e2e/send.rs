@@ -1219,6 +1219,19 @@ async fn an_unreachable_server_costs_one_attempt_per_batch_not_one_per_mail() {
         [0, 0, 1],
         "one attempt for the batch, none for the others"
     );
+    // Only the mail that met the closed port tells it in its history; the others were not
+    // tried and have nothing to tell.
+    let mut told = 0;
+    for id in waiting {
+        let (_, detail) = m
+            .alice
+            .get_json(&format!("/microsoft_outlook/outbox/{id}"))
+            .await;
+        if history_kinds(&detail) != ["queued"] {
+            told += 1;
+        }
+    }
+    assert_eq!(told, 1, "one history row for the batch");
 }
 
 /// With PIPELINING, MAIL FROM, the RCPT TOs and DATA go out together, so the server may accept
