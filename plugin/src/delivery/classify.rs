@@ -163,8 +163,9 @@ impl HoldReason {
         }
     }
 
-    /// Whether ending the hold by hand ("Release held mail" in the outbox and on a server's page) can help: not for a
-    /// mailbox whose sign-in is gone or was never given, which only a new Connect ends.
+    /// Whether ending the hold by hand ("Release held mail" in the outbox and on a server's
+    /// page) can help: not for a mailbox whose sign-in is gone or was never given, which only
+    /// a new Connect ends.
     pub fn release_can_help(self) -> bool {
         self != HoldReason::GrantDead
     }

@@ -2,8 +2,8 @@
 //! `throttled` until a time, or `held` with a reason and since when. It is the single source
 //! for the drains (a held mailbox's mails are not claimed), the pages, the CLI, the
 //! notifications and the JSON APIs. A hold ends when its cause is fixed (reconnect, settings
-//! saved, its time passing and a probe succeeding) or when an operator says "release held mail"; then
-//! the waiting mails go out in queue order. Beginning a hold, and telling the people who can
+//! saved, its time passing and a probe succeeding) or when an operator clicks Release held
+//! mail; then the waiting mails go out in queue order. Beginning a hold, and telling the people who can
 //! fix it, is [`crate::delivery::hold`].
 
 use chrono::{DateTime, Utc};
@@ -21,7 +21,8 @@ use crate::runtime::Shared;
 pub enum Health {
     /// Mail goes out.
     Ready,
-    /// Microsoft 365 (Exchange Online or Graph) asked to slow down: mails wait until `until`, spending no attempt.
+    /// Microsoft 365 (Exchange Online or Graph) asked to slow down: mails wait until `until`,
+    /// spending no attempt.
     Throttled {
         /// When sending resumes.
         until: DateTime<Utc>,
@@ -232,8 +233,8 @@ async fn due_at(
 /// How a release goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Release {
-    /// Someone fixed or asked (reconnect, Release held mail): send the waiting mails even if nothing
-    /// was held.
+    /// Someone fixed or asked (reconnect, Release held mail): send the waiting mails even if
+    /// nothing was held.
     Forced,
     /// Only if a hold or throttle ended.
     IfHeld,

@@ -90,8 +90,8 @@ fn fixer(server: &mail_server::Model, reason: HoldReason) -> Fixer {
     }
 }
 
-/// The page where operators act on a held mailbox: a shared server's page (Release held mail, Connect),
-/// or, for a personal mailbox (not on their server list), the outbox filtered to it, where
+/// The page where operators act on a held mailbox: a shared server's page (Release held mail,
+/// Connect), or, for a personal mailbox (not on their server list), the outbox filtered to it, where
 /// Release held mail is.
 pub fn operators_link(server: &mail_server::Model) -> String {
     if server.owner_user_id.is_some() {

@@ -68,10 +68,11 @@ impl Outcome {
     }
 }
 
-/// Writes the outcomes of a claimed batch in `turn` (only where `owner` still holds the claim): every
-/// sent mail in one statement of fixed text ([`write_sent`]), the others one statement per shape
-/// (a hold makes the whole rest of a batch wait alike). Bodies of sent mails are deleted at
-/// once when `keep_sent_days` is 0.
+/// Writes the outcomes of a claimed batch in `turn` (only where `owner` still holds the
+/// claim): every sent mail in one statement of fixed text ([`write_sent`]), the others one
+/// statement per shape (a hold makes the whole rest of a batch wait alike; an outcome that did
+/// not go out is written with its history rows, in one transaction). Bodies of sent mails are
+/// deleted at once when `keep_sent_days` is 0.
 pub async fn record(
     ctx: &ModuleContext,
     turn: &WriteTurn,

@@ -33,7 +33,8 @@ fn other_transport_words(server: &mail_server::Model, t: &token::Model) -> Optio
 /// The connection and health block of a server's page: the health state (held with its
 /// reason in words, since when, how many mails wait), then the token, and the buttons that can
 /// help (switch to Microsoft Graph where the tenant keeps SMTP AUTH off; Release held mail, for
-/// an operator, where a release can help: a hold, not a throttle, which ends by itself). `waiting`: mails queued for the server.
+/// an operator, where a release can help: a hold, not a throttle, which ends by itself).
+/// `waiting`: mails queued for the server.
 pub fn status_block(
     server: &mail_server::Model,
     token: Option<&token::Model>,

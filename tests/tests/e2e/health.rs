@@ -106,7 +106,8 @@ async fn operator_notifications(app: &TestApp, key: &str) -> Vec<notification::M
     notes
 }
 
-/// What an operator's Release held mail (on the server's page) does: ends the hold of `server_id` at once.
+/// What an operator's Release held mail (on the server's page) does: ends the hold of
+/// `server_id` at once.
 async fn release_forced(app: &TestApp, server_id: i32) {
     let (ctx, shared) = app.module_parts();
     microsoft_outlook::delivery::health::release(
