@@ -65,6 +65,24 @@ impl Notifier for DbNotifier {
         }
         Ok(())
     }
+
+    async fn resolve_for(&self, key: &str, user_id: i64) -> Result<(), BoxError> {
+        let resolved = notification::Entity::update_many()
+            .col_expr(
+                notification::Column::ResolvedAt,
+                sea_orm::sea_query::Expr::value(Utc::now()),
+            )
+            .filter(notification::Column::IncidentKey.eq(key))
+            .filter(notification::Column::UserId.eq(user_id))
+            .filter(notification::Column::ForOperators.eq(false))
+            .filter(notification::Column::ResolvedAt.is_null())
+            .exec(&self.db)
+            .await?;
+        if resolved.rows_affected > 0 {
+            tracing::info!(key, user_id, "a user's notifications resolved");
+        }
+        Ok(())
+    }
 }
 
 #[derive(serde::Deserialize)]

@@ -36,6 +36,12 @@ pub trait Notifier: Send + Sync + 'static {
     async fn resolve(&self, _key: &str) -> Result<(), crate::BoxError> {
         Ok(())
     }
+
+    /// Marks resolved only the notifications of the incident `key` addressed to the user
+    /// `user_id` (not the operators'): the incident goes on, but it no longer concerns them.
+    async fn resolve_for(&self, _key: &str, _user_id: i64) -> Result<(), crate::BoxError> {
+        Ok(())
+    }
 }
 
 /// A notifier that drops everything (for hosts without one).

@@ -400,9 +400,10 @@ async fn confirm_steps(
             );
             shared.server_changed(server.id);
             // Whatever held the mailbox, a new connection is the fix to try: its mails go out.
-            let forced = crate::delivery::health::Release::Forced;
+            let forced = (None, crate::delivery::health::Release::Forced);
+            let ended = crate::outbox::history::Ended::ConnectedBy(user);
             if let Err(e) =
-                crate::delivery::health::release(ctx, shared, server.id, None, forced).await
+                crate::delivery::health::release(ctx, shared, server.id, forced, ended).await
             {
                 tracing::warn!(error = %e, "releasing the mails that waited for a reconnect failed");
             }

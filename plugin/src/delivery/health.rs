@@ -14,6 +14,7 @@ use std::collections::HashMap;
 
 use crate::delivery::classify::HoldReason;
 use crate::entities::{mail_server, mailbox_health, outbox, token};
+use crate::outbox::history::{self, Ended};
 use crate::runtime::Shared;
 
 /// A mailbox's state.
@@ -241,41 +242,52 @@ pub enum Release {
 }
 
 /// Ends whatever hold or throttle `server_id` is under (`only`: only holds for these reasons),
-/// resolves its notification, and sends its waiting mails in queue order. Returns whether a
-/// hold ended.
+/// resolves its notification, and sends its waiting mails in queue order. When a hold ended,
+/// each mail that waited for it gets `ended` (who or what ended it) in its history before its
+/// drain is woken. Returns whether a hold ended.
 pub async fn release(
     ctx: &ModuleContext,
     shared: &std::sync::Arc<Shared>,
     server_id: i32,
-    only: Option<&[HoldReason]>,
-    how: Release,
+    (only, how): (Option<&[HoldReason]>, Release),
+    ended: Ended<'_>,
 ) -> Result<bool, sea_orm::DbErr> {
-    let (ended, waiting) = end_hold(ctx, shared, server_id, only, how).await?;
+    let (was_held, waiting) = end_hold(ctx, shared, server_id, only, how).await?;
+    if was_held {
+        history::hold_ended(ctx.db(), &waiting, ended, ctx.clock().now()).await?;
+    }
     if !waiting.is_empty() {
         // The mailbox's drain claims in queue order: the waiting mails go before later ones.
         shared.wake(server_id).await;
     }
-    Ok(ended)
+    Ok(was_held)
 }
 
 /// Release held mail, asked for by the operator `by` (the server's page, the outbox): as
-/// [`release`] with [`Release::Forced`]; when a hold ended, each mail that waited for it gets
-/// the release in its history, with who asked, before its drain is woken.
+/// [`release`] with [`Release::Forced`] for the holds a release can end. `Ok(None)`: the
+/// mailbox is held for a reason only its fix ends (a dead grant: connect it again), and
+/// nothing was done; otherwise whether a hold ended.
 pub async fn release_by(
     ctx: &ModuleContext,
     shared: &std::sync::Arc<Shared>,
     server_id: i32,
     by: &crm_sdk::CurrentUser,
-) -> Result<bool, sea_orm::DbErr> {
-    let (ended, waiting) = end_hold(ctx, shared, server_id, None, Release::Forced).await?;
-    if ended {
-        use crate::outbox::history::{RELEASED, actions};
-        actions(ctx.db(), &waiting, RELEASED, by, ctx.clock().now()).await?;
+) -> Result<Option<bool>, sea_orm::DbErr> {
+    if get(ctx, server_id)
+        .await?
+        .reason()
+        .is_some_and(|r| !r.release_can_help())
+    {
+        return Ok(None);
     }
-    if !waiting.is_empty() {
-        shared.wake(server_id).await;
-    }
-    Ok(ended)
+    let releasable: Vec<HoldReason> = HoldReason::ALL
+        .into_iter()
+        .filter(|r| r.release_can_help())
+        .collect();
+    let how = (Some(releasable.as_slice()), Release::Forced);
+    release(ctx, shared, server_id, how, Ended::ReleasedBy(by))
+        .await
+        .map(Some)
 }
 
 /// [`release`] without sending: whether a hold ended, and the waiting mails to send.
@@ -380,7 +392,8 @@ async fn end_settings_incident_if_over(
 }
 
 /// Ends every hold for one of `reasons` (after the settings were saved), resolving the
-/// module-wide notification; the waiting mails of every mailbox go out in queue order.
+/// module-wide notification; the waiting mails of every mailbox go out in queue order, each
+/// with the saved settings in its history.
 pub async fn release_reasons(
     ctx: &ModuleContext,
     shared: &std::sync::Arc<Shared>,
@@ -401,6 +414,10 @@ pub async fn release_reasons(
         let (was_held, ids) =
             end_hold(ctx, shared, server_id, Some(reasons), Release::IfHeld).await?;
         ended += usize::from(was_held);
+        if was_held {
+            let now = ctx.clock().now();
+            history::hold_ended(ctx.db(), &ids, Ended::SettingsSaved, now).await?;
+        }
         if !ids.is_empty() {
             waiting.push(server_id);
         }
@@ -438,7 +455,11 @@ pub async fn succeeded(
         Health::Ready | Health::Throttled { .. } => false,
     };
     if ends {
-        release(ctx, shared, server_id, only, Release::IfHeld).await?;
+        let ended = match only {
+            Some(_) => Ended::TokenObtained,
+            None => Ended::MailWentOut,
+        };
+        release(ctx, shared, server_id, (only, Release::IfHeld), ended).await?;
     } else if health == Health::Ready {
         shared.remember_ready(server_id);
     }

@@ -246,6 +246,70 @@ async fn author_notices(
         .collect()
 }
 
+/// After the mails `cancelled` were cancelled: an author with no mail left waiting on a held
+/// mailbox is no longer concerned by its hold, so their "Your mail waits" notice is resolved
+/// (for them only; a personal mailbox's owner keeps theirs: they still have to fix it).
+pub async fn authors_cancelled(
+    ctx: &ModuleContext,
+    cancelled: &[outbox::Model],
+) -> Result<(), sea_orm::DbErr> {
+    let mut authors: HashMap<i64, Vec<i32>> = HashMap::new();
+    for mail in cancelled {
+        let servers = authors.entry(mail.author_user_id).or_default();
+        if !servers.contains(&mail.server_id) {
+            servers.push(mail.server_id);
+        }
+    }
+    if authors.is_empty() {
+        return Ok(());
+    }
+    let health = all(ctx).await?;
+    let now = ctx.clock().now();
+    let reason_of = |server: i32| Health::of(health.get(&server), now).reason();
+    let owners: HashMap<i32, Option<i64>> = mail_server::Entity::find()
+        .select_only()
+        .column(mail_server::Column::Id)
+        .column(mail_server::Column::OwnerUserId)
+        .filter(mail_server::Column::Id.is_in(authors.values().flatten().copied()))
+        .into_tuple()
+        .all(ctx.db())
+        .await?
+        .into_iter()
+        .collect();
+    for (author, servers) in authors {
+        let still_waiting: Vec<i32> = outbox::Entity::find()
+            .select_only()
+            .column(outbox::Column::ServerId)
+            .distinct()
+            .filter(outbox::Column::AuthorUserId.eq(author))
+            .filter(outbox::unsent())
+            .into_tuple()
+            .all(ctx.db())
+            .await?;
+        let mut keys = Vec::new();
+        for server in servers {
+            let Some(reason) = reason_of(server) else {
+                continue;
+            };
+            if module_wide(reason) {
+                if !still_waiting.iter().any(|s| reason_of(*s) == Some(reason)) {
+                    keys.push(settings_key(reason));
+                }
+            } else if !still_waiting.contains(&server)
+                && owners.get(&server).copied().flatten() != Some(author)
+            {
+                keys.push(notification_key(server));
+            }
+        }
+        for key in keys {
+            if let Err(e) = ctx.notifier().resolve_for(&key, author).await {
+                tracing::warn!(error = %e, "resolving an author's hold notice failed");
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Tells the people who can fix a hold, once.
 async fn tell(ctx: &ModuleContext, server: &mail_server::Model, reason: HoldReason, v: &Verdict) {
     let waits = if module_wide(reason) {

@@ -31,6 +31,9 @@ pub const RETRIED: &str = "retried";
 pub const DUE_NOW: &str = "due_now";
 /// An operator released its mailbox's hold (Release held mail).
 pub const RELEASED: &str = "released";
+/// Its mailbox's hold ended by a fix (a new connection, a passed test, saved settings, a
+/// token or a mail that came through): `detail` says which.
+pub const HOLD_ENDED: &str = "hold_ended";
 /// A person cancelled the mail.
 pub const CANCELLED: &str = "cancelled";
 
@@ -68,7 +71,7 @@ pub async fn attempts<C: ConnectionTrait>(
     Ok(())
 }
 
-/// Writes that `by` took `kind` ([`RETRIED`], [`DUE_NOW`], [`RELEASED`] or [`CANCELLED`]) on
+/// Writes that `by` took `kind` ([`RETRIED`], [`DUE_NOW`] or [`CANCELLED`]) on
 /// each of `ids` at `now`.
 pub async fn actions<C: ConnectionTrait>(
     db: &C,
@@ -95,13 +98,99 @@ pub async fn actions<C: ConnectionTrait>(
     Ok(())
 }
 
+/// What ended the hold a mail waited for, as its history says.
+#[derive(Debug, Clone, Copy)]
+pub enum Ended<'a> {
+    /// Release held mail, by this operator.
+    ReleasedBy(&'a CurrentUser),
+    /// This person connected the mailbox (again).
+    ConnectedBy(&'a CurrentUser),
+    /// This person tested the mailbox's connection, and it passed.
+    TestedBy(&'a CurrentUser),
+    /// This operator changed how the mailbox sends (SMTP or Microsoft Graph).
+    TransportChangedBy(&'a CurrentUser),
+    /// The module's settings were saved.
+    SettingsSaved,
+    /// A token was obtained again for the mailbox.
+    TokenObtained,
+    /// A mail went out through the mailbox again (the hold's probe).
+    MailWentOut,
+    /// The mailbox's server was deleted: its mails fail in words of their own, no event.
+    ServerDeleted,
+}
+
+impl Ended<'_> {
+    /// The event's kind, words and person, or `None` when the end is no event.
+    fn event(&self) -> Option<(&'static str, String, Option<i64>)> {
+        Some(match self {
+            Ended::ReleasedBy(by) => (RELEASED, by.name.clone(), Some(by.id)),
+            Ended::ConnectedBy(by) => (
+                HOLD_ENDED,
+                format!("{} connected the mailbox again", by.name),
+                Some(by.id),
+            ),
+            Ended::TestedBy(by) => (
+                HOLD_ENDED,
+                format!("a test of the connection by {} passed", by.name),
+                Some(by.id),
+            ),
+            Ended::TransportChangedBy(by) => (
+                HOLD_ENDED,
+                format!("{} changed how the mailbox sends", by.name),
+                Some(by.id),
+            ),
+            Ended::SettingsSaved => (HOLD_ENDED, "the module's settings were saved".into(), None),
+            Ended::TokenObtained => (
+                HOLD_ENDED,
+                "Microsoft gave the mailbox a token again".into(),
+                None,
+            ),
+            Ended::MailWentOut => (
+                HOLD_ENDED,
+                "a mail went out through the mailbox again".into(),
+                None,
+            ),
+            Ended::ServerDeleted => return None,
+        })
+    }
+}
+
+/// Writes, for each of `ids` (the mails that waited for a hold that just ended), how the
+/// hold ended (`ended`) at `now`.
+pub async fn hold_ended<C: ConnectionTrait>(
+    db: &C,
+    ids: &[i64],
+    ended: Ended<'_>,
+    now: DateTime<Utc>,
+) -> Result<(), sea_orm::DbErr> {
+    let Some((kind, detail, user_id)) = ended.event() else {
+        return Ok(());
+    };
+    for chunk in ids.chunks(500) {
+        let rows = chunk.iter().map(|id| outbox_event::ActiveModel {
+            outbox_id: Set(*id),
+            at: Set(now),
+            kind: Set(kind.to_string()),
+            attempt: Set(None),
+            reply: Set(None),
+            detail: Set(Some(detail.clone())),
+            user_id: Set(user_id),
+            ..Default::default()
+        });
+        outbox_event::Entity::insert_many(rows)
+            .exec_without_returning(db)
+            .await?;
+    }
+    Ok(())
+}
+
 /// One line of a mail's history as its viewer reads it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Entry {
     /// When.
     pub at: DateTime<Utc>,
     /// `queued`, `deferred`, `failed`, `waited`, `retried`, `due_now`, `released`,
-    /// `cancelled` or `sent`.
+    /// `hold_ended`, `cancelled` or `sent`.
     pub kind: String,
     /// What happened, in words.
     pub what: String,
@@ -200,11 +289,12 @@ fn entry(e: outbox_event::Model, viewer: &CurrentUser, round: usize) -> Entry {
         RETRIED => format!("Queued again by {who}, with a new round of attempts"),
         DUE_NOW => format!("Made due now by {who}"),
         RELEASED => format!("Its mailbox's hold was released by {who}"),
+        HOLD_ENDED => format!("Its mailbox's hold ended: {who}"),
         CANCELLED => format!("Cancelled by {who}"),
         other => other.to_string(),
     };
     let (words, reply) = match e.kind.as_str() {
-        _ if person => (None, None),
+        _ if person || e.kind == HOLD_ENDED => (None, None),
         _ if viewer.is_admin => (e.detail, e.reply),
         FAILED => crate::outbox::user_words::for_user(e.detail, e.reply, "failed"),
         _ => crate::outbox::user_words::for_user(e.detail, e.reply, "queued"),

@@ -453,7 +453,7 @@ async fn update(
                     shared.server_changed(saved.id);
                     if saved.transport != transport_before {
                         let shared = shared.clone().into_inner();
-                        let _ = servers::transport_switched(&ctx, &shared, saved.id).await;
+                        let _ = servers::transport_switched(&ctx, &shared, saved.id, &user).await;
                     }
                     see_other(&format!("{}?saved=1", server_url(&saved)))
                 }
@@ -485,8 +485,8 @@ async fn delete(
             &ctx,
             &shared,
             server.id,
-            None,
-            crate::delivery::health::Release::Forced,
+            (None, crate::delivery::health::Release::Forced),
+            crate::outbox::history::Ended::ServerDeleted,
         )
         .await;
         if let Err(e) = released.and(crate::delivery::health::forget(&ctx, server.id).await) {
@@ -527,7 +527,18 @@ async fn retry(
     match crate::delivery::health::release_by(&ctx, &shared.clone().into_inner(), server.id, &user)
         .await
     {
-        Ok(_) => {
+        Ok(None) => page_with(
+            actix_web::http::StatusCode::CONFLICT,
+            &ctx,
+            &user,
+            "Reconnect needed",
+            html! {
+                h1 { "Reconnect needed" }
+                p { (crate::web::outbox_page::ONLY_RECONNECT) }
+                p { a href=(server_url(&server)) { "Back to " (server.name) } }
+            },
+        ),
+        Ok(Some(_)) => {
             tracing::info!(
                 server_id = server.id,
                 user_id = user.id,

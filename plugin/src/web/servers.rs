@@ -445,20 +445,25 @@ pub const TRANSPORT_HOLDS: [HoldReason; 8] = [
     HoldReason::MailboxFull,
 ];
 
-/// After `server_id`'s transport changed: a hold of the old transport (SMTP AUTH disabled,
-/// Graph denied...) says nothing of the new one, so it ends and the waiting mail is tried.
+/// After `by` changed `server_id`'s transport: a hold of the old transport (SMTP AUTH
+/// disabled, Graph denied...) says nothing of the new one, so it ends and the waiting mail is
+/// tried.
 pub async fn transport_switched(
     ctx: &ModuleContext,
     shared: &std::sync::Arc<crate::runtime::Shared>,
     server_id: i32,
+    by: &crm_sdk::CurrentUser,
 ) -> Result<bool, DbErr> {
     shared.server_changed(server_id);
     crate::delivery::health::release(
         ctx,
         shared,
         server_id,
-        Some(&TRANSPORT_HOLDS),
-        crate::delivery::health::Release::Forced,
+        (
+            Some(&TRANSPORT_HOLDS),
+            crate::delivery::health::Release::Forced,
+        ),
+        crate::outbox::history::Ended::TransportChangedBy(by),
     )
     .await
 }

@@ -630,6 +630,17 @@ async fn test_connection_shows_each_step_and_the_words_of_a_refusal() {
     assert_eq!(report["ok"], true, "{report}");
     assert_eq!(report["hold_ended"], true, "{report}");
     wait_status(app, id, "sent").await;
+    // Its history says what ended the wait.
+    let (_, detail) = m.env.admin.get_json(&format!("{OUTBOX}/{id}")).await;
+    assert_eq!(
+        history_kinds(&detail),
+        ["queued", "waited", "hold_ended", "sent"],
+        "{detail}"
+    );
+    assert!(
+        detail.to_string().contains("a test of the connection by"),
+        "{detail}"
+    );
     // Users test only their own mailboxes.
     let (status, _, _) = m.alice.post_form(&test, &[]).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
@@ -955,6 +966,23 @@ async fn a_user_retries_only_failed_mails_and_operators_also_queued_ones() {
     assert_eq!(status, StatusCode::SEE_OTHER);
     assert!(location.expect("Location").contains("refused=queued"));
     assert_eq!(row(app, waiting).await.next_attempt_at, due, "not made due");
+
+    // The list offers in bulk only what can apply to its filter: a user's queued mails can
+    // be cancelled, not retried.
+    let buttons = |page: &str| {
+        (
+            page.contains(r#"value="retry""#),
+            page.contains(r#"value="cancel""#),
+        )
+    };
+    let (_, page, _) = m.alice.get(&format!("{OUTBOX}?status=queued")).await;
+    assert_eq!(buttons(&page), (false, true), "{page}");
+    let (_, page, _) = m.alice.get(&format!("{OUTBOX}?status=failed")).await;
+    assert_eq!(buttons(&page), (true, true), "{page}");
+    let (_, page, _) = m.alice.get(OUTBOX).await;
+    assert_eq!(buttons(&page), (true, true), "{page}");
+    let (_, page, _) = m.env.admin.get(&format!("{OUTBOX}?status=queued")).await;
+    assert_eq!(buttons(&page), (true, true), "{page}");
 
     // In bulk: only the failed one counts and changes.
     let (_, body) = m

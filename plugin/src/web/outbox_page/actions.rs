@@ -90,6 +90,7 @@ pub async fn cancel(
         ids.extend(candidates);
     }
     let mut cancelled = Vec::with_capacity(ids.len());
+    let mut rows = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(500) {
         let written = outbox::Entity::update_many()
             .col_expr(outbox::Column::Status, Expr::value("cancelled"))
@@ -107,6 +108,7 @@ pub async fn cancel(
             .exec_with_returning(ctx.db())
             .await?;
         cancelled.extend(written.iter().map(|m| m.id));
+        rows.extend(written);
     }
     // Only the rows this update wrote (not a mail claimed meanwhile, nor one cancelled twice).
     let mut ids = cancelled;
@@ -114,6 +116,7 @@ pub async fn cancel(
     crate::outbox::history::actions(ctx.db(), &ids, crate::outbox::history::CANCELLED, by, now)
         .await?;
     resolve_failed_notices(ctx, &were_failed, &ids).await;
+    crate::delivery::hold::authors_cancelled(ctx, &rows).await?;
     Ok(Changed { ids })
 }
 
@@ -479,7 +482,25 @@ pub(super) async fn release(
         .unwrap_or_else(|| OUTBOX.to_string());
     shared.server_changed(server_id);
     match crate::delivery::health::release_by(&ctx, &shared.into_inner(), server_id, &user).await {
-        Ok(ended) => {
+        Ok(None) if wants_json(&req) => json_refusal(
+            StatusCode::CONFLICT,
+            &[field_error("server", super::ONLY_RECONNECT.to_string())],
+        ),
+        Ok(None) => page_with(
+            StatusCode::CONFLICT,
+            &ctx,
+            &user,
+            "Reconnect needed",
+            html! {
+                h1 { "Reconnect needed" }
+                p { (super::ONLY_RECONNECT) }
+                p {
+                    a href=(format!("/microsoft_outlook/servers/{server_id}")) { "Go to the mail server" }
+                    " · " a href=(return_to) { "Back to the outbox" }
+                }
+            },
+        ),
+        Ok(Some(ended)) => {
             tracing::info!(server_id, user_id = user.id, ended, "held mail released");
             if wants_json(&req) {
                 return HttpResponse::Ok()

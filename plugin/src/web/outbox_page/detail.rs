@@ -307,6 +307,9 @@ fn delivery_card(
                 div.status.waiting {
                     p { span.badge.bad { @if user.is_admin { (v.health.label()) } @else { "Waiting for its mailbox" } } }
                     p { (v.wait_words(user).unwrap_or_default()) }
+                    @if let Some(server) = v.server.as_ref().filter(|s| user.is_admin && s.owner_user_id.is_none_or(|o| o == user.id)) {
+                        p { a href=(format!("/microsoft_outlook/servers/{}", server.id)) { "Go to its mail server, " (server.name) } }
+                    }
                     @if user.is_admin && v.health.reason().is_some_and(|r| r.release_can_help()) {
                         form.inline method="post" action=(format!("{OUTBOX}/release/{}", mail.server_id)) {
                             (csrf(user))

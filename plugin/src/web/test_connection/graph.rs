@@ -108,7 +108,7 @@ pub(super) async fn test(
                     server.mailbox
                 ),
             ));
-            let hold_ended = end_hold(ctx, shared, server, &ENDED_BY_A_GRAPH_TEST).await;
+            let hold_ended = end_hold(ctx, shared, server, (&ENDED_BY_A_GRAPH_TEST, viewer)).await;
             Report {
                 ok: true,
                 steps,

@@ -172,7 +172,7 @@ pub async fn test(
     match result {
         Ok(()) => {
             steps.extend(connection_steps(server, &identity, reached, None));
-            let hold_ended = end_hold(ctx, shared, server, &ENDED_BY_A_TEST).await;
+            let hold_ended = end_hold(ctx, shared, server, (&ENDED_BY_A_TEST, viewer)).await;
             Report {
                 ok: true,
                 steps,
@@ -218,13 +218,13 @@ fn test_words(verdict: &classify::Verdict) -> String {
     verdict.words()
 }
 
-/// Ends `server`'s hold when its reason is one of `ended` (a passed test proves it fixed);
-/// whether there was such a hold.
+/// Ends `server`'s hold when its reason is one of `ended` (a passed test, by `by`, proves it
+/// fixed); whether there was such a hold.
 async fn end_hold(
     ctx: &ModuleContext,
     shared: &Arc<Shared>,
     server: &mail_server::Model,
-    ended: &[HoldReason],
+    (ended, by): (&[HoldReason], &CurrentUser),
 ) -> bool {
     let held_before = crate::delivery::health::get(ctx, server.id)
         .await
@@ -236,8 +236,8 @@ async fn end_hold(
             ctx,
             shared,
             server.id,
-            Some(ended),
-            crate::delivery::health::Release::IfHeld,
+            (Some(ended), crate::delivery::health::Release::IfHeld),
+            crate::outbox::history::Ended::TestedBy(by),
         )
         .await
         {
