@@ -180,16 +180,16 @@ struct ConnectForm {
 }
 
 /// Starts a sign-in for a server the viewer may manage (an operator's shared one, or their
-/// own mailbox), switching it to Microsoft Graph first when asked: a state and a PKCE verifier
-/// are kept for [`STATE_LIFETIME_MINUTES`] (the verifier sealed), and the browser goes to
-/// Microsoft's authorize endpoint with the mailbox as the login hint.
+/// own mailbox), for Microsoft Graph's permission when a switch to it is asked (the server
+/// switches when the sign-in completes): a state, the switch and a PKCE verifier are kept for
+/// [`STATE_LIFETIME_MINUTES`] (the verifier sealed), and the browser goes to Microsoft's
+/// authorize endpoint with the mailbox as the login hint.
 async fn connect(
     ctx: web::Data<ModuleContext>,
-    shared: web::Data<crate::runtime::Shared>,
     user: CurrentUser,
     form: web::Form<ConnectForm>,
 ) -> HttpResponse {
-    match connect_steps(&ctx, &shared.into_inner(), &user, &form).await {
+    match connect_steps(&ctx, &user, &form).await {
         Ok(done) | Err(done) => done,
     }
 }
@@ -197,7 +197,6 @@ async fn connect(
 /// [`connect`]'s steps; `Err` is the page that ends the flow early.
 async fn connect_steps(
     ctx: &ModuleContext,
-    shared: &std::sync::Arc<crate::runtime::Shared>,
     user: &CurrentUser,
     form: &ConnectForm,
 ) -> Result<HttpResponse, HttpResponse> {
@@ -205,22 +204,19 @@ async fn connect_steps(
     let settings = OutlookSettings::load(ctx)
         .await
         .map_err(|problem| not_configured_page(ctx, user, &problem))?;
-    let server = match form.switch_to.as_deref() {
+    // A switch to Graph asks for Graph's permission now, and changes the server only when
+    // the sign-in completes (an abandoned one leaves it as it was).
+    let mut server = server;
+    let switch_to = match form.switch_to.as_deref() {
         Some("graph") if server.transport != "graph" => {
-            let server_id = server.id;
-            crate::web::servers::switch_transport(ctx, shared, server, "graph")
-                .await
-                .map_err(|e| {
-                    tracing::error!(error = %e, "switching the server to Graph failed");
-                    let why = "The server could not be switched to Microsoft Graph: the database did not answer. Nothing changed; try again.";
-                    state_failure(ctx, user, why, Some(format!("/microsoft_outlook/servers/{server_id}")))
-                })?
+            server.transport = "graph".into();
+            Some(server.transport.clone())
         }
-        _ => server,
+        _ => None,
     };
     let (url, state, verifier) = authorize_url(ctx, &settings, &server)
         .map_err(|problem| not_configured_page(ctx, user, &problem))?;
-    remember_sign_in(ctx, user, server.id, &state, &verifier)
+    remember_sign_in(ctx, user, (server.id, switch_to), &state, &verifier)
         .await
         .map_err(|e| {
             tracing::error!(error = %e, "storing an OAuth state failed");
@@ -231,6 +227,25 @@ async fn connect_steps(
     Ok(HttpResponse::SeeOther()
         .insert_header(("Location", url.to_string()))
         .finish())
+}
+
+/// Saves the `transport` a completed sign-in switched `server` to (its tokens, just stored,
+/// are for it); a database that did not answer is said as such, with what to do.
+async fn switch(
+    ctx: &ModuleContext,
+    shared: &std::sync::Arc<crate::runtime::Shared>,
+    user: &CurrentUser,
+    (server, transport): (mail_server::Model, &str),
+    back: &Option<String>,
+) -> Result<(), HttpResponse> {
+    match crate::web::servers::switch_transport(ctx, shared, server, transport).await {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            tracing::error!(error = %e, "switching the server's transport failed");
+            let why = "The sign-in was stored, but the server could not be switched: the database did not answer. Click the switch on the server's page again.";
+            Err(state_failure(ctx, user, why, back.clone()))
+        }
+    }
 }
 
 /// The server `id` names, if it exists and the viewer may manage it (the same answer for "not
@@ -301,7 +316,7 @@ fn authorize_url(
 async fn remember_sign_in(
     ctx: &ModuleContext,
     user: &CurrentUser,
-    server_id: i32,
+    (server_id, transport): (i32, Option<String>),
     state: &str,
     verifier: &oauth2::PkceCodeVerifier,
 ) -> Result<(), sea_orm::DbErr> {
@@ -316,6 +331,7 @@ async fn remember_sign_in(
         server_id: Set(server_id),
         expires_at: Set(now + Duration::minutes(STATE_LIFETIME_MINUTES)),
         created_at: Set(now),
+        transport: Set(transport),
     })
     .exec_without_returning(ctx.db())
     .await;
@@ -379,7 +395,12 @@ async fn confirm_steps(
         let why = "The answer from Microsoft carries neither a code nor an error.";
         return Err(state_failure(ctx, user, why, back));
     };
-    let server = server_of(ctx, user, &pending, &back).await?;
+    let mut server = server_of(ctx, user, &pending, &back).await?;
+    // A switch of transport started with this sign-in: its tokens are for the new one.
+    let switch_to = pending.transport.clone().filter(|t| *t != server.transport);
+    if let Some(transport) = &switch_to {
+        server.transport.clone_from(transport);
+    }
     let tokens = exchange(
         ctx,
         shared,
@@ -398,10 +419,16 @@ async fn confirm_steps(
                 user_id = user.id,
                 "mailbox connected"
             );
+            let ended = match switch_to {
+                Some(transport) => {
+                    switch(ctx, shared, user, (server.clone(), &transport), &back).await?;
+                    crate::outbox::history::Ended::TransportChangedBy(user)
+                }
+                None => crate::outbox::history::Ended::ConnectedBy(user),
+            };
             shared.server_changed(server.id);
             // Whatever held the mailbox, a new connection is the fix to try: its mails go out.
             let forced = (None, crate::delivery::health::Release::Forced);
-            let ended = crate::outbox::history::Ended::ConnectedBy(user);
             if let Err(e) =
                 crate::delivery::health::release(ctx, shared, server.id, forced, ended).await
             {

@@ -12,6 +12,9 @@ pub struct Model {
     pub pkce_verifier_sealed: String,
     pub expires_at: ChronoDateTimeUtc,
     pub created_at: ChronoDateTimeUtc,
+    /// The transport the server takes when this sign-in completes (`graph`: a switch to
+    /// Microsoft Graph), or `None` to keep its own.
+    pub transport: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -468,9 +468,9 @@ pub async fn transport_switched(
     .await
 }
 
-/// Sets `server`'s transport to `transport` (`smtp` or `graph`) as the sign-in that follows
-/// starts; the server as saved. Its hold stays until that sign-in is stored (the confirm step
-/// ends every hold), so that its mail does not meet a grant without the new consent first.
+/// Sets `server`'s transport to `transport` (`smtp` or `graph`) once a sign-in for it was
+/// stored (a switch started on the server's page); the server as saved. The confirm step then
+/// ends every hold, so that its mail never meets a grant without the new consent.
 pub async fn switch_transport(
     ctx: &ModuleContext,
     shared: &std::sync::Arc<crate::runtime::Shared>,

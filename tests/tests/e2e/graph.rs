@@ -271,26 +271,68 @@ async fn a_mailbox_held_for_smtp_auth_disabled_switched_to_graph_sends_its_waiti
         ],
     )
     .await;
-    // The held server's page offers the switch; one click switches and starts the sign-in
-    // that grants Graph's permissions.
+    // The held server's page offers the switch; one click starts the sign-in that grants
+    // Graph's permissions, and the server switches when it completes.
     let server_page = format!("/microsoft_outlook/servers/{}", m.env.server_id);
     let (_, page, _) = m.env.admin.get(&server_page).await;
     assert!(
         page.contains("Switch this server to Microsoft Graph"),
         "{page}"
     );
+    let server_id = m.env.server_id.to_string();
+    let switch = [("server", server_id.as_str()), ("switch_to", "graph")];
+    let transport = || async {
+        microsoft_outlook::entities::mail_server::Entity::find_by_id(m.env.server_id)
+            .one(&m.env.app.db)
+            .await
+            .expect("query")
+            .expect("server")
+            .transport
+    };
+    // Abandoned at Microsoft (the tab closed), then declined there: the server stays as it
+    // was, its page still offers the switch, and its mail still waits for it.
+    for declined in [false, true] {
+        let (status, _, location) = m
+            .env
+            .admin
+            .post_form("/microsoft_outlook/connect", &switch)
+            .await;
+        assert_eq!(status, StatusCode::SEE_OTHER);
+        if declined {
+            m.env
+                .idp
+                .set_authorize_mode(microsoft_simulators::identity::AuthorizeMode::Deny {
+                    error: "access_denied".into(),
+                    description: "AADSTS65004: User declined to consent to access the app.".into(),
+                });
+            let url = url::Url::parse(&location.expect("Location")).expect("url");
+            let callback = crate::connect::authorize(&url).await;
+            let (_, page, _) = m.env.admin.get(&callback).await;
+            assert!(page.contains("AADSTS65004"), "{page}");
+            m.env
+                .idp
+                .set_authorize_mode(microsoft_simulators::identity::AuthorizeMode::AutoApprove);
+        }
+        assert_eq!(transport().await, "smtp", "declined: {declined}");
+        let (_, page, _) = m.env.admin.get(&server_page).await;
+        assert!(
+            page.contains("Switch this server to Microsoft Graph"),
+            "{page}"
+        );
+        wait_held(&m.env.app, m.env.server_id, "smtp_auth_disabled").await;
+        assert_eq!(row(&m.env.app, id).await.status, "queued");
+    }
     let (status, page, location) = m
         .env
         .admin
-        .post_form(
-            "/microsoft_outlook/connect",
-            &[
-                ("server", &m.env.server_id.to_string()),
-                ("switch_to", "graph"),
-            ],
-        )
+        .post_form("/microsoft_outlook/connect", &switch)
         .await;
     assert_eq!(status, StatusCode::SEE_OTHER, "{page}");
+    assert_eq!(
+        transport().await,
+        "smtp",
+        "not before the sign-in completes"
+    );
     let authorize_url = url::Url::parse(&location.expect("Location")).expect("url");
     let scope: String = authorize_url
         .query_pairs()
@@ -304,10 +346,22 @@ async fn a_mailbox_held_for_smtp_auth_disabled_switched_to_graph_sends_its_waiti
     let callback = crate::connect::authorize(&authorize_url).await;
     let (status, page, _) = m.env.admin.get(&callback).await;
     assert_eq!(status, StatusCode::SEE_OTHER, "{page}");
+    assert_eq!(transport().await, "graph");
     let sent = wait_status(&m.env.app, id, "sent").await;
     assert_eq!(sent.attempts, 1, "the hold spent no attempt");
     assert_eq!(graph.sent_items(MAILBOX).len(), 1);
     assert_eq!(m.smtp.received_count(), 0);
+    let (_, detail) = m
+        .env
+        .admin
+        .get_json(&format!("/microsoft_outlook/outbox/{id}"))
+        .await;
+    assert!(
+        detail["history"]
+            .to_string()
+            .contains("changed how the mailbox sends"),
+        "{detail}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
