@@ -37,6 +37,10 @@ pub const HOLD_ENDED: &str = "hold_ended";
 /// A person cancelled the mail.
 pub const CANCELLED: &str = "cancelled";
 
+/// Stops by its mailbox's problem ([`WAITED`]) a mail keeps at most, the newest: a mailbox
+/// held for days meets its probe mail every 15 minutes or hour, and each would add one.
+pub const WAITED_KEPT: u64 = 20;
+
 /// Events a mail's page shows at most (the newest; a page says how many older ones it leaves
 /// out).
 pub const SHOWN: u64 = 200;
@@ -66,6 +70,35 @@ pub async fn attempts<C: ConnectionTrait>(
         });
         outbox_event::Entity::insert_many(events)
             .exec_without_returning(db)
+            .await?;
+    }
+    if kind == WAITED {
+        for row in rows {
+            keep_newest_waits(db, row.id).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Deletes the stops of mail `id` by its mailbox's problem but the newest [`WAITED_KEPT`].
+async fn keep_newest_waits<C: ConnectionTrait>(db: &C, id: i64) -> Result<(), sea_orm::DbErr> {
+    let oldest_kept: Option<i64> = outbox_event::Entity::find()
+        .select_only()
+        .column(outbox_event::Column::Id)
+        .filter(outbox_event::Column::OutboxId.eq(id))
+        .filter(outbox_event::Column::Kind.eq(WAITED))
+        .order_by_desc(outbox_event::Column::Id)
+        .offset(WAITED_KEPT - 1)
+        .limit(1)
+        .into_tuple()
+        .one(db)
+        .await?;
+    if let Some(oldest_kept) = oldest_kept {
+        outbox_event::Entity::delete_many()
+            .filter(outbox_event::Column::OutboxId.eq(id))
+            .filter(outbox_event::Column::Kind.eq(WAITED))
+            .filter(outbox_event::Column::Id.lt(oldest_kept))
+            .exec(db)
             .await?;
     }
     Ok(())

@@ -577,6 +577,133 @@ async fn the_sending_quota_holds_the_mailbox_for_a_day_then_mail_goes_out() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_hold_keeps_only_the_newest_stops_in_the_probe_mails_history() {
+    let m = mailing().await;
+    let app = &m.env.app;
+    let refused = "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information.";
+    let probes = microsoft_outlook::outbox::history::WAITED_KEPT as usize + 2;
+    m.smtp.inject(
+        Injected::Reply {
+            stage: Stage::Auth,
+            reply: refused.into(),
+        },
+        probes + 1,
+    );
+    let id = queue(&m, "Waits through many probes").await;
+    wait_held(app, m.env.server_id, "smtp_auth_disabled").await;
+    // Each probe time, the mail is the probe and meets the same refusal.
+    for probe in 1..=probes {
+        app.clock.advance(chrono::Duration::minutes(16));
+        let now = app.clock.now();
+        eventually(&format!("probe {probe} to meet the refusal"), || async {
+            health(app, m.env.server_id)
+                .await
+                .and_then(|h| h.until)
+                .is_some_and(|until| until > now)
+        })
+        .await;
+    }
+    assert_waits(app, id).await;
+    assert_eq!(row(app, id).await.attempts, 0, "no attempt spent");
+    let history = history_of(&m.env, id).await;
+    let kinds: Vec<&str> = history
+        .as_array()
+        .expect("history")
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap_or_default())
+        .collect();
+    let waited = kinds.iter().filter(|k| **k == "waited").count();
+    assert_eq!(
+        waited,
+        microsoft_outlook::outbox::history::WAITED_KEPT as usize,
+        "{} stops met, the newest kept: {history}",
+        probes + 1
+    );
+    assert_eq!(kinds[0], "queued", "{history}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_outcome_of_a_drain_that_lost_its_claim_changes_nothing_and_tells_nothing() {
+    use microsoft_outlook::entities::outbox;
+    use microsoft_outlook::outbox::record::{Outcome, record};
+    use sea_orm::ExprTrait;
+    let m = mailing().await;
+    let app = &m.env.app;
+    let (ctx, shared) = app.module_parts();
+    // The mailbox is held, so no drain of the host touches the second mail: the test plays
+    // the drains.
+    m.env.idp.revoke_grants_of(MAILBOX);
+    m.env.idp.expire_access_tokens_of(MAILBOX);
+    queue(&m, "Meets the hold").await;
+    wait_held(app, m.env.server_id, "grant_dead").await;
+    let id = queue(&m, "Claimed twice").await;
+    let claim = |owner: &'static str| async move {
+        outbox::Entity::update_many()
+            .col_expr(outbox::Column::Status, Expr::value("sending"))
+            .col_expr(outbox::Column::LeaseOwner, Expr::value(owner))
+            .col_expr(
+                outbox::Column::Attempts,
+                Expr::col(outbox::Column::Attempts).add(1),
+            )
+            .filter(outbox::Column::Id.eq(id))
+            .exec(&app.db)
+            .await
+            .expect("claim");
+    };
+    let outcome = |status: &'static str, reply: &str| Outcome {
+        id,
+        status,
+        next_attempt_at: (status == "queued").then(|| app.clock.now()),
+        last_reply: Some(reply.into()),
+        last_error: Some(format!("The server answered {reply}.")),
+        uncount: false,
+        tried: true,
+    };
+    // Drain A claims it, loses its claim (the sweep took it over), and drain B claims it.
+    claim("drain-a").await;
+    claim("drain-b").await;
+    // A's outcomes come late, of every kind: none is written, none goes in the history.
+    for (status, reply) in [
+        ("queued", "451 4.3.0 Late deferral"),
+        ("failed", "550 5.1.10 Late refusal"),
+        ("sent", "250 2.0.0 Late acceptance"),
+    ] {
+        let turn = shared.write_gate(&ctx).await;
+        record(&ctx, &turn, "drain-a", &[outcome(status, reply)], false)
+            .await
+            .expect("record");
+    }
+    let r = row(app, id).await;
+    assert_eq!(
+        (r.status.as_str(), r.lease_owner.as_deref(), r.last_reply),
+        ("sending", Some("drain-b"), None),
+        "B's claim stands"
+    );
+    let history = history_of(&m.env, id).await;
+    assert_eq!(
+        history.as_array().map(Vec::len),
+        Some(1),
+        "only queued: {history}"
+    );
+    // B's outcome is written, with its own history row.
+    let turn = shared.write_gate(&ctx).await;
+    let reply = "550 5.1.10 RESOLVER.ADR.RecipientNotFound";
+    record(&ctx, &turn, "drain-b", &[outcome("failed", reply)], false)
+        .await
+        .expect("record");
+    drop(turn);
+    assert_eq!(row(app, id).await.status, "failed");
+    let history = history_of(&m.env, id).await;
+    let failed = events_of(&history, "failed");
+    assert_eq!(failed.len(), 1, "{history}");
+    assert!(
+        history.to_string().contains("RecipientNotFound"),
+        "{history}"
+    );
+    assert!(!history.to_string().contains("Late"), "{history}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_html_page_from_the_token_endpoint_is_not_a_dead_grant() {
     let m = mailing().await;
     let app = &m.env.app;
