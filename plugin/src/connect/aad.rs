@@ -103,7 +103,7 @@ pub fn explain(error: &str, code: Option<u32>, redirect_uri: &str) -> (String, S
         ),
         (_, Some(50173)) => pair(
             "The grant was revoked, usually because the mailbox's password changed or sessions were revoked.",
-            "Whoever connected the mailbox (an operator, for a shared one; its owner, for a personal one) must click Reconnect on its mail server's page and sign in again.",
+            "Whoever connected the mailbox must click Reconnect and sign in again: an operator, on the mail server's page, for a shared mailbox; its owner, under My mailbox, for a personal one.",
         ),
         (_, Some(54005)) => pair(
             "This sign-in was already used.",

@@ -229,25 +229,6 @@ async fn connect_steps(
         .finish())
 }
 
-/// Saves the `transport` a completed sign-in switched `server` to (its tokens, just stored,
-/// are for it); a database that did not answer is said as such, with what to do.
-async fn switch(
-    ctx: &ModuleContext,
-    shared: &std::sync::Arc<crate::runtime::Shared>,
-    user: &CurrentUser,
-    (server, transport): (mail_server::Model, &str),
-    back: &Option<String>,
-) -> Result<(), HttpResponse> {
-    match crate::web::servers::switch_transport(ctx, shared, server, transport).await {
-        Ok(_) => Ok(()),
-        Err(e) => {
-            tracing::error!(error = %e, "switching the server's transport failed");
-            let why = "The sign-in was stored, but the server could not be switched: the database did not answer. Click the switch on the server's page again.";
-            Err(state_failure(ctx, user, why, back.clone()))
-        }
-    }
-}
-
 /// The server `id` names, if it exists and the viewer may manage it (the same answer for "not
 /// yours" and "not there"); a database that did not answer is said as such.
 async fn server_to_connect(
@@ -412,7 +393,8 @@ async fn confirm_steps(
     .await?;
     let sign_in_name =
         signed_in_mailbox(ctx, user, &server, &tokens, &back).map_err(|page| *page)?;
-    match crate::tokens::store::store_connected(ctx, server.id, &tokens, &sign_in_name).await {
+    let signed_in = (sign_in_name.as_str(), switch_to.as_deref());
+    match crate::tokens::store::store_connected(ctx, server.id, &tokens, signed_in).await {
         Ok(_) => {
             tracing::info!(
                 server_id = server.id,
@@ -420,10 +402,7 @@ async fn confirm_steps(
                 "mailbox connected"
             );
             let ended = match switch_to {
-                Some(transport) => {
-                    switch(ctx, shared, user, (server.clone(), &transport), &back).await?;
-                    crate::outbox::history::Ended::TransportChangedBy(user)
-                }
+                Some(_) => crate::outbox::history::Ended::TransportChangedBy(user),
                 None => crate::outbox::history::Ended::ConnectedBy(user),
             };
             shared.server_changed(server.id);

@@ -254,7 +254,7 @@ pub async fn release(
 ) -> Result<bool, sea_orm::DbErr> {
     let (was_held, waiting) = end_hold(ctx, shared, server_id, only, how).await?;
     if was_held {
-        history::hold_ended(ctx.db(), &waiting, ended, ctx.clock().now()).await?;
+        tell_ended(ctx, server_id, &waiting, ended).await;
     }
     if !waiting.is_empty() {
         // The mailbox's drain claims in queue order: the waiting mails go before later ones.
@@ -263,31 +263,96 @@ pub async fn release(
     Ok(was_held)
 }
 
+/// Writes in the history of each mail that waited for `server_id`'s hold (`waiting`, and the
+/// mail in flight as its probe) what ended it. The hold has ended whatever happens here: a
+/// failure is logged, and the mails go out all the same.
+async fn tell_ended(ctx: &ModuleContext, server_id: i32, waiting: &[i64], ended: Ended<'_>) {
+    let in_flight: Result<Vec<i64>, _> = outbox::Entity::find()
+        .select_only()
+        .column(outbox::Column::Id)
+        .filter(outbox::Column::ServerId.eq(server_id))
+        .filter(outbox::status_is("sending"))
+        .into_tuple()
+        .all(ctx.db())
+        .await;
+    let written = match in_flight {
+        Ok(mut ids) => {
+            ids.extend_from_slice(waiting);
+            history::hold_ended(ctx.db(), &ids, ended, ctx.clock().now()).await
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = written {
+        tracing::warn!(server_id, error = %e, "the end of a hold was not written in its mails' histories");
+    }
+}
+
+/// Why Release held mail does nothing for a mailbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotReleased {
+    /// Its sign-in at Microsoft has ended: only connecting it again ends the hold.
+    OnlyReconnect,
+    /// Microsoft 365 asked it to slow down until then: it sends again by itself.
+    Throttled(DateTime<Utc>),
+}
+
+impl NotReleased {
+    /// In words, for an operator, of a `personal` mailbox or a shared one.
+    pub fn words(self, personal: bool) -> String {
+        match self {
+            NotReleased::OnlyReconnect if personal => "Release held mail cannot end this hold: the mailbox's sign-in at Microsoft has ended, and only its owner can connect it again (they were asked to, under My mailbox). Its mails wait until then, without spending attempts.".into(),
+            NotReleased::OnlyReconnect => "Release held mail cannot end this hold: the mailbox's sign-in at Microsoft has ended, and only connecting it again ends it (Reconnect, on the mail server's page). Its mails wait until then, without spending attempts.".into(),
+            NotReleased::Throttled(until) => format!(
+                "Microsoft 365 asked this mailbox to slow down until {} UTC: its mails go out by themselves then, without spending attempts (sending sooner would only meet the same answer).",
+                until.format("%Y-%m-%d %H:%M:%S")
+            ),
+        }
+    }
+
+    /// A title for the page that says it.
+    pub fn title(self) -> &'static str {
+        match self {
+            NotReleased::OnlyReconnect => "Reconnect needed",
+            NotReleased::Throttled(_) => "Throttled",
+        }
+    }
+}
+
 /// Release held mail, asked for by the operator `by` (the server's page, the outbox): as
-/// [`release`] with [`Release::Forced`] for the holds a release can end. `Ok(None)`: the
-/// mailbox is held for a reason only its fix ends (a dead grant: connect it again), and
-/// nothing was done; otherwise whether a hold ended.
+/// [`release`] with [`Release::Forced`] for the holds a release can end. `Ok(Err(_))`: the
+/// mailbox is held for a reason only its fix ends (a dead grant), or throttled, and nothing
+/// was done; otherwise whether a hold ended.
 pub async fn release_by(
     ctx: &ModuleContext,
     shared: &std::sync::Arc<Shared>,
     server_id: i32,
     by: &crm_sdk::CurrentUser,
-) -> Result<Option<bool>, sea_orm::DbErr> {
-    if get(ctx, server_id)
-        .await?
-        .reason()
-        .is_some_and(|r| !r.release_can_help())
-    {
-        return Ok(None);
+) -> Result<Result<bool, NotReleased>, sea_orm::DbErr> {
+    let refused = |health: Health| match health {
+        Health::Held { reason, .. } if !reason.release_can_help() => {
+            Some(NotReleased::OnlyReconnect)
+        }
+        Health::Throttled { until } => Some(NotReleased::Throttled(until)),
+        _ => None,
+    };
+    if let Some(not) = refused(get(ctx, server_id).await?) {
+        return Ok(Err(not));
     }
+    // Only the holds a release can end, in the statement itself: a dead grant or a throttle
+    // that came meanwhile (another process) stays.
     let releasable: Vec<HoldReason> = HoldReason::ALL
         .into_iter()
         .filter(|r| r.release_can_help())
         .collect();
     let how = (Some(releasable.as_slice()), Release::Forced);
-    release(ctx, shared, server_id, how, Ended::ReleasedBy(by))
-        .await
-        .map(Some)
+    let ended = release(ctx, shared, server_id, how, Ended::ReleasedBy(by)).await?;
+    if !ended {
+        shared.forget_health(server_id);
+        if let Some(not) = refused(get(ctx, server_id).await?) {
+            return Ok(Err(not));
+        }
+    }
+    Ok(Ok(ended))
 }
 
 /// [`release`] without sending: whether a hold ended, and the waiting mails to send.
@@ -331,9 +396,14 @@ async fn end_hold(
         update =
             update.filter(mailbox_health::Column::Reason.is_in(reasons.iter().map(|r| r.as_str())));
     }
-    let ended = update.exec(ctx.db()).await?.rows_affected == 1;
+    let changed = update.exec(ctx.db()).await?.rows_affected == 1;
     shared.forget_health(server_id);
-    if ended {
+    // A throttle's row stays `throttled` after it lapsed: ending that ends no hold.
+    let ended = changed
+        && before.as_ref().is_some_and(|b| {
+            b.state == "held" || (b.state == "throttled" && b.until.is_some_and(|u| u > now))
+        });
+    if changed {
         tracing::info!(server_id, "mailbox hold ended");
         // The hold has ended: a stale error left behind must not undo that.
         if let Err(e) = clear_token_error(ctx, server_id).await {
@@ -349,7 +419,8 @@ async fn end_hold(
         if let Some(reason) = reason.filter(|r| module_wide(*r)) {
             end_settings_incident_if_over(ctx, reason).await?;
         }
-    } else if how == Release::IfHeld {
+    }
+    if !ended && how == Release::IfHeld {
         return Ok((false, Vec::new()));
     }
     Ok((ended, requeue_waiting(ctx, server_id).await?))
@@ -415,8 +486,7 @@ pub async fn release_reasons(
             end_hold(ctx, shared, server_id, Some(reasons), Release::IfHeld).await?;
         ended += usize::from(was_held);
         if was_held {
-            let now = ctx.clock().now();
-            history::hold_ended(ctx.db(), &ids, Ended::SettingsSaved, now).await?;
+            tell_ended(ctx, server_id, &ids, Ended::SettingsSaved).await;
         }
         if !ids.is_empty() {
             waiting.push(server_id);

@@ -2,12 +2,12 @@
 
 use chrono::Duration;
 use crm_sdk::ModuleContext;
-use sea_orm::sea_query::OnConflict;
-use sea_orm::{DbErr, EntityTrait, Set};
+use sea_orm::sea_query::{Expr, OnConflict};
+use sea_orm::{ColumnTrait, DbErr, EntityTrait, QueryFilter, Set, TransactionTrait};
 use secrecy::SecretString;
 
 use crate::connect::token_client::Tokens;
-use crate::entities::token;
+use crate::entities::{mail_server, token};
 
 /// The seal context of a server's access token.
 pub fn access_context(server_id: i32) -> String {
@@ -19,16 +19,20 @@ pub fn refresh_context(server_id: i32) -> String {
     format!("microsoft_outlook/token/{server_id}/refresh")
 }
 
-/// Stores the tokens of a fresh connection: status valid, version bumped, errors cleared.
+/// Stores the tokens of a fresh connection: status valid, version bumped, errors cleared;
+/// with `transport` (a switch that this sign-in completes, e.g. `graph`), the server's
+/// transport changes in the same transaction, so that no mail meets the new tokens on the old
+/// transport.
 pub async fn store_connected(
     ctx: &ModuleContext,
     server_id: i32,
     tokens: &Tokens,
-    signed_in_as: &str,
+    (signed_in_as, transport): (&str, Option<&str>),
 ) -> Result<token::Model, DbErr> {
     let now = ctx.clock().now();
     let sealer = ctx.sealer();
-    let previous = token::Entity::find_by_id(server_id).one(ctx.db()).await?;
+    let txn = ctx.db().begin().await?;
+    let previous = token::Entity::find_by_id(server_id).one(&txn).await?;
     let version = previous.as_ref().map_or(1, |t| t.version + 1);
     let row = token::ActiveModel {
         server_id: Set(server_id),
@@ -71,12 +75,22 @@ pub async fn store_connected(
                 ])
                 .to_owned(),
         )
-        .exec_without_returning(ctx.db())
+        .exec_without_returning(&txn)
         .await?;
-    token::Entity::find_by_id(server_id)
-        .one(ctx.db())
+    if let Some(transport) = transport {
+        mail_server::Entity::update_many()
+            .col_expr(mail_server::Column::Transport, Expr::value(transport))
+            .col_expr(mail_server::Column::UpdatedAt, Expr::value(now))
+            .filter(mail_server::Column::Id.eq(server_id))
+            .exec(&txn)
+            .await?;
+    }
+    let stored = token::Entity::find_by_id(server_id)
+        .one(&txn)
         .await?
-        .ok_or_else(|| DbErr::RecordNotFound(format!("token of server {server_id}")))
+        .ok_or_else(|| DbErr::RecordNotFound(format!("token of server {server_id}")))?;
+    txn.commit().await?;
+    Ok(stored)
 }
 
 /// An access token ready to use.

@@ -527,18 +527,18 @@ async fn retry(
     match crate::delivery::health::release_by(&ctx, &shared.clone().into_inner(), server.id, &user)
         .await
     {
-        Ok(None) => page_with(
+        Ok(Err(not)) => page_with(
             actix_web::http::StatusCode::CONFLICT,
             &ctx,
             &user,
-            "Reconnect needed",
+            not.title(),
             html! {
-                h1 { "Reconnect needed" }
-                p { (crate::web::outbox_page::ONLY_RECONNECT) }
+                h1 { (not.title()) }
+                p { (not.words(server.owner_user_id.is_some())) }
                 p { a href=(server_url(&server)) { "Back to " (server.name) } }
             },
         ),
-        Ok(Some(_)) => {
+        Ok(Ok(_)) => {
             tracing::info!(
                 server_id = server.id,
                 user_id = user.id,

@@ -468,24 +468,6 @@ pub async fn transport_switched(
     .await
 }
 
-/// Sets `server`'s transport to `transport` (`smtp` or `graph`) once a sign-in for it was
-/// stored (a switch started on the server's page); the server as saved. The confirm step then
-/// ends every hold, so that its mail never meets a grant without the new consent.
-pub async fn switch_transport(
-    ctx: &ModuleContext,
-    shared: &std::sync::Arc<crate::runtime::Shared>,
-    server: mail_server::Model,
-    transport: &str,
-) -> Result<mail_server::Model, DbErr> {
-    let id = server.id;
-    let mut model: mail_server::ActiveModel = server.into();
-    model.transport = Set(transport.to_string());
-    model.updated_at = Set(Utc::now());
-    let saved = model.update(ctx.db()).await?;
-    shared.server_changed(id);
-    Ok(saved)
-}
-
 /// Every shared server, default first.
 pub async fn shared(db: &DatabaseConnection) -> Result<Vec<mail_server::Model>, DbErr> {
     mail_server::Entity::find()

@@ -1145,6 +1145,37 @@ async fn a_throttled_mailbox_is_shown_but_offers_no_release() {
     let (_, page, _) = m.env.admin.get(&server_page).await;
     assert!(page.contains("Throttled until"), "{page}");
     assert!(!page.contains("Release held mail"), "{page}");
+    // Posted anyway (an old form, a script): refused in words, on both routes; the throttle
+    // and the mail stay as they were.
+    let (status, page, _) = m
+        .env
+        .admin
+        .post_form(&format!("{server_page}/retry"), &[])
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{page}");
+    assert!(
+        page.contains("asked this mailbox to slow down until"),
+        "{page}"
+    );
+    let release = format!("{OUTBOX}/release/{}", m.env.server_id);
+    let (status, body) = m.env.admin.post_json(&release, &json!({})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let health = mailbox_health::Entity::find_by_id(m.env.server_id)
+        .one(&app.db)
+        .await
+        .expect("health")
+        .expect("row");
+    assert_eq!(health.state, "throttled");
+    assert_eq!(row(app, id).await.status, "queued");
+    // The throttle lapses and the mail goes (its row still says `throttled`); a release
+    // then ends no hold, and says so.
+    app.clock.advance(chrono::Duration::minutes(11));
+    wait_status(app, id, "sent").await;
+    let (status, body) = m.env.admin.post_json(&release, &json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["hold_ended"], false, "{body}");
+    let (_, detail) = m.env.admin.get_json(&format!("{OUTBOX}/{id}")).await;
+    assert_eq!(history_kinds(&detail), ["queued", "sent"], "{detail}");
 }
 
 /// A held mail's page: its author reads what happened and that the operators were told (no

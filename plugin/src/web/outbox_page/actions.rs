@@ -116,7 +116,10 @@ pub async fn cancel(
     crate::outbox::history::actions(ctx.db(), &ids, crate::outbox::history::CANCELLED, by, now)
         .await?;
     resolve_failed_notices(ctx, &were_failed, &ids).await;
-    crate::delivery::hold::authors_cancelled(ctx, &rows).await?;
+    // The cancel stands whatever happens here.
+    if let Err(e) = crate::delivery::hold::authors_cancelled(ctx, &rows).await {
+        tracing::warn!(error = %e, "resolving the notices of authors who cancelled failed");
+    }
     Ok(Changed { ids })
 }
 
@@ -465,16 +468,19 @@ pub(super) async fn release(
     body: web::Bytes,
 ) -> HttpResponse {
     let server_id = server_id.into_inner();
-    let exists = match mail_server::Entity::find_by_id(server_id)
+    let server = match mail_server::Entity::find_by_id(server_id)
         .one(ctx.db())
         .await
     {
-        Ok(found) => found.is_some(),
+        Ok(found) => found.filter(|_| user.is_admin),
         Err(e) => return db_down(e),
     };
-    if !user.is_admin || !exists {
+    let Some(server) = server else {
         return no_such(&ctx, &user, &req, ("server", "mail server"));
-    }
+    };
+    // An operator opens a shared server's page, or their own mailbox's.
+    let not_theirs = server.owner_user_id.is_some_and(|o| o != user.id);
+    let personal = server.owner_user_id.is_some();
     let return_to = serde_urlencoded::from_bytes::<ReleaseForm>(&body)
         .ok()
         .and_then(|f| f.return_to)
@@ -482,25 +488,25 @@ pub(super) async fn release(
         .unwrap_or_else(|| OUTBOX.to_string());
     shared.server_changed(server_id);
     match crate::delivery::health::release_by(&ctx, &shared.into_inner(), server_id, &user).await {
-        Ok(None) if wants_json(&req) => json_refusal(
+        Ok(Err(not)) if wants_json(&req) => json_refusal(
             StatusCode::CONFLICT,
-            &[field_error("server", super::ONLY_RECONNECT.to_string())],
+            &[field_error("server", not.words(personal))],
         ),
-        Ok(None) => page_with(
+        Ok(Err(not)) => page_with(
             StatusCode::CONFLICT,
             &ctx,
             &user,
-            "Reconnect needed",
+            not.title(),
             html! {
-                h1 { "Reconnect needed" }
-                p { (super::ONLY_RECONNECT) }
+                h1 { (not.title()) }
+                p { (not.words(personal)) }
                 p {
-                    a href=(format!("/microsoft_outlook/servers/{server_id}")) { "Go to the mail server" }
-                    " · " a href=(return_to) { "Back to the outbox" }
+                    @if !not_theirs { a href=(format!("/microsoft_outlook/servers/{server_id}")) { "Go to the mail server" } " · " }
+                    a href=(return_to) { "Back to the outbox" }
                 }
             },
         ),
-        Ok(Some(ended)) => {
+        Ok(Ok(ended)) => {
             tracing::info!(server_id, user_id = user.id, ended, "held mail released");
             if wants_json(&req) {
                 return HttpResponse::Ok()

@@ -46,8 +46,6 @@ fn actionable_by(user: &CurrentUser, action: &str) -> &'static [&'static str] {
 mod actions;
 
 /// What Release held mail did, wherever it was clicked.
-/// Why Release held mail refuses a hold only its fix ends (a dead grant).
-pub(crate) const ONLY_RECONNECT: &str = "Release held mail cannot end this hold: the mailbox's sign-in at Microsoft has ended, and only connecting it again ends it (Reconnect, on the mail server's page). Its mails wait until then, without spending attempts.";
 pub(crate) const RELEASED_FLASH: &str = "Held mail released: the hold was lifted, and any mails that waited are being sent in queue order.";
 mod detail;
 mod filter;

@@ -323,8 +323,6 @@ pub(super) fn mails_table(
     }
 }
 
-/// This page as the viewer filtered it, without the flash of the last action: where an action
-/// taken from it leads back to.
 /// Whether the bulk `action` can change a mail of `filter` for `user`: its status filter
 /// leaves a status the action applies to (a user retries only failed mails; nobody retries or
 /// cancels sent ones).
@@ -332,6 +330,8 @@ fn bulk_applies(filter: &Filter, user: &CurrentUser, action: &str) -> bool {
     filter.status.is_empty() || actionable_by(user, action).contains(&filter.status.as_str())
 }
 
+/// This page as the viewer filtered it, without the flash of the last action: where an action
+/// taken from it leads back to.
 fn this_page(req: &HttpRequest) -> String {
     let kept: Vec<(String, String)> = url::form_urlencoded::parse(req.query_string().as_bytes())
         .filter(|(k, _)| !matches!(k.as_ref(), "released" | "done" | "n"))
@@ -431,14 +431,14 @@ pub(super) async fn list(
         section.card {
             p.count { (total) " mail(s)" @if pages > 1 { ", page " (page_no) " of " (pages) } }
             @let (can_retry, can_cancel) = (bulk_applies(&filter, &user, "retry"), bulk_applies(&filter, &user, "cancel"));
-            @if total > 0 && (can_retry || can_cancel) {
-                form.inline method="post" action=(format!("{OUTBOX}/bulk")) {
+            @if total > 0 {
+                @if can_retry || can_cancel { form.inline method="post" action=(format!("{OUTBOX}/bulk")) {
                     (csrf(&user))
                     (filter.hidden_fields())
                     @if can_retry { button.secondary type="submit" name="action" value="retry" { "Retry these…" } " " }
                     @if can_cancel { button.secondary type="submit" name="action" value="cancel" { "Cancel these…" } }
                     span.help { @if user.is_admin { " Applies to the queued and failed mails of this filter, after a confirmation." } @else if can_retry && can_cancel { " Retry applies to the failed mails of this filter, cancel to the queued and failed ones, after a confirmation." } @else { " Cancels the queued and failed mails of this filter, after a confirmation." } }
-                }
+                } }
                 (mails_table(&mails, &servers, &waits, &user))
             } @else {
                 p.help { "No mail matches." }
