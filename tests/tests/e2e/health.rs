@@ -510,6 +510,31 @@ async fn an_author_who_cancels_their_last_waiting_mail_is_no_longer_told_it_wait
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_owner_who_cancels_their_waiting_mail_is_still_asked_to_reconnect() {
+    let (m, mine) = alices_mailbox(SmtpConfig::default()).await;
+    let app = &m.env.app;
+    m.env.idp.revoke_grants_of(ALICE.0);
+    m.env.idp.expire_access_tokens_of(ALICE.0);
+    let id = queue(&m, "Cancelled by its owner").await;
+    wait_held(app, mine, "grant_dead").await;
+    let open = || async {
+        notifications(app, &mailbox_key(mine))
+            .await
+            .into_iter()
+            .filter(|n| n.user_id == Some(app.alice_id) && n.resolved_at.is_none())
+            .count()
+    };
+    assert_eq!(open().await, 1, "she is asked to reconnect");
+    let path = format!("/microsoft_outlook/outbox/{id}/cancel");
+    let (status, _) = m.alice.post_json(&path, &serde_json::json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(row(app, id).await.status, "cancelled");
+    // Her mailbox still needs her: the notice that asks her stands.
+    assert_eq!(open().await, 1, "still asked to reconnect");
+    wait_held(app, mine, "grant_dead").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_xoauth2_data_holds_the_mailbox_and_no_mail_fails() {
     let m = mailing().await;
     let app = &m.env.app;
@@ -605,11 +630,13 @@ async fn a_long_hold_keeps_only_the_newest_stops_in_the_probe_mails_history() {
     for probe in 1..=probes {
         app.clock.advance(chrono::Duration::minutes(16));
         let now = app.clock.now();
+        // The hold is renewed first, then the probe's outcome is written.
         eventually(&format!("probe {probe} to meet the refusal"), || async {
             health(app, m.env.server_id)
                 .await
                 .and_then(|h| h.until)
                 .is_some_and(|until| until > now)
+                && row(app, id).await.status == "queued"
         })
         .await;
     }
