@@ -74,13 +74,29 @@ fn failure_page(ctx: &ModuleContext, user: &CurrentUser, f: Failure<'_>) -> Http
     page_with(f.status, ctx, user, &f.title, body)
 }
 
+/// The page of a sign-in Microsoft refused or the user cancelled; `switching` when it was to
+/// switch the server to Microsoft Graph (the server stays as it was).
 fn aad_failure_page(
     ctx: &ModuleContext,
     user: &CurrentUser,
-    failure: &AadFailure,
+    (failure, switching): (&AadFailure, bool),
     back: Option<String>,
 ) -> HttpResponse {
     let (what, mut fix) = explain(&failure.error, failure.code, &ctx.public_url(CONFIRM_PATH));
+    if switching {
+        fix = format!(
+            "The server still sends by SMTP, as before, and its mail still waits. {}",
+            fix.replace(
+                "Click Connect again",
+                "Click Switch this server to Microsoft Graph again"
+            )
+        );
+    }
+    let title = if switching {
+        "The server was not switched to Microsoft Graph"
+    } else {
+        "The mailbox was not connected"
+    };
     if !user.is_admin && failure.class == crate::connect::aad::FailureClass::Configuration {
         // The fix is in the CRM's settings or the app registration: not a user's to do.
         fix = "This is for the CRM's operators to fix (in the CRM's Microsoft settings or the app registration in Azure), not something you can change. Tell them this page's words; once they have fixed it, click Connect (or Reconnect) again.".into();
@@ -95,7 +111,7 @@ fn aad_failure_page(
         user,
         Failure {
             status,
-            title: "The mailbox was not connected".into(),
+            title: title.into(),
             what,
             fix,
             code: failure.code,
@@ -370,7 +386,8 @@ async fn confirm_steps(
             description,
             retry_after_secs: None,
         };
-        return Err(aad_failure_page(ctx, user, &failure, back));
+        let switching = pending.transport.is_some();
+        return Err(aad_failure_page(ctx, user, (&failure, switching), back));
     }
     let Some(code) = query.code.as_deref().filter(|c| !c.is_empty()) else {
         let why = "The answer from Microsoft carries neither a code nor an error.";
@@ -401,9 +418,12 @@ async fn confirm_steps(
                 user_id = user.id,
                 "mailbox connected"
             );
-            let ended = match switch_to {
-                Some(_) => crate::outbox::history::Ended::TransportChangedBy(user),
-                None => crate::outbox::history::Ended::ConnectedBy(user),
+            let (ended, flash) = match &switch_to {
+                Some(transport) => (
+                    crate::outbox::history::Ended::TransportChangedBy(user),
+                    transport.as_str(),
+                ),
+                None => (crate::outbox::history::Ended::ConnectedBy(user), "1"),
             };
             shared.server_changed(server.id);
             // Whatever held the mailbox, a new connection is the fix to try: its mails go out.
@@ -416,7 +436,7 @@ async fn confirm_steps(
             Ok(HttpResponse::SeeOther()
                 .insert_header((
                     "Location",
-                    format!("/microsoft_outlook/servers/{}?connected=1", server.id),
+                    format!("/microsoft_outlook/servers/{}?connected={flash}", server.id),
                 ))
                 .finish())
         }
@@ -518,7 +538,10 @@ async fn exchange(
     let resource = Resource::of_transport(&server.transport);
     token_client::request(&shared.http, &settings, grant, resource)
         .await
-        .map_err(|failure| aad_failure_page(ctx, user, &failure, back.clone()))
+        .map_err(|failure| {
+            let switching = pending.transport.is_some();
+            aad_failure_page(ctx, user, (&failure, switching), back.clone())
+        })
 }
 
 /// The name the mailbox signed in with (its UPN, else the matching claim), when the identity

@@ -773,7 +773,7 @@ pub fn not_connected(mailbox: &str) -> Verdict {
         who: Who::MailboxOwner,
         what: format!("The mailbox {mailbox} is not connected."),
         fix: format!(
-            "Click Connect and sign in at Microsoft as {mailbox}. The mails wait and go out after that."
+            "Click Connect and sign in at Microsoft as {mailbox}; the mails wait and go out once it is connected."
         ),
         hold_for: None,
     }

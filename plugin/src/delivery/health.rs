@@ -300,8 +300,8 @@ impl NotReleased {
     /// In words, for an operator, of a `personal` mailbox or a shared one.
     pub fn words(self, personal: bool) -> String {
         match self {
-            NotReleased::OnlyReconnect if personal => "Release held mail cannot end this hold: the mailbox's sign-in at Microsoft has ended, and only its owner can connect it again (they were asked to, under My mailbox). Its mails wait until then, without spending attempts.".into(),
-            NotReleased::OnlyReconnect => "Release held mail cannot end this hold: the mailbox's sign-in at Microsoft has ended, and only connecting it again ends it (Reconnect, on the mail server's page). Its mails wait until then, without spending attempts.".into(),
+            NotReleased::OnlyReconnect if personal => "Release held mail cannot end this hold: the mailbox's sign-in at Microsoft has ended or it was never connected, and only its owner can connect it (they were asked to, under My mailbox). Its mails wait until then, without spending attempts.".into(),
+            NotReleased::OnlyReconnect => "Release held mail cannot end this hold: the mailbox's sign-in at Microsoft has ended or it was never connected, and only connecting it ends it (Connect or Reconnect, on the mail server's page). Its mails wait until then, without spending attempts.".into(),
             NotReleased::Throttled(until) => format!(
                 "Microsoft 365 asked this mailbox to slow down until {} UTC: its mails go out by themselves then, without spending attempts (sending sooner would only meet the same answer).",
                 until.format("%Y-%m-%d %H:%M:%S")

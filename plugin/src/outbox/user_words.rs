@@ -293,8 +293,17 @@ mod tests {
                     "{}: {seen}",
                     v.rule
                 );
+                // No sentence left behind that points at a step taken out.
+                assert!(!seen.contains("after that"), "{}: {seen}", v.rule);
             }
         }
+        assert_eq!(
+            user_words(
+                &classify::not_connected("sales@contoso.example").words(),
+                "queued"
+            ),
+            "The mailbox sales@contoso.example is not connected. The mailbox must be connected again; the mail waits until then. Nothing is lost."
+        );
     }
 
     #[test]

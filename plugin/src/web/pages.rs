@@ -393,7 +393,11 @@ async fn show(
         Ok(server) => server,
         Err(refused) => return *refused,
     };
-    let flash = if flash.connected.is_some() {
+    let flash = if flash.connected.as_deref() == Some("graph") {
+        Some(
+            html! { p.flash.ok role="status" { "Switched: this server now sends through Microsoft Graph; the token for Graph was validated and stored." } },
+        )
+    } else if flash.connected.is_some() {
         Some(
             html! { p.flash.ok role="status" { "Connected: the Outlook token was validated and stored." } },
         )

@@ -55,7 +55,9 @@ pub fn status_block(
                         p role="alert" { "This mailbox is held because " (reason.in_words()) "." }
                     }
                     p.help {
-                        "Held since " (when(*since)) ". " (waiting) " mail(s) wait; they spend no attempt and go out in queue order once this is fixed."
+                        "Held since " (when(*since)) ". "
+                        @if waiting == 0 { "No mail waits on it now; mail queued for it waits without spending attempts and goes out in queue order once this is fixed." }
+                        @else { (waiting) " mail(s) wait; they spend no attempt and go out in queue order once this is fixed." }
                         @if let Some(until) = until { " The mailbox is tried again by itself at " (when(*until)) "." }
                     }
                     @if !user.is_admin && reason.needs_operator_for(server.owner_user_id.is_some()) {

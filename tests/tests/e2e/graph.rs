@@ -309,6 +309,13 @@ async fn a_mailbox_held_for_smtp_auth_disabled_switched_to_graph_sends_its_waiti
             let callback = crate::connect::authorize(&url).await;
             let (_, page, _) = m.env.admin.get(&callback).await;
             assert!(page.contains("AADSTS65004"), "{page}");
+            // The page says what stands: the server was not switched, and how to try again.
+            assert!(
+                page.contains("The server was not switched to Microsoft Graph")
+                    && page.contains("still sends by SMTP")
+                    && page.contains("Click Switch this server to Microsoft Graph again"),
+                "{page}"
+            );
             m.env
                 .idp
                 .set_authorize_mode(microsoft_simulators::identity::AuthorizeMode::AutoApprove);
@@ -344,9 +351,14 @@ async fn a_mailbox_held_for_smtp_auth_disabled_switched_to_graph_sends_its_waiti
         "{scope}"
     );
     let callback = crate::connect::authorize(&authorize_url).await;
-    let (status, page, _) = m.env.admin.get(&callback).await;
+    let (status, page, location) = m.env.admin.get(&callback).await;
     assert_eq!(status, StatusCode::SEE_OTHER, "{page}");
     assert_eq!(transport().await, "graph");
+    let (_, page, _) = m.env.admin.get(&location.expect("Location")).await;
+    assert!(
+        page.contains("Switched: this server now sends through Microsoft Graph"),
+        "{page}"
+    );
     let sent = wait_status(&m.env.app, id, "sent").await;
     assert_eq!(sent.attempts, 1, "the hold spent no attempt");
     assert_eq!(graph.sent_items(MAILBOX).len(), 1);
