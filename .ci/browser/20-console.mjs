@@ -12,7 +12,7 @@ const alice = await signIn('alice@contoso.example', 'alice-demo');
 async function playFault(fault) {
   await admin.goto(`${base}/demo/faults`);
   await admin.click(`button:has-text("Play ${fault}")`);
-  await admin.waitForURL(/played=1/);
+  await admin.waitForURL(new RegExp(`played=${fault}`));
 }
 
 // Alice sends a mail from Dana's contact; returns nothing (the outbox finds it by subject).

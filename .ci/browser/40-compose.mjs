@@ -50,7 +50,7 @@ await check('a bad recipient is marked beside To and the subject, text and file 
 await check('the operator holds the mailbox (SMTP AUTH disabled) so the mail will wait', async () => {
   await admin.goto(`${base}/demo/faults`);
   await admin.click('button:has-text("Play smtp-auth-disabled")');
-  await admin.waitForURL(/played=1/);
+  await admin.waitForURL(/played=smtp-auth-disabled/);
 });
 
 await check('with the recipient corrected, Send queues the mail with its file and says from where', async () => {

@@ -63,7 +63,7 @@ await check('Test connection on the Graph server shows Graph\'s steps passing', 
 await check('Test connection when Graph denies the mailbox shows 403 ErrorAccessDenied in words', async () => {
   await admin.goto(`${base}/demo/faults`);
   await admin.click('button:has-text("Play graph-access-denied")');
-  await admin.waitForURL(/played=1/);
+  await admin.waitForURL(/played=graph-access-denied/);
   const result = await testConnection();
   if (!result.includes('The connection test failed')) throw new Error(`the test says: ${result.trim()}`);
   if (!result.includes('403 ErrorAccessDenied')) throw new Error('the status and code are not shown');

@@ -113,4 +113,40 @@ await check('a mailbox Exchange refuses is shown held, the author is told, and R
   if (!(await page.textContent('td.health')).includes('Outlook token validated')) throw new Error('the server is not ready again');
 });
 
+await check('a revoked sign-in holds the mailbox until Reconnect, which sends the mail and is told in its history', async () => {
+  await page.goto(`${base}/demo/faults`);
+  await Promise.all([page.waitForURL(/played=revoke-grant/), page.click('button:has-text("Play revoke-grant")')]);
+  if (!(await page.textContent('main')).includes('Armed: revoke-grant')) throw new Error('the faults page does not say the fault is armed');
+  const user = await aliceSends('After the password change', 'This one waits for a reconnect.');
+  let health = '';
+  for (let i = 0; i < 40; i += 1) {
+    await page.goto(`${base}/microsoft_outlook/servers`);
+    health = await page.textContent('td.health');
+    if (health.includes('Held')) break;
+    await page.waitForTimeout(500);
+  }
+  if (!health.includes('Held: Reconnect needed')) throw new Error(`the server list shows "${health.trim()}"`);
+  await page.click('text=Office 365 (simulated)');
+  const server = await page.textContent('main');
+  if (server.includes('Release held mail')) throw new Error('Release held mail is offered for a hold only a reconnect ends');
+  await page.click('form[action="/microsoft_outlook/connect"] button');
+  await page.waitForSelector('text=Permissions requested');
+  await page.click('button:has-text("Accept")');
+  await page.waitForSelector('text=Outlook token validated');
+  const status = 'table.mails tbody tr:first-child';
+  let shown = '';
+  for (let i = 0; i < 40; i += 1) {
+    await user.reload();
+    shown = await user.getAttribute(status, 'data-status');
+    if (shown === 'sent') break;
+    await user.waitForTimeout(500);
+  }
+  if (shown !== 'sent') throw new Error(`after the reconnect the mail is "${shown}", not "sent"`);
+  await page.goto(`${base}/microsoft_outlook/outbox`);
+  await page.click('a:has-text("After the password change")');
+  const history = await page.textContent('#history');
+  if (!history.includes('connected the mailbox again')) throw new Error(`its history does not say who ended the wait: ${history}`);
+  await page.screenshot({ path: `${shots}/history-reconnected.png`, fullPage: true });
+});
+
 await finish();

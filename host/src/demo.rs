@@ -460,6 +460,10 @@ const GRAPH_FAULTS: [&str; 3] = [
     "graph-throttled",
 ];
 
+/// The fault the demo's simulated sign-in can be told to play: the shared mailbox's grant
+/// revoked (as a password change does), so that its next mail meets AADSTS50173.
+const REVOKE_GRANT: &str = "revoke-grant";
+
 /// The Graph fault played by the id `id` of [`GRAPH_FAULTS`].
 fn graph_fault(id: &str) -> Option<GraphFault> {
     match id {
@@ -483,10 +487,23 @@ fn fault_form(user: &CurrentUser, id: &str, answer: &str) -> maud::Markup {
     }
 }
 
-async fn faults_page(state: web::Data<AppState>, user: CurrentUser) -> HttpResponse {
+#[derive(serde::Deserialize)]
+struct Played {
+    played: Option<String>,
+}
+
+async fn faults_page(
+    state: web::Data<AppState>,
+    user: CurrentUser,
+    played: web::Query<Played>,
+) -> HttpResponse {
     if let Err(refused) = crate::auth::require_admin(&user, &state.chrome) {
         return *refused;
     }
+    let known = |id: &str| {
+        id == REVOKE_GRANT || FAULTS.iter().any(|(f, _)| *f == id) || GRAPH_FAULTS.contains(&id)
+    };
+    let played = played.into_inner().played.filter(|id| known(id));
     let graph_faults = GRAPH_FAULTS.iter().filter_map(|id| {
         let fault = graph_fault(id)?;
         let answer = format!(
@@ -498,6 +515,9 @@ async fn faults_page(state: web::Data<AppState>, user: CurrentUser) -> HttpRespo
     });
     let body = html! {
         h1 { "Simulated Exchange: play a fault" }
+        @if let Some(id) = &played {
+            p.flash.ok role="status" { "Armed: " (id) ". Send a mail (or test the connection) to meet it." }
+        }
         section.card {
             h2 { "Over SMTP" }
             p.help { "The next attempt of the simulated smtp.office365.com answers with the reply chosen here, once." }
@@ -507,6 +527,11 @@ async fn faults_page(state: web::Data<AppState>, user: CurrentUser) -> HttpRespo
             h2 { "Through Microsoft Graph" }
             p.help { "The next request of the simulated graph.microsoft.com that the answer fits (a send for invalid recipients, any request for the others, a Test connection too) gets the answer chosen here, once." }
             @for (id, answer) in graph_faults { (fault_form(&user, id, &answer)) }
+        }
+        section.card {
+            h2 { "At Microsoft's sign-in" }
+            p.help { "The sign-in of " code { (DEMO_MAILBOX) } " is revoked, as a password change does: its next mail or token refresh meets AADSTS50173, and only connecting it again (Reconnect, on its mail server's page) ends that." }
+            (fault_form(&user, REVOKE_GRANT, "invalid_grant AADSTS50173"))
         }
     };
     ok(state.chrome.render("Faults", Some(&user), body))
@@ -527,9 +552,16 @@ async fn play_fault(
     if let Err(refused) = crate::auth::require_admin(&user, &state.chrome) {
         return *refused;
     }
+    if form.fault == REVOKE_GRANT {
+        demo.idp.revoke_grants_of(DEMO_MAILBOX);
+        demo.idp.expire_access_tokens_of(DEMO_MAILBOX);
+        // The next mail signs in again: end the connections the module keeps for reuse.
+        demo.smtp.close_connections().await;
+        return played(REVOKE_GRANT);
+    }
     if let Some(fault) = graph_fault(&form.fault) {
         demo.graph.inject(fault, 1);
-        return played();
+        return played(&form.fault);
     }
     let Some((id, reply)) = FAULTS.iter().find(|(id, _)| *id == form.fault) else {
         return HttpResponse::BadRequest().body("No such fault.");
@@ -550,13 +582,13 @@ async fn play_fault(
     if stage == Stage::Auth {
         demo.smtp.close_connections().await;
     }
-    played()
+    played(id)
 }
 
-/// Back to the faults page, which says a fault was played.
-fn played() -> HttpResponse {
+/// Back to the faults page, which says that the fault `id` was played.
+fn played(id: &str) -> HttpResponse {
     HttpResponse::SeeOther()
-        .insert_header(("Location", "/demo/faults?played=1"))
+        .insert_header(("Location", format!("/demo/faults?played={id}")))
         .finish()
 }
 
