@@ -122,7 +122,7 @@ const alice = await signIn('alice@contoso.example', 'alice-demo', { width: 390, 
 // header values) instead of scrolling sideways inside the page.
 async function fitsHere(p, name) {
   const width = await p.evaluate(() => document.documentElement.scrollWidth);
-  const scrolled = await p.evaluate(() => [...document.querySelectorAll('table.fields, table.headers')]
+  const scrolled = await p.evaluate(() => [...document.querySelectorAll('table.fields, table.headers, table.outbox')]
     .filter((t) => t.scrollWidth > t.clientWidth + 1)
     .map((t) => `${t.className} ${t.scrollWidth}px in ${t.clientWidth}px`));
   await p.screenshot({ path: `${shots}/390-${name}.png`, fullPage: true });

@@ -45,6 +45,9 @@ section.card{padding:.8rem}
 table{display:block;overflow-x:auto;max-width:100%}th,td{min-width:6.5rem}
 td,code{overflow-wrap:anywhere}
 table.history,table.held{display:table}table.history th,table.history td,table.held th,table.held td{min-width:0}
+table.outbox,table.outbox tbody,table.outbox tr,table.outbox td{display:block;min-width:0}table.outbox thead{display:none}
+table.outbox tr{border-bottom:2px solid #d0d7de;padding:.4rem 0}table.outbox td{border:0;padding:.1rem .2rem}
+table.outbox td[data-label]::before{content:attr(data-label) ": ";font-weight:600;color:#57606a}table.outbox td.subject{font-weight:600}
 }
 form.filters{display:grid;grid-template-columns:repeat(auto-fill,minmax(11rem,1fr));gap:0 .8rem}
 form.filters .wide{grid-column:1/-1}form.filters p{grid-column:1/-1;margin:.8rem 0 0}
