@@ -245,6 +245,37 @@ async fn connect_steps(
         .finish())
 }
 
+/// After the tokens of `server_id` (and the `switched` transport) were stored: whatever held
+/// the mailbox, a new connection is the fix to try, so its mails go out, each told who ended
+/// its wait; the answer leads to the server's page, which says what was done.
+async fn connected(
+    ctx: &ModuleContext,
+    shared: &std::sync::Arc<crate::runtime::Shared>,
+    user: &CurrentUser,
+    server_id: i32,
+    switched: Option<&str>,
+) -> HttpResponse {
+    tracing::info!(server_id, user_id = user.id, "mailbox connected");
+    let (ended, flash) = match switched {
+        Some(transport) => (
+            crate::outbox::history::Ended::TransportChangedBy(user),
+            transport,
+        ),
+        None => (crate::outbox::history::Ended::ConnectedBy(user), "1"),
+    };
+    shared.server_changed(server_id);
+    let forced = (None, crate::delivery::health::Release::Forced);
+    if let Err(e) = crate::delivery::health::release(ctx, shared, server_id, forced, ended).await {
+        tracing::warn!(error = %e, "releasing the mails that waited for a reconnect failed");
+    }
+    HttpResponse::SeeOther()
+        .insert_header((
+            "Location",
+            format!("/microsoft_outlook/servers/{server_id}?connected={flash}"),
+        ))
+        .finish()
+}
+
 /// The server `id` names, if it exists and the viewer may manage it (the same answer for "not
 /// yours" and "not there"); a database that did not answer is said as such.
 async fn server_to_connect(
@@ -412,34 +443,7 @@ async fn confirm_steps(
         signed_in_mailbox(ctx, user, &server, &tokens, &back).map_err(|page| *page)?;
     let signed_in = (sign_in_name.as_str(), switch_to.as_deref());
     match crate::tokens::store::store_connected(ctx, server.id, &tokens, signed_in).await {
-        Ok(_) => {
-            tracing::info!(
-                server_id = server.id,
-                user_id = user.id,
-                "mailbox connected"
-            );
-            let (ended, flash) = match &switch_to {
-                Some(transport) => (
-                    crate::outbox::history::Ended::TransportChangedBy(user),
-                    transport.as_str(),
-                ),
-                None => (crate::outbox::history::Ended::ConnectedBy(user), "1"),
-            };
-            shared.server_changed(server.id);
-            // Whatever held the mailbox, a new connection is the fix to try: its mails go out.
-            let forced = (None, crate::delivery::health::Release::Forced);
-            if let Err(e) =
-                crate::delivery::health::release(ctx, shared, server.id, forced, ended).await
-            {
-                tracing::warn!(error = %e, "releasing the mails that waited for a reconnect failed");
-            }
-            Ok(HttpResponse::SeeOther()
-                .insert_header((
-                    "Location",
-                    format!("/microsoft_outlook/servers/{}?connected={flash}", server.id),
-                ))
-                .finish())
-        }
+        Ok(_) => Ok(connected(ctx, shared, user, server.id, switch_to.as_deref()).await),
         Err(e) => {
             tracing::error!(error = %e, "storing tokens failed");
             let why = "The database did not answer; the tokens were not stored.";
