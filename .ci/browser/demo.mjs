@@ -23,6 +23,19 @@ async function aliceSends(subject, body) {
   return user;
 }
 
+// Reloads Alice's page until her newest mail's status is `want` (20 s at most); returns the
+// status it shows then.
+async function newestMailBecomes(user, want) {
+  let shown = '';
+  for (let i = 0; i < 40; i += 1) {
+    await user.reload();
+    shown = await user.getAttribute('table.mails tbody tr:first-child', 'data-status');
+    if (shown === want) break;
+    await user.waitForTimeout(500);
+  }
+  return shown;
+}
+
 await check('the operator signs in', async () => {
   await page.goto(`${base}/login`);
   await page.fill('#email', 'admin@contoso.example');
@@ -62,15 +75,9 @@ await check('connect the shared mailbox and see "Outlook token validated"', asyn
 
 await check('a user sends a mail from a contact and it reaches the server', async () => {
   const user = await aliceSends('Quote from the browser check', 'Hello Dana, the quote is attached in spirit.');
-  const status = 'table.mails tbody tr:first-child';
-  for (let i = 0; i < 40; i += 1) {
-    await user.reload();
-    if ((await user.getAttribute(status, 'data-status')) === 'sent') break;
-    await user.waitForTimeout(500);
-  }
+  const shown = await newestMailBecomes(user, 'sent');
   const list = await user.textContent('table.mails');
   if (!list.includes('Quote from the browser check')) throw new Error('the mail is not listed');
-  const shown = await user.getAttribute(status, 'data-status');
   if (shown !== 'sent') throw new Error(`the mail's status is "${shown}", not "sent"`);
   await user.screenshot({ path: `${shots}/mails.png`, fullPage: true });
   await page.goto(`${base}/demo/received`);
@@ -100,14 +107,7 @@ await check('a mailbox Exchange refuses is shown held, the author is told, and R
   await page.click('text=Office 365 (simulated)');
   await page.click('button:has-text("Release held mail")');
   await page.waitForSelector('text=Held mail released');
-  const status = 'table.mails tbody tr:first-child td:nth-child(2) .badge';
-  let shown = '';
-  for (let i = 0; i < 40; i += 1) {
-    await user.reload();
-    shown = await user.getAttribute(status, 'data-status');
-    if (shown === 'sent') break;
-    await user.waitForTimeout(500);
-  }
+  const shown = await newestMailBecomes(user, 'sent');
   if (shown !== 'sent') throw new Error(`after Release held mail the mail is "${shown}", not "sent"`);
   await page.goto(`${base}/microsoft_outlook/servers`);
   if (!(await page.textContent('td.health')).includes('Outlook token validated')) throw new Error('the server is not ready again');
@@ -133,14 +133,7 @@ await check('a revoked sign-in holds the mailbox until Reconnect, which sends th
   await page.waitForSelector('text=Permissions requested');
   await page.click('button:has-text("Accept")');
   await page.waitForSelector('text=Outlook token validated');
-  const status = 'table.mails tbody tr:first-child';
-  let shown = '';
-  for (let i = 0; i < 40; i += 1) {
-    await user.reload();
-    shown = await user.getAttribute(status, 'data-status');
-    if (shown === 'sent') break;
-    await user.waitForTimeout(500);
-  }
+  const shown = await newestMailBecomes(user, 'sent');
   if (shown !== 'sent') throw new Error(`after the reconnect the mail is "${shown}", not "sent"`);
   await page.goto(`${base}/microsoft_outlook/outbox`);
   await page.click('a:has-text("After the password change")');

@@ -113,6 +113,17 @@ pub async fn actions<C: ConnectionTrait>(
     by: &CurrentUser,
     now: DateTime<Utc>,
 ) -> Result<(), sea_orm::DbErr> {
+    of_each(db, ids, (kind, &by.name, Some(by.id)), now).await
+}
+
+/// Writes one event of `kind` for each of `ids` at `now`, with `detail` (who, or what
+/// happened) and the person's `user_id`, 500 rows a statement.
+async fn of_each<C: ConnectionTrait>(
+    db: &C,
+    ids: &[i64],
+    (kind, detail, user_id): (&str, &str, Option<i64>),
+    now: DateTime<Utc>,
+) -> Result<(), sea_orm::DbErr> {
     for chunk in ids.chunks(500) {
         let rows = chunk.iter().map(|id| outbox_event::ActiveModel {
             outbox_id: Set(*id),
@@ -120,8 +131,8 @@ pub async fn actions<C: ConnectionTrait>(
             kind: Set(kind.to_string()),
             attempt: Set(None),
             reply: Set(None),
-            detail: Set(Some(by.name.clone())),
-            user_id: Set(Some(by.id)),
+            detail: Set(Some(detail.to_string())),
+            user_id: Set(user_id),
             ..Default::default()
         });
         outbox_event::Entity::insert_many(rows)
@@ -199,22 +210,7 @@ pub async fn hold_ended<C: ConnectionTrait>(
     let Some((kind, detail, user_id)) = ended.event() else {
         return Ok(());
     };
-    for chunk in ids.chunks(500) {
-        let rows = chunk.iter().map(|id| outbox_event::ActiveModel {
-            outbox_id: Set(*id),
-            at: Set(now),
-            kind: Set(kind.to_string()),
-            attempt: Set(None),
-            reply: Set(None),
-            detail: Set(Some(detail.clone())),
-            user_id: Set(user_id),
-            ..Default::default()
-        });
-        outbox_event::Entity::insert_many(rows)
-            .exec_without_returning(db)
-            .await?;
-    }
-    Ok(())
+    of_each(db, ids, (kind, &detail, user_id), now).await
 }
 
 /// One line of a mail's history as its viewer reads it.

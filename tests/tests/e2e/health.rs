@@ -422,25 +422,9 @@ async fn a_shared_mailboxs_dead_grant_is_the_operators_to_reconnect_and_release_
         "{text}"
     );
 
-    // A Release held mail posted anyway (an old form, a script) is refused in words on both
-    // routes, and changes nothing.
-    let (status, page, _) = m
-        .env
-        .admin
-        .post_form(&format!("{server_page}/retry"), &[])
-        .await;
-    assert_eq!(status, StatusCode::CONFLICT, "{page}");
-    assert!(
-        text_of(&page).contains("only connecting it ends it"),
-        "{page}"
-    );
-    let release = format!("/microsoft_outlook/outbox/release/{server_id}");
-    let (status, answer) = m
-        .env
-        .admin
-        .post_json(&release, &serde_json::json!({}))
-        .await;
-    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    // A Release held mail posted anyway is refused in words, and changes nothing.
+    let reconnect = "only connecting it ends it";
+    crate::helpers::release_is_refused(&m.env.admin, server_id, reconnect).await;
     a_few_sweeps().await;
     assert_waits(app, id).await;
     wait_held(app, server_id, "grant_dead").await;

@@ -428,3 +428,16 @@ pub fn history_kinds(detail: &serde_json::Value) -> Vec<&str> {
         .map(|e| e["kind"].as_str().unwrap_or(""))
         .collect()
 }
+
+/// Release held mail posted anyway for `server_id` by `operator` (an old form, a script), on
+/// the server's page and in the outbox (JSON): both refuse with 409, saying `words`.
+pub async fn release_is_refused(operator: &Browser, server_id: i32, words: &str) {
+    let path = format!("/microsoft_outlook/servers/{server_id}/retry");
+    let (status, page, _) = operator.post_form(&path, &[]).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{page}");
+    assert!(page.contains(words), "{page}");
+    let path = format!("/microsoft_outlook/outbox/release/{server_id}");
+    let (status, body) = operator.post_json(&path, &serde_json::json!({})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(body.to_string().contains(words), "{body}");
+}
