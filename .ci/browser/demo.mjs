@@ -36,6 +36,18 @@ async function newestMailBecomes(user, want) {
   return shown;
 }
 
+// Reloads the server list until the first server is held (20 s at most); returns its health.
+async function serverHeld() {
+  let health = '';
+  for (let i = 0; i < 40; i += 1) {
+    await page.goto(`${base}/microsoft_outlook/servers`);
+    health = await page.textContent('td.health');
+    if (health.includes('Held')) break;
+    await page.waitForTimeout(500);
+  }
+  return health;
+}
+
 await check('the operator signs in', async () => {
   await page.goto(`${base}/login`);
   await page.fill('#email', 'admin@contoso.example');
@@ -90,13 +102,7 @@ await check('a mailbox Exchange refuses is shown held, the author is told, and R
   await page.goto(`${base}/demo/faults`);
   await page.click('button:has-text("Play smtp-auth-disabled")');
   const user = await aliceSends('Held mailbox check', 'This one waits for the operator.');
-  let health = '';
-  for (let i = 0; i < 40; i += 1) {
-    await page.goto(`${base}/microsoft_outlook/servers`);
-    health = await page.textContent('td.health');
-    if (health.includes('Held')) break;
-    await page.waitForTimeout(500);
-  }
+  const health = await serverHeld();
   if (!health.includes('Held: SMTP AUTH disabled')) throw new Error(`the server list shows "${health.trim()}"`);
   if (health.includes('Outlook token validated')) throw new Error('a held mailbox is shown as validated');
   await page.screenshot({ path: `${shots}/held.png`, fullPage: true });
@@ -118,13 +124,7 @@ await check('a revoked sign-in holds the mailbox until Reconnect, which sends th
   await Promise.all([page.waitForURL(/played=revoke-grant/), page.click('button:has-text("Play revoke-grant")')]);
   if (!(await page.textContent('main')).includes('Armed: revoke-grant')) throw new Error('the faults page does not say the fault is armed');
   const user = await aliceSends('After the password change', 'This one waits for a reconnect.');
-  let health = '';
-  for (let i = 0; i < 40; i += 1) {
-    await page.goto(`${base}/microsoft_outlook/servers`);
-    health = await page.textContent('td.health');
-    if (health.includes('Held')) break;
-    await page.waitForTimeout(500);
-  }
+  const health = await serverHeld();
   if (!health.includes('Held: Reconnect needed')) throw new Error(`the server list shows "${health.trim()}"`);
   await page.click('text=Office 365 (simulated)');
   const server = await page.textContent('main');
