@@ -54,6 +54,7 @@ form.filters .wide{grid-column:1/-1}form.filters p{grid-column:1/-1;margin:.8rem
 table.outbox td,table.outbox th{font-size:.9rem}table.fields th{width:9rem}
 table.history td,table.history th{font-size:.9rem;vertical-align:top}table.history td.reply{overflow-wrap:anywhere}
 div.status form.inline{display:block;margin-top:.5rem}
+details.resolved-list{margin-top:1rem}details.resolved-list>summary{cursor:pointer;font-weight:600;margin:.5rem 0}
 "#;
 
 /// Where the stylesheet is served (a file, not inline: the Content-Security-Policy allows only

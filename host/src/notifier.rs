@@ -125,35 +125,54 @@ async fn page(
                 }
             }
         }
-        @for n in &items {
-            @let is_unread = n.resolved_at.is_none() && !read.contains(&n.id);
-            section.card.notification.resolved[n.resolved_at.is_some()].unread[is_unread] id=(format!("notification-{}", n.id)) {
-                h2 {
-                    @if is_unread { span.badge.warn { "Unread" } " " }
-                    (n.subject)
-                    @if n.resolved_at.is_some() { " " span.badge.ok { "Resolved" } }
-                }
-                @if let Some(at) = n.resolved_at { p.help { "Resolved " (at.format("%Y-%m-%d %H:%M UTC")) ": nothing left to do." } }
-                p.help { (n.created_at.format("%Y-%m-%d %H:%M UTC")) @if n.for_operators { " · for operators" } }
-                @if n.resolved_at.is_some() {
-                    // What it asked is done: kept for the record, folded away.
-                    details.resolved-body { summary { "What it said" } p { (n.body) } }
-                } @else {
-                    p { (n.body) }
-                }
-                p {
-                    @if let (Some(link), None) = (&n.link, n.resolved_at) { a href=(link) { "Fix it" } " " }
-                    @if is_unread {
-                        form.inline method="post" action=(format!("/notifications/{}/read", n.id)) {
-                            (crate::html::csrf(&user))
-                            button.secondary type="submit" { "Mark read" }
-                        }
-                    }
-                }
+        // What still needs someone first; what is resolved below, folded (kept for the
+        // record).
+        @for n in items.iter().filter(|n| n.resolved_at.is_none()) { (card(n, &read, &user)) }
+        @let resolved: Vec<&notification::Model> = items.iter().filter(|n| n.resolved_at.is_some()).collect();
+        @if !resolved.is_empty() {
+            details.resolved-list {
+                summary { "Resolved (" (resolved.len()) "): nothing left to do" }
+                @for n in resolved { (card(n, &read, &user)) }
             }
         }
     };
     ok(state.chrome.render("Notifications", Some(&user), body))
+}
+
+/// One notification as a card: its subject, when, what it says (folded once resolved), and
+/// what the reader can do (Fix it while open, Mark read while unread).
+fn card(
+    n: &notification::Model,
+    read: &std::collections::HashSet<i64>,
+    user: &CurrentUser,
+) -> maud::Markup {
+    html! {
+        @let is_unread = n.resolved_at.is_none() && !read.contains(&n.id);
+        section.card.notification.resolved[n.resolved_at.is_some()].unread[is_unread] id=(format!("notification-{}", n.id)) {
+            h2 {
+                @if is_unread { span.badge.warn { "Unread" } " " }
+                (n.subject)
+                @if n.resolved_at.is_some() { " " span.badge.ok { "Resolved" } }
+            }
+            @if let Some(at) = n.resolved_at { p.help { "Resolved " (at.format("%Y-%m-%d %H:%M UTC")) ": nothing left to do." } }
+            p.help { (n.created_at.format("%Y-%m-%d %H:%M UTC")) @if n.for_operators { " · for operators" } }
+            @if n.resolved_at.is_some() {
+                // What it asked is done: kept for the record, folded away.
+                details.resolved-body { summary { "What it said" } p { (n.body) } }
+            } @else {
+                p { (n.body) }
+            }
+            p {
+                @if let (Some(link), None) = (&n.link, n.resolved_at) { a href=(link) { "Fix it" } " " }
+                @if is_unread {
+                    form.inline method="post" action=(format!("/notifications/{}/read", n.id)) {
+                        (crate::html::csrf(user))
+                        button.secondary type="submit" { "Mark read" }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The notification routes.
