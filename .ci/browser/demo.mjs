@@ -122,7 +122,7 @@ await check('a mailbox Exchange refuses is shown held, the author is told, and R
 await check('a revoked sign-in holds the mailbox until Reconnect, which sends the mail and is told in its history', async () => {
   await page.goto(`${base}/demo/faults`);
   await Promise.all([page.waitForURL(/played=revoke-grant/), page.click('button:has-text("Play revoke-grant")')]);
-  if (!(await page.textContent('main')).includes('Armed: revoke-grant')) throw new Error('the faults page does not say the fault is armed');
+  if (!(await page.textContent('main')).includes('Revoked: the sign-in of crm@contoso.example')) throw new Error('the faults page does not say the sign-in was revoked');
   const user = await aliceSends('After the password change', 'This one waits for a reconnect.');
   const health = await serverHeld();
   if (!health.includes('Held: Reconnect needed')) throw new Error(`the server list shows "${health.trim()}"`);

@@ -516,7 +516,11 @@ async fn faults_page(
     let body = html! {
         h1 { "Simulated Exchange: play a fault" }
         @if let Some(id) = &played {
-            p.flash.ok role="status" { "Armed: " (id) ". Send a mail (or test the connection) to meet it." }
+            @if id == REVOKE_GRANT {
+                p.flash.ok role="status" { "Revoked: the sign-in of " (DEMO_MAILBOX) ". Its next mail or token refresh meets it." }
+            } @else {
+                p.flash.ok role="status" { "Armed: " (id) ". Send a mail (or test the connection) to meet it." }
+            }
         }
         section.card {
             h2 { "Over SMTP" }

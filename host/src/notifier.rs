@@ -127,6 +127,9 @@ async fn page(
         }
         // What still needs someone first; what is resolved below, folded (kept for the
         // record).
+        @if !items.is_empty() && items.iter().all(|n| n.resolved_at.is_some()) {
+            section.card { p { "Nothing needs your attention." } }
+        }
         @for n in items.iter().filter(|n| n.resolved_at.is_none()) { (card(n, &read, &user)) }
         @let resolved: Vec<&notification::Model> = items.iter().filter(|n| n.resolved_at.is_some()).collect();
         @if !resolved.is_empty() {

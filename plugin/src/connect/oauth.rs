@@ -74,6 +74,23 @@ fn failure_page(ctx: &ModuleContext, user: &CurrentUser, f: Failure<'_>) -> Http
     page_with(f.status, ctx, user, &f.title, body)
 }
 
+/// `fix` (the words of a refused sign-in) for a sign-in that was to switch the server to
+/// Microsoft Graph: its button is the switch, not Connect (which would sign in for SMTP).
+fn as_a_switch(fix: &str) -> String {
+    const SWITCH: &str = "Switch this server to Microsoft Graph";
+    [
+        "Connect (Reconnect on a mailbox connected before)",
+        "Connect (or Reconnect)",
+        "Connect",
+    ]
+    .iter()
+    .fold(fix.to_string(), |words, button| {
+        words
+            .replace(&format!("Click {button}"), &format!("Click {SWITCH}"))
+            .replace(&format!("click {button}"), &format!("click {SWITCH}"))
+    })
+}
+
 /// The page of a sign-in Microsoft refused or the user cancelled; `switching` when it was to
 /// switch the server to Microsoft Graph (the server stays as it was).
 fn aad_failure_page(
@@ -83,13 +100,14 @@ fn aad_failure_page(
     back: Option<String>,
 ) -> HttpResponse {
     let (what, mut fix) = explain(&failure.error, failure.code, &ctx.public_url(CONFIRM_PATH));
+    if !user.is_admin && failure.class == crate::connect::aad::FailureClass::Configuration {
+        // The fix is in the CRM's settings or the app registration: not a user's to do.
+        fix = "This is for the CRM's operators to fix (in the CRM's Microsoft settings or the app registration in Azure), not something you can change. Tell them this page's words; once they have fixed it, click Connect (or Reconnect) again.".into();
+    }
     if switching {
         fix = format!(
             "The server still sends by SMTP, as before, and its mail still waits. {}",
-            fix.replace(
-                "Click Connect again",
-                "Click Switch this server to Microsoft Graph again"
-            )
+            as_a_switch(&fix)
         );
     }
     let title = if switching {
@@ -97,10 +115,6 @@ fn aad_failure_page(
     } else {
         "The mailbox was not connected"
     };
-    if !user.is_admin && failure.class == crate::connect::aad::FailureClass::Configuration {
-        // The fix is in the CRM's settings or the app registration: not a user's to do.
-        fix = "This is for the CRM's operators to fix (in the CRM's Microsoft settings or the app registration in Azure), not something you can change. Tell them this page's words; once they have fixed it, click Connect (or Reconnect) again.".into();
-    }
     let status = match failure.class {
         crate::connect::aad::FailureClass::Transient
         | crate::connect::aad::FailureClass::NotOAuth => StatusCode::BAD_GATEWAY,

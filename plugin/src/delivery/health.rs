@@ -9,7 +9,10 @@
 use chrono::{DateTime, Utc};
 use crm_sdk::ModuleContext;
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query, SimpleExpr};
-use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set};
+use sea_orm::{
+    ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+    TransactionTrait,
+};
 use std::collections::HashMap;
 
 use crate::delivery::classify::HoldReason;
@@ -243,8 +246,9 @@ pub enum Release {
 
 /// Ends whatever hold or throttle `server_id` is under (`only`: only holds for these reasons),
 /// resolves its notification, and sends its waiting mails in queue order. When a hold ended,
-/// each mail that waited for it gets `ended` (who or what ended it) in its history before its
-/// drain is woken. Returns whether a hold ended.
+/// each mail that waited for it (and the one in flight as its probe) gets `ended` (who or
+/// what ended it) in its history, in the transaction that ends the hold. Returns whether a
+/// hold ended.
 pub async fn release(
     ctx: &ModuleContext,
     shared: &std::sync::Arc<Shared>,
@@ -252,10 +256,7 @@ pub async fn release(
     (only, how): (Option<&[HoldReason]>, Release),
     ended: Ended<'_>,
 ) -> Result<bool, sea_orm::DbErr> {
-    let (was_held, waiting) = end_hold(ctx, shared, server_id, only, how).await?;
-    if was_held {
-        tell_ended(ctx, server_id, &waiting, ended).await;
-    }
+    let (was_held, waiting) = end_hold(ctx, shared, server_id, (only, how), ended).await?;
     if !waiting.is_empty() {
         // The mailbox's drain claims in queue order: the waiting mails go before later ones.
         shared.wake(server_id).await;
@@ -263,28 +264,20 @@ pub async fn release(
     Ok(was_held)
 }
 
-/// Writes in the history of each mail that waited for `server_id`'s hold (`waiting`, and the
-/// mail in flight as its probe) what ended it. The hold has ended whatever happens here: a
-/// failure is logged, and the mails go out all the same.
-async fn tell_ended(ctx: &ModuleContext, server_id: i32, waiting: &[i64], ended: Ended<'_>) {
-    let in_flight: Result<Vec<i64>, _> = outbox::Entity::find()
+/// The mails that waited for `server_id`'s hold: the queued ones and the one in flight as its
+/// probe (in `db`, the transaction that ends the hold).
+async fn waiting_ids<C: sea_orm::ConnectionTrait>(
+    db: &C,
+    server_id: i32,
+) -> Result<Vec<i64>, sea_orm::DbErr> {
+    outbox::Entity::find()
         .select_only()
         .column(outbox::Column::Id)
         .filter(outbox::Column::ServerId.eq(server_id))
-        .filter(outbox::status_is("sending"))
+        .filter(outbox::unsent())
         .into_tuple()
-        .all(ctx.db())
-        .await;
-    let written = match in_flight {
-        Ok(mut ids) => {
-            ids.extend_from_slice(waiting);
-            history::hold_ended(ctx.db(), &ids, ended, ctx.clock().now()).await
-        }
-        Err(e) => Err(e),
-    };
-    if let Err(e) = written {
-        tracing::warn!(server_id, error = %e, "the end of a hold was not written in its mails' histories");
-    }
+        .all(db)
+        .await
 }
 
 /// Why Release held mail does nothing for a mailbox.
@@ -355,13 +348,14 @@ pub async fn release_by(
     Ok(Ok(ended))
 }
 
-/// [`release`] without sending: whether a hold ended, and the waiting mails to send.
+/// [`release`] without sending: whether a hold ended (then each mail that waited for it has
+/// `ended_by` in its history), and the waiting mails to send.
 async fn end_hold(
     ctx: &ModuleContext,
     shared: &Shared,
     server_id: i32,
-    only: Option<&[HoldReason]>,
-    how: Release,
+    (only, how): (Option<&[HoldReason]>, Release),
+    ended_by: Ended<'_>,
 ) -> Result<(bool, Vec<i64>), sea_orm::DbErr> {
     let now = ctx.clock().now();
     let before = mailbox_health::Entity::find_by_id(server_id)
@@ -396,13 +390,21 @@ async fn end_hold(
         update =
             update.filter(mailbox_health::Column::Reason.is_in(reasons.iter().map(|r| r.as_str())));
     }
-    let changed = update.exec(ctx.db()).await?.rows_affected == 1;
-    shared.forget_health(server_id);
+    // The end of the hold and the history rows of the mails that waited for it commit
+    // together: a drain can claim them only once both are written.
+    let txn = ctx.db().begin().await?;
+    let changed = update.exec(&txn).await?.rows_affected == 1;
     // A throttle's row stays `throttled` after it lapsed: ending that ends no hold.
     let ended = changed
         && before.as_ref().is_some_and(|b| {
             b.state == "held" || (b.state == "throttled" && b.until.is_some_and(|u| u > now))
         });
+    if ended {
+        let waited = waiting_ids(&txn, server_id).await?;
+        history::hold_ended(&txn, &waited, ended_by, now).await?;
+    }
+    txn.commit().await?;
+    shared.forget_health(server_id);
     if changed {
         tracing::info!(server_id, "mailbox hold ended");
         // The hold has ended: a stale error left behind must not undo that.
@@ -482,12 +484,9 @@ pub async fn release_reasons(
     let mut ended = 0;
     let mut waiting = Vec::new();
     for server_id in held {
-        let (was_held, ids) =
-            end_hold(ctx, shared, server_id, Some(reasons), Release::IfHeld).await?;
+        let how = (Some(reasons), Release::IfHeld);
+        let (was_held, ids) = end_hold(ctx, shared, server_id, how, Ended::SettingsSaved).await?;
         ended += usize::from(was_held);
-        if was_held {
-            tell_ended(ctx, server_id, &ids, Ended::SettingsSaved).await;
-        }
         if !ids.is_empty() {
             waiting.push(server_id);
         }

@@ -84,6 +84,10 @@ pub const OPERATORS_TOLD_WAITING: &str =
 const RECONNECT_TOLD: &str =
     "The mailbox must be connected again; the mail waits until then. Nothing is lost.";
 
+/// [`RECONNECT_TOLD`] for a mailbox that was never connected (or was disconnected).
+const CONNECT_TOLD: &str =
+    "The mailbox must be connected; the mail waits until then. Nothing is lost.";
+
 /// What the author of a mail that failed for good reads when the mailbox must be connected
 /// again.
 const RECONNECT_TOLD_FAILED: &str = "The mailbox must be connected again; then send it again.";
@@ -171,8 +175,10 @@ fn user_parts<'a>(words: &'a str, status: &str) -> (Vec<&'a str>, Option<&'stati
             kept.push(sentence);
         }
     }
+    let never = words.contains(" is not connected.");
     let told = match (reconnect, for_operators, status) {
         (true, _, "failed") => Some(RECONNECT_TOLD_FAILED),
+        (true, _, _) if never => Some(CONNECT_TOLD),
         (true, _, _) => Some(RECONNECT_TOLD),
         (false, true, "failed") => Some(OPERATORS_TOLD_FAILED),
         (false, true, _) => Some(OPERATORS_TOLD_WAITING),
@@ -280,10 +286,10 @@ mod tests {
             for status in ["queued", "failed"] {
                 let seen = user_words(&v.words(), status);
                 assert!(!for_operators_only(&seen), "{}: {seen}", v.rule);
-                // Only a mailbox that is not connected is said to need connecting again
-                // (lettre's "Connection error: …" is a network failure).
+                // Only a mailbox whose sign-in ended or that is not connected is said to need
+                // connecting (lettre's "Connection error: …" is a network failure).
                 assert_eq!(
-                    seen.contains("connected again"),
+                    seen.contains("must be connected"),
                     v.rule == "not-connected",
                     "{}: {seen}",
                     v.rule
@@ -302,7 +308,7 @@ mod tests {
                 &classify::not_connected("sales@contoso.example").words(),
                 "queued"
             ),
-            "The mailbox sales@contoso.example is not connected. The mailbox must be connected again; the mail waits until then. Nothing is lost."
+            "The mailbox sales@contoso.example is not connected. The mailbox must be connected; the mail waits until then. Nothing is lost."
         );
     }
 

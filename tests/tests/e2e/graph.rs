@@ -291,36 +291,50 @@ async fn a_mailbox_held_for_smtp_auth_disabled_switched_to_graph_sends_its_waiti
     };
     // Abandoned at Microsoft (the tab closed), then declined there: the server stays as it
     // was, its page still offers the switch, and its mail still waits for it.
-    for declined in [false, true] {
+    // Declined, or refused for want of consent to Mail.Send (the likeliest at a switch).
+    let refusals = [
+        None,
+        Some((
+            "access_denied",
+            "AADSTS65004: User declined to consent to access the app.",
+        )),
+        Some((
+            "consent_required",
+            "AADSTS65001: The user or administrator has not consented to use the application.",
+        )),
+    ];
+    for refusal in refusals {
         let (status, _, location) = m
             .env
             .admin
             .post_form("/microsoft_outlook/connect", &switch)
             .await;
         assert_eq!(status, StatusCode::SEE_OTHER);
-        if declined {
+        if let Some((error, description)) = refusal {
             m.env
                 .idp
                 .set_authorize_mode(microsoft_simulators::identity::AuthorizeMode::Deny {
-                    error: "access_denied".into(),
-                    description: "AADSTS65004: User declined to consent to access the app.".into(),
+                    error: error.into(),
+                    description: description.into(),
                 });
             let url = url::Url::parse(&location.expect("Location")).expect("url");
             let callback = crate::connect::authorize(&url).await;
             let (_, page, _) = m.env.admin.get(&callback).await;
-            assert!(page.contains("AADSTS65004"), "{page}");
-            // The page says what stands: the server was not switched, and how to try again.
+            assert!(page.contains(&description[..12]), "{page}");
+            // The page says what stands: the server was not switched, and to try the switch
+            // again (not Connect, which would sign in for SMTP).
             assert!(
                 page.contains("The server was not switched to Microsoft Graph")
                     && page.contains("still sends by SMTP")
-                    && page.contains("Click Switch this server to Microsoft Graph again"),
+                    && page.contains("lick Switch this server to Microsoft Graph"),
                 "{page}"
             );
+            assert!(!page.contains("lick Connect"), "{page}");
             m.env
                 .idp
                 .set_authorize_mode(microsoft_simulators::identity::AuthorizeMode::AutoApprove);
         }
-        assert_eq!(transport().await, "smtp", "declined: {declined}");
+        assert_eq!(transport().await, "smtp", "{refusal:?}");
         let (_, page, _) = m.env.admin.get(&server_page).await;
         assert!(
             page.contains("Switch this server to Microsoft Graph"),

@@ -1064,16 +1064,21 @@ async fn an_expired_client_secret_holds_mail_until_the_settings_are_saved_then_i
     let later = queue(&m, "Queued after the save").await;
     wait_status(app, waiting, "sent").await;
     wait_status(app, later, "sent").await;
-    // The waiting mail's history says, once, what ended its wait: the save (the refused save
-    // did not), or a token refreshed in the background with the new secret before the save's
-    // own release ran (whose row may come just after the mail went); the later one never
-    // waited.
-    let env = &m.env;
-    eventually("the end of the wait in the mail's history", || async {
-        !events_of(&history_of(env, waiting).await, "hold_ended").is_empty()
-    })
-    .await;
+    // The waiting mail's history says, once and before it was sent, what ended its wait: the
+    // save (the refused save did not), or a token refreshed in the background with the new
+    // secret before the save's own release ran; the later one never waited.
     let history = history_of(&m.env, waiting).await;
+    let kinds: Vec<&str> = history
+        .as_array()
+        .expect("history")
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["queued", "waited", "hold_ended", "sent"],
+        "{history}"
+    );
     let ended = events_of(&history, "hold_ended");
     assert!(
         ended.len() == 1

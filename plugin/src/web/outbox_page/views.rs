@@ -296,27 +296,27 @@ pub(super) fn mails_table(
     viewer: &CurrentUser,
 ) -> Markup {
     html! {
-        div.scroll { table.outbox {
-            thead { tr { th { "Queued (UTC)" } th { "Subject" } th { "To" } th { "From" } th { "Mailbox" } th { "Status" } th { "Attempts" } th { "Last reply" } } }
+        div.scroll { table.outbox role="table" {
+            thead { tr role="row" { th role="columnheader" { "Queued (UTC)" } th role="columnheader" { "Subject" } th role="columnheader" { "To" } th role="columnheader" { "From" } th role="columnheader" { "Mailbox" } th role="columnheader" { "Status" } th role="columnheader" { "Attempts" } th role="columnheader" { "Last reply" } } }
             tbody {
                 @for m in mails {
                     // `data-label`: a phone shows each mail as a card, each field named.
-                    tr data-id=(m.id) data-message-id=(m.message_id) {
-                        td data-label="Queued" { (when(m.created_at)) }
-                        td.subject { a href=(format!("{OUTBOX}/{}", m.id)) { @if m.subject.is_empty() { "(no subject)" } @else { (m.subject) } } }
-                        td data-label="To" { (m.recipients.lines().next().unwrap_or(""))
+                    tr role="row" data-id=(m.id) data-message-id=(m.message_id) {
+                        td role="cell" data-label="Queued (UTC)" { (when(m.created_at)) }
+                        td.subject role="cell" { a href=(format!("{OUTBOX}/{}", m.id)) { @if m.subject.is_empty() { "(no subject)" } @else { (m.subject) } } }
+                        td role="cell" data-label="To" { (m.recipients.lines().next().unwrap_or(""))
                             @let more = m.recipients.lines().count().saturating_sub(1);
                             @if more > 0 { " +" (more) } }
-                        td data-label="From" { (m.from_header) }
-                        td data-label="Mailbox" { (servers.get(&m.server_id).map(String::as_str).unwrap_or("(deleted)")) }
-                        td.status data-label="Status" { (status_badge(&m.status))
+                        td role="cell" data-label="From" { (m.from_header) }
+                        td role="cell" data-label="Mailbox" { (servers.get(&m.server_id).map(String::as_str).unwrap_or("(deleted)")) }
+                        td.status role="cell" data-label="Status" { (status_badge(&m.status))
                             @if matches!(m.status.as_str(), "queued" | "sending") {
                                 @if let Some(w) = waits.get(&m.server_id) {
                                     p.help.waiting { @if viewer.is_admin { "Waits for its mailbox (see above)." } @else { (w) } }
                                 }
                             } }
-                        td data-label="Attempts" { (m.attempts) }
-                        td data-label="Last reply" { (m.last_reply.as_deref().map(classified_reply).unwrap_or_default()) }
+                        td role="cell" data-label="Attempts" { (m.attempts) }
+                        td role="cell" data-label="Last reply" { (m.last_reply.as_deref().map(classified_reply).unwrap_or_default()) }
                     }
                 }
             }
