@@ -146,6 +146,13 @@ fn events_of<'a>(history: &'a serde_json::Value, kind: &str) -> Vec<&'a str> {
         .collect()
 }
 
+/// `who`'s sign-in revoked at Microsoft, as a password change does: their grants, and the
+/// access tokens the CRM still believes good.
+fn revoke_sign_in(env: &Env, who: &str) {
+    env.idp.revoke_grants_of(who);
+    env.idp.expire_access_tokens_of(who);
+}
+
 /// The one notice among `notes` addressed to the user `user_id`.
 fn the_one_for(notes: &[notification::Model], user_id: i64) -> notification::Model {
     let theirs: Vec<_> = notes
@@ -306,8 +313,7 @@ async fn a_revoked_grant_behind_an_error_challenge_holds_the_mailbox_until_recon
 
     // Alice changes her password: the grant is revoked and the stored access token, which the
     // CRM still believes good for an hour, is refused by the server.
-    m.env.idp.revoke_grants_of(ALICE.0);
-    m.env.idp.expire_access_tokens_of(ALICE.0);
+    revoke_sign_in(&m.env, ALICE.0);
     let before = refreshes(&m.env);
     let id = queue(&m, "After the password change").await;
     let held = wait_held(app, mine, "grant_dead").await;
@@ -400,8 +406,7 @@ async fn a_shared_mailboxs_dead_grant_is_the_operators_to_reconnect_and_release_
     let m = mailing().await;
     let app = &m.env.app;
     let server_id = m.env.server_id;
-    m.env.idp.revoke_grants_of(MAILBOX);
-    m.env.idp.expire_access_tokens_of(MAILBOX);
+    revoke_sign_in(&m.env, MAILBOX);
     let id = queue(&m, "Waits for a reconnect").await;
     wait_held(app, server_id, "grant_dead").await;
     assert_waits(app, id).await;
@@ -464,8 +469,7 @@ async fn an_author_who_cancels_their_last_waiting_mail_is_no_longer_told_it_wait
     let m = mailing().await;
     let app = &m.env.app;
     let server_id = m.env.server_id;
-    m.env.idp.revoke_grants_of(MAILBOX);
-    m.env.idp.expire_access_tokens_of(MAILBOX);
+    revoke_sign_in(&m.env, MAILBOX);
     let first = queue(&m, "Cancelled first").await;
     wait_held(app, server_id, "grant_dead").await;
     let second = queue(&m, "Cancelled last").await;
@@ -513,8 +517,7 @@ async fn an_author_who_cancels_their_last_waiting_mail_is_no_longer_told_it_wait
 async fn the_owner_who_cancels_their_waiting_mail_is_still_asked_to_reconnect() {
     let (m, mine) = alices_mailbox(SmtpConfig::default()).await;
     let app = &m.env.app;
-    m.env.idp.revoke_grants_of(ALICE.0);
-    m.env.idp.expire_access_tokens_of(ALICE.0);
+    revoke_sign_in(&m.env, ALICE.0);
     let id = queue(&m, "Cancelled by its owner").await;
     wait_held(app, mine, "grant_dead").await;
     let open = || async {
@@ -669,8 +672,7 @@ async fn a_late_outcome_of_a_drain_that_lost_its_claim_changes_nothing_and_tells
     let (ctx, shared) = app.module_parts();
     // The mailbox is held, so no drain of the host touches the second mail: the test plays
     // the drains.
-    m.env.idp.revoke_grants_of(MAILBOX);
-    m.env.idp.expire_access_tokens_of(MAILBOX);
+    revoke_sign_in(&m.env, MAILBOX);
     queue(&m, "Meets the hold").await;
     wait_held(app, m.env.server_id, "grant_dead").await;
     let id = queue(&m, "Claimed twice").await;
