@@ -86,7 +86,7 @@ impl Module for OutlookModule {
                 .into_iter()
                 .filter(|r| r.ends_on_settings_saved())
                 .collect();
-        match crate::delivery::health::release_reasons(ctx, &self.shared, &reasons).await {
+        match crate::delivery::release::release_reasons(ctx, &self.shared, &reasons).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(mailboxes = n, "settings saved: held mailboxes released"),
             Err(e) => {

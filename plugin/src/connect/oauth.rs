@@ -278,8 +278,8 @@ async fn connected(
         None => (crate::outbox::history::Ended::ConnectedBy(user), "1"),
     };
     shared.server_changed(server_id);
-    let forced = (None, crate::delivery::health::Release::Forced);
-    if let Err(e) = crate::delivery::health::release(ctx, shared, server_id, forced, ended).await {
+    let forced = (None, crate::delivery::release::Release::Forced);
+    if let Err(e) = crate::delivery::release::release(ctx, shared, server_id, forced, ended).await {
         tracing::warn!(error = %e, "releasing the mails that waited for a reconnect failed");
     }
     HttpResponse::SeeOther()

@@ -165,7 +165,7 @@ async fn send_batch(
     };
     drained.add(w.write(rest).await?);
     if drained.sent > 0 {
-        crate::delivery::health::succeeded(ctx, shared, server.id, None).await?;
+        crate::delivery::release::succeeded(ctx, shared, server.id, None).await?;
     }
     tracing::info!(
         server_id,

@@ -1,5 +1,5 @@
 //! Delivery: the drains of mailboxes with due mail, each mailbox's health (ready, throttled,
-//! held), the classification of what servers answer, the limits the drains keep, and the
+//! held; a hold begun and ended), the classification of what servers answer, the limits the drains keep, and the
 //! transports that carry a batch (SMTP with XOAUTH2; Microsoft Graph next).
 
 pub mod attempt;
@@ -13,6 +13,7 @@ pub mod health;
 pub mod hold;
 pub mod limits;
 pub mod outcomes;
+pub mod release;
 pub mod smtp;
 pub mod smtp_open;
 pub mod smtp_transaction;

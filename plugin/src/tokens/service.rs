@@ -170,7 +170,7 @@ pub async fn app_only_token(
             });
             drop(cached);
             tracing::info!("app-only token fetched");
-            crate::delivery::health::succeeded(ctx, shared, server.id, Some(&ENDED_BY_A_TOKEN))
+            crate::delivery::release::succeeded(ctx, shared, server.id, Some(&ENDED_BY_A_TOKEN))
                 .await
                 .map_err(db)?;
             Ok(AccessToken {
@@ -494,7 +494,7 @@ async fn refresh_holding_lease(
     match answer {
         Ok(tokens) => {
             let token = store_refreshed(ctx, server, row, tokens).await?;
-            crate::delivery::health::succeeded(ctx, shared, server.id, Some(&ENDED_BY_A_TOKEN))
+            crate::delivery::release::succeeded(ctx, shared, server.id, Some(&ENDED_BY_A_TOKEN))
                 .await
                 .map_err(db)?;
             Ok(token)

@@ -485,11 +485,11 @@ async fn delete(
     if deleted.is_ok() {
         // Its waiting mails are not held any more: they fail as "server deleted", in words.
         let shared = shared.clone().into_inner();
-        let released = crate::delivery::health::release(
+        let released = crate::delivery::release::release(
             &ctx,
             &shared,
             server.id,
-            (None, crate::delivery::health::Release::Forced),
+            (None, crate::delivery::release::Release::Forced),
             crate::outbox::history::Ended::ServerDeleted,
         )
         .await;
@@ -528,7 +528,7 @@ async fn retry(
         Err(refused) => return *refused,
     };
     shared.server_changed(server.id);
-    match crate::delivery::health::release_by(&ctx, &shared.clone().into_inner(), server.id, &user)
+    match crate::delivery::release::release_by(&ctx, &shared.clone().into_inner(), server.id, &user)
         .await
     {
         Ok(Err(not)) => page_with(

@@ -455,13 +455,13 @@ pub async fn transport_switched(
     by: &crm_sdk::CurrentUser,
 ) -> Result<bool, DbErr> {
     shared.server_changed(server_id);
-    crate::delivery::health::release(
+    crate::delivery::release::release(
         ctx,
         shared,
         server_id,
         (
             Some(&TRANSPORT_HOLDS),
-            crate::delivery::health::Release::Forced,
+            crate::delivery::release::Release::Forced,
         ),
         crate::outbox::history::Ended::TransportChangedBy(by),
     )

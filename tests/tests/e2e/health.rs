@@ -153,6 +153,16 @@ fn revoke_sign_in(env: &Env, who: &str) {
     env.idp.expire_access_tokens_of(who);
 }
 
+/// The shared mailbox with its sign-in revoked and a mail (`subject`, its id returned) that
+/// met it: held for a dead grant, the mail waiting.
+async fn held_by_a_revoked_sign_in(subject: &str) -> (Mailing, i64) {
+    let m = mailing().await;
+    revoke_sign_in(&m.env, MAILBOX);
+    let id = queue(&m, subject).await;
+    wait_held(&m.env.app, m.env.server_id, "grant_dead").await;
+    (m, id)
+}
+
 /// The one notice among `notes` addressed to the user `user_id`.
 fn the_one_for(notes: &[notification::Model], user_id: i64) -> notification::Model {
     let theirs: Vec<_> = notes
@@ -403,12 +413,9 @@ async fn a_revoked_grant_behind_an_error_challenge_holds_the_mailbox_until_recon
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_mailboxs_dead_grant_is_the_operators_to_reconnect_and_release_cannot_end_it() {
-    let m = mailing().await;
+    let (m, id) = held_by_a_revoked_sign_in("Waits for a reconnect").await;
     let app = &m.env.app;
     let server_id = m.env.server_id;
-    revoke_sign_in(&m.env, MAILBOX);
-    let id = queue(&m, "Waits for a reconnect").await;
-    wait_held(app, server_id, "grant_dead").await;
     assert_waits(app, id).await;
 
     // The operators read it as theirs: reconnect, no Release held mail (it cannot help).
@@ -466,12 +473,9 @@ async fn a_shared_mailboxs_dead_grant_is_the_operators_to_reconnect_and_release_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_author_who_cancels_their_last_waiting_mail_is_no_longer_told_it_waits() {
-    let m = mailing().await;
+    let (m, first) = held_by_a_revoked_sign_in("Cancelled first").await;
     let app = &m.env.app;
     let server_id = m.env.server_id;
-    revoke_sign_in(&m.env, MAILBOX);
-    let first = queue(&m, "Cancelled first").await;
-    wait_held(app, server_id, "grant_dead").await;
     let second = queue(&m, "Cancelled last").await;
     let key = mailbox_key(server_id);
     let alices_open = || async {
@@ -667,14 +671,11 @@ async fn a_late_outcome_of_a_drain_that_lost_its_claim_changes_nothing_and_tells
     use microsoft_outlook::entities::outbox;
     use microsoft_outlook::outbox::record::{Outcome, record};
     use sea_orm::ExprTrait;
-    let m = mailing().await;
-    let app = &m.env.app;
-    let (ctx, shared) = app.module_parts();
     // The mailbox is held, so no drain of the host touches the second mail: the test plays
     // the drains.
-    revoke_sign_in(&m.env, MAILBOX);
-    queue(&m, "Meets the hold").await;
-    wait_held(app, m.env.server_id, "grant_dead").await;
+    let (m, _) = held_by_a_revoked_sign_in("Meets the hold").await;
+    let app = &m.env.app;
+    let (ctx, shared) = app.module_parts();
     let id = queue(&m, "Claimed twice").await;
     let claim = |owner: &'static str| async move {
         outbox::Entity::update_many()

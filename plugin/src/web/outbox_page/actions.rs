@@ -487,7 +487,7 @@ pub(super) async fn release(
         .filter(|to| is_outbox_page(to))
         .unwrap_or_else(|| OUTBOX.to_string());
     shared.server_changed(server_id);
-    match crate::delivery::health::release_by(&ctx, &shared.into_inner(), server_id, &user).await {
+    match crate::delivery::release::release_by(&ctx, &shared.into_inner(), server_id, &user).await {
         Ok(Err(not)) if wants_json(&req) => json_refusal(
             StatusCode::CONFLICT,
             &[field_error("server", not.words(personal))],

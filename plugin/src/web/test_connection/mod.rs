@@ -232,11 +232,11 @@ async fn end_hold(
         .unwrap_or(false);
     if held_before {
         shared.server_changed(server.id);
-        if let Err(e) = crate::delivery::health::release(
+        if let Err(e) = crate::delivery::release::release(
             ctx,
             shared,
             server.id,
-            (Some(ended), crate::delivery::health::Release::IfHeld),
+            (Some(ended), crate::delivery::release::Release::IfHeld),
             crate::outbox::history::Ended::TestedBy(by),
         )
         .await
