@@ -620,50 +620,48 @@ async fn the_sending_quota_holds_the_mailbox_for_a_day_then_mail_goes_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_hold_keeps_only_the_newest_stops_in_the_probe_mails_history() {
-    let m = mailing().await;
+    use microsoft_outlook::entities::outbox;
+    use microsoft_outlook::outbox::history::{WAITED, WAITED_KEPT, attempts};
+    // A real hold writes the mail's first stop; a long hold's probes (every 15 minutes, for
+    // days) write one more each, as the drains write them.
+    let (m, id) = held_by_a_revoked_sign_in("Waits through many probes").await;
     let app = &m.env.app;
-    let refused = "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information.";
-    let probes = microsoft_outlook::outbox::history::WAITED_KEPT as usize + 2;
-    m.smtp.inject(
-        Injected::Reply {
-            stage: Stage::Auth,
-            reply: refused.into(),
-        },
-        probes + 1,
-    );
-    let id = queue(&m, "Waits through many probes").await;
-    wait_held(app, m.env.server_id, "smtp_auth_disabled").await;
-    // Each probe time, the mail is the probe and meets the same refusal.
-    for probe in 1..=probes {
-        app.clock.advance(chrono::Duration::minutes(16));
-        let now = app.clock.now();
-        // The hold is renewed first, then the probe's outcome is written.
-        eventually(&format!("probe {probe} to meet the refusal"), || async {
-            health(app, m.env.server_id)
-                .await
-                .and_then(|h| h.until)
-                .is_some_and(|until| until > now)
-                && row(app, id).await.status == "queued"
-        })
-        .await;
+    let (ctx, shared) = app.module_parts();
+    let kept = WAITED_KEPT as usize;
+    for probe in 1..=kept + 2 {
+        app.clock.advance(chrono::Duration::minutes(15));
+        let mail = outbox::Entity::find_by_id(id)
+            .one(&app.db)
+            .await
+            .expect("query")
+            .expect("mail");
+        let reply = format!("535 5.7.139 probe {probe}");
+        let turn = shared.write_gate(&ctx).await;
+        attempts(
+            turn.db(),
+            app.clock.now(),
+            WAITED,
+            &[mail],
+            (Some(&reply), Some("SMTP AUTH is disabled.")),
+        )
+        .await
+        .expect("stop written");
     }
-    assert_waits(app, id).await;
-    assert_eq!(row(app, id).await.attempts, 0, "no attempt spent");
     let history = history_of(&m.env, id).await;
-    let kinds: Vec<&str> = history
+    let replies: Vec<&str> = history
         .as_array()
         .expect("history")
         .iter()
-        .map(|e| e["kind"].as_str().unwrap_or_default())
+        .filter(|e| e["kind"] == "waited")
+        .map(|e| e["reply"].as_str().unwrap_or_default())
         .collect();
-    let waited = kinds.iter().filter(|k| **k == "waited").count();
-    assert_eq!(
-        waited,
-        microsoft_outlook::outbox::history::WAITED_KEPT as usize,
-        "{} stops met, the newest kept: {history}",
-        probes + 1
-    );
-    assert_eq!(kinds[0], "queued", "{history}");
+    // The newest kept, in order: probes 3 to 22 (the hold's own stop and probes 1–2 gone).
+    let newest: Vec<String> = (3..=kept + 2)
+        .map(|p| format!("535 5.7.139 probe {p}"))
+        .collect();
+    assert_eq!(replies, newest, "{history}");
+    assert_eq!(history[0]["kind"], "queued", "{history}");
+    assert_waits(app, id).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
