@@ -58,11 +58,23 @@ pub enum HoldReason {
     NotExchangeOnline,
     /// The mailbox is full (`ErrorQuotaExceeded`): Exchange cannot save the sent mail.
     MailboxFull,
+    /// Nothing reached Microsoft: the mail server or Microsoft Graph could not be connected to
+    /// (refused, timed out, no address, TLS broken before any reply), or the token endpoint was
+    /// away (5xx, 429, a timeout, `temporarily_unavailable`). It ends by itself when a probe
+    /// gets through; operators are told only when it lasts ([`UNREACHABLE_TELL_AFTER`]).
+    Unreachable,
 }
+
+/// How long a mailbox stays unreachable before its operators are told (a short outage of the
+/// network or of Microsoft passes unnoticed but for the waiting mail's words).
+pub const UNREACHABLE_TELL_AFTER: Duration = Duration::minutes(15);
+
+/// The longest wait between two probes of an unreachable mailbox.
+pub const UNREACHABLE_PROBE_MAX: Duration = Duration::minutes(15);
 
 impl HoldReason {
     /// Every reason, for parsing and documentation.
-    pub const ALL: [HoldReason; 14] = [
+    pub const ALL: [HoldReason; 15] = [
         HoldReason::GrantDead,
         HoldReason::TokenRefused,
         HoldReason::SmtpAuthDisabled,
@@ -77,6 +89,7 @@ impl HoldReason {
         HoldReason::GraphAccessDenied,
         HoldReason::NotExchangeOnline,
         HoldReason::MailboxFull,
+        HoldReason::Unreachable,
     ];
 
     /// The stored name.
@@ -96,6 +109,7 @@ impl HoldReason {
             HoldReason::GraphAccessDenied => "graph_access_denied",
             HoldReason::NotExchangeOnline => "not_exchange_online",
             HoldReason::MailboxFull => "mailbox_full",
+            HoldReason::Unreachable => "unreachable",
         }
     }
 
@@ -121,6 +135,7 @@ impl HoldReason {
             HoldReason::GraphAccessDenied => "Graph permission missing",
             HoldReason::NotExchangeOnline => "Not an Exchange Online mailbox",
             HoldReason::MailboxFull => "Mailbox full",
+            HoldReason::Unreachable => "Microsoft cannot be reached",
         }
     }
 
@@ -142,6 +157,7 @@ impl HoldReason {
             HoldReason::GraphAccessDenied => "Microsoft Graph does not let the CRM send for it",
             HoldReason::NotExchangeOnline => "it is not an Exchange Online mailbox",
             HoldReason::MailboxFull => "the mailbox is full",
+            HoldReason::Unreachable => "the CRM cannot reach Microsoft's servers at the moment",
         }
     }
 
@@ -191,6 +207,10 @@ impl HoldReason {
                 Some(Duration::minutes(15))
             }
             HoldReason::MailboxFull => Some(Duration::hours(1)),
+            // Paced by the hold itself ([`crate::delivery::hold::hold`]): the retry base at
+            // first, then as long as it has lasted, at most [`UNREACHABLE_PROBE_MAX`]; a
+            // verdict's own time (a `Retry-After`) is the least wait.
+            HoldReason::Unreachable => Some(Duration::zero()),
             // The quota window: 24 hours from the first refusal unless the server said otherwise.
             HoldReason::QuotaExceeded => Some(Duration::hours(24)),
         }
@@ -554,6 +574,22 @@ pub const SMTP_RULES: &[Rule] = &[
     },
 ];
 
+/// What an unreachable mailbox's operators are told to do (if it lasts).
+pub const UNREACHABLE_FIX: &str = "The mails wait, spending no attempt, and are tried again by themselves, less often the longer it lasts (at most every 15 minutes); they go out in queue order once it answers. If it lasts, check this CRM's connection to Microsoft (DNS, firewall, proxy) and the Microsoft 365 service health page.";
+
+/// A connection that failed before the server said anything (refused, timed out, no address,
+/// a TLS failure other than the certificate): every mail of the mailbox would meet it, so the
+/// mailbox waits and one mail probes it again.
+const UNREACHABLE_RULE: Rule = Rule {
+    id: "unreachable",
+    when: ANY,
+    level: Level::MailboxHeld(HoldReason::Unreachable),
+    hold_for_secs: None,
+    who: Who::Operator,
+    what: "The SMTP server could not be reached ({reply}).",
+    fix: UNREACHABLE_FIX,
+};
+
 /// The rule for the outcomes the table's replies do not cover.
 const NETWORK_RULE: Rule = Rule {
     id: "network",
@@ -609,6 +645,7 @@ pub fn rule_ids() -> Vec<&'static str> {
     let mut ids: Vec<&'static str> = SMTP_RULES.iter().map(|r| r.id).collect();
     ids.extend([
         NETWORK_RULE.id,
+        UNREACHABLE_RULE.id,
         CERTIFICATE_RULE.id,
         NO_XOAUTH2_RULE.id,
         NEEDS_SMTPUTF8_RULE.id,
@@ -669,6 +706,22 @@ fn verdict(rule: &Rule, facts: &Facts<'_>, reply: &str) -> Verdict {
     }
 }
 
+/// The verdict when Microsoft's token endpoint is away (`why`: a timeout, a 5xx, a 429,
+/// `temporarily_unavailable`), waiting at least `retry_after_secs` when it said so: the
+/// mailbox waits for it, as for a server that cannot be reached.
+pub fn token_unavailable(why: &str, retry_after_secs: Option<u64>) -> Verdict {
+    Verdict {
+        rule: "token-endpoint-unavailable",
+        level: Level::MailboxHeld(HoldReason::Unreachable),
+        who: Who::Operator,
+        what: format!("Microsoft's token endpoint is temporarily unavailable ({why})."),
+        fix: UNREACHABLE_FIX.into(),
+        hold_for: Some(Duration::seconds(
+            retry_after_secs.map_or(0, |s| i64::try_from(s).unwrap_or(i64::MAX / 1000)),
+        )),
+    }
+}
+
 /// The verdict on an SMTP outcome.
 pub fn smtp(observed: Observed<'_>, facts: &Facts<'_>) -> Verdict {
     match observed {
@@ -684,6 +737,10 @@ pub fn smtp(observed: Observed<'_>, facts: &Facts<'_>) -> Verdict {
         Observed::Network { detail, .. } if certificate_refused(detail) => {
             verdict(&CERTIFICATE_RULE, facts, detail)
         }
+        Observed::Network {
+            stage: Stage::Connect,
+            detail,
+        } => verdict(&UNREACHABLE_RULE, facts, detail),
         Observed::Network { detail, .. } => verdict(&NETWORK_RULE, facts, detail),
         Observed::NoXoauth2 => verdict(&NO_XOAUTH2_RULE, facts, ""),
         Observed::NeedsSmtpUtf8 { detail } => verdict(&NEEDS_SMTPUTF8_RULE, facts, detail),
@@ -723,17 +780,7 @@ pub fn token(failure: &AadFailure, redirect_uri: &str) -> Verdict {
             hold_for: reason.probe_after(),
         };
     match failure.class {
-        FailureClass::Transient => Verdict {
-            rule: "token-endpoint-unavailable",
-            level: Level::MailRetries,
-            who: Who::Nobody,
-            what: format!(
-                "Microsoft's token endpoint is temporarily unavailable ({}).",
-                failure.description
-            ),
-            fix: "Nothing to do: the mail is tried again later.".into(),
-            hold_for: None,
-        },
+        FailureClass::Transient => token_unavailable(&failure.description, failure.retry_after_secs),
         FailureClass::NotOAuth => held(
             "token-endpoint-not-oauth",
             HoldReason::TokenEndpointNotOAuth,
@@ -926,7 +973,7 @@ mod tests {
     }
 
     #[test]
-    fn a_refused_certificate_holds_the_mailbox_and_other_network_failures_retry() {
+    fn a_server_that_cannot_be_reached_holds_the_mailbox_and_a_refused_certificate_too() {
         for detail in [
             "Connection error: invalid peer certificate: UnknownIssuer",
             "Connection error: invalid peer certificate: NotValidForName",
@@ -956,8 +1003,25 @@ mod tests {
                 },
                 &facts(),
             );
-            assert_eq!(v.rule, "network", "{detail}");
-            assert_eq!(v.level, Level::MailRetries, "{detail}");
+            assert_eq!(v.rule, "unreachable", "{detail}");
+            assert_eq!(
+                v.level,
+                Level::MailboxHeld(HoldReason::Unreachable),
+                "{detail}"
+            );
+            assert!(v.what.contains(detail), "{}", v.what);
+            assert!(v.fix.contains("spending no attempt"), "{}", v.fix);
+        }
+        // Once the server answered, a failure is this mail's: it retries.
+        for stage in [Stage::Auth, Stage::Transaction] {
+            let v = smtp(
+                Observed::Network {
+                    stage,
+                    detail: "Connection reset by peer",
+                },
+                &facts(),
+            );
+            assert_eq!((v.rule, v.level), ("network", Level::MailRetries));
         }
     }
 
@@ -1043,7 +1107,11 @@ mod tests {
         );
         assert_eq!(cloud.level, Level::MailboxHeld(HoldReason::WrongCloud));
         let down = token(&failure(FailureClass::Transient, "server_error", None), uri);
-        assert_eq!(down.level, Level::MailRetries);
+        assert_eq!(down.level, Level::MailboxHeld(HoldReason::Unreachable));
+        assert_eq!(down.hold_for, Some(Duration::zero()));
+        let mut busy = failure(FailureClass::Transient, "temporarily_unavailable", None);
+        busy.retry_after_secs = Some(120);
+        assert_eq!(token(&busy, uri).hold_for, Some(Duration::seconds(120)));
     }
 
     #[test]

@@ -10,8 +10,8 @@ use chrono::{DateTime, Duration, Utc};
 use crm_sdk::ModuleContext;
 use rand::Rng;
 
-use crate::delivery::classify::{Level, Who};
-use crate::delivery::limits::{Limits, backoff, limits};
+use crate::delivery::classify::{HoldReason, Level, Who};
+use crate::delivery::limits::{Limits, limits};
 use crate::delivery::transport::{
     Batch, BatchResult, MessageResult, Prepared, Report, Stop, Transport,
 };
@@ -137,6 +137,7 @@ async fn send_batch(
     let mut drained = written?;
     let go_on = match sent {
         Err((first, problem)) => {
+            let problem = token_away(ctx, shared, &server, problem).await?;
             rest.extend(w.after_token_problem(&prepared, first.as_ref(), &problem));
             false
         }
@@ -145,8 +146,7 @@ async fn send_batch(
             let words = stop_words(ctx, shared, &server, now, result.stop.as_ref()).await?;
             if let Some((until, reply, why)) = words {
                 // A refusal of the mailbox leaves the mail that met it unsent: the first of
-                // them (mails go in queue order). An unreachable server gave the mail that met
-                // it its retry already. The others were not tried.
+                // them (mails go in queue order). The others were not tried.
                 let mut first = matches!(result.stop, Some(Stop::Mailbox { .. }));
                 for (p, r) in prepared.iter().zip(&result.results) {
                     if matches!(r, MessageResult::NotTried) {
@@ -258,6 +258,30 @@ async fn send_with_one_refresh(
     Ok(result)
 }
 
+/// A token endpoint that is away ([`TokenProblem::Transient`]: a timeout, a 5xx, a 429) holds
+/// the mailbox as unreachable, as a mail server that cannot be reached does: its mails wait,
+/// spending no attempt, until a probe gets a token (other problems are returned as they are).
+async fn token_away(
+    ctx: &ModuleContext,
+    shared: &Arc<Shared>,
+    server: &mail_server::Model,
+    problem: TokenProblem,
+) -> Result<TokenProblem, sea_orm::DbErr> {
+    let TokenProblem::Transient {
+        reason,
+        retry_after_secs,
+    } = &problem
+    else {
+        return Ok(problem);
+    };
+    let mut verdict = crate::delivery::classify::token_unavailable(reason, *retry_after_secs);
+    shared.metrics.outcome(&verdict);
+    let held =
+        crate::delivery::hold::hold(ctx, shared, server, HoldReason::Unreachable, &verdict).await?;
+    verdict.hold_for = held.until.map(|until| until - ctx.clock().now());
+    Ok(TokenProblem::Held(verdict))
+}
+
 /// What the mails not tried get after a stop, recording the mailbox's hold or throttle first:
 /// when they are due again, the reply and the words (`None`: nothing to write).
 async fn stop_words(
@@ -274,8 +298,9 @@ async fn stop_words(
             shared.metrics.outcome(verdict);
             let until = match verdict.level {
                 Level::MailboxHeld(reason) => {
-                    crate::delivery::hold::hold(ctx, shared, server, reason, verdict).await?;
-                    verdict.hold_for.map(|d| now + d)
+                    crate::delivery::hold::hold(ctx, shared, server, reason, verdict)
+                        .await?
+                        .until
                 }
                 _ => {
                     let until = now + verdict.hold_for.unwrap_or(Duration::seconds(60));
@@ -291,11 +316,6 @@ async fn stop_words(
                 }
             };
             Some((until, reply.clone(), Some(verdict.words())))
-        }
-        // The server could not be reached: the rest wait as long as a first retry would.
-        Some(Stop::Unreachable { verdict }) => {
-            let until = now + backoff(shared.options.retry_base_secs, 1);
-            Some((Some(until), None, Some(verdict.words())))
         }
         // Nothing was tried: wait a moment, quietly.
         Some(Stop::Busy) | Some(Stop::TokenRefused) | None => {

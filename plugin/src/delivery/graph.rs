@@ -279,20 +279,11 @@ fn settle(batch: &Batch<'_>, progress: &Progress, index: usize, answer: Answer) 
                 }),
             }
         }
-        Answer::Unreachable(detail) => {
-            let verdict = graph_replies::unreachable(&detail);
-            progress.stop(Stop::Unreachable {
-                verdict: verdict.clone(),
-            });
-            progress.set(
-                batch,
-                index,
-                MessageResult::Refused {
-                    verdict,
-                    reply: None,
-                },
-            );
-        }
+        // Nothing reached Graph: the mailbox waits (the message spends no attempt).
+        Answer::Unreachable(detail) => progress.stop(Stop::Mailbox {
+            verdict: graph_replies::unreachable(&detail),
+            reply: None,
+        }),
         Answer::Unknown(detail) => {
             let verdict = graph_replies::unknown(&detail);
             progress.set(

@@ -230,11 +230,11 @@ pub fn classify(reply: &GraphReply, mailbox: &str, from: &str) -> Verdict {
 pub fn unreachable(detail: &str) -> Verdict {
     verdict(
         "graph-unreachable",
-        Level::MailRetries,
-        Who::Nobody,
+        Level::MailboxHeld(HoldReason::Unreachable),
+        Who::Operator,
         format!("Microsoft Graph could not be reached ({detail})."),
-        "It is sent again later.",
-        None,
+        crate::delivery::classify::UNREACHABLE_FIX,
+        HoldReason::Unreachable.probe_after(),
     )
 }
 

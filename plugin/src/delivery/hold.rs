@@ -8,7 +8,11 @@ use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QuerySelect};
 use std::collections::HashMap;
 
-use crate::delivery::classify::{HoldReason, Verdict};
+use chrono::{DateTime, Duration, Utc};
+
+use crate::delivery::classify::{
+    HoldReason, UNREACHABLE_PROBE_MAX, UNREACHABLE_TELL_AFTER, Verdict,
+};
 use crate::delivery::health::{
     Health, all, ensure_row, module_wide, notification_key, settings_key,
 };
@@ -17,17 +21,34 @@ use crate::runtime::Shared;
 
 /// Holds `server`'s mailbox for `reason`, with the verdict's words. The people who can fix it
 /// are told once per incident (a hold for the same reason while held is the same incident: its
-/// words and probe time are renewed, `since` stays). Returns whether this call began it.
+/// words and probe time are renewed, `since` stays). An unreachable mailbox
+/// ([`HoldReason::Unreachable`]) is told of only once it has lasted
+/// [`UNREACHABLE_TELL_AFTER`] (a short outage passes unnoticed but for the waiting mail's
+/// words), and its probes are paced: the retry base (`retry_base_secs`) at first, then as long
+/// as it has lasted, at most [`UNREACHABLE_PROBE_MAX`], and never before the verdict's own
+/// time (a `Retry-After`).
 pub async fn hold(
     ctx: &ModuleContext,
     shared: &Shared,
     server: &mail_server::Model,
     reason: HoldReason,
     verdict: &Verdict,
-) -> Result<bool, sea_orm::DbErr> {
+) -> Result<Held, sea_orm::DbErr> {
     ensure_row(ctx, server.id).await?;
     let now = ctx.clock().now();
-    let until = verdict.hold_for.map(|d| now + d);
+    let until = match reason {
+        HoldReason::Unreachable => {
+            let lasted = crate::entities::by_key::<mailbox_health::Entity, _>(ctx.db(), server.id)
+                .await?
+                .filter(|h| h.state == "held" && h.reason.as_deref() == Some(reason.as_str()))
+                .and_then(|h| h.since)
+                .map_or(Duration::zero(), |since| now - since);
+            let base = Duration::seconds(Ord::max(shared.options.retry_base_secs, 1));
+            let paced = lasted.clamp(base, Ord::max(base, UNREACHABLE_PROBE_MAX));
+            Some(now + Ord::max(paced, verdict.hold_for.unwrap_or_default()))
+        }
+        _ => verdict.hold_for.map(|d| now + d),
+    };
     let detail = verdict.words();
     let update = || {
         mailbox_health::Entity::update_many()
@@ -37,11 +58,16 @@ pub async fn hold(
             .col_expr(mailbox_health::Column::UpdatedAt, Expr::value(now))
             .filter(mailbox_health::Column::ServerId.eq(server.id))
     };
+    // Told at once, or (unreachable) not yet: `notified_at` stays empty until it is.
+    let told_now = reason != HoldReason::Unreachable;
     // Only the writer that turns the state into this hold begins the incident.
     let began = update()
         .col_expr(mailbox_health::Column::Reason, Expr::value(reason.as_str()))
         .col_expr(mailbox_health::Column::Since, Expr::value(now))
-        .col_expr(mailbox_health::Column::NotifiedAt, Expr::value(now))
+        .col_expr(
+            mailbox_health::Column::NotifiedAt,
+            Expr::value(told_now.then_some(now)),
+        )
         .filter(
             Condition::any()
                 .add(mailbox_health::Column::State.ne("held"))
@@ -52,11 +78,25 @@ pub async fn hold(
         .await?
         .rows_affected
         == 1;
+    let mut tell_now = began && told_now;
     if !began {
         update()
             .filter(mailbox_health::Column::Reason.eq(reason.as_str()))
             .exec(ctx.db())
             .await?;
+        if !told_now {
+            // The one writer that finds it untold and lasting long enough tells.
+            tell_now = mailbox_health::Entity::update_many()
+                .col_expr(mailbox_health::Column::NotifiedAt, Expr::value(now))
+                .filter(mailbox_health::Column::ServerId.eq(server.id))
+                .filter(mailbox_health::Column::Reason.eq(reason.as_str()))
+                .filter(mailbox_health::Column::NotifiedAt.is_null())
+                .filter(mailbox_health::Column::Since.lte(now - UNREACHABLE_TELL_AFTER))
+                .exec(ctx.db())
+                .await?
+                .rows_affected
+                == 1;
+        }
     }
     shared.forget_health(server.id);
     if began {
@@ -65,9 +105,20 @@ pub async fn hold(
             reason = reason.as_str(),
             "mailbox held"
         );
+    }
+    if tell_now {
         tell(ctx, server, reason, verdict).await;
     }
-    Ok(began)
+    Ok(Held { began, until })
+}
+
+/// What [`hold`] did.
+#[derive(Debug, Clone, Copy)]
+pub struct Held {
+    /// Whether this call began the incident.
+    pub began: bool,
+    /// When the mailbox is tried again by itself (`None`: only its fix ends the hold).
+    pub until: Option<DateTime<Utc>>,
 }
 
 /// Who can end a hold: the people told to act, and the only ones a notice asks anything of.
@@ -421,6 +472,17 @@ pub(crate) fn words_of(health: &Health, owner: Option<i64>, viewer: Option<i64>)
         Health::Throttled { until } => format!(
             "Waiting: Microsoft 365 asked to slow down; it goes out after {}.",
             until.format("%H:%M:%S UTC")
+        ),
+        // Not told yet while it is short, and it may pass by itself.
+        Health::Held {
+            reason: HoldReason::Unreachable,
+            until,
+            ..
+        } => format!(
+            "Waiting: the CRM cannot reach Microsoft's servers at the moment; it tries again by itself{}, and the CRM's operators are told if it lasts. Nothing is needed from you; nothing is lost.",
+            until
+                .map(|u| format!(" at {}", u.format("%H:%M:%S UTC")))
+                .unwrap_or_default()
         ),
         Health::Held { reason, .. } if reason.needs_operator_for(owner.is_some()) => format!(
             "Waiting: the mailbox is held because {} — the CRM's operators have been told and will fix it; nothing is needed from you. Nothing is lost; it goes out once they fix it.",

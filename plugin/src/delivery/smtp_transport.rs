@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 
-use crate::delivery::classify::{self, Facts, Level, Stage};
+use crate::delivery::classify::{self, Facts, Level};
 use crate::delivery::smtp::{CONNECTIONS_PER_MAILBOX, SendOutcome, SmtpFailure, SmtpSender};
 use crate::delivery::smtp_transaction::Message;
 use crate::delivery::transport::{
@@ -93,17 +93,10 @@ async fn lane(sender: &SmtpSender, batch: &Batch<'_>, progress: &Progress, once:
             .await;
         match outcome {
             SendOutcome::Sent(reply) => progress.set(batch, index, MessageResult::Sent(reply)),
+            // A connection that failed before the server answered holds the mailbox (the
+            // `unreachable` rule): the message is not this failure's, it spends no attempt.
             SendOutcome::Failed(f) => match classify_failure(batch, &message.from, &f) {
-                Ok(result) => {
-                    // Nothing reached the server: the rest of the batch would meet the same.
-                    let unreachable = f.code.is_none() && f.stage == Stage::Connect;
-                    if let (true, MessageResult::Refused { verdict, .. }) = (unreachable, &result) {
-                        progress.stop(Stop::Unreachable {
-                            verdict: verdict.clone(),
-                        });
-                    }
-                    progress.set(batch, index, result);
-                }
+                Ok(result) => progress.set(batch, index, result),
                 Err(stop) => progress.stop(stop),
             },
             SendOutcome::Busy(_) => progress.stop(Stop::Busy),

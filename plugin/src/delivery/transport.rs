@@ -62,13 +62,6 @@ pub enum Stop {
         /// The reply as it came, if any.
         reply: Option<String>,
     },
-    /// The server could not be reached (no connection opened): the message that met it was
-    /// given its retry; the rest wait as long, spending no attempt, instead of each spending
-    /// one on the same unreachable server.
-    Unreachable {
-        /// The classification of the failed connection.
-        verdict: Verdict,
-    },
     /// No connection came free in time (every one of the mailbox's connections is in use, by
     /// this process or others): the rest wait a moment.
     Busy,

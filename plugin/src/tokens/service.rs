@@ -66,7 +66,7 @@ pub async fn hold(
     ctx: &ModuleContext,
     shared: &Shared,
     server: &mail_server::Model,
-    verdict: Verdict,
+    mut verdict: Verdict,
 ) -> TokenProblem {
     let Level::MailboxHeld(reason) = verdict.level else {
         return TokenProblem::Transient {
@@ -83,8 +83,14 @@ pub async fn hold(
     if let Err(e) = row.exec(ctx.db()).await {
         return db(e);
     }
-    if let Err(e) = crate::delivery::hold::hold(ctx, shared, server, reason, &verdict).await {
-        return db(e);
+    match crate::delivery::hold::hold(ctx, shared, server, reason, &verdict).await {
+        Err(e) => return db(e),
+        // The mails wait as long as the hold says (it may pace its probes).
+        Ok(held) => {
+            if let Some(until) = held.until {
+                verdict.hold_for = Some(until - ctx.clock().now());
+            }
+        }
     }
     TokenProblem::Held(verdict)
 }

@@ -434,7 +434,8 @@ pub async fn save(
 }
 
 /// The holds that belong to one transport and end when a server switches to the other.
-pub const TRANSPORT_HOLDS: [HoldReason; 8] = [
+pub const TRANSPORT_HOLDS: [HoldReason; 9] = [
+    HoldReason::Unreachable,
     HoldReason::TokenRefused,
     HoldReason::SmtpAuthDisabled,
     HoldReason::NoUsableAuth,

@@ -1425,3 +1425,159 @@ async fn a_refused_certificate_on_a_personal_mailbox_is_its_owners_to_fix() {
     assert!(to_alice.contains("only you can"), "{to_alice}");
     assert!(!to_alice.contains("administrator"), "{to_alice}");
 }
+
+/// A mail server that cannot be reached holds its mailbox: no mail spends an attempt (even with
+/// one allowed), one mail probes it again, less often the longer it lasts; the operators are
+/// told once, and only when it has lasted 15 minutes; when it answers again, the mail goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mail_server_that_cannot_be_reached_holds_the_mailbox_and_tells_operators_only_if_it_lasts()
+ {
+    let m = mailing().await;
+    let app = &m.env.app;
+    let server_id = m.env.server_id;
+    m.smtp.close_connections().await;
+    m.smtp.inject(Injected::RefuseConnection, usize::MAX);
+    let ids = [
+        queue(&m, "Waits for the network one").await,
+        queue(&m, "Waits for the network two").await,
+    ];
+    let held = wait_held(app, server_id, "unreachable").await;
+    assert!(
+        held.detail
+            .as_deref()
+            .unwrap_or_default()
+            .contains("could not be reached"),
+        "{held:?}"
+    );
+    for id in ids {
+        assert_waits(app, id).await;
+    }
+    let key = microsoft_outlook::delivery::health::notification_key(server_id);
+    assert!(
+        notifications(app, &key).await.is_empty(),
+        "a short outage tells nobody yet"
+    );
+    // The author reads that it waits and why, and that nothing is needed from them.
+    let (_, list) = m
+        .alice
+        .get_json(&format!(
+            "/microsoft_outlook/records/contact/{}/mails",
+            m.contact
+        ))
+        .await;
+    let waiting = list.to_string();
+    assert!(
+        waiting.contains("cannot reach Microsoft")
+            && waiting.contains("Nothing is needed from you"),
+        "{waiting}"
+    );
+    // Probes meet the same: the first after the retry base, then after as long as it lasted.
+    let probe = async |minutes: i64| {
+        app.clock.advance(chrono::Duration::minutes(minutes));
+        let now = app.clock.now();
+        eventually(&format!("the probe {minutes} minutes on"), || async {
+            health(app, server_id)
+                .await
+                .and_then(|h| h.until)
+                .is_some_and(|until| until > now)
+                && row(app, ids[0]).await.status == "queued"
+        })
+        .await;
+        let until = health(app, server_id).await.and_then(|h| h.until);
+        until.expect("a probe time") - now
+    };
+    let next = probe(1).await;
+    assert!(
+        next >= chrono::Duration::minutes(1) && next < chrono::Duration::minutes(2),
+        "paced by how long it lasted: {next}"
+    );
+    assert!(notifications(app, &key).await.is_empty());
+    probe(13).await;
+    let next = probe(15).await;
+    assert_eq!(
+        next,
+        chrono::Duration::minutes(15),
+        "at most every 15 minutes"
+    );
+    // 29 minutes: the operators are told, once, in words; the author too.
+    let told = operator_notifications(app, &key).await;
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert!(
+        told[0].subject.contains("Microsoft cannot be reached"),
+        "{told:?}"
+    );
+    assert!(told[0].body.contains("firewall"), "{told:?}");
+    probe(15).await;
+    assert_eq!(
+        operator_notifications(app, &key).await.len(),
+        1,
+        "told once"
+    );
+    for id in ids {
+        assert_waits(app, id).await;
+    }
+    // The server answers again: the next probe sends, and the rest follows.
+    m.smtp.clear_injections();
+    app.clock.advance(chrono::Duration::minutes(15));
+    for id in ids {
+        let sent = wait_status(app, id, "sent").await;
+        assert_eq!(sent.attempts, 1, "{sent:?}");
+    }
+    wait_ready(app, server_id).await;
+    assert!(
+        notifications(app, &key)
+            .await
+            .iter()
+            .all(|n| n.resolved_at.is_some()),
+        "the notices are resolved"
+    );
+}
+
+/// Microsoft's token endpoint away while a mail needs a new token (503, then a 429 with
+/// `Retry-After`): the mailbox waits, no mail spends an attempt, and the probe honours
+/// `Retry-After`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_endpoint_that_is_away_holds_the_mailbox_and_spends_no_attempt() {
+    let m = mailing().await;
+    let app = &m.env.app;
+    let server_id = m.env.server_id;
+    expire_soon(app, server_id).await;
+    m.env
+        .idp
+        .fail_next_token_requests(TokenFault::ServerError { status: 503 }, usize::MAX);
+    let id = queue(&m, "While Microsoft is away").await;
+    let held = wait_held(app, server_id, "unreachable").await;
+    assert!(
+        held.detail
+            .as_deref()
+            .unwrap_or_default()
+            .contains("token endpoint is temporarily unavailable"),
+        "{held:?}"
+    );
+    a_few_sweeps().await;
+    assert_waits(app, id).await;
+    assert_eq!(token_row(app, server_id).await.status, "valid");
+    // It asks to come back in ten minutes: the next probe waits that long.
+    m.env.idp.clear_faults();
+    m.env.idp.fail_next_token_requests(
+        TokenFault::TooManyRequests {
+            retry_after_secs: 600,
+        },
+        usize::MAX,
+    );
+    app.clock.advance(chrono::Duration::minutes(1));
+    let now = app.clock.now();
+    eventually("the probe to meet the 429", || async {
+        health(app, server_id)
+            .await
+            .and_then(|h| h.until)
+            .is_some_and(|until| until >= now + chrono::Duration::seconds(600))
+    })
+    .await;
+    assert_waits(app, id).await;
+    m.env.idp.clear_faults();
+    app.clock.advance(chrono::Duration::minutes(11));
+    let sent = wait_status(app, id, "sent").await;
+    assert_eq!(sent.attempts, 1, "{sent:?}");
+    wait_ready(app, server_id).await;
+}

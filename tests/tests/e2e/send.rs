@@ -710,7 +710,8 @@ async fn a_line_dropped_mid_data_is_retried_and_sent_once() {
 
 /// A server that accepts the connection and never answers (no greeting) holds neither the
 /// mail nor the connection: the attempt is given up after the SMTP timeout, the connection is
-/// closed, and the mail goes out on a later attempt, once.
+/// closed, the mailbox waits as unreachable (the mail spends no attempt), and the mail goes
+/// out on a later probe, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_never_answers_is_given_up_and_the_mail_goes_out_later() {
     let m = mailing().await;
@@ -722,12 +723,15 @@ async fn a_server_that_never_answers_is_given_up_and_the_mail_goes_out_later() {
     .await;
     eventually("the attempt to be given up", || async {
         let r = row(&m.env.app, id).await;
-        r.attempts == 1 && r.status == "queued" && r.last_error.is_some()
+        r.attempts == 0 && r.status == "queued" && r.last_error.is_some()
     })
     .await;
     let waiting = row(&m.env.app, id).await;
     let why = waiting.last_error.unwrap_or_default();
-    assert!(why.contains("stopped answering"), "{why}");
+    assert!(
+        why.contains("could not be reached") && why.contains("stopped answering"),
+        "{why}"
+    );
     eventually("the stalled connection to be closed", || async {
         m.smtp.stalled_connections() == 0
     })
@@ -746,7 +750,7 @@ async fn a_server_that_never_answers_is_given_up_and_the_mail_goes_out_later() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     let sent = sent.expect("the mail is sent on a later attempt");
-    assert_eq!(sent.attempts, 2);
+    assert_eq!(sent.attempts, 1, "the stall spent no attempt");
     assert_eq!(m.smtp.count_by_message_id().get(&sent.message_id), Some(&1));
 }
 
@@ -1165,10 +1169,10 @@ async fn an_app_only_server_fetches_one_client_credentials_token_for_many_mails(
 }
 
 /// A server that cannot be reached is a matter of the mailbox, not of each mail: a batch that
-/// meets it spends one attempt (its first mail's), and the rest of the batch waits as long
-/// without spending any.
+/// meets it spends no attempt (its mailbox is held as unreachable), and only the mail that met
+/// it tells so in its history.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unreachable_server_costs_one_attempt_per_batch_not_one_per_mail() {
+async fn an_unreachable_server_holds_its_mailbox_and_no_mail_of_the_batch_spends_an_attempt() {
     let m = mailing().await;
     let app = &m.env.app;
     // One mail a minute: the first goes, the next three wait (made to wait together).
@@ -1190,35 +1194,38 @@ async fn an_unreachable_server_costs_one_attempt_per_batch_not_one_per_mail() {
     settings(&m.env, &[("mailbox_rate_per_minute", "0")]).await;
     app.clock.advance(chrono::Duration::seconds(61));
     eventually("the batch to meet the closed port", || async {
-        let mut tried = 0;
+        let mut waited = 0;
         for id in waiting {
             let r = row(app, id).await;
-            if r.status == "queued" && r.last_error.is_some() {
-                tried += 1;
+            if r.status == "queued" && r.next_attempt_at > app.clock.now() {
+                waited += 1;
             }
         }
-        tried == waiting.len()
+        waited == waiting.len()
     })
     .await;
-    let mut attempts = Vec::new();
+    let health = mailbox_health::Entity::find_by_id(m.env.server_id)
+        .one(&app.db)
+        .await
+        .expect("query")
+        .expect("a health row");
+    assert_eq!(
+        (health.state.as_str(), health.reason.as_deref()),
+        ("held", Some("unreachable")),
+        "{health:?}"
+    );
+    assert!(
+        health
+            .detail
+            .as_deref()
+            .unwrap_or_default()
+            .contains("could not be reached"),
+        "{health:?}"
+    );
     for id in waiting {
         let r = row(app, id).await;
-        assert!(
-            r.last_error
-                .as_deref()
-                .unwrap_or_default()
-                .contains("connection"),
-            "{r:?}"
-        );
-        assert!(r.next_attempt_at > app.clock.now(), "{r:?}");
-        attempts.push(r.attempts);
+        assert_eq!(r.attempts, 0, "no attempt spent: {r:?}");
     }
-    attempts.sort_unstable();
-    assert_eq!(
-        attempts,
-        [0, 0, 1],
-        "one attempt for the batch, none for the others"
-    );
     // Only the mail that met the closed port tells it in its history; the others were not
     // tried and have nothing to tell.
     let mut told = 0;

@@ -18,9 +18,13 @@ use crate::settings::OutlookSettings;
 use crate::tokens::service::fresh_access_token;
 
 /// Holds that Graph reading the mailbox with its token proves fixed: the token is taken, and
-/// the mailbox is in Exchange Online. (A missing Mail.Send is not proved fixed by a read.)
-const ENDED_BY_A_GRAPH_TEST: [HoldReason; 2] =
-    [HoldReason::TokenRefused, HoldReason::NotExchangeOnline];
+/// the mailbox is in Exchange Online, and Microsoft is reached. (A missing Mail.Send is not
+/// proved fixed by a read.)
+const ENDED_BY_A_GRAPH_TEST: [HoldReason; 3] = [
+    HoldReason::TokenRefused,
+    HoldReason::NotExchangeOnline,
+    HoldReason::Unreachable,
+];
 
 /// The name of the token step.
 pub(super) const TOKEN_STEP: &str = "Access token for Microsoft Graph";

@@ -29,7 +29,8 @@ use crate::web::mail_routes::{classified_reply, json_refusal, wants_json};
 use crate::web::servers::server_url;
 
 /// Holds that a successful connect and AUTH prove fixed.
-const ENDED_BY_A_TEST: [HoldReason; 5] = [
+const ENDED_BY_A_TEST: [HoldReason; 6] = [
+    HoldReason::Unreachable,
     HoldReason::TokenRefused,
     HoldReason::SmtpAuthDisabled,
     HoldReason::NoUsableAuth,
@@ -209,9 +210,9 @@ pub async fn test(
 /// The words of a failed test: the verdict's, but a failure to connect that a mail would only
 /// retry is, in a test, for the person who set the server up to look at.
 fn test_words(verdict: &classify::Verdict) -> String {
-    if verdict.rule == "network" {
+    if verdict.rule == "network" || verdict.rule == "unreachable" {
         return format!(
-            "{} Check the host name and port, and that this CRM's machine can reach them (firewall, proxy); a mail meeting this would be tried again later.",
+            "{} Check the host name and port, and that this CRM's machine can reach them (firewall, proxy); mail meeting this would wait, spending no attempt, and be tried again later.",
             verdict.what
         );
     }
