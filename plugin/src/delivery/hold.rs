@@ -24,9 +24,8 @@ use crate::runtime::Shared;
 /// words and probe time are renewed, `since` stays). An unreachable mailbox
 /// ([`HoldReason::Unreachable`]) is told of only once it has lasted
 /// [`UNREACHABLE_TELL_AFTER`] (a short outage passes unnoticed but for the waiting mail's
-/// words), and its probes are paced: the retry base (`retry_base_secs`) at first, then as long
-/// as it has lasted, at most [`UNREACHABLE_PROBE_MAX`], and never before the verdict's own
-/// time (a `Retry-After`).
+/// words), its probes are paced, and it does not replace a hold for another cause
+/// ([`pace_unreachable`]).
 pub async fn hold(
     ctx: &ModuleContext,
     shared: &Shared,
@@ -37,16 +36,10 @@ pub async fn hold(
     ensure_row(ctx, server.id).await?;
     let now = ctx.clock().now();
     let until = match reason {
-        HoldReason::Unreachable => {
-            let lasted = crate::entities::by_key::<mailbox_health::Entity, _>(ctx.db(), server.id)
-                .await?
-                .filter(|h| h.state == "held" && h.reason.as_deref() == Some(reason.as_str()))
-                .and_then(|h| h.since)
-                .map_or(Duration::zero(), |since| now - since);
-            let base = Duration::seconds(Ord::max(shared.options.retry_base_secs, 1));
-            let paced = lasted.clamp(base, Ord::max(base, UNREACHABLE_PROBE_MAX));
-            Some(now + Ord::max(paced, verdict.hold_for.unwrap_or_default()))
-        }
+        HoldReason::Unreachable => match pace_unreachable(ctx, shared, server.id, verdict).await? {
+            Paced::Kept(held) => return Ok(held),
+            Paced::Until(until) => Some(until),
+        },
         _ => verdict.hold_for.map(|d| now + d),
     };
     let detail = verdict.words();
@@ -110,6 +103,62 @@ pub async fn hold(
         tell(ctx, server, reason, verdict).await;
     }
     Ok(Held { began, until })
+}
+
+/// How an unreachable mailbox's hold goes on.
+enum Paced {
+    /// Held for a cause of its own, which this probe did not reach: that hold stays.
+    Kept(Held),
+    /// The unreachable hold's next probe.
+    Until(DateTime<Utc>),
+}
+
+/// Paces the probes of an unreachable mailbox: the retry base at first, then as long as it has
+/// lasted, at most [`UNREACHABLE_PROBE_MAX`], never before the verdict's own time. A mailbox
+/// held for another cause (SMTP AUTH disabled, a quota...) whose probe could not reach
+/// Microsoft keeps that hold, its words and its incident (nobody is told again): only its
+/// next probe moves, by that cause's own interval, at most [`UNREACHABLE_PROBE_MAX`].
+async fn pace_unreachable(
+    ctx: &ModuleContext,
+    shared: &Shared,
+    server_id: i32,
+    verdict: &Verdict,
+) -> Result<Paced, sea_orm::DbErr> {
+    let now = ctx.clock().now();
+    let row = crate::entities::by_key::<mailbox_health::Entity, _>(ctx.db(), server_id)
+        .await?
+        .filter(|h| h.state == "held");
+    let reason = row
+        .as_ref()
+        .and_then(|h| h.reason.as_deref())
+        .and_then(HoldReason::parse);
+    if let Some(other) = reason.filter(|r| *r != HoldReason::Unreachable) {
+        let until = other
+            .probe_after()
+            .map(|d| now + Ord::min(d, UNREACHABLE_PROBE_MAX));
+        mailbox_health::Entity::update_many()
+            .col_expr(mailbox_health::Column::Until, Expr::value(until))
+            .col_expr(mailbox_health::Column::UpdatedAt, Expr::value(now))
+            .filter(mailbox_health::Column::ServerId.eq(server_id))
+            .filter(mailbox_health::Column::State.eq("held"))
+            .filter(mailbox_health::Column::Reason.eq(other.as_str()))
+            .exec(ctx.db())
+            .await?;
+        shared.forget_health(server_id);
+        return Ok(Paced::Kept(Held {
+            began: false,
+            until,
+        }));
+    }
+    let lasted = row
+        .filter(|_| reason == Some(HoldReason::Unreachable))
+        .and_then(|h| h.since)
+        .map_or(Duration::zero(), |since| now - since);
+    let base = Duration::seconds(Ord::max(shared.options.retry_base_secs, 1));
+    let paced = lasted.clamp(base, Ord::max(base, UNREACHABLE_PROBE_MAX));
+    Ok(Paced::Until(
+        now + Ord::max(paced, verdict.hold_for.unwrap_or_default()),
+    ))
 }
 
 /// What [`hold`] did.

@@ -1494,10 +1494,13 @@ async fn a_mail_server_that_cannot_be_reached_holds_the_mailbox_and_tells_operat
     assert!(notifications(app, &key).await.is_empty());
     probe(13).await;
     let next = probe(15).await;
-    assert_eq!(
-        next,
-        chrono::Duration::minutes(15),
-        "at most every 15 minutes"
+    // (PostgreSQL keeps microseconds.)
+    assert!(
+        (next - chrono::Duration::minutes(15))
+            .num_milliseconds()
+            .abs()
+            < 1,
+        "at most every 15 minutes: {next}"
     );
     // 29 minutes: the operators are told, once, in words; the author too.
     let told = operator_notifications(app, &key).await;
@@ -1571,7 +1574,7 @@ async fn a_token_endpoint_that_is_away_holds_the_mailbox_and_spends_no_attempt()
         health(app, server_id)
             .await
             .and_then(|h| h.until)
-            .is_some_and(|until| until >= now + chrono::Duration::seconds(600))
+            .is_some_and(|until| until >= now + chrono::Duration::seconds(599))
     })
     .await;
     assert_waits(app, id).await;
@@ -1580,4 +1583,82 @@ async fn a_token_endpoint_that_is_away_holds_the_mailbox_and_spends_no_attempt()
     let sent = wait_status(app, id, "sent").await;
     assert_eq!(sent.attempts, 1, "{sent:?}");
     wait_ready(app, server_id).await;
+}
+
+/// A mailbox held for a cause of its own (SMTP AUTH disabled) whose probe cannot reach
+/// Microsoft stays held for that cause: its words and its incident stay (nobody is told again),
+/// only the next probe moves; no mail spends an attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_that_cannot_reach_microsoft_keeps_the_hold_it_probes() {
+    let m = mailing().await;
+    let app = &m.env.app;
+    let server_id = m.env.server_id;
+    let refused = "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information.";
+    m.smtp.inject(
+        Injected::Reply {
+            stage: Stage::Auth,
+            reply: refused.into(),
+        },
+        usize::MAX,
+    );
+    let id = queue(&m, "Held for SMTP AUTH").await;
+    let before = wait_held(app, server_id, "smtp_auth_disabled").await;
+    let key = microsoft_outlook::delivery::health::notification_key(server_id);
+    let told = notifications(app, &key).await.len();
+    assert!(told >= 1, "the hold was told");
+    // At the probe time, Microsoft's token endpoint is away.
+    expire_soon(app, server_id).await;
+    m.env
+        .idp
+        .fail_next_token_requests(TokenFault::ServerError { status: 503 }, usize::MAX);
+    app.clock.advance(chrono::Duration::minutes(16));
+    let now = app.clock.now();
+    eventually("the probe to meet the token endpoint away", || async {
+        health(app, server_id)
+            .await
+            .and_then(|h| h.until)
+            .is_some_and(|until| until > now)
+    })
+    .await;
+    assert_waits(app, id).await;
+    let after = health(app, server_id).await.expect("health");
+    assert_eq!(
+        (after.state.as_str(), after.reason.as_deref()),
+        ("held", Some("smtp_auth_disabled")),
+        "{after:?}"
+    );
+    assert_eq!(after.since, before.since, "the same incident");
+    assert_eq!(after.detail, before.detail, "its words stay");
+    let next = after.until.expect("a probe time") - now;
+    assert!(
+        (next - chrono::Duration::minutes(15))
+            .num_milliseconds()
+            .abs()
+            < 1,
+        "probed again at its own pace: {next}"
+    );
+    assert_eq!(
+        notifications(app, &key).await.len(),
+        told,
+        "nobody told again"
+    );
+    // Back: the next probe meets SMTP AUTH disabled again; still the same incident.
+    m.env.idp.clear_faults();
+    app.clock.advance(chrono::Duration::minutes(16));
+    let now = app.clock.now();
+    eventually("the next probe", || async {
+        health(app, server_id)
+            .await
+            .and_then(|h| h.until)
+            .is_some_and(|until| until > now)
+    })
+    .await;
+    assert_waits(app, id).await;
+    let again = health(app, server_id).await.expect("health");
+    assert_eq!(again.since, before.since, "{again:?}");
+    assert_eq!(
+        notifications(app, &key).await.len(),
+        told,
+        "nobody told again"
+    );
 }
