@@ -574,8 +574,16 @@ pub const SMTP_RULES: &[Rule] = &[
     },
 ];
 
-/// What an unreachable mailbox's operators are told to do (if it lasts).
+/// What an unreachable mailbox's people read: that its mails wait, and (a sentence for
+/// operators, beginning [`IF_IT_LASTS`]) what to check if it lasts.
 pub const UNREACHABLE_FIX: &str = "The mails wait, spending no attempt, and are tried again by themselves, less often the longer it lasts (at most every 15 minutes); they go out in queue order once it answers. If it lasts, check this CRM's connection to Microsoft (DNS, firewall, proxy) and the Microsoft 365 service health page.";
+
+/// [`UNREACHABLE_FIX`] for an SMTP server: its host, port and security are checked too.
+const SMTP_UNREACHABLE_FIX: &str = "The mails wait, spending no attempt, and are tried again by themselves, less often the longer it lasts (at most every 15 minutes); they go out in queue order once it answers. If it lasts, check the server's host, port and security on its page (Exchange Online: smtp.office365.com, port 587, STARTTLS), this CRM's connection to Microsoft (DNS, firewall, proxy) and the Microsoft 365 service health page.";
+
+/// How the operators' sentence of an unreachable mailbox's words begins (a user is told
+/// instead that the operators are told if it lasts).
+pub const IF_IT_LASTS: &str = "If it lasts, check";
 
 /// A connection that failed before the server said anything (refused, timed out, no address,
 /// a TLS failure other than the certificate): every mail of the mailbox would meet it, so the
@@ -587,7 +595,7 @@ const UNREACHABLE_RULE: Rule = Rule {
     hold_for_secs: None,
     who: Who::Operator,
     what: "The SMTP server could not be reached ({reply}).",
-    fix: UNREACHABLE_FIX,
+    fix: SMTP_UNREACHABLE_FIX,
 };
 
 /// The rule for the outcomes the table's replies do not cover.

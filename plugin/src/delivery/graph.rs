@@ -52,8 +52,11 @@ pub(crate) enum Answer {
     Sent(String),
     /// A Graph error answer.
     Refused(GraphReply),
-    /// Nothing was sent (the connection was not made).
+    /// Nothing was sent: Graph could not be reached at the mail's first request.
     Unreachable(String),
+    /// Nothing was sent: a later request of the mail (a file, its upload, the send of its
+    /// draft) could not connect, after Graph had answered its first: this mail's retry.
+    ConnectionLost(String),
     /// Sent, but no answer came: it may have been taken.
     Unknown(String),
 }
@@ -284,6 +287,14 @@ fn settle(batch: &Batch<'_>, progress: &Progress, index: usize, answer: Answer) 
             verdict: graph_replies::unreachable(&detail),
             reply: None,
         }),
+        Answer::ConnectionLost(detail) => progress.set(
+            batch,
+            index,
+            MessageResult::Refused {
+                verdict: graph_replies::connection_lost(&detail),
+                reply: None,
+            },
+        ),
         Answer::Unknown(detail) => {
             let verdict = graph_replies::unknown(&detail);
             progress.set(

@@ -112,7 +112,7 @@ impl GraphSender {
             }
             Err(e) if e.is_connect() => {
                 let _ = self.http.delete(&item).bearer_auth(bearer).send().await;
-                Answer::Unreachable(words(e))
+                Answer::ConnectionLost(words(e))
             }
             Err(e) => Answer::Unknown(words(e)),
         }
@@ -204,7 +204,7 @@ impl GraphSender {
         {
             Ok(r) if r.status().is_success() => Ok(()),
             Ok(r) => Err(Answer::Refused(reply_of(r).await)),
-            Err(e) if e.is_connect() => Err(Answer::Unreachable(words(e))),
+            Err(e) if e.is_connect() => Err(Answer::ConnectionLost(words(e))),
             Err(e) => Err(Answer::Unknown(words(e))),
         }
     }
@@ -238,7 +238,7 @@ impl GraphSender {
                     .ok_or_else(|| Answer::Unknown("the upload session has no uploadUrl".into()))?
             }
             Ok(r) => return Err(Answer::Refused(reply_of(r).await)),
-            Err(e) if e.is_connect() => return Err(Answer::Unreachable(words(e))),
+            Err(e) if e.is_connect() => return Err(Answer::ConnectionLost(words(e))),
             Err(e) => return Err(Answer::Unknown(words(e))),
         };
         let total = bytes.len();
@@ -255,7 +255,7 @@ impl GraphSender {
             {
                 Ok(r) if r.status().is_success() => {}
                 Ok(r) => return Err(Answer::Refused(reply_of(r).await)),
-                Err(e) if e.is_connect() => return Err(Answer::Unreachable(words(e))),
+                Err(e) if e.is_connect() => return Err(Answer::ConnectionLost(words(e))),
                 Err(e) => return Err(Answer::Unknown(words(e))),
             }
         }

@@ -238,6 +238,22 @@ pub fn unreachable(detail: &str) -> Verdict {
     )
 }
 
+/// The verdict when a later request of a mail (a file, its upload session, the send of its
+/// draft) could not connect after Graph had answered its first: nothing was sent; this mail
+/// is tried again (its draft was deleted where it could be).
+pub fn connection_lost(detail: &str) -> Verdict {
+    verdict(
+        "graph-connection-lost",
+        Level::MailRetries,
+        Who::Nobody,
+        format!(
+            "The connection to Microsoft Graph was lost while this mail was being prepared ({detail}); nothing was sent."
+        ),
+        "It is sent again later.",
+        None,
+    )
+}
+
 /// The verdict when the mail was sent but no answer came (a timeout, a dropped connection):
 /// Graph may have taken it, so it is looked for in Sent Items before it is sent again.
 pub fn unknown(detail: &str) -> Verdict {

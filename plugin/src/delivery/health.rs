@@ -8,7 +8,7 @@
 
 use chrono::{DateTime, Utc};
 use crm_sdk::ModuleContext;
-use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query, SimpleExpr};
+use sea_orm::sea_query::{Alias, Expr, ExprTrait, Func, OnConflict, Query, SimpleExpr};
 use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QuerySelect, Set};
 use std::collections::HashMap;
 
@@ -37,6 +37,9 @@ pub enum Health {
         since: DateTime<Utc>,
         /// When a mail is tried again by itself (a probe), if ever.
         until: Option<DateTime<Utc>>,
+        /// Whether the people who can fix it were told (an unreachable mailbox is told of only
+        /// once it lasts: [`crate::delivery::classify::UNREACHABLE_TELL_AFTER`]).
+        told: bool,
     },
 }
 
@@ -56,6 +59,7 @@ impl Health {
                 detail: row.detail.clone().unwrap_or_default(),
                 since: row.since.unwrap_or(row.updated_at),
                 until: row.until,
+                told: row.notified_at.is_some(),
             },
             "throttled" if row.until.is_some_and(|u| u > now) => Health::Throttled {
                 until: row.until.unwrap_or(now),
@@ -151,20 +155,38 @@ pub fn claimable(now: DateTime<Utc>) -> SimpleExpr {
         .and_where(mailbox_health::Column::Until.lte(now))
         .to_owned();
     // The probe: the mailbox's claimed mail while one is in flight (no second probe meanwhile),
-    // else its oldest queued one; each found by a partial index (migration m0007).
-    let oldest = Expr::cust(
-        "COALESCE(\
-         (SELECT MIN(o.id) FROM microsoft_outlook_outbox o \
-          WHERE o.server_id = microsoft_outlook_outbox.server_id AND o.status = 'sending'), \
-         (SELECT MIN(o.id) FROM microsoft_outlook_outbox o \
-          WHERE o.server_id = microsoft_outlook_outbox.server_id AND o.status = 'queued'))",
-    );
+    // else its oldest queued one that is due (a mail waiting for a retry of its own must not
+    // keep a mailbox that answers again from being probed); each found by a partial index
+    // (migration m0007).
+    let oldest = Func::coalesce([
+        oldest_of_mailbox("sending", None),
+        oldest_of_mailbox("queued", Some(now)),
+    ]);
     let not_the_probe = outbox::Column::ServerId
         .in_subquery(probe_due)
         .and(Expr::col((outbox::Entity, outbox::Column::Id)).ne(oldest));
     outbox::Column::ServerId
         .not_in_subquery(blocked)
         .and(not_the_probe.not())
+}
+
+/// The smallest id of the outer outbox row's mailbox among its mails in `status` (due by
+/// `due`, when given), as a scalar subquery.
+fn oldest_of_mailbox(status: &'static str, due: Option<DateTime<Utc>>) -> SimpleExpr {
+    let o = Alias::new("o");
+    let mut q = Query::select();
+    q.expr(Func::min(Expr::col((o.clone(), outbox::Column::Id))))
+        .from_as(outbox::Entity, o.clone())
+        .and_where(
+            Expr::col((o.clone(), outbox::Column::ServerId))
+                .equals((outbox::Entity, outbox::Column::ServerId)),
+        )
+        // Written into the SQL, as the partial indexes name it ([`outbox::status_is`]).
+        .and_where(Expr::cust(format!("\"o\".\"status\" = '{status}'")));
+    if let Some(due) = due {
+        q.and_where(Expr::col((o, outbox::Column::NextAttemptAt)).lte(due));
+    }
+    SimpleExpr::SubQuery(None, Box::new(q.into()))
 }
 
 pub(crate) async fn ensure_row(ctx: &ModuleContext, server_id: i32) -> Result<(), sea_orm::DbErr> {
@@ -306,8 +328,8 @@ mod tests {
             .to_owned();
         let (postgres, values) = query.build(PostgresQueryBuilder);
         assert!(!postgres.contains('?'), "{postgres}");
-        assert!(postgres.contains("$4"), "{postgres}");
-        assert_eq!(values.0.len(), 4, "{postgres}");
+        assert!(postgres.contains("$5"), "{postgres}");
+        assert_eq!(values.0.len(), 5, "{postgres}");
         let (sqlite, _) = query.build(SqliteQueryBuilder);
         assert!(!sqlite.contains('$'), "{sqlite}");
     }

@@ -114,7 +114,8 @@ enum Paced {
 }
 
 /// Paces the probes of an unreachable mailbox: the retry base at first, then as long as it has
-/// lasted, at most [`UNREACHABLE_PROBE_MAX`], never before the verdict's own time. A mailbox
+/// lasted, at most [`UNREACHABLE_PROBE_MAX`], never before the verdict's own time or the end of
+/// a throttle that was running. A mailbox
 /// held for another cause (SMTP AUTH disabled, a quota...) whose probe could not reach
 /// Microsoft keeps that hold, its words and its incident (nobody is told again): only its
 /// next probe moves, by that cause's own interval, at most [`UNREACHABLE_PROBE_MAX`].
@@ -125,9 +126,14 @@ async fn pace_unreachable(
     verdict: &Verdict,
 ) -> Result<Paced, sea_orm::DbErr> {
     let now = ctx.clock().now();
-    let row = crate::entities::by_key::<mailbox_health::Entity, _>(ctx.db(), server_id)
-        .await?
-        .filter(|h| h.state == "held");
+    let row = crate::entities::by_key::<mailbox_health::Entity, _>(ctx.db(), server_id).await?;
+    // A throttle that was running keeps its time (Microsoft asked for it).
+    let throttled_until = row
+        .as_ref()
+        .filter(|h| h.state == "throttled")
+        .and_then(|h| h.until)
+        .filter(|until| *until > now);
+    let row = row.filter(|h| h.state == "held");
     let reason = row
         .as_ref()
         .and_then(|h| h.reason.as_deref())
@@ -156,8 +162,9 @@ async fn pace_unreachable(
         .map_or(Duration::zero(), |since| now - since);
     let base = Duration::seconds(Ord::max(shared.options.retry_base_secs, 1));
     let paced = lasted.clamp(base, Ord::max(base, UNREACHABLE_PROBE_MAX));
+    let until = now + Ord::max(paced, verdict.hold_for.unwrap_or_default());
     Ok(Paced::Until(
-        now + Ord::max(paced, verdict.hold_for.unwrap_or_default()),
+        throttled_until.map_or(until, |t| Ord::max(t, until)),
     ))
 }
 
@@ -256,6 +263,15 @@ fn hold_notices(
                     &v.what,
                     &v.fix,
                     "Only you can do this, on your My mailbox page (the link).",
+                    waits,
+                ]),
+                Some(MY_MAILBOX.to_string()),
+            ),
+            // The owner's own settings may be the cause (a wrong port or security).
+            Fixer::Operators if reason == HoldReason::Unreachable => (
+                join(&[
+                    &v.what,
+                    "If your mailbox's server settings on your My mailbox page (the link) are right, nothing is needed from you: the CRM's operators have been told and will look into it.",
                     waits,
                 ]),
                 Some(MY_MAILBOX.to_string()),
@@ -491,6 +507,20 @@ async fn waiting_words_of(ctx: &ModuleContext, reader: Reader) -> HashMap<i32, S
             let owner = owners.get(id).copied().flatten();
             let health = Health::of(Some(row), now);
             let words = match (reader, &health) {
+                // It may pass by itself: theirs to look at only if it lasts.
+                (
+                    Reader::Operator(_),
+                    Health::Held {
+                        reason: HoldReason::Unreachable,
+                        until,
+                        ..
+                    },
+                ) => format!(
+                    "Waiting: the CRM cannot reach Microsoft's servers for this mailbox; it tries again by itself{}. If it lasts, see its page for what to check. Nothing is lost.",
+                    until
+                        .map(|u| format!(" at {}", u.format("%H:%M:%S UTC")))
+                        .unwrap_or_default()
+                ),
                 // A shared mailbox, or what only operators can fix: theirs to do.
                 (Reader::Operator(_), Health::Held { reason, .. })
                     if owner.is_none() || reason.needs_operator_for(owner.is_some()) =>
@@ -522,17 +552,27 @@ pub(crate) fn words_of(health: &Health, owner: Option<i64>, viewer: Option<i64>)
             "Waiting: Microsoft 365 asked to slow down; it goes out after {}.",
             until.format("%H:%M:%S UTC")
         ),
-        // Not told yet while it is short, and it may pass by itself.
+        // It may pass by itself; the people who can fix it are told only if it lasts.
         Health::Held {
             reason: HoldReason::Unreachable,
             until,
+            told,
             ..
-        } => format!(
-            "Waiting: the CRM cannot reach Microsoft's servers at the moment; it tries again by itself{}, and the CRM's operators are told if it lasts. Nothing is needed from you; nothing is lost.",
-            until
+        } => {
+            let at = until
                 .map(|u| format!(" at {}", u.format("%H:%M:%S UTC")))
-                .unwrap_or_default()
-        ),
+                .unwrap_or_default();
+            let who = match (told, owner) {
+                (false, _) => "the CRM's operators are told if it lasts",
+                (true, Some(o)) if Some(o) == viewer => {
+                    "if your mailbox's server settings on My mailbox are right, the CRM's operators have been told"
+                }
+                (true, _) => "the CRM's operators have been told",
+            };
+            format!(
+                "Waiting: the CRM cannot reach Microsoft's servers at the moment; it tries again by itself{at}, and {who}. Nothing is needed from you; nothing is lost."
+            )
+        }
         Health::Held { reason, .. } if reason.needs_operator_for(owner.is_some()) => format!(
             "Waiting: the mailbox is held because {} — the CRM's operators have been told and will fix it; nothing is needed from you. Nothing is lost; it goes out once they fix it.",
             reason.in_words()

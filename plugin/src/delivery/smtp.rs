@@ -316,12 +316,8 @@ impl SmtpSender {
         deadline: Instant,
     ) -> Result<Slot, SendOutcome> {
         let db = ctx.db();
-        let unavailable = |e: sea_orm::DbErr| {
-            SendOutcome::Failed(SmtpFailure::network(
-                Stage::Connect,
-                format!("the database is unavailable: {e}"),
-            ))
-        };
+        let unavailable =
+            |e: sea_orm::DbErr| SendOutcome::NotTried(format!("the database is unavailable: {e}"));
         self.ensure_slot_rows(ctx, server_id)
             .await
             .map_err(unavailable)?;
@@ -453,10 +449,7 @@ impl SmtpSender {
             {
                 Ok(Ok(p)) => p,
                 Ok(Err(_)) => {
-                    return Err(SendOutcome::Failed(SmtpFailure::network(
-                        Stage::Connect,
-                        "the sender is shutting down".into(),
-                    )));
+                    return Err(SendOutcome::NotTried("the sender is shutting down".into()));
                 }
                 Err(_) => return Err(busy()),
             };

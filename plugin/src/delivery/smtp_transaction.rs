@@ -26,6 +26,10 @@ pub enum SendOutcome {
     Busy(String),
     /// This worker's claim on the mail ran out and another worker took it over: not sent here.
     LeaseLost,
+    /// Nothing was tried, for a reason of this CRM's, not the server's (its database did not
+    /// answer when a connection slot was taken, the sender is stopping): the mail is given
+    /// back, due at once, spending nothing.
+    NotTried(String),
 }
 
 /// A failed attempt as observed on the wire.

@@ -100,7 +100,7 @@ async fn lane(sender: &SmtpSender, batch: &Batch<'_>, progress: &Progress, once:
                 Err(stop) => progress.stop(stop),
             },
             SendOutcome::Busy(_) => progress.stop(Stop::Busy),
-            SendOutcome::LeaseLost => progress.stop(Stop::Halted),
+            SendOutcome::LeaseLost | SendOutcome::NotTried(_) => progress.stop(Stop::Halted),
         }
         progress.end_turn(index, turn);
         match following {
@@ -124,7 +124,7 @@ impl Transport for SmtpSender {
             let count = batch.messages.len();
             let progress = Progress::new(count);
             // One message first: the others fan out over more connections only once the
-            // server was reached (an unreachable one then costs one attempt, not three).
+            // server was reached (an unreachable one is then met by one connection, not three).
             lane(self, &batch, &progress, true).await;
             let lanes = Ord::min(CONNECTIONS_PER_MAILBOX, count.saturating_sub(1));
             futures::future::join_all((0..lanes).map(|_| lane(self, &batch, &progress, false)))

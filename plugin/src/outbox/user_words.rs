@@ -78,6 +78,11 @@ pub const OPERATORS_TOLD_FAILED: &str = "The CRM's operators have been told; not
 /// to the authors of waiting mail says it).
 pub const OPERATORS_TOLD_WAITING: &str =
     "The CRM's operators have been told and will fix it; nothing is needed from you.";
+/// What the author reads of a mailbox that cannot reach Microsoft: it may pass by itself,
+/// and its people are told only if it lasts.
+const UNREACHABLE_TOLD: &str =
+    "Nothing is needed from you: the CRM's operators are told if it lasts.";
+
 /// What the author reads when the mailbox must be connected again. Who can (its owner: the
 /// reader, another user, or the operators for a shared mailbox) is said to each reader by the
 /// mailbox's waiting words (`delivery::hold::waiting_words_for`).
@@ -181,6 +186,9 @@ fn user_parts<'a>(words: &'a str, status: &str) -> (Vec<&'a str>, Option<&'stati
         (true, _, _) if never => Some(CONNECT_TOLD),
         (true, _, _) => Some(RECONNECT_TOLD),
         (false, true, "failed") => Some(OPERATORS_TOLD_FAILED),
+        (false, true, _) if words.contains(crate::delivery::classify::IF_IT_LASTS) => {
+            Some(UNREACHABLE_TOLD)
+        }
         (false, true, _) => Some(OPERATORS_TOLD_WAITING),
         (false, false, _) => None,
     };

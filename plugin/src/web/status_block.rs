@@ -5,6 +5,7 @@
 use crm_sdk::CurrentUser;
 use maud::{Markup, html};
 
+use crate::delivery::classify::HoldReason;
 use crate::delivery::health::Health;
 use crate::entities::{mail_server, token};
 use crate::web::layout::csrf;
@@ -46,7 +47,7 @@ pub fn status_block(
     html! {
         div.status {
             @match health {
-                Health::Held { reason, detail, since, until } => {
+                Health::Held { reason, detail, since, until, told } => {
                     p { span.badge.bad { "Held: " (reason.title()) } }
                     @if user.is_admin || !reason.needs_operator_for(server.owner_user_id.is_some()) {
                         p role="alert" { (detail) }
@@ -60,7 +61,11 @@ pub fn status_block(
                         @else { (waiting) " mail(s) wait; they spend no attempt and go out in queue order once this is fixed." }
                         @if let Some(until) = until { " The mailbox is tried again by itself at " (when(*until)) "." }
                     }
-                    @if !user.is_admin && reason.needs_operator_for(server.owner_user_id.is_some()) {
+                    @if !user.is_admin && *reason == HoldReason::Unreachable && !*told {
+                        p { "It may pass by itself: the CRM keeps trying, and its operators are told if it lasts. Nothing is needed from you." }
+                    } @else if !user.is_admin && *reason == HoldReason::Unreachable {
+                        p { "If this mailbox's server settings here are right, nothing is needed from you: the CRM's operators have been told." }
+                    } @else if !user.is_admin && reason.needs_operator_for(server.owner_user_id.is_some()) {
                         p { "The CRM's operators have been told and will fix it; nothing is needed from you." }
                     }
                 }

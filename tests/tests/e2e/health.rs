@@ -1457,20 +1457,30 @@ async fn a_mail_server_that_cannot_be_reached_holds_the_mailbox_and_tells_operat
         notifications(app, &key).await.is_empty(),
         "a short outage tells nobody yet"
     );
-    // The author reads that it waits and why, and that nothing is needed from them.
-    let (_, list) = m
-        .alice
-        .get_json(&format!(
-            "/microsoft_outlook/records/contact/{}/mails",
-            m.contact
-        ))
-        .await;
-    let waiting = list.to_string();
+    // The author reads that it waits and why, that nothing is needed from them, and (not yet
+    // told) that the operators are told if it lasts; never the operators' steps.
+    // (`waiting`: the mailbox's state now, as each of its mails says it.)
+    let authors_words = async || {
+        let (_, list) = m
+            .alice
+            .get_json(&format!(
+                "/microsoft_outlook/records/contact/{}/mails",
+                m.contact
+            ))
+            .await;
+        let waiting = list[0]["waiting"].as_str().unwrap_or_default().to_string();
+        (list.to_string(), waiting)
+    };
+    let (list, waiting) = authors_words().await;
     assert!(
         waiting.contains("cannot reach Microsoft")
-            && waiting.contains("Nothing is needed from you"),
+            && waiting.contains("Nothing is needed from you")
+            && waiting.contains("told if it lasts"),
         "{waiting}"
     );
+    for never in ["have been told", "proxy", "firewall", "DNS"] {
+        assert!(!list.contains(never), "{never:?} in {list}");
+    }
     // Probes meet the same: the first after the retry base, then after as long as it lasted.
     let probe = async |minutes: i64| {
         app.clock.advance(chrono::Duration::minutes(minutes));
@@ -1488,11 +1498,13 @@ async fn a_mail_server_that_cannot_be_reached_holds_the_mailbox_and_tells_operat
     };
     let next = probe(1).await;
     assert!(
-        next >= chrono::Duration::minutes(1) && next < chrono::Duration::minutes(2),
+        next > chrono::Duration::seconds(59) && next < chrono::Duration::minutes(2),
         "paced by how long it lasted: {next}"
     );
     assert!(notifications(app, &key).await.is_empty());
     probe(13).await;
+    // 14 minutes: still nobody told.
+    assert!(notifications(app, &key).await.is_empty());
     let next = probe(15).await;
     // (PostgreSQL keeps microseconds.)
     assert!(
@@ -1510,6 +1522,10 @@ async fn a_mail_server_that_cannot_be_reached_holds_the_mailbox_and_tells_operat
         "{told:?}"
     );
     assert!(told[0].body.contains("firewall"), "{told:?}");
+    let (list, waiting) = authors_words().await;
+    assert!(waiting.contains("have been told"), "{waiting}");
+    assert!(!waiting.contains("told if it lasts"), "{waiting}");
+    assert!(!list.contains("proxy"), "{list}");
     probe(15).await;
     assert_eq!(
         operator_notifications(app, &key).await.len(),
@@ -1661,4 +1677,85 @@ async fn a_probe_that_cannot_reach_microsoft_keeps_the_hold_it_probes() {
         told,
         "nobody told again"
     );
+}
+
+/// A personal mailbox that cannot reach Microsoft: once it lasts, its owner is asked only to
+/// check their own settings (where they are, with a link), never the network; the operators
+/// are told to look at the network.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_personal_mailbox_that_cannot_be_reached_asks_its_owner_only_about_their_settings() {
+    let (m, mine) = alices_mailbox(SmtpConfig::default()).await;
+    let app = &m.env.app;
+    m.smtp.inject(Injected::RefuseConnection, usize::MAX);
+    let id = queue(&m, "From my own mailbox").await;
+    wait_held(app, mine, "unreachable").await;
+    assert_waits(app, id).await;
+    // Probes until it has lasted 15 minutes.
+    for minutes in [1, 14, 15] {
+        app.clock.advance(chrono::Duration::minutes(minutes));
+        let now = app.clock.now();
+        eventually("the probe", || async {
+            health(app, mine)
+                .await
+                .and_then(|h| h.until)
+                .is_some_and(|until| until > now)
+                && row(app, id).await.status == "queued"
+        })
+        .await;
+    }
+    let notes = notifications(app, &mailbox_key(mine)).await;
+    let alices = the_one_for(&notes, app.alice_id);
+    assert_eq!(
+        alices.link.as_deref(),
+        Some("/microsoft_outlook/my-mailbox"),
+        "{alices:?}"
+    );
+    assert!(alices.body.contains("server settings"), "{alices:?}");
+    for never in ["proxy", "firewall", "DNS", "Release held mail"] {
+        assert!(!alices.body.contains(never), "{never:?} in {alices:?}");
+    }
+    let operators: Vec<_> = notes.iter().filter(|n| n.for_operators).collect();
+    assert_eq!(operators.len(), 1, "{notes:?}");
+    assert!(operators[0].body.contains("firewall"), "{operators:?}");
+    let (ctx, _) = app.module_parts();
+    let to_alice = microsoft_outlook::delivery::hold::waiting_words_for(&ctx, Some(app.alice_id))
+        .await
+        .remove(&mine)
+        .unwrap_or_default();
+    assert!(
+        to_alice.contains("your mailbox's server settings"),
+        "{to_alice}"
+    );
+    assert!(!to_alice.contains("proxy"), "{to_alice}");
+}
+
+/// The probe of a held mailbox is its oldest mail that is due: an older mail waiting for a
+/// retry of its own does not keep a mailbox that answers again from sending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_probe_is_the_oldest_due_mail_not_one_waiting_for_its_own_retry() {
+    use microsoft_outlook::entities::outbox;
+    let m = mailing().await;
+    let app = &m.env.app;
+    let server_id = m.env.server_id;
+    m.smtp.inject(Injected::RefuseConnection, usize::MAX);
+    let older = queue(&m, "Retries in an hour").await;
+    let newer = queue(&m, "Due with the probe").await;
+    wait_held(app, server_id, "unreachable").await;
+    assert_waits(app, older).await;
+    assert_waits(app, newer).await;
+    // The older mail met a retry of its own (as after a 4xx reply to it): due in an hour.
+    outbox::Entity::update_many()
+        .col_expr(
+            outbox::Column::NextAttemptAt,
+            Expr::value(app.clock.now() + chrono::Duration::hours(1)),
+        )
+        .filter(outbox::Column::Id.eq(older))
+        .exec(&app.db)
+        .await
+        .expect("outbox");
+    m.smtp.clear_injections();
+    app.clock.advance(chrono::Duration::minutes(1));
+    // (Without a due probe, nothing would go before the older mail's hour.)
+    wait_status(app, newer, "sent").await;
+    wait_ready(app, server_id).await;
 }

@@ -128,7 +128,19 @@ pub(super) async fn test(
         }
         GraphProbe::Unreachable(detail) => {
             let verdict = graph_replies::unreachable(&detail);
-            failed(steps, step(read, false, detail), Some(verdict))
+            // The network is the operators' to check, not a mailbox owner's.
+            let check = if viewer.is_admin {
+                "Check that this CRM's machine can reach Microsoft Graph (DNS, firewall, proxy)"
+            } else {
+                "The CRM's operators can check its connection to Microsoft"
+            };
+            let words = format!(
+                "{} {check}; mail meeting this would wait, spending no attempt, and be tried again later.",
+                verdict.what
+            );
+            let mut report = failed(steps, step(read, false, detail), Some(verdict));
+            report.words = Some(words);
+            report
         }
     }
 }

@@ -210,13 +210,17 @@ pub async fn test(
 /// The words of a failed test: the verdict's, but a failure to connect that a mail would only
 /// retry is, in a test, for the person who set the server up to look at.
 fn test_words(verdict: &classify::Verdict) -> String {
-    if verdict.rule == "network" || verdict.rule == "unreachable" {
-        return format!(
-            "{} Check the host name and port, and that this CRM's machine can reach them (firewall, proxy); mail meeting this would wait, spending no attempt, and be tried again later.",
+    match verdict.rule {
+        "unreachable" => format!(
+            "{} Check the host name, port and security, and that this CRM's machine can reach them (firewall, proxy); mail meeting this would wait, spending no attempt, and be tried again later.",
             verdict.what
-        );
+        ),
+        "network" => format!(
+            "{} The server answered, then the connection failed; if it happens again, check the security setting and this CRM's connection to it (firewall, proxy). A mail meeting this would be tried again later.",
+            verdict.what
+        ),
+        _ => verdict.words(),
     }
-    verdict.words()
 }
 
 /// Ends `server`'s hold when its reason is one of `ended` (a passed test, by `by`, proves it
@@ -251,7 +255,9 @@ async fn end_hold(
 /// The report when no sending slot of the mailbox was free (`slot` names the step).
 fn no_slot(mut steps: Vec<Step>, slot: &str, outcome: SendOutcome) -> Report {
     let why = match outcome {
-        SendOutcome::Busy(why) => format!("{why}; try again in a moment"),
+        SendOutcome::Busy(why) | SendOutcome::NotTried(why) => {
+            format!("{why}; try again in a moment")
+        }
         _ => "the test was interrupted".into(),
     };
     steps.push(step(slot, false, why));
@@ -551,7 +557,10 @@ mod tests {
         );
         let words = test_words(&lookup);
         assert!(words.contains("failed to lookup address"), "{words}");
-        assert!(words.contains("Check the host name and port"), "{words}");
+        assert!(
+            words.contains("Check the host name, port and security"),
+            "{words}"
+        );
         assert!(!words.contains("Nothing to do"), "{words}");
         // Other verdicts keep their own words.
         let refused = classify::smtp(
