@@ -142,4 +142,26 @@ await check('a revoked sign-in holds the mailbox until Reconnect, which sends th
   await page.screenshot({ path: `${shots}/history-reconnected.png`, fullPage: true });
 });
 
+await check('a mail server that cannot be reached holds the mailbox without spending an attempt, and Release held mail sends the mail', async () => {
+  await page.goto(`${base}/demo/faults`);
+  await Promise.all([page.waitForURL(/played=smtp-unreachable/), page.click('button:has-text("Play smtp-unreachable")')]);
+  const user = await aliceSends('While the network is away', 'This one waits for the server to answer.');
+  const health = await serverHeld();
+  if (!health.includes('Held: Microsoft cannot be reached')) throw new Error(`the server list shows "${health.trim()}"`);
+  await user.reload();
+  const row = await user.textContent('table.mails tbody tr:first-child');
+  if (!row.includes('told if it lasts')) throw new Error(`the author is not told that it may pass and who is told: ${row}`);
+  for (const never of ['have been told', 'proxy', 'firewall', 'Not sent']) {
+    if (row.includes(never)) throw new Error(`the author reads "${never}": ${row}`);
+  }
+  await page.click('text=Office 365 (simulated)');
+  const server = await page.textContent('main');
+  if (!server.includes('could not be reached')) throw new Error('the server page does not say what happened');
+  await page.screenshot({ path: `${shots}/held-unreachable.png`, fullPage: true });
+  await page.click('button:has-text("Release held mail")');
+  await page.waitForSelector('text=Held mail released');
+  const shown = await newestMailBecomes(user, 'sent');
+  if (shown !== 'sent') throw new Error(`after Release held mail the mail is "${shown}", not "sent"`);
+});
+
 await finish();

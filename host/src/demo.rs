@@ -460,6 +460,11 @@ const GRAPH_FAULTS: [&str; 3] = [
     "graph-throttled",
 ];
 
+/// The fault that makes the demo's simulated SMTP server unreachable for a moment: it refuses
+/// the next connection before any reply (as a network outage does). The mail that meets it
+/// waits; the mailbox's probe, after the retry base (a minute), sends it.
+const SMTP_UNREACHABLE: &str = "smtp-unreachable";
+
 /// The fault the demo's simulated sign-in can be told to play: the shared mailbox's grant
 /// revoked (as a password change does), so that its next mail meets AADSTS50173.
 const REVOKE_GRANT: &str = "revoke-grant";
@@ -501,7 +506,10 @@ async fn faults_page(
         return *refused;
     }
     let known = |id: &str| {
-        id == REVOKE_GRANT || FAULTS.iter().any(|(f, _)| *f == id) || GRAPH_FAULTS.contains(&id)
+        id == REVOKE_GRANT
+            || id == SMTP_UNREACHABLE
+            || FAULTS.iter().any(|(f, _)| *f == id)
+            || GRAPH_FAULTS.contains(&id)
     };
     let played = played.into_inner().played.filter(|id| known(id));
     let graph_faults = GRAPH_FAULTS.iter().filter_map(|id| {
@@ -518,6 +526,8 @@ async fn faults_page(
         @if let Some(id) = &played {
             @if id == REVOKE_GRANT {
                 p.flash.ok role="status" { "Revoked: the sign-in of " (DEMO_MAILBOX) ". Its next mail or token refresh meets it." }
+            } @else if id == SMTP_UNREACHABLE {
+                p.flash.ok role="status" { "Unreachable: the next connection to the simulated SMTP server is refused. Send a mail to meet it." }
             } @else {
                 p.flash.ok role="status" { "Armed: " (id) ". Send a mail (or test the connection) to meet it." }
             }
@@ -526,6 +536,8 @@ async fn faults_page(
             h2 { "Over SMTP" }
             p.help { "The next attempt of the simulated smtp.office365.com answers with the reply chosen here, once." }
             @for (id, reply) in FAULTS { (fault_form(&user, id, reply)) }
+            p.help { "Or the server cannot be reached: its next connection is refused before any reply. The mailbox waits as unreachable (no mail spends an attempt); one mail probes it again after the retry base (a minute), then after as long as it has lasted, and the mail goes once the server answers; Release held mail tries at once." }
+            (fault_form(&user, SMTP_UNREACHABLE, "connection refused before any reply"))
         }
         section.card {
             h2 { "Through Microsoft Graph" }
@@ -562,6 +574,12 @@ async fn play_fault(
         // The next mail signs in again: end the connections the module keeps for reuse.
         demo.smtp.close_connections().await;
         return played(REVOKE_GRANT);
+    }
+    if form.fault == SMTP_UNREACHABLE {
+        // Connections kept for reuse would not meet it: end them.
+        demo.smtp.close_connections().await;
+        demo.smtp.inject(Injected::RefuseConnection, 1);
+        return played(SMTP_UNREACHABLE);
     }
     if let Some(fault) = graph_fault(&form.fault) {
         demo.graph.inject(fault, 1);
