@@ -107,6 +107,24 @@ pub(crate) fn settings_key(reason: HoldReason) -> String {
     format!("microsoft_outlook:settings:{}", reason.as_str())
 }
 
+/// The notification key of the operators' notice that mailboxes cannot reach Microsoft (one
+/// for all of them: resolved when none is held for it any more).
+pub fn unreachable_key() -> String {
+    "microsoft_outlook:unreachable".into()
+}
+
+/// The key of the operators' notice of `reason` told once for every mailbox held for it, if
+/// it is such a reason (the settings', and Microsoft out of reach).
+pub(crate) fn incident_key(reason: HoldReason) -> Option<String> {
+    if module_wide(reason) {
+        Some(settings_key(reason))
+    } else if reason == HoldReason::Unreachable {
+        Some(unreachable_key())
+    } else {
+        None
+    }
+}
+
 /// Reasons that are the module's settings' (told once to operators, not once per mailbox).
 pub(crate) fn module_wide(reason: HoldReason) -> bool {
     reason.ends_on_settings_saved()

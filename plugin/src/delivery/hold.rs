@@ -14,7 +14,7 @@ use crate::delivery::classify::{
     HoldReason, UNREACHABLE_PROBE_MAX, UNREACHABLE_TELL_AFTER, Verdict,
 };
 use crate::delivery::health::{
-    Health, all, ensure_row, module_wide, notification_key, settings_key,
+    Health, all, ensure_row, module_wide, notification_key, settings_key, unreachable_key,
 };
 use crate::entities::{mail_server, mailbox_health, outbox};
 use crate::runtime::Shared;
@@ -447,6 +447,35 @@ async fn tell(ctx: &ModuleContext, server: &mail_server::Model, reason: HoldReas
                 key: Some(settings_key(reason)),
             });
         }
+    } else if reason == HoldReason::Unreachable {
+        // One outage (the network, a proxy, Microsoft) reaches every mailbox: the operators
+        // are told once, by the first mailbox it lasted for, until no mailbox waits on it.
+        let key = unreachable_key();
+        let first = crate::alerts::remember_once(ctx, &key, &v.what)
+            .await
+            .unwrap_or(false);
+        if first {
+            let mailbox = match server.owner_user_id {
+                None => format!("Mail server \"{}\" ({})", server.name, server.mailbox),
+                Some(_) => format!("The personal mailbox {}", server.mailbox),
+            };
+            notices.push(Notification {
+                audience: Audience::Operators,
+                subject: "Microsoft Outlook: Microsoft cannot be reached".into(),
+                body: format!(
+                    "{mailbox} has not reached Microsoft for 15 minutes. {} {} Other mailboxes that cannot reach it wait the same way; the server list shows each one's state, and this notice is resolved once none waits.",
+                    v.what, v.fix
+                ),
+                link: Some("/microsoft_outlook/servers".into()),
+                key: Some(key),
+            });
+        }
+        // A personal mailbox's owner is told of theirs (their own settings may be the cause).
+        notices.extend(
+            hold_notices(server, reason, v, waits)
+                .into_iter()
+                .filter(|n| !matches!(n.audience, Audience::Operators)),
+        );
     } else {
         notices.extend(hold_notices(server, reason, v, waits));
     }

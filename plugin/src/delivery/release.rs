@@ -10,7 +10,7 @@ use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait};
 
 use crate::delivery::classify::HoldReason;
-use crate::delivery::health::{Health, get, module_wide, notification_key, settings_key};
+use crate::delivery::health::{Health, get, incident_key, notification_key};
 use crate::entities::{mailbox_health, outbox, token};
 use crate::outbox::history::{self, Ended};
 use crate::runtime::Shared;
@@ -199,8 +199,8 @@ async fn end_hold(
             .and_then(|b| b.reason)
             .as_deref()
             .and_then(HoldReason::parse);
-        if let Some(reason) = reason.filter(|r| module_wide(*r)) {
-            end_settings_incident_if_over(ctx, reason).await?;
+        if let Some((reason, key)) = reason.and_then(|r| Some((r, incident_key(r)?))) {
+            end_incident_if_over(ctx, reason, &key).await?;
         }
     }
     if !ended && how == Release::IfHeld {
@@ -224,11 +224,13 @@ async fn clear_token_error(ctx: &ModuleContext, server_id: i32) -> Result<(), se
     Ok(())
 }
 
-/// A module-wide incident is over when no mailbox is held for its reason any more: it is
-/// resolved, and a new one will be told again.
-async fn end_settings_incident_if_over(
+/// An incident told once for every mailbox (the settings', Microsoft out of reach) is over
+/// when no mailbox is held for its reason any more: it is resolved, and a new one will be told
+/// again.
+async fn end_incident_if_over(
     ctx: &ModuleContext,
     reason: HoldReason,
+    key: &str,
 ) -> Result<(), sea_orm::DbErr> {
     use sea_orm::PaginatorTrait;
     let still = mailbox_health::Entity::find()
@@ -237,9 +239,9 @@ async fn end_settings_incident_if_over(
         .count(ctx.db())
         .await?;
     if still == 0 {
-        crate::alerts::forget_alert(ctx, &settings_key(reason)).await?;
-        if let Err(e) = ctx.notifier().resolve(&settings_key(reason)).await {
-            tracing::warn!(error = %e, "resolving a settings notification failed");
+        crate::alerts::forget_alert(ctx, key).await?;
+        if let Err(e) = ctx.notifier().resolve(key).await {
+            tracing::warn!(error = %e, "resolving an incident's notification failed");
         }
     }
     Ok(())
@@ -273,7 +275,9 @@ pub async fn release_reasons(
         }
     }
     for reason in reasons {
-        end_settings_incident_if_over(ctx, *reason).await?;
+        if let Some(key) = incident_key(*reason) {
+            end_incident_if_over(ctx, *reason, &key).await?;
+        }
     }
     for server_id in waiting {
         shared.wake(server_id).await;

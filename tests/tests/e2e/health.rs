@@ -1453,8 +1453,9 @@ async fn a_mail_server_that_cannot_be_reached_holds_the_mailbox_and_tells_operat
         assert_waits(app, id).await;
     }
     let key = microsoft_outlook::delivery::health::notification_key(server_id);
+    let outage = microsoft_outlook::delivery::health::unreachable_key();
     assert!(
-        notifications(app, &key).await.is_empty(),
+        notifications(app, &key).await.is_empty() && notifications(app, &outage).await.is_empty(),
         "a short outage tells nobody yet"
     );
     // The author reads that it waits and why, that nothing is needed from them, and (not yet
@@ -1505,6 +1506,7 @@ async fn a_mail_server_that_cannot_be_reached_holds_the_mailbox_and_tells_operat
     probe(13).await;
     // 14 minutes: still nobody told.
     assert!(notifications(app, &key).await.is_empty());
+    assert!(notifications(app, &outage).await.is_empty());
     let next = probe(15).await;
     // (PostgreSQL keeps microseconds.)
     assert!(
@@ -1514,8 +1516,9 @@ async fn a_mail_server_that_cannot_be_reached_holds_the_mailbox_and_tells_operat
             < 1,
         "at most every 15 minutes: {next}"
     );
-    // 29 minutes: the operators are told, once, in words; the author too.
-    let told = operator_notifications(app, &key).await;
+    // 29 minutes: the operators are told, once, in words (one notice for every mailbox
+    // that cannot reach Microsoft); the author too.
+    let told = operator_notifications(app, &outage).await;
     assert_eq!(told.len(), 1, "{told:?}");
     assert!(
         told[0].subject.contains("Microsoft cannot be reached"),
@@ -1528,9 +1531,14 @@ async fn a_mail_server_that_cannot_be_reached_holds_the_mailbox_and_tells_operat
     assert!(!list.contains("proxy"), "{list}");
     probe(15).await;
     assert_eq!(
-        operator_notifications(app, &key).await.len(),
+        operator_notifications(app, &outage).await.len(),
         1,
         "told once"
+    );
+    assert!(operator_notifications(app, &key).await.is_empty());
+    assert!(
+        !notifications(app, &key).await.is_empty(),
+        "the author told too"
     );
     for id in ids {
         assert_waits(app, id).await;
@@ -1547,6 +1555,7 @@ async fn a_mail_server_that_cannot_be_reached_holds_the_mailbox_and_tells_operat
         notifications(app, &key)
             .await
             .iter()
+            .chain(notifications(app, &outage).await.iter())
             .all(|n| n.resolved_at.is_some()),
         "the notices are resolved"
     );
@@ -1714,9 +1723,12 @@ async fn a_personal_mailbox_that_cannot_be_reached_asks_its_owner_only_about_the
     for never in ["proxy", "firewall", "DNS", "Release held mail"] {
         assert!(!alices.body.contains(never), "{never:?} in {alices:?}");
     }
-    let operators: Vec<_> = notes.iter().filter(|n| n.for_operators).collect();
-    assert_eq!(operators.len(), 1, "{notes:?}");
+    assert!(notes.iter().all(|n| !n.for_operators), "{notes:?}");
+    let operators =
+        operator_notifications(app, &microsoft_outlook::delivery::health::unreachable_key()).await;
+    assert_eq!(operators.len(), 1, "{operators:?}");
     assert!(operators[0].body.contains("firewall"), "{operators:?}");
+    assert!(operators[0].body.contains(ALICE.0), "{operators:?}");
     let (ctx, _) = app.module_parts();
     let to_alice = microsoft_outlook::delivery::hold::waiting_words_for(&ctx, Some(app.alice_id))
         .await
@@ -1758,4 +1770,56 @@ async fn the_probe_is_the_oldest_due_mail_not_one_waiting_for_its_own_retry() {
     // (Without a due probe, nothing would go before the older mail's hour.)
     wait_status(app, newer, "sent").await;
     wait_ready(app, server_id).await;
+}
+
+/// One outage reaches every mailbox: the operators are told once, whichever mailbox it lasted
+/// for first; the notice stays until no mailbox waits on it, and a later outage is told again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_of_several_mailboxes_is_told_to_the_operators_once() {
+    use microsoft_outlook::delivery::classify::{HoldReason, token_unavailable};
+    use microsoft_outlook::delivery::health::unreachable_key;
+    use microsoft_outlook::entities::mail_server;
+    let (m, mine) = alices_mailbox(SmtpConfig::default()).await;
+    let app = &m.env.app;
+    let (ctx, shared) = app.module_parts();
+    let servers = mail_server::Entity::find()
+        .filter(mail_server::Column::Id.is_in([m.env.server_id, mine]))
+        .all(&app.db)
+        .await
+        .expect("servers");
+    assert_eq!(servers.len(), 2);
+    let verdict = token_unavailable("HTTP 503", None);
+    // Both meet the token endpoint away, then again 16 minutes later (as their probes do).
+    let outage = async || {
+        for _ in 0..2 {
+            for server in &servers {
+                microsoft_outlook::delivery::hold::hold(
+                    &ctx,
+                    &shared,
+                    server,
+                    HoldReason::Unreachable,
+                    &verdict,
+                )
+                .await
+                .expect("held");
+            }
+            app.clock.advance(chrono::Duration::minutes(16));
+        }
+    };
+    outage().await;
+    let told = operator_notifications(app, &unreachable_key()).await;
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert!(told[0].body.contains("Other mailboxes"), "{told:?}");
+    // One answers again: the others still wait, the notice stays.
+    release_forced(&m.env, m.env.server_id).await;
+    let told = operator_notifications(app, &unreachable_key()).await;
+    assert!(told[0].resolved_at.is_none(), "{told:?}");
+    release_forced(&m.env, mine).await;
+    let told = operator_notifications(app, &unreachable_key()).await;
+    assert!(told[0].resolved_at.is_some(), "{told:?}");
+    // A later outage is a new incident.
+    outage().await;
+    let told = operator_notifications(app, &unreachable_key()).await;
+    assert_eq!(told.len(), 2, "{told:?}");
+    assert_eq!(told.iter().filter(|n| n.resolved_at.is_none()).count(), 1);
 }
