@@ -175,6 +175,11 @@ async fn refresh_one(
                 let wait = retry_after_secs.unwrap_or(1u64 << tries).min(60);
                 tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
             }
+            // Another worker's refresh did not finish in time: look again.
+            Err(TokenProblem::Busy(_)) if tries < options.transient_retries => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_secs(1u64 << tries)).await;
+            }
             Err(_) => return One::Failed,
         }
     }

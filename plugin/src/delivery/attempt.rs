@@ -113,6 +113,8 @@ impl Attempt<'_> {
                 d
             }
             TokenProblem::Database(_) => self.retry_or_fail(None, problem.to_string()),
+            // Quietly, a moment: another worker's refresh is about to give the token.
+            TokenProblem::Busy(_) => self.wait(Some(self.now + Duration::seconds(3)), None, None),
         }
     }
 

@@ -35,15 +35,18 @@ pub async fn hold(
 ) -> Result<Held, sea_orm::DbErr> {
     ensure_row(ctx, server.id).await?;
     let now = ctx.clock().now();
-    let until = match reason {
-        HoldReason::Unreachable => match pace_unreachable(ctx, shared, server.id, verdict).await? {
-            Paced::Kept(held) => return Ok(held),
-            Paced::Until(until) => Some(until),
-        },
-        _ => verdict.hold_for.map(|d| now + d),
+    let before = crate::entities::by_key::<mailbox_health::Entity, _>(ctx.db(), server.id).await?;
+    let (until, first) = match reason {
+        HoldReason::Unreachable => {
+            match pace_unreachable(ctx, shared, server.id, before.as_ref(), verdict).await? {
+                Paced::Kept(held) => return Ok(held),
+                Paced::Until { until, first } => (Some(until), Some(first)),
+            }
+        }
+        _ => (verdict.hold_for.map(|d| now + d), None),
     };
     let detail = verdict.words();
-    let update = || {
+    let update = |until: Option<DateTime<Utc>>| {
         mailbox_health::Entity::update_many()
             .col_expr(mailbox_health::Column::State, Expr::value("held"))
             .col_expr(mailbox_health::Column::Detail, Expr::value(detail.clone()))
@@ -53,27 +56,36 @@ pub async fn hold(
     };
     // Told at once, or (unreachable) not yet: `notified_at` stays empty until it is.
     let told_now = reason != HoldReason::Unreachable;
-    // Only the writer that turns the state into this hold begins the incident.
-    let began = update()
+    // Only the writer that turns the state into this hold begins the incident (a new one
+    // starts its probes afresh). Not reaching Microsoft never replaces a hold for another
+    // cause, even one set by another process since it was read.
+    let replaces = if reason == HoldReason::Unreachable {
+        Condition::any()
+            .add(mailbox_health::Column::State.ne("held"))
+            .add(mailbox_health::Column::Reason.is_null())
+    } else {
+        Condition::any()
+            .add(mailbox_health::Column::State.ne("held"))
+            .add(mailbox_health::Column::Reason.is_null())
+            .add(mailbox_health::Column::Reason.ne(reason.as_str()))
+    };
+    let began = update(first.or(until))
         .col_expr(mailbox_health::Column::Reason, Expr::value(reason.as_str()))
         .col_expr(mailbox_health::Column::Since, Expr::value(now))
         .col_expr(
             mailbox_health::Column::NotifiedAt,
             Expr::value(told_now.then_some(now)),
         )
-        .filter(
-            Condition::any()
-                .add(mailbox_health::Column::State.ne("held"))
-                .add(mailbox_health::Column::Reason.is_null())
-                .add(mailbox_health::Column::Reason.ne(reason.as_str())),
-        )
+        .filter(replaces)
         .exec(ctx.db())
         .await?
         .rows_affected
         == 1;
+    let until = if began { first.or(until) } else { until };
     let mut tell_now = began && told_now;
     if !began {
-        update()
+        update(until)
+            .filter(mailbox_health::Column::State.eq("held"))
             .filter(mailbox_health::Column::Reason.eq(reason.as_str()))
             .exec(ctx.db())
             .await?;
@@ -82,6 +94,7 @@ pub async fn hold(
             tell_now = mailbox_health::Entity::update_many()
                 .col_expr(mailbox_health::Column::NotifiedAt, Expr::value(now))
                 .filter(mailbox_health::Column::ServerId.eq(server.id))
+                .filter(mailbox_health::Column::State.eq("held"))
                 .filter(mailbox_health::Column::Reason.eq(reason.as_str()))
                 .filter(mailbox_health::Column::NotifiedAt.is_null())
                 .filter(mailbox_health::Column::Since.lte(now - UNREACHABLE_TELL_AFTER))
@@ -98,6 +111,17 @@ pub async fn hold(
             reason = reason.as_str(),
             "mailbox held"
         );
+        // It was the last mailbox out of Microsoft's reach, held now for another cause: that
+        // outage's notice is over.
+        let was = before.filter(|b| b.state == "held").and_then(|b| b.reason);
+        if was.as_deref() == Some(HoldReason::Unreachable.as_str()) {
+            crate::delivery::release::end_incident_if_over(
+                ctx,
+                HoldReason::Unreachable,
+                &unreachable_key(),
+            )
+            .await?;
+        }
     }
     if tell_now {
         tell(ctx, server, reason, verdict).await;
@@ -109,63 +133,91 @@ pub async fn hold(
 enum Paced {
     /// Held for a cause of its own, which this probe did not reach: that hold stays.
     Kept(Held),
-    /// The unreachable hold's next probe.
-    Until(DateTime<Utc>),
+    /// The unreachable hold's next probe (`until`), and the first probe of a new one
+    /// (`first`: the least wait, should the hold have ended since it was read).
+    Until {
+        until: DateTime<Utc>,
+        first: DateTime<Utc>,
+    },
 }
 
-/// Paces the probes of an unreachable mailbox: the retry base at first, then as long as it has
-/// lasted, at most [`UNREACHABLE_PROBE_MAX`], never before the verdict's own time or the end of
-/// a throttle that was running. A mailbox
-/// held for another cause (SMTP AUTH disabled, a quota...) whose probe could not reach
-/// Microsoft keeps that hold, its words and its incident (nobody is told again): only its
-/// next probe moves, by that cause's own interval, at most [`UNREACHABLE_PROBE_MAX`].
+/// Paces the probes of an unreachable mailbox (`row`: its health as read before): the retry
+/// base at first, then as long as it has lasted, at most [`UNREACHABLE_PROBE_MAX`]; never
+/// before the verdict's own time (a `Retry-After`), the end of a throttle that was running or
+/// a later probe time another process set; and, until its people are told, not after
+/// [`UNREACHABLE_TELL_AFTER`] has passed (that probe tells them). A mailbox held for another
+/// cause (SMTP AUTH disabled, a quota...) whose probe could not reach Microsoft keeps that
+/// hold, its words and its incident (nobody is told again): only its next probe may move
+/// later, by that cause's own interval, at most [`UNREACHABLE_PROBE_MAX`].
 async fn pace_unreachable(
     ctx: &ModuleContext,
     shared: &Shared,
     server_id: i32,
+    row: Option<&mailbox_health::Model>,
     verdict: &Verdict,
 ) -> Result<Paced, sea_orm::DbErr> {
     let now = ctx.clock().now();
-    let row = crate::entities::by_key::<mailbox_health::Entity, _>(ctx.db(), server_id).await?;
+    let base = Duration::seconds(Ord::max(shared.options.retry_base_secs, 1));
+    let later = |t: Option<DateTime<Utc>>| t.filter(|t| *t > now);
+    let mut first = now + Ord::max(base, verdict.hold_for.unwrap_or_default());
     // A throttle that was running keeps its time (Microsoft asked for it).
-    let throttled_until = row
-        .as_ref()
-        .filter(|h| h.state == "throttled")
-        .and_then(|h| h.until)
-        .filter(|until| *until > now);
-    let row = row.filter(|h| h.state == "held");
-    let reason = row
-        .as_ref()
+    if let Some(t) = later(row.filter(|h| h.state == "throttled").and_then(|h| h.until)) {
+        first = Ord::max(first, t);
+    }
+    let held = row.filter(|h| h.state == "held");
+    let reason = held
         .and_then(|h| h.reason.as_deref())
         .and_then(HoldReason::parse);
-    if let Some(other) = reason.filter(|r| *r != HoldReason::Unreachable) {
-        let until = other
-            .probe_after()
-            .map(|d| now + Ord::min(d, UNREACHABLE_PROBE_MAX));
-        mailbox_health::Entity::update_many()
-            .col_expr(mailbox_health::Column::Until, Expr::value(until))
-            .col_expr(mailbox_health::Column::UpdatedAt, Expr::value(now))
-            .filter(mailbox_health::Column::ServerId.eq(server_id))
-            .filter(mailbox_health::Column::State.eq("held"))
-            .filter(mailbox_health::Column::Reason.eq(other.as_str()))
-            .exec(ctx.db())
-            .await?;
-        shared.forget_health(server_id);
-        return Ok(Paced::Kept(Held {
-            began: false,
-            until,
-        }));
+    match (held, reason) {
+        (Some(h), Some(other)) if other != HoldReason::Unreachable => {
+            let Some(every) = other.probe_after() else {
+                return Ok(Paced::Kept(Held {
+                    began: false,
+                    until: h.until,
+                }));
+            };
+            let until = Ord::max(
+                later(h.until).unwrap_or(now),
+                now + Ord::min(every, UNREACHABLE_PROBE_MAX),
+            );
+            // Only ever later: a quota's day or another process's time stays.
+            mailbox_health::Entity::update_many()
+                .col_expr(mailbox_health::Column::Until, Expr::value(until))
+                .col_expr(mailbox_health::Column::UpdatedAt, Expr::value(now))
+                .filter(mailbox_health::Column::ServerId.eq(server_id))
+                .filter(mailbox_health::Column::State.eq("held"))
+                .filter(mailbox_health::Column::Reason.eq(other.as_str()))
+                .filter(
+                    Condition::any()
+                        .add(mailbox_health::Column::Until.is_null())
+                        .add(mailbox_health::Column::Until.lt(until)),
+                )
+                .exec(ctx.db())
+                .await?;
+            shared.forget_health(server_id);
+            Ok(Paced::Kept(Held {
+                began: false,
+                until: Some(until),
+            }))
+        }
+        (Some(h), Some(_)) => {
+            let since = h.since.unwrap_or(h.updated_at);
+            let lasted = (now - since).clamp(base, Ord::max(base, UNREACHABLE_PROBE_MAX));
+            let mut until = Ord::max(first, now + lasted);
+            if let Some(t) = later(h.until) {
+                until = Ord::max(until, t);
+            }
+            let tell_at = since + UNREACHABLE_TELL_AFTER;
+            if h.notified_at.is_none() && tell_at > now {
+                until = Ord::min(until, Ord::max(first, tell_at));
+            }
+            Ok(Paced::Until { until, first })
+        }
+        _ => Ok(Paced::Until {
+            until: first,
+            first,
+        }),
     }
-    let lasted = row
-        .filter(|_| reason == Some(HoldReason::Unreachable))
-        .and_then(|h| h.since)
-        .map_or(Duration::zero(), |since| now - since);
-    let base = Duration::seconds(Ord::max(shared.options.retry_base_secs, 1));
-    let paced = lasted.clamp(base, Ord::max(base, UNREACHABLE_PROBE_MAX));
-    let until = now + Ord::max(paced, verdict.hold_for.unwrap_or_default());
-    Ok(Paced::Until(
-        throttled_until.map_or(until, |t| Ord::max(t, until)),
-    ))
 }
 
 /// What [`hold`] did.
@@ -336,6 +388,8 @@ async fn author_notices(
         .unwrap_or_default();
     let nothing_needed = if reason == HoldReason::QuotaExceeded {
         "Nothing is needed from you: sending resumes by itself."
+    } else if reason == HoldReason::Unreachable {
+        "The CRM's operators have been told; nothing is needed from you: it goes out once Microsoft answers."
     } else {
         "The CRM's operators have been told and will fix it; nothing is needed from you."
     };

@@ -227,7 +227,7 @@ async fn clear_token_error(ctx: &ModuleContext, server_id: i32) -> Result<(), se
 /// An incident told once for every mailbox (the settings', Microsoft out of reach) is over
 /// when no mailbox is held for its reason any more: it is resolved, and a new one will be told
 /// again.
-async fn end_incident_if_over(
+pub(crate) async fn end_incident_if_over(
     ctx: &ModuleContext,
     reason: HoldReason,
     key: &str,
@@ -304,7 +304,9 @@ pub async fn succeeded(
     let ends = match &health {
         Health::Held { reason, until, .. } => match only {
             Some(reasons) => reasons.contains(reason),
-            None => until.is_some_and(|u| u <= now),
+            // A mail that went out proves a server that could not be reached answers again
+            // (whenever it was claimed).
+            None => until.is_some_and(|u| u <= now) || *reason == HoldReason::Unreachable,
         },
         Health::Ready | Health::Throttled { .. } => false,
     };

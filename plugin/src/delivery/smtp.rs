@@ -316,8 +316,10 @@ impl SmtpSender {
         deadline: Instant,
     ) -> Result<Slot, SendOutcome> {
         let db = ctx.db();
-        let unavailable =
-            |e: sea_orm::DbErr| SendOutcome::NotTried(format!("the database is unavailable: {e}"));
+        let unavailable = |e: sea_orm::DbErr| {
+            tracing::warn!(error = %e, server_id, "taking a connection slot: the database did not answer");
+            SendOutcome::NotTried("the CRM's database did not answer".into())
+        };
         self.ensure_slot_rows(ctx, server_id)
             .await
             .map_err(unavailable)?;

@@ -80,8 +80,7 @@ pub const OPERATORS_TOLD_WAITING: &str =
     "The CRM's operators have been told and will fix it; nothing is needed from you.";
 /// What the author reads of a mailbox that cannot reach Microsoft: it may pass by itself,
 /// and its people are told only if it lasts.
-const UNREACHABLE_TOLD: &str =
-    "Nothing is needed from you: the CRM's operators are told if it lasts.";
+const UNREACHABLE_TOLD: &str = "Nothing is needed from you; it goes out once the server answers.";
 
 /// What the author reads when the mailbox must be connected again. Who can (its owner: the
 /// reader, another user, or the operators for a shared mailbox) is said to each reader by the

@@ -35,6 +35,9 @@ pub enum TokenProblem {
     },
     /// The database failed.
     Database(String),
+    /// Another worker is refreshing this token and did not finish in time: nothing is wrong
+    /// with the mailbox; its mails wait a moment, spending nothing.
+    Busy(String),
 }
 
 impl std::fmt::Display for TokenProblem {
@@ -45,6 +48,7 @@ impl std::fmt::Display for TokenProblem {
                 write!(f, "temporarily unavailable: {reason}")
             }
             TokenProblem::Database(m) => write!(f, "database: {m}"),
+            TokenProblem::Busy(reason) => write!(f, "waiting: {reason}"),
         }
     }
 }
@@ -352,6 +356,7 @@ pub async fn refresh_using(
                 Err(TokenProblem::Held(_)) => "held",
                 Err(TokenProblem::Transient { .. }) => "temporary",
                 Err(TokenProblem::Database(_)) => "database",
+                Err(TokenProblem::Busy(_)) => "busy",
             });
             if result.is_err() {
                 let _ = token::Entity::update_many()
@@ -367,10 +372,9 @@ pub async fn refresh_using(
         }
         // Someone else is refreshing (or already did): use their result.
         let Some(current) = wait_for_other_refresh(ctx, server.id, row.version).await? else {
-            return Err(TokenProblem::Transient {
-                reason: "another worker's token refresh did not finish".into(),
-                retry_after_secs: None,
-            });
+            return Err(TokenProblem::Busy(
+                "another worker's token refresh did not finish".into(),
+            ));
         };
         if current.status != "valid" {
             return Err(hold(ctx, shared, server, dead_grant(&current)).await);

@@ -1503,8 +1503,12 @@ async fn a_mail_server_that_cannot_be_reached_holds_the_mailbox_and_tells_operat
         "paced by how long it lasted: {next}"
     );
     assert!(notifications(app, &key).await.is_empty());
-    probe(13).await;
-    // 14 minutes: still nobody told.
+    let next = probe(13).await;
+    // 14 minutes: still nobody told, and the next probe comes when it has lasted 15 (it tells).
+    assert!(
+        next <= chrono::Duration::seconds(61),
+        "the probe that tells comes on time: {next}"
+    );
     assert!(notifications(app, &key).await.is_empty());
     assert!(notifications(app, &outage).await.is_empty());
     let next = probe(15).await;
@@ -1646,6 +1650,14 @@ async fn a_probe_that_cannot_reach_microsoft_keeps_the_hold_it_probes() {
     })
     .await;
     assert_waits(app, id).await;
+    let refused = m
+        .env
+        .idp
+        .token_requests()
+        .iter()
+        .filter(|r| r.grant_type == "refresh_token" && r.status == 503)
+        .count();
+    assert!(refused > 0, "the probe met the token endpoint away");
     let after = health(app, server_id).await.expect("health");
     assert_eq!(
         (after.state.as_str(), after.reason.as_deref()),
@@ -1822,4 +1834,28 @@ async fn an_outage_of_several_mailboxes_is_told_to_the_operators_once() {
     let told = operator_notifications(app, &unreachable_key()).await;
     assert_eq!(told.len(), 2, "{told:?}");
     assert_eq!(told.iter().filter(|n| n.resolved_at.is_none()).count(), 1);
+    // Both answer again, and meet another cause: the outage is over, its notice resolved (and a
+    // later outage would be told again).
+    let disabled = microsoft_outlook::delivery::classify::smtp(
+        microsoft_outlook::delivery::classify::Observed::Reply {
+            stage: microsoft_outlook::delivery::classify::Stage::Auth,
+            code: 535,
+            text: "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant.",
+        },
+        &microsoft_outlook::delivery::classify::Facts::default(),
+    );
+    for server in &servers {
+        let held = microsoft_outlook::delivery::hold::hold(
+            &ctx,
+            &shared,
+            server,
+            HoldReason::SmtpAuthDisabled,
+            &disabled,
+        )
+        .await
+        .expect("held");
+        assert!(held.began);
+    }
+    let told = operator_notifications(app, &unreachable_key()).await;
+    assert!(told.iter().all(|n| n.resolved_at.is_some()), "{told:?}");
 }

@@ -1194,6 +1194,11 @@ async fn an_unreachable_server_holds_its_mailbox_and_no_mail_of_the_batch_spends
     settings(&m.env, &[("mailbox_rate_per_minute", "0")]).await;
     app.clock.advance(chrono::Duration::seconds(61));
     eventually("the batch to meet the closed port", || async {
+        let held = mailbox_health::Entity::find_by_id(m.env.server_id)
+            .one(&app.db)
+            .await
+            .expect("query")
+            .is_some_and(|h| h.reason.as_deref() == Some("unreachable"));
         let mut waited = 0;
         for id in waiting {
             let r = row(app, id).await;
@@ -1201,7 +1206,7 @@ async fn an_unreachable_server_holds_its_mailbox_and_no_mail_of_the_batch_spends
                 waited += 1;
             }
         }
-        waited == waiting.len()
+        held && waited == waiting.len()
     })
     .await;
     let health = mailbox_health::Entity::find_by_id(m.env.server_id)

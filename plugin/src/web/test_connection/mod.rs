@@ -199,7 +199,7 @@ pub async fn test(
                 ok: false,
                 steps,
                 rule: Some(verdict.rule.to_string()),
-                words: Some(test_words(&verdict)),
+                words: Some(test_words(&verdict, viewer.is_admin)),
                 hold_ended: false,
             }
         }
@@ -209,14 +209,25 @@ pub async fn test(
 
 /// The words of a failed test: the verdict's, but a failure to connect that a mail would only
 /// retry is, in a test, for the person who set the server up to look at.
-fn test_words(verdict: &classify::Verdict) -> String {
-    match verdict.rule {
-        "unreachable" => format!(
-            "{} Check the host name, port and security, and that this CRM's machine can reach them (firewall, proxy); mail meeting this would wait, spending no attempt, and be tried again later.",
+/// The network between this CRM and the server is the operators' to check (`operator`: the
+/// reader is one), never a mailbox owner's.
+fn test_words(verdict: &classify::Verdict, operator: bool) -> String {
+    let network = if operator {
+        "this CRM's machine can reach it (DNS, firewall, proxy)"
+    } else {
+        "(the CRM's operators check its connection to Microsoft)"
+    };
+    match (verdict.rule, operator) {
+        ("unreachable", true) => format!(
+            "{} Check the host name, port and security, and that {network}; mail meeting this would wait, spending no attempt, and be tried again later.",
             verdict.what
         ),
-        "network" => format!(
-            "{} The server answered, then the connection failed; if it happens again, check the security setting and this CRM's connection to it (firewall, proxy). A mail meeting this would be tried again later.",
+        ("unreachable", false) => format!(
+            "{} Check the host name, port and security {network}; mail meeting this would wait, spending no attempt, and be tried again later.",
+            verdict.what
+        ),
+        ("network", _) => format!(
+            "{} The server answered, then the connection failed; if it happens again, check the security setting. A mail meeting this would be tried again later.",
             verdict.what
         ),
         _ => verdict.words(),
@@ -328,7 +339,7 @@ fn token_failed(mut steps: Vec<Step>, name: &str, problem: &TokenProblem) -> Rep
     let rule = match problem {
         TokenProblem::Held(v) => Some(v.rule.to_string()),
         TokenProblem::Transient { .. } => Some("token-endpoint-unavailable".to_string()),
-        TokenProblem::Database(_) => None,
+        TokenProblem::Database(_) | TokenProblem::Busy(_) => None,
     };
     steps.push(step(name, false, problem.to_string()));
     Report {
@@ -555,7 +566,10 @@ mod tests {
             },
             &facts,
         );
-        let words = test_words(&lookup);
+        let words = test_words(&lookup, true);
+        let owners = test_words(&lookup, false);
+        assert!(owners.contains("Check the host name"), "{owners}");
+        assert!(!owners.contains("firewall"), "{owners}");
         assert!(words.contains("failed to lookup address"), "{words}");
         assert!(
             words.contains("Check the host name, port and security"),
@@ -571,6 +585,6 @@ mod tests {
             },
             &facts,
         );
-        assert_eq!(test_words(&refused), refused.words());
+        assert_eq!(test_words(&refused, true), refused.words());
     }
 }
