@@ -222,6 +222,42 @@ async fn assert_waits(app: &TestApp, id: i64) {
     );
 }
 
+/// Advances the test clock `minutes` past a held mailbox's probe time and waits for the probe:
+/// the mailbox's next probe time is past the new now and none of its mails is in flight.
+/// Returns how long until the next probe.
+async fn next_probe(app: &TestApp, server_id: i32, minutes: i64) -> chrono::Duration {
+    use sea_orm::PaginatorTrait;
+    app.clock.advance(chrono::Duration::minutes(minutes));
+    let now = app.clock.now();
+    let mut until = None;
+    for _ in 0..300 {
+        let in_flight = microsoft_outlook::entities::outbox::Entity::find()
+            .filter(microsoft_outlook::entities::outbox::Column::ServerId.eq(server_id))
+            .filter(microsoft_outlook::entities::outbox::Column::Status.eq("sending"))
+            .count(&app.db)
+            .await
+            .unwrap_or(1);
+        until = health(app, server_id).await.and_then(|h| h.until);
+        if in_flight == 0 && until.is_some_and(|u| u > now) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    match until.filter(|u| *u > now) {
+        Some(u) => u - now,
+        None => panic!("gave up waiting: the probe {minutes} minutes on"),
+    }
+}
+
+/// What the mails waiting on `server_id` say to `viewer` (`None`: nobody in particular).
+async fn waiting_words(app: &TestApp, viewer: Option<i64>, server_id: i32) -> String {
+    let (ctx, _) = app.module_parts();
+    microsoft_outlook::delivery::hold::waiting_words_for(&ctx, viewer)
+        .await
+        .remove(&server_id)
+        .unwrap_or_default()
+}
+
 /// Lets the sweep (every second) and the workers run a few rounds.
 async fn a_few_sweeps() {
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
@@ -1270,7 +1306,6 @@ async fn the_server_pages_show_a_held_mailbox() {
 async fn a_personal_mailboxs_hold_tells_each_reader_what_they_can_do_and_where() {
     let (m, mine) = alices_mailbox(SmtpConfig::default()).await;
     let app = &m.env.app;
-    let (ctx, _) = app.module_parts();
 
     // The tenant keeps SMTP AUTH off: an administrator's fix.
     m.smtp.inject(
@@ -1343,19 +1378,13 @@ async fn a_personal_mailboxs_hold_tells_each_reader_what_they_can_do_and_where()
     let (status, _, _) = m.alice.get("/microsoft_outlook/my-mailbox").await;
     assert!(status.is_success() || status.is_redirection());
     // Her waiting mail says "you" to her, and to the operators that only she can.
-    let to_alice = microsoft_outlook::delivery::hold::waiting_words_for(&ctx, Some(app.alice_id))
-        .await
-        .remove(&mine)
-        .unwrap_or_default();
+    let to_alice = waiting_words(app, Some(app.alice_id), mine).await;
     assert!(
         to_alice.contains("your mailbox must be connected again"),
         "{to_alice}"
     );
     assert!(!to_alice.contains("its owner"), "{to_alice}");
-    let to_others = microsoft_outlook::delivery::hold::waiting_words_for(&ctx, None)
-        .await
-        .remove(&mine)
-        .unwrap_or_default();
+    let to_others = waiting_words(app, None, mine).await;
     assert!(to_others.contains("only its owner"), "{to_others}");
     assert!(
         !to_others.contains("operators have been told"),
@@ -1417,11 +1446,7 @@ async fn a_refused_certificate_on_a_personal_mailbox_is_its_owners_to_fix() {
         "{alices:?}"
     );
     assert!(alices[0].body.contains("Only you can"), "{alices:?}");
-    let (ctx, _) = app.module_parts();
-    let to_alice = microsoft_outlook::delivery::hold::waiting_words_for(&ctx, Some(app.alice_id))
-        .await
-        .remove(&mine)
-        .unwrap_or_default();
+    let to_alice = waiting_words(app, Some(app.alice_id), mine).await;
     assert!(to_alice.contains("only you can"), "{to_alice}");
     assert!(!to_alice.contains("administrator"), "{to_alice}");
 }
@@ -1483,20 +1508,7 @@ async fn a_mail_server_that_cannot_be_reached_holds_the_mailbox_and_tells_operat
         assert!(!list.contains(never), "{never:?} in {list}");
     }
     // Probes meet the same: the first after the retry base, then after as long as it lasted.
-    let probe = async |minutes: i64| {
-        app.clock.advance(chrono::Duration::minutes(minutes));
-        let now = app.clock.now();
-        eventually(&format!("the probe {minutes} minutes on"), || async {
-            health(app, server_id)
-                .await
-                .and_then(|h| h.until)
-                .is_some_and(|until| until > now)
-                && row(app, ids[0]).await.status == "queued"
-        })
-        .await;
-        let until = health(app, server_id).await.and_then(|h| h.until);
-        until.expect("a probe time") - now
-    };
+    let probe = async |minutes: i64| next_probe(app, server_id, minutes).await;
     let next = probe(1).await;
     assert!(
         next > chrono::Duration::seconds(59) && next < chrono::Duration::minutes(2),
@@ -1640,15 +1652,7 @@ async fn a_probe_that_cannot_reach_microsoft_keeps_the_hold_it_probes() {
     m.env
         .idp
         .fail_next_token_requests(TokenFault::ServerError { status: 503 }, usize::MAX);
-    app.clock.advance(chrono::Duration::minutes(16));
-    let now = app.clock.now();
-    eventually("the probe to meet the token endpoint away", || async {
-        health(app, server_id)
-            .await
-            .and_then(|h| h.until)
-            .is_some_and(|until| until > now)
-    })
-    .await;
+    let next = next_probe(app, server_id, 16).await;
     assert_waits(app, id).await;
     let refused = m
         .env
@@ -1666,7 +1670,6 @@ async fn a_probe_that_cannot_reach_microsoft_keeps_the_hold_it_probes() {
     );
     assert_eq!(after.since, before.since, "the same incident");
     assert_eq!(after.detail, before.detail, "its words stay");
-    let next = after.until.expect("a probe time") - now;
     assert!(
         (next - chrono::Duration::minutes(15))
             .num_milliseconds()
@@ -1681,15 +1684,7 @@ async fn a_probe_that_cannot_reach_microsoft_keeps_the_hold_it_probes() {
     );
     // Back: the next probe meets SMTP AUTH disabled again; still the same incident.
     m.env.idp.clear_faults();
-    app.clock.advance(chrono::Duration::minutes(16));
-    let now = app.clock.now();
-    eventually("the next probe", || async {
-        health(app, server_id)
-            .await
-            .and_then(|h| h.until)
-            .is_some_and(|until| until > now)
-    })
-    .await;
+    next_probe(app, server_id, 16).await;
     assert_waits(app, id).await;
     let again = health(app, server_id).await.expect("health");
     assert_eq!(again.since, before.since, "{again:?}");
@@ -1713,16 +1708,7 @@ async fn a_personal_mailbox_that_cannot_be_reached_asks_its_owner_only_about_the
     assert_waits(app, id).await;
     // Probes until it has lasted 15 minutes.
     for minutes in [1, 14, 15] {
-        app.clock.advance(chrono::Duration::minutes(minutes));
-        let now = app.clock.now();
-        eventually("the probe", || async {
-            health(app, mine)
-                .await
-                .and_then(|h| h.until)
-                .is_some_and(|until| until > now)
-                && row(app, id).await.status == "queued"
-        })
-        .await;
+        next_probe(app, mine, minutes).await;
     }
     let notes = notifications(app, &mailbox_key(mine)).await;
     let alices = the_one_for(&notes, app.alice_id);
@@ -1741,11 +1727,7 @@ async fn a_personal_mailbox_that_cannot_be_reached_asks_its_owner_only_about_the
     assert_eq!(operators.len(), 1, "{operators:?}");
     assert!(operators[0].body.contains("firewall"), "{operators:?}");
     assert!(operators[0].body.contains(ALICE.0), "{operators:?}");
-    let (ctx, _) = app.module_parts();
-    let to_alice = microsoft_outlook::delivery::hold::waiting_words_for(&ctx, Some(app.alice_id))
-        .await
-        .remove(&mine)
-        .unwrap_or_default();
+    let to_alice = waiting_words(app, Some(app.alice_id), mine).await;
     assert!(
         to_alice.contains("your mailbox's server settings"),
         "{to_alice}"
