@@ -44,7 +44,9 @@ header{padding:.5rem .6rem;gap:.6rem}header .me{margin-left:0}
 section.card{padding:.8rem}
 table{display:block;overflow-x:auto;max-width:100%}th,td{min-width:6.5rem}
 td,code{overflow-wrap:anywhere}
-table.history,table.held{display:table}table.history th,table.history td,table.held th,table.held td{min-width:0}
+table.history{display:table}table.history th,table.history td{min-width:0}
+table.held,table.held tbody,table.held tr,table.held td{display:block;min-width:0}table.held thead{display:none}
+table.held tr{border-bottom:2px solid #d0d7de;padding:.4rem 0}table.held td{border:0;padding:.1rem .2rem}
 table.outbox,table.outbox tbody,table.outbox tr,table.outbox td{display:block;min-width:0}table.outbox thead{display:none}
 table.outbox tr{border-bottom:2px solid #d0d7de;padding:.4rem 0}table.outbox td{border:0;padding:.1rem .2rem}
 table.outbox td[data-label]::before{content:attr(data-label) ": ";font-weight:600;color:#57606a}table.outbox td.subject{font-weight:600}

@@ -170,7 +170,12 @@ pub fn user_words(words: &str, status: &str) -> String {
 fn user_parts<'a>(words: &'a str, status: &str) -> (Vec<&'a str>, Option<&'static str>) {
     let (mut for_operators, mut reconnect) = (false, false);
     let mut kept: Vec<&str> = Vec::new();
+    // A mailbox out of reach: its waiting words (beside these) say when the mail goes.
+    let unreachable = words.contains(crate::delivery::classify::IF_IT_LASTS);
     for sentence in sentences(words) {
+        if unreachable && sentence.starts_with("The mails wait") {
+            continue;
+        }
         if FOR_OPERATORS.iter().any(|w| sentence.contains(w)) {
             for_operators = true;
         } else if RECONNECT.iter().any(|w| sentence.contains(w)) {

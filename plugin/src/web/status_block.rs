@@ -57,9 +57,13 @@ pub fn status_block(
                     }
                     p.help {
                         "Held since " (when(*since)) ". "
-                        @if waiting == 0 { "No mail waits on it now; mail queued for it waits without spending attempts and goes out in queue order once this is fixed." }
-                        @else { (waiting) " mail(s) wait; they spend no attempt and go out in queue order once this is fixed." }
+                        @let once = if *reason == HoldReason::Unreachable { "once Microsoft answers again" } else { "once this is fixed" };
+                        @if waiting == 0 { "No mail waits on it now; mail queued for it waits without spending attempts and goes out in queue order " (once) "." }
+                        @else { (waiting) " mail(s) wait; they spend no attempt and go out in queue order " (once) "." }
                         @if let Some(until) = until { " The mailbox is tried again by itself at " (when(*until)) "." }
+                    }
+                    @if user.is_admin && *reason == HoldReason::Unreachable {
+                        p.help { @if *told { "The operators were notified: it has lasted over 15 minutes." } @else { "The operators are notified if it lasts 15 minutes; a short outage passes by itself." } }
                     }
                     @if !user.is_admin && *reason == HoldReason::Unreachable && !*told {
                         p { "It may pass by itself: the CRM keeps trying, and its operators are told if it lasts. Nothing is needed from you." }

@@ -1504,11 +1504,30 @@ async fn a_mail_server_that_cannot_be_reached_holds_the_mailbox_and_tells_operat
             && waiting.contains("told if it lasts"),
         "{waiting}"
     );
-    for never in ["have been told", "proxy", "firewall", "DNS"] {
+    for never in [
+        "have been told",
+        "proxy",
+        "firewall",
+        "DNS",
+        "The mails wait",
+    ] {
         assert!(!list.contains(never), "{never:?} in {list}");
     }
     // Probes meet the same: the first after the retry base, then after as long as it lasted.
     let probe = async |minutes: i64| next_probe(app, server_id, minutes).await;
+    // The operator's server page says when they would be told, and that it goes by itself.
+    let (_, page, _) = m
+        .env
+        .admin
+        .get(&format!("/microsoft_outlook/servers/{server_id}"))
+        .await;
+    let page = text_of(&page);
+    for words in [
+        "notified if it lasts 15 minutes",
+        "once Microsoft answers again",
+    ] {
+        assert!(page.contains(words), "{words:?} on the server page: {page}");
+    }
     let next = probe(1).await;
     assert!(
         next > chrono::Duration::seconds(59) && next < chrono::Duration::minutes(2),
