@@ -1,21 +1,22 @@
 //! Holding a mailbox and telling people: the hold begun once per incident, the notices to the
 //! people who can fix it (operators, a personal mailbox's owner) and to the authors whose mail
-//! waits, and the words a waiting mail says to each reader. The health state itself, and the
-//! end of a hold, are [`crate::delivery::health`].
+//! waits. The words a waiting mail says to each reader are [`crate::delivery::waiting`]; an
+//! unreachable mailbox's pace, [`crate::delivery::unreachable`]; the health state itself,
+//! [`crate::delivery::health`]; the end of a hold, [`crate::delivery::release`].
 
 use crm_sdk::{Audience, ModuleContext, Notification};
 use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QuerySelect};
 use std::collections::HashMap;
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
 
-use crate::delivery::classify::{
-    HoldReason, UNREACHABLE_PROBE_MAX, UNREACHABLE_TELL_AFTER, Verdict,
-};
+use crate::delivery::classify::{HoldReason, UNREACHABLE_TELL_AFTER, Verdict};
 use crate::delivery::health::{
     Health, all, ensure_row, module_wide, notification_key, settings_key, unreachable_key,
 };
+pub use crate::delivery::unreachable::Held;
+use crate::delivery::unreachable::Paced;
 use crate::entities::{mail_server, mailbox_health, outbox};
 use crate::runtime::Shared;
 
@@ -25,7 +26,7 @@ use crate::runtime::Shared;
 /// ([`HoldReason::Unreachable`]) is told of only once it has lasted
 /// [`UNREACHABLE_TELL_AFTER`] (a short outage passes unnoticed but for the waiting mail's
 /// words), its probes are paced, and it does not replace a hold for another cause
-/// ([`pace_unreachable`]).
+/// ([`crate::delivery::unreachable::pace_unreachable`]).
 pub async fn hold(
     ctx: &ModuleContext,
     shared: &Shared,
@@ -38,7 +39,15 @@ pub async fn hold(
     let before = crate::entities::by_key::<mailbox_health::Entity, _>(ctx.db(), server.id).await?;
     let (until, first) = match reason {
         HoldReason::Unreachable => {
-            match pace_unreachable(ctx, shared, server.id, before.as_ref(), verdict).await? {
+            match crate::delivery::unreachable::pace_unreachable(
+                ctx,
+                shared,
+                server.id,
+                before.as_ref(),
+                verdict,
+            )
+            .await?
+            {
                 Paced::Kept(held) => return Ok(held),
                 Paced::Until { until, first } => (Some(until), Some(first)),
             }
@@ -127,106 +136,6 @@ pub async fn hold(
         tell(ctx, server, reason, verdict).await;
     }
     Ok(Held { began, until })
-}
-
-/// How an unreachable mailbox's hold goes on.
-enum Paced {
-    /// Held for a cause of its own, which this probe did not reach: that hold stays.
-    Kept(Held),
-    /// The unreachable hold's next probe (`until`), and the first probe of a new one
-    /// (`first`: the least wait, should the hold have ended since it was read).
-    Until {
-        until: DateTime<Utc>,
-        first: DateTime<Utc>,
-    },
-}
-
-/// Paces the probes of an unreachable mailbox (`row`: its health as read before): the retry
-/// base at first, then as long as it has lasted, at most [`UNREACHABLE_PROBE_MAX`]; never
-/// before the verdict's own time (a `Retry-After`), the end of a throttle that was running or
-/// a later probe time another process set; and, until its people are told, not after
-/// [`UNREACHABLE_TELL_AFTER`] has passed (that probe tells them). A mailbox held for another
-/// cause (SMTP AUTH disabled, a quota...) whose probe could not reach Microsoft keeps that
-/// hold, its words and its incident (nobody is told again): only its next probe may move
-/// later, by that cause's own interval, at most [`UNREACHABLE_PROBE_MAX`].
-async fn pace_unreachable(
-    ctx: &ModuleContext,
-    shared: &Shared,
-    server_id: i32,
-    row: Option<&mailbox_health::Model>,
-    verdict: &Verdict,
-) -> Result<Paced, sea_orm::DbErr> {
-    let now = ctx.clock().now();
-    let base = Duration::seconds(Ord::max(shared.options.retry_base_secs, 1));
-    let later = |t: Option<DateTime<Utc>>| t.filter(|t| *t > now);
-    let mut first = now + Ord::max(base, verdict.hold_for.unwrap_or_default());
-    // A throttle that was running keeps its time (Microsoft asked for it).
-    if let Some(t) = later(row.filter(|h| h.state == "throttled").and_then(|h| h.until)) {
-        first = Ord::max(first, t);
-    }
-    let held = row.filter(|h| h.state == "held");
-    let reason = held
-        .and_then(|h| h.reason.as_deref())
-        .and_then(HoldReason::parse);
-    match (held, reason) {
-        (Some(h), Some(other)) if other != HoldReason::Unreachable => {
-            let Some(every) = other.probe_after() else {
-                return Ok(Paced::Kept(Held {
-                    began: false,
-                    until: h.until,
-                }));
-            };
-            let until = Ord::max(
-                later(h.until).unwrap_or(now),
-                now + Ord::min(every, UNREACHABLE_PROBE_MAX),
-            );
-            // Only ever later: a quota's day or another process's time stays.
-            mailbox_health::Entity::update_many()
-                .col_expr(mailbox_health::Column::Until, Expr::value(until))
-                .col_expr(mailbox_health::Column::UpdatedAt, Expr::value(now))
-                .filter(mailbox_health::Column::ServerId.eq(server_id))
-                .filter(mailbox_health::Column::State.eq("held"))
-                .filter(mailbox_health::Column::Reason.eq(other.as_str()))
-                .filter(
-                    Condition::any()
-                        .add(mailbox_health::Column::Until.is_null())
-                        .add(mailbox_health::Column::Until.lt(until)),
-                )
-                .exec(ctx.db())
-                .await?;
-            shared.forget_health(server_id);
-            Ok(Paced::Kept(Held {
-                began: false,
-                until: Some(until),
-            }))
-        }
-        (Some(h), Some(_)) => {
-            let since = h.since.unwrap_or(h.updated_at);
-            let lasted = (now - since).clamp(base, Ord::max(base, UNREACHABLE_PROBE_MAX));
-            let mut until = Ord::max(first, now + lasted);
-            if let Some(t) = later(h.until) {
-                until = Ord::max(until, t);
-            }
-            let tell_at = since + UNREACHABLE_TELL_AFTER;
-            if h.notified_at.is_none() && tell_at > now {
-                until = Ord::min(until, Ord::max(first, tell_at));
-            }
-            Ok(Paced::Until { until, first })
-        }
-        _ => Ok(Paced::Until {
-            until: first,
-            first,
-        }),
-    }
-}
-
-/// What [`hold`] did.
-#[derive(Debug, Clone, Copy)]
-pub struct Held {
-    /// Whether this call began the incident.
-    pub began: bool,
-    /// When the mailbox is tried again by itself (`None`: only its fix ends the hold).
-    pub until: Option<DateTime<Utc>>,
 }
 
 /// Who can end a hold: the people told to act, and the only ones a notice asks anything of.
@@ -539,163 +448,4 @@ async fn tell(ctx: &ModuleContext, server: &mail_server::Model, reason: HoldReas
             tracing::warn!(error = %e, "a hold notification was not recorded");
         }
     }
-}
-
-/// For each held or throttled mailbox, what its waiting mails say to the user `viewer` (an id,
-/// not an operator): why they wait, and who has been told, in words for the reader (the owner
-/// of a personal mailbox reads "you"; nobody is asked to do another's job).
-pub async fn waiting_words_for(ctx: &ModuleContext, viewer: Option<i64>) -> HashMap<i32, String> {
-    waiting_words_of(ctx, Reader::User(viewer)).await
-}
-
-/// [`waiting_words_for`] as `viewer` reads them: an operator is told what is theirs to do
-/// (not that the operators have been told).
-pub async fn waiting_words_as(
-    ctx: &ModuleContext,
-    viewer: &crm_sdk::CurrentUser,
-) -> HashMap<i32, String> {
-    let reader = if viewer.is_admin {
-        Reader::Operator(viewer.id)
-    } else {
-        Reader::User(Some(viewer.id))
-    };
-    waiting_words_of(ctx, reader).await
-}
-
-/// Who reads a waiting mail's words.
-#[derive(Clone, Copy)]
-enum Reader {
-    /// An operator (by id: they may own a personal mailbox too).
-    Operator(i64),
-    /// A user (by id; `None`: nobody in particular).
-    User(Option<i64>),
-}
-
-async fn waiting_words_of(ctx: &ModuleContext, reader: Reader) -> HashMap<i32, String> {
-    let now = ctx.clock().now();
-    let rows = all(ctx).await.unwrap_or_default();
-    let owners: HashMap<i32, Option<i64>> = mail_server::Entity::find()
-        .select_only()
-        .column(mail_server::Column::Id)
-        .column(mail_server::Column::OwnerUserId)
-        .filter(mail_server::Column::Id.is_in(rows.keys().copied()))
-        .into_tuple()
-        .all(ctx.db())
-        .await
-        .unwrap_or_default()
-        .into_iter()
-        .collect();
-    rows.iter()
-        .filter_map(|(id, row)| {
-            let owner = owners.get(id).copied().flatten();
-            let health = Health::of(Some(row), now);
-            let words = match (reader, &health) {
-                // It may pass by itself: theirs to look at only if it lasts.
-                (
-                    Reader::Operator(_),
-                    Health::Held {
-                        reason: HoldReason::Unreachable,
-                        until,
-                        ..
-                    },
-                ) => format!(
-                    "Waiting: the CRM cannot reach Microsoft's servers for this mailbox; it tries again by itself{}. If it lasts, see its page for what to check. Nothing is lost.",
-                    until
-                        .map(|u| format!(" at {}", u.format("%H:%M:%S UTC")))
-                        .unwrap_or_default()
-                ),
-                // A shared mailbox, or what only operators can fix: theirs to do.
-                (Reader::Operator(_), Health::Held { reason, .. })
-                    if owner.is_none() || reason.needs_operator_for(owner.is_some()) =>
-                {
-                    let then = if reason.release_can_help() {
-                        "; then Release held mail"
-                    } else {
-                        ""
-                    };
-                    format!(
-                        "Waiting: the mailbox is held because {} — yours to fix, as its page says{then}. Nothing is lost.",
-                        reason.in_words()
-                    )
-                }
-                (Reader::Operator(me), _) => words_of(&health, owner, Some(me))?,
-                (Reader::User(viewer), _) => words_of(&health, owner, viewer)?,
-            };
-            Some((*id, words))
-        })
-        .collect()
-}
-
-/// What a mail waiting on a mailbox in `health` says to `viewer`; `owner`: the mailbox's
-/// owner when it is personal.
-pub(crate) fn words_of(health: &Health, owner: Option<i64>, viewer: Option<i64>) -> Option<String> {
-    let words = match health {
-        Health::Ready => return None,
-        Health::Throttled { until } => format!(
-            "Waiting: Microsoft 365 asked to slow down; it goes out after {}.",
-            until.format("%H:%M:%S UTC")
-        ),
-        // It may pass by itself; the people who can fix it are told only if it lasts.
-        Health::Held {
-            reason: HoldReason::Unreachable,
-            until,
-            told,
-            ..
-        } => {
-            let at = until
-                .map(|u| format!(" at {}", u.format("%H:%M:%S UTC")))
-                .unwrap_or_default();
-            let who = match (told, owner) {
-                (false, _) => "the CRM's operators are told if it lasts",
-                (true, Some(o)) if Some(o) == viewer => {
-                    "if your mailbox's server settings on My mailbox are right, the CRM's operators have been told"
-                }
-                (true, _) => "the CRM's operators have been told",
-            };
-            format!(
-                "Waiting: the CRM cannot reach Microsoft's servers at the moment; it tries again by itself{at}, and {who}. Nothing is needed from you; nothing is lost."
-            )
-        }
-        Health::Held { reason, .. } if reason.needs_operator_for(owner.is_some()) => format!(
-            "Waiting: the mailbox is held because {} — the CRM's operators have been told and will fix it; nothing is needed from you. Nothing is lost; it goes out once they fix it.",
-            reason.in_words()
-        ),
-        Health::Held {
-            reason: HoldReason::QuotaExceeded,
-            until,
-            ..
-        } => format!(
-            "Waiting: Exchange's daily sending limit for this mailbox was reached; it goes out by itself{}. Nothing is lost.",
-            until
-                .map(|u| format!(" after {}", u.format("%Y-%m-%d %H:%M UTC")))
-                .unwrap_or_default()
-        ),
-        Health::Held { reason, .. } => {
-            let what = match reason {
-                HoldReason::MailboxFull => "the mailbox is full",
-                HoldReason::GrantDead => "the mailbox must be connected again",
-                _ => "the mailbox's server settings must be corrected",
-            };
-            let who = match owner {
-                None => "the CRM's operators have been told".to_string(),
-                Some(o) if Some(o) == viewer => {
-                    let what = match reason {
-                        HoldReason::MailboxFull => "your mailbox is full: make room in it",
-                        HoldReason::GrantDead => {
-                            "your mailbox must be connected again: click Connect on My mailbox"
-                        }
-                        _ => {
-                            "your mailbox's server settings must be corrected on My mailbox (see what happened there)"
-                        }
-                    };
-                    return Some(format!(
-                        "Waiting: {what}; only you can do this. Nothing is lost; it goes out after that."
-                    ));
-                }
-                Some(_) => "only its owner can fix this, and has been told".to_string(),
-            };
-            format!("Waiting: {what} — {who}. Nothing is lost.")
-        }
-    };
-    Some(words)
 }

@@ -19,4 +19,6 @@ pub mod smtp_open;
 pub mod smtp_transaction;
 pub mod smtp_transport;
 pub mod transport;
+pub mod unreachable;
+pub mod waiting;
 pub mod xoauth2;

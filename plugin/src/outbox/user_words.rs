@@ -84,7 +84,7 @@ const UNREACHABLE_TOLD: &str = "Nothing is needed from you; it goes out once the
 
 /// What the author reads when the mailbox must be connected again. Who can (its owner: the
 /// reader, another user, or the operators for a shared mailbox) is said to each reader by the
-/// mailbox's waiting words (`delivery::hold::waiting_words_for`).
+/// mailbox's waiting words (`delivery::waiting::waiting_words_for`).
 const RECONNECT_TOLD: &str =
     "The mailbox must be connected again; the mail waits until then. Nothing is lost.";
 

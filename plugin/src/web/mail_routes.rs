@@ -105,7 +105,7 @@ async fn recent(
     limit: u64,
     viewer: &CurrentUser,
 ) -> Vec<RecordMail> {
-    let waits = crate::delivery::hold::waiting_words_as(ctx, viewer).await;
+    let waits = crate::delivery::waiting::waiting_words_as(ctx, viewer).await;
     outbox::Entity::find()
         .filter(outbox::Column::RecordModel.eq(record.model.clone()))
         .filter(outbox::Column::RecordId.eq(record.id))

@@ -252,7 +252,7 @@ async fn next_probe(app: &TestApp, server_id: i32, minutes: i64) -> chrono::Dura
 /// What the mails waiting on `server_id` say to `viewer` (`None`: nobody in particular).
 async fn waiting_words(app: &TestApp, viewer: Option<i64>, server_id: i32) -> String {
     let (ctx, _) = app.module_parts();
-    microsoft_outlook::delivery::hold::waiting_words_for(&ctx, viewer)
+    microsoft_outlook::delivery::waiting::waiting_words_for(&ctx, viewer)
         .await
         .remove(&server_id)
         .unwrap_or_default()

@@ -103,7 +103,7 @@ impl Viewed {
         let health = crate::delivery::health::get(ctx, mail.server_id)
             .await
             .unwrap_or(Health::Ready);
-        let waits = crate::delivery::hold::waiting_words_as(ctx, user).await;
+        let waits = crate::delivery::waiting::waiting_words_as(ctx, user).await;
         let body = outbox_body::Entity::find_by_id(mail.id)
             .one(ctx.db())
             .await

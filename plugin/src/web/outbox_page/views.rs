@@ -389,7 +389,7 @@ pub(super) async fn list(
         Err(e) => return db_down(e),
     };
     let servers = server_names(&ctx).await;
-    let waits = crate::delivery::hold::waiting_words_as(&ctx, &user).await;
+    let waits = crate::delivery::waiting::waiting_words_as(&ctx, &user).await;
     let pages = Ord::max(total.div_ceil(PER_PAGE), 1);
     let this_page = this_page(&req);
     if wants_json(&req) {
