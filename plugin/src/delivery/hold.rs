@@ -124,12 +124,7 @@ pub async fn hold(
         // outage's notice is over.
         let was = before.filter(|b| b.state == "held").and_then(|b| b.reason);
         if was.as_deref() == Some(HoldReason::Unreachable.as_str()) {
-            crate::delivery::release::end_incident_if_over(
-                ctx,
-                HoldReason::Unreachable,
-                &unreachable_key(),
-            )
-            .await?;
+            crate::delivery::release::end_incident_if_over(ctx, HoldReason::Unreachable).await?;
         }
     }
     if tell_now {

@@ -199,8 +199,8 @@ async fn end_hold(
             .and_then(|b| b.reason)
             .as_deref()
             .and_then(HoldReason::parse);
-        if let Some((reason, key)) = reason.and_then(|r| Some((r, incident_key(r)?))) {
-            end_incident_if_over(ctx, reason, &key).await?;
+        if let Some(reason) = reason {
+            end_incident_if_over(ctx, reason).await?;
         }
     }
     if !ended && how == Release::IfHeld {
@@ -224,15 +224,18 @@ async fn clear_token_error(ctx: &ModuleContext, server_id: i32) -> Result<(), se
     Ok(())
 }
 
-/// An incident told once for every mailbox (the settings', Microsoft out of reach) is over
-/// when no mailbox is held for its reason any more: it is resolved, and a new one will be told
-/// again.
+/// An incident told once for every mailbox (the settings', Microsoft out of reach:
+/// [`incident_key`]) is over when no mailbox is held for its reason any more: it is resolved,
+/// and a new one will be told again. Nothing to do for other reasons.
 pub(crate) async fn end_incident_if_over(
     ctx: &ModuleContext,
     reason: HoldReason,
-    key: &str,
 ) -> Result<(), sea_orm::DbErr> {
     use sea_orm::PaginatorTrait;
+    let Some(key) = incident_key(reason) else {
+        return Ok(());
+    };
+    let key = key.as_str();
     let still = mailbox_health::Entity::find()
         .filter(mailbox_health::Column::State.eq("held"))
         .filter(mailbox_health::Column::Reason.eq(reason.as_str()))
@@ -275,9 +278,7 @@ pub async fn release_reasons(
         }
     }
     for reason in reasons {
-        if let Some(key) = incident_key(*reason) {
-            end_incident_if_over(ctx, *reason, &key).await?;
-        }
+        end_incident_if_over(ctx, *reason).await?;
     }
     for server_id in waiting {
         shared.wake(server_id).await;
