@@ -122,7 +122,7 @@ const alice = await signIn('alice@contoso.example', 'alice-demo', { width: 390, 
 // header values) instead of scrolling sideways inside the page.
 async function fitsHere(p, name) {
   const width = await p.evaluate(() => document.documentElement.scrollWidth);
-  const scrolled = await p.evaluate(() => [...document.querySelectorAll('table.fields, table.headers, table.outbox')]
+  const scrolled = await p.evaluate(() => [...document.querySelectorAll('table.fields, table.headers, table.cards')]
     .filter((t) => t.scrollWidth > t.clientWidth + 1)
     .map((t) => `${t.className} ${t.scrollWidth}px in ${t.clientWidth}px`));
   await p.screenshot({ path: `${shots}/390-${name}.png`, fullPage: true });
@@ -166,6 +166,21 @@ for (const [path, name] of [
 ]) {
   await check(`${name} (a user) fits 390 px`, () => fits(alice, path, name));
 }
+// Lists shown as cards on a phone: every field of a row on the screen, named.
+async function cardsShowAll(p, path, table, labels) {
+  await p.goto(`${base}${path}`);
+  const cells = await p.evaluate((t) => [...document.querySelectorAll(`${t} tbody tr:first-child td`)]
+    .map((td) => ({ label: td.getAttribute('data-label'), right: td.getBoundingClientRect().right, shown: td.offsetParent !== null })), table);
+  if (cells.length === 0) throw new Error(`${path}: no row in ${table}`);
+  const off = cells.filter((c) => c.shown && c.right > 390);
+  if (off.length > 0) throw new Error(`${path}: ${off.map((c) => c.label).join(', ')} off the 390 px screen`);
+  const named = cells.map((c) => c.label);
+  for (const label of labels) if (!named.includes(label)) throw new Error(`${path}: no ${label} in ${named}`);
+}
+await check('the servers list shows each server\'s health on a phone', () =>
+  cardsShowAll(phone, '/microsoft_outlook/servers', 'table.servers', ['Health', 'Waiting', 'Last error']));
+await check('a record\'s mails show their times on a phone', () =>
+  cardsShowAll(alice, contactLink, 'table.mails', ['Status', 'Queued (UTC)', 'Updated (UTC)']));
 await check('the mails list fits 390 px', async () => {
   await alice.goto(`${base}${contactLink}`);
   const mails = await alice.$('a[href*="/mails"]');

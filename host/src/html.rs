@@ -47,10 +47,10 @@ td,code{overflow-wrap:anywhere}
 table.history{display:table}table.history th,table.history td{min-width:0}
 table.held,table.held tbody,table.held tr,table.held td{display:block;min-width:0}table.held thead{display:none}
 table.held tr{border-bottom:2px solid #d0d7de;padding:.4rem 0}table.held td{border:0;padding:.1rem .2rem}
-table.outbox,table.outbox tbody,table.outbox tr,table.outbox td{display:block;min-width:0}table.outbox thead{display:none}
-table.outbox tr{border-bottom:2px solid #d0d7de;padding:.4rem 0}table.outbox td{border:0;padding:.1rem .2rem}
-table.outbox td[data-label]::before{content:attr(data-label) ": ";font-weight:600;color:#57606a}table.outbox td.subject{font-weight:600}
-table.outbox td[data-label]:empty{display:none}
+table.cards,table.cards tbody,table.cards tr,table.cards td{display:block;min-width:0}table.cards thead{display:none}
+table.cards tr{border-bottom:2px solid #d0d7de;padding:.4rem 0}table.cards td{border:0;padding:.1rem .2rem}
+table.cards td[data-label]::before{content:attr(data-label) ": ";font-weight:600;color:#57606a}table.cards td.title{font-weight:600}
+table.cards td[data-label]:empty{display:none}
 }
 form.filters{display:grid;grid-template-columns:repeat(auto-fill,minmax(11rem,1fr));gap:0 .8rem}
 form.filters .wide{grid-column:1/-1}form.filters p{grid-column:1/-1;margin:.8rem 0 0}

@@ -118,6 +118,7 @@ async fn outlook_status_json_lists_every_mail_server() {
         detail: Set(Some(
             "The grant was revoked (AADSTS50173). The mailbox's user must click Reconnect.".into(),
         )),
+        rule: Set(Some("grant-dead".into())),
         since: Set(Some(now)),
         until: Set(None),
         notified_at: Set(Some(now)),

@@ -13,6 +13,7 @@ mod m0008_outbox_fewer_index_writes;
 mod m0009_mailbox_wakes;
 mod m0010_outbox_events;
 mod m0011_sign_in_transport;
+mod m0012_hold_rule;
 
 /// The module's migrator; it keeps its own history table beside the host's.
 pub struct Migrator;
@@ -32,6 +33,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0009_mailbox_wakes::Migration),
             Box::new(m0010_outbox_events::Migration),
             Box::new(m0011_sign_in_transport::Migration),
+            Box::new(m0012_hold_rule::Migration),
         ]
     }
 

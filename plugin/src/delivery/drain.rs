@@ -165,7 +165,9 @@ async fn send_batch(
     };
     drained.add(w.write(rest).await?);
     if drained.sent > 0 {
-        crate::delivery::release::succeeded(ctx, shared, server.id, None).await?;
+        let ids: Vec<i64> = claimed.rows.iter().map(|r| r.id).collect();
+        let went = crate::delivery::release::Success::MailsWent(&ids);
+        crate::delivery::release::succeeded(ctx, shared, server.id, went).await?;
     }
     tracing::info!(
         server_id,

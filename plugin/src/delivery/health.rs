@@ -33,6 +33,8 @@ pub enum Health {
         reason: HoldReason,
         /// What happened and what to do.
         detail: String,
+        /// The classification rule it stands on (empty for a hold stored before rules were).
+        rule: String,
         /// Since when.
         since: DateTime<Utc>,
         /// When a mail is tried again by itself (a probe), if ever.
@@ -57,6 +59,7 @@ impl Health {
                     .and_then(HoldReason::parse)
                     .unwrap_or(HoldReason::TokenRefused),
                 detail: row.detail.clone().unwrap_or_default(),
+                rule: row.rule.clone().unwrap_or_default(),
                 since: row.since.unwrap_or(row.updated_at),
                 until: row.until,
                 told: row.notified_at.is_some(),
@@ -83,6 +86,15 @@ impl Health {
             Health::Held { reason, .. } => Some(*reason),
             _ => None,
         }
+    }
+
+    /// Whether the mailbox is held as out of reach because its SMTP server could not be
+    /// reached (rule `unreachable`), where a personal mailbox's own settings (host, port,
+    /// security) may be the cause; not when Microsoft Graph or the token endpoint was out of
+    /// reach. A hold stored before its rule was is taken as the SMTP server's.
+    pub fn smtp_out_of_reach(&self) -> bool {
+        matches!(self, Health::Held { reason: HoldReason::Unreachable, rule, .. }
+            if rule.is_empty() || rule == "unreachable")
     }
 
     /// One line for lists: "Held: SMTP AUTH disabled", "Throttled until 10:42:05 UTC", "Ready".
@@ -213,6 +225,7 @@ pub(crate) async fn ensure_row(ctx: &ModuleContext, server_id: i32) -> Result<()
         state: Set("ready".into()),
         reason: Set(None),
         detail: Set(None),
+        rule: Set(None),
         since: Set(None),
         until: Set(None),
         notified_at: Set(None),

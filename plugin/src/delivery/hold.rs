@@ -59,6 +59,7 @@ pub async fn hold(
         mailbox_health::Entity::update_many()
             .col_expr(mailbox_health::Column::State, Expr::value("held"))
             .col_expr(mailbox_health::Column::Detail, Expr::value(detail.clone()))
+            .col_expr(mailbox_health::Column::Rule, Expr::value(verdict.rule))
             .col_expr(mailbox_health::Column::Until, Expr::value(until))
             .col_expr(mailbox_health::Column::UpdatedAt, Expr::value(now))
             .filter(mailbox_health::Column::ServerId.eq(server.id))
@@ -223,8 +224,9 @@ fn hold_notices(
                 ]),
                 Some(MY_MAILBOX.to_string()),
             ),
-            // The owner's own settings may be the cause (a wrong port or security).
-            Fixer::Operators if reason == HoldReason::Unreachable => (
+            // The owner's own settings may be the cause (a wrong port or security) of an SMTP
+            // server out of reach; not of Microsoft Graph or the token endpoint out of reach.
+            Fixer::Operators if reason == HoldReason::Unreachable && v.rule == "unreachable" => (
                 join(&[
                     &v.what,
                     "If your mailbox's server settings on your My mailbox page (the link) are right, nothing is needed from you: the CRM's operators have been told and will look into it.",

@@ -153,6 +153,10 @@ async fn end_hold(
             Expr::value(Option::<String>::None),
         )
         .col_expr(
+            mailbox_health::Column::Rule,
+            Expr::value(Option::<String>::None),
+        )
+        .col_expr(
             mailbox_health::Column::Since,
             Expr::value(Option::<DateTime<Utc>>::None),
         )
@@ -183,6 +187,11 @@ async fn end_hold(
     if ended {
         let waited = waiting_ids(&txn, server_id).await?;
         history::hold_ended(&txn, &waited, ended_by, now).await?;
+        if let (Ended::MailWentOut(went), Some(since)) =
+            (ended_by, before.as_ref().and_then(|b| b.since))
+        {
+            history::probe_went_out(&txn, went, since, now).await?;
+        }
     }
     txn.commit().await?;
     shared.forget_health(server_id);
@@ -286,16 +295,25 @@ pub async fn release_reasons(
     Ok(ended)
 }
 
-/// After a mail went out or a token was refreshed. A throttle is never ended here (it lapses
-/// by itself); a hold ends when its probe time has passed (this success is the probe) or when
-/// its reason is one of `only` (a token success ends the token endpoint's and the settings'
-/// holds). A mail that was in flight when the mailbox was held does not end the hold. Reads
-/// the state at most every two seconds per process.
+/// What went right for a mailbox, as [`succeeded`] is told.
+#[derive(Debug, Clone, Copy)]
+pub enum Success<'a> {
+    /// A token was obtained: ends holds for these reasons (the token endpoint's, the settings').
+    Token(&'a [HoldReason]),
+    /// Mails of this batch (their outbox ids) went out: the hold's probe, when it was held.
+    MailsWent(&'a [i64]),
+}
+
+/// After mails went out or a token was obtained (`by`). A throttle is never ended here (it
+/// lapses by itself); a hold ends when its probe time has passed (this success is the probe),
+/// when a mail went out of a mailbox that could not reach Microsoft, or when a token was
+/// obtained for a hold of the given reasons. A mail that was in flight when the mailbox was
+/// held does not end the hold. Reads the state at most every two seconds per process.
 pub async fn succeeded(
     ctx: &ModuleContext,
     shared: &std::sync::Arc<Shared>,
     server_id: i32,
-    only: Option<&[HoldReason]>,
+    by: Success<'_>,
 ) -> Result<(), sea_orm::DbErr> {
     if shared.known_ready(server_id) {
         return Ok(());
@@ -303,18 +321,20 @@ pub async fn succeeded(
     let now = ctx.clock().now();
     let health = get(ctx, server_id).await?;
     let ends = match &health {
-        Health::Held { reason, until, .. } => match only {
-            Some(reasons) => reasons.contains(reason),
+        Health::Held { reason, until, .. } => match by {
+            Success::Token(reasons) => reasons.contains(reason),
             // A mail that went out proves a server that could not be reached answers again
             // (whenever it was claimed).
-            None => until.is_some_and(|u| u <= now) || *reason == HoldReason::Unreachable,
+            Success::MailsWent(_) => {
+                until.is_some_and(|u| u <= now) || *reason == HoldReason::Unreachable
+            }
         },
         Health::Ready | Health::Throttled { .. } => false,
     };
     if ends {
-        let ended = match only {
-            Some(_) => Ended::TokenObtained,
-            None => Ended::MailWentOut,
+        let (only, ended) = match by {
+            Success::Token(reasons) => (Some(reasons), Ended::TokenObtained),
+            Success::MailsWent(ids) => (None, Ended::MailWentOut(ids)),
         };
         release(ctx, shared, server_id, (only, Release::IfHeld), ended).await?;
     } else if health == Health::Ready {

@@ -116,7 +116,7 @@ pub(crate) fn words_of(health: &Health, owner: Option<i64>, viewer: Option<i64>)
                 .unwrap_or_default();
             let who = match (told, owner) {
                 (false, _) => "the CRM's operators are told if it lasts",
-                (true, Some(o)) if Some(o) == viewer => {
+                (true, Some(o)) if Some(o) == viewer && health.smtp_out_of_reach() => {
                     "if your mailbox's server settings on My mailbox are right, the CRM's operators have been told"
                 }
                 (true, _) => "the CRM's operators have been told",

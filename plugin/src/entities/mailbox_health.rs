@@ -13,6 +13,9 @@ pub struct Model {
     pub reason: Option<String>,
     /// What happened and what to do, in words.
     pub detail: Option<String>,
+    /// The classification rule whose verdict the hold stands on (its id in
+    /// [`crate::delivery::classify`]'s table), beside `reason`; `None` when not held.
+    pub rule: Option<String>,
     /// Since when it is held or throttled.
     pub since: Option<ChronoDateTimeUtc>,
     /// Until when (throttled, quota); `None` while held until someone fixes the cause.

@@ -157,8 +157,10 @@ pub enum Ended<'a> {
     SettingsSaved,
     /// A token was obtained again for the mailbox.
     TokenObtained,
-    /// A mail went out through the mailbox again (the hold's probe).
-    MailWentOut,
+    /// A mail went out through the mailbox again (the hold's probe), of these mails (a batch
+    /// that went out; those of them that waited for the hold get words of their own:
+    /// [`probe_went_out`]).
+    MailWentOut(&'a [i64]),
     /// The mailbox's server was deleted: its mails fail in words of their own, no event.
     ServerDeleted,
 }
@@ -189,7 +191,7 @@ impl Ended<'_> {
                 "Microsoft gave the mailbox a token again".into(),
                 None,
             ),
-            Ended::MailWentOut => (
+            Ended::MailWentOut(_) => (
                 HOLD_ENDED,
                 "a mail went out through the mailbox again".into(),
                 None,
@@ -211,6 +213,32 @@ pub async fn hold_ended<C: ConnectionTrait>(
         return Ok(());
     };
     of_each(db, ids, (kind, &detail, user_id), now).await
+}
+
+/// Of `went` (mails that just went out through a mailbox whose hold this ended), those that
+/// had waited for the hold begun at `since`, the probe: each gets, at `now`, that its going out
+/// ended the hold (the other waiting mails get [`hold_ended`]'s line).
+pub async fn probe_went_out<C: ConnectionTrait>(
+    db: &C,
+    went: &[i64],
+    since: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<(), sea_orm::DbErr> {
+    if went.is_empty() {
+        return Ok(());
+    }
+    let probes: Vec<i64> = outbox_event::Entity::find()
+        .select_only()
+        .column(outbox_event::Column::OutboxId)
+        .distinct()
+        .filter(outbox_event::Column::OutboxId.is_in(went.iter().copied()))
+        .filter(outbox_event::Column::Kind.eq(WAITED))
+        .filter(outbox_event::Column::At.gte(since))
+        .into_tuple()
+        .all(db)
+        .await?;
+    let words = "this mail went out through the mailbox, which showed that it works again";
+    of_each(db, &probes, (HOLD_ENDED, words, None), now).await
 }
 
 /// One line of a mail's history as its viewer reads it.

@@ -180,9 +180,14 @@ pub async fn app_only_token(
             });
             drop(cached);
             tracing::info!("app-only token fetched");
-            crate::delivery::release::succeeded(ctx, shared, server.id, Some(&ENDED_BY_A_TOKEN))
-                .await
-                .map_err(db)?;
+            crate::delivery::release::succeeded(
+                ctx,
+                shared,
+                server.id,
+                crate::delivery::release::Success::Token(&ENDED_BY_A_TOKEN),
+            )
+            .await
+            .map_err(db)?;
             Ok(AccessToken {
                 token: tokens.access_token,
                 version,
@@ -504,9 +509,14 @@ async fn refresh_holding_lease(
     match answer {
         Ok(tokens) => {
             let token = store_refreshed(ctx, server, row, tokens).await?;
-            crate::delivery::release::succeeded(ctx, shared, server.id, Some(&ENDED_BY_A_TOKEN))
-                .await
-                .map_err(db)?;
+            crate::delivery::release::succeeded(
+                ctx,
+                shared,
+                server.id,
+                crate::delivery::release::Success::Token(&ENDED_BY_A_TOKEN),
+            )
+            .await
+            .map_err(db)?;
             Ok(token)
         }
         Err(failure) => {

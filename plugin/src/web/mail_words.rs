@@ -193,31 +193,32 @@ pub fn mails_table(mails: &[RecordMail], mailboxes: &HashMap<i32, String>) -> Ma
         @if mails.is_empty() {
             p.help { "No mail sent from this record yet." }
         } @else {
-            table.mails {
+            // `data-label`: a phone shows each mail as a card, each field named.
+            table.mails.cards {
                 thead { tr { th { "Subject" } th { "Status" } th { "Sent via" } th { "Queued (UTC)" } th { "Updated (UTC)" } } }
                 tbody {
                     @for mail in mails {
                         @match mail {
                             RecordMail::Own(m) => tr data-message-id=(m.message_id) data-status=(m.status) {
-                                td { a href=(m.url) { (m.subject) } }
-                                td {
+                                td.title { a href=(m.url) { (m.subject) } }
+                                td data-label="Status" {
                                     (status_badge(&m.status))
                                     @if let Some(w) = &m.waiting { p.help.waiting { (w) } }
                                     @if m.status == "failed" { @if let Some(e) = &m.last_error { p.help { (e) } } }
                                 }
-                                td { (via_words(mailboxes.get(&m.server_id).map_or("", String::as_str), &m.from)) }
-                                td { (m.created_at.format("%Y-%m-%d %H:%M:%S")) }
-                                td { (m.updated_at.format("%Y-%m-%d %H:%M:%S")) }
+                                td data-label="Sent via" { (via_words(mailboxes.get(&m.server_id).map_or("", String::as_str), &m.from)) }
+                                td data-label="Queued (UTC)" { (m.created_at.format("%Y-%m-%d %H:%M:%S")) }
+                                td data-label="Updated (UTC)" { (m.updated_at.format("%Y-%m-%d %H:%M:%S")) }
                             },
                             RecordMail::Colleague(m) => tr data-message-id=(m.message_id) data-status=(m.status) {
-                                td { (m.subject) }
-                                td {
+                                td.title { (m.subject) }
+                                td data-label="Status" {
                                     (status_badge(&m.status))
                                     @if let Some(w) = &m.waiting { p.help.waiting { (w) } }
                                 }
-                                td { "—" }
-                                td { (m.created_at.format("%Y-%m-%d %H:%M:%S")) }
-                                td { (m.updated_at.format("%Y-%m-%d %H:%M:%S")) }
+                                td data-label="Sent via" { "—" }
+                                td data-label="Queued (UTC)" { (m.created_at.format("%Y-%m-%d %H:%M:%S")) }
+                                td data-label="Updated (UTC)" { (m.updated_at.format("%Y-%m-%d %H:%M:%S")) }
                             },
                         }
                     }

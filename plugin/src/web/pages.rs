@@ -281,10 +281,10 @@ async fn list(
         let health = Health::of(healths.get(&s.id), now);
         rows.push(html! {
             tr {
-                td { a href=(server_url(s)) { (s.name) } @if s.is_default { " " span.badge.muted { "default" } } }
-                td { (s.mailbox) }
-                td { @if s.transport == "graph" { "Microsoft Graph" } @else { (s.smtp_host) ":" (s.smtp_port) } }
-                td.health { @match (&health, token) {
+                td.title { a href=(server_url(s)) { (s.name) } @if s.is_default { " " span.badge.muted { "default" } } }
+                td data-label="Mailbox" { (s.mailbox) }
+                td data-label="Sends through" { @if s.transport == "graph" { "Microsoft Graph" } @else { (s.smtp_host) ":" (s.smtp_port) } }
+                td.health data-label="Health" { @match (&health, token) {
                     (Health::Held { since, .. }, _) => {
                         span.badge.bad { (health.label()) }
                         br; span.help { "since " (when(*since)) }
@@ -295,9 +295,9 @@ async fn list(
                     (Health::Ready, Some(t)) if t.status == "valid" => span.badge.ok { "Outlook token validated" },
                     (Health::Ready, Some(_)) => span.badge.bad { "Needs reconnect" },
                 } }
-                td { (waiting.get(&s.id).copied().unwrap_or(0)) }
-                td { (token.and_then(|t| t.last_refresh_at).map(when).unwrap_or_else(|| "-".into())) }
-                td.help { @match (&health, token.and_then(|t| t.last_error.as_deref())) {
+                td data-label="Waiting" { (waiting.get(&s.id).copied().unwrap_or(0)) }
+                td data-label="Last refresh" { (token.and_then(|t| t.last_refresh_at).map(when).unwrap_or_else(|| "-".into())) }
+                td.help data-label="Last error" { @match (&health, token.and_then(|t| t.last_error.as_deref())) {
                     // The first sentence here; the whole text on the server's page.
                     (Health::Held { detail, .. }, _) => (first_sentence(detail)),
                     (_, Some(e)) => (first_sentence(e)),
@@ -317,7 +317,8 @@ async fn list(
             @if servers.is_empty() {
                 p { "No shared server yet. Add the Office 365 mailbox the CRM sends from." }
             } @else {
-                div.scroll { table {
+                // `data-label`: a phone shows each server as a card, each field named.
+                div.scroll { table.servers.cards {
                     thead { tr { th { "Name" } th { "Mailbox" } th { "Sends through" } th { "Health" } th { "Waiting" } th { "Last refresh" } th { "Last error" } } }
                     tbody { @for r in rows { (r) } }
                 } }

@@ -521,10 +521,16 @@ pub fn may_manage(user: &CurrentUser, server: &mail_server::Model) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn shared_at(host: &str, port: i32, security: &str, ca: Option<&str>) -> mail_server::Model {
+    /// A shared server at `host:port` with `security` (and an extra CA), for unit tests.
+    pub(crate) fn shared_at(
+        host: &str,
+        port: i32,
+        security: &str,
+        ca: Option<&str>,
+    ) -> mail_server::Model {
         let now = Utc::now();
         mail_server::Model {
             id: 1,

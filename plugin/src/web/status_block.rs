@@ -43,11 +43,12 @@ pub fn status_block(
     waiting: i64,
     user: &CurrentUser,
 ) -> Markup {
-    let when = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M UTC").to_string();
+    // To the second, as the mail pages give their times (a probe may be a minute away).
+    let when = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M:%S UTC").to_string();
     html! {
         div.status {
             @match health {
-                Health::Held { reason, detail, since, until, told } => {
+                Health::Held { reason, detail, since, until, told, .. } => {
                     p { span.badge.bad { "Held: " (reason.title()) } }
                     @if user.is_admin || !reason.needs_operator_for(server.owner_user_id.is_some()) {
                         p role="alert" { (detail) }
@@ -67,8 +68,10 @@ pub fn status_block(
                     }
                     @if !user.is_admin && *reason == HoldReason::Unreachable && !*told {
                         p { "It may pass by itself: the CRM keeps trying, and its operators are told if it lasts. Nothing is needed from you." }
-                    } @else if !user.is_admin && *reason == HoldReason::Unreachable {
+                    } @else if !user.is_admin && health.smtp_out_of_reach() {
                         p { "If this mailbox's server settings here are right, nothing is needed from you: the CRM's operators have been told." }
+                    } @else if !user.is_admin && *reason == HoldReason::Unreachable {
+                        p { "The CRM's operators have been told; nothing is needed from you." }
                     } @else if !user.is_admin && reason.needs_operator_for(server.owner_user_id.is_some()) {
                         p { "The CRM's operators have been told and will fix it; nothing is needed from you." }
                     }

@@ -373,7 +373,7 @@ async fn the_record_shows_statuses_in_words_and_the_mailbox_it_goes_out_from() {
     wait_status(&m.env.app, id, "sent").await;
     let (_, page, _) = m.alice.get(&format!("/contacts/{}", m.contact)).await;
     let table = page
-        .split("table class=\"mails\"")
+        .split("table class=\"mails cards\"")
         .nth(1)
         .expect("the record's mails");
     assert!(table.contains("Delivered to Exchange"), "{table}");

@@ -5,7 +5,7 @@
 use crate::helpers::{ADMIN, BOB, TestApp, eventually, history_kinds};
 use crate::send::{Mailing, mailing, queue, row, settings, wait_status};
 use crm_sdk::Clock;
-use microsoft_outlook::entities::{mailbox_health, token};
+use microsoft_outlook::entities::{mail_server, mailbox_health, token};
 use microsoft_simulators::smtp::{Injected, Stage};
 use reqwest::StatusCode;
 use sea_orm::sea_query::Expr;
@@ -646,6 +646,64 @@ async fn test_connection_shows_each_step_and_the_words_of_a_refusal() {
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
+/// A server that accepts the TCP connection and then says nothing usable (here it hangs up at
+/// once, as a port that expects TLS from the start does to a plain greeting): the network
+/// reached it, so the test points at the security setting, not at DNS or a firewall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_test_of_a_server_that_accepts_but_never_greets_points_at_the_security_setting() {
+    let m = one_attempt().await;
+    let app = &m.env.app;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    tokio::spawn(async move {
+        while let Ok((line, _)) = listener.accept().await {
+            drop(line);
+        }
+    });
+    mail_server::Entity::update_many()
+        .col_expr(mail_server::Column::SmtpPort, Expr::value(i32::from(port)))
+        .filter(mail_server::Column::Id.eq(m.env.server_id))
+        .exec(&app.db)
+        .await
+        .expect("move the server");
+    let test = format!("/microsoft_outlook/servers/{}/test", m.env.server_id);
+    let (status, report) = m.env.admin.post_json(&test, &json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(report["ok"], false, "{report}");
+    assert_eq!(report["rule"], "unreachable", "{report}");
+    let steps: Vec<(&str, bool)> = report["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap_or_default(),
+                s["ok"].as_bool().unwrap_or_default(),
+            )
+        })
+        .collect();
+    let tcp = steps.len().checked_sub(2).map(|i| steps[i]);
+    assert!(
+        tcp.is_some_and(|(name, ok)| ok
+            && name.starts_with("TCP connection to ")
+            && name.ends_with(&format!(":{port}")))
+            && steps.last() == Some(&("Greeting and EHLO", false)),
+        "{steps:?}"
+    );
+    let words = report["words"].as_str().unwrap_or_default();
+    assert!(
+        words.contains("accepted the connection") && words.contains("security setting (STARTTLS)"),
+        "{words}"
+    );
+    assert!(
+        !words.contains("firewall") && !words.contains("DNS"),
+        "{words}"
+    );
+    assert!(!held(app, m.env.server_id).await, "a test holds nothing");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_test_mail_goes_through_the_queue_shows_in_the_outbox_and_arrives() {
     let m = mailing().await;
@@ -1116,6 +1174,7 @@ async fn a_throttled_mailbox_is_shown_but_offers_no_release() {
         state: Set("throttled".into()),
         reason: Set(None),
         detail: Set(Some("Exchange asked to slow down.".into())),
+        rule: Set(None),
         since: Set(Some(now)),
         until: Set(Some(now + chrono::Duration::minutes(10))),
         notified_at: Set(None),
@@ -1209,6 +1268,16 @@ async fn a_users_mail_page_says_what_happened_in_users_words_and_operators_in_th
     let (_, page, _) = m.env.admin.get(&path).await;
     assert!(
         page.contains("An Exchange administrator must enable Authenticated SMTP"),
+        "{page}"
+    );
+    // The mail whose reply held the mailbox: the hold's words once in its delivery, not also
+    // as its own (its history keeps them, folded, as what its stop meant).
+    let delivery = page.split("id=\"history\"").next().unwrap_or_default();
+    assert_eq!(
+        delivery
+            .matches("An Exchange administrator must enable Authenticated SMTP")
+            .count(),
+        1,
         "{page}"
     );
     // The operator is told what is theirs to do, not that the operators have been told.

@@ -1528,6 +1528,16 @@ async fn a_mail_server_that_cannot_be_reached_holds_the_mailbox_and_tells_operat
     ] {
         assert!(page.contains(words), "{words:?} on the server page: {page}");
     }
+    // When the next probe comes, to the second as the mail pages say times.
+    let at = held
+        .until
+        .expect("a probe time")
+        .format("%Y-%m-%d %H:%M:%S UTC")
+        .to_string();
+    assert!(
+        page.contains(&format!("tried again by itself at {at}")),
+        "{at} on the server page: {page}"
+    );
     let next = probe(1).await;
     assert!(
         next > chrono::Duration::seconds(59) && next < chrono::Duration::minutes(2),
@@ -1586,6 +1596,23 @@ async fn a_mail_server_that_cannot_be_reached_holds_the_mailbox_and_tells_operat
         assert_eq!(sent.attempts, 1, "{sent:?}");
     }
     wait_ready(app, server_id).await;
+    // Each mail's history says, once, what ended its wait: the probe (the oldest) that its
+    // own going out did, the other that a mail went out.
+    let [probe_mail, other] = ids;
+    let history = history_of(&m.env, probe_mail).await;
+    assert_eq!(
+        events_of(&history, "hold_ended"),
+        [
+            "Its mailbox's hold ended: this mail went out through the mailbox, which showed that it works again"
+        ],
+        "{history}"
+    );
+    let history = history_of(&m.env, other).await;
+    assert_eq!(
+        events_of(&history, "hold_ended"),
+        ["Its mailbox's hold ended: a mail went out through the mailbox again"],
+        "{history}"
+    );
     assert!(
         notifications(app, &key)
             .await
@@ -1752,6 +1779,42 @@ async fn a_personal_mailbox_that_cannot_be_reached_asks_its_owner_only_about_the
         "{to_alice}"
     );
     assert!(!to_alice.contains("proxy"), "{to_alice}");
+}
+
+/// A personal mailbox whose token cannot be had because Microsoft's token endpoint is away:
+/// nothing of the owner's settings can be the cause, so the owner is not asked about them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_personal_mailbox_whose_token_endpoint_is_away_does_not_ask_its_owner_about_settings() {
+    let (m, mine) = alices_mailbox(SmtpConfig::default()).await;
+    let app = &m.env.app;
+    expire_soon(app, mine).await;
+    m.env
+        .idp
+        .fail_next_token_requests(TokenFault::ServerError { status: 503 }, usize::MAX);
+    let id = queue(&m, "From my own mailbox, token away").await;
+    wait_held(app, mine, "unreachable").await;
+    assert_waits(app, id).await;
+    for minutes in [1, 14, 15] {
+        next_probe(app, mine, minutes).await;
+    }
+    let notes = notifications(app, &mailbox_key(mine)).await;
+    let alices = the_one_for(&notes, app.alice_id);
+    assert!(
+        alices.body.contains("operators have been told")
+            && !alices.body.contains("server settings"),
+        "{alices:?}"
+    );
+    let (_, page, _) = m
+        .alice
+        .get(&format!("/microsoft_outlook/servers/{mine}"))
+        .await;
+    let page = text_of(&page);
+    assert!(
+        page.contains("Microsoft cannot be reached")
+            && page.contains("operators have been told")
+            && !page.contains("server settings here"),
+        "{page}"
+    );
 }
 
 /// The probe of a held mailbox is its oldest mail that is due: an older mail waiting for a

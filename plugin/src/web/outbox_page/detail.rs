@@ -301,7 +301,8 @@ fn delivery_card(
                 @if mail.status == "queued" { tr { th { "Next attempt" } td { (next_attempt(mail, now, limits.per_minute, ready)) } } }
                 tr { th { "Last reply" } td.reply { (mail.last_reply.as_deref().unwrap_or("-")) } }
                 @if let Some(reply) = &mail.last_reply { tr { th { "Classified" } td { (classified_reply(reply)) } } }
-                @if let Some(words) = &mail.last_error { tr { th { "What happened" } td.words { (words) } } }
+                // The mail whose reply held its mailbox: its words are the hold's, said below once.
+                @if let Some(words) = mail.last_error.as_ref().filter(|w| !v.waits_on_mailbox() || v.wait_words(user).as_ref() != Some(*w)) { tr { th { "What happened" } td.words { (words) } } }
             } }
             @if v.waits_on_mailbox() {
                 div.status.waiting {

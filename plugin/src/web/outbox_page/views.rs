@@ -296,14 +296,14 @@ pub(super) fn mails_table(
     viewer: &CurrentUser,
 ) -> Markup {
     html! {
-        div.scroll { table.outbox role="table" {
+        div.scroll { table.outbox.cards role="table" {
             thead { tr role="row" { th role="columnheader" { "Queued (UTC)" } th role="columnheader" { "Subject" } th role="columnheader" { "To" } th role="columnheader" { "From" } th role="columnheader" { "Mailbox" } th role="columnheader" { "Status" } th role="columnheader" { "Attempts" } th role="columnheader" { "Last reply" } } }
             tbody {
                 @for m in mails {
                     // `data-label`: a phone shows each mail as a card, each field named.
                     tr role="row" data-id=(m.id) data-message-id=(m.message_id) {
                         td role="cell" data-label="Queued (UTC)" { (when(m.created_at)) }
-                        td.subject role="cell" { a href=(format!("{OUTBOX}/{}", m.id)) { @if m.subject.is_empty() { "(no subject)" } @else { (m.subject) } } }
+                        td.subject.title role="cell" { a href=(format!("{OUTBOX}/{}", m.id)) { @if m.subject.is_empty() { "(no subject)" } @else { (m.subject) } } }
                         td role="cell" data-label="To" { (m.recipients.lines().next().unwrap_or(""))
                             @let more = m.recipients.lines().count().saturating_sub(1);
                             @if more > 0 { " +" (more) } }

@@ -195,11 +195,12 @@ pub async fn test(
             let verdict = classify::smtp(f.observed(), &facts);
             let shown = shown_reply(&f, viewer);
             steps.extend(connection_steps(server, &identity, reached, Some(shown)));
+            let words = test_words(&verdict, viewer.is_admin, (server, reached));
             Report {
                 ok: false,
                 steps,
                 rule: Some(verdict.rule.to_string()),
-                words: Some(test_words(&verdict, viewer.is_admin)),
+                words: Some(words),
                 hold_ended: false,
             }
         }
@@ -210,8 +211,26 @@ pub async fn test(
 /// The words of a failed test: the verdict's, but a failure to connect that a mail would only
 /// retry is, in a test, for the person who set the server up to look at.
 /// The network between this CRM and the server is the operators' to check (`operator`: the
-/// reader is one), never a mailbox owner's.
-fn test_words(verdict: &classify::Verdict, operator: bool) -> String {
+/// reader is one), never a mailbox owner's; and a server that accepted the TCP connection
+/// (`reached`) was reached over the network, so what is left to check is its security setting.
+fn test_words(
+    verdict: &classify::Verdict,
+    operator: bool,
+    (server, reached): (&mail_server::Model, Reached),
+) -> String {
+    if verdict.rule == "unreachable" && reached >= Reached::Connected {
+        return format!(
+            "{} The server at {}:{} accepted the connection, so the network is not the cause, but it did not greet and answer over it as this server's security setting ({}) expects: check that the security matches the port (Microsoft 365 takes STARTTLS on port 587). Mail meeting this would wait, spending no attempt, and be tried again later.",
+            verdict.what,
+            server.smtp_host,
+            server.smtp_port,
+            match server.security.as_str() {
+                "starttls" => "STARTTLS",
+                "tls" => "TLS from the start",
+                _ => "none",
+            }
+        );
+    }
     let network = if operator {
         "this CRM's machine can reach it (DNS, firewall, proxy)"
     } else {
@@ -566,8 +585,10 @@ mod tests {
             },
             &facts,
         );
-        let words = test_words(&lookup, true);
-        let owners = test_words(&lookup, false);
+        let server =
+            crate::web::servers::tests::shared_at("smtp.office365.com", 587, "starttls", None);
+        let words = test_words(&lookup, true, (&server, Reached::Nothing));
+        let owners = test_words(&lookup, false, (&server, Reached::Nothing));
         assert!(owners.contains("Check the host name"), "{owners}");
         assert!(!owners.contains("firewall"), "{owners}");
         assert!(words.contains("failed to lookup address"), "{words}");
@@ -585,6 +606,31 @@ mod tests {
             },
             &facts,
         );
-        assert_eq!(test_words(&refused, true), refused.words());
+        assert_eq!(
+            test_words(&refused, true, (&server, Reached::Greeted)),
+            refused.words()
+        );
+        // A server that accepted the connection but never greeted: the network reached it, so
+        // the advice is the security setting, for everyone, and never DNS or a firewall.
+        let silent = classify::smtp(
+            Observed::Network {
+                stage: Stage::Connect,
+                detail: "Connection error: incomplete response",
+            },
+            &facts,
+        );
+        for operator in [true, false] {
+            let words = test_words(&silent, operator, (&server, Reached::Connected));
+            assert!(
+                words.contains("smtp.office365.com:587 accepted the connection")
+                    && words.contains("security setting (STARTTLS)")
+                    && words.contains("incomplete response"),
+                "{words}"
+            );
+            assert!(
+                !words.contains("firewall") && !words.contains("DNS"),
+                "{words}"
+            );
+        }
     }
 }
