@@ -166,7 +166,7 @@ async fn send_batch(
     drained.add(w.write(rest).await?);
     if drained.sent > 0 {
         let ids: Vec<i64> = claimed.rows.iter().map(|r| r.id).collect();
-        let went = crate::delivery::release::Success::MailsWent(&ids);
+        let went = crate::delivery::release::Success::MailsWent(&ids, claimed.claimed_at);
         crate::delivery::release::succeeded(ctx, shared, server.id, went).await?;
     }
     tracing::info!(

@@ -351,6 +351,29 @@ mod tests {
     use sea_orm::sea_query::{PostgresQueryBuilder, SqliteQueryBuilder};
 
     #[test]
+    fn only_an_smtp_server_out_of_reach_may_be_the_owners_settings() {
+        let held = |reason, rule: &str| Health::Held {
+            reason,
+            detail: String::new(),
+            rule: rule.into(),
+            since: Utc::now(),
+            until: None,
+            told: true,
+        };
+        assert!(held(HoldReason::Unreachable, "unreachable").smtp_out_of_reach());
+        // A hold stored before its rule was: taken as the SMTP server's.
+        assert!(held(HoldReason::Unreachable, "").smtp_out_of_reach());
+        for rule in ["graph-unreachable", "token-endpoint-unavailable"] {
+            assert!(
+                !held(HoldReason::Unreachable, rule).smtp_out_of_reach(),
+                "{rule}"
+            );
+        }
+        assert!(!held(HoldReason::ServerRefused, "connection-refused").smtp_out_of_reach());
+        assert!(!Health::Ready.smtp_out_of_reach());
+    }
+
+    #[test]
     fn claimable_binds_its_values_on_both_databases() {
         let query = Query::select()
             .column(outbox::Column::Id)

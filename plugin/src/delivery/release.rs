@@ -27,9 +27,9 @@ pub enum Release {
 
 /// Ends whatever hold or throttle `server_id` is under (`only`: only holds for these reasons),
 /// resolves its notification, and sends its waiting mails in queue order. When a hold ended,
-/// each mail that waited for it (and the one in flight as its probe) gets `ended` (who or
-/// what ended it) in its history, in the transaction that ends the hold. Returns whether a
-/// hold ended.
+/// each mail that waits for it (queued, or in flight) gets `ended` (who or what ended it) in
+/// its history, in the transaction that ends the hold; a probe batch's mails that went out
+/// get words of their own ([`history::probe_went_out`]). Returns whether a hold ended.
 pub async fn release(
     ctx: &ModuleContext,
     shared: &std::sync::Arc<Shared>,
@@ -187,10 +187,12 @@ async fn end_hold(
     if ended {
         let waited = waiting_ids(&txn, server_id).await?;
         history::hold_ended(&txn, &waited, ended_by, now).await?;
-        if let (Ended::MailWentOut(went), Some(since)) =
-            (ended_by, before.as_ref().and_then(|b| b.since))
+        // A batch claimed while held was the hold's probe: the mails of it that went out.
+        let since = before.as_ref().and_then(|b| b.since);
+        if let Ended::MailWentOut(batch, claimed_at) = ended_by
+            && since.is_some_and(|since| claimed_at >= since)
         {
-            history::probe_went_out(&txn, went, since, now).await?;
+            history::probe_went_out(&txn, batch, now).await?;
         }
     }
     txn.commit().await?;
@@ -300,8 +302,9 @@ pub async fn release_reasons(
 pub enum Success<'a> {
     /// A token was obtained: ends holds for these reasons (the token endpoint's, the settings').
     Token(&'a [HoldReason]),
-    /// Mails of this batch (their outbox ids) went out: the hold's probe, when it was held.
-    MailsWent(&'a [i64]),
+    /// Mail of a batch claimed at the given time went out (the ids: the batch's claimed
+    /// mails, some perhaps not sent); a batch claimed while the mailbox was held was its probe.
+    MailsWent(&'a [i64], DateTime<Utc>),
 }
 
 /// After mails went out or a token was obtained (`by`). A throttle is never ended here (it
@@ -325,7 +328,7 @@ pub async fn succeeded(
             Success::Token(reasons) => reasons.contains(reason),
             // A mail that went out proves a server that could not be reached answers again
             // (whenever it was claimed).
-            Success::MailsWent(_) => {
+            Success::MailsWent(..) => {
                 until.is_some_and(|u| u <= now) || *reason == HoldReason::Unreachable
             }
         },
@@ -334,7 +337,7 @@ pub async fn succeeded(
     if ends {
         let (only, ended) = match by {
             Success::Token(reasons) => (Some(reasons), Ended::TokenObtained),
-            Success::MailsWent(ids) => (None, Ended::MailWentOut(ids)),
+            Success::MailsWent(ids, claimed_at) => (None, Ended::MailWentOut(ids, claimed_at)),
         };
         release(ctx, shared, server_id, (only, Release::IfHeld), ended).await?;
     } else if health == Health::Ready {

@@ -157,10 +157,10 @@ pub enum Ended<'a> {
     SettingsSaved,
     /// A token was obtained again for the mailbox.
     TokenObtained,
-    /// A mail went out through the mailbox again (the hold's probe), of these mails (a batch
-    /// that went out; those of them that waited for the hold get words of their own:
-    /// [`probe_went_out`]).
-    MailWentOut(&'a [i64]),
+    /// A mail went out through the mailbox again, of a batch (these claimed mails) claimed at
+    /// the given time; when that was during the hold the batch was its probe, and its mails
+    /// that went out get words of their own ([`probe_went_out`]).
+    MailWentOut(&'a [i64], DateTime<Utc>),
     /// The mailbox's server was deleted: its mails fail in words of their own, no event.
     ServerDeleted,
 }
@@ -191,7 +191,7 @@ impl Ended<'_> {
                 "Microsoft gave the mailbox a token again".into(),
                 None,
             ),
-            Ended::MailWentOut(_) => (
+            Ended::MailWentOut(..) => (
                 HOLD_ENDED,
                 "a mail went out through the mailbox again".into(),
                 None,
@@ -215,30 +215,27 @@ pub async fn hold_ended<C: ConnectionTrait>(
     of_each(db, ids, (kind, &detail, user_id), now).await
 }
 
-/// Of `went` (mails that just went out through a mailbox whose hold this ended), those that
-/// had waited for the hold begun at `since`, the probe: each gets, at `now`, that its going out
-/// ended the hold (the other waiting mails get [`hold_ended`]'s line).
+/// Of `batch` (the mails of the hold's probe: a batch claimed while the mailbox was held),
+/// those that went out: each gets, at `now`, that its going out ended the hold (the mails that
+/// wait get [`hold_ended`]'s line; one of the batch that did not go out is among those).
 pub async fn probe_went_out<C: ConnectionTrait>(
     db: &C,
-    went: &[i64],
-    since: DateTime<Utc>,
+    batch: &[i64],
     now: DateTime<Utc>,
 ) -> Result<(), sea_orm::DbErr> {
-    if went.is_empty() {
+    if batch.is_empty() {
         return Ok(());
     }
-    let probes: Vec<i64> = outbox_event::Entity::find()
+    let went: Vec<i64> = outbox::Entity::find()
         .select_only()
-        .column(outbox_event::Column::OutboxId)
-        .distinct()
-        .filter(outbox_event::Column::OutboxId.is_in(went.iter().copied()))
-        .filter(outbox_event::Column::Kind.eq(WAITED))
-        .filter(outbox_event::Column::At.gte(since))
+        .column(outbox::Column::Id)
+        .filter(outbox::Column::Id.is_in(batch.iter().copied()))
+        .filter(outbox::status_is("sent"))
         .into_tuple()
         .all(db)
         .await?;
     let words = "this mail went out through the mailbox, which showed that it works again";
-    of_each(db, &probes, (HOLD_ENDED, words, None), now).await
+    of_each(db, &went, (HOLD_ENDED, words, None), now).await
 }
 
 /// One line of a mail's history as its viewer reads it.

@@ -200,7 +200,7 @@ pub fn mails_table(mails: &[RecordMail], mailboxes: &HashMap<i32, String>) -> Ma
                     @for mail in mails {
                         @match mail {
                             RecordMail::Own(m) => tr data-message-id=(m.message_id) data-status=(m.status) {
-                                td.title { a href=(m.url) { (m.subject) } }
+                                td.title { a href=(m.url) { @if m.subject.is_empty() { "(no subject)" } @else { (m.subject) } } }
                                 td data-label="Status" {
                                     (status_badge(&m.status))
                                     @if let Some(w) = &m.waiting { p.help.waiting { (w) } }
@@ -211,7 +211,7 @@ pub fn mails_table(mails: &[RecordMail], mailboxes: &HashMap<i32, String>) -> Ma
                                 td data-label="Updated (UTC)" { (m.updated_at.format("%Y-%m-%d %H:%M:%S")) }
                             },
                             RecordMail::Colleague(m) => tr data-message-id=(m.message_id) data-status=(m.status) {
-                                td.title { (m.subject) }
+                                td.title { @if m.subject.is_empty() { "(no subject)" } @else { (m.subject) } }
                                 td data-label="Status" {
                                     (status_badge(&m.status))
                                     @if let Some(w) = &m.waiting { p.help.waiting { (w) } }

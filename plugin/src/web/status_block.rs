@@ -68,7 +68,7 @@ pub fn status_block(
                     }
                     @if !user.is_admin && *reason == HoldReason::Unreachable && !*told {
                         p { "It may pass by itself: the CRM keeps trying, and its operators are told if it lasts. Nothing is needed from you." }
-                    } @else if !user.is_admin && health.smtp_out_of_reach() {
+                    } @else if !user.is_admin && health.smtp_out_of_reach() && server.transport == "smtp" {
                         p { "If this mailbox's server settings here are right, nothing is needed from you: the CRM's operators have been told." }
                     } @else if !user.is_admin && *reason == HoldReason::Unreachable {
                         p { "The CRM's operators have been told; nothing is needed from you." }

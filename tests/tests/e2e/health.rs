@@ -1477,6 +1477,18 @@ async fn a_mail_server_that_cannot_be_reached_holds_the_mailbox_and_tells_operat
     for id in ids {
         assert_waits(app, id).await;
     }
+    // The process that met it counts it (its own series: a process cut off from Microsoft
+    // while others send shows here even when the others' mail ends the hold).
+    let (_, metrics, _) = m.env.admin.get("/metrics").await;
+    let met = metrics.lines().find_map(|l| {
+        l.strip_prefix(
+            "microsoft_outlook_sends_total{rule=\"unreachable\",level=\"mailbox_held\"}",
+        )?
+        .trim()
+        .parse::<f64>()
+        .ok()
+    });
+    assert!(met.is_some_and(|n| n >= 1.0), "{metrics}");
     let key = microsoft_outlook::delivery::health::notification_key(server_id);
     let outage = microsoft_outlook::delivery::health::unreachable_key();
     assert!(
@@ -1804,6 +1816,11 @@ async fn a_personal_mailbox_whose_token_endpoint_is_away_does_not_ask_its_owner_
             && !alices.body.contains("server settings"),
         "{alices:?}"
     );
+    let to_alice = waiting_words(app, Some(app.alice_id), mine).await;
+    assert!(
+        to_alice.contains("have been told") && !to_alice.contains("server settings"),
+        "{to_alice}"
+    );
     let (_, page, _) = m
         .alice
         .get(&format!("/microsoft_outlook/servers/{mine}"))
@@ -1846,6 +1863,24 @@ async fn the_probe_is_the_oldest_due_mail_not_one_waiting_for_its_own_retry() {
     // (Without a due probe, nothing would go before the older mail's hour.)
     wait_status(app, newer, "sent").await;
     wait_ready(app, server_id).await;
+    // The probe's history says its going out ended the hold, the older mail's that a mail did.
+    let ended = async |id| {
+        let history = history_of(&m.env, id).await;
+        events_of(&history, "hold_ended")
+            .iter()
+            .map(|w| w.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ended(newer).await,
+        [
+            "Its mailbox's hold ended: this mail went out through the mailbox, which showed that it works again"
+        ]
+    );
+    assert_eq!(
+        ended(older).await,
+        ["Its mailbox's hold ended: a mail went out through the mailbox again"]
+    );
 }
 
 /// One outage reaches every mailbox: the operators are told once, whichever mailbox it lasted

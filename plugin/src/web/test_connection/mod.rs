@@ -194,8 +194,13 @@ pub async fn test(
             };
             let verdict = classify::smtp(f.observed(), &facts);
             let shown = shown_reply(&f, viewer);
-            steps.extend(connection_steps(server, &identity, reached, Some(shown)));
-            let words = test_words(&verdict, viewer.is_admin, (server, reached));
+            steps.extend(connection_steps(
+                server,
+                &identity,
+                reached,
+                Some(shown.clone()),
+            ));
+            let words = test_words(&verdict, viewer.is_admin, (server, reached, &shown));
             Report {
                 ok: false,
                 steps,
@@ -211,17 +216,23 @@ pub async fn test(
 /// The words of a failed test: the verdict's, but a failure to connect that a mail would only
 /// retry is, in a test, for the person who set the server up to look at.
 /// The network between this CRM and the server is the operators' to check (`operator`: the
-/// reader is one), never a mailbox owner's; and a server that accepted the TCP connection
-/// (`reached`) was reached over the network, so what is left to check is its security setting.
+/// reader is one), never a mailbox owner's. A server that accepted the TCP connection
+/// (`reached`, with what failed after it: `failure`) was reached over the network, so what is
+/// left to check is its security setting against its port. (TLS from the start is one step
+/// in lettre, so its failures are not told apart.)
 fn test_words(
     verdict: &classify::Verdict,
     operator: bool,
-    (server, reached): (&mail_server::Model, Reached),
+    (server, reached, failure): (&mail_server::Model, Reached, &str),
 ) -> String {
     if verdict.rule == "unreachable" && reached >= Reached::Connected {
+        let what = if reached >= Reached::Greeted {
+            "greeted, but STARTTLS failed"
+        } else {
+            "accepted the TCP connection, but no SMTP greeting or EHLO answer came over it"
+        };
         return format!(
-            "{} The server at {}:{} accepted the connection, so the network is not the cause, but it did not greet and answer over it as this server's security setting ({}) expects: check that the security matches the port (Microsoft 365 takes STARTTLS on port 587). Mail meeting this would wait, spending no attempt, and be tried again later.",
-            verdict.what,
+            "The server at {}:{} {what} ({failure}). The network reached it: check that this server's security setting ({}) matches its port (Microsoft 365 takes STARTTLS on port 587). Mail meeting this would wait, spending no attempt, and be tried again later.",
             server.smtp_host,
             server.smtp_port,
             match server.security.as_str() {
@@ -587,8 +598,9 @@ mod tests {
         );
         let server =
             crate::web::servers::tests::shared_at("smtp.office365.com", 587, "starttls", None);
-        let words = test_words(&lookup, true, (&server, Reached::Nothing));
-        let owners = test_words(&lookup, false, (&server, Reached::Nothing));
+        let lookup_failure = "failed to lookup address information";
+        let words = test_words(&lookup, true, (&server, Reached::Nothing, lookup_failure));
+        let owners = test_words(&lookup, false, (&server, Reached::Nothing, lookup_failure));
         assert!(owners.contains("Check the host name"), "{owners}");
         assert!(!owners.contains("firewall"), "{owners}");
         assert!(words.contains("failed to lookup address"), "{words}");
@@ -607,7 +619,7 @@ mod tests {
             &facts,
         );
         assert_eq!(
-            test_words(&refused, true, (&server, Reached::Greeted)),
+            test_words(&refused, true, (&server, Reached::Greeted, "550 5.1.10")),
             refused.words()
         );
         // A server that accepted the connection but never greeted: the network reached it, so
@@ -619,18 +631,32 @@ mod tests {
             },
             &facts,
         );
+        let failure = "Connection error: incomplete response";
         for operator in [true, false] {
-            let words = test_words(&silent, operator, (&server, Reached::Connected));
+            let words = test_words(&silent, operator, (&server, Reached::Connected, failure));
             assert!(
-                words.contains("smtp.office365.com:587 accepted the connection")
-                    && words.contains("security setting (STARTTLS)")
+                words.contains(
+                    "smtp.office365.com:587 accepted the TCP connection, but no SMTP greeting"
+                ) && words.contains("security setting (STARTTLS)")
                     && words.contains("incomplete response"),
                 "{words}"
             );
             assert!(
-                !words.contains("firewall") && !words.contains("DNS"),
+                !words.contains("firewall")
+                    && !words.contains("DNS")
+                    && !words.contains("could not be reached"),
                 "{words}"
             );
         }
+        // A greeting, then a TLS handshake that failed: said as STARTTLS, not as no greeting.
+        let words = test_words(
+            &silent,
+            true,
+            (&server, Reached::Greeted, "handshake failure"),
+        );
+        assert!(
+            words.contains("greeted, but STARTTLS failed (handshake failure)"),
+            "{words}"
+        );
     }
 }
