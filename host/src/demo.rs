@@ -465,6 +465,9 @@ const GRAPH_FAULTS: [&str; 3] = [
 /// waits; the mailbox's probe, after the retry base (a minute), sends it.
 const SMTP_UNREACHABLE: &str = "smtp-unreachable";
 
+/// Disarms every fault armed over SMTP and through Microsoft Graph and not yet met.
+const DISARM: &str = "disarm";
+
 /// The fault the demo's simulated sign-in can be told to play: the shared mailbox's grant
 /// revoked (as a password change does), so that its next mail meets AADSTS50173.
 const REVOKE_GRANT: &str = "revoke-grant";
@@ -499,6 +502,7 @@ struct Played {
 
 async fn faults_page(
     state: web::Data<AppState>,
+    demo: web::Data<DemoServices>,
     user: CurrentUser,
     played: web::Query<Played>,
 ) -> HttpResponse {
@@ -507,6 +511,7 @@ async fn faults_page(
     }
     let known = |id: &str| {
         id == REVOKE_GRANT
+            || id == DISARM
             || id == SMTP_UNREACHABLE
             || FAULTS.iter().any(|(f, _)| *f == id)
             || GRAPH_FAULTS.contains(&id)
@@ -521,11 +526,22 @@ async fn faults_page(
         );
         Some((*id, answer))
     });
+    // Each button press arms one more: how many wait to be met, so that none surprises later.
+    let armed = |n: usize| {
+        html! {
+            @if n > 0 {
+                p.armed role="status" { strong { (n) " armed, not yet met" } ": each is met once, in the order armed." }
+            }
+        }
+    };
+    let (armed_smtp, armed_graph) = (demo.smtp.injections_left(), demo.graph.injections_left());
     let body = html! {
         h1 { "Simulated Exchange: play a fault" }
         @if let Some(id) = &played {
             @if id == REVOKE_GRANT {
                 p.flash.ok role="status" { "Revoked: the sign-in of " (DEMO_MAILBOX) ". Its next mail or token refresh meets it." }
+            } @else if id == DISARM {
+                p.flash.ok role="status" { "Disarmed: no fault waits to be met." }
             } @else if id == SMTP_UNREACHABLE {
                 p.flash.ok role="status" { "Unreachable: the next connection to the simulated SMTP server is refused. Send a mail to meet it." }
             } @else {
@@ -538,11 +554,19 @@ async fn faults_page(
             @for (id, reply) in FAULTS { (fault_form(&user, id, reply)) }
             p.help { "Or the server cannot be reached: its next connection is refused before any reply. The mailbox waits as unreachable (no mail spends an attempt); one mail probes it again after the retry base (a minute), then after as long as it has lasted, and the mail goes once the server answers; Release held mail tries at once." }
             (fault_form(&user, SMTP_UNREACHABLE, "connection refused before any reply"))
+            (armed(armed_smtp))
         }
         section.card {
             h2 { "Through Microsoft Graph" }
             p.help { "The next request of the simulated graph.microsoft.com that the answer fits (a send for invalid recipients, any request for the others, a Test connection too) gets the answer chosen here, once." }
             @for (id, answer) in graph_faults { (fault_form(&user, id, &answer)) }
+            (armed(armed_graph))
+        }
+        @if armed_smtp + armed_graph > 0 {
+            section.card {
+                h2 { "Armed faults" }
+                (fault_form(&user, DISARM, "every fault armed and not yet met, over SMTP and through Graph"))
+            }
         }
         section.card {
             h2 { "At Microsoft's sign-in" }
@@ -574,6 +598,11 @@ async fn play_fault(
         // The next mail signs in again: end the connections the module keeps for reuse.
         demo.smtp.close_connections().await;
         return played(REVOKE_GRANT);
+    }
+    if form.fault == DISARM {
+        demo.smtp.clear_injections();
+        demo.graph.clear_injections();
+        return played(DISARM);
     }
     if form.fault == SMTP_UNREACHABLE {
         // Connections kept for reuse would not meet it: end them.

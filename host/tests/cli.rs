@@ -509,6 +509,40 @@ async fn the_demo_pages_of_the_simulated_services_are_for_operators() {
     assert_eq!(status, reqwest::StatusCode::SEE_OTHER);
     let (status, _) = status_of(admin.clone(), "/demo/received").await;
     assert_eq!(status, reqwest::StatusCode::OK);
+    // Each press arms one more fault; the page counts those not yet met, and disarms them.
+    let play = |fault: &'static str| {
+        let (admin, base) = (admin.clone(), base.clone());
+        async move {
+            let page = admin
+                .get(format!("{base}/demo/faults"))
+                .send()
+                .await
+                .expect("faults page")
+                .text()
+                .await
+                .expect("text");
+            let marker = "name=\"csrf_token\" value=\"";
+            let at = page.find(marker).expect("a CSRF field") + marker.len();
+            let csrf = page[at..].split('"').next().unwrap_or_default().to_string();
+            let answer = admin
+                .post(format!("{base}/demo/faults"))
+                .form(&[("fault", fault), ("csrf_token", csrf.as_str())])
+                .send()
+                .await
+                .expect("play");
+            assert_eq!(answer.status(), reqwest::StatusCode::SEE_OTHER, "{fault}");
+        }
+    };
+    play("quota").await;
+    play("quota").await;
+    let (_, page) = status_of(admin.clone(), "/demo/faults?played=quota").await;
+    assert!(page.contains("2 armed, not yet met"), "{page}");
+    play("disarm").await;
+    let (_, page) = status_of(admin.clone(), "/demo/faults?played=disarm").await;
+    assert!(
+        page.contains("Disarmed") && !page.contains("armed, not yet met"),
+        "{page}"
+    );
     let (status, page) = status_of(admin.clone(), "/demo/azure").await;
     assert_eq!(status, reqwest::StatusCode::OK);
     for account in [

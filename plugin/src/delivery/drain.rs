@@ -20,6 +20,7 @@ use crate::outbox::claims::{self, Claim, Claimed};
 use crate::outbox::lease::LeaseKeeper;
 use crate::runtime::Shared;
 
+use crate::delivery::attempt::Decided;
 pub use crate::delivery::outcomes::Drained;
 use crate::delivery::outcomes::Writer;
 use crate::tokens::service::{AccessToken, TokenProblem, fresh_access_token};
@@ -142,25 +143,9 @@ async fn send_batch(
             false
         }
         Ok(result) => {
-            let now = ctx.clock().now();
-            let words = stop_words(ctx, shared, &server, now, result.stop.as_ref()).await?;
-            if let Some((until, reply, why)) = words {
-                // A refusal of the mailbox leaves the mail that met it unsent: the first of
-                // them (mails go in queue order). The others were not tried.
-                let mut first = matches!(result.stop, Some(Stop::Mailbox { .. }));
-                for (p, r) in prepared.iter().zip(&result.results) {
-                    if matches!(r, MessageResult::NotTried) {
-                        let a = w.attempt(w.row(p.id));
-                        let mut d = a.wait(until, reply.clone(), why.clone());
-                        d.outcome.tried = std::mem::take(&mut first);
-                        rest.push(d);
-                    }
-                }
-            }
-            if matches!(result.stop, Some(Stop::Busy)) {
-                wake_at(ctx, shared, server_id, now + Duration::seconds(3));
-            }
-            result.stop.is_none()
+            let (go_on, waiting) = after_send(&w, &server, &prepared, &result).await?;
+            rest.extend(waiting);
+            go_on
         }
     };
     drained.add(w.write(rest).await?);
@@ -178,6 +163,38 @@ async fn send_batch(
         "drained a batch"
     );
     Ok((drained, go_on))
+}
+
+/// After a batch was sent (`result`): whether the drain goes on (nothing stopped it), and the
+/// outcomes of the mails a stop left untried, which wait as it says (the mailbox's hold or
+/// throttle recorded first; the mail that met a refusal of the mailbox counts as tried).
+async fn after_send(
+    w: &Writer<'_>,
+    server: &mail_server::Model,
+    prepared: &[Prepared],
+    result: &BatchResult,
+) -> Result<(bool, Vec<Decided>), sea_orm::DbErr> {
+    let (ctx, shared) = (w.ctx, w.shared);
+    let now = ctx.clock().now();
+    let mut waiting = Vec::new();
+    let words = stop_words(ctx, shared, server, now, result.stop.as_ref()).await?;
+    if let Some((until, reply, why)) = words {
+        // A refusal of the mailbox leaves the mail that met it unsent: the first of them
+        // (mails go in queue order). The others were not tried.
+        let mut first = matches!(result.stop, Some(Stop::Mailbox { .. }));
+        for (p, r) in prepared.iter().zip(&result.results) {
+            if matches!(r, MessageResult::NotTried) {
+                let a = w.attempt(w.row(p.id));
+                let mut d = a.wait(until, reply.clone(), why.clone());
+                d.outcome.tried = std::mem::take(&mut first);
+                waiting.push(d);
+            }
+        }
+    }
+    if matches!(result.stop, Some(Stop::Busy)) {
+        wake_at(ctx, shared, server.id, now + Duration::seconds(3));
+    }
+    Ok((result.stop.is_none(), waiting))
 }
 
 /// Takes the mailbox's token and sends the batch, each result reported on `report` as it

@@ -54,31 +54,11 @@ pub async fn hold(
         }
         _ => (verdict.hold_for.map(|d| now + d), None),
     };
-    let detail = verdict.words();
-    let update = |until: Option<DateTime<Utc>>| {
-        mailbox_health::Entity::update_many()
-            .col_expr(mailbox_health::Column::State, Expr::value("held"))
-            .col_expr(mailbox_health::Column::Detail, Expr::value(detail.clone()))
-            .col_expr(mailbox_health::Column::Rule, Expr::value(verdict.rule))
-            .col_expr(mailbox_health::Column::Until, Expr::value(until))
-            .col_expr(mailbox_health::Column::UpdatedAt, Expr::value(now))
-            .filter(mailbox_health::Column::ServerId.eq(server.id))
-    };
+    let update = |until| held_row(server.id, verdict, until, now);
     // Told at once, or (unreachable) not yet: `notified_at` stays empty until it is.
     let told_now = reason != HoldReason::Unreachable;
     // Only the writer that turns the state into this hold begins the incident (a new one
-    // starts its probes afresh). Not reaching Microsoft never replaces a hold for another
-    // cause, even one set by another process since it was read.
-    let replaces = if reason == HoldReason::Unreachable {
-        Condition::any()
-            .add(mailbox_health::Column::State.ne("held"))
-            .add(mailbox_health::Column::Reason.is_null())
-    } else {
-        Condition::any()
-            .add(mailbox_health::Column::State.ne("held"))
-            .add(mailbox_health::Column::Reason.is_null())
-            .add(mailbox_health::Column::Reason.ne(reason.as_str()))
-    };
+    // starts its probes afresh).
     let began = update(first.or(until))
         .col_expr(mailbox_health::Column::Reason, Expr::value(reason.as_str()))
         .col_expr(mailbox_health::Column::Since, Expr::value(now))
@@ -86,7 +66,7 @@ pub async fn hold(
             mailbox_health::Column::NotifiedAt,
             Expr::value(told_now.then_some(now)),
         )
-        .filter(replaces)
+        .filter(replaceable_by(reason))
         .exec(ctx.db())
         .await?
         .rows_affected
@@ -100,18 +80,7 @@ pub async fn hold(
             .exec(ctx.db())
             .await?;
         if !told_now {
-            // The one writer that finds it untold and lasting long enough tells.
-            tell_now = mailbox_health::Entity::update_many()
-                .col_expr(mailbox_health::Column::NotifiedAt, Expr::value(now))
-                .filter(mailbox_health::Column::ServerId.eq(server.id))
-                .filter(mailbox_health::Column::State.eq("held"))
-                .filter(mailbox_health::Column::Reason.eq(reason.as_str()))
-                .filter(mailbox_health::Column::NotifiedAt.is_null())
-                .filter(mailbox_health::Column::Since.lte(now - UNREACHABLE_TELL_AFTER))
-                .exec(ctx.db())
-                .await?
-                .rows_affected
-                == 1;
+            tell_now = tells_as_it_lasted(ctx, server.id, reason, now).await?;
         }
     }
     shared.forget_health(server.id);
@@ -180,6 +149,59 @@ fn operators_step(server: &mail_server::Model, reason: HoldReason) -> &'static s
         }
         _ => "",
     }
+}
+
+/// The update that writes `verdict`'s hold of `server_id` (its words and rule, its next probe
+/// `until`) at `now`; the caller adds what begins an incident and which rows it may change.
+fn held_row(
+    server_id: i32,
+    verdict: &Verdict,
+    until: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> sea_orm::UpdateMany<mailbox_health::Entity> {
+    mailbox_health::Entity::update_many()
+        .col_expr(mailbox_health::Column::State, Expr::value("held"))
+        .col_expr(mailbox_health::Column::Detail, Expr::value(verdict.words()))
+        .col_expr(mailbox_health::Column::Rule, Expr::value(verdict.rule))
+        .col_expr(mailbox_health::Column::Until, Expr::value(until))
+        .col_expr(mailbox_health::Column::UpdatedAt, Expr::value(now))
+        .filter(mailbox_health::Column::ServerId.eq(server_id))
+}
+
+/// The states a hold for `reason` begins a new incident over: any but a hold for the same
+/// reason. Not reaching Microsoft never replaces a hold for another cause, even one set by
+/// another process since it was read.
+fn replaceable_by(reason: HoldReason) -> Condition {
+    let other = Condition::any()
+        .add(mailbox_health::Column::State.ne("held"))
+        .add(mailbox_health::Column::Reason.is_null());
+    if reason == HoldReason::Unreachable {
+        other
+    } else {
+        other.add(mailbox_health::Column::Reason.ne(reason.as_str()))
+    }
+}
+
+/// For a hold told only once it lasts (unreachable): whether this writer is the one that
+/// tells, at `now` — the one that finds it untold and held for
+/// [`UNREACHABLE_TELL_AFTER`] marks it told; every other finds it told.
+async fn tells_as_it_lasted(
+    ctx: &ModuleContext,
+    server_id: i32,
+    reason: HoldReason,
+    now: DateTime<Utc>,
+) -> Result<bool, sea_orm::DbErr> {
+    Ok(mailbox_health::Entity::update_many()
+        .col_expr(mailbox_health::Column::NotifiedAt, Expr::value(now))
+        .filter(mailbox_health::Column::ServerId.eq(server_id))
+        .filter(mailbox_health::Column::State.eq("held"))
+        .filter(mailbox_health::Column::Reason.eq(reason.as_str()))
+        .filter(mailbox_health::Column::NotifiedAt.is_null())
+        .filter(mailbox_health::Column::Since.lte(now - UNREACHABLE_TELL_AFTER))
+        .exec(ctx.db())
+        .await?
+        .rows_affected
+        == 1)
 }
 
 /// The notices of a hold: operators when theirs to fix (or the mailbox is shared), the owner

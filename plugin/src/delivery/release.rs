@@ -129,6 +129,27 @@ pub async fn release_by(
     Ok(Ok(ended))
 }
 
+/// The update that makes `server_id`'s state `ready` at `now` (its hold's reason, words, rule,
+/// times and notice cleared), from any other state.
+fn back_to_ready(
+    server_id: i32,
+    now: DateTime<Utc>,
+) -> sea_orm::UpdateMany<mailbox_health::Entity> {
+    let none = Option::<String>::None;
+    let never = Option::<DateTime<Utc>>::None;
+    mailbox_health::Entity::update_many()
+        .col_expr(mailbox_health::Column::State, Expr::value("ready"))
+        .col_expr(mailbox_health::Column::Reason, Expr::value(none.clone()))
+        .col_expr(mailbox_health::Column::Detail, Expr::value(none.clone()))
+        .col_expr(mailbox_health::Column::Rule, Expr::value(none))
+        .col_expr(mailbox_health::Column::Since, Expr::value(never))
+        .col_expr(mailbox_health::Column::Until, Expr::value(never))
+        .col_expr(mailbox_health::Column::NotifiedAt, Expr::value(never))
+        .col_expr(mailbox_health::Column::UpdatedAt, Expr::value(now))
+        .filter(mailbox_health::Column::ServerId.eq(server_id))
+        .filter(mailbox_health::Column::State.ne("ready"))
+}
+
 /// [`release`] without sending: whether a hold ended (then each mail that waited for it has
 /// `ended_by` in its history), and the waiting mails to send.
 async fn end_hold(
@@ -142,35 +163,7 @@ async fn end_hold(
     let before = mailbox_health::Entity::find_by_id(server_id)
         .one(ctx.db())
         .await?;
-    let mut update = mailbox_health::Entity::update_many()
-        .col_expr(mailbox_health::Column::State, Expr::value("ready"))
-        .col_expr(
-            mailbox_health::Column::Reason,
-            Expr::value(Option::<String>::None),
-        )
-        .col_expr(
-            mailbox_health::Column::Detail,
-            Expr::value(Option::<String>::None),
-        )
-        .col_expr(
-            mailbox_health::Column::Rule,
-            Expr::value(Option::<String>::None),
-        )
-        .col_expr(
-            mailbox_health::Column::Since,
-            Expr::value(Option::<DateTime<Utc>>::None),
-        )
-        .col_expr(
-            mailbox_health::Column::Until,
-            Expr::value(Option::<DateTime<Utc>>::None),
-        )
-        .col_expr(
-            mailbox_health::Column::NotifiedAt,
-            Expr::value(Option::<DateTime<Utc>>::None),
-        )
-        .col_expr(mailbox_health::Column::UpdatedAt, Expr::value(now))
-        .filter(mailbox_health::Column::ServerId.eq(server_id))
-        .filter(mailbox_health::Column::State.ne("ready"));
+    let mut update = back_to_ready(server_id, now);
     if let Some(reasons) = only {
         update =
             update.filter(mailbox_health::Column::Reason.is_in(reasons.iter().map(|r| r.as_str())));
