@@ -7,6 +7,7 @@ pub mod mail_routes;
 pub mod mail_words;
 pub mod outbox_page;
 pub mod pages;
+pub mod server_form;
 pub mod servers;
 pub mod setup_guide;
 pub mod status;
