@@ -4,13 +4,11 @@
 //! more than three connections to a mailbox (Exchange Online's limit); a crashed process's slots
 //! free themselves when their lease runs out.
 
-use chrono::{DateTime, Utc};
 use crm_sdk::ModuleContext;
 use lettre::transport::smtp::extension::ClientId;
-use sea_orm::sea_query::{Expr, OnConflict};
-use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QuerySelect, Set};
+use sea_orm::DatabaseConnection;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -18,75 +16,18 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::delivery::classify::Stage;
 pub use crate::delivery::smtp_open::Reached;
 use crate::delivery::smtp_open::open;
+pub use crate::delivery::smtp_slots::{CONNECTIONS_PER_MAILBOX, MailboxSlot};
+use crate::delivery::smtp_slots::{Slot, Slots, busy};
 use crate::delivery::smtp_transaction::{Line, Message, transact};
 pub use crate::delivery::smtp_transaction::{SendOutcome, SmtpFailure};
-use crate::entities::{mail_server, smtp_slot};
+use crate::entities::mail_server;
 use crate::tokens::store::AccessToken;
 
-/// Exchange Online's limit of concurrent SMTP connections per mailbox.
-pub const CONNECTIONS_PER_MAILBOX: usize = 3;
 /// How long an idle connection is kept for reuse; then it is closed and its slot freed for
 /// other processes.
 const IDLE_FOR: Duration = Duration::from_secs(3);
 /// How often idle connections are looked at.
 const REAP_EVERY: Duration = Duration::from_millis(500);
-/// The slots this process holds, and those to free (the reaper renews and frees them).
-#[derive(Default)]
-struct Book {
-    /// holder → (server, slot, last renewed, lost).
-    held: HashMap<String, Held>,
-    to_release: Vec<String>,
-}
-
-struct Held {
-    server_id: i32,
-    index: i32,
-    renewed: Instant,
-    lost: bool,
-}
-
-type SharedBook = Arc<Mutex<Book>>;
-
-fn book(b: &SharedBook) -> std::sync::MutexGuard<'_, Book> {
-    b.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// One of a mailbox's connection slots, held by this process. Dropping it frees it (through
-/// the reaper), whatever path the connection took: an error, a cancelled send, a forgotten pool.
-struct Slot {
-    holder: String,
-    acquired: Instant,
-    book: SharedBook,
-}
-
-impl Slot {
-    /// Whether the slot's lease was lost (it could not be renewed in time).
-    fn lost(&self) -> bool {
-        book(&self.book)
-            .held
-            .get(&self.holder)
-            .is_none_or(|h| h.lost)
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut b = book(&self.book);
-        b.held.remove(&self.holder);
-        b.to_release.push(std::mem::take(&mut self.holder));
-    }
-}
-
-/// A mailbox's sending slot held by a transport other than SMTP; dropping it frees it.
-pub struct MailboxSlot(Slot);
-
-impl MailboxSlot {
-    /// Whether its lease was lost (another process may take it): stop sending.
-    pub fn lost(&self) -> bool {
-        self.0.lost()
-    }
-}
-
 /// A connection a caller holds between two of its sends: the next mail's commands are
 /// pending on it. Dropping it closes the connection and frees its slot.
 pub(crate) struct HeldLine {
@@ -107,8 +48,6 @@ struct MailboxPool {
     server_id: i32,
     permits: Arc<Semaphore>,
     idle: Mutex<Vec<Idle>>,
-    /// Whether this process made sure the mailbox's slot rows exist.
-    rows_ready: AtomicBool,
 }
 
 type Pools = Mutex<HashMap<i32, Arc<MailboxPool>>>;
@@ -117,10 +56,9 @@ type Pools = Mutex<HashMap<i32, Arc<MailboxPool>>>;
 pub struct SmtpSender {
     pools: Arc<Pools>,
     hello: ClientId,
-    instance: String,
+    slots: Arc<Slots>,
+    /// How long a slot stays held without being renewed.
     slot_lease: Duration,
-    nonce: AtomicU64,
-    book: SharedBook,
     reaper: Mutex<bool>,
     /// How long the server may take to open a connection (connect to AUTH), to answer the
     /// NOOP that checks an idle one, and over one mail's whole transaction.
@@ -135,14 +73,13 @@ impl SmtpSender {
     /// check of an idle one, and each mail's transaction
     /// ([`crate::runtime::ModuleOptions::smtp_timeout`]).
     pub fn new(instance: &str, slot_lease: Duration, timeout: Duration) -> Self {
+        let slots = Slots::new(instance, slot_lease);
         Self {
             timeout,
             pools: Arc::new(Mutex::new(HashMap::new())),
             hello: ClientId::Domain(hostname()),
-            instance: instance.to_string(),
-            slot_lease: Ord::max(slot_lease, Duration::from_secs(2)),
-            nonce: AtomicU64::new(0),
-            book: SharedBook::default(),
+            slot_lease: slots.lease(),
+            slots: Arc::new(slots),
             reaper: Mutex::new(false),
         }
     }
@@ -156,7 +93,6 @@ impl SmtpSender {
                     server_id,
                     permits: Arc::new(Semaphore::new(CONNECTIONS_PER_MAILBOX)),
                     idle: Mutex::new(Vec::new()),
-                    rows_ready: AtomicBool::new(false),
                 })
             })
             .clone()
@@ -192,8 +128,7 @@ impl SmtpSender {
                 &mut *pool.idle.lock().unwrap_or_else(|e| e.into_inner()),
             ));
         }
-        let holders = std::mem::take(&mut book(&self.book).to_release);
-        release(db, holders).await;
+        self.slots.release_let_go(db).await;
     }
 
     /// Starts (once) the task that closes connections idle for [`IDLE_FOR`], frees the slots of
@@ -205,9 +140,8 @@ impl SmtpSender {
         }
         *started = true;
         let pools: Weak<Pools> = Arc::downgrade(&self.pools);
-        let shared_book = self.book.clone();
+        let slots = self.slots.clone();
         let ctx = ctx.clone();
-        let lease = self.slot_lease;
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(REAP_EVERY).await;
@@ -225,40 +159,7 @@ impl SmtpSender {
                     let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
                     idle.retain(|i| i.since.elapsed() < IDLE_FOR);
                 }
-                let (holders, due): (Vec<String>, Vec<(String, i32, i32)>) = {
-                    let mut b = book(&shared_book);
-                    let due = b
-                        .held
-                        .iter()
-                        .filter(|(_, h)| !h.lost && h.renewed.elapsed() >= lease / 3)
-                        .map(|(k, h)| (k.clone(), h.server_id, h.index))
-                        .collect();
-                    (std::mem::take(&mut b.to_release), due)
-                };
-                release(ctx.db(), holders).await;
-                for (holder, server_id, index) in due {
-                    let now = ctx.clock().now();
-                    let renewed = smtp_slot::Entity::update_many()
-                        .col_expr(
-                            smtp_slot::Column::LeaseUntil,
-                            Expr::value(until(now, lease)),
-                        )
-                        .filter(smtp_slot::Column::ServerId.eq(server_id))
-                        .filter(smtp_slot::Column::Slot.eq(index))
-                        .filter(smtp_slot::Column::Holder.eq(holder.as_str()))
-                        .exec(ctx.db())
-                        .await;
-                    let mut b = book(&shared_book);
-                    if let Some(h) = b.held.get_mut(&holder) {
-                        match renewed {
-                            Ok(r) if r.rows_affected == 1 => h.renewed = Instant::now(),
-                            // Taken over by another process: stop using it.
-                            Ok(_) => h.lost = true,
-                            // The database is away: try again on the next round.
-                            Err(_) => {}
-                        }
-                    }
-                }
+                slots.upkeep(&ctx).await;
             }
         });
     }
@@ -270,26 +171,7 @@ impl SmtpSender {
         ctx: &ModuleContext,
         server_id: i32,
     ) -> Result<(), sea_orm::DbErr> {
-        let pool = self.pool(server_id);
-        if pool.rows_ready.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        let rows = (0..CONNECTIONS_PER_MAILBOX as i32).map(|slot| smtp_slot::ActiveModel {
-            server_id: Set(server_id),
-            slot: Set(slot),
-            holder: Set(None),
-            lease_until: Set(None),
-        });
-        smtp_slot::Entity::insert_many(rows)
-            .on_conflict(
-                OnConflict::columns([smtp_slot::Column::ServerId, smtp_slot::Column::Slot])
-                    .do_nothing()
-                    .to_owned(),
-            )
-            .exec_without_returning(ctx.db())
-            .await?;
-        pool.rows_ready.store(true, Ordering::Relaxed);
-        Ok(())
+        self.slots.ensure_rows(ctx, server_id).await
     }
 
     /// Takes one of the mailbox's sending slots for another transport (Microsoft Graph): the
@@ -302,83 +184,10 @@ impl SmtpSender {
         deadline: Instant,
     ) -> Result<MailboxSlot, SendOutcome> {
         self.start_reaper(ctx);
-        self.acquire_slot(ctx, server_id, deadline)
+        self.slots
+            .acquire(ctx, server_id, deadline)
             .await
             .map(MailboxSlot)
-    }
-
-    /// Takes one of the mailbox's connection slots, waiting (polling) until `deadline` while
-    /// other processes hold all of them.
-    async fn acquire_slot(
-        &self,
-        ctx: &ModuleContext,
-        server_id: i32,
-        deadline: Instant,
-    ) -> Result<Slot, SendOutcome> {
-        let db = ctx.db();
-        let unavailable = |e: sea_orm::DbErr| {
-            tracing::warn!(error = %e, server_id, "taking a connection slot: the database did not answer");
-            SendOutcome::NotTried("the CRM's database did not answer".into())
-        };
-        self.ensure_slot_rows(ctx, server_id)
-            .await
-            .map_err(unavailable)?;
-        loop {
-            let now = ctx.clock().now();
-            let free: Vec<i32> = smtp_slot::Entity::find()
-                .select_only()
-                .column(smtp_slot::Column::Slot)
-                .filter(smtp_slot::Column::ServerId.eq(server_id))
-                .filter(free_at(now))
-                .into_tuple()
-                .all(db)
-                .await
-                .map_err(unavailable)?;
-            for index in free {
-                let holder = format!(
-                    "{}:{server_id}:{index}:{}",
-                    self.instance,
-                    self.nonce.fetch_add(1, Ordering::Relaxed)
-                );
-                let taken = smtp_slot::Entity::update_many()
-                    .col_expr(smtp_slot::Column::Holder, Expr::value(holder.clone()))
-                    .col_expr(
-                        smtp_slot::Column::LeaseUntil,
-                        Expr::value(until(now, self.slot_lease)),
-                    )
-                    .filter(smtp_slot::Column::ServerId.eq(server_id))
-                    .filter(smtp_slot::Column::Slot.eq(index))
-                    .filter(free_at(now))
-                    .exec(db)
-                    .await
-                    .map_err(unavailable)?;
-                if taken.rows_affected == 1 {
-                    book(&self.book).held.insert(
-                        holder.clone(),
-                        Held {
-                            server_id,
-                            index,
-                            renewed: Instant::now(),
-                            lost: false,
-                        },
-                    );
-                    return Ok(Slot {
-                        holder,
-                        acquired: Instant::now(),
-                        book: self.book.clone(),
-                    });
-                }
-            }
-            if Instant::now() >= deadline {
-                return Err(busy());
-            }
-            let wait = Duration::from_millis(rand::random_range(50..250));
-            tokio::time::sleep(Ord::min(
-                wait,
-                deadline.saturating_duration_since(Instant::now()),
-            ))
-            .await;
-        }
     }
 
     /// Sends `mail` through `server` with `token`, and with it the commands of `next` (the mail
@@ -472,7 +281,7 @@ impl SmtpSender {
                 (Some((i.line, idle_for)), i.slot)
             }
             Some(i) if !i.slot.lost() => (None, i.slot),
-            _ => (None, self.acquire_slot(ctx, server.id, deadline).await?),
+            _ => (None, self.slots.acquire(ctx, server.id, deadline).await?),
         };
         if lease_lost.load(Ordering::SeqCst) {
             return Err(SendOutcome::LeaseLost);
@@ -564,7 +373,7 @@ impl SmtpSender {
         let idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let slot = match idle {
             Some(i) if !i.slot.lost() => i.slot,
-            _ => match self.acquire_slot(ctx, server.id, deadline).await {
+            _ => match self.slots.acquire(ctx, server.id, deadline).await {
                 Ok(s) => s,
                 Err(outcome) => return (Reached::Nothing, Err(outcome)),
             },
@@ -632,45 +441,6 @@ impl SmtpSender {
                     slot,
                 });
         }
-    }
-}
-
-fn until(now: DateTime<Utc>, lease: Duration) -> DateTime<Utc> {
-    now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(60))
-}
-
-fn busy() -> SendOutcome {
-    SendOutcome::Busy(format!(
-        "all {CONNECTIONS_PER_MAILBOX} connections to this mailbox are in use"
-    ))
-}
-
-/// A slot is free when nobody holds it or its holder's lease ran out.
-fn free_at(now: DateTime<Utc>) -> sea_orm::Condition {
-    sea_orm::Condition::any()
-        .add(smtp_slot::Column::Holder.is_null())
-        .add(smtp_slot::Column::LeaseUntil.lt(now))
-}
-
-/// Frees slots (a failure only delays them until their lease runs out).
-async fn release(db: &DatabaseConnection, holders: Vec<String>) {
-    if holders.is_empty() {
-        return;
-    }
-    let freed = smtp_slot::Entity::update_many()
-        .col_expr(
-            smtp_slot::Column::Holder,
-            Expr::value(Option::<String>::None),
-        )
-        .col_expr(
-            smtp_slot::Column::LeaseUntil,
-            Expr::value(Option::<DateTime<Utc>>::None),
-        )
-        .filter(smtp_slot::Column::Holder.is_in(holders))
-        .exec(db)
-        .await;
-    if let Err(e) = freed {
-        tracing::warn!(error = %e, "freeing SMTP connection slots failed; their leases will run out");
     }
 }
 
