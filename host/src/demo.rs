@@ -460,8 +460,8 @@ const GRAPH_FAULTS: [&str; 3] = [
     "graph-throttled",
 ];
 
-/// The fault that makes the demo's simulated SMTP server unreachable for a moment: it refuses
-/// the next connection before any reply (as a network outage does). The mail that meets it
+/// The fault that makes the demo's simulated SMTP server unreachable for a moment: it drops
+/// the next connection before any reply (as an outage, or a proxy that accepts and drops, does). The mail that meets it
 /// waits; the mailbox's probe, after the retry base (a minute), sends it.
 const SMTP_UNREACHABLE: &str = "smtp-unreachable";
 
@@ -543,7 +543,7 @@ async fn faults_page(
             } @else if id == DISARM {
                 p.flash.ok role="status" { "Disarmed: no fault waits to be met." }
             } @else if id == SMTP_UNREACHABLE {
-                p.flash.ok role="status" { "Unreachable: the next connection to the simulated SMTP server is refused. Send a mail to meet it." }
+                p.flash.ok role="status" { "Unreachable: the next connection to the simulated SMTP server is dropped before any reply. Send a mail to meet it." }
             } @else {
                 p.flash.ok role="status" { "Armed: " (id) ". Send a mail (or test the connection) to meet it." }
             }
@@ -552,8 +552,8 @@ async fn faults_page(
             h2 { "Over SMTP" }
             p.help { "The next attempt of the simulated smtp.office365.com answers with the reply chosen here, once." }
             @for (id, reply) in FAULTS { (fault_form(&user, id, reply)) }
-            p.help { "Or the server cannot be reached: its next connection is refused before any reply. The mailbox waits as unreachable (no mail spends an attempt); one mail probes it again after the retry base (a minute), then after as long as it has lasted, and the mail goes once the server answers; Release held mail tries at once." }
-            (fault_form(&user, SMTP_UNREACHABLE, "connection refused before any reply"))
+            p.help { "Or the server cannot be reached: its next connection is dropped before any reply (as an outage or a proxy that accepts and drops does). The mailbox waits as unreachable (no mail spends an attempt); one mail probes it again after the retry base (a minute), then after as long as it has lasted, and the mail goes once the server answers; Release held mail tries at once." }
+            (fault_form(&user, SMTP_UNREACHABLE, "connection dropped before any reply"))
             (armed(armed_smtp))
         }
         section.card {

@@ -45,8 +45,6 @@ section.card{padding:.8rem}
 table{display:block;overflow-x:auto;max-width:100%}th,td{min-width:6.5rem}
 td,code{overflow-wrap:anywhere}
 table.history{display:table}table.history th,table.history td{min-width:0}
-table.held,table.held tbody,table.held tr,table.held td{display:block;min-width:0}table.held thead{display:none}
-table.held tr{border-bottom:2px solid #d0d7de;padding:.4rem 0}table.held td{border:0;padding:.1rem .2rem}
 table.cards,table.cards tbody,table.cards tr,table.cards td{display:block;min-width:0}table.cards thead{display:none}
 table.cards tr{border-bottom:2px solid #d0d7de;padding:.4rem 0}table.cards td{border:0;padding:.1rem .2rem}
 table.cards td[data-label]::before{content:attr(data-label) ": ";font-weight:600;color:#57606a}table.cards td.title{font-weight:600}

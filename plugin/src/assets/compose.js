@@ -44,7 +44,8 @@
 
   // Reloads the table of mails from the server until no mail is queued or sending. Only the
   // module's own table part is taken: a sign-in page (the session ended) or an error stops it.
-  function watch(part) {
+  // `now`: the first reload at once (after a send: the new mail is listed without waiting).
+  function watch(part, now) {
     if (!part || part.dataset.watching === "1") return;
     part.dataset.watching = "1";
     var delay = POLL_MS;
@@ -89,7 +90,7 @@
         })
         .catch(function () { setTimeout(tick, POLL_MS * 4); });
     }
-    setTimeout(tick, delay);
+    setTimeout(tick, now ? 0 : delay);
   }
 
   function sizeWords(n) {
@@ -151,7 +152,7 @@
           form.reset();
           var again = form.querySelector(".files-again");
           if (again) again.remove();
-          if (part) { part.dataset.watching = ""; watch(part); }
+          if (part) { part.dataset.watching = ""; watch(part, true); }
         } else if (answer.body && answer.body.errors) {
           showErrors(form, answer.body.errors);
         } else {

@@ -412,6 +412,9 @@ pub async fn authors_cancelled(
 async fn tell(ctx: &ModuleContext, server: &mail_server::Model, reason: HoldReason, v: &Verdict) {
     let waits = if module_wide(reason) {
         "Mail from the affected mailboxes waits (no attempt is spent, nothing is lost) and goes out in queue order once this is fixed."
+    } else if reason == HoldReason::QuotaExceeded {
+        // Nothing to fix: the window passes.
+        "Mail from this mailbox waits (no attempt is spent, nothing is lost) and goes out by itself, in queue order, once the window has passed."
     } else {
         "Mail from this mailbox waits (no attempt is spent, nothing is lost) and goes out in queue order once this is fixed."
     };

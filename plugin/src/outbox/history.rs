@@ -215,6 +215,10 @@ pub async fn hold_ended<C: ConnectionTrait>(
     of_each(db, ids, (kind, &detail, user_id), now).await
 }
 
+/// What ended the hold, in the history of the probe mail whose going out ended it.
+const PROBE_WENT_OUT: &str =
+    "this mail went out through the mailbox, which showed that it works again";
+
 /// Of `batch` (the mails of the hold's probe: a batch claimed while the mailbox was held),
 /// those that went out: each gets, at `now`, that its going out ended the hold (the mails that
 /// wait get [`hold_ended`]'s line; one of the batch that did not go out is among those).
@@ -234,8 +238,7 @@ pub async fn probe_went_out<C: ConnectionTrait>(
         .into_tuple()
         .all(db)
         .await?;
-    let words = "this mail went out through the mailbox, which showed that it works again";
-    of_each(db, &went, (HOLD_ENDED, words, None), now).await
+    of_each(db, &went, (HOLD_ENDED, PROBE_WENT_OUT, None), now).await
 }
 
 /// One line of a mail's history as its viewer reads it.
@@ -317,6 +320,14 @@ pub async fn of_mail<C: ConnectionTrait>(
             by: None,
         });
     }
+    // In the order things happened; the hold a probe's going out ended, after it went out
+    // (also when both have the same time).
+    entries.sort_by_key(|e| {
+        (
+            e.at,
+            e.kind == HOLD_ENDED && e.what.ends_with(PROBE_WENT_OUT),
+        )
+    });
     Ok((entries, left_out))
 }
 

@@ -78,6 +78,10 @@ pub const OPERATORS_TOLD_FAILED: &str = "The CRM's operators have been told; not
 /// to the authors of waiting mail says it).
 pub const OPERATORS_TOLD_WAITING: &str =
     "The CRM's operators have been told and will fix it; nothing is needed from you.";
+/// The words of a wait that ends by itself (a quota's window), after which no one is told
+/// to fix anything.
+const BY_THEMSELVES: &str = "go out by themselves";
+
 /// What the author reads of a mailbox that cannot reach Microsoft: it may pass by itself,
 /// and its people are told only if it lasts.
 const UNREACHABLE_TOLD: &str = "Nothing is needed from you; it goes out once the server answers.";
@@ -156,6 +160,22 @@ fn sentences(text: &str) -> Vec<&str> {
     out
 }
 
+/// `words` (a failure as its author reads it: [`user_words`]) without what they were told
+/// instead of the operators' steps, for a page that says that beside it (a waiting mail's
+/// waiting words).
+pub fn without_told(words: &str) -> &str {
+    [
+        OPERATORS_TOLD_WAITING,
+        UNREACHABLE_TOLD,
+        RECONNECT_TOLD,
+        CONNECT_TOLD,
+    ]
+    .iter()
+    .find_map(|told| words.strip_suffix(told))
+    .unwrap_or(words)
+    .trim_end()
+}
+
 /// A failure in the words its author reads: what happened, without the steps only operators
 /// (or a mailbox's owner) can take, and instead what the notifications tell authors — that
 /// the operators were told, and what is left for them to do. `status` is the mail's.
@@ -193,6 +213,8 @@ fn user_parts<'a>(words: &'a str, status: &str) -> (Vec<&'a str>, Option<&'stati
         (false, true, _) if words.contains(crate::delivery::classify::IF_IT_LASTS) => {
             Some(UNREACHABLE_TOLD)
         }
+        // It goes by itself (a quota's window): nobody has anything to fix.
+        (false, true, _) if kept.iter().any(|s| s.contains(BY_THEMSELVES)) => None,
         (false, true, _) => Some(OPERATORS_TOLD_WAITING),
         (false, false, _) => None,
     };

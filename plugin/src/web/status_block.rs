@@ -50,7 +50,8 @@ pub fn status_block(
             @match health {
                 Health::Held { reason, detail, since, until, told, .. } => {
                     p { span.badge.bad { "Held: " (reason.title()) } }
-                    @if user.is_admin || !reason.needs_operator_for(server.owner_user_id.is_some()) {
+                    @let detail_shown = user.is_admin || !reason.needs_operator_for(server.owner_user_id.is_some());
+                    @if detail_shown {
                         p role="alert" { (detail) }
                     } @else {
                         // What the operators are told is theirs to do; the owner reads why.
@@ -58,8 +59,16 @@ pub fn status_block(
                     }
                     p.help {
                         "Held since " (when(*since)) ". "
-                        @let once = if *reason == HoldReason::Unreachable { "once Microsoft answers again" } else { "once this is fixed" };
-                        @if waiting == 0 { "No mail waits on it now; mail queued for it waits without spending attempts and goes out in queue order " (once) "." }
+                        @let once = match reason {
+                            HoldReason::Unreachable => "once Microsoft answers again",
+                            HoldReason::QuotaExceeded => "by themselves once Exchange's 24-hour window has passed",
+                            _ => "once this is fixed",
+                        };
+                        @if detail_shown && *reason == HoldReason::Unreachable {
+                            // Its words above say how the mails wait and go.
+                            @if waiting == 0 { "No mail waits on it now." } @else { (waiting) " mail(s) wait." }
+                        }
+                        @else if waiting == 0 { "No mail waits on it now; mail queued for it waits without spending attempts and goes out in queue order " (once) "." }
                         @else { (waiting) " mail(s) wait; they spend no attempt and go out in queue order " (once) "." }
                         @if let Some(until) = until { " The mailbox is tried again by itself at " (when(*until)) "." }
                     }

@@ -635,6 +635,35 @@ async fn the_sending_quota_holds_the_mailbox_for_a_day_then_mail_goes_out() {
     assert_eq!(notes.len(), 1, "{notes:?}");
     assert!(notes[0].for_operators);
     assert!(notes[0].body.contains("10,000 recipients"), "{notes:?}");
+    // Nothing is to be fixed: everyone reads that it goes by itself, nobody "once fixed" or
+    // that the operators will fix it.
+    let all = notifications(app, &mailbox_key(m.env.server_id)).await;
+    let authors = the_one_for(&all, app.alice_id);
+    let (_, mail) = m
+        .alice
+        .get_json(&format!("/microsoft_outlook/outbox/{first}"))
+        .await;
+    let (_, page, _) = m
+        .env
+        .admin
+        .get(&format!("/microsoft_outlook/servers/{}", m.env.server_id))
+        .await;
+    let alices_words = mail["mail"]["last_error"].as_str().unwrap_or_default();
+    for words in [
+        notes[0].body.as_str(),
+        authors.body.as_str(),
+        alices_words,
+        &text_of(&page),
+    ] {
+        assert!(
+            words.contains("by itself") || words.contains("by themselves"),
+            "{words}"
+        );
+        assert!(
+            !words.contains("once this is fixed") && !words.contains("will fix it"),
+            "{words}"
+        );
+    }
 
     // A day later the first mail is the probe: it goes out, then the other one; the hold ends.
     app.clock
@@ -1536,10 +1565,13 @@ async fn a_mail_server_that_cannot_be_reached_holds_the_mailbox_and_tells_operat
     let page = text_of(&page);
     for words in [
         "notified if it lasts 15 minutes",
-        "once Microsoft answers again",
+        "go out in queue order once it answers",
+        "2 mail(s) wait.",
     ] {
         assert!(page.contains(words), "{words:?} on the server page: {page}");
     }
+    // How the mails wait is said once.
+    assert_eq!(page.matches("no attempt").count(), 1, "{page}");
     // When the next probe comes, to the second as the mail pages say times.
     let at = held
         .until
@@ -1549,6 +1581,16 @@ async fn a_mail_server_that_cannot_be_reached_holds_the_mailbox_and_tells_operat
     assert!(
         page.contains(&format!("tried again by itself at {at}")),
         "{at} on the server page: {page}"
+    );
+    // A waiting mail's page says when its mailbox is tried again.
+    let (_, mail_page, _) = m
+        .env
+        .admin
+        .get(&format!("/microsoft_outlook/outbox/{}", ids[1]))
+        .await;
+    assert!(
+        text_of(&mail_page).contains(&format!("it is tried again by itself at {at}")),
+        "{at} on the mail's page: {mail_page}"
     );
     let next = probe(1).await;
     assert!(
@@ -1881,6 +1923,15 @@ async fn the_probe_is_the_oldest_due_mail_not_one_waiting_for_its_own_retry() {
         ended(older).await,
         ["Its mailbox's hold ended: a mail went out through the mailbox again"]
     );
+    // In the order it happened: accepted, then the hold ended by it.
+    let history = history_of(&m.env, newer).await;
+    let kinds: Vec<&str> = history
+        .as_array()
+        .expect("history")
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap_or_default())
+        .collect();
+    assert!(kinds.ends_with(&["sent", "hold_ended"]), "{history}");
 }
 
 /// One outage reaches every mailbox: the operators are told once, whichever mailbox it lasted

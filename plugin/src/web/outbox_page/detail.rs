@@ -288,7 +288,6 @@ fn delivery_card(
     now: chrono::DateTime<chrono::Utc>,
 ) -> Markup {
     let mail = &v.mail;
-    let ready = v.health == Health::Ready;
     html! {
         section.card id="delivery" {
             h2 { "Delivery" }
@@ -298,11 +297,12 @@ fn delivery_card(
                     "sent" | "cancelled" => "",
                     _ => { " of at most " (limits.max_attempts) @if v.waits_on_mailbox() { " (waiting for its mailbox spends none)" } },
                 } @if v.retried() { " — counted since the last retry; History has the earlier ones" } } }
-                @if mail.status == "queued" { tr { th { "Next attempt" } td { (next_attempt(mail, now, limits.per_minute, ready)) } } }
+                @if mail.status == "queued" { tr { th { "Next attempt" } td { (next_attempt(mail, now, limits.per_minute, &v.health)) } } }
                 tr { th { "Last reply" } td.reply { (mail.last_reply.as_deref().unwrap_or("-")) } }
                 @if let Some(reply) = &mail.last_reply { tr { th { "Classified" } td { (classified_reply(reply)) } } }
-                // The mail whose reply held its mailbox: its words are the hold's, said below once.
-                @if let Some(words) = mail.last_error.as_ref().filter(|w| !v.waits_on_mailbox() || v.wait_words(user).as_ref() != Some(*w)) { tr { th { "What happened" } td.words { (words) } } }
+                // The mail whose reply held its mailbox: its words are the hold's, said below once;
+                // an author's, without what they are told (the waiting words below say it).
+                @if let Some(words) = mail.last_error.as_deref().map(|w| if v.waits_on_mailbox() && !user.is_admin { crate::outbox::user_words::without_told(w) } else { w }).filter(|w| !w.is_empty() && (!v.waits_on_mailbox() || v.wait_words(user).as_deref() != Some(*w))) { tr { th { "What happened" } td.words { (words) } } }
             } }
             @if v.waits_on_mailbox() {
                 div.status.waiting {
@@ -316,7 +316,7 @@ fn delivery_card(
                             (csrf(user))
                             input type="hidden" name="return_to" value=(format!("{OUTBOX}/{}", mail.id));
                             button type="submit" { "Release held mail" }
-                            span.help { " Ends the hold of this mailbox and sends its waiting mails now, in queue order (a shared mailbox's server page has the same button)." }
+                            span.help { " Ends the hold of this mailbox and sends its waiting mails now, in queue order." }
                         }
                     }
                 }
@@ -417,15 +417,24 @@ fn next_attempt(
     mail: &outbox::Model,
     now: DateTime<Utc>,
     per_minute: usize,
-    ready: bool,
+    health: &Health,
 ) -> String {
     if mail.next_attempt_at > now {
         return format!("{} UTC", when(mail.next_attempt_at));
     }
-    match (ready, per_minute) {
-        (false, _) => "When the mailbox is ready again (see below)".to_string(),
-        (true, 0) => "Now, in queue order with this mailbox's other due mail".to_string(),
-        (true, n) => format!(
+    match (health, per_minute) {
+        // The mailbox's own next try (one of its mails probes it), when it has one.
+        (Health::Held { until: Some(u), .. }, _) if *u > now => format!(
+            "When the mailbox is ready again; it is tried again by itself at {} UTC (see below)",
+            when(*u)
+        ),
+        (Health::Throttled { until }, _) => format!(
+            "When the mailbox may send again, after {} UTC (see below)",
+            when(*until)
+        ),
+        (Health::Held { .. }, _) => "When the mailbox is ready again (see below)".to_string(),
+        (Health::Ready, 0) => "Now, in queue order with this mailbox's other due mail".to_string(),
+        (Health::Ready, n) => format!(
             "In its turn: in queue order with this mailbox's other due mail, at most {n} a minute"
         ),
     }

@@ -196,18 +196,19 @@ pub(super) async fn held_mailboxes(
         @if !held.is_empty() {
             section.card id="held" {
                 h2 { "Mailboxes that hold mail" }
-                table.held {
+                // `data-label`: a phone shows each mailbox as a card, each field named.
+                table.held.cards {
                     thead { tr { th { "Mailbox" } th { "State" } th { "Waiting" } th {} } }
                     tbody {
                         @for (id, health) in &held {
                             tr data-server=(id) {
-                                td { @match servers.get(id) {
+                                td.title { @match servers.get(id) {
                                     Some((name, link)) => a href=(link) { (name) },
                                     None => "(deleted)",
                                 } }
-                                td { span.badge.bad { (health.label()) }
+                                td data-label="State" { span.badge.bad { (health.label()) }
                                     @if let Health::Held { detail, .. } = health { p.help { (detail) } } }
-                                td { (waiting.get(id).copied().unwrap_or(0)) }
+                                td data-label="Waiting" { (waiting.get(id).copied().unwrap_or(0)) }
                                 td {
                                     @match health {
                                         Health::Held { reason, .. } if !reason.release_can_help() => span.help {
