@@ -530,7 +530,7 @@ async fn faults_page(
     let armed = |n: usize| {
         html! {
             @if n > 0 {
-                p.armed role="status" { strong { (n) " armed, not yet met" } ": each is met once, in the order armed." }
+                p.armed role="status" { strong { (n) " armed, not yet met" } ": each is met once, at the first point of a mail's dialogue it fits." }
             }
         }
     };

@@ -254,6 +254,13 @@ fn cookie_client() -> reqwest::Client {
         .expect("client")
 }
 
+/// The CSRF token of the first form of `page`.
+fn csrf_in(page: &str) -> String {
+    let marker = "name=\"csrf_token\" value=\"";
+    let at = page.find(marker).expect("a CSRF field") + marker.len();
+    page[at..].split('"').next().unwrap_or_default().to_string()
+}
+
 /// Signs `client` in: the answer's status and Location.
 async fn sign_in_with(
     client: &reqwest::Client,
@@ -269,9 +276,7 @@ async fn sign_in_with(
         .text()
         .await
         .expect("text");
-    let marker = "name=\"csrf_token\" value=\"";
-    let at = page.find(marker).expect("a CSRF field") + marker.len();
-    let csrf = page[at..].split('"').next().unwrap_or_default().to_string();
+    let csrf = csrf_in(&page);
     let answer = client
         .post(format!("{base}/login"))
         .form(&[
@@ -521,9 +526,7 @@ async fn the_demo_pages_of_the_simulated_services_are_for_operators() {
                 .text()
                 .await
                 .expect("text");
-            let marker = "name=\"csrf_token\" value=\"";
-            let at = page.find(marker).expect("a CSRF field") + marker.len();
-            let csrf = page[at..].split('"').next().unwrap_or_default().to_string();
+            let csrf = csrf_in(&page);
             let answer = admin
                 .post(format!("{base}/demo/faults"))
                 .form(&[("fault", fault), ("csrf_token", csrf.as_str())])

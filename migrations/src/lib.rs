@@ -41,3 +41,35 @@ impl MigratorTrait for Migrator {
         "microsoft_outlook_migrations".into_iden()
     }
 }
+
+/// Adds the nullable text column `column` to `table`, unless it is there already (a later
+/// migration's upgrade of a table an earlier one made).
+async fn add_text_column(
+    manager: &SchemaManager<'_>,
+    table: &str,
+    column: &str,
+) -> Result<(), DbErr> {
+    if manager.has_column(table, column).await? {
+        return Ok(());
+    }
+    manager
+        .alter_table(
+            Table::alter()
+                .table(Alias::new(table))
+                .add_column(sea_orm_migration::schema::string_null(Alias::new(column)))
+                .to_owned(),
+        )
+        .await
+}
+
+/// Drops `column` of `table` (the way down of [`add_text_column`]).
+async fn drop_column(manager: &SchemaManager<'_>, table: &str, column: &str) -> Result<(), DbErr> {
+    manager
+        .alter_table(
+            Table::alter()
+                .table(Alias::new(table))
+                .drop_column(Alias::new(column))
+                .to_owned(),
+        )
+        .await
+}

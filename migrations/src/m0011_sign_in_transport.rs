@@ -1,4 +1,4 @@
-use sea_orm_migration::{prelude::*, schema::*};
+use sea_orm_migration::prelude::*;
 
 /// The transport a server takes when a pending sign-in completes (`graph` for "Switch to
 /// Microsoft Graph"), so that a sign-in abandoned at Microsoft leaves the server as it was.
@@ -11,22 +11,10 @@ const COLUMN: &str = "transport";
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        if manager.has_column(TABLE, COLUMN).await? {
-            return Ok(());
-        }
-        manager
-            .alter_table(
-                Table::alter()
-                    .table(TABLE)
-                    .add_column(string_null(COLUMN))
-                    .to_owned(),
-            )
-            .await
+        crate::add_text_column(manager, TABLE, COLUMN).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .alter_table(Table::alter().table(TABLE).drop_column(COLUMN).to_owned())
-            .await
+        crate::drop_column(manager, TABLE, COLUMN).await
     }
 }

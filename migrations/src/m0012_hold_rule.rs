@@ -1,4 +1,4 @@
-use sea_orm_migration::{prelude::*, schema::*};
+use sea_orm_migration::prelude::*;
 
 /// The classification rule whose verdict a mailbox's hold now stands on (beside its reason and
 /// words), so that pages can tell apart causes that share a reason: an SMTP server out of
@@ -13,22 +13,10 @@ const COLUMN: &str = "rule";
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        if manager.has_column(TABLE, COLUMN).await? {
-            return Ok(());
-        }
-        manager
-            .alter_table(
-                Table::alter()
-                    .table(TABLE)
-                    .add_column(string_null(COLUMN))
-                    .to_owned(),
-            )
-            .await
+        crate::add_text_column(manager, TABLE, COLUMN).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .alter_table(Table::alter().table(TABLE).drop_column(COLUMN).to_owned())
-            .await
+        crate::drop_column(manager, TABLE, COLUMN).await
     }
 }

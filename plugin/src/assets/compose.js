@@ -48,6 +48,9 @@
   function watch(part, now) {
     if (!part || part.dataset.watching === "1") return;
     part.dataset.watching = "1";
+    // A newer watch (after another Send) replaces this one: only one loop asks at a time.
+    var round = String(parseInt(part.dataset.round || "0", 10) + 1);
+    part.dataset.round = round;
     var delay = POLL_MS;
     function stop(words) {
       part.dataset.watching = "";
@@ -59,12 +62,14 @@
       }
     }
     function tick() {
+      if (part.dataset.round !== round) return;
       fetch(part.dataset.src, { credentials: "same-origin", cache: "no-store", redirect: "manual" })
         .then(function (r) {
           if (r.type === "opaqueredirect" || r.status === 401 || r.status === 403) return "signed-out";
           return r.ok ? r.text() : null;
         })
         .then(function (html) {
+          if (part.dataset.round !== round) return;
           if (html === "signed-out") {
             stop("Sign in again to see the statuses update.");
             return;

@@ -73,9 +73,11 @@ async fn waiting_words_of(ctx: &ModuleContext, reader: Reader) -> HashMap<i32, S
                         .map(|u| format!(" at {}", u.format("%H:%M:%S UTC")))
                         .unwrap_or_default()
                 ),
-                // A shared mailbox, or what only operators can fix: theirs to do.
+                // A shared mailbox, or what only operators can fix: theirs to do (not a quota,
+                // whose window passes by itself: its words below).
                 (Reader::Operator(_), Health::Held { reason, .. })
-                    if owner.is_none() || reason.needs_operator_for(owner.is_some()) =>
+                    if *reason != HoldReason::QuotaExceeded
+                        && (owner.is_none() || reason.needs_operator_for(owner.is_some())) =>
                 {
                     let then = if reason.release_can_help() {
                         "; then Release held mail"

@@ -60,6 +60,19 @@ impl TokenProblem {
     }
 }
 
+/// A token was obtained for `server`: ends a hold that a token proves fixed (the token
+/// endpoint's, the settings').
+async fn token_obtained(
+    ctx: &ModuleContext,
+    shared: &Arc<Shared>,
+    server: &mail_server::Model,
+) -> Result<(), TokenProblem> {
+    let by = crate::delivery::release::Success::Token(&ENDED_BY_A_TOKEN);
+    crate::delivery::release::succeeded(ctx, shared, server.id, by)
+        .await
+        .map_err(db)
+}
+
 fn db(e: sea_orm::DbErr) -> TokenProblem {
     TokenProblem::Database(e.to_string())
 }
@@ -180,14 +193,7 @@ pub async fn app_only_token(
             });
             drop(cached);
             tracing::info!("app-only token fetched");
-            crate::delivery::release::succeeded(
-                ctx,
-                shared,
-                server.id,
-                crate::delivery::release::Success::Token(&ENDED_BY_A_TOKEN),
-            )
-            .await
-            .map_err(db)?;
+            token_obtained(ctx, shared, server).await?;
             Ok(AccessToken {
                 token: tokens.access_token,
                 version,
@@ -509,14 +515,7 @@ async fn refresh_holding_lease(
     match answer {
         Ok(tokens) => {
             let token = store_refreshed(ctx, server, row, tokens).await?;
-            crate::delivery::release::succeeded(
-                ctx,
-                shared,
-                server.id,
-                crate::delivery::release::Success::Token(&ENDED_BY_A_TOKEN),
-            )
-            .await
-            .map_err(db)?;
+            token_obtained(ctx, shared, server).await?;
             Ok(token)
         }
         Err(failure) => {

@@ -61,7 +61,7 @@ pub fn status_block(
                         "Held since " (when(*since)) ". "
                         @let once = match reason {
                             HoldReason::Unreachable => "once Microsoft answers again",
-                            HoldReason::QuotaExceeded => "by themselves once Exchange's 24-hour window has passed",
+                            HoldReason::QuotaExceeded => "once Exchange's 24-hour window has passed (nothing to fix)",
                             _ => "once this is fixed",
                         };
                         @if detail_shown && *reason == HoldReason::Unreachable {

@@ -701,7 +701,7 @@ async fn a_test_of_a_server_that_accepts_but_never_greets_points_at_the_security
     );
     let words = report["words"].as_str().unwrap_or_default();
     assert!(
-        words.contains("accepted the TCP connection, but no SMTP greeting")
+        words.contains("accepted the TCP connection, but no SMTP greeting or EHLO")
             && words.contains("security setting (STARTTLS)"),
         "{words}"
     );

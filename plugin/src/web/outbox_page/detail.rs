@@ -410,29 +410,35 @@ pub(super) fn actions(mail: &outbox::Model, user: &CurrentUser, held: bool) -> M
     }
 }
 
-/// When a queued mail goes: its time when that is still to come; else, on a mailbox that is
-/// held or throttled, when it is ready again (the box below says why); else in its turn with
-/// the mailbox's other due mail, in queue order (and, with a per-minute limit, at that pace).
+/// When a queued mail goes. On a mailbox that is held or throttled: when the mailbox is tried
+/// again (one of its mails probes it) or may send again, unless the mail's own next attempt
+/// is later; the box below says why. On a ready mailbox: its own time when that is still to
+/// come, else in its turn with the mailbox's other due mail, in queue order (and, with a
+/// per-minute limit, at that pace).
 fn next_attempt(
     mail: &outbox::Model,
     now: DateTime<Utc>,
     per_minute: usize,
     health: &Health,
 ) -> String {
-    if mail.next_attempt_at > now {
-        return format!("{} UTC", when(mail.next_attempt_at));
-    }
+    let own = mail.next_attempt_at;
     match (health, per_minute) {
-        // The mailbox's own next try (one of its mails probes it), when it has one.
-        (Health::Held { until: Some(u), .. }, _) if *u > now => format!(
+        (Health::Held { until: Some(u), .. }, _) if *u > now && own <= *u => format!(
             "When the mailbox is ready again; it is tried again by itself at {} UTC (see below)",
             when(*u)
         ),
-        (Health::Throttled { until }, _) => format!(
+        (Health::Throttled { until }, _) if own <= *until => format!(
             "When the mailbox may send again, after {} UTC (see below)",
             when(*until)
         ),
-        (Health::Held { .. }, _) => "When the mailbox is ready again (see below)".to_string(),
+        (Health::Held { .. } | Health::Throttled { .. }, _) if own > now => format!(
+            "{} UTC, if the mailbox is ready again by then (see below)",
+            when(own)
+        ),
+        (Health::Held { .. } | Health::Throttled { .. }, _) => {
+            "When the mailbox is ready again (see below)".to_string()
+        }
+        (Health::Ready, _) if own > now => format!("{} UTC", when(own)),
         (Health::Ready, 0) => "Now, in queue order with this mailbox's other due mail".to_string(),
         (Health::Ready, n) => format!(
             "In its turn: in queue order with this mailbox's other due mail, at most {n} a minute"

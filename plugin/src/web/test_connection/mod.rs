@@ -217,9 +217,9 @@ pub async fn test(
 /// retry is, in a test, for the person who set the server up to look at.
 /// The network between this CRM and the server is the operators' to check (`operator`: the
 /// reader is one), never a mailbox owner's. A server that accepted the TCP connection
-/// (`reached`, with what failed after it: `failure`) was reached over the network, so what is
-/// left to check is its security setting against its port. (TLS from the start is one step
-/// in lettre, so its failures are not told apart.)
+/// (`reached`, with what failed after it: `failure`) resolved and was reached, so its security
+/// setting against its port comes first, then (operators) what is between. (TLS from the
+/// start is one step in lettre, so its failures are not told apart.)
 fn test_words(
     verdict: &classify::Verdict,
     operator: bool,
@@ -245,7 +245,7 @@ fn test_words(
             "if it does, the CRM's operators check its connection to Microsoft"
         };
         return format!(
-            "The server at {address} accepted the TCP connection, but no SMTP greeting came over it ({failure}). Check that this server's security setting ({security}) matches its port (Microsoft 365 takes STARTTLS on port 587; a port that takes TLS from the start waits for TLS and never greets); {otherwise}. Mail meeting this would wait, spending no attempt, and be tried again later."
+            "The server at {address} accepted the TCP connection, but no SMTP greeting or EHLO answer came over it ({failure}). Check that this server's security setting ({security}) matches its port (Microsoft 365 takes STARTTLS on port 587; a port that takes TLS from the start waits for TLS and never greets); {otherwise}. Mail meeting this would wait, spending no attempt, and be tried again later."
         );
     }
     let network = if operator {
@@ -641,8 +641,9 @@ mod tests {
             test_words(&refused, true, (&server, Reached::Greeted, "550 5.1.10")),
             refused.words()
         );
-        // A server that accepted the connection but never greeted: the network reached it, so
-        // the advice is the security setting, for everyone, and never DNS or a firewall.
+        // A server that accepted the connection but never greeted: it resolved and was reached,
+        // so the advice is the security setting first, never DNS; what is between (a proxy or a
+        // firewall) only for operators.
         let silent = classify::smtp(
             Observed::Network {
                 stage: Stage::Connect,
@@ -655,7 +656,7 @@ mod tests {
             let words = test_words(&silent, operator, (&server, Reached::Connected, failure));
             assert!(
                 words.contains(
-                    "smtp.office365.com:587 accepted the TCP connection, but no SMTP greeting"
+                    "smtp.office365.com:587 accepted the TCP connection, but no SMTP greeting or EHLO"
                 ) && words.contains("security setting (STARTTLS)")
                     && words.contains("incomplete response"),
                 "{words}"
