@@ -27,8 +27,10 @@ done
 for suite in .ci/browser/demo.mjs $(ls .ci/browser/*.mjs | grep -v '/demo.mjs$' | sort); do
   echo "-- $suite"
   if ! DEMO_URL="http://127.0.0.1:$port" SHOTS="$shots" node "$suite"; then
-    echo "--- the demo's log:"
-    tail -n 60 "$work/demo.log"
+    # The whole log is kept beside the screenshots; here, what the module did (not each request).
+    cp "$work/demo.log" "$shots/demo.log"
+    echo "--- the demo's log (requests left out; whole log: $shots/demo.log):"
+    grep -v 'crm_host::http' "$work/demo.log" | tail -n 200
     echo "screenshots: $shots"
     exit 1
   fi
