@@ -56,18 +56,23 @@ async fn health(app: &TestApp, server_id: i32) -> Option<mailbox_health::Model> 
         .expect("query")
 }
 
+/// How many mails of `server_id` are in flight (`sending`); 1 when the database does not say.
+async fn in_flight(app: &TestApp, server_id: i32) -> u64 {
+    use sea_orm::PaginatorTrait;
+    microsoft_outlook::entities::outbox::Entity::find()
+        .filter(microsoft_outlook::entities::outbox::Column::ServerId.eq(server_id))
+        .filter(microsoft_outlook::entities::outbox::Column::Status.eq("sending"))
+        .count(&app.db)
+        .await
+        .unwrap_or(1)
+}
+
 /// Waits until the mailbox is held for `reason`. The attempt that met the hold writes the hold
 /// first and its own outcome just after: that outcome is waited for too (no mail of the
 /// mailbox in flight).
 async fn wait_held(app: &TestApp, server_id: i32, reason: &str) -> mailbox_health::Model {
-    use sea_orm::PaginatorTrait;
     for _ in 0..300 {
-        let in_flight = microsoft_outlook::entities::outbox::Entity::find()
-            .filter(microsoft_outlook::entities::outbox::Column::ServerId.eq(server_id))
-            .filter(microsoft_outlook::entities::outbox::Column::Status.eq("sending"))
-            .count(&app.db)
-            .await
-            .unwrap_or(1);
+        let in_flight = in_flight(app, server_id).await;
         if let Some(h) = health(app, server_id).await
             && h.state == "held"
             && h.reason.as_deref() == Some(reason)
@@ -226,17 +231,11 @@ async fn assert_waits(app: &TestApp, id: i64) {
 /// the mailbox's next probe time is past the new now and none of its mails is in flight.
 /// Returns how long until the next probe.
 async fn next_probe(app: &TestApp, server_id: i32, minutes: i64) -> chrono::Duration {
-    use sea_orm::PaginatorTrait;
     app.clock.advance(chrono::Duration::minutes(minutes));
     let now = app.clock.now();
     let mut until = None;
     for _ in 0..300 {
-        let in_flight = microsoft_outlook::entities::outbox::Entity::find()
-            .filter(microsoft_outlook::entities::outbox::Column::ServerId.eq(server_id))
-            .filter(microsoft_outlook::entities::outbox::Column::Status.eq("sending"))
-            .count(&app.db)
-            .await
-            .unwrap_or(1);
+        let in_flight = in_flight(app, server_id).await;
         until = health(app, server_id).await.and_then(|h| h.until);
         if in_flight == 0 && until.is_some_and(|u| u > now) {
             break;
