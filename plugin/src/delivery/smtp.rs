@@ -276,24 +276,21 @@ impl SmtpSender {
         };
         // A connection of an older token is closed; its slot serves the new one.
         let (reused, slot) = match taken {
-            Some(i) if i.version == token.version && !i.slot.lost() => {
-                let idle_for = i.since.elapsed();
-                (Some((i.line, idle_for)), i.slot)
-            }
+            Some(i) if i.version == token.version && !i.slot.lost() => (Some(i.line), i.slot),
             Some(i) if !i.slot.lost() => (None, i.slot),
             _ => (None, self.slots.acquire(ctx, server.id, deadline).await?),
         };
         if lease_lost.load(Ordering::SeqCst) {
             return Err(SendOutcome::LeaseLost);
         }
-        // The server may have closed a connection that waited a while: ask before sending
-        // (after a failure mid-message one cannot know whether the server took it).
+        // The server may have closed a connection that waited, even a moment: ask before
+        // sending (after a failure mid-message one cannot know whether the server took it, so
+        // the mail would spend an attempt and wait for its retry).
         let mut alive = None;
-        if let Some((mut line, idle_for)) = reused
-            && (idle_for < Duration::from_secs(1)
-                || tokio::time::timeout(self.timeout, line.conn.test_connected())
-                    .await
-                    .unwrap_or(false))
+        if let Some(mut line) = reused
+            && tokio::time::timeout(self.timeout, line.conn.test_connected())
+                .await
+                .unwrap_or(false)
         {
             alive = Some(line);
         }
