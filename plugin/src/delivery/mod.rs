@@ -17,6 +17,7 @@ pub mod release;
 pub mod smtp;
 pub mod smtp_open;
 pub mod smtp_slots;
+pub mod smtp_tls;
 pub mod smtp_transaction;
 pub mod smtp_transport;
 pub mod transport;

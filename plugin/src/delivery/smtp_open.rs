@@ -1,7 +1,8 @@
-//! Opening an SMTP connection for a mailbox: TCP (with TCP_NODELAY) or TLS from the start, the
-//! greeting and EHLO, STARTTLS as the server is configured, EHLO once more to learn whether it
-//! pipelines, then SASL XOAUTH2 as the mailbox's address or the signed-in identity. Each step
-//! that succeeds is noted, for the "Test connection" page.
+//! Opening an SMTP connection for a mailbox: TCP (with TCP_NODELAY), TLS from the start where
+//! the server is so configured ([`crate::delivery::smtp_tls`]), the greeting and EHLO, STARTTLS
+//! where the server is so configured, EHLO once more to learn whether it pipelines, then SASL
+//! XOAUTH2 as the mailbox's address or the signed-in identity. Each step that succeeds is
+//! noted, for the "Test connection" page.
 
 use crm_sdk::ModuleContext;
 use lettre::transport::smtp::authentication::Mechanism;
@@ -31,6 +32,8 @@ pub enum Reached {
     Nothing,
     /// The TCP connection is open.
     Connected,
+    /// TLS is up from the start (security "TLS from the start"), before any greeting.
+    Handshaken,
     /// The server greeted and answered EHLO.
     Greeted,
     /// TLS is up (STARTTLS, or TLS from the start).
@@ -177,19 +180,6 @@ async fn connect(
         }
         builder.build_rustls()
     };
-    if server.security == "tls" {
-        let conn = AsyncSmtpConnection::connect_tokio1(
-            (server.smtp_host.as_str(), server.smtp_port as u16),
-            Some(timeout),
-            hello,
-            Some(tls().map_err(smtp)?),
-            None,
-        )
-        .await
-        .map_err(smtp)?;
-        *reached = Reached::Secured;
-        return Ok(conn);
-    }
     let address = format!("{}:{}", server.smtp_host, server.smtp_port);
     let network = |text: String| SmtpFailure::network(Stage::Connect, text);
     let tcp = match tokio::time::timeout(timeout, TcpStream::connect(address.as_str())).await {
@@ -201,6 +191,22 @@ async fn connect(
     tcp.set_nodelay(true)
         .map_err(|e| network(format!("setting TCP_NODELAY: {e}")))?;
     *reached = Reached::Connected;
+    if server.security == "tls" {
+        let tls = crate::delivery::smtp_tls::handshake(
+            tcp,
+            &server.smtp_host,
+            server.extra_ca_pem.as_deref(),
+        )
+        .await
+        .map_err(|e| network(e.0))?;
+        *reached = Reached::Handshaken;
+        let conn = AsyncSmtpConnection::connect_with_transport(Box::new(tls), hello)
+            .await
+            .map_err(smtp)?;
+        // Greeted over TLS: nothing more to secure.
+        *reached = Reached::Secured;
+        return Ok(conn);
+    }
     let mut conn = AsyncSmtpConnection::connect_with_transport(Box::new(tcp), hello)
         .await
         .map_err(smtp)?;

@@ -163,7 +163,7 @@ async fn list(
         .map(|t| (t.server_id, t))
         .collect();
     let now = ctx.clock().now();
-    let when = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M UTC").to_string();
+    let when = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M:%S UTC").to_string();
     let mut rows = Vec::new();
     for s in &servers {
         let token = tokens.get(&s.id);

@@ -41,7 +41,7 @@ pub(super) fn server_form(
     let technical = html! {
         label for="password" { "Password" }
         input #password type="password" name="password" value="" placeholder="leave empty — not used" autocomplete="off";
-        p.help { "Not used: authentication is Outlook OAuth. Save, then click Connect." }
+        p.help { "Not used: the mailbox signs in at Microsoft (Outlook OAuth) with the Connect button of the server's page." }
         (field_error(errors, "password"))
         label for="smtp_host" { "SMTP host" }
         input #smtp_host name="smtp_host" value=(form.smtp_host);
@@ -54,7 +54,7 @@ pub(super) fn server_form(
             option value="starttls" selected[form.security == "starttls"] { "STARTTLS (port 587)" }
             option value="tls" selected[form.security == "tls"] { "TLS from the start (port 465)" }
             @if kind == ServerKind::Shared || user.is_admin {
-                option value="none" selected[form.security == "none"] { "None (local relay on this machine only)" }
+                option value="none" selected[form.security == "none"] { "None (local relay only)" }
             }
         }
         (field_error(errors, "security"))
@@ -65,23 +65,25 @@ pub(super) fn server_form(
         @if kind == ServerKind::Shared {
             label for="auth" { "Authentication" }
             select #auth name="auth" {
-                option value="delegated" selected[form.auth != "app_only"] { "Outlook OAuth — the mailbox signs in (delegated)" }
-                option value="app_only" selected[form.auth == "app_only"] { "App-only — client credentials (SMTP.SendAsApp)" }
+                option value="delegated" selected[form.auth != "app_only"] { "Outlook OAuth (delegated)" }
+                option value="app_only" selected[form.auth == "app_only"] { "App-only (SMTP.SendAsApp)" }
             }
+            p.help { "Outlook OAuth: the mailbox signs in at Microsoft once, with Connect. App-only: the app's client credentials, no sign-in; needs SMTP.SendAsApp and an Exchange service principal with access to the mailbox." }
             (field_error(errors, "auth"))
         }
         label for="transport" { "Send through" }
         select #transport name="transport" {
-            option value="smtp" selected[form.transport != "graph"] { "SMTP with OAuth (SMTP.Send) — the tenant allows SMTP AUTH" }
-            option value="graph" selected[form.transport == "graph"] { "Microsoft Graph (Mail.Send) — the tenant keeps SMTP AUTH off" }
+            option value="smtp" selected[form.transport != "graph"] { "SMTP with OAuth (SMTP.Send)" }
+            option value="graph" selected[form.transport == "graph"] { "Microsoft Graph (Mail.Send)" }
         }
         p.help { "Choose SMTP where the tenant allows authenticated SMTP (it is off by default in new tenants; Exchange then answers 535 5.7.139). Choose Microsoft Graph where it stays off: the same message goes through Graph's sendMail. Graph needs the Mail.Send, Mail.Send.Shared and Mail.ReadWrite permissions and a new Connect after switching. Host, port and security apply to SMTP only." }
         (field_error(errors, "transport"))
         label for="send_as" { "Send as" }
         select #send_as name="send_as" {
-            option value="author" selected[form.send_as != "mailbox"] { "The CRM user who writes the mail (needs Exchange Send As)" }
+            option value="author" selected[form.send_as != "mailbox"] { "The mail's author (needs Send As)" }
             option value="mailbox" selected[form.send_as == "mailbox"] { "The mailbox itself" }
         }
+        p.help { "The mail's author: From is the CRM user who writes the mail, which Exchange allows only where the mailbox has Send As on their address. The mailbox itself: From is the mailbox's address under the author's name, and replies go to the author." }
         (field_error(errors, "send_as"))
         label for="from_allow_list" { "May send as (one address or @domain per line)" }
         textarea #from_allow_list name="from_allow_list" { (form.from_allow_list) }

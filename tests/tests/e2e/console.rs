@@ -3,10 +3,10 @@
 //! page's "Test connection" and "Send a test mail", and `GET /metrics`.
 
 use crate::helpers::{ADMIN, BOB, TestApp, eventually, history_kinds};
-use crate::send::{Mailing, mailing, queue, row, settings, wait_status};
+use crate::send::{Mailing, mailing, point_server_at, queue, row, settings, wait_status};
 use crm_sdk::Clock;
 use microsoft_outlook::entities::{mail_server, mailbox_health, token};
-use microsoft_simulators::smtp::{Injected, Stage};
+use microsoft_simulators::smtp::{Injected, SmtpConfig, SmtpServer, Stage, TlsMode};
 use reqwest::StatusCode;
 use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
@@ -707,6 +707,108 @@ async fn a_test_of_a_server_that_accepts_but_never_greets_points_at_the_security
     );
     assert!(!words.contains("DNS"), "{words}");
     assert!(!held(app, m.env.server_id).await, "a test holds nothing");
+}
+
+/// The names and outcomes of a test report's steps.
+fn steps_of(report: &Value) -> Vec<(String, bool)> {
+    report["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap_or_default().to_string(),
+                s["ok"].as_bool().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_from_the_start_is_a_step_of_its_own_and_carries_mail() {
+    let m = mailing().await;
+    let app = &m.env.app;
+    let test = format!("/microsoft_outlook/servers/{}/test", m.env.server_id);
+    // Set to TLS from the start, on a port that greets in plain text (STARTTLS): the
+    // handshake is the step that failed, and the words say the server spoke plain text.
+    point_server_at(&m.env, &m.smtp, &[("security", "tls")]).await;
+    let (status, report) = m.env.admin.post_json(&test, &json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(report["ok"], false, "{report}");
+    let steps = steps_of(&report);
+    let tcp = format!("TCP connection to localhost:{}", m.smtp.port());
+    assert_eq!(
+        steps[steps.len() - 2..],
+        [
+            (tcp, true),
+            ("TLS handshake with localhost".to_string(), false)
+        ],
+        "{report}"
+    );
+    let words = report["words"].as_str().unwrap_or_default();
+    assert!(
+        words.contains("but the TLS handshake failed")
+            && words.contains("answered in plain text")
+            && words.contains("security setting (TLS from the start)"),
+        "{words}"
+    );
+    assert!(!held(app, m.env.server_id).await, "a test holds nothing");
+
+    // A server that takes TLS from the start: every step, then a mail over it.
+    let implicit = SmtpServer::start(SmtpConfig {
+        tls: TlsMode::Implicit,
+        validator: Some(m.env.idp.smtp_validator()),
+        ..SmtpConfig::default()
+    })
+    .await
+    .expect("smtp");
+    // Without its CA the certificate is refused at the handshake, in the certificate's words.
+    point_server_at(
+        &m.env,
+        &implicit,
+        &[("security", "tls"), ("extra_ca_pem", "")],
+    )
+    .await;
+    let (status, report) = m.env.admin.post_json(&test, &json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(report["rule"], "certificate-refused", "{report}");
+    assert_eq!(
+        steps_of(&report).last(),
+        Some(&("TLS handshake with localhost".to_string(), false)),
+        "{report}"
+    );
+    point_server_at(&m.env, &implicit, &[("security", "tls")]).await;
+    let (status, report) = m.env.admin.post_json(&test, &json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(report["ok"], true, "{report}");
+    let names: Vec<String> = steps_of(&report).into_iter().map(|(n, _)| n).collect();
+    let at = names
+        .iter()
+        .position(|n| n.starts_with("TCP connection to"))
+        .expect("TCP step");
+    assert_eq!(
+        names[at..at + 3],
+        [
+            format!("TCP connection to localhost:{}", implicit.port()),
+            "TLS handshake with localhost".to_string(),
+            "Greeting and EHLO over TLS".to_string(),
+        ],
+        "{report}"
+    );
+    assert!(names[at + 3].starts_with("AUTH XOAUTH2 as "), "{names:?}");
+    let id = queue(&m, "Over TLS from the start").await;
+    wait_status(app, id, "sent").await;
+    let received = implicit.received();
+    assert_eq!(received.len(), 1);
+    assert!(
+        String::from_utf8_lossy(&received[0].data).contains("Subject: Over TLS from the start"),
+        "the mail arrived over the TLS server"
+    );
+    assert_eq!(
+        m.smtp.received_count(),
+        0,
+        "nothing went to the other server"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -137,6 +137,23 @@ impl Viewed {
         matches!(self.mail.status.as_str(), "queued" | "sending") && self.health != Health::Ready
     }
 
+    /// What its last attempt meant, as `user` reads it, unless the waiting box below says it:
+    /// the mail whose reply held its mailbox has the hold's words, said there once; an
+    /// author's words leave out what they are told there. `None` when nothing is left.
+    fn what_happened(&self, user: &CurrentUser) -> Option<&str> {
+        let words = self.mail.last_error.as_deref()?;
+        if !self.waits_on_mailbox() {
+            return Some(words).filter(|w| !w.is_empty());
+        }
+        let words = if user.is_admin {
+            words
+        } else {
+            crate::outbox::user_words::without_told(words)
+        };
+        let said_below = self.wait_words(user).as_deref() == Some(words);
+        Some(words).filter(|w| !w.is_empty() && !said_below)
+    }
+
     /// The words for its mailbox's wait: an operator reads the hold's detail, anyone else
     /// what they are told.
     fn wait_words(&self, user: &CurrentUser) -> Option<String> {
@@ -300,9 +317,7 @@ fn delivery_card(
                 @if mail.status == "queued" { tr { th { "Next attempt" } td { (next_attempt(mail, now, limits.per_minute, &v.health)) } } }
                 tr { th { "Last reply" } td.reply { (mail.last_reply.as_deref().unwrap_or("-")) } }
                 @if let Some(reply) = &mail.last_reply { tr { th { "Classified" } td { (classified_reply(reply)) } } }
-                // The mail whose reply held its mailbox: its words are the hold's, said below once;
-                // an author's, without what they are told (the waiting words below say it).
-                @if let Some(words) = mail.last_error.as_deref().map(|w| if v.waits_on_mailbox() && !user.is_admin { crate::outbox::user_words::without_told(w) } else { w }).filter(|w| !w.is_empty() && (!v.waits_on_mailbox() || v.wait_words(user).as_deref() != Some(*w))) { tr { th { "What happened" } td.words { (words) } } }
+                @if let Some(words) = v.what_happened(user) { tr { th { "What happened" } td.words { (words) } } }
             } }
             @if v.waits_on_mailbox() {
                 div.status.waiting {

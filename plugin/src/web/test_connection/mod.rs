@@ -84,13 +84,14 @@ fn connection_steps(
 ) -> Vec<Step> {
     let address = format!("{}:{}", server.smtp_host, server.smtp_port);
     let mut plan: Vec<(Reached, String)> = Vec::new();
+    plan.push((Reached::Connected, format!("TCP connection to {address}")));
     if server.security == "tls" {
         plan.push((
-            Reached::Secured,
-            format!("TLS connection to {address}, greeting and EHLO"),
+            Reached::Handshaken,
+            format!("TLS handshake with {}", server.smtp_host),
         ));
+        plan.push((Reached::Secured, "Greeting and EHLO over TLS".into()));
     } else {
-        plan.push((Reached::Connected, format!("TCP connection to {address}")));
         plan.push((Reached::Greeted, "Greeting and EHLO".into()));
         if server.security == "starttls" {
             plan.push((Reached::Secured, "STARTTLS".into()));
@@ -218,8 +219,7 @@ pub async fn test(
 /// The network between this CRM and the server is the operators' to check (`operator`: the
 /// reader is one), never a mailbox owner's. A server that accepted the TCP connection
 /// (`reached`, with what failed after it: `failure`) resolved and was reached, so its security
-/// setting against its port comes first, then (operators) what is between. (TLS from the
-/// start is one step in lettre, so its failures are not told apart.)
+/// setting against its port comes first, then (operators) what is between.
 fn test_words(
     verdict: &classify::Verdict,
     operator: bool,
@@ -232,21 +232,28 @@ fn test_words(
             _ => "none",
         };
         let address = format!("{}:{}", server.smtp_host, server.smtp_port);
-        if reached >= Reached::Greeted {
-            return format!(
-                "The server at {address} greeted, but STARTTLS failed ({failure}). Check that this server's security setting ({security}) matches its port (Microsoft 365 takes STARTTLS on port 587). Mail meeting this would wait, spending no attempt, and be tried again later."
-            );
-        }
-        // A port that expects TLS from the start waits silently for it; a proxy, a firewall
-        // or the server itself may accept and drop.
+        // A proxy, a firewall or the server itself may accept and drop.
         let otherwise = if operator {
             "if it does, something between this CRM's machine and the server (a proxy or a firewall that accepts and drops) or the server itself ended the connection"
         } else {
             "if it does, the CRM's operators check its connection to Microsoft"
         };
-        return format!(
-            "The server at {address} accepted the TCP connection, but no SMTP greeting or EHLO answer came over it ({failure}). Check that this server's security setting ({security}) matches its port (Microsoft 365 takes STARTTLS on port 587; a port that takes TLS from the start waits for TLS and never greets); {otherwise}. Mail meeting this would wait, spending no attempt, and be tried again later."
-        );
+        let waits = "Mail meeting this would wait, spending no attempt, and be tried again later.";
+        return match reached {
+            Reached::Connected if server.security == "tls" => format!(
+                "The server at {address} accepted the TCP connection, but the TLS handshake failed ({failure}). Check that this server's security setting ({security}) matches its port (Microsoft 365 takes STARTTLS on port 587; a port that takes STARTTLS or no security answers in plain text); {otherwise}. {waits}"
+            ),
+            Reached::Handshaken => format!(
+                "TLS was set up with the server at {address}, but no SMTP greeting or EHLO answer came over it ({failure}). Check that the port is the server's SMTP port; {otherwise}. {waits}"
+            ),
+            Reached::Greeted => format!(
+                "The server at {address} greeted, but STARTTLS failed ({failure}). Check that this server's security setting ({security}) matches its port (Microsoft 365 takes STARTTLS on port 587). {waits}"
+            ),
+            // A port that expects TLS from the start waits silently for it.
+            _ => format!(
+                "The server at {address} accepted the TCP connection, but no SMTP greeting or EHLO answer came over it ({failure}). Check that this server's security setting ({security}) matches its port (Microsoft 365 takes STARTTLS on port 587; a port that takes TLS from the start waits for TLS and never greets); {otherwise}. {waits}"
+            ),
+        };
     }
     let network = if operator {
         "this CRM's machine can reach it (DNS, firewall, proxy)"
@@ -677,6 +684,52 @@ mod tests {
         assert!(
             words.contains("greeted, but STARTTLS failed (handshake failure)"),
             "{words}"
+        );
+        // TLS from the start: a failed handshake and a silence after it are told apart.
+        let implicit =
+            crate::web::servers::tests::shared_at("relay.contoso.example", 465, "tls", None);
+        let handshake = "TLS handshake failed: the server answered in plain text, not TLS";
+        for operator in [true, false] {
+            let words = test_words(
+                &silent,
+                operator,
+                (&implicit, Reached::Connected, handshake),
+            );
+            assert!(
+                words.contains("relay.contoso.example:465 accepted the TCP connection, but the TLS handshake failed (TLS handshake failed: the server answered in plain text")
+                    && words.contains("security setting (TLS from the start)")
+                    && !words.contains("no SMTP greeting"),
+                "{words}"
+            );
+            assert_eq!(words.contains("firewall"), operator, "{words}");
+            let words = test_words(&silent, operator, (&implicit, Reached::Handshaken, failure));
+            assert!(
+                words.contains("TLS was set up with the server at relay.contoso.example:465, but no SMTP greeting")
+                    && !words.contains("DNS"),
+                "{words}"
+            );
+        }
+        let steps: Vec<(String, bool)> = connection_steps(
+            &implicit,
+            "crm@contoso.example",
+            Reached::Connected,
+            Some(handshake.into()),
+        )
+        .into_iter()
+        .map(|s| (s.name, s.ok))
+        .collect();
+        assert_eq!(
+            steps,
+            [
+                (
+                    "TCP connection to relay.contoso.example:465".to_string(),
+                    true
+                ),
+                (
+                    "TLS handshake with relay.contoso.example".to_string(),
+                    false
+                ),
+            ]
         );
     }
 }
